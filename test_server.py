@@ -1,0 +1,695 @@
+"""The API's specification, as tests. Everything goes over real sockets: the service runs under
+uvicorn on 127.0.0.1 and talks, through fastapi_poe's client, to a real Poe-protocol bot server
+(fastapi_poe's PoeBot + make_app) that these tests start and that counts the calls it gets."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import socket
+import sqlite3
+import threading
+import time
+
+import fastapi_poe as fp
+import httpx
+import pytest
+import uvicorn
+from starlette.responses import JSONResponse
+
+import server
+
+# fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# ---------------------------------------------------------------------------------------------
+# The local Poe: bots that echo, stream slowly, fail, run out of points, want another key.
+# ---------------------------------------------------------------------------------------------
+
+CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
+LAST_QUERY: dict[str, fp.QueryRequest] = {}
+RIGHT_KEY = "poe-right-key-0123456789"
+
+
+class ScriptBot(fp.PoeBot):
+    """A bot whose reply is the async generator `script(request)`."""
+
+    def __init__(self, name, script, access_key=None):
+        super().__init__(path=f"/{name}", access_key=access_key)
+        self.name, self.script = name, script
+
+    async def get_response(self, request):
+        CALLS[self.name] += 1
+        LAST_QUERY[self.name] = request
+        async for event in self.script(request):
+            yield event
+
+
+def history_of(request) -> list[list[str]]:
+    return [[m.role, m.content] for m in request.query]
+
+
+async def echo(request):
+    """Replies with the JSON of the history it received, in small chunks, among events that are
+    not reply text (meta, a suggested reply, data)."""
+    yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=True)
+    text = json.dumps(history_of(request), ensure_ascii=False)
+    for i in range(0, len(text), 7):
+        yield fp.PartialResponse(text=text[i:i + 7])
+    yield fp.PartialResponse(text="Tell me more", is_suggested_reply=True)
+    yield fp.DataResponse(metadata='{"not": "text"}')
+
+
+async def slow(request):
+    """'N DELAY' in the last message: N chunks 'c0 ', 'c1 ', ... DELAY seconds apart."""
+    count, delay = request.query[-1].content.split()[:2]
+    for i in range(int(count)):
+        yield fp.PartialResponse(text=f"c{i} ")
+        await asyncio.sleep(float(delay))
+
+
+async def fail_at_once(request):
+    yield fp.ErrorResponse(text="the bot broke", allow_retry=True)
+
+
+async def fail_part_way(request):
+    yield fp.PartialResponse(text="half an ")
+    yield fp.PartialResponse(text="answer")
+    await asyncio.sleep(0.05)
+    yield fp.ErrorResponse(text="the bot broke", allow_retry=True)
+
+
+def error_type_bot(error_type):
+    async def script(request):
+        yield fp.ErrorResponse(text=f"refused: {error_type}", allow_retry=False,
+                               error_type=error_type)
+    return script
+
+
+async def replace(request):
+    yield fp.PartialResponse(text="draft ")
+    yield fp.PartialResponse(text="words")
+    yield fp.PartialResponse(text="final answer", is_replace_response=True)
+    yield fp.PartialResponse(text=" and more")
+
+
+async def silent(request):
+    await asyncio.sleep(3)
+    yield fp.PartialResponse(text="too late")
+
+
+async def locked(request):
+    yield fp.PartialResponse(text="unlocked")
+
+
+def make_poe_app():
+    bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
+            ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
+            ScriptBot("Poor", error_type_bot("insufficient_fund")),
+            ScriptBot("TooLong", error_type_bot("user_message_too_long")),
+            ScriptBot("Fussy", error_type_bot("user_caused_error")),
+            ScriptBot("Private", error_type_bot("privacy_authorization_error")),
+            ScriptBot("Replace", replace), ScriptBot("Silent", silent),
+            ScriptBot("Locked", locked, access_key=RIGHT_KEY)]
+    poe = fp.make_app(bots, allow_without_key=True)
+
+    # Failures that only an HTTP status carries.
+    def status_route(name, status):
+        async def route():
+            CALLS[name] += 1
+            return JSONResponse({"detail": name}, status)
+        poe.add_api_route(f"/{name}", route, methods=["POST"])
+
+    status_route("Busy", 429)
+    status_route("Crash", 500)
+    return poe
+
+
+class LiveServer:
+    """An ASGI app under uvicorn in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def poe_url():
+    with LiveServer(make_poe_app()) as poe:
+        yield poe.url + "/"
+
+
+@pytest.fixture(scope="session")
+def start_service(poe_url, tmp_path_factory, monkeypatch_session):
+    """Starts the service with settings of the test's choosing; yields (client, db_path)."""
+    monkeypatch_session.delenv("POE_API_KEY", raising=False)
+    stack = []
+
+    def start(**settings):
+        db_path = str(tmp_path_factory.mktemp("db") / "chat.db")
+        settings = {"db_path": db_path, "poe_base_url": poe_url, **settings}
+        live = LiveServer(server.create_app(**settings)).__enter__()
+        client = httpx.Client(base_url=live.url, timeout=30)
+        stack.append((live, client))
+        return client, db_path
+
+    yield start
+    for live, client in stack:
+        client.close()
+        live.__exit__()
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def service(start_service):
+    return start_service()
+
+
+@pytest.fixture
+def api(service):
+    return service[0]
+
+
+@pytest.fixture
+def db(service):
+    conn = sqlite3.connect(service[1])
+    conn.row_factory = sqlite3.Row
+    yield conn
+    conn.close()
+
+
+KEY = {"Authorization": "Bearer poe-test-key"}
+
+
+def new_conversation(api, **body) -> str:
+    response = api.post("/v1/chat/conversations", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["conversation_id"]
+
+
+def say(api, conversation_id, content, **body):
+    return api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": content, **body}, headers=KEY)
+
+
+def sse_data(response) -> list:
+    """The data of each event, JSON-decoded except [DONE]."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def stored_messages(db, conversation_id) -> list[dict]:
+    return [dict(row) for row in db.execute(
+        "SELECT id, role, content, status FROM messages WHERE conversation_id = ? ORDER BY id",
+        (conversation_id,))]
+
+
+def snapshot(db) -> list:
+    return [list(map(tuple, db.execute(f"SELECT * FROM {table} ORDER BY 1")))
+            for table in ("projects", "conversations", "messages", "plan_documents")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up and health
+# ---------------------------------------------------------------------------------------------
+
+def test_health_answers_when_the_database_does(api):
+    response = api.get("/health")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_schema_applies_again_without_change(service):
+    _, db_path = service
+    before = sqlite3.connect(db_path).execute(
+        "SELECT count(*) FROM plan_categories").fetchone()[0]
+    server.open_db(db_path).close()
+    after = sqlite3.connect(db_path).execute("SELECT count(*) FROM plan_categories").fetchone()[0]
+    assert before == after >= 2
+
+
+def test_database_uses_wal_and_foreign_keys(service):
+    conn = server.open_db(service[1])
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    conn.close()
+
+
+def test_flags_beat_env_and_env_beats_dotenv(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("PORT=9001\nDEFAULT_MODEL=FromDotenv\nPOE_TIMEOUT=7\n")
+    monkeypatch.setenv("PORT", "9002")
+    monkeypatch.delenv("DEFAULT_MODEL", raising=False)
+    monkeypatch.delenv("POE_TIMEOUT", raising=False)
+    settings = server.load_settings(port=9003)
+    assert settings["port"] == 9003
+    assert server.load_settings()["port"] == 9002
+    assert settings["default_model"] == "FromDotenv"
+    assert settings["poe_timeout"] == 7
+    assert settings["host"] == "127.0.0.1"
+
+
+def test_unknown_route_is_a_json_404(api):
+    response = api.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations
+# ---------------------------------------------------------------------------------------------
+
+def test_create_conversation_stores_system_prompt_as_first_message(api, db):
+    conversation_id = new_conversation(api, system_prompt="Be brief.", name="n1", model="Echo")
+    row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    assert (row["name"], row["model"], row["project_id"]) == ("n1", "Echo", None)
+    assert [(m["role"], m["content"]) for m in stored_messages(db, conversation_id)] == [
+        ("system", "Be brief.")]
+
+
+def test_create_conversation_with_unknown_project_is_404(api, db):
+    before = snapshot(db)
+    response = api.post("/v1/chat/conversations", json={"project_id": 999999})
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Project not found"}
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("body", [
+    {"system_prompt": 5}, {"project_id": "1"}, {"project_id": -1}, {"project_id": True},
+    {"name": ["x"]}, {"model": 3}, {"model": "no/slashes"}, {"project_id": 2**70},
+])
+def test_create_conversation_rejects_wrong_types(api, db, body):
+    before = snapshot(db)
+    response = api.post("/v1/chat/conversations", json=body)
+    assert response.status_code == 400
+    assert isinstance(response.json()["detail"], str)
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe"])
+def test_bodies_that_are_not_json_objects_are_400(api, db, raw):
+    before = snapshot(db)
+    response = api.post("/v1/chat/conversations", content=raw,
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "detail" in response.json()
+    assert snapshot(db) == before
+
+
+def test_grouped_lists_by_project_name_newest_first(api):
+    project = api.post("/v1/projects", json={"name": "grouping-project"}).json()
+    first = new_conversation(api, project_id=project["id"], name="older")
+    second = new_conversation(api, project_id=project["id"], name="newer", system_prompt="sp")
+    loose = new_conversation(api, name="loose")
+    grouped = api.get("/v1/chat/conversations/grouped").json()
+    in_project = grouped["grouping-project"]
+    assert [c["conversation_id"] for c in in_project] == [second, first]
+    assert in_project[0] == {**in_project[0], "system_prompt": "sp", "project_id": project["id"],
+                             "project_name": "grouping-project", "name": "newer"}
+    assert set(in_project[0]) >= {"conversation_id", "system_prompt", "created_at", "project_id",
+                                  "project_name", "name", "model"}
+    assert loose in [c["conversation_id"] for c in grouped["其它"]]
+    assert all(c["project_id"] == 0 for c in grouped["其它"])
+
+
+def test_update_conversation(api, db):
+    project = api.post("/v1/projects", json={"name": "update-target"}).json()
+    conversation_id = new_conversation(api)
+    response = api.put(f"/v1/chat/conversations/{conversation_id}",
+                       json={"project_id": project["id"], "name": "renamed", "model": "Echo"})
+    assert response.json() == {"message": "Conversation updated"}
+    row = db.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    assert (row["project_id"], row["name"], row["model"]) == (project["id"], "renamed", "Echo")
+    api.put(f"/v1/chat/conversations/{conversation_id}", json={"project_id": 0})
+    assert db.execute("SELECT project_id FROM conversations WHERE id = ?",
+                      (conversation_id,)).fetchone()[0] is None
+
+
+@pytest.mark.parametrize("body,status", [
+    ({}, 400), ({"name": 1}, 400), ({"project_id": 987654}, 404), ({"model": ""}, 400),
+])
+def test_update_conversation_refusals_change_nothing(api, db, body, status):
+    conversation_id = new_conversation(api, name="keep")
+    before = snapshot(db)
+    response = api.put(f"/v1/chat/conversations/{conversation_id}", json=body)
+    assert response.status_code == status
+    assert snapshot(db) == before
+
+
+def test_update_or_delete_unknown_conversation_is_404(api):
+    assert api.put("/v1/chat/conversations/nope", json={"name": "x"}).status_code == 404
+    assert api.delete("/v1/chat/conversations/nope").status_code == 404
+    assert api.get("/v1/chat/conversations/nope/messages").status_code == 404
+    response = say(api, "nope", "hello")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Conversation not found"}
+
+
+def test_delete_conversation_removes_its_messages(api, db):
+    conversation_id = new_conversation(api, system_prompt="x", model="Echo")
+    assert say(api, conversation_id, "hi").status_code == 200
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").json() == {
+        "message": "Conversation deleted"}
+    assert stored_messages(db, conversation_id) == []
+    assert db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() \
+        is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Turns: history, roles, model choice, one Poe call
+# ---------------------------------------------------------------------------------------------
+
+def test_turn_sends_whole_history_with_bot_role_and_stores_reply(api, db):
+    conversation_id = new_conversation(api, system_prompt="You are terse.", model="Echo")
+    first = say(api, conversation_id, "one")
+    assert first.status_code == 200
+    body = first.json()
+    assert body["conversation_id"] == conversation_id
+    assert isinstance(body["message_id"], int)
+    assert json.loads(body["reply"]) == [["system", "You are terse."], ["user", "one"]]
+    second = say(api, conversation_id, "two").json()
+    assert json.loads(second["reply"]) == [
+        ["system", "You are terse."], ["user", "one"], ["bot", first.json()["reply"]],
+        ["user", "two"]]
+    messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
+    assert messages["conversation_id"] == conversation_id
+    assert [(m["role"], m["content"], m["status"]) for m in messages["messages"]] == [
+        ("system", "You are terse.", "complete"), ("user", "one", "complete"),
+        ("assistant", body["reply"], "complete"), ("user", "two", "complete"),
+        ("assistant", second["reply"], "complete")]
+    assert messages["messages"][2]["id"] == body["message_id"]
+    assert set(messages["messages"][0]) == {"id", "role", "content", "created_at", "status"}
+
+
+def test_posted_assistant_and_system_roles_are_stored_and_sent(api):
+    conversation_id = new_conversation(api, model="Echo")
+    reply = say(api, conversation_id, "earlier answer", role="assistant").json()["reply"]
+    assert json.loads(reply) == [["bot", "earlier answer"]]
+    reply = say(api, conversation_id, "new rule", role="system").json()["reply"]
+    assert json.loads(reply)[-1] == ["system", "new rule"]
+
+
+def test_model_is_request_then_conversation_then_default(api):
+    before = dict(CALLS)
+    with_model = new_conversation(api, model="Echo")
+    say(api, with_model, "a")
+    assert CALLS["Echo"] == before.get("Echo", 0) + 1
+    say(api, with_model, "b", model="Slow")  # "b" is not a Slow script: the bot errors
+    assert CALLS["Slow"] == before.get("Slow", 0) + 1
+    without = new_conversation(api)
+    assert say(api, without, "c").status_code == 200  # DEFAULT_MODEL is GPT-4o
+    assert CALLS["GPT-4o"] == before.get("GPT-4o", 0) + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_exactly_one_poe_call_per_turn(api, stream):
+    for bot, expected in (("Echo", 200), ("Fail", 502), ("FailPartWay", 502)):
+        conversation_id = new_conversation(api, model=bot)
+        before = CALLS[bot]
+        response = say(api, conversation_id, "hello", stream=stream)
+        assert response.status_code == (200 if stream and bot == "FailPartWay" else expected)
+        response.read()
+        assert CALLS[bot] == before + 1, bot
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"content": ""}, {"content": "   "}, {"content": 5}, {"content": "x", "role": "tool"},
+    {"content": "x", "stream": "yes"}, {"content": "x", "model": 1}, {"content": None},
+])
+def test_post_message_rejects_bad_bodies_and_calls_no_one(api, db, body):
+    conversation_id = new_conversation(api, model="Echo")
+    before, calls = snapshot(db), CALLS["Echo"]
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages", json=body,
+                        headers=KEY)
+    assert response.status_code == 400
+    assert snapshot(db) == before
+    assert CALLS["Echo"] == calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+def test_stream_relays_chunks_then_finish_then_done(api, db):
+    conversation_id = new_conversation(api, model="Echo", system_prompt="sys")
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "stream me", "stream": True}, headers=KEY) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_data(response)
+    assert events[-1] == "[DONE]"
+    finish = events[-2]
+    assert finish["finish_reason"] == "stop" and finish["content"] == ""
+    chunks = events[:-2]
+    assert len(chunks) > 3 and all(set(e) == {"content"} for e in chunks)
+    text = "".join(e["content"] for e in chunks)
+    assert json.loads(text) == [["system", "sys"], ["user", "stream me"]]
+    assistant = stored_messages(db, conversation_id)[-1]
+    assert assistant == {"id": finish["message_id"], "role": "assistant", "content": text,
+                         "status": "complete"}
+
+
+def test_stream_is_relayed_as_it_arrives_and_saved_in_batches(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    db.executescript("""
+        CREATE TABLE IF NOT EXISTS test_writes (message_id INTEGER);
+        CREATE TRIGGER IF NOT EXISTS count_message_writes AFTER UPDATE ON messages
+        BEGIN INSERT INTO test_writes VALUES (new.id); END;""")
+    arrivals, seen_while_streaming = [], []
+    started = time.monotonic()
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "40 0.05", "stream": True}, headers=KEY) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: "):])
+            if event["content"]:
+                arrivals.append(time.monotonic() - started)
+                row = db.execute("SELECT content, status FROM messages WHERE role = 'assistant' "
+                                 "AND conversation_id = ?", (conversation_id,)).fetchone()
+                seen_while_streaming.append(tuple(row))
+            else:
+                message_id = event["message_id"]
+    assert len(arrivals) == 40
+    # Chunks arrive spread over the ~2 s the bot takes, not all at the end.
+    assert arrivals[-1] - arrivals[0] > 1.0
+    received = "".join(f"c{i} " for i in range(40))
+    assert all(status == "streaming" and received.startswith(text)
+               for text, status in seen_while_streaming)
+    assert len({text for text, _ in seen_while_streaming}) > 1  # saved while it streams
+    updates = db.execute("SELECT count(*) FROM test_writes WHERE message_id = ?",
+                         (message_id,)).fetchone()[0]
+    assert updates <= 1 + 2 * 4  # ~2 s of streaming; a write per chunk would be 40
+    db.executescript("DROP TRIGGER count_message_writes; DROP TABLE test_writes;")
+    assert stored_messages(db, conversation_id)[-1]["content"] == received
+
+
+def test_replace_response_replaces_the_text(api, db):
+    conversation_id = new_conversation(api, model="Replace")
+    assert say(api, conversation_id, "x").json()["reply"] == "final answer and more"
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "y", "stream": True}, headers=KEY) as response:
+        events = sse_data(response)
+    assert events[:4] == [{"content": "draft "}, {"content": "words"},
+                          {"content": "final answer", "replace": True}, {"content": " and more"}]
+    assert stored_messages(db, conversation_id)[-1]["content"] == "final answer and more"
+
+
+def test_only_text_events_are_reply_text(api):
+    conversation_id = new_conversation(api, model="Echo")
+    reply = say(api, conversation_id, "plain").json()["reply"]
+    assert json.loads(reply) == [["user", "plain"]]  # no suggested reply, meta or data in it
+
+
+# ---------------------------------------------------------------------------------------------
+# The Poe key
+# ---------------------------------------------------------------------------------------------
+
+def test_no_key_anywhere_is_401_and_changes_nothing(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    before, calls = snapshot(db), CALLS["Echo"]
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                        json={"content": "hi"})
+    assert response.status_code == 401
+    assert "detail" in response.json()
+    assert snapshot(db) == before and CALLS["Echo"] == calls
+
+
+def test_bearer_key_is_sent_to_poe_and_a_wrong_one_is_401(api, db):
+    conversation_id = new_conversation(api, model="Locked")
+    before = snapshot(db)
+    wrong = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                     json={"content": "hi"}, headers={"Authorization": "Bearer wrong-key"})
+    assert wrong.status_code == 401
+    assert "wrong-key" not in wrong.text
+    assert snapshot(db) == before
+    right = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                     json={"content": "hi"}, headers={"Authorization": f"Bearer {RIGHT_KEY}"})
+    assert right.status_code == 200 and right.json()["reply"] == "unlocked"
+
+
+def test_server_key_is_used_when_the_request_has_none(start_service):
+    api, _ = start_service(poe_api_key=RIGHT_KEY)
+    conversation_id = new_conversation(api, model="Locked")
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                        json={"content": "hi"})
+    assert response.status_code == 200 and response.json()["reply"] == "unlocked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Poe's failures
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bot,status", [
+    ("Poor", 402), ("TooLong", 413), ("Fussy", 400), ("Private", 403), ("Fail", 502),
+    ("Busy", 429), ("Crash", 502), ("NoSuchBot", 404),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_failure_before_text_maps_status_and_keeps_history(api, db, bot, status, stream):
+    conversation_id = new_conversation(api, model=bot, system_prompt="sp")
+    before = snapshot(db)
+    response = say(api, conversation_id, "hello", stream=stream)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["detail"], str)
+    assert snapshot(db) == before  # the user message is not kept
+
+
+def test_poe_unreachable_is_502(start_service):
+    api, db_path = start_service(poe_base_url="http://127.0.0.1:9/")
+    conversation_id = new_conversation(api, model="Echo")
+    response = say(api, conversation_id, "hello")
+    assert response.status_code == 502
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_poe_silence_past_timeout_is_504(start_service):
+    api, db_path = start_service(poe_timeout=0.5)
+    conversation_id = new_conversation(api, model="Silent")
+    started = time.monotonic()
+    response = say(api, conversation_id, "hello")
+    assert response.status_code == 504
+    assert time.monotonic() - started < 2.5
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_failure_part_way_keeps_text_interrupted(api, db):
+    conversation_id = new_conversation(api, model="FailPartWay")
+    response = say(api, conversation_id, "go")
+    assert response.status_code == 502
+    assert [(m["role"], m["content"], m["status"]) for m in stored_messages(db, conversation_id)] \
+        == [("user", "go", "complete"), ("assistant", "half an answer", "interrupted")]
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "again", "stream": True}, headers=KEY) as streamed:
+        assert streamed.status_code == 200
+        events = sse_data(streamed)
+    assert events[0] == {"content": "half an "}
+    assert events[-2] == {"error": {"message": events[-2]["error"]["message"], "status": 502}}
+    assert events[-1] == "[DONE]"
+    assert stored_messages(db, conversation_id)[-1]["status"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop and concurrency
+# ---------------------------------------------------------------------------------------------
+
+def test_stop_ends_the_reply_and_keeps_its_text(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "200 0.05", "stream": True}, headers=KEY) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        second = say(api, conversation_id, "meanwhile")
+        assert second.status_code == 409
+        stopped = api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+        assert stopped.json() == {"stopped": True}
+        events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                  for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert events[-2]["finish_reason"] == "stop" and events[-2]["status"] == "interrupted"
+    reply = stored_messages(db, conversation_id)[-1]
+    assert reply["status"] == "interrupted" and reply["content"].startswith("c0 ")
+    assert len(reply["content"].split()) < 200
+    assert api.post(f"/v1/chat/conversations/{conversation_id}/stop").json() == {"stopped": False}
+
+
+def test_stop_unknown_conversation_is_404(api):
+    assert api.post("/v1/chat/conversations/unknown/stop").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------
+# Projects
+# ---------------------------------------------------------------------------------------------
+
+def test_project_crud(api, db):
+    created = api.post("/v1/projects", json={"name": "crud", "dev_environment": "py3.11",
+                                             "grpc_server_address": "127.0.0.1:50051"})
+    assert created.status_code == 200
+    project = created.json()
+    assert set(project) >= {"id", "name", "dev_environment", "grpc_server_address", "llm_model",
+                            "llm_url", "created_time", "updated_time"}
+    assert (project["name"], project["dev_environment"]) == ("crud", "py3.11")
+    assert api.get(f"/v1/projects/{project['id']}").json() == project
+    assert project in api.get("/v1/projects").json()
+    updated = api.put(f"/v1/projects/{project['id']}", json={"llm_model": "Echo"}).json()
+    assert updated["llm_model"] == "Echo" and updated["name"] == "crud"
+    assert db.execute("SELECT llm_model FROM projects WHERE id = ?",
+                      (project["id"],)).fetchone()[0] == "Echo"
+
+
+def test_project_name_is_required_and_unique(api, db):
+    assert api.post("/v1/projects", json={"name": "unique-one"}).status_code == 200
+    before = snapshot(db)
+    assert api.post("/v1/projects", json={"name": "unique-one"}).status_code == 409
+    assert api.post("/v1/projects", json={}).status_code == 400
+    assert api.post("/v1/projects", json={"name": ""}).status_code == 400
+    assert api.post("/v1/projects", json={"name": "x", "llm_url": 5}).status_code == 400
+    other = api.post("/v1/projects", json={"name": "unique-two"}).json()
+    before = snapshot(db)
+    assert api.put(f"/v1/projects/{other['id']}", json={"name": "unique-one"}).status_code == 409
+    assert snapshot(db) == before
+
+
+def test_unknown_project_is_404(api):
+    for path in ("/v1/projects/424242", "/v1/projects/abc", f"/v1/projects/{2**80}"):
+        assert api.get(path).status_code == 404
+        assert api.put(path, json={"name": "x"}).status_code == 404
+        assert api.delete(path).status_code == 404
+
+
+def test_deleting_a_project_moves_its_conversations_to_0(api, db):
+    project = api.post("/v1/projects", json={"name": "doomed"}).json()
+    conversation_id = new_conversation(api, project_id=project["id"])
+    assert api.delete(f"/v1/projects/{project['id']}").json() == {
+        "message": "Project deleted successfully"}
+    grouped = api.get("/v1/chat/conversations/grouped").json()
+    assert "doomed" not in grouped
+    moved = [c for c in grouped["其它"] if c["conversation_id"] == conversation_id]
+    assert moved and moved[0]["project_id"] == 0
