@@ -771,6 +771,86 @@ async def delete_project(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
+# Plan: categories (seeded by schema.sql) and versioned documents
+# ---------------------------------------------------------------------------------------------
+
+DOCUMENT_SOURCES = ("user", "server", "chat")
+
+
+async def list_categories(request: Request) -> JSONResponse:
+    categories = fetch_all(request.app.state.db, "SELECT * FROM plan_categories ORDER BY id")
+    for category in categories:
+        category["is_builtin"] = bool(category["is_builtin"])
+    return JSONResponse(categories)
+
+
+async def create_document(request: Request) -> JSONResponse:
+    data = await read_json(request)
+    project_id = int_field(data, "project_id", required=True, minimum=1)
+    category_id = int_field(data, "category_id", required=True, minimum=1)
+    filename = text_field(data, "filename", required=True, empty_ok=False)
+    content = text_field(data, "content", required=True, empty_ok=False)
+    version = int_field(data, "version", minimum=1)
+    source = text_field(data, "source")
+    source = "user" if source in (MISSING, None) else source
+    if source not in DOCUMENT_SOURCES:
+        raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
+    related_log_id = int_field(data, "related_log_id")
+    db = request.app.state.db
+    get_project(db, project_id)
+    if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?", (category_id,)) is None:
+        raise HTTPException(404, "Category not found")
+    key = (project_id, category_id, filename)
+    with transaction(db):
+        if version in (MISSING, None):
+            version = db.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM plan_documents "
+                "WHERE project_id = ? AND category_id = ? AND filename = ?", key).fetchone()[0]
+        elif db.execute("SELECT 1 FROM plan_documents WHERE project_id = ? AND category_id = ? "
+                        "AND filename = ? AND version = ?", (*key, version)).fetchone():
+            raise HTTPException(409, f"version {version} of this document already exists")
+        document_id = db.execute(
+            "INSERT INTO plan_documents (project_id, category_id, filename, content, version, "
+            "source, related_log_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*key, content, version, source,
+             None if related_log_id is MISSING else related_log_id)).lastrowid
+    return JSONResponse(get_document(db, document_id))
+
+
+def get_document(db: sqlite3.Connection, document_id: int) -> dict:
+    document = fetch_one(db, "SELECT * FROM plan_documents WHERE id = ?", (document_id,))
+    if document is None:
+        raise HTTPException(404, "Document not found")
+    return document
+
+
+def query_int(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or int(raw) >= INT64:
+        raise HTTPException(400, f"{name} must be a positive integer")
+    return int(raw)
+
+
+async def list_documents(request: Request) -> JSONResponse:
+    filters = {"project_id": query_int(request, "project_id"),
+               "category_id": query_int(request, "category_id"),
+               "filename": request.query_params.get("filename") or None}
+    # Column names come from the fixed dict above, never from the request.
+    where = " AND ".join(f"{column} = :{column}" for column, value in filters.items()
+                         if value is not None) or "1"
+    return JSONResponse(fetch_all(request.app.state.db,
+                                  f"SELECT * FROM plan_documents WHERE {where} "
+                                  "ORDER BY created_time DESC, id DESC", filters))
+
+
+async def read_document(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    return JSONResponse(get_document(request.app.state.db, document_id))
+
+
+# ---------------------------------------------------------------------------------------------
 # Health, errors
 # ---------------------------------------------------------------------------------------------
 
@@ -811,6 +891,10 @@ routes = [
     Route("/v1/projects/{project_id}", read_project, methods=["GET"]),
     Route("/v1/projects/{project_id}", update_project, methods=["PUT"]),
     Route("/v1/projects/{project_id}", delete_project, methods=["DELETE"]),
+    Route("/v1/plan/categories", list_categories, methods=["GET"]),
+    Route("/v1/plan/documents", list_documents, methods=["GET"]),
+    Route("/v1/plan/documents", create_document, methods=["POST"]),
+    Route("/v1/plan/documents/{document_id}", read_document, methods=["GET"]),
 ]
 
 

@@ -693,3 +693,123 @@ def test_deleting_a_project_moves_its_conversations_to_0(api, db):
     assert "doomed" not in grouped
     moved = [c for c in grouped["其它"] if c["conversation_id"] == conversation_id]
     assert moved and moved[0]["project_id"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+def test_categories_are_seeded_in_the_seed_shape(api):
+    categories = api.get("/v1/plan/categories").json()
+    by_name = {c["name"]: c for c in categories}
+    assert {"需求评审", "方案设计", "知识库"} <= set(by_name)
+    for category in categories:
+        assert set(category) == {"id", "name", "prompt_template", "message_method",
+                                 "auto_save_category_id", "is_builtin", "created_time"}
+        assert category["is_builtin"] is True
+        assert category["auto_save_category_id"] is None or \
+            isinstance(category["auto_save_category_id"], int)
+        time.strptime(category["created_time"][:19], "%Y-%m-%dT%H:%M:%S")
+    assert "{doc}" in by_name["需求评审"]["prompt_template"]
+    assert "{env}" in by_name["需求评审"]["prompt_template"]
+
+
+def new_project(api, name) -> int:
+    response = api.post("/v1/projects", json={"name": name})
+    assert response.status_code == 200
+    return response.json()["id"]
+
+
+def post_document(api, **body):
+    return api.post("/v1/plan/documents", json=body)
+
+
+def test_document_versions_count_up_per_file(api, db):
+    project_id = new_project(api, "plans")
+    first = post_document(api, project_id=project_id, category_id=1, filename="a.md",
+                          content="v1 text")
+    assert first.status_code == 200
+    document = first.json()
+    assert set(document) == {"id", "project_id", "category_id", "filename", "content",
+                             "version", "source", "related_log_id", "created_time"}
+    assert (document["version"], document["source"], document["related_log_id"]) == \
+        (1, "user", None)
+    second = post_document(api, project_id=project_id, category_id=1, filename="a.md",
+                           content="v2 text", source="chat", related_log_id=7).json()
+    assert (second["version"], second["source"], second["related_log_id"]) == (2, "chat", 7)
+    other_file = post_document(api, project_id=project_id, category_id=1, filename="b.md",
+                               content="x").json()
+    other_category = post_document(api, project_id=project_id, category_id=2,
+                                   filename="a.md", content="x").json()
+    assert other_file["version"] == other_category["version"] == 1
+    explicit = post_document(api, project_id=project_id, category_id=1, filename="a.md",
+                             content="v9", version=9).json()
+    assert explicit["version"] == 9
+    assert post_document(api, project_id=project_id, category_id=1, filename="a.md",
+                         content="next").json()["version"] == 10
+    assert db.execute("SELECT count(*) FROM plan_documents WHERE project_id = ?",
+                      (project_id,)).fetchone()[0] == 6
+
+
+@pytest.mark.parametrize("body,status,detail", [
+    ({"project_id": 999999, "category_id": 1}, 404, "Project not found"),
+    ({"category_id": 999999}, 404, "Category not found"),
+    ({"version": 1}, 409, None),
+    ({"source": "robot"}, 400, "source"),
+    ({"filename": ""}, 400, "filename"),
+    ({"filename": None}, 400, "filename"),
+    ({"content": 12}, 400, "content"),
+    ({"version": "2"}, 400, "version"),
+    ({"version": 0}, 400, "version"),
+    ({"category_id": None}, 400, "category_id"),
+    ({"related_log_id": "x"}, 400, "related_log_id"),
+])
+def test_document_refusals_write_nothing(api, db, body, status, detail):
+    project_id = new_project(api, f"refusals-{len(snapshot(db)[0])}")
+    assert post_document(api, project_id=project_id, category_id=1, filename="f.md",
+                         content="c").status_code == 200
+    before = snapshot(db)
+    body = {"project_id": project_id, "category_id": 1, "filename": "f.md", "content": "c",
+            **body}
+    response = post_document(api, **{k: v for k, v in body.items()})
+    assert response.status_code == status
+    if detail is not None:
+        assert detail in response.json()["detail"]
+    assert snapshot(db) == before
+
+
+def test_document_missing_fields_are_400(api, db):
+    before = snapshot(db)
+    for missing in ("project_id", "category_id", "filename", "content"):
+        body = {"project_id": 1, "category_id": 1, "filename": "f", "content": "c"}
+        del body[missing]
+        response = post_document(api, **body)
+        assert response.status_code == 400 and missing in response.json()["detail"]
+    assert snapshot(db) == before
+
+
+def test_documents_filter_newest_first_and_read_one(api):
+    project_id = new_project(api, "filtering")
+    ids = [post_document(api, project_id=project_id, category_id=c, filename=f,
+                         content="x").json()["id"]
+           for c, f in ((1, "a"), (1, "a"), (1, "b"), (2, "a"))]
+    listed = api.get("/v1/plan/documents", params={"project_id": project_id}).json()
+    assert [d["id"] for d in listed] == ids[::-1]
+    by_category = api.get("/v1/plan/documents",
+                          params={"project_id": project_id, "category_id": 1}).json()
+    assert [d["id"] for d in by_category] == ids[2::-1]
+    by_file = api.get("/v1/plan/documents", params={"project_id": project_id,
+                                                    "category_id": 1, "filename": "a"}).json()
+    assert [(d["id"], d["version"]) for d in by_file] == [(ids[1], 2), (ids[0], 1)]
+    assert api.get(f"/v1/plan/documents/{ids[3]}").json()["category_id"] == 2
+    assert api.get("/v1/plan/documents/99999999").status_code == 404
+    assert api.get("/v1/plan/documents", params={"project_id": "x"}).status_code == 400
+
+
+def test_project_with_documents_cannot_be_deleted(api, db):
+    project_id = new_project(api, "has-docs")
+    post_document(api, project_id=project_id, category_id=5, filename="kb", content="x")
+    before = snapshot(db)
+    response = api.delete(f"/v1/projects/{project_id}")
+    assert response.status_code == 409
+    assert snapshot(db) == before
