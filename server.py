@@ -851,6 +851,178 @@ async def read_document(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI-compatible: stateless, for any client that speaks OpenAI's Chat Completions
+# ---------------------------------------------------------------------------------------------
+
+# The Poe bot names /v1/models lists (the README documents the same); any other bot name is
+# accepted by /v1/chat/completions too.
+MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Claude-3.5-Sonnet",
+          "Claude-3.5-Haiku", "Gemini-2.5-Pro", "Gemini-2.0-Flash", "Llama-3.1-405B",
+          "DeepSeek-R1", "Grok-3")
+MODELS_CREATED = 1735689600  # 2025-01-01, a fixed date: Poe does not say when a bot was made
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
+                "assistant": "assistant"}
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                      402: "insufficient_quota", 403: "permission_error", 404: "not_found_error",
+                      409: "conflict_error", 413: "invalid_request_error",
+                      429: "rate_limit_error", 500: "server_error", 502: "api_error",
+                      504: "timeout_error"}
+
+
+def openai_error(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
+                      "code": status}}
+
+
+def openai_history(messages: Any) -> list[tuple[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise HTTPException(400, "messages must be a non-empty array")
+    history = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise HTTPException(400, f"{where} must be an object")
+        role = message.get("role")
+        if role in ("tool", "function"):
+            raise HTTPException(400, f"{where}: tool and function messages are not supported")
+        if role not in OPENAI_ROLES:
+            raise HTTPException(400, f"{where}.role must be one of system, developer, user, "
+                                     "assistant")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    raise HTTPException(400, f"{where}.content: only text parts are supported"
+                                             + (f", not {kind!r}" if isinstance(kind, str)
+                                                else ""))
+                texts.append(text_field(part, "text", required=True))
+            content = "\n".join(texts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise HTTPException(400, f"{where}.content must be a string or an array of text "
+                                     "parts")
+        text_field({"content": content}, "content")
+        history.append((OPENAI_ROLES[role], content))
+    return history
+
+
+def openai_params(data: dict) -> dict:
+    params: dict[str, Any] = {}
+    for name in ("tools", "functions"):
+        if data.get(name):
+            raise HTTPException(400, f"{name} are not supported")
+    n = data.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise HTTPException(400, "n must be a positive integer")
+    if isinstance(n, int) and n > 1:
+        raise HTTPException(400, "n > 1 is not supported: Poe gives one reply per call")
+    temperature = data.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 <= temperature <= 2:
+            raise HTTPException(400, "temperature must be a number from 0 to 2")
+        params["temperature"] = float(temperature)
+    stop = data.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise HTTPException(400, "stop must be a string or an array of strings")
+        for s in stop:
+            text_field({"stop": s}, "stop")
+        params["stop_sequences"] = stop
+    return params
+
+
+def estimate_tokens(text: str) -> int:
+    # Poe reports no token counts; about four characters a token is OpenAI's own rule of thumb.
+    return (len(text) + 3) // 4
+
+
+async def chat_completions(request: Request) -> Any:
+    api_key = poe_key(request)
+    data = await read_json(request)
+    model = model_field(data)
+    if not isinstance(model, str):
+        raise HTTPException(400, "model is required: the name of a Poe bot")
+    history = openai_history(data.get("messages"))
+    params = openai_params(data)
+    stream = bool_field(data, "stream", False)
+    options = data.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    reply = start_reply(request.app, conversation_id=None, user_message=None, model=model,
+                        history=history, api_key=api_key, listen=stream, **params)
+    completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                  "model": model}
+    prompt_tokens = sum(estimate_tokens(content) for _, content in history)
+    if not stream:
+        await reply.done.wait()
+        if reply.error is not None:
+            raise HTTPException(*reply.error)
+        text = reply.text
+        completion_tokens = estimate_tokens(text)
+        return JSONResponse({
+            **completion, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
+    first = await reply.listener.get()
+    if first[0] == "error":
+        raise HTTPException(first[1], first[2])
+    usage = prompt_tokens if include_usage else None
+    return EventSourceResponse(completion_chunks(reply, first, completion, usage), sep="\n")
+
+
+async def completion_chunks(reply: Reply, item: tuple, completion: dict,
+                            prompt_tokens: int | None) -> AsyncIterator[dict]:
+    head = dumps({**completion, "object": "chat.completion.chunk"})[:-1]
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"data": f'{head},"choices":[{dumps(choice)}]}}'}
+
+    queue = reply.listener
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind = item[0]
+            if kind == "text":
+                yield chunk({"content": item[1]})
+            elif kind == "replace":
+                # OpenAI's deltas only append; the flag tells clients that know it.
+                yield chunk({"content": item[1], "replace": True})
+            elif kind == "end":
+                yield chunk({}, "stop")
+                if prompt_tokens is not None:
+                    completion_tokens = estimate_tokens(reply.text)
+                    usage = {"prompt_tokens": prompt_tokens,
+                             "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+                    yield {"data": f'{head},"choices":[],"usage":{dumps(usage)}}}'}
+                yield {"data": "[DONE]"}
+                return
+            else:
+                yield {"data": dumps(openai_error(item[1], item[2]))}
+                yield {"data": "[DONE]"}
+                return
+            item = await queue.get()
+    finally:
+        reply.listener = None
+        if reply.task is not None and not reply.task.done():
+            reply.task.cancel()  # stateless: nobody is left to read the rest
+
+
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [
+        {"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "poe"}
+        for model in MODELS]})
+
+
+# ---------------------------------------------------------------------------------------------
 # Health, errors
 # ---------------------------------------------------------------------------------------------
 
@@ -863,14 +1035,21 @@ async def health(request: Request) -> JSONResponse:
                          "replies_in_progress": len(request.app.state.replies)})
 
 
+def error_response(request: Request, status: int, detail: str,
+                   headers: dict | None = None) -> JSONResponse:
+    if request.url.path in OPENAI_PATHS:
+        return JSONResponse(openai_error(status, detail), status, headers=headers)
+    return JSONResponse({"detail": detail}, status, headers=headers)
+
+
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    return error_response(request, exc.status_code, exc.detail, exc.headers)
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s: %s", request.method, request.url.path,
               type(exc).__name__)
-    return JSONResponse({"detail": "internal error"}, 500)
+    return error_response(request, 500, "internal error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -895,6 +1074,8 @@ routes = [
     Route("/v1/plan/documents", list_documents, methods=["GET"]),
     Route("/v1/plan/documents", create_document, methods=["POST"]),
     Route("/v1/plan/documents/{document_id}", read_document, methods=["GET"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
 ]
 
 
@@ -947,6 +1128,7 @@ def main() -> None:
     parser.add_argument("--db", help="SQLite file (DB_PATH, default chat.db)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
     service = create_app(host=args.host, port=args.port, db_path=args.db)
     settings = service.state.settings
     uvicorn.run(service, host=settings["host"], port=settings["port"],

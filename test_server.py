@@ -813,3 +813,138 @@ def test_project_with_documents_cannot_be_deleted(api, db):
     response = api.delete(f"/v1/projects/{project_id}")
     assert response.status_code == 409
     assert snapshot(db) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible routes, driven by the official openai SDK
+# ---------------------------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture
+def sdk(service):
+    client = openai.OpenAI(base_url=str(service[0].base_url) + "/v1", api_key="poe-test-key",
+                           max_retries=0)
+    yield client
+    client.close()
+
+
+def test_sdk_chat_completion(sdk, db):
+    before, calls = snapshot(db), CALLS["Echo"]
+    completion = sdk.chat.completions.create(model="Echo", messages=[
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": [{"type": "text", "text": "part one"},
+                                     {"type": "text", "text": "part two"}]},
+        {"role": "assistant", "content": "earlier"},
+        {"role": "user", "content": "now"}])
+    assert completion.object == "chat.completion" and completion.model == "Echo"
+    assert completion.id.startswith("chatcmpl-") and completion.created > 0
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert json.loads(choice.message.content) == [
+        ["system", "be kind"], ["user", "part one\npart two"], ["bot", "earlier"],
+        ["user", "now"]]
+    assert completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == \
+        completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert CALLS["Echo"] == calls + 1
+    assert snapshot(db) == before  # stateless
+
+
+def test_sdk_stream(sdk):
+    calls = CALLS["Echo"]
+    chunks = list(sdk.chat.completions.create(
+        model="Echo", messages=[{"role": "user", "content": "streamed"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[-1].choices[0].finish_reason == "stop"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert json.loads(text) == [["user", "streamed"]]
+    assert len(with_choices) > 3
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert CALLS["Echo"] == calls + 1
+
+
+def test_temperature_and_stop_reach_poe(sdk):
+    sdk.chat.completions.create(model="Echo", messages=[{"role": "user", "content": "t"}],
+                                temperature=0.3, stop=["END", "STOP"])
+    query = LAST_QUERY["Echo"]
+    assert query.temperature == pytest.approx(0.3)
+    assert query.stop_sequences == ["END", "STOP"]
+
+
+def test_sdk_models_list_matches_readme(sdk):
+    models = sdk.models.list()
+    ids = [m.id for m in models.data]
+    assert "GPT-4o" in ids and all(m.object == "model" and m.owned_by for m in models.data)
+    readme = open(server.os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
+    assert all(f"`{model_id}`" in readme for model_id in ids)
+
+
+@pytest.mark.parametrize("model,error_class", [
+    ("Poor", "APIStatusError"), ("Fussy", "BadRequestError"), ("Private", "PermissionDeniedError"),
+    ("Busy", "RateLimitError"), ("NoSuchBot", "NotFoundError"), ("Fail", "InternalServerError"),
+    ("TooLong", "APIStatusError"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_sdk_raises_the_matching_error(sdk, model, error_class, stream):
+    with pytest.raises(getattr(openai, error_class)) as raised:
+        result = sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], stream=stream)
+        list(result) if stream else None
+    error = raised.value
+    expected = {"Poor": 402, "Fussy": 400, "Private": 403, "Busy": 429, "NoSuchBot": 404,
+                "Fail": 502, "TooLong": 413}[model]
+    assert error.status_code == expected
+    assert set(error.body) == {"message", "type", "code"}
+
+
+def test_sdk_wrong_or_missing_key_is_authentication_error(service):
+    base = str(service[0].base_url) + "/v1"
+    with openai.OpenAI(base_url=base, api_key="wrong-key", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="Locked",
+                                           messages=[{"role": "user", "content": "x"}])
+    response = httpx.post(base + "/chat/completions",
+                          json={"model": "Echo", "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": "http://x/y.png"}}]}]},
+     "image_url"),
+    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool"),
+    ({"messages": []}, "messages"),
+    ({"model": None}, "model"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"stop": 5}, "stop"),
+    ({"stream": "yes"}, "stream"),
+])
+def test_unsupported_inputs_are_clear_400s(service, body, needle):
+    calls = sum(CALLS.values())
+    request = {"model": "Echo", "messages": [{"role": "user", "content": "x"}], **body}
+    response = service[0].post("/v1/chat/completions", json=request, headers=KEY)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and needle in error["message"]
+    assert sum(CALLS.values()) == calls
+
+
+def test_error_after_stream_began_is_an_event_then_done(service):
+    with service[0].stream("POST", "/v1/chat/completions", headers=KEY, json={
+            "model": "FailPartWay", "messages": [{"role": "user", "content": "x"}],
+            "stream": True}) as response:
+        assert response.status_code == 200
+        events = sse_data(response)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == 502 and events[-2]["error"]["message"]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == \
+        "half an answer"
