@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -177,13 +177,16 @@ async def read_json(request: Request) -> dict:
     limit = request.app.state.settings["max_body_bytes"]
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
-    if length is not None and length.strip().isdigit() and int(length) > limit:
+    if length is not None and is_number(length.strip()) and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise HTTPException(400, "the request body did not arrive whole") from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -209,6 +212,9 @@ def text_field(data: dict, name: str, *, required: bool = False, empty_ok: bool 
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise HTTPException(400, f"{name} must be valid UTF-8 text") from None
+    if "\x00" in value:
+        # SQLite's text functions stop at NUL (length, ||): refuse it rather than corrupt it.
+        raise HTTPException(400, f"{name} must not contain NUL characters")
     return value
 
 
@@ -239,10 +245,15 @@ def model_field(data: dict, name: str = "model") -> Any:
     return value
 
 
+def is_number(raw: str) -> bool:
+    """Plain ASCII digits that fit SQLite's 64-bit integers."""
+    return raw.isascii() and raw.isdigit() and int(raw) < INT64
+
+
 def path_id(request: Request, name: str, not_found: str) -> int:
     """An integer id from the path; anything else names nothing, so 404."""
     raw = request.path_params[name]
-    if not raw.isdigit() or int(raw) >= INT64:
+    if not is_number(raw):
         raise HTTPException(404, not_found)
     return int(raw)
 
@@ -358,7 +369,9 @@ async def relay_poe(app: Starlette, model: str, poe_messages: list[fp.ProtocolMe
                     if (isinstance(event, fp.MetaResponse) or event.is_suggested_reply
                             or event.attachment is not None or event.data is not None):
                         continue
-                    yield ("replace" if event.is_replace_response else "text", event.text)
+                    text = event.text if "\x00" not in event.text else event.text.replace(
+                        "\x00", "")
+                    yield ("replace" if event.is_replace_response else "text", text)
     except TimeoutError:
         raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
     except (fp.BotError, httpx.HTTPError) as exc:
@@ -720,7 +733,9 @@ def save_project(db: sqlite3.Connection, sql: str, params: dict) -> int:
     try:
         with transaction(db):
             return db.execute(sql, params).lastrowid
-    except sqlite3.IntegrityError:
+    except sqlite3.IntegrityError as exc:
+        if "UNIQUE" not in str(exc):
+            raise
         raise HTTPException(409, "a project with this name already exists") from None
 
 
@@ -828,7 +843,7 @@ def query_int(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or int(raw) >= INT64:
+    if not is_number(raw):
         raise HTTPException(400, f"{name} must be a positive integer")
     return int(raw)
 

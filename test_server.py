@@ -51,13 +51,12 @@ def history_of(request) -> list[list[str]]:
 
 async def echo(request):
     """Replies with the JSON of the history it received, in small chunks, among events that are
-    not reply text (meta, a suggested reply, data)."""
+    not reply text (meta, a suggested reply)."""
     yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=True)
     text = json.dumps(history_of(request), ensure_ascii=False)
     for i in range(0, len(text), 7):
         yield fp.PartialResponse(text=text[i:i + 7])
     yield fp.PartialResponse(text="Tell me more", is_suggested_reply=True)
-    yield fp.DataResponse(metadata='{"not": "text"}')
 
 
 async def slow(request):
@@ -948,3 +947,328 @@ def test_error_after_stream_began_is_an_event_then_done(service):
     assert events[-2]["error"]["code"] == 502 and events[-2]["error"]["message"]
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == \
         "half an answer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: hang-ups, crashes, shutdowns
+# ---------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def wait_for(condition, seconds=10.0, step=0.02):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_stream_survives_client_disconnect(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    calls = CALLS["Slow"]
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "30 0.03", "stream": True}, headers=KEY) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+    # The client has hung up after one chunk; the reply goes on to its end and is saved whole.
+    reply = wait_for(lambda: next((m for m in stored_messages(db, conversation_id)
+                                   if m["role"] == "assistant" and m["status"] != "streaming"),
+                                  None))
+    assert reply["status"] == "complete"
+    assert reply["content"] == "".join(f"c{i} " for i in range(30))
+    assert CALLS["Slow"] == calls + 1
+
+
+def test_non_streamed_turn_survives_client_timeout(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    with pytest.raises(httpx.ReadTimeout):
+        api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                 json={"content": "20 0.03"}, headers=KEY, timeout=0.2)
+    reply = wait_for(lambda: next((m for m in stored_messages(db, conversation_id)
+                                   if m["role"] == "assistant" and m["status"] == "complete"),
+                                  None))
+    assert reply["content"] == "".join(f"c{i} " for i in range(20))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python server.py` as a user runs it, in a directory of its own."""
+
+    def __init__(self, workdir, poe_url, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "server.log"
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(server.HERE, "server.py"), "--port", str(self.port),
+             "--db", str(workdir / "chat.db")],
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "POE_BASE_URL": poe_url, **env})
+        wait_for(self.healthy, seconds=20, step=0.05)
+
+    def healthy(self):
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, sig):
+        self.process.send_signal(sig)
+        self.process.wait(15)
+        self.log.close()
+
+
+def read_then_signal(tmp_path, poe_url, sig):
+    """Streams a long reply, reads part of it, sends `sig` to the server; returns what the client
+    received and the database's rows after a restart on the same file."""
+    first = ServerProcess(tmp_path, poe_url)
+    with httpx.Client(base_url=first.url, timeout=30) as api:
+        conversation_id = new_conversation(api, model="Slow")
+        received = ""
+        with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                        json={"content": "400 0.02", "stream": True}, headers=KEY) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    received += json.loads(line[6:])["content"]
+                if len(received.split()) >= 60:  # past more than one flush interval
+                    break
+            first.stop(sig)
+    second = ServerProcess(tmp_path, poe_url)
+    with httpx.Client(base_url=second.url) as api:
+        messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
+    second.stop(signal.SIGTERM)
+    return received, messages["messages"]
+
+
+def test_kill_9_keeps_user_message_and_saved_text(tmp_path, poe_url):
+    received, messages = read_then_signal(tmp_path, poe_url, signal.SIGKILL)
+    assert [(m["role"], m["status"]) for m in messages] == [
+        ("user", "complete"), ("assistant", "interrupted")]
+    assert messages[0]["content"] == "400 0.02"
+    saved = messages[1]["content"]
+    assert saved and received.startswith(saved[:len(received)])
+    assert len(saved.split()) >= 20  # all but the last flush interval (0.5 s = 25 chunks)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_in_flight_text(tmp_path, poe_url, sig):
+    received, messages = read_then_signal(tmp_path, poe_url, sig)
+    assert [(m["role"], m["status"]) for m in messages] == [
+        ("user", "complete"), ("assistant", "interrupted")]
+    assert messages[1]["content"].startswith(received)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_bodies(start_service):
+    return start_service(max_body_bytes=1000)
+
+
+def test_body_over_limit_is_413_by_content_length(small_bodies):
+    api, db_path = small_bodies
+    response = api.post("/v1/projects", json={"name": "x" * 2000})
+    assert response.status_code == 413
+    assert "detail" in response.json()
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM projects").fetchone()[0] == 0
+
+
+def test_body_over_limit_is_413_when_streamed_without_length(small_bodies):
+    api, db_path = small_bodies
+    host, port = api.base_url.host, api.base_url.port
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/projects HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b'{"name": "' + b"x" * 1490
+        sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        # The body has not ended: the service answers anyway, having read only ~1.5 kB of it.
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM projects").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100000, b'{"name": "\\ud800"}', b'{"name": 1e999}',
+                                 b'{"name": "nul\\u0000inside"}'])
+def test_pathological_json_is_400(api, db, raw):
+    """Deep nesting, a lone surrogate, a number too big for a float."""
+    before = snapshot(db)
+    response = api.post("/v1/projects", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/projects/１２", "/v1/projects/²",
+                                  "/v1/plan/documents?project_id=²"])
+def test_odd_digits_are_not_500(api, path):
+    assert api.get(path).status_code in (400, 404)
+
+
+ROUTES = [
+    ("POST", "/v1/chat/conversations"), ("PUT", "/v1/chat/conversations/{cid}"),
+    ("POST", "/v1/chat/conversations/{cid}/messages"), ("POST", "/v1/projects"),
+    ("PUT", "/v1/projects/{pid}"), ("POST", "/v1/plan/documents"),
+    ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/conversations/{cid}/stop"),
+    ("DELETE", "/v1/projects/{pid}"), ("GET", "/v1/plan/documents"),
+]
+
+
+def test_random_json_never_breaks_a_route(api, db):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    conversation_id = new_conversation(api, model="Echo")
+    project_id = new_project(api, "fuzzed")
+    post_document(api, project_id=project_id, category_id=1, filename="f", content="c")
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text()
+    fields = st.sampled_from(["content", "role", "model", "stream", "name", "project_id",
+                              "system_prompt", "category_id", "filename", "version", "source",
+                              "messages", "temperature", "stop", "n", "related_log_id",
+                              "llm_url", "dev_environment"])
+    values = st.recursive(scalars, lambda children: st.lists(children, max_size=3)
+                          | st.dictionaries(st.text(max_size=5), children, max_size=3),
+                          max_leaves=6)
+    bodies = st.dictionaries(fields, values, max_size=5) | values
+
+    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(route=st.sampled_from(ROUTES), body=bodies)
+    def check(route, body):
+        method, path = route
+        path = path.format(cid=conversation_id, pid=project_id)
+        before = snapshot(db)
+        try:
+            raw = json.dumps(body, allow_nan=True).encode()
+        except UnicodeEncodeError:
+            raw = b"\xff"
+        response = api.request(method, path, content=raw, headers={
+            "Content-Type": "application/json", **KEY})
+        assert response.status_code < 500, (route, body, response.text)
+        assert response.headers["content-type"].startswith(("application/json",
+                                                            "text/event-stream"))
+        response.read()
+        if response.status_code >= 400:
+            assert snapshot(db) == before, (route, body)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------------------------
+
+SECRET = "poe-secret-key-SHOULD-NEVER-LEAK-4242"
+
+
+def test_the_key_is_never_stored_logged_or_echoed(tmp_path, poe_url):
+    process = ServerProcess(tmp_path, poe_url, POE_API_KEY=SECRET)
+    bodies = []
+    with httpx.Client(base_url=process.url, timeout=30) as api:
+        for model in ("Echo", "Fail", "FailPartWay", "Poor", "Busy", "NoSuchBot", "Locked"):
+            conversation_id = new_conversation(api, model=model)
+            for headers in ({}, {"Authorization": f"Bearer {SECRET}"}):
+                for stream in (False, True):
+                    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                                        json={"content": "hi", "stream": stream},
+                                        headers=headers)
+                    bodies.append(response.text + str(response.headers))
+            response = api.post("/v1/chat/completions", headers={
+                "Authorization": f"Bearer {SECRET}"}, json={
+                "model": model, "messages": [{"role": "user", "content": "x"}]})
+            bodies.append(response.text + str(response.headers))
+        bodies.append(api.get("/v1/chat/conversations/grouped").text)
+    process.stop(signal.SIGTERM)
+    assert all(SECRET not in body for body in bodies)
+    for path in tmp_path.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path.name
+    assert b"POST /v1/chat" in process.log_path.read_bytes()  # the log was written
+
+
+def test_binds_loopback_by_default(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HOST", raising=False)
+    assert server.load_settings()["host"] == "127.0.0.1"
+
+
+def test_cors_is_off_unless_origins_are_listed(api, start_service):
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    response = api.options("/v1/chat/conversations", headers=preflight)
+    assert "access-control-allow-origin" not in response.headers
+    assert "access-control-allow-origin" not in api.get(
+        "/health", headers={"Origin": "http://evil.example"}).headers
+    allowed, _ = start_service(cors_origins="http://app.example")
+    ok = allowed.get("/health", headers={"Origin": "http://app.example"})
+    assert ok.headers["access-control-allow-origin"] == "http://app.example"
+    other = allowed.get("/health", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+INJECTIONS = ["Robert'); DROP TABLE messages;--", "\" OR 1=1 --", "x'||(SELECT 1)||'",
+              "%_\\", "名字'; DELETE FROM projects; --", "<script>alert(1)</script>"]
+
+
+def test_injection_looking_text_is_stored_verbatim(api, db):
+    for i, text in enumerate(INJECTIONS):
+        project = api.post("/v1/projects", json={"name": f"{text}{i}",
+                                                 "dev_environment": text}).json()
+        assert api.get(f"/v1/projects/{project['id']}").json()["name"] == f"{text}{i}"
+        conversation_id = new_conversation(api, name=text, system_prompt=text, model="Echo",
+                                           project_id=project["id"])
+        reply = say(api, conversation_id, text).json()["reply"]
+        assert json.loads(reply) == [["system", text], ["user", text]]
+        document = post_document(api, project_id=project["id"], category_id=1, filename=text,
+                                 content=text).json()
+        found = api.get("/v1/plan/documents", params={"filename": text}).json()
+        assert [d["id"] for d in found] == [document["id"]] and found[0]["content"] == text
+        grouped = api.get("/v1/chat/conversations/grouped").json()[f"{text}{i}"]
+        assert grouped[0]["name"] == text and grouped[0]["system_prompt"] == text
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
+    conversation_ids = [new_conversation(api, model="Slow") for _ in range(50)]
+    calls = CALLS["Slow"]
+    expected = "".join(f"c{i} " for i in range(40))
+
+    async def one(client, conversation_id):
+        received, gaps, last = "", [], None
+        async with client.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                                 json={"content": "40 0.05", "stream": True},
+                                 headers=KEY) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    now = time.monotonic()
+                    gaps.append(now - last if last else 0)
+                    last = now
+                    received += json.loads(line[6:])["content"]
+        return received, max(gaps)
+
+    async def all_of_them():
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=60,
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*(one(client, c) for c in conversation_ids))
+
+    results = asyncio.run(all_of_them())
+    assert all(received == expected for received, _ in results)
+    # The bot sends every 50 ms; a blocked event loop would show as a long silence.
+    assert max(gap for _, gap in results) < 1.0
+    assert CALLS["Slow"] == calls + 50
+    for conversation_id in conversation_ids:
+        reply = stored_messages(db, conversation_id)[-1]
+        assert (reply["content"], reply["status"]) == (expected, "complete")
