@@ -1,0 +1,395 @@
+"""What the proxy costs over talking to Poe directly, measured in one run on this machine.
+
+Starts, each in a process of its own on 127.0.0.1: a Poe-protocol bot server built with
+fastapi_poe, the service (`python server.py`, as users run it, on a fresh temporary database), and
+a bare Starlette JSON route served the same way. This process is the client. Every figure comes
+from the same run, so the ratios hold on a noisy machine.
+
+    python bench.py            # the full table, under 3 minutes
+    python bench.py --quick    # a small version in seconds (the test suite runs it)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import fastapi_poe as fp
+import httpx
+from fastapi_poe.client import PROTOCOL_VERSION
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACE = 50  # chunks per second, as Poe sends them
+KEY = "bench-key"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# The processes
+# ---------------------------------------------------------------------------------------------
+
+class Bench(fp.PoeBot):
+    """'paced N': N chunks at PACE/s; 'flat N': N chunks at once; else a short reply. Each
+    paced chunk carries its send time."""
+
+    async def get_response(self, request):
+        words = request.query[-1].content.split()
+        if words[:1] == ["paced"]:
+            start = time.monotonic()
+            for i in range(int(words[1])):
+                delay = start + i / PACE - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                yield fp.PartialResponse(text=f"{time.time():.6f} ")
+        elif words[:1] == ["flat"]:
+            for _ in range(int(words[1])):
+                yield fp.PartialResponse(text="chunk ")
+        else:
+            yield fp.PartialResponse(text="ok")
+
+
+def bare_app():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def create(request):
+        await request.body()
+        return JSONResponse({"conversation_id": str(uuid.uuid4())})
+
+    return Starlette(routes=[Route("/v1/chat/conversations", create, methods=["POST"])])
+
+
+def serve(role: str, port: int) -> None:
+    import uvicorn
+
+    app = fp.make_app(Bench(path="/Bench"), allow_without_key=True) if role == "bot" \
+        else bare_app()
+    # The same uvicorn settings as `python server.py` (access log on, uvloop and httptools).
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    def __init__(self, args: list[str], port: int, log_path: str, env: dict | None = None):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(log_path, "wb")
+        self.popen = subprocess.Popen([sys.executable, *args], stdout=self.log,
+                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                      cwd=os.path.dirname(log_path))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.popen.poll() is not None:
+                    raise SystemExit(f"{args} did not start; see {log_path}")
+                time.sleep(0.05)
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.popen.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def peak_rss_mb(self) -> float:
+        with open(f"/proc/{self.popen.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients: direct (fastapi_poe's own client) and through the service
+# ---------------------------------------------------------------------------------------------
+
+def query(content: str, history: list[fp.ProtocolMessage] | None = None) -> fp.QueryRequest:
+    messages = (history or []) + [fp.ProtocolMessage(role="user", content=content)]
+    return fp.QueryRequest(version=PROTOCOL_VERSION, type="query", query=messages, user_id="",
+                           conversation_id="", message_id="")
+
+
+async def direct_reply(session: httpx.AsyncClient, bot_url: str, request: fp.QueryRequest,
+                       on_chunk=None) -> str:
+    parts = []
+    async for message in fp.stream_request(request, "Bench", KEY, session=session, num_tries=1,
+                                           base_url=bot_url):
+        if on_chunk is not None:
+            on_chunk(message.text)
+        parts.append(message.text)
+    return "".join(parts)
+
+
+async def service_reply(client: httpx.AsyncClient, conversation_id: str, content: str,
+                        on_chunk=None) -> str:
+    parts = []
+    async with client.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                             json={"content": content, "stream": True}) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"service answered {response.status_code}: "
+                             f"{(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise SystemExit(f"stream failed: {event}")
+                if event["content"]:
+                    if on_chunk is not None:
+                        on_chunk(event["content"])
+                    parts.append(event["content"])
+    return "".join(parts)
+
+
+def latency_recorder(latencies: list[float]):
+    def record(text: str) -> None:
+        latencies.append(time.time() - float(text))
+    return record
+
+
+async def new_conversations(client: httpx.AsyncClient, count: int) -> list[str]:
+    async def one() -> str:
+        response = await client.post("/v1/chat/conversations", json={"model": "Bench"})
+        return response.json()["conversation_id"]
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def check_stored(db_path: str, replies: dict[str, str]) -> int:
+    """How many of the replies the database holds whole and complete."""
+    db = sqlite3.connect(db_path)
+    whole = 0
+    for conversation_id, text in replies.items():
+        row = db.execute("SELECT content, status FROM messages WHERE conversation_id = ? AND "
+                         "role = 'assistant' ORDER BY id DESC LIMIT 1",
+                         (conversation_id,)).fetchone()
+        whole += row == (text, "complete")
+    db.close()
+    return whole
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements
+# ---------------------------------------------------------------------------------------------
+
+async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    db_path = os.path.join(workdir, "chat.db")
+    bot_port, service_port, bare_port = free_port(), free_port(), free_port()
+    bot = Process([os.path.abspath(__file__), "serve", "bot", str(bot_port)], bot_port,
+                  os.path.join(workdir, "bot.log"))
+    service = Process([os.path.join(HERE, "server.py"), "--port", str(service_port), "--db",
+                       db_path], service_port, os.path.join(workdir, "service.log"),
+                      env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
+                           "DEFAULT_MODEL": "Bench"})
+    bare = Process([os.path.abspath(__file__), "serve", "bare", str(bare_port)], bare_port,
+                   os.path.join(workdir, "bare.log"))
+    bot_url = bot.url + "/"
+    db = sqlite3.connect(db_path)
+    # Counts the service's updates of stored replies (the start of a reply is one insert).
+    db.executescript("""
+        CREATE TABLE bench_writes (message_id INTEGER);
+        CREATE TRIGGER bench_count_writes AFTER UPDATE ON messages
+        BEGIN INSERT INTO bench_writes VALUES (new.id); END;""")
+    # Idle connections expire before uvicorn's 5 s keep-alive closes them under the client.
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000,
+                          keepalive_expiry=2)
+    session = httpx.AsyncClient(timeout=600, limits=limits)
+    client = httpx.AsyncClient(base_url=service.url, timeout=600, limits=limits)
+    try:
+        # 1. Paced streams. 5. Peak RSS at the largest, writes per reply.
+        paced_chunks = 40 if quick else 200
+        for streams in ((1, 5) if quick else (1, 50, 200)):
+            direct: list[float] = []
+            await asyncio.gather(*(direct_reply(session, bot_url, query(f"paced {paced_chunks}"),
+                                                latency_recorder(direct))
+                                   for _ in range(streams)))
+            conversation_ids = await new_conversations(client, streams)
+            proxied: list[float] = []
+            cpu_before = (bot.cpu_seconds(), service.cpu_seconds(), time.process_time())
+            started = time.perf_counter()
+            texts = await asyncio.gather(*(service_reply(client, c, f"paced {paced_chunks}",
+                                                         latency_recorder(proxied))
+                                           for c in conversation_ids))
+            wall = time.perf_counter() - started
+            cpu = [(after - before) / wall for before, after in zip(
+                cpu_before, (bot.cpu_seconds(), service.cpu_seconds(), time.process_time()))]
+            stored = check_stored(db_path, dict(zip(conversation_ids, texts)))
+            complete = sum(len(t.split()) == paced_chunks for t in texts)
+            d50, d99 = statistics.median(direct), percentile(direct, 0.99)
+            p50, p99 = statistics.median(proxied), percentile(proxied, 0.99)
+            rows.append((f"paced, {streams} stream(s): latency per chunk median / p99",
+                         f"direct {ms(d50)} / {ms(d99)}; service {ms(p50)} / {ms(p99)}",
+                         f"adds {ms(p50 - d50)} / {ms(p99 - d99)}; "
+                         f"{complete}/{streams} complete, {stored}/{streams} stored whole"))
+            rows.append((f"paced, {streams} stream(s) through the service: cores busy",
+                         f"bot {cpu[0]:.2f}, service {cpu[1]:.2f}, client {cpu[2]:.2f}",
+                         f"{sum(cpu):.2f} of {os.cpu_count()}"))
+        rows.append((f"server peak RSS after {streams} streams", f"{service.peak_rss_mb():.1f} MB",
+                     ""))
+        updates = db.execute("SELECT count(*) FROM bench_writes WHERE message_id IN "
+                             "(SELECT id FROM messages WHERE role = 'assistant' AND content "
+                             "LIKE '%.% %' AND status = 'complete')").fetchone()[0]
+        replies = db.execute("SELECT count(*) FROM messages WHERE role = 'assistant' AND "
+                             "content LIKE '%.% %'").fetchone()[0]
+        seconds = paced_chunks / PACE
+        rows.append(("database writes per streamed reply",
+                     f"{1 + updates / replies:.1f} over {seconds:.1f} s of streaming",
+                     f"limit 1 + 4/s = {1 + 4 * seconds:.0f}"))
+
+        # 2. Flat-out relay.
+        flat_chunks = 200 if quick else 2000
+        for streams in ((1, 2) if quick else (1, 10)):
+            cpu, started = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(direct_reply(session, bot_url, query(f"flat {flat_chunks}"))
+                                   for _ in range(streams)))
+            direct_time = time.perf_counter() - started
+            direct_cpu = (time.process_time() - cpu) / (streams * flat_chunks)
+            conversation_ids = await new_conversations(client, streams)
+            server_cpu, started = service.cpu_seconds(), time.perf_counter()
+            texts = await asyncio.gather(*(service_reply(client, c, f"flat {flat_chunks}")
+                                           for c in conversation_ids))
+            service_time = time.perf_counter() - started
+            relayed_cpu = (service.cpu_seconds() - server_cpu) / (streams * flat_chunks)
+            stored = check_stored(db_path, dict(zip(conversation_ids, texts)))
+            rows.append((f"flat-out {flat_chunks} chunks, {streams} stream(s): total time",
+                         f"direct {direct_time:.3f} s; service {service_time:.3f} s",
+                         f"ratio {service_time / direct_time:.2f}; "
+                         f"{stored}/{streams} stored whole"))
+            rows.append((f"flat-out, {streams} stream(s): CPU per chunk",
+                         f"direct client {direct_cpu * 1e6:.0f} µs; "
+                         f"server {relayed_cpu * 1e6:.0f} µs",
+                         f"ratio {relayed_cpu / direct_cpu:.2f}"))
+
+        # 3. A non-streamed turn with a short reply, by history size. 4. GET .../messages.
+        repeats = 5 if quick else 25
+        for size in ((10, 100) if quick else (10, 100, 1000)):
+            [conversation_id] = await new_conversations(client, 1)
+            history = fill_history(db, conversation_id, size)
+            poe_history = [fp.ProtocolMessage(role="bot" if role == "assistant" else role,
+                                              content=content) for role, content in history]
+            direct, proxied = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                await direct_reply(session, bot_url, query("short", poe_history))
+                direct.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                response = await client.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                                             json={"content": "short"})
+                proxied.append(time.perf_counter() - started)
+                assert response.status_code == 200, response.text
+            d50, p50 = statistics.median(direct), statistics.median(proxied)
+            rows.append((f"non-streamed turn, {size} stored messages: median latency",
+                         f"direct {ms(d50)}; service {ms(p50)}", f"adds {ms(p50 - d50)}"))
+        for size in ((10, 1000) if quick else (10, 1000, 10000)):
+            [conversation_id] = await new_conversations(client, 1)
+            fill_history(db, conversation_id, size)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                response = await client.get(f"/v1/chat/conversations/{conversation_id}/messages")
+                times.append(time.perf_counter() - started)
+                assert len(response.json()["messages"]) == size
+            rows.append((f"GET messages, {size} messages: median", ms(statistics.median(times)),
+                         ""))
+        seconds = 0.5 if quick else 3.0
+        service_rate = await requests_per_second(service.url, seconds)
+        bare_rate = await requests_per_second(bare.url, seconds)
+        rows.append(("POST /v1/chat/conversations, 20 concurrent clients",
+                     f"service {service_rate:.0f}/s; bare Starlette route {bare_rate:.0f}/s",
+                     f"ratio {service_rate / bare_rate:.2f}"))
+    finally:
+        await session.aclose()
+        await client.aclose()
+        db.close()
+        for process in (service, bot, bare):
+            process.stop()
+    return rows
+
+
+def fill_history(db: sqlite3.Connection, conversation_id: str, size: int) -> list[tuple]:
+    """Stores `size` messages in a conversation, as a long chat would have them."""
+    rng = random.Random(size)
+    history = [("user" if i % 2 == 0 else "assistant",
+                " ".join(rng.choice(("poe", "proxy", "memory", "sqlite", "stream", "turn"))
+                         for _ in range(30)))
+               for i in range(size)]
+    with db:
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                       [(conversation_id, role, content) for role, content in history])
+    return history
+
+
+async def requests_per_second(url: str, seconds: float, concurrency: int = 20) -> float:
+    done = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                response = await client.post("/v1/chat/conversations", json={"name": "bench"})
+                assert response.status_code == 200
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "serve":
+        serve(sys.argv[2], int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small version, in seconds")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run(bench(args.quick, workdir))
+    print(f"| measurement | figures | service vs direct |")
+    print("| --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
