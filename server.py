@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import gc
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -357,23 +359,31 @@ async def relay_poe(app: Starlette, model: str, poe_messages: list[fp.ProtocolMe
                     api_key: str, **params: Any) -> AsyncIterator[tuple[str, str]]:
     """Yields ("text", chunk) and ("replace", whole_text) from one Poe call.
 
-    Must be consumed by a task that does no other await between chunks (the wait for Poe's next
-    event is bounded with a deadline moved at each event, not a task per chunk).
+    Must be consumed by a task that does no other await between chunks: the wait for Poe's next
+    event is bounded by one deadline on the task, not a task per chunk. Moving that deadline is
+    the dearest step of a chunk's relay, so it moves at most every `slack` seconds, to
+    now + timeout + slack: never earlier than `timeout` after the last event, at most `slack`
+    later. The wait for the first event is exact.
     """
     settings = app.state.settings
     timeout = settings["poe_timeout"]
+    slack = min(1.0, timeout / 10)
     box: dict = {}
     token = poe_http_status.set(box)
     request = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages, user_id="",
                        conversation_id="", message_id="", **params)
     loop = asyncio.get_running_loop()
+    moved = -math.inf  # the first event always moves the deadline
     try:
         async with asyncio.timeout(timeout) as deadline:
             async with contextlib.aclosing(fp.stream_request(
                     request, model, api_key, session=app.state.poe, num_tries=1,
                     on_error=log_poe_error, base_url=settings["poe_base_url"])) as events:
                 async for event in events:
-                    deadline.reschedule(loop.time() + timeout)
+                    now = loop.time()
+                    if now - moved >= slack:
+                        deadline.reschedule(now + timeout + slack)
+                        moved = now
                     if (isinstance(event, fp.MetaResponse) or event.is_suggested_reply
                             or event.attachment is not None or event.data is not None):
                         continue
@@ -1172,6 +1182,10 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
     service = create_app(host=args.host, port=args.port, db_path=args.db)
     settings = service.state.settings
+    # Everything imported so far (fastapi_poe, pydantic's schemas...) lives as long as the
+    # process: keep the cyclic collector from walking it again and again.
+    gc.collect()
+    gc.freeze()
     uvicorn.run(service, host=settings["host"], port=settings["port"],
                 timeout_graceful_shutdown=3)
 

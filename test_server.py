@@ -97,6 +97,14 @@ async def silent(request):
     yield fp.PartialResponse(text="too late")
 
 
+async def stall(request):
+    yield fp.PartialResponse(text="begin ")
+    await asyncio.sleep(0.2)
+    yield fp.PartialResponse(text="more ")
+    await asyncio.sleep(3)
+    yield fp.PartialResponse(text="too late")
+
+
 async def locked(request):
     yield fp.PartialResponse(text="unlocked")
 
@@ -108,7 +116,7 @@ def make_poe_app():
             ScriptBot("TooLong", error_type_bot("user_message_too_long")),
             ScriptBot("Fussy", error_type_bot("user_caused_error")),
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
-            ScriptBot("Replace", replace), ScriptBot("Silent", silent),
+            ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
             ScriptBot("Locked", locked, access_key=RIGHT_KEY)]
     poe = fp.make_app(bots, allow_without_key=True)
 
@@ -597,6 +605,18 @@ def test_poe_silence_past_timeout_is_504(start_service):
     assert response.status_code == 504
     assert time.monotonic() - started < 2.5
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_poe_silence_after_some_text_is_504_and_keeps_it(start_service):
+    api, db_path = start_service(poe_timeout=0.5)
+    conversation_id = new_conversation(api, model="Stall")
+    started = time.monotonic()
+    response = say(api, conversation_id, "hello")
+    assert response.status_code == 504
+    assert 0.7 <= time.monotonic() - started < 2.5  # 0.2 s of text, then 0.5 s (+0.05) of silence
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT role, content, status FROM messages ORDER BY id").fetchall() == [
+        ("user", "hello", "complete"), ("assistant", "begin more ", "interrupted")]
 
 
 def test_failure_part_way_keeps_text_interrupted(api, db):
