@@ -478,9 +478,12 @@ async def run_reply(app: Starlette, reply: Reply, model: str,
         # Stopped, or the conversation deleted, or the server shutting down.
         end_reply(db, reply, "interrupted")
         raise
-    except Exception:
+    except Exception as exc:
         log.exception("reply to conversation %s failed", reply.conversation_id)
-        reply.error = (500, "the reply could not be completed")
+        # A database that refuses the write is ours to answer for; anything else came out of
+        # reading Poe's answer.
+        reply.error = ((500, "the reply could not be saved") if isinstance(exc, sqlite3.Error)
+                       else (502, "Poe's answer could not be read"))
         with contextlib.suppress(Exception):
             end_reply(db, reply, "interrupted")
     finally:
