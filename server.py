@@ -554,6 +554,8 @@ class EventStream(EventSourceResponse):
 
 
 dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# The conversation stream keeps the seed's spacing, as API.md shows it: data: {"content": "..."}
+seed_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def sse(data: str) -> bytes:
@@ -715,18 +717,18 @@ async def conversation_events(reply: Reply, item: tuple) -> AsyncIterator[bytes]
         while True:
             kind = item[0]
             if kind == "text":
-                yield sse(dumps({"content": item[1]}))
+                yield sse(seed_dumps({"content": item[1]}))
             elif kind == "replace":
-                yield sse(dumps({"content": item[1], "replace": True}))
+                yield sse(seed_dumps({"content": item[1], "replace": True}))
             elif kind == "end":
                 end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
                 if item[2] != "complete":
                     end["status"] = item[2]
-                yield sse(dumps(end))
+                yield sse(seed_dumps(end))
                 yield SSE_DONE
                 return
             else:
-                yield sse(dumps({"error": {"message": item[2], "status": item[1]}}))
+                yield sse(seed_dumps({"error": {"message": item[2], "status": item[1]}}))
                 yield SSE_DONE
                 return
             item = await queue.get()

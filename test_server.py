@@ -1308,3 +1308,14 @@ def test_bench_quick_runs_and_prints_its_table():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) >= 10
     assert "stored whole" in result.stdout and " 0/" not in result.stdout
+
+
+def test_stream_lines_look_as_api_md_shows_them(api):
+    conversation_id = new_conversation(api, model="Replace")
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "x", "stream": True}, headers=KEY) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[0] == 'data: {"content": "draft "}'
+    assert lines[2] == 'data: {"content": "final answer", "replace": true}'
+    assert lines[-2].startswith('data: {"content": "", "finish_reason": "stop", "message_id": ')
+    assert lines[-1] == "data: [DONE]"
