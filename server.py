@@ -652,8 +652,8 @@ async def delete_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     db = request.app.state.db
     get_conversation(db, conversation_id)
-    reply = request.app.state.replies.get(conversation_id)
-    if reply is not None:
+    # A reply in progress is stopped first (another may start while we wait for it to end).
+    while (reply := request.app.state.replies.get(conversation_id)) is not None:
         await stop_reply(reply)
     with transaction(db):
         db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))

@@ -1319,3 +1319,16 @@ def test_stream_lines_look_as_api_md_shows_them(api):
     assert lines[2] == 'data: {"content": "final answer", "replace": true}'
     assert lines[-2].startswith('data: {"content": "", "finish_reason": "stop", "message_id": ')
     assert lines[-1] == "data: [DONE]"
+
+
+def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "200 0.05", "stream": True}, headers=KEY) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert stored_messages(db, conversation_id) == []
+    assert api.get("/health").json()["replies_in_progress"] == 0
