@@ -55,8 +55,8 @@ DEFAULTS: dict[str, str | None] = {
     "CORS_ORIGINS": None,
 }
 
-# While a reply streams, its new text is written at most this often (plus once at the start and
-# once at the end), whatever the chunk rate.
+# While a reply streams, its new text is written this long after it arrives, in one write for all
+# that came meanwhile (plus once at the start and once at the end), whatever the chunk rate.
 FLUSH_SECONDS = 0.5
 
 # Poe bot names are letters, digits, '.', '-' and '_'; the name becomes part of the URL.
@@ -418,6 +418,7 @@ class Reply:
     chunks: list[str] = field(default_factory=list)
     saved_chunks: int = 0  # chunks[:saved_chunks] are in the database
     rewrite: bool = False  # replace_response: the stored text must be rewritten whole
+    flush: asyncio.TimerHandle | None = None  # the next write of unsaved text, when scheduled
     message_id: int | None = None
     status: str = "streaming"
     error: tuple[int, str] | None = None
@@ -451,7 +452,12 @@ async def run_reply(app: Starlette, reply: Reply, model: str,
                     poe_messages: list[fp.ProtocolMessage], api_key: str, params: dict) -> None:
     db = app.state.db
     loop = asyncio.get_running_loop()
-    next_flush = 0.0
+
+    def flush() -> None:
+        # Runs between two chunks (the task is waiting for Poe), never inside a write.
+        reply.flush = None
+        save_reply_text(db, reply, "streaming")
+
     try:
         async with contextlib.aclosing(relay_poe(app, model, poe_messages, api_key,
                                                  **params)) as events:
@@ -465,10 +471,10 @@ async def run_reply(app: Starlette, reply: Reply, model: str,
                 if reply.conversation_id is not None:
                     if reply.message_id is None:
                         save_reply_start(db, reply)
-                        next_flush = loop.time() + FLUSH_SECONDS
-                    elif loop.time() >= next_flush:
-                        save_reply_text(db, reply, "streaming")
-                        next_flush = loop.time() + FLUSH_SECONDS
+                    elif reply.flush is None:
+                        # Text that arrives is written within FLUSH_SECONDS, even if Poe then
+                        # pauses; at most one write per FLUSH_SECONDS, whatever the chunk rate.
+                        reply.flush = loop.call_later(FLUSH_SECONDS, flush)
                 notify(reply, (kind, text))
         end_reply(db, reply, "complete")
     except PoeFailure as exc:
@@ -522,6 +528,9 @@ def end_reply(db: sqlite3.Connection, reply: Reply, status: str) -> None:
     """Writes the reply's end and tells the listener. A reply that failed before any text
     leaves no trace: the user message is not kept."""
     reply.status = status
+    if reply.flush is not None:
+        reply.flush.cancel()
+        reply.flush = None
     if reply.error is not None and reply.message_id is not None:
         # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
         reply.error = (504 if reply.error[0] == 504 else 502, reply.error[1])

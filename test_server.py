@@ -1332,3 +1332,17 @@ def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
     assert rest[-1] == "data: [DONE]"
     assert stored_messages(db, conversation_id) == []
     assert api.get("/health").json()["replies_in_progress"] == 0
+
+
+def test_text_before_a_pause_is_saved_during_the_pause(api, db):
+    conversation_id = new_conversation(api, model="Stall")  # 'begin ', 0.2 s, 'more ', 3 s
+    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                    json={"content": "x", "stream": True}, headers=KEY) as response:
+        lines = response.iter_lines()
+        events = (line for line in lines if line.startswith("data: {"))
+        received = [json.loads(next(events)[6:])["content"] for _ in range(2)]
+        assert received == ["begin ", "more "]
+        time.sleep(server.FLUSH_SECONDS + 0.3)  # Poe is silent now
+        assert stored_messages(db, conversation_id)[-1]["content"] == "begin more "
+        assert stored_messages(db, conversation_id)[-1]["status"] == "streaming"
+        api.post(f"/v1/chat/conversations/{conversation_id}/stop")
