@@ -383,7 +383,7 @@ def main() -> None:
         run = asyncio.run
     with tempfile.TemporaryDirectory() as workdir:
         rows = run(bench(args.quick, workdir))
-    print(f"| measurement | figures | service vs direct |")
+    print("| measurement | figures | service vs direct |")
     print("| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
