@@ -720,29 +720,35 @@ async def post_message(request: Request) -> Any:
     return EventStream(conversation_events(reply, first), sep="\n")
 
 
-async def conversation_events(reply: Reply, item: tuple) -> AsyncIterator[bytes]:
+async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
+    """The reply's events for the response that started it, from `item` (already taken from
+    the queue) to its end or error, inclusive."""
     queue = reply.listener
     try:
         while True:
-            kind = item[0]
-            if kind == "text":
-                yield sse(seed_dumps({"content": item[1]}))
-            elif kind == "replace":
-                yield sse(seed_dumps({"content": item[1], "replace": True}))
-            elif kind == "end":
-                end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
-                if item[2] != "complete":
-                    end["status"] = item[2]
-                yield sse(seed_dumps(end))
-                yield SSE_DONE
-                return
-            else:
-                yield sse(seed_dumps({"error": {"message": item[2], "status": item[1]}}))
-                yield SSE_DONE
+            yield item
+            if item[0] in ("end", "error"):
                 return
             item = await queue.get()
     finally:
         reply.listener = None
+
+
+async def conversation_events(reply: Reply, first: tuple) -> AsyncIterator[bytes]:
+    async for item in listen(reply, first):
+        kind = item[0]
+        if kind == "text":
+            yield sse(seed_dumps({"content": item[1]}))
+        elif kind == "replace":
+            yield sse(seed_dumps({"content": item[1], "replace": True}))
+        elif kind == "end":
+            end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
+            if item[2] != "complete":
+                end["status"] = item[2]
+            yield sse(seed_dumps(end))
+        else:
+            yield sse(seed_dumps({"error": {"message": item[2], "status": item[1]}}))
+    yield SSE_DONE
 
 
 async def stop_conversation(request: Request) -> JSONResponse:
@@ -1007,6 +1013,12 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
 
+def usage(prompt_tokens: int, reply_text: str) -> dict:
+    completion_tokens = estimate_tokens(reply_text)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 async def chat_completions(request: Request) -> Any:
     api_key = poe_key(request)
     data = await read_json(request)
@@ -1028,21 +1040,19 @@ async def chat_completions(request: Request) -> Any:
         if reply.error is not None:
             raise HTTPException(*reply.error)
         text = reply.text
-        completion_tokens = estimate_tokens(text)
         return JSONResponse({
             **completion, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}})
+            "usage": usage(prompt_tokens, text)})
     first = await reply.listener.get()
     if first[0] == "error":
         raise HTTPException(first[1], first[2])
-    usage = prompt_tokens if include_usage else None
-    return EventStream(completion_chunks(reply, first, completion, usage), sep="\n")
+    return EventStream(completion_chunks(reply, first, completion,
+                                         prompt_tokens if include_usage else None), sep="\n")
 
 
-async def completion_chunks(reply: Reply, item: tuple, completion: dict,
+async def completion_chunks(reply: Reply, first: tuple, completion: dict,
                             prompt_tokens: int | None) -> AsyncIterator[bytes]:
     head = dumps({**completion, "object": "chat.completion.chunk"})[:-1]
 
@@ -1050,10 +1060,9 @@ async def completion_chunks(reply: Reply, item: tuple, completion: dict,
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
-    queue = reply.listener
     try:
         yield chunk({"role": "assistant", "content": ""})
-        while True:
+        async for item in listen(reply, first):
             kind = item[0]
             if kind == "text":
                 yield chunk({"content": item[1]})
@@ -1063,20 +1072,12 @@ async def completion_chunks(reply: Reply, item: tuple, completion: dict,
             elif kind == "end":
                 yield chunk({}, "stop")
                 if prompt_tokens is not None:
-                    completion_tokens = estimate_tokens(reply.text)
-                    usage = {"prompt_tokens": prompt_tokens,
-                             "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens}
-                    yield sse(f'{head},"choices":[],"usage":{dumps(usage)}}}')
-                yield SSE_DONE
-                return
+                    yield sse(f'{head},"choices":[],'
+                              f'"usage":{dumps(usage(prompt_tokens, reply.text))}}}')
             else:
                 yield sse(dumps(openai_error(item[1], item[2])))
-                yield SSE_DONE
-                return
-            item = await queue.get()
+        yield SSE_DONE
     finally:
-        reply.listener = None
         if reply.task is not None and not reply.task.done():
             reply.task.cancel()  # stateless: nobody is left to read the rest
 

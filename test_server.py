@@ -221,6 +221,12 @@ def say(api, conversation_id, content, **body):
                     json={"content": content, **body}, headers=KEY)
 
 
+def stream_turn(api, conversation_id, content):
+    """A streamed turn, as a context manager around the open response."""
+    return api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
+                      json={"content": content, "stream": True}, headers=KEY)
+
+
 def sse_data(response) -> list:
     """The data of each event, JSON-decoded except [DONE]."""
     events = []
@@ -467,8 +473,7 @@ def test_post_message_rejects_bad_bodies_and_calls_no_one(api, db, body):
 
 def test_stream_relays_chunks_then_finish_then_done(api, db):
     conversation_id = new_conversation(api, model="Echo", system_prompt="sys")
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "stream me", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "stream me") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_data(response)
@@ -492,8 +497,7 @@ def test_stream_is_relayed_as_it_arrives_and_saved_in_batches(api, db):
         BEGIN INSERT INTO test_writes VALUES (new.id); END;""")
     arrivals, seen_while_streaming = [], []
     started = time.monotonic()
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "40 0.05", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "40 0.05") as response:
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -522,8 +526,7 @@ def test_stream_is_relayed_as_it_arrives_and_saved_in_batches(api, db):
 def test_replace_response_replaces_the_text(api, db):
     conversation_id = new_conversation(api, model="Replace")
     assert say(api, conversation_id, "x").json()["reply"] == "final answer and more"
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "y", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "y") as response:
         events = sse_data(response)
     assert events[:4] == [{"content": "draft "}, {"content": "words"},
                           {"content": "final answer", "replace": True}, {"content": " and more"}]
@@ -628,8 +631,7 @@ def test_failure_part_way_keeps_text_interrupted(api, db):
     assert response.status_code == 502
     assert [(m["role"], m["content"], m["status"]) for m in stored_messages(db, conversation_id)] \
         == [("user", "go", "complete"), ("assistant", "half an answer", "interrupted")]
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "again", "stream": True}, headers=KEY) as streamed:
+    with stream_turn(api, conversation_id, "again") as streamed:
         assert streamed.status_code == 200
         events = sse_data(streamed)
     assert events[0] == {"content": "half an "}
@@ -644,8 +646,7 @@ def test_failure_part_way_keeps_text_interrupted(api, db):
 
 def test_stop_ends_the_reply_and_keeps_its_text(api, db):
     conversation_id = new_conversation(api, model="Slow")
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "200 0.05", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         second = say(api, conversation_id, "meanwhile")
@@ -995,8 +996,7 @@ def wait_for(condition, seconds=10.0, step=0.02):
 def test_stream_survives_client_disconnect(api, db):
     conversation_id = new_conversation(api, model="Slow")
     calls = CALLS["Slow"]
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "30 0.03", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "30 0.03") as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
     # The client has hung up after one chunk; the reply goes on to its end and is saved whole.
@@ -1059,8 +1059,7 @@ def read_then_signal(tmp_path, poe_url, sig):
     with httpx.Client(base_url=first.url, timeout=30) as api:
         conversation_id = new_conversation(api, model="Slow")
         received = ""
-        with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                        json={"content": "400 0.02", "stream": True}, headers=KEY) as response:
+        with stream_turn(api, conversation_id, "400 0.02") as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
                     received += json.loads(line[6:])["content"]
@@ -1312,8 +1311,7 @@ def test_bench_quick_runs_and_prints_its_table():
 
 def test_stream_lines_look_as_api_md_shows_them(api):
     conversation_id = new_conversation(api, model="Replace")
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "x", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "x") as response:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[0] == 'data: {"content": "draft "}'
     assert lines[2] == 'data: {"content": "final answer", "replace": true}'
@@ -1323,8 +1321,7 @@ def test_stream_lines_look_as_api_md_shows_them(api):
 
 def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
     conversation_id = new_conversation(api, model="Slow")
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "200 0.05", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
         assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
@@ -1336,8 +1333,7 @@ def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
 
 def test_text_before_a_pause_is_saved_during_the_pause(api, db):
     conversation_id = new_conversation(api, model="Stall")  # 'begin ', 0.2 s, 'more ', 3 s
-    with api.stream("POST", f"/v1/chat/conversations/{conversation_id}/messages",
-                    json={"content": "x", "stream": True}, headers=KEY) as response:
+    with stream_turn(api, conversation_id, "x") as response:
         lines = response.iter_lines()
         events = (line for line in lines if line.startswith("data: {"))
         received = [json.loads(next(events)[6:])["content"] for _ in range(2)]
