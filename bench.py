@@ -157,7 +157,7 @@ async def service_reply(client: httpx.AsyncClient, conversation_id: str, content
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise SystemExit(f"stream failed: {event}")
-                if event["content"]:
+                if event.get("content"):
                     if on_chunk is not None:
                         on_chunk(event["content"])
                     parts.append(event["content"])

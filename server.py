@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import contextvars
 import gc
+import hmac
 import json
 import logging
 import math
+import mimetypes
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
@@ -31,8 +37,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.routing import Match, Route
 
 log = logging.getLogger("poe_proxy")
 
@@ -48,11 +55,18 @@ DEFAULTS: dict[str, str | None] = {
     "PORT": "8000",
     "DB_PATH": "chat.db",
     "POE_API_KEY": None,
+    "ACCESS_KEYS": None,
     "POE_BASE_URL": "https://api.poe.com/bot/",
+    "POE_UPLOAD_URL": "https://www.quora.com/poe_api/",
+    "POE_MODELS_URL": "https://api.poe.com/v1/models",
     "DEFAULT_MODEL": "GPT-4o",
     "POE_TIMEOUT": "120",
-    "MAX_BODY_BYTES": "4194304",
+    "MAX_BODY_BYTES": "33554432",
+    "MAX_CONTEXT_CHARS": "400000",
+    "CONTINUE_PROMPTS": "continue,继续,go on",
     "CORS_ORIGINS": None,
+    "ALLOWED_HOSTS": None,
+    "DB_TIMEOUT": "5",
 }
 
 # While a reply streams, its new text is written this long after it arrives, in one write for all
@@ -62,13 +76,18 @@ FLUSH_SECONDS = 0.5
 # Poe bot names are letters, digits, '.', '-' and '_'; the name becomes part of the URL.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# CORS by default: pages served from this machine (the original's web, H5 and Dev-Docs clients
+# run on Vite dev servers such as http://localhost:5173), any port.
+LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+
 
 def read_dotenv(path: str = ".env") -> dict[str, str]:
     values: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return values
     for line in lines:
         line = line.strip()
@@ -80,6 +99,12 @@ def read_dotenv(path: str = ".env") -> dict[str, str]:
             value = value[1:-1]
         values[name.strip()] = value
     return values
+
+
+def split_list(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
 def load_settings(**overrides: Any) -> dict[str, Any]:
@@ -106,64 +131,284 @@ def load_settings(**overrides: Any) -> dict[str, Any]:
             raise SystemExit(f"{name} must be at least {minimum}, got {value}")
         return value
 
-    base_url = str(raw["POE_BASE_URL"])
-    origins = raw["CORS_ORIGINS"]
-    if isinstance(origins, str):
-        origins = [o.strip() for o in origins.split(",") if o.strip()]
+    def base(name: str) -> str:
+        url = str(raw[name])
+        return url if url.endswith("/") else url + "/"
+
+    host = str(raw["HOST"])
+    allowed_hosts = split_list(raw["ALLOWED_HOSTS"])
+    if not allowed_hosts:
+        allowed_hosts = (["localhost", "127.0.0.1", "[::1]"] if host in LOOPBACK_HOSTS
+                         else ["*"])
     return {
-        "host": str(raw["HOST"]),
+        "host": host,
         "port": number("PORT", int, 0),
         "db_path": str(raw["DB_PATH"]),
         "poe_api_key": raw["POE_API_KEY"] or None,
-        "poe_base_url": base_url if base_url.endswith("/") else base_url + "/",
+        "access_keys": split_list(raw["ACCESS_KEYS"]),
+        "poe_base_url": base("POE_BASE_URL"),
+        "poe_upload_url": base("POE_UPLOAD_URL"),
+        "poe_models_url": str(raw["POE_MODELS_URL"]),
         "default_model": str(raw["DEFAULT_MODEL"]),
         "poe_timeout": number("POE_TIMEOUT", float, 0.001),
         "max_body_bytes": number("MAX_BODY_BYTES", int, 1),
-        "cors_origins": list(origins or []),
+        "max_context_chars": number("MAX_CONTEXT_CHARS", int, 1),
+        "continue_prompts": [p.casefold() for p in split_list(raw["CONTINUE_PROMPTS"])],
+        "cors_origins": split_list(raw["CORS_ORIGINS"]),
+        "allowed_hosts": allowed_hosts,
+        "db_timeout": number("DB_TIMEOUT", float, 0.001),
     }
 
 
 # ---------------------------------------------------------------------------------------------
-# Database: one connection, used from the event loop only, so statements never interleave and
-# every transaction is short and synchronous (no await inside one).
+# Database: the event loop never calls SQLite. Writes run one at a time on a writer thread (as
+# SQLite runs them anyway), reads on a few reader threads; each thread has its own connection
+# whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another program
+# holds, before a 503. So a locked file, a slow disk or a long history stalls no other client.
 # ---------------------------------------------------------------------------------------------
 
 NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
 
 
-def open_db(db_path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+class DatabaseUnusable(Exception):
+    """The database file cannot be served: one line says why (main prints it and exits)."""
+
+
+def connect(db_path: str, timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
+                         timeout=timeout)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA journal_mode = WAL")
     # In WAL mode NORMAL loses nothing on a process crash (kill -9), only on power loss.
     db.execute("PRAGMA synchronous = NORMAL")
-    db.execute("PRAGMA busy_timeout = 5000")
-    with open(SCHEMA_PATH, encoding="utf-8") as f:
-        db.executescript(f.read())
-    # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
-    db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+    # A checkpointed WAL is cut back to this size, so it does not keep its largest size forever.
+    db.execute("PRAGMA journal_size_limit = 67108864")
     return db
 
 
-@contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def fetch_one(db: sqlite3.Connection, sql: str, params: tuple = ()) -> dict | None:
+def fetch_one(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> dict | None:
     row = db.execute(sql, params).fetchone()
     return dict(row) if row is not None else None
 
 
-def fetch_all(db: sqlite3.Connection, sql: str, params: tuple = ()) -> list[dict]:
+def fetch_all(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> list[dict]:
     return [dict(row) for row in db.execute(sql, params)]
+
+
+def database_failure(exc: sqlite3.Error) -> HTTPException:
+    """What a caller hears when SQLite refuses: 503, the database's fault, never theirs."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in (SQLITE_BUSY, SQLITE_LOCKED):
+        detail = "the database is locked by another program; try again"
+    elif code == SQLITE_FULL:
+        detail = "the database cannot be written: the disk is full"
+    else:
+        detail = f"the database failed ({getattr(exc, 'sqlite_errorname', 'error')})"
+    return HTTPException(503, detail, headers={"Retry-After": "1"})
+
+
+class Database:
+    """The SQLite file behind the service, reached only through worker threads.
+
+    `await db.read(fn, *args)` runs fn(connection, *args) on a reader thread; `await
+    db.write(fn, *args)` runs it on the writer thread inside one BEGIN IMMEDIATE transaction,
+    rolled back if fn raises. A refusal by SQLite (locked past DB_TIMEOUT, disk full...) becomes
+    a 503 HTTPException; fn's own HTTPExceptions pass through.
+    """
+
+    def __init__(self, db_path: str, timeout: float, readers: int = 3):
+        self.path, self.timeout = db_path, timeout
+        self.local = threading.local()
+        self.connections: list[sqlite3.Connection] = []
+        self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
+        self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
+
+    def _open(self) -> None:
+        self.local.db = connect(self.path, self.timeout)
+        self.connections.append(self.local.db)
+
+    def _read(self, fn: Callable, args: tuple) -> Any:
+        try:
+            return fn(self.local.db, *args)
+        except sqlite3.Error as exc:
+            raise database_failure(exc) from None
+
+    def _write(self, fn: Callable, args: tuple) -> Any:
+        db = self.local.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db, *args)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise database_failure(exc) from None
+        return result
+
+    async def read(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.readers, self._read, fn,
+                                                                args)
+
+    def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Queues a write; the returned future may be left unawaited (a reply's text)."""
+        return asyncio.get_running_loop().run_in_executor(self.writer, self._write, fn, args)
+
+    async def write(self, fn: Callable, *args: Any) -> Any:
+        return await self.submit_write(fn, *args)
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
+        for db in self.connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
+
+# The schema's version, kept in PRAGMA user_version. Version 1 is the first release's schema
+# (user_version was not yet set: 0 with tables means 1). A step upgrades a database from the
+# version before it; all pending steps and schema.sql run in one transaction at start.
+SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+def migration(version: int) -> Callable:
+    def register(step: Callable) -> Callable:
+        MIGRATIONS[version] = step
+        return step
+    return register
+
+
+def schema_statements() -> list[str]:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    statements, current = [], ""
+    for line in lines:
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip() and not all(
+                    part.strip().startswith("--") or not part.strip()
+                    for part in current.splitlines()):
+                statements.append(current.strip())
+            current = ""
+    return statements
+
+
+def table_sql(table: str) -> str:
+    """The CREATE TABLE statement of `table` in schema.sql."""
+    pattern = re.compile(rf"CREATE TABLE IF NOT EXISTS {table} \(")
+    return next(s for s in schema_statements() if pattern.match(s))
+
+
+def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
+    """Gives an existing table schema.sql's definition (SQLite's 12-step way: new table, copy,
+    drop, rename), keeping every row; `fill` gives SQL for new columns from old ones."""
+    old_columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+    db.execute(table_sql(table).replace(f"IF NOT EXISTS {table} (", f"{table}_new (", 1))
+    new_columns = [row[1] for row in db.execute(f"PRAGMA table_info({table}_new)")]
+    fill = fill or {}
+    copied = [c for c in new_columns if c in old_columns or c in fill]
+    sources = [c if c in old_columns else fill[c] for c in copied]
+    db.execute(f"INSERT INTO {table}_new ({', '.join(copied)}) "
+               f"SELECT {', '.join(sources)} FROM {table}")
+    db.execute(f"DROP TABLE {table}")
+    db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
+
+
+@migration(2)
+def m002_clients_tools_search(db: sqlite3.Connection) -> None:
+    """Conversations: assistance_role, status, metadata. Messages: updated_at, attachments,
+    tool calls, the 'tool' role. Projects: git_work_dir, ai_work_dir. Categories: summary_model.
+    New tables (tags, references, responses, search) come from schema.sql."""
+    rebuild_table(db, "conversations")
+    rebuild_table(db, "messages", fill={"updated_at": "created_at"})
+    db.execute("ALTER TABLE projects ADD COLUMN git_work_dir TEXT")
+    db.execute("ALTER TABLE projects ADD COLUMN ai_work_dir TEXT")
+    db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
+
+
+def expected_columns() -> dict[str, set[str]]:
+    """Each table's columns as schema.sql defines them."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        for statement in schema_statements():
+            scratch.execute(statement)
+        tables = [row[0] for row in scratch.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND sql NOT LIKE 'CREATE VIRTUAL%'"
+            " AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '%_fts%'")]
+        return {t: {row[1] for row in scratch.execute(f"PRAGMA table_info({t})")}
+                for t in tables}
+    finally:
+        scratch.close()
+
+
+def check_columns(db: sqlite3.Connection) -> None:
+    for table, columns in expected_columns().items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        missing = sorted(columns - have)
+        if missing:
+            raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
+
+
+def prepare_database(db_path: str) -> None:
+    """Makes a new database, or upgrades one from an earlier release in place, in one
+    transaction; a file that cannot be used (not SQLite, corrupt, read-only, from a newer
+    release, a column missing) raises DatabaseUnusable and is left exactly as it was."""
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=rwc", uri=True, isolation_level=None,
+                             timeout=30)
+    except sqlite3.Error as exc:
+        raise DatabaseUnusable(f"cannot open {db_path}: {exc}") from None
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version == 0 and "messages" in tables:
+            version = 1  # the first release did not number its schema
+        if version > SCHEMA_VERSION:
+            raise DatabaseUnusable(
+                f"{db_path} was made by a newer release (schema {version}; this one knows up "
+                f"to {SCHEMA_VERSION}): use that release")
+        if version == SCHEMA_VERSION:
+            check_columns(db)
+        else:
+            # Steps rebuild tables, so foreign keys stay off until the data is whole again.
+            db.execute("PRAGMA foreign_keys = OFF")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if version > 0:
+                    for step in range(version + 1, SCHEMA_VERSION + 1):
+                        MIGRATIONS[step](db)
+                for statement in schema_statements():
+                    db.execute(statement)
+                if version > 0:
+                    db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+                    db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
+                check_columns(db)
+                broken = db.execute("PRAGMA foreign_key_check").fetchone()
+                if broken is not None:
+                    raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is "
+                                           "gone; the upgrade would lose them")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        db.execute("PRAGMA journal_mode = WAL")
+        # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
+        db.execute(f"UPDATE messages SET status = 'interrupted', updated_at = {NOW_SQL} "
+                   "WHERE status = 'streaming'")
+    except sqlite3.Error as exc:
+        reason = str(exc)
+        if "readonly" in reason or "read-only" in reason:
+            reason = "the file is read-only"
+        raise DatabaseUnusable(f"cannot use {db_path}: {reason}") from None
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,23 +419,36 @@ MISSING = object()
 INT64 = 2**63
 
 
+# The longest a request body may pause between two pieces before the request is dropped (408).
+BODY_STALL_SECONDS = 15.0
+
+
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object; 413 past MAX_BODY_BYTES without reading the rest."""
+    """The body as a JSON object; 413 past MAX_BODY_BYTES without reading the rest, 408 when it
+    stalls. A large body is parsed off the event loop."""
     limit = request.app.state.settings["max_body_bytes"]
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
     if length is not None and is_number(length.strip()) and int(length) > limit:
         raise too_large
     body = bytearray()
+    chunks = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            async with asyncio.timeout(BODY_STALL_SECONDS):
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                break
             body += chunk
             if len(body) > limit:
                 raise too_large
     except ClientDisconnect:
         raise HTTPException(400, "the request body did not arrive whole") from None
+    except TimeoutError:
+        raise HTTPException(408, "the request body stalled") from None
     try:
-        data = json.loads(body)
+        data = json.loads(body) if len(body) < 2**20 else await asyncio.to_thread(json.loads,
+                                                                                  body)
     except (ValueError, RecursionError):
         raise HTTPException(400, "request body must be valid JSON") from None
     if not isinstance(data, dict):
@@ -240,11 +498,17 @@ def bool_field(data: dict, name: str, default: bool) -> bool:
     return value
 
 
-def model_field(data: dict, name: str = "model") -> Any:
+def model_field(data: dict, name: str = "model", empty_ok: bool = False) -> Any:
     value = text_field(data, name)
-    if isinstance(value, str) and not MODEL_NAME.fullmatch(value):
+    if isinstance(value, str) and not MODEL_NAME.fullmatch(value) and (value or not empty_ok):
         raise HTTPException(400, f"{name} must be a Poe bot name (letters, digits, '.', '-', '_')")
     return value
+
+
+def optional_model(data: dict) -> str | None:
+    """A model named for one request, or None ('' names none)."""
+    model = model_field(data, empty_ok=True)
+    return model if isinstance(model, str) and model else None
 
 
 def is_number(raw: str) -> bool:
@@ -260,20 +524,36 @@ def path_id(request: Request, name: str, not_found: str) -> int:
     return int(raw)
 
 
-def poe_key(request: Request) -> str:
-    """The caller's Bearer key, else the server's POE_API_KEY, else 401. Never stored."""
+def query_int(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not is_number(raw):
+        raise HTTPException(400, f"{name} must be a positive integer")
+    return int(raw)
+
+
+def bearer(request: Request) -> str | None:
     header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise HTTPException(401, "Authorization must be 'Bearer <poe api key>'")
-        return key
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
+def poe_key(request: Request) -> str:
+    """The server's POE_API_KEY when set (a caller's token never reaches Poe then), else the
+    caller's Bearer token, else 401. Never stored, logged or echoed."""
     key = request.app.state.settings["poe_api_key"]
-    if not key:
+    if key:
+        return key
+    token = bearer(request)
+    if token == "":
+        raise HTTPException(401, "Authorization must be 'Bearer <poe api key>'")
+    if token is None:
         raise HTTPException(401, "no Poe API key: send 'Authorization: Bearer <poe api key>' "
                                  "or set POE_API_KEY on the server")
-    return key
+    return token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,21 +562,33 @@ def poe_key(request: Request) -> str:
 # ---------------------------------------------------------------------------------------------
 
 class PoeFailure(Exception):
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
         super().__init__(detail)
-        self.status = status
-        self.detail = detail
+        self.status, self.detail, self.headers = status, detail, headers
 
 
-# The HTTP status of Poe's answer, which fastapi_poe hides behind "Error communicating with bot".
-# The shared client's response hook writes it into the box of the task making the call.
-poe_http_status: contextvars.ContextVar[dict] = contextvars.ContextVar("poe_http_status")
+# What happened on the wire of the Poe call the current task makes, which fastapi_poe hides:
+# the HTTP status of Poe's answer (kept by the shared client's response hook) and whether the
+# stream ended without its 'done' (reported only through on_error).
+poe_call: contextvars.ContextVar[dict] = contextvars.ContextVar("poe_call")
 
 
 async def remember_poe_status(response: httpx.Response) -> None:
-    box = poe_http_status.get(None)
-    if box is not None and response.status_code >= 400 and "status" not in box:
+    box = poe_call.get(None)
+    if box is None or "answered" in box:
+        return  # only the query's own answer: fastapi_poe's error reports come after it
+    box["answered"] = True
+    if response.status_code >= 400:
         box["status"] = response.status_code
+        box["retry_after"] = response.headers.get("retry-after")
+
+
+def on_poe_error(exc: Exception, message: str) -> None:
+    box = poe_call.get(None)
+    if box is not None and "without sending 'done'" in str(exc):
+        box["no_done"] = True
+    # fastapi_poe's default handler prints; messages here never carry the key.
+    log.warning("Poe: %s", str(exc)[:200])
 
 
 ERROR_TYPE_STATUS = {
@@ -305,24 +597,25 @@ ERROR_TYPE_STATUS = {
     "privacy_authorization_error": (403, "Poe refused the request for privacy authorization"),
     "user_message_too_long": (413, "Poe says the message is too long"),
 }
+HTTP_STATUS_FAILURE = {
+    401: (401, "Poe rejected the API key"),
+    402: (402, "Poe says the account is out of compute points"),
+    413: (413, "Poe says the message is too long"),
+    429: (429, "Poe is rate-limiting requests; try again later"),
+}
 
 
 def poe_failure(exc: BaseException, model: str, box: dict) -> PoeFailure:
     status = box.get("status")
     if status is not None:
-        if status == 401:
-            return PoeFailure(401, "Poe rejected the API key")
-        if status == 402:
-            return PoeFailure(402, "Poe says the account is out of compute points")
         if status == 404:
             return PoeFailure(404, f"Poe does not know the model {model!r}")
-        if status == 413:
-            return PoeFailure(413, "Poe says the message is too long")
-        if status == 429:
-            return PoeFailure(429, "Poe is rate-limiting requests; try again later")
         if status in (400, 422):
             return PoeFailure(400, f"Poe refused the request (HTTP {status})")
-        return PoeFailure(502, f"Poe answered with HTTP {status}")
+        code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
+        retry_after = box.get("retry_after")
+        headers = {"Retry-After": retry_after} if code == 429 and retry_after else None
+        return PoeFailure(code, detail, headers)
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if isinstance(cause, httpx.TimeoutException):
         return PoeFailure(504, "Poe did not answer in time")
@@ -338,26 +631,48 @@ def poe_failure(exc: BaseException, model: str, box: dict) -> PoeFailure:
             text = event.get("text") if isinstance(event.get("text"), str) else ""
             status, message = ERROR_TYPE_STATUS.get(event.get("error_type"),
                                                     (502, "Poe answered with an error"))
-            return PoeFailure(status, f"{message}: {text}" if text else message)
+            return PoeFailure(status, f"{message}: {clean_text(text)}" if text else message)
     return PoeFailure(502, "Poe answered with an error")
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text that SQLite and a socket can take: NUL removed, lone surrogates (half an emoji from
+    a broken encoder) replaced by U+FFFD."""
+    if text.isascii():
+        return text.replace("\x00", "") if "\x00" in text else text
+    return SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+
+
 class PoeQuery(fp.QueryRequest):
-    """fastapi_poe puts repr(request) into every message it yields (full_prompt, which we never
-    read): pydantic's repr walks the whole history, milliseconds per chunk on a long chat."""
+    """A query built off the event loop: fastapi_poe calls model_dump() to send it and puts
+    repr() into every message it yields; both walk the whole history (milliseconds to tens of
+    milliseconds on a long chat), so both are computed once, by prepare_query()."""
 
     def __repr__(self) -> str:
         return f"PoeQuery({len(self.query)} messages)"
 
+    def model_dump(self, **kwargs: Any) -> dict:
+        payload = self.__pydantic_private__ and self.__pydantic_private__.get("payload")
+        return payload if payload is not None and not kwargs else super().model_dump(**kwargs)
 
-def log_poe_error(exc: Exception, message: str) -> None:
-    # fastapi_poe's default handler prints; messages here never carry the key.
-    log.warning("%s: %s", message, type(exc).__name__)
+
+def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
+    """Runs on a worker thread: the pydantic work of a long history stays off the loop."""
+    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
+                     user_id=params.pop("user_id", ""), conversation_id="", message_id="",
+                     **params)
+    payload = fp.QueryRequest.model_dump(query)
+    object.__setattr__(query, "__pydantic_private__", {"payload": payload})
+    return query
 
 
-async def relay_poe(app: Starlette, model: str, poe_messages: list[fp.ProtocolMessage],
-                    api_key: str, **params: Any) -> AsyncIterator[tuple[str, str]]:
-    """Yields ("text", chunk) and ("replace", whole_text) from one Poe call.
+async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
+                    tools: list | None = None) -> AsyncIterator[tuple]:
+    """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
+    ("tool_calls", [delta dicts]) from one Poe call.
 
     Must be consumed by a task that does no other await between chunks: the wait for Poe's next
     event is bounded by one deadline on the task, not a task per chunk. Moving that deadline is
@@ -369,59 +684,106 @@ async def relay_poe(app: Starlette, model: str, poe_messages: list[fp.ProtocolMe
     timeout = settings["poe_timeout"]
     slack = min(1.0, timeout / 10)
     box: dict = {}
-    token = poe_http_status.set(box)
-    request = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages, user_id="",
-                       conversation_id="", message_id="", **params)
+    token = poe_call.set(box)
     loop = asyncio.get_running_loop()
     moved = -math.inf  # the first event always moves the deadline
     try:
         async with asyncio.timeout(timeout) as deadline:
             async with contextlib.aclosing(fp.stream_request(
-                    request, model, api_key, session=app.state.poe, num_tries=1,
-                    on_error=log_poe_error, base_url=settings["poe_base_url"])) as events:
+                    query, model, api_key, session=app.state.poe, num_tries=1, tools=tools,
+                    on_error=on_poe_error, base_url=settings["poe_base_url"])) as events:
                 async for event in events:
                     now = loop.time()
                     if now - moved >= slack:
                         deadline.reschedule(now + timeout + slack)
                         moved = now
-                    if (isinstance(event, fp.MetaResponse) or event.is_suggested_reply
-                            or event.attachment is not None or event.data is not None):
+                    if isinstance(event, fp.MetaResponse) or event.is_suggested_reply:
                         continue
-                    text = event.text if "\x00" not in event.text else event.text.replace(
-                        "\x00", "")
-                    yield ("replace" if event.is_replace_response else "text", text)
+                    if event.attachment is not None:
+                        yield ("file", {"url": event.attachment.url,
+                                        "name": clean_text(event.attachment.name or ""),
+                                        "content_type": event.attachment.content_type or "",
+                                        "inline_ref": event.attachment.inline_ref})
+                    elif event.tool_calls:
+                        yield ("tool_calls", [call.model_dump() for call in event.tool_calls])
+                    elif event.data is None and event.text:
+                        yield ("replace" if event.is_replace_response else "text",
+                               clean_text(event.text))
+                    elif event.is_replace_response:
+                        yield ("replace", "")
+        if box.get("no_done"):
+            raise PoeFailure(502, "Poe's answer broke off before its end")
     except TimeoutError:
         raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
     except (fp.BotError, httpx.HTTPError) as exc:
         raise poe_failure(exc, model, box) from None
+    except (KeyError, ValueError, TypeError) as exc:
+        # fastapi_poe lets some malformed events through unwrapped (a tool-call chunk without
+        # finish_reason, a delta without arguments): Poe's answer, not ours.
+        log.warning("Poe: unreadable event: %s", type(exc).__name__)
+        raise PoeFailure(502, "Poe's answer could not be read") from None
     finally:
-        poe_http_status.reset(token)
+        poe_call.reset(token)
 
 
-def to_poe_messages(history: list[tuple[str, str]]) -> list[fp.ProtocolMessage]:
-    return [fp.ProtocolMessage(role="bot" if role == "assistant" else role, content=content)
-            for role, content in history if content]
+def poe_message(role: str, content: str, attachments: list[dict] | None = None
+                ) -> fp.ProtocolMessage:
+    return fp.ProtocolMessage(
+        role="bot" if role == "assistant" else role, content=content,
+        attachments=[fp.Attachment(url=a["url"], name=a.get("name") or "file",
+                                   content_type=a.get("content_type") or
+                                   "application/octet-stream")
+                     for a in attachments or []])
+
+
+def file_markdown(attachment: dict) -> str:
+    """A file a bot sent, as Markdown in the reply text."""
+    name = (attachment.get("name") or "file").replace("]", "")
+    url = attachment["url"].replace(")", "%29").replace(" ", "%20")
+    if attachment.get("content_type", "").startswith("image/"):
+        return f"![{name}]({url})"
+    return f"[{name}]({url})"
 
 
 # ---------------------------------------------------------------------------------------------
 # Replies: each Poe reply is read to its end by a task of its own, so a client that goes away
-# changes nothing; the response that started it only listens. In a conversation, the user
-# message and the reply are written when the first text arrives, the reply's new text at most
-# every FLUSH_SECONDS, and the end once.
+# changes nothing; the response that started it only listens. A stored turn's rows are written
+# before Poe is called (user message, an empty 'streaming' reply), the reply's new text on the
+# writer thread at most every FLUSH_SECONDS, the end once. A write SQLite refuses is retried,
+# the text waiting in memory, until it goes through: the relay never waits for the database.
 # ---------------------------------------------------------------------------------------------
+
+# A listener (one streaming response) that falls this far behind loses its live view; the reply
+# goes on and is stored whole.
+LISTENER_BUFFER_BYTES = 4 * 2**20
+RETRY_SECONDS = 1.0
+
 
 @dataclass(eq=False)
 class Reply:
-    conversation_id: str | None  # None: stateless (the OpenAI route), nothing stored
-    user_message: tuple[str, str] | None
-    listener: asyncio.Queue | None
+    conversation_id: str | None  # None: stateless (OpenAI routes without store), nothing stored
+    message_id: int | None = None  # the stored reply's row
+    inserted_ids: list[int] = field(default_factory=list)  # this turn's input rows
+    replaces: int | None = None  # a reply this one regenerates: deleted once this has text
+    updated_at: str | None = None  # the conversation's, before this turn
+    listener: asyncio.Queue | None = None
+    listener_bytes: int = 0
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     chunks: list[str] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)  # merged OpenAI tool calls
     saved_chunks: int = 0  # chunks[:saved_chunks] are in the database
     rewrite: bool = False  # replace_response: the stored text must be rewritten whole
+    generation: int = 0  # counts replace_responses, so a late write cannot undo one
     flush: asyncio.TimerHandle | None = None  # the next write of unsaved text, when scheduled
-    message_id: int | None = None
+    writing: asyncio.Future | None = None  # the write in flight
     status: str = "streaming"
     error: tuple[int, str] | None = None
+    error_headers: dict | None = None
+    user_message_id: int | None = None
+    stop_error: tuple[int, str] | None = None  # why it was stopped, when a caller must hear it
+    max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
+    cut: bool = False
     task: asyncio.Task | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -429,127 +791,231 @@ class Reply:
     def text(self) -> str:
         return "".join(self.chunks)
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self.saved_chunks or any(self.chunks) or self.files or self.tool_calls)
 
-def start_reply(app: Starlette, *, conversation_id: str | None, user_message: tuple | None,
-                model: str, history: list[tuple[str, str]], api_key: str, listen: bool,
-                **params: Any) -> Reply:
-    reply = Reply(conversation_id, user_message, asyncio.Queue() if listen else None)
-    if conversation_id is not None:
-        app.state.replies[conversation_id] = reply
-    reply.task = asyncio.create_task(
-        run_reply(app, reply, model, to_poe_messages(history), api_key, params))
+
+def start_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, api_key: str,
+                *, listen: bool, tools: list | None = None) -> Reply:
+    if listen:
+        reply.listener = asyncio.Queue()
+    if reply.conversation_id is not None:
+        app.state.replies[reply.conversation_id] = reply
+    app.state.sessions[reply.session_id] = reply
+    reply.task = asyncio.create_task(run_reply(app, reply, model, query, api_key, tools))
     app.state.reply_tasks.add(reply.task)
     reply.task.add_done_callback(app.state.reply_tasks.discard)
     return reply
 
 
 def notify(reply: Reply, item: tuple) -> None:
-    if reply.listener is not None:
-        reply.listener.put_nowait(item)
+    queue = reply.listener
+    if queue is None:
+        return
+    size = len(item[1]) if item[0] in ("text", "replace") else 64
+    if reply.listener_bytes > LISTENER_BUFFER_BYTES and not queue.empty():
+        # A client that does not read: drop what waits for it, tell it when (if) it reads on.
+        reply.listener = asyncio.Queue()
+        reply.listener.put_nowait(("error", 503, "this client fell too far behind the reply; "
+                                   "it goes on and is stored whole"))
+        reply.listener_bytes = 0
+        return
+    reply.listener_bytes += size
+    queue.put_nowait(item)
 
 
-async def run_reply(app: Starlette, reply: Reply, model: str,
-                    poe_messages: list[fp.ProtocolMessage], api_key: str, params: dict) -> None:
-    db = app.state.db
-    loop = asyncio.get_running_loop()
+def add_tool_call_deltas(reply: Reply, deltas: list[dict]) -> None:
+    for delta in deltas:
+        index = delta.get("index") or 0
+        while len(reply.tool_calls) <= index:
+            reply.tool_calls.append({"id": "", "type": "function",
+                                     "function": {"name": "", "arguments": ""}})
+        call = reply.tool_calls[index]
+        call["id"] = delta.get("id") or call["id"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
-    def flush() -> None:
-        # Runs between two chunks (the task is waiting for Poe), never inside a write.
-        reply.flush = None
-        save_reply_text(db, reply, "streaming")
 
+async def run_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, api_key: str,
+                    tools: list | None) -> None:
+    cancelled = False
     try:
-        async with contextlib.aclosing(relay_poe(app, model, poe_messages, api_key,
-                                                 **params)) as events:
-            async for kind, text in events:
+        async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
+            async for kind, value in events:
                 if kind == "replace":
-                    reply.chunks = [text]
-                    reply.saved_chunks = 0
-                    reply.rewrite = True
+                    reply.chunks, reply.saved_chunks = [value], 0
+                    reply.rewrite, reply.generation = True, reply.generation + 1
+                elif kind == "text":
+                    if reply.max_chars is not None:
+                        room = reply.max_chars - sum(map(len, reply.chunks))
+                        if len(value) >= room:
+                            value, reply.cut = value[:max(room, 0)], True
+                    reply.chunks.append(value)
+                elif kind == "file":
+                    reply.files.append(value)
+                    value = file_markdown(value)
+                    reply.chunks.append(value)
+                    kind = "text"
                 else:
-                    reply.chunks.append(text)
-                if reply.conversation_id is not None:
-                    if reply.message_id is None:
-                        save_reply_start(db, reply)
-                    elif reply.flush is None:
-                        # Text that arrives is written within FLUSH_SECONDS, even if Poe then
-                        # pauses; at most one write per FLUSH_SECONDS, whatever the chunk rate.
-                        reply.flush = loop.call_later(FLUSH_SECONDS, flush)
-                notify(reply, (kind, text))
-        end_reply(db, reply, "complete")
+                    add_tool_call_deltas(reply, value)
+                if reply.message_id is not None and reply.flush is None:
+                    # Text that arrives is written within FLUSH_SECONDS, even if Poe then
+                    # pauses; at most one write per FLUSH_SECONDS, whatever the chunk rate.
+                    reply.flush = asyncio.get_running_loop().call_later(
+                        FLUSH_SECONDS, write_reply_text, app, reply)
+                notify(reply, (kind, value))
+                if reply.cut:
+                    break  # max_tokens: the Poe call ends here
+        status = "complete"
     except PoeFailure as exc:
-        reply.error = (exc.status, exc.detail)
-        end_reply(db, reply, "interrupted")
+        reply.error, reply.error_headers = (exc.status, exc.detail), exc.headers
+        status = "interrupted"
     except asyncio.CancelledError:
-        # Stopped, or the conversation deleted, or the server shutting down.
-        end_reply(db, reply, "interrupted")
-        raise
-    except Exception as exc:
-        log.exception("reply to conversation %s failed", reply.conversation_id)
-        # A database that refuses the write is ours to answer for; anything else came out of
-        # reading Poe's answer.
-        reply.error = ((500, "the reply could not be saved") if isinstance(exc, sqlite3.Error)
-                       else (502, "Poe's answer could not be read"))
-        with contextlib.suppress(Exception):
-            end_reply(db, reply, "interrupted")
+        # Stopped, the conversation deleted, or the server shutting down.
+        cancelled, status = True, "interrupted"
+        reply.error = reply.stop_error
+    except Exception:
+        log.exception("reading Poe's answer failed")
+        reply.error, status = (502, "Poe's answer could not be read"), "interrupted"
+    try:
+        await asyncio.shield(end_reply(app, reply, status))
+    except asyncio.CancelledError:
+        cancelled = True
     finally:
         if app.state.replies.get(reply.conversation_id) is reply:
             del app.state.replies[reply.conversation_id]
+        app.state.sessions.pop(reply.session_id, None)
         reply.done.set()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
-def save_reply_start(db: sqlite3.Connection, reply: Reply) -> None:
-    with transaction(db):
-        if reply.user_message is not None:
-            db.execute("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
-                       (reply.conversation_id, *reply.user_message))
-        reply.message_id = db.execute(
-            "INSERT INTO messages (conversation_id, role, content, status) "
-            "VALUES (?, 'assistant', ?, ?)",
-            (reply.conversation_id, reply.text, reply.status)).lastrowid
-        db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-                   (reply.conversation_id,))
-    reply.saved_chunks = len(reply.chunks)
-    reply.rewrite = False
+def write_reply_text(app: Starlette, reply: Reply) -> None:
+    """Writes the text that arrived since the last write; a refused write is tried again."""
+    reply.flush = None
+    if reply.writing is not None or reply.message_id is None or reply.status != "streaming":
+        return
+    count, generation, rewrite = len(reply.chunks), reply.generation, reply.rewrite
+    pieces = reply.chunks[0 if rewrite else reply.saved_chunks:count]
+    reply.writing = app.state.db.submit_write(save_reply_text, reply.message_id, pieces,
+                                              rewrite)
+
+    def written(future: asyncio.Future) -> None:
+        reply.writing = None
+        if future.cancelled() or future.exception() is not None:
+            if reply.status == "streaming":
+                reply.flush = asyncio.get_running_loop().call_later(
+                    RETRY_SECONDS, write_reply_text, app, reply)
+            return
+        if reply.generation == generation:
+            reply.saved_chunks = count
+            reply.rewrite = reply.rewrite and not rewrite
+
+    reply.writing.add_done_callback(written)
 
 
-def save_reply_text(db: sqlite3.Connection, reply: Reply, status: str) -> None:
-    if reply.rewrite:
-        db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?",
-                   (reply.text, status, reply.message_id))
-    else:
-        db.execute("UPDATE messages SET content = content || ?, status = ? WHERE id = ?",
-                   ("".join(reply.chunks[reply.saved_chunks:]), status, reply.message_id))
-    reply.saved_chunks = len(reply.chunks)
-    reply.rewrite = False
+def save_reply_text(db: sqlite3.Connection, message_id: int, pieces: list[str],
+                    rewrite: bool) -> None:
+    text = "".join(pieces)
+    if rewrite:
+        db.execute(f"UPDATE messages SET content = ?, updated_at = {NOW_SQL} WHERE id = ?",
+                   (text, message_id))
+    elif text:
+        db.execute(f"UPDATE messages SET content = content || ?, updated_at = {NOW_SQL} "
+                   "WHERE id = ?", (text, message_id))
 
 
-def end_reply(db: sqlite3.Connection, reply: Reply, status: str) -> None:
-    """Writes the reply's end and tells the listener. A reply that failed before any text
-    leaves no trace: the user message is not kept."""
+def save_reply_end(db: sqlite3.Connection, reply: dict) -> None:
+    """The end of a stored reply. A reply that failed before any output leaves no trace: its
+    turn's rows go (the caller hears the error and may send the turn again)."""
+    if reply["discard"]:
+        db.executemany("DELETE FROM messages WHERE id = ?",
+                       [(i,) for i in [*reply["inserted_ids"], reply["message_id"]]])
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
+                   (reply["updated_at"], reply["conversation_id"]))
+        return
+    text = "".join(reply["pieces"])
+    content_sql = "?" if reply["rewrite"] else "content || ?"
+    db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
+               f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
+               (text, reply["status"], reply["attachments"], reply["tool_calls"],
+                reply["message_id"]))
+    if reply["replaces"] is not None and reply["has_output"]:
+        db.execute("DELETE FROM messages WHERE id = ?", (reply["replaces"],))
+    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+               (reply["conversation_id"],))
+
+
+async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
+    """Stores the reply's end (waiting for the write in flight first), then tells the listener,
+    whatever the database says: a refused write is retried in the background until it goes."""
     reply.status = status
     if reply.flush is not None:
         reply.flush.cancel()
         reply.flush = None
-    if reply.error is not None and reply.message_id is not None:
+    if reply.error is not None and reply.has_output:
         # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
-        reply.error = (504 if reply.error[0] == 504 else 502, reply.error[1])
-    if reply.conversation_id is not None:
-        if reply.message_id is not None:
-            save_reply_text(db, reply, status)
-        elif reply.error is None:
-            save_reply_start(db, reply)
+        reply.error = (reply.error[0] if reply.error[0] in (503, 504) else 502, reply.error[1])
+    if reply.message_id is not None:
+        while reply.writing is not None:
+            with contextlib.suppress(Exception):
+                await reply.writing
+        end = {"conversation_id": reply.conversation_id, "message_id": reply.message_id,
+               "updated_at": reply.updated_at,
+               "inserted_ids": reply.inserted_ids, "replaces": reply.replaces,
+               "status": status, "rewrite": reply.rewrite,
+               "pieces": reply.chunks[0 if reply.rewrite else reply.saved_chunks:],
+               "attachments": json.dumps(reply.files) if reply.files else None,
+               "tool_calls": json.dumps(reply.tool_calls) if reply.tool_calls else None,
+               "has_output": reply.has_output,
+               "discard": reply.error is not None and not reply.has_output}
+        try:
+            await app.state.db.write(save_reply_end, end)
+        except HTTPException as exc:
+            log.warning("the end of reply %s waits to be stored: %s", reply.message_id,
+                        exc.detail)
+            app.state.unsaved[reply.message_id] = end
+            app.state.retry_unsaved()
+    # Free the conversation before the caller hears the end: the original's clients send their
+    # next message the moment they see it.
+    if app.state.replies.get(reply.conversation_id) is reply:
+        del app.state.replies[reply.conversation_id]
+    app.state.sessions.pop(reply.session_id, None)
     if reply.error is not None:
         notify(reply, ("error", *reply.error))
     else:
         notify(reply, ("end", reply.message_id, status))
 
 
-async def stop_reply(reply: Reply) -> None:
-    """Ends a reply in progress; its text so far is kept, 'interrupted'."""
+async def retry_unsaved(app: Starlette) -> None:
+    """Stores the ends of replies that SQLite refused, until each goes through."""
+    delay = RETRY_SECONDS
+    while app.state.unsaved:
+        await asyncio.sleep(delay)
+        for message_id, end in list(app.state.unsaved.items()):
+            try:
+                await app.state.db.write(save_reply_end, end)
+            except HTTPException:
+                delay = min(delay * 2, 10.0)
+                break
+            app.state.unsaved.pop(message_id, None)
+            log.info("the end of reply %s is stored", message_id)
+
+
+async def stop_reply(reply: Reply, error: tuple[int, str] | None = None) -> None:
+    """Ends a reply in progress; its text so far is kept, 'interrupted'. With `error`, the
+    caller waiting for it hears that error."""
     if reply.task is not None and not reply.task.done():
+        reply.stop_error = error
         reply.task.cancel()
         await asyncio.wait([reply.task])
+
+
+async def stop_all_replies(app: Starlette, status: int, detail: str) -> None:
+    replies = [r for r in app.state.sessions.values()]
+    await asyncio.gather(*(stop_reply(r, (status, detail)) for r in replies))
 
 
 class EventStream(EventSourceResponse):
@@ -565,6 +1031,8 @@ class EventStream(EventSourceResponse):
 dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # The conversation stream keeps the seed's spacing, as API.md shows it: data: {"content": "..."}
 seed_dumps = json.JSONEncoder(ensure_ascii=False).encode
+# A chunk larger than this goes out as several events, so that no single one holds the loop.
+SSE_PIECE_CHARS = 65536
 
 
 def sse(data: str) -> bytes:
@@ -573,7 +1041,28 @@ def sse(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
+def pieces(text: str) -> list[str]:
+    if len(text) <= SSE_PIECE_CHARS:
+        return [text]
+    return [text[i:i + SSE_PIECE_CHARS] for i in range(0, len(text), SSE_PIECE_CHARS)]
+
+
 SSE_DONE = sse("[DONE]")
+
+
+async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
+    """The reply's events for the response that started it, from `item` (already taken from
+    the queue) to its end or error, inclusive."""
+    try:
+        while True:
+            if item[0] in ("text", "replace"):
+                reply.listener_bytes -= len(item[1])
+            yield item
+            if item[0] in ("end", "error"):
+                return
+            item = await reply.listener.get()
+    finally:
+        reply.listener = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,10 +1070,16 @@ SSE_DONE = sse("[DONE]")
 # ---------------------------------------------------------------------------------------------
 
 OTHER_GROUP = "其它"
+CONVERSATION_SQL = f"""
+    SELECT c.id, c.id AS conversation_id, c.system_prompt, coalesce(c.project_id, 0) AS project_id,
+           coalesce(p.name, '{OTHER_GROUP}') AS project_name, c.name, c.model, c.assistance_role,
+           c.status, c.created_at, c.updated_at
+    FROM conversations c LEFT JOIN projects p ON p.id = c.project_id"""
+CONVERSATION_FIELDS = ("project_id", "name", "model", "assistance_role", "status")
 
 
 def get_conversation(db: sqlite3.Connection, conversation_id: str) -> dict:
-    conversation = fetch_one(db, "SELECT * FROM conversations WHERE id = ?", (conversation_id,))
+    conversation = fetch_one(db, CONVERSATION_SQL + " WHERE c.id = ?", (conversation_id,))
     if conversation is None:
         raise HTTPException(404, "Conversation not found")
     return conversation
@@ -599,173 +1094,539 @@ def check_project(db: sqlite3.Connection, project_id: int) -> int | None:
     return project_id
 
 
+def conversation_changes(data: dict) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    for name in ("name", "assistance_role"):
+        value = text_field(data, name)
+        if value is not MISSING:
+            changes[name] = value
+    model = model_field(data, empty_ok=True)
+    if model is not MISSING:
+        changes["model"] = model
+    project_id = int_field(data, "project_id")
+    if project_id not in (MISSING, None):
+        changes["project_id"] = project_id
+    status = int_field(data, "status")
+    if status not in (MISSING, None):
+        if status not in (0, 1):
+            raise HTTPException(400, "status must be 0 (normal) or 1 (archived)")
+        changes["status"] = status
+    return changes
+
+
+def insert_conversation(db: sqlite3.Connection, changes: dict) -> str:
+    conversation_id = str(uuid.uuid4())
+    changes = {**changes, "id": conversation_id,
+               "project_id": check_project(db, changes.get("project_id", 0))}
+    columns = ", ".join(changes)  # names from conversation_changes' fixed set
+    db.execute(f"INSERT INTO conversations ({columns}) VALUES "
+               f"({', '.join(':' + c for c in changes)})", changes)
+    if changes.get("system_prompt"):
+        db.execute("INSERT INTO messages (conversation_id, role, content) "
+                   "VALUES (?, 'system', ?)", (conversation_id, changes["system_prompt"]))
+    return conversation_id
+
+
 async def create_conversation(request: Request) -> JSONResponse:
     data = await read_json(request)
+    changes = conversation_changes(data)
     system_prompt = text_field(data, "system_prompt")
-    name = text_field(data, "name")
-    model = model_field(data)
-    project_id = int_field(data, "project_id")
-    db = request.app.state.db
-    stored_project = check_project(db, 0 if project_id in (MISSING, None) else project_id)
-    system_prompt = system_prompt if isinstance(system_prompt, str) and system_prompt else None
-    conversation_id = str(uuid.uuid4())
-    with transaction(db):
-        db.execute("INSERT INTO conversations (id, system_prompt, project_id, name, model) "
-                   "VALUES (?, ?, ?, ?, ?)",
-                   (conversation_id, system_prompt, stored_project,
-                    None if name is MISSING else name, None if model is MISSING else model))
-        if system_prompt is not None:
-            db.execute("INSERT INTO messages (conversation_id, role, content) "
-                       "VALUES (?, 'system', ?)", (conversation_id, system_prompt))
+    if isinstance(system_prompt, str) and system_prompt:
+        changes["system_prompt"] = system_prompt
+    conversation_id = await request.app.state.db.write(insert_conversation, changes)
     return JSONResponse({"conversation_id": conversation_id})
 
 
+def select_conversations(db: sqlite3.Connection, filters: dict) -> list[dict]:
+    where = " AND ".join(f"coalesce(c.{name}, 0) = :{name}" for name in filters) or "1"
+    return fetch_all(db, f"{CONVERSATION_SQL} WHERE {where} "
+                         "ORDER BY c.updated_at DESC, c.created_at DESC, c.rowid DESC", filters)
+
+
+async def list_conversations(request: Request) -> JSONResponse:
+    filters = {}
+    for name in ("project_id", "status"):
+        value = query_int(request, name)
+        if value is not None:
+            filters[name] = value
+    if filters.get("status", 0) not in (0, 1):
+        raise HTTPException(400, "status must be 0 (normal) or 1 (archived)")
+    return JSONResponse(await request.app.state.db.read(select_conversations, filters))
+
+
 async def grouped_conversations(request: Request) -> JSONResponse:
-    rows = fetch_all(request.app.state.db, """
-        SELECT c.id AS conversation_id, c.system_prompt, c.created_at,
-               coalesce(c.project_id, 0) AS project_id, p.name AS project_name, c.name, c.model
-        FROM conversations c LEFT JOIN projects p ON p.id = c.project_id
-        ORDER BY c.created_at DESC, c.rowid DESC""")
     groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["project_name"] or OTHER_GROUP, []).append(row)
+    for row in await request.app.state.db.read(select_conversations, {}):
+        groups.setdefault(row["project_name"], []).append(row)
     return JSONResponse(groups)
+
+
+async def read_conversation(request: Request) -> JSONResponse:
+    conversation_id = request.path_params["conversation_id"]
+    return JSONResponse(await request.app.state.db.read(get_conversation, conversation_id))
+
+
+def change_conversation(db: sqlite3.Connection, conversation_id: str, changes: dict) -> None:
+    get_conversation(db, conversation_id)
+    if "project_id" in changes:
+        changes["project_id"] = check_project(db, changes["project_id"])
+    # Column names come from conversation_changes' fixed set, never from the request.
+    assignments = ", ".join(f"{column} = :{column}" for column in changes)
+    db.execute(f"UPDATE conversations SET {assignments}, updated_at = {NOW_SQL} "
+               "WHERE id = :id", {**changes, "id": conversation_id})
 
 
 async def update_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
-    data = await read_json(request)
-    changes: dict[str, Any] = {}
-    name = text_field(data, "name")
-    model = model_field(data)
-    project_id = int_field(data, "project_id")
-    db = request.app.state.db
-    if name is not MISSING:
-        changes["name"] = name
-    if model is not MISSING:
-        changes["model"] = model
-    if project_id not in (MISSING, None):
-        changes["project_id"] = check_project(db, project_id)
+    changes = conversation_changes(await read_json(request))
     if not changes:
-        raise HTTPException(400, "give at least one of project_id, name, model")
-    get_conversation(db, conversation_id)
-    # Column names come from the fixed set above, never from the request.
-    assignments = ", ".join(f"{column} = :{column}" for column in changes)
-    with transaction(db):
-        db.execute(f"UPDATE conversations SET {assignments}, updated_at = {NOW_SQL} "
-                   "WHERE id = :id", {**changes, "id": conversation_id})
+        raise HTTPException(400, "give at least one of " + ", ".join(CONVERSATION_FIELDS))
+    await request.app.state.db.write(change_conversation, conversation_id, changes)
     return JSONResponse({"message": "Conversation updated"})
 
 
 async def delete_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     db = request.app.state.db
-    get_conversation(db, conversation_id)
+    await db.read(get_conversation, conversation_id)
     # A reply in progress is stopped first (another may start while we wait for it to end).
     while (reply := request.app.state.replies.get(conversation_id)) is not None:
         await stop_reply(reply)
-    with transaction(db):
-        db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        if reply.task is None:
+            await asyncio.sleep(0.01)  # a turn being prepared: it finds the conversation gone
+    await db.write(lambda c: c.execute("DELETE FROM conversations WHERE id = ?",
+                                       (conversation_id,)))
     return JSONResponse({"message": "Conversation deleted"})
 
 
-async def list_messages(request: Request) -> JSONResponse:
-    conversation_id = request.path_params["conversation_id"]
-    db = request.app.state.db
+# ---------------------------------------------------------------------------------------------
+# Messages and turns: a turn stores the caller's message and Poe's reply to the history.
+# ---------------------------------------------------------------------------------------------
+
+MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attachments, "
+               "tool_calls, tool_call_id FROM messages")
+
+
+def message_json(row: sqlite3.Row | dict) -> dict:
+    message = {"id": row["id"], "role": row["role"], "content": row["content"],
+               "status": row["status"], "created_at": row["created_at"],
+               "updated_at": row["updated_at"]}
+    for name in ("attachments", "tool_calls"):
+        if row[name]:
+            message[name] = json.loads(row[name])
+    if row["tool_call_id"]:
+        message["tool_call_id"] = row["tool_call_id"]
+    return message
+
+
+def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | None,
+                  before_id: int | None) -> bytes:
+    """The page as JSON bytes: built here, on a reader thread, however long the history."""
     get_conversation(db, conversation_id)
-    messages = fetch_all(db, "SELECT id, role, content, created_at, status FROM messages "
-                             "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
-    return JSONResponse({"conversation_id": conversation_id, "messages": messages})
+    body: dict[str, Any] = {"conversation_id": conversation_id}
+    if limit is None:
+        body["messages"] = [message_json(row) for row in db.execute(
+            MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+    else:
+        rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? "
+                          "ORDER BY id DESC LIMIT ?",
+                          (conversation_id, INT64 - 1 if before_id is None else before_id,
+                           limit + 1)).fetchall()
+        body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
+        body["has_more"] = len(rows) > limit
+    return dumps(body).encode()
 
 
-async def post_message(request: Request) -> Any:
-    app = request.app
+async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    data = await read_json(request)
+    limit = query_int(request, "limit")
+    before_id = query_int(request, "before_id")
+    if limit is not None and not 1 <= limit <= 10000:
+        raise HTTPException(400, "limit must be from 1 to 10000")
+    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
+    return Response(body, media_type="application/json")
+
+
+@dataclass
+class Turn:
+    """What a caller asked of one turn, checked."""
+    role: str
+    content: str
+    model: str | None
+    stream: bool
+    documents: list[int]
+    system_prompt_append: str
+    attachments: list[dict]
+
+
+def turn_fields(data: dict) -> Turn:
     role = text_field(data, "role", nullable=False)
     role = "user" if role is MISSING else role
     if role not in ("user", "system", "assistant"):
         raise HTTPException(400, "role must be one of user, system, assistant")
-    content = text_field(data, "content", required=True, empty_ok=False)
-    model = model_field(data)
-    stream = bool_field(data, "stream", False)
-    db = app.state.db
-    conversation = get_conversation(db, conversation_id)
-    api_key = poe_key(request)
+    documents = data.get("documents")
+    if documents is None:
+        documents = []
+    if not isinstance(documents, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d < INT64 for d in documents):
+        raise HTTPException(400, "documents must be an array of document ids")
+    append = text_field(data, "system_prompt_append")
+    return Turn(role=role, content=text_field(data, "content", required=True, empty_ok=False),
+                model=optional_model(data),
+                stream=bool_field(data, "stream", False),
+                documents=list(dict.fromkeys(documents)),
+                system_prompt_append=append if isinstance(append, str) else "",
+                attachments=attachment_fields(data.get("attachments")))
+
+
+def attachment_fields(value: Any) -> list[dict]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise HTTPException(400, "attachments must be an array")
+    attachments = []
+    for i, item in enumerate(value):
+        where = f"attachments[{i}]"
+        if not isinstance(item, dict) or ("url" in item) == ("data" in item):
+            raise HTTPException(400, f"{where} must be an object with either url or data")
+        name = text_field(item, "name")
+        content_type = text_field(item, "content_type")
+        attachment = {"name": name if isinstance(name, str) and name else None,
+                      "content_type": content_type if isinstance(content_type, str)
+                      and content_type else None}
+        if "url" in item:
+            url = text_field(item, "url", required=True, empty_ok=False)
+            if not re.match(r"https?://", url):
+                raise HTTPException(400, f"{where}.url must be an http(s) URL")
+            attachment["url"] = url
+        else:
+            data = text_field(item, "data", required=True, empty_ok=False)
+            if data.startswith("data:") and "," in data:
+                header, data = data.split(",", 1)
+                attachment["content_type"] = attachment["content_type"] or \
+                    header[5:].split(";")[0] or None
+            try:
+                attachment["data"] = base64.b64decode(data, validate=True)
+            except (ValueError, binascii.Error):
+                raise HTTPException(400, f"{where}.data must be base64") from None
+        attachments.append(attachment)
+    return attachments
+
+
+async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]
+                             ) -> list[dict]:
+    """Each attachment as Poe will see it: data goes up to POE_UPLOAD_URL first (fastapi_poe's
+    upload_file); a URL is passed on as it is."""
+    uploaded = []
+    for attachment in attachments:
+        name = attachment["name"]
+        if "url" in attachment:
+            name = name or os.path.basename(attachment["url"].split("?")[0]) or "file"
+            content_type = (attachment["content_type"] or mimetypes.guess_type(name)[0]
+                            or "application/octet-stream")
+            uploaded.append({"url": attachment["url"], "name": name,
+                             "content_type": content_type})
+            continue
+        name = name or "file" + (mimetypes.guess_extension(attachment["content_type"] or "")
+                                 or "")
+        try:
+            async with asyncio.timeout(app.state.settings["poe_timeout"]):
+                result = await fp.upload_file(file=attachment["data"], file_name=name,
+                                              api_key=api_key, num_tries=1,
+                                              on_error=on_poe_error,
+                                              base_url=app.state.settings["poe_upload_url"])
+        except TimeoutError:
+            raise HTTPException(504, "Poe's file upload did not answer in time") from None
+        except Exception as exc:  # fastapi_poe's upload raises its own, httpx's and ValueError
+            log.warning("upload to Poe failed: %s", type(exc).__name__)
+            raise HTTPException(502, f"the attachment {name!r} could not be uploaded to Poe"
+                                ) from None
+        uploaded.append({"url": result.url, "name": name, "content_type":
+                         attachment["content_type"] or result.content_type or
+                         "application/octet-stream"})
+    return uploaded
+
+
+def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
+                 document_ids: list[int]) -> str:
+    """This turn's one system message: prompt, append, then each named document."""
+    documents = {}
+    if document_ids:
+        marks = ", ".join("?" * len(document_ids))
+        documents = {row["id"]: row for row in db.execute(
+            f"SELECT id, filename, content FROM plan_documents WHERE id IN ({marks})",
+            document_ids)}
+        missing = [str(d) for d in document_ids if d not in documents]
+        if missing:
+            raise HTTPException(404, f"Document not found: {', '.join(missing)}")
+    parts = [system_prompt, append] + [
+        f"----- {documents[d]['filename']} BEGIN -----\n{documents[d]['content']}\n"
+        f"----- {documents[d]['filename']} END -----" for d in document_ids]
+    return "\n\n".join(part for part in parts if part)
+
+
+def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
+              this: tuple | None, before_id: int | None, max_chars: int,
+              params: dict) -> tuple[PoeQuery, int]:
+    """Runs on a reader thread: the history as Poe gets it for this turn, and how many old
+    messages were left out to fit MAX_CONTEXT_CHARS."""
+    rows = db.execute("SELECT id, role, content, attachments FROM messages "
+                      "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
+                      (conversation_id, INT64 - 1 if before_id is None else before_id)
+                      ).fetchall()
+    system_prompt = ""
+    if rows and rows[0]["role"] == "system":
+        system_prompt, rows = rows[0]["content"], rows[1:]
+    system = system_parts(db, system_prompt, turn.system_prompt_append, turn.documents)
+    history: list[list] = []  # [role, content, attachments]
+    for row in [*((r["role"], r["content"], r["attachments"]) for r in rows),
+                *([this] if this else [])]:
+        role, content, attachments = row
+        attachments = json.loads(attachments) if isinstance(attachments, str) else attachments
+        if role == "assistant" and history and history[-1][0] == "assistant":
+            history[-1][1] += "\n---\n" + content  # Poe wants turns that alternate
+            history[-1][2] = (history[-1][2] or []) + (attachments or [])
+        elif content or attachments:
+            history.append([role, content, attachments])
+    # Left out, oldest first, until the contents fit: never the system message or this one.
+    budget = max_chars - len(system) - (len(history[-1][1]) if history else 0)
+    total, keep_from = sum(len(h[1]) for h in history[:-1]), 0
+    while total > budget and keep_from < len(history) - 1:
+        total -= len(history[keep_from][1])
+        keep_from += 1
+    kept = history[keep_from:]
+    poe_messages = ([poe_message("system", system)] if system else []) + [
+        poe_message(role, content, attachments) for role, content, attachments in kept]
+    return prepare_query(poe_messages, params), keep_from
+
+
+def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple]
+                ) -> tuple[list[int], int, str]:
+    """The turn's input messages and an empty 'streaming' reply, before Poe is called; and
+    the conversation's updated_at before them, put back if the turn leaves no trace."""
+    row = db.execute("SELECT updated_at FROM conversations WHERE id = ?",
+                     (conversation_id,)).fetchone()
+    if row is None:
+        raise HTTPException(404, "Conversation not found")
+    ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
+                      "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
+                      (conversation_id, *message)).lastrowid for message in messages]
+    reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) "
+                          "VALUES (?, 'assistant', '', 'streaming')",
+                          (conversation_id,)).lastrowid
+    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+               (conversation_id,))
+    return ids, reply_id, row[0]
+
+
+def claim_conversation(app: Starlette, conversation_id: str) -> Reply:
+    """The conversation's next reply, registered at once: one reply at a time (409)."""
     if conversation_id in app.state.replies:
         raise HTTPException(409, "this conversation already has a reply in progress")
-    if not isinstance(model, str):
-        model = conversation["model"] or app.state.settings["default_model"]
-    history = [(row["role"], row["content"]) for row in db.execute(
-        "SELECT role, content FROM messages WHERE conversation_id = ? ORDER BY id",
-        (conversation_id,))]
-    history.append((role, content))
-    reply = start_reply(app, conversation_id=conversation_id, user_message=(role, content),
-                        model=model, history=history, api_key=api_key, listen=stream)
+    reply = Reply(conversation_id)
+    app.state.replies[conversation_id] = reply
+    return reply
+
+
+def turn_model(app: Starlette, requested: str | None, conversation: dict) -> str:
+    """The request's model, else the conversation's, else DEFAULT_MODEL ('' and the web
+    client's 'default' name none)."""
+    for model in (requested, conversation.get("model")):
+        if model and model != "default":
+            return model
+    return app.state.settings["default_model"]
+
+
+async def post_message(request: Request) -> Response:
+    app, db = request.app, request.app.state.db
+    conversation_id = request.path_params["conversation_id"]
+    turn = turn_fields(await read_json(request))
+    conversation = await db.read(get_conversation, conversation_id)
+    api_key = poe_key(request)
+    settings = app.state.settings
+    # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
+    continues = turn.role == "user" and \
+        turn.content.strip().casefold() in settings["continue_prompts"]
+    reply = claim_conversation(app, conversation_id)
+    try:
+        attachments = await upload_attachments(app, api_key, turn.attachments)
+        this = (turn.role, turn.content, attachments)
+        query, trimmed = await db.read(load_turn, conversation_id, turn, this, None,
+                                       settings["max_context_chars"], {})
+        stored = [] if continues else [(turn.role, turn.content,
+                                        json.dumps(attachments) if attachments else None,
+                                        None, None)]
+        reply.inserted_ids, reply.message_id, reply.updated_at = await db.write(
+            insert_turn, conversation_id, stored)
+        reply.user_message_id = reply.inserted_ids[-1] if reply.inserted_ids else None
+    except BaseException:
+        app.state.replies.pop(conversation_id, None)
+        raise
+    start_reply(app, reply, turn_model(app, turn.model, conversation), query, api_key,
+                listen=turn.stream)
+    return await answer_turn(reply, turn.stream, trimmed)
+
+
+async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
+    """The answer to a stored turn, streamed or not (API.md "Messages")."""
+    ids = {"conversation_id": reply.conversation_id,
+           "user_message_id": reply.user_message_id,
+           "assistant_message_id": reply.message_id}
     if not stream:
         await reply.done.wait()
         if reply.error is not None:
-            raise HTTPException(*reply.error)
-        body = {"conversation_id": conversation_id, "reply": reply.text,
-                "message_id": reply.message_id}
+            raise reply_failure(reply)
+        body = {"conversation_id": reply.conversation_id, "reply": reply.text,
+                "message_id": reply.message_id, **ids}
         if reply.status != "complete":
             body["status"] = reply.status
+        if trimmed:
+            body["context_trimmed"] = trimmed
         return JSONResponse(body)
     # The stream begins only once Poe's first text (or the reply's end) is in hand, so that a
     # failure before it is an ordinary JSON error with its status.
     first = await reply.listener.get()
     if first[0] == "error":
         reply.listener = None
-        raise HTTPException(first[1], first[2])
-    return EventStream(conversation_events(reply, first), sep="\n")
+        raise reply_failure(reply)
+    return EventStream(conversation_events(reply, first, {**ids, "session_id": reply.session_id},
+                                           trimmed), sep="\n")
 
 
-async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
-    """The reply's events for the response that started it, from `item` (already taken from
-    the queue) to its end or error, inclusive."""
-    queue = reply.listener
-    try:
-        while True:
-            yield item
-            if item[0] in ("end", "error"):
-                return
-            item = await queue.get()
-    finally:
-        reply.listener = None
+def reply_failure(reply: Reply) -> HTTPException:
+    status, detail = reply.error
+    headers = dict(reply.error_headers or {})
+    if status in (502, 504):
+        headers["x-should-retry"] = "false"  # Poe was called: a retry would call it again
+    return HTTPException(status, detail, headers=headers or None)
 
 
-async def conversation_events(reply: Reply, first: tuple) -> AsyncIterator[bytes]:
+async def conversation_events(reply: Reply, first: tuple, ids: dict,
+                              trimmed: int) -> AsyncIterator[bytes]:
+    yield sse(seed_dumps(ids))
+    sent: list[str] = []
     async for item in listen(reply, first):
         kind = item[0]
+        if kind == "replace" and item[1].startswith("".join(sent)):
+            # The original's clients append every content: send only what is new when we can.
+            kind, item = "text", ("text", item[1][sum(map(len, sent)):])
         if kind == "text":
-            yield sse(seed_dumps({"content": item[1]}))
+            sent.append(item[1])
+            for piece in pieces(item[1]):
+                yield sse(seed_dumps({"content": piece}))
         elif kind == "replace":
+            sent = [item[1]]
             yield sse(seed_dumps({"content": item[1], "replace": True}))
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
                 end["status"] = item[2]
+            if trimmed:
+                end["context_trimmed"] = trimmed
             yield sse(seed_dumps(end))
-        else:
+        elif kind == "error":
             yield sse(seed_dumps({"error": {"message": item[2], "status": item[1]}}))
     yield SSE_DONE
 
 
 async def stop_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
-    get_conversation(request.app.state.db, conversation_id)
+    await request.app.state.db.read(get_conversation, conversation_id)
     reply = request.app.state.replies.get(conversation_id)
-    if reply is None:
+    if reply is None or reply.task is None:
         return JSONResponse({"stopped": False})
     await stop_reply(reply)
     return JSONResponse({"stopped": True})
+
+
+async def stop_stream(request: Request) -> JSONResponse:
+    session_id = text_field(await read_json(request), "session_id", required=True)
+    reply = request.app.state.sessions.get(session_id)
+    if reply is None:
+        raise HTTPException(404, "Stream session not found")
+    await stop_reply(reply)
+    return JSONResponse({"message": "Stream stopped", "session_id": session_id})
+
+
+async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
+    """Stops each reply in progress that writes or answers one of these messages."""
+    for reply in list(app.state.sessions.values()):
+        if message_ids & {reply.message_id, *reply.inserted_ids}:
+            await stop_reply(reply)
+
+
+async def delete_messages(request: Request) -> JSONResponse:
+    ids = (await read_json(request)).get("message_ids")
+    if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and -INT64 < i < INT64 for i in ids):
+        raise HTTPException(400, "message_ids must be an array of message ids")
+    await stop_replies_of(request.app, set(ids))
+
+    def delete(db: sqlite3.Connection) -> int:
+        return sum(db.execute("DELETE FROM messages WHERE id = ?", (i,)).rowcount
+                   for i in set(ids))
+    count = await request.app.state.db.write(delete)
+    return JSONResponse({"message": f"{count} messages deleted"})
+
+
+async def delete_message(request: Request) -> JSONResponse:
+    conversation_id = request.path_params["conversation_id"]
+    message_id = path_id(request, "message_id", "Message not found")
+    await request.app.state.db.read(get_conversation, conversation_id)
+    await stop_replies_of(request.app, {message_id})
+
+    def delete(db: sqlite3.Connection) -> None:
+        if not db.execute("DELETE FROM messages WHERE id = ? AND conversation_id = ?",
+                          (message_id, conversation_id)).rowcount:
+            raise HTTPException(404, "Message not found")
+        db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+                   (conversation_id,))
+    await request.app.state.db.write(delete)
+    return JSONResponse({"message": "Message deleted"})
+
+
+def last_reply(db: sqlite3.Connection, conversation_id: str) -> tuple[int, int | None]:
+    get_conversation(db, conversation_id)
+    row = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND role = 'assistant' "
+                     "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
+    if row is None:
+        raise HTTPException(404, "the conversation has no assistant reply to regenerate")
+    user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
+                      "role = 'user' ORDER BY id DESC LIMIT 1", (conversation_id, row[0])
+                      ).fetchone()
+    return row[0], user[0] if user else None
+
+
+async def regenerate(request: Request) -> Response:
+    app, db = request.app, request.app.state.db
+    conversation_id = request.path_params["conversation_id"]
+    data = await read_json(request)
+    model, stream = optional_model(data), bool_field(data, "stream", False)
+    conversation = await db.read(get_conversation, conversation_id)
+    api_key = poe_key(request)
+    reply = claim_conversation(app, conversation_id)
+    try:
+        old_id, user_id = await db.read(last_reply, conversation_id)
+        turn = Turn("assistant", "", model, stream, [], "", [])
+        query, trimmed = await db.read(load_turn, conversation_id, turn, None, old_id,
+                                       app.state.settings["max_context_chars"], {})
+        _, reply.message_id, reply.updated_at = await db.write(insert_turn, conversation_id,
+                                                               [])
+        reply.replaces, reply.user_message_id = old_id, user_id
+    except BaseException:
+        app.state.replies.pop(conversation_id, None)
+        raise
+    start_reply(app, reply, turn_model(app, model, conversation), query, api_key, listen=stream)
+    return await answer_turn(reply, stream, trimmed)
 
 
 # ---------------------------------------------------------------------------------------------
 # Projects
 # ---------------------------------------------------------------------------------------------
 
-PROJECT_FIELDS = ("name", "dev_environment", "grpc_server_address", "llm_model", "llm_url")
+PROJECT_FIELDS = ("name", "dev_environment", "grpc_server_address", "llm_model", "llm_url",
+                  "git_work_dir", "ai_work_dir")
+NULLABLE_PROJECT_FIELDS = ("llm_model", "llm_url", "git_work_dir", "ai_work_dir")
 
 
 def get_project(db: sqlite3.Connection, project_id: int) -> dict:
@@ -779,41 +1640,47 @@ def project_changes(data: dict) -> dict[str, Any]:
     changes = {}
     for name in PROJECT_FIELDS:
         value = text_field(data, name, empty_ok=name != "name",
-                           nullable=name in ("llm_model", "llm_url"))
+                           nullable=name in NULLABLE_PROJECT_FIELDS)
         if value is not MISSING:
             changes[name] = value
     return changes
 
 
-def save_project(db: sqlite3.Connection, sql: str, params: dict) -> int:
+def save_project(db: sqlite3.Connection, project_id: int | None, changes: dict) -> dict:
+    """Inserts (project_id None) or updates a project; a name taken by another is 409."""
+    # Column names come from PROJECT_FIELDS, never from the request.
     try:
-        with transaction(db):
-            return db.execute(sql, params).lastrowid
+        if project_id is None:
+            project_id = db.execute(
+                f"INSERT INTO projects ({', '.join(changes)}) "
+                f"VALUES ({', '.join(':' + c for c in changes)})", changes).lastrowid
+        else:
+            get_project(db, project_id)
+            assignments = "".join(f"{column} = :{column}, " for column in changes)
+            db.execute(f"UPDATE projects SET {assignments}updated_time = {NOW_SQL} "
+                       "WHERE id = :id", {**changes, "id": project_id})
     except sqlite3.IntegrityError as exc:
         if "UNIQUE" not in str(exc):
             raise
         raise HTTPException(409, "a project with this name already exists") from None
+    return get_project(db, project_id)
 
 
 async def list_projects(request: Request) -> JSONResponse:
-    return JSONResponse(fetch_all(request.app.state.db,
-                                  "SELECT * FROM projects ORDER BY updated_time DESC, id DESC"))
+    return JSONResponse(await request.app.state.db.read(
+        fetch_all, "SELECT * FROM projects ORDER BY updated_time DESC, id DESC"))
 
 
 async def create_project(request: Request) -> JSONResponse:
     changes = project_changes(await read_json(request))
     if "name" not in changes:
         raise HTTPException(400, "name is required")
-    db = request.app.state.db
-    columns = ", ".join(changes)
-    values = ", ".join(f":{column}" for column in changes)
-    project_id = save_project(db, f"INSERT INTO projects ({columns}) VALUES ({values})", changes)
-    return JSONResponse(get_project(db, project_id))
+    return JSONResponse(await request.app.state.db.write(save_project, None, changes))
 
 
 async def read_project(request: Request) -> JSONResponse:
     project_id = path_id(request, "project_id", "Project not found")
-    return JSONResponse(get_project(request.app.state.db, project_id))
+    return JSONResponse(await request.app.state.db.read(get_project, project_id))
 
 
 async def update_project(request: Request) -> JSONResponse:
@@ -821,23 +1688,20 @@ async def update_project(request: Request) -> JSONResponse:
     changes = project_changes(await read_json(request))
     if not changes:
         raise HTTPException(400, "give at least one of " + ", ".join(PROJECT_FIELDS))
-    db = request.app.state.db
+    return JSONResponse(await request.app.state.db.write(save_project, project_id, changes))
+
+
+def remove_project(db: sqlite3.Connection, project_id: int) -> None:
     get_project(db, project_id)
-    assignments = ", ".join(f"{column} = :{column}" for column in changes)
-    save_project(db, f"UPDATE projects SET {assignments}, updated_time = {NOW_SQL} "
-                     "WHERE id = :id", {**changes, "id": project_id})
-    return JSONResponse(get_project(db, project_id))
+    # Its documents go (their tags and references by cascade); its conversations move to
+    # project 0 (ON DELETE SET NULL).
+    db.execute("DELETE FROM plan_documents WHERE project_id = ?", (project_id,))
+    db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
 
 
 async def delete_project(request: Request) -> JSONResponse:
     project_id = path_id(request, "project_id", "Project not found")
-    db = request.app.state.db
-    get_project(db, project_id)
-    if fetch_one(db, "SELECT 1 FROM plan_documents WHERE project_id = ? LIMIT 1", (project_id,)):
-        raise HTTPException(409, "the project still has plan documents; delete them first")
-    with transaction(db):
-        # Its conversations move to project 0 (ON DELETE SET NULL).
-        db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+    await request.app.state.db.write(remove_project, project_id)
     return JSONResponse({"message": "Project deleted successfully"})
 
 
@@ -848,44 +1712,48 @@ async def delete_project(request: Request) -> JSONResponse:
 DOCUMENT_SOURCES = ("user", "server", "chat")
 
 
-async def list_categories(request: Request) -> JSONResponse:
-    categories = fetch_all(request.app.state.db, "SELECT * FROM plan_categories ORDER BY id")
+def select_categories(db: sqlite3.Connection, default_model: str) -> list[dict]:
+    categories = fetch_all(db, "SELECT * FROM plan_categories ORDER BY id")
     for category in categories:
         category["is_builtin"] = bool(category["is_builtin"])
-    return JSONResponse(categories)
+        category["summary_model"] = category["summary_model"] or default_model
+    return categories
+
+
+async def list_categories(request: Request) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(
+        select_categories, request.app.state.settings["default_model"]))
+
+
+def insert_document(db: sqlite3.Connection, document: dict) -> dict:
+    """A new version of a file: 1 for a new (project, category, filename), else latest + 1."""
+    get_project(db, document["project_id"])
+    if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?",
+                 (document["category_id"],)) is None:
+        raise HTTPException(404, "Category not found")
+    document_id = db.execute(
+        "INSERT INTO plan_documents (project_id, category_id, filename, content, version, "
+        "source, related_log_id) VALUES (:project_id, :category_id, :filename, :content, "
+        "(SELECT coalesce(max(version), 0) + 1 FROM plan_documents WHERE project_id = "
+        ":project_id AND category_id = :category_id AND filename = :filename), :source, "
+        ":related_log_id)", document).lastrowid
+    return get_document(db, document_id)
 
 
 async def create_document(request: Request) -> JSONResponse:
     data = await read_json(request)
-    project_id = int_field(data, "project_id", required=True, minimum=1)
-    category_id = int_field(data, "category_id", required=True, minimum=1)
-    filename = text_field(data, "filename", required=True, empty_ok=False)
-    content = text_field(data, "content", required=True, empty_ok=False)
-    version = int_field(data, "version", minimum=1)
     source = text_field(data, "source")
     source = "user" if source in (MISSING, None) else source
     if source not in DOCUMENT_SOURCES:
         raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
     related_log_id = int_field(data, "related_log_id")
-    db = request.app.state.db
-    get_project(db, project_id)
-    if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?", (category_id,)) is None:
-        raise HTTPException(404, "Category not found")
-    key = (project_id, category_id, filename)
-    with transaction(db):
-        if version in (MISSING, None):
-            version = db.execute(
-                "SELECT coalesce(max(version), 0) + 1 FROM plan_documents "
-                "WHERE project_id = ? AND category_id = ? AND filename = ?", key).fetchone()[0]
-        elif db.execute("SELECT 1 FROM plan_documents WHERE project_id = ? AND category_id = ? "
-                        "AND filename = ? AND version = ?", (*key, version)).fetchone():
-            raise HTTPException(409, f"version {version} of this document already exists")
-        document_id = db.execute(
-            "INSERT INTO plan_documents (project_id, category_id, filename, content, version, "
-            "source, related_log_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*key, content, version, source,
-             None if related_log_id is MISSING else related_log_id)).lastrowid
-    return JSONResponse(get_document(db, document_id))
+    document = {"project_id": int_field(data, "project_id", required=True, minimum=1),
+                "category_id": int_field(data, "category_id", required=True, minimum=1),
+                "filename": text_field(data, "filename", required=True, empty_ok=False),
+                "content": text_field(data, "content", required=True),
+                "source": source,
+                "related_log_id": None if related_log_id is MISSING else related_log_id}
+    return JSONResponse(await request.app.state.db.write(insert_document, document))
 
 
 def get_document(db: sqlite3.Connection, document_id: int) -> dict:
@@ -895,15 +1763,6 @@ def get_document(db: sqlite3.Connection, document_id: int) -> dict:
     return document
 
 
-def query_int(request: Request, name: str) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    if not is_number(raw):
-        raise HTTPException(400, f"{name} must be a positive integer")
-    return int(raw)
-
-
 async def list_documents(request: Request) -> JSONResponse:
     filters = {"project_id": query_int(request, "project_id"),
                "category_id": query_int(request, "category_id"),
@@ -911,14 +1770,14 @@ async def list_documents(request: Request) -> JSONResponse:
     # Column names come from the fixed dict above, never from the request.
     where = " AND ".join(f"{column} = :{column}" for column, value in filters.items()
                          if value is not None) or "1"
-    return JSONResponse(fetch_all(request.app.state.db,
-                                  f"SELECT * FROM plan_documents WHERE {where} "
-                                  "ORDER BY created_time DESC, id DESC", filters))
+    return JSONResponse(await request.app.state.db.read(
+        fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
+                   "ORDER BY created_time DESC, id DESC", filters))
 
 
 async def read_document(request: Request) -> JSONResponse:
     document_id = path_id(request, "document_id", "Document not found")
-    return JSONResponse(get_document(request.app.state.db, document_id))
+    return JSONResponse(await request.app.state.db.read(get_document, document_id))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -931,7 +1790,6 @@ MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Cla
           "Claude-3.5-Haiku", "Gemini-2.5-Pro", "Gemini-2.0-Flash", "Llama-3.1-405B",
           "DeepSeek-R1", "Grok-3")
 MODELS_CREATED = 1735689600  # 2025-01-01, a fixed date: Poe does not say when a bot was made
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -1030,15 +1888,17 @@ async def chat_completions(request: Request) -> Any:
     stream = bool_field(data, "stream", False)
     options = data.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    reply = start_reply(request.app, conversation_id=None, user_message=None, model=model,
-                        history=history, api_key=api_key, listen=stream, **params)
+    query = await asyncio.to_thread(
+        prepare_query, [poe_message(role, content) for role, content in history if content],
+        params)
+    reply = start_reply(request.app, Reply(None), model, query, api_key, listen=stream)
     completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                   "model": model}
     prompt_tokens = sum(estimate_tokens(content) for _, content in history)
     if not stream:
         await reply.done.wait()
         if reply.error is not None:
-            raise HTTPException(*reply.error)
+            raise reply_failure(reply)
         text = reply.text
         return JSONResponse({
             **completion, "object": "chat.completion",
@@ -1047,7 +1907,7 @@ async def chat_completions(request: Request) -> Any:
             "usage": usage(prompt_tokens, text)})
     first = await reply.listener.get()
     if first[0] == "error":
-        raise HTTPException(first[1], first[2])
+        raise reply_failure(reply)
     return EventStream(completion_chunks(reply, first, completion,
                                          prompt_tokens if include_usage else None), sep="\n")
 
@@ -1065,7 +1925,8 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
         async for item in listen(reply, first):
             kind = item[0]
             if kind == "text":
-                yield chunk({"content": item[1]})
+                for piece in pieces(item[1]):
+                    yield chunk({"content": piece})
             elif kind == "replace":
                 # OpenAI's deltas only append; the flag tells clients that know it.
                 yield chunk({"content": item[1], "replace": True})
@@ -1074,7 +1935,7 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
                 if prompt_tokens is not None:
                     yield sse(f'{head},"choices":[],'
                               f'"usage":{dumps(usage(prompt_tokens, reply.text))}}}')
-            else:
+            elif kind == "error":
                 yield sse(dumps(openai_error(item[1], item[2])))
         yield SSE_DONE
     finally:
@@ -1089,33 +1950,114 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
-# Health, errors
+# Health, login, errors, access
 # ---------------------------------------------------------------------------------------------
 
 async def health(request: Request) -> JSONResponse:
     try:
-        request.app.state.db.execute("SELECT 1").fetchone()
-    except sqlite3.Error:
+        async with asyncio.timeout(2):
+            await request.app.state.db.read(fetch_one, "SELECT 1 AS ok")
+    except (HTTPException, TimeoutError):
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
-                         "replies_in_progress": len(request.app.state.replies)})
+                         "replies_in_progress": len(request.app.state.sessions),
+                         "unsaved_replies": len(request.app.state.unsaved)})
 
 
-def error_response(request: Request, status: int, detail: str,
+def is_access_key(settings: dict, token: str | None) -> bool:
+    """Constant time: every key is compared, whatever matches."""
+    found = False
+    for key in settings["access_keys"]:
+        found |= hmac.compare_digest((token or "").encode(), key.encode())
+    return found
+
+
+async def login(request: Request) -> JSONResponse:
+    data = await read_json(request)
+    user = text_field(data, "userName", required=True, empty_ok=False).strip()
+    password = text_field(data, "password")
+    settings = request.app.state.settings
+    if settings["access_keys"] and not is_access_key(
+            settings, password if isinstance(password, str) else None):
+        raise HTTPException(401, "Invalid username or password")
+    return JSONResponse({"name": user, "user": user})
+
+
+OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/models", "/v1/responses", "/v1/conversations")
+
+
+def is_openai_path(scope: dict) -> bool:
+    """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
+    path = scope.get("path", "")
+    if path.startswith(OPENAI_PREFIXES):
+        return True
+    return path.startswith("/v1/") and "endpoint" not in scope and not any(
+        route.matches(scope)[0] != Match.NONE for route in routes)
+
+
+def error_response(scope: dict, status: int, detail: str,
                    headers: dict | None = None) -> JSONResponse:
-    if request.url.path in OPENAI_PATHS:
+    if is_openai_path(scope):
         return JSONResponse(openai_error(status, detail), status, headers=headers)
     return JSONResponse({"detail": detail}, status, headers=headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(request, exc.status_code, exc.detail, exc.headers)
+    return error_response(request.scope, exc.status_code, exc.detail, exc.headers)
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, sqlite3.Error):
+        failure = database_failure(exc)
+        return error_response(request.scope, 503, failure.detail, failure.headers)
     log.error("unhandled error on %s %s: %s", request.method, request.url.path,
               type(exc).__name__)
-    return error_response(request, 500, "internal error")
+    return error_response(request.scope, 500, "internal error")
+
+
+def host_guard(app: Any, settings: dict) -> Any:
+    """A Host not in ALLOWED_HOSTS is 400 (DNS rebinding), in JSON as every error here."""
+    allowed = {h.lower() for h in settings["allowed_hosts"]}
+
+    async def guard(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and "*" not in allowed:
+            host = Headers(scope=scope).get("host", "").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in allowed:
+                response = error_response(scope, 400, "this Host is not served here "
+                                                      "(ALLOWED_HOSTS)")
+                return await response(scope, receive, send)
+        await app(scope, receive, send)
+    return guard
+
+
+OPEN_ROUTES = {("GET", "/health"), ("POST", "/v1/auth/login")}
+JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
+
+
+def access_guard(app: Any, settings: dict) -> Any:
+    """ACCESS_KEYS as Bearer on every route but /health, login and CORS preflights (401); a
+    body must come as JSON (415), so that no web page can post one without a preflight."""
+
+    async def guard(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return await app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if settings["access_keys"] and (scope["method"], scope["path"]) not in OPEN_ROUTES:
+            token = headers.get("authorization", "")
+            scheme, _, token = token.partition(" ")
+            if scheme.lower() != "bearer" or not is_access_key(settings, token.strip()):
+                response = error_response(scope, 401, "a valid access key is required: "
+                                                      "'Authorization: Bearer <access key>'")
+                return await response(scope, receive, send)
+        length = headers.get("content-length", "0").strip()
+        has_body = "transfer-encoding" in headers or (length != "0" and length != "")
+        if has_body and not JSON_TYPE.match(headers.get("content-type", "")):
+            response = error_response(scope, 415, "the body must be JSON, sent as "
+                                                  "'Content-Type: application/json'")
+            return await response(scope, receive, send)
+        await app(scope, receive, send)
+    return guard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1124,13 +2066,21 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 
 routes = [
     Route("/health", health, methods=["GET"]),
+    Route("/v1/auth/login", login, methods=["POST"]),
+    Route("/v1/chat/conversations", list_conversations, methods=["GET"]),
     Route("/v1/chat/conversations", create_conversation, methods=["POST"]),
     Route("/v1/chat/conversations/grouped", grouped_conversations, methods=["GET"]),
+    Route("/v1/chat/conversations/{conversation_id}", read_conversation, methods=["GET"]),
     Route("/v1/chat/conversations/{conversation_id}", update_conversation, methods=["PUT"]),
     Route("/v1/chat/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
     Route("/v1/chat/conversations/{conversation_id}/messages", list_messages, methods=["GET"]),
     Route("/v1/chat/conversations/{conversation_id}/messages", post_message, methods=["POST"]),
+    Route("/v1/chat/conversations/{conversation_id}/messages/{message_id}", delete_message,
+          methods=["DELETE"]),
     Route("/v1/chat/conversations/{conversation_id}/stop", stop_conversation, methods=["POST"]),
+    Route("/v1/chat/conversations/{conversation_id}/regenerate", regenerate, methods=["POST"]),
+    Route("/v1/chat/stop-stream", stop_stream, methods=["POST"]),
+    Route("/v1/chat/messages/delete", delete_messages, methods=["POST"]),
     Route("/v1/projects", list_projects, methods=["GET"]),
     Route("/v1/projects", create_project, methods=["POST"]),
     Route("/v1/projects/{project_id}", read_project, methods=["GET"]),
@@ -1148,9 +2098,20 @@ routes = [
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings = app.state.settings
-    app.state.db = open_db(settings["db_path"])
-    app.state.replies = {}
+    if settings["access_keys"] and not settings["poe_api_key"]:
+        raise SystemExit(ACCESS_WITHOUT_KEY)
+    prepare_database(settings["db_path"])
+    app.state.db = Database(settings["db_path"], settings["db_timeout"])
+    app.state.replies = {}  # conversation id -> its reply in progress
+    app.state.sessions = {}  # session id -> every reply in progress, stored or not
     app.state.reply_tasks = set()
+    app.state.unsaved = {}  # message id -> the end of a reply SQLite refused, retried
+    retrying: list[asyncio.Task] = []
+
+    def start_retrying() -> None:
+        if not retrying or retrying[0].done():
+            retrying[:] = [asyncio.create_task(retry_unsaved(app))]
+    app.state.retry_unsaved = start_retrying
     timeout = settings["poe_timeout"]
     app.state.poe = httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
@@ -1160,22 +2121,34 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
     finally:
         # Replies still running are cut off: what they have is saved, 'interrupted'.
-        tasks = list(app.state.reply_tasks)
-        for task in tasks:
+        await stop_all_replies(app, 503, "the server is shutting down")
+        for task in retrying:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for end in list(app.state.unsaved.values()):
+            with contextlib.suppress(HTTPException):
+                await app.state.db.write(save_reply_end, end)
         await app.state.poe.aclose()
+        with contextlib.suppress(HTTPException):
+            await app.state.db.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         app.state.db.close()
 
 
+ACCESS_WITHOUT_KEY = ("ACCESS_KEYS is set but POE_API_KEY is not: callers' tokens are access "
+                      "keys then, so the server needs its own Poe key")
+
+
 def create_app(**settings: Any) -> Starlette:
-    """The ASGI app. Keyword arguments override the environment: db_path, poe_base_url,
-    poe_api_key, default_model, poe_timeout, max_body_bytes, cors_origins."""
+    """The ASGI app. Keyword arguments override the environment (lower-case names of the
+    settings table in the README: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
     settings = load_settings(**settings)
-    middleware = []
     if settings["cors_origins"]:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=settings["cors_origins"],
-                                     allow_methods=["*"], allow_headers=["*"]))
+        cors = {"allow_origins": settings["cors_origins"]}
+    else:
+        cors = {"allow_origin_regex": LOOPBACK_ORIGINS}
+    middleware = [Middleware(host_guard, settings=settings),
+                  Middleware(CORSMiddleware, allow_methods=["*"], allow_headers=["*"],
+                             max_age=600, **cors),
+                  Middleware(access_guard, settings=settings)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.settings = settings
@@ -1185,6 +2158,88 @@ def create_app(**settings: Any) -> Starlette:
 app = create_app()
 
 
+# ---------------------------------------------------------------------------------------------
+# Main: uvicorn, with a guard on connections and an orderly shutdown
+# ---------------------------------------------------------------------------------------------
+
+# Request headers must arrive whole within this time and size; a connection that sends nothing
+# is closed after it too (uvicorn arms its keep-alive timeout only after a first response).
+HEADER_SECONDS = 10.0
+MAX_HEADER_BYTES = 65536
+
+
+def guarded_http_protocol() -> type:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.header_bytes = 0
+            self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+
+        def drop_slow(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self.header_timer is not None:
+                self.header_bytes += len(data)
+                if self.header_bytes > MAX_HEADER_BYTES:
+                    self.header_timer.cancel()
+                    self.header_timer = None
+                    self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                         b"content-type: application/json\r\n"
+                                         b"connection: close\r\ncontent-length: 59\r\n\r\n"
+                                         b'{"detail": "request headers are larger than 64 KiB"}  '
+                                         b"   ")
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.header_timer is None:
+                self.header_bytes = 0
+                self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+
+        def on_headers_complete(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedHttpProtocol
+
+
+def raise_file_limit() -> None:
+    """Idle sockets each hold a file descriptor: a soft limit of 1024 would let a thousand of
+    them lock everyone out, so take what the hard limit allows."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def backup(db_path: str, target: str) -> None:
+    """A consistent copy of the database, taken with SQLite's online backup."""
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
 def main() -> None:
     import uvicorn
 
@@ -1192,17 +2247,47 @@ def main() -> None:
     parser.add_argument("--host", help="bind address (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (PORT, default 8000)")
     parser.add_argument("--db", help="SQLite file (DB_PATH, default chat.db)")
+    parser.add_argument("command", nargs="*", help="'backup FILE': copy the database and exit")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
     service = create_app(host=args.host, port=args.port, db_path=args.db)
     settings = service.state.settings
+    try:
+        prepare_database(settings["db_path"])
+        if args.command:
+            if args.command[0] != "backup" or len(args.command) != 2:
+                raise SystemExit("usage: python server.py [--db DB] backup FILE")
+            backup(settings["db_path"], args.command[1])
+            print(f"backed up {settings['db_path']} to {args.command[1]}")
+            return
+    except DatabaseUnusable as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except sqlite3.Error as exc:
+        raise SystemExit(f"error: backup failed: {exc}") from None
+    if settings["access_keys"] and not settings["poe_api_key"]:
+        raise SystemExit(f"error: {ACCESS_WITHOUT_KEY}")
+    if not settings["access_keys"] and settings["host"] not in LOOPBACK_HOSTS:
+        log.warning("listening on %s without ACCESS_KEYS: anyone who can reach this port can "
+                    "read every conversation and spend the Poe key", settings["host"])
+    raise_file_limit()
     # Everything imported so far (fastapi_poe, pydantic's schemas...) lives as long as the
     # process: keep the cyclic collector from walking it again and again.
     gc.collect()
     gc.freeze()
-    uvicorn.run(service, host=settings["host"], port=settings["port"],
-                timeout_graceful_shutdown=3)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # Before uvicorn waits for open responses: each reply in flight is ended, its
+            # caller told (503 or an error event), its text stored 'interrupted'.
+            with contextlib.suppress(Exception):
+                await stop_all_replies(service, 503, "the server is shutting down")
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(service, host=settings["host"], port=settings["port"],
+                            http=guarded_http_protocol(), timeout_graceful_shutdown=3,
+                            log_level="info")
+    Server(config).run()
 
 
 if __name__ == "__main__":

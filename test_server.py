@@ -15,6 +15,7 @@ import fastapi_poe as fp
 import httpx
 import pytest
 import uvicorn
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 import server
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
+UPLOADS: list[dict] = []  # what the fake upload endpoint received
 RIGHT_KEY = "poe-right-key-0123456789"
 
 
@@ -129,6 +131,16 @@ def make_poe_app():
 
     status_route("Busy", 429)
     status_route("Crash", 500)
+
+    # fastapi_poe's upload_file posts here (POE_UPLOAD_URL = this server + /poe_api/).
+    async def upload(request: Request):
+        body = await request.body()
+        UPLOADS.append({"authorization": request.headers.get("authorization"), "body": body})
+        if b"REFUSE-UPLOAD" in body:
+            return JSONResponse({"error": "refused"}, 400)
+        return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
+                             "mime_type": "application/octet-stream"})
+    poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])
     return poe
 
 
@@ -171,7 +183,8 @@ def start_service(poe_url, tmp_path_factory, monkeypatch_session):
 
     def start(**settings):
         db_path = str(tmp_path_factory.mktemp("db") / "chat.db")
-        settings = {"db_path": db_path, "poe_base_url": poe_url, **settings}
+        settings = {"db_path": db_path, "poe_base_url": poe_url,
+                    "poe_upload_url": poe_url + "poe_api/", **settings}
         live = LiveServer(server.create_app(**settings)).__enter__()
         client = httpx.Client(base_url=live.url, timeout=30)
         stack.append((live, client))
@@ -227,13 +240,18 @@ def stream_turn(api, conversation_id, content):
                       json={"content": content, "stream": True}, headers=KEY)
 
 
-def sse_data(response) -> list:
-    """The data of each event, JSON-decoded except [DONE]."""
+def sse_data(response, ids: list | None = None) -> list:
+    """The data of each event, JSON-decoded except [DONE]; a conversation stream's first frame
+    (the turn's ids) goes to `ids` when given, and is left out."""
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
+    if events and isinstance(events[0], dict) and "session_id" in events[0]:
+        first = events.pop(0)
+        if ids is not None:
+            ids.append(first)
     return events
 
 
@@ -263,13 +281,13 @@ def test_schema_applies_again_without_change(service):
     _, db_path = service
     before = sqlite3.connect(db_path).execute(
         "SELECT count(*) FROM plan_categories").fetchone()[0]
-    server.open_db(db_path).close()
+    server.prepare_database(db_path)
     after = sqlite3.connect(db_path).execute("SELECT count(*) FROM plan_categories").fetchone()[0]
     assert before == after >= 2
 
 
 def test_database_uses_wal_and_foreign_keys(service):
-    conn = server.open_db(service[1])
+    conn = server.connect(service[1], 1.0)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     conn.close()
@@ -290,9 +308,13 @@ def test_flags_beat_env_and_env_beats_dotenv(tmp_path, monkeypatch):
 
 
 def test_unknown_route_is_a_json_404(api):
-    response = api.get("/v1/nothing-here")
+    response = api.get("/nothing-here")
     assert response.status_code == 404
     assert response.json() == {"detail": "Not Found"}
+    # Under /v1/, an unknown path answers as OpenAI would: clients there speak its shape.
+    response = api.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +389,8 @@ def test_update_conversation(api, db):
 
 
 @pytest.mark.parametrize("body,status", [
-    ({}, 400), ({"name": 1}, 400), ({"project_id": 987654}, 404), ({"model": ""}, 400),
+    ({}, 400), ({"name": 1}, 400), ({"project_id": 987654}, 404), ({"model": "no spaces"}, 400),
+    ({"status": 2}, 400),
 ])
 def test_update_conversation_refusals_change_nothing(api, db, body, status):
     conversation_id = new_conversation(api, name="keep")
@@ -419,7 +442,8 @@ def test_turn_sends_whole_history_with_bot_role_and_stores_reply(api, db):
         ("assistant", body["reply"], "complete"), ("user", "two", "complete"),
         ("assistant", second["reply"], "complete")]
     assert messages["messages"][2]["id"] == body["message_id"]
-    assert set(messages["messages"][0]) == {"id", "role", "content", "created_at", "status"}
+    assert set(messages["messages"][0]) == {"id", "role", "content", "created_at", "updated_at",
+                                            "status"}
 
 
 def test_posted_assistant_and_system_roles_are_stored_and_sent(api):
@@ -502,6 +526,8 @@ def test_stream_is_relayed_as_it_arrives_and_saved_in_batches(api, db):
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[len("data: "):])
+            if "session_id" in event:
+                continue
             if event["content"]:
                 arrivals.append(time.monotonic() - started)
                 row = db.execute("SELECT content, status FROM messages WHERE role = 'assistant' "
@@ -728,7 +754,9 @@ def test_categories_are_seeded_in_the_seed_shape(api):
     assert {"需求评审", "方案设计", "知识库"} <= set(by_name)
     for category in categories:
         assert set(category) == {"id", "name", "prompt_template", "message_method",
-                                 "auto_save_category_id", "is_builtin", "created_time"}
+                                 "auto_save_category_id", "is_builtin", "summary_model",
+                                 "created_time"}
+        assert category["summary_model"] == "GPT-4o"  # null is served as DEFAULT_MODEL
         assert category["is_builtin"] is True
         assert category["auto_save_category_id"] is None or \
             isinstance(category["auto_save_category_id"], int)
@@ -765,11 +793,12 @@ def test_document_versions_count_up_per_file(api, db):
     other_category = post_document(api, project_id=project_id, category_id=2,
                                    filename="a.md", content="x").json()
     assert other_file["version"] == other_category["version"] == 1
+    # A version in the request is ignored: the original's clients always send 1.
     explicit = post_document(api, project_id=project_id, category_id=1, filename="a.md",
-                             content="v9", version=9).json()
-    assert explicit["version"] == 9
+                             content="v3", version=1).json()
+    assert explicit["version"] == 3
     assert post_document(api, project_id=project_id, category_id=1, filename="a.md",
-                         content="next").json()["version"] == 10
+                         content="", version=9).json()["version"] == 4  # empty is allowed
     assert db.execute("SELECT count(*) FROM plan_documents WHERE project_id = ?",
                       (project_id,)).fetchone()[0] == 6
 
@@ -777,13 +806,10 @@ def test_document_versions_count_up_per_file(api, db):
 @pytest.mark.parametrize("body,status,detail", [
     ({"project_id": 999999, "category_id": 1}, 404, "Project not found"),
     ({"category_id": 999999}, 404, "Category not found"),
-    ({"version": 1}, 409, None),
     ({"source": "robot"}, 400, "source"),
     ({"filename": ""}, 400, "filename"),
     ({"filename": None}, 400, "filename"),
     ({"content": 12}, 400, "content"),
-    ({"version": "2"}, 400, "version"),
-    ({"version": 0}, 400, "version"),
     ({"category_id": None}, 400, "category_id"),
     ({"related_log_id": "x"}, 400, "related_log_id"),
 ])
@@ -829,13 +855,17 @@ def test_documents_filter_newest_first_and_read_one(api):
     assert api.get("/v1/plan/documents", params={"project_id": "x"}).status_code == 400
 
 
-def test_project_with_documents_cannot_be_deleted(api, db):
+def test_deleting_a_project_deletes_its_documents(api, db):
     project_id = new_project(api, "has-docs")
+    kept = new_project(api, "keeps-docs")
     post_document(api, project_id=project_id, category_id=5, filename="kb", content="x")
-    before = snapshot(db)
+    post_document(api, project_id=kept, category_id=5, filename="kb", content="y")
     response = api.delete(f"/v1/projects/{project_id}")
-    assert response.status_code == 409
-    assert snapshot(db) == before
+    assert response.status_code == 200
+    assert db.execute("SELECT count(*) FROM plan_documents WHERE project_id = ?",
+                      (project_id,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM plan_documents WHERE project_id = ?",
+                      (kept,)).fetchone()[0] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1062,7 +1092,7 @@ def read_then_signal(tmp_path, poe_url, sig):
         with stream_turn(api, conversation_id, "400 0.02") as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
-                    received += json.loads(line[6:])["content"]
+                    received += json.loads(line[6:]).get("content", "")
                 if len(received.split()) >= 60:  # past more than one flush interval
                     break
             first.stop(sig)
@@ -1112,7 +1142,7 @@ def test_body_over_limit_is_413_when_streamed_without_length(small_bodies):
     api, db_path = small_bodies
     host, port = api.base_url.host, api.base_url.port
     with socket.create_connection((host, port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/projects HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
         piece = b'{"name": "' + b"x" * 1490
         sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
@@ -1278,7 +1308,7 @@ def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
                     now = time.monotonic()
                     gaps.append(now - last if last else 0)
                     last = now
-                    received += json.loads(line[6:])["content"]
+                    received += json.loads(line[6:]).get("content", "")
         return received, max(gaps)
 
     async def all_of_them():
@@ -1313,8 +1343,9 @@ def test_stream_lines_look_as_api_md_shows_them(api):
     conversation_id = new_conversation(api, model="Replace")
     with stream_turn(api, conversation_id, "x") as response:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert lines[0] == 'data: {"content": "draft "}'
-    assert lines[2] == 'data: {"content": "final answer", "replace": true}'
+    assert lines[0].startswith('data: {"conversation_id": "')
+    assert lines[1] == 'data: {"content": "draft "}'
+    assert lines[3] == 'data: {"content": "final answer", "replace": true}'
     assert lines[-2].startswith('data: {"content": "", "finish_reason": "stop", "message_id": ')
     assert lines[-1] == "data: [DONE]"
 
@@ -1335,7 +1366,7 @@ def test_text_before_a_pause_is_saved_during_the_pause(api, db):
     conversation_id = new_conversation(api, model="Stall")  # 'begin ', 0.2 s, 'more ', 3 s
     with stream_turn(api, conversation_id, "x") as response:
         lines = response.iter_lines()
-        events = (line for line in lines if line.startswith("data: {"))
+        events = (line for line in lines if line.startswith('data: {"content"'))
         received = [json.loads(next(events)[6:])["content"] for _ in range(2)]
         assert received == ["begin ", "more "]
         time.sleep(server.FLUSH_SECONDS + 0.3)  # Poe is silent now
