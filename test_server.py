@@ -4,10 +4,15 @@ uvicorn on 127.0.0.1 and talks, through fastapi_poe's client, to a real Poe-prot
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
+import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -107,6 +112,12 @@ async def stall(request):
     yield fp.PartialResponse(text="too late")
 
 
+async def painter(request):
+    yield fp.PartialResponse(text="Here: ")
+    yield fp.PartialResponse(text="", attachment=fp.Attachment(
+        url="https://poe.test/cat.png", content_type="image/png", name="cat.png"))
+
+
 async def locked(request):
     yield fp.PartialResponse(text="unlocked")
 
@@ -119,14 +130,15 @@ def make_poe_app():
             ScriptBot("Fussy", error_type_bot("user_caused_error")),
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
             ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
-            ScriptBot("Locked", locked, access_key=RIGHT_KEY)]
+            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Painter", painter)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.
     def status_route(name, status):
         async def route():
             CALLS[name] += 1
-            return JSONResponse({"detail": name}, status)
+            return JSONResponse({"detail": name}, status,
+                                headers={"Retry-After": "7"} if status == 429 else None)
         poe.add_api_route(f"/{name}", route, methods=["POST"])
 
     status_route("Busy", 429)
@@ -600,6 +612,118 @@ def test_server_key_is_used_when_the_request_has_none(start_service):
     assert response.status_code == 200 and response.json()["reply"] == "unlocked"
 
 
+@pytest.mark.parametrize("token", ["sk-test", "sk-test-your-token-here"])
+def test_server_key_wins_over_placeholder_tokens(start_service, token):
+    api, _ = start_service(poe_api_key=RIGHT_KEY)
+    conversation_id = new_conversation(api, model="Locked")
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                        json={"content": "hi"}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200 and response.json()["reply"] == "unlocked"
+    assert LAST_QUERY["Locked"].access_key == RIGHT_KEY  # what reached Poe
+
+
+@pytest.fixture(scope="session")
+def guarded(start_service):
+    return start_service(access_keys="first-access-key, second-access-key",
+                         poe_api_key=RIGHT_KEY)
+
+
+def test_access_keys_guard_every_route_but_health_login_and_preflight(guarded):
+    api, db_path = guarded
+    assert api.get("/health").status_code == 200
+    refused = api.get("/v1/chat/conversations")
+    assert refused.status_code == 401 and "access key" in refused.json()["detail"]
+    wrong = api.post("/v1/chat/conversations", json={},
+                     headers={"Authorization": "Bearer sk-test"})
+    assert wrong.status_code == 401
+    openai_shaped = api.get("/v1/models")
+    assert openai_shaped.status_code == 401
+    assert openai_shaped.json()["error"]["type"] == "authentication_error"
+    preflight = api.options("/v1/chat/conversations", headers={
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:5173"
+    allowed = {"Authorization": "Bearer second-access-key"}
+    conversation_id = api.post("/v1/chat/conversations", json={"model": "Locked"},
+                               headers=allowed).json()["conversation_id"]
+    reply = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                     json={"content": "hi"}, headers=allowed)
+    assert reply.json()["reply"] == "unlocked"  # the access key is not sent to Poe
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM conversations").fetchone()[0] == 1
+
+
+def test_login_checks_the_password_against_access_keys(guarded, api):
+    guarded_api, _ = guarded
+    ok = guarded_api.post("/v1/auth/login", json={"userName": " tery ",
+                                                  "password": "first-access-key"})
+    assert ok.json() == {"name": "tery", "user": "tery"}
+    bad = guarded_api.post("/v1/auth/login", json={"userName": "tery", "password": "guess"})
+    assert bad.status_code == 401 and "detail" in bad.json()
+    # Without ACCESS_KEYS the service is open: any login succeeds.
+    assert api.post("/v1/auth/login", json={"userName": "guest", "password": ""}).json() == \
+        {"name": "guest", "user": "guest"}
+    assert api.post("/v1/auth/login", json={"password": "x"}).status_code == 400
+
+
+def test_access_keys_without_a_poe_key_refuse_to_start(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(server.HERE, "server.py"),
+                             "--db", str(tmp_path / "chat.db")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "ACCESS_KEYS": "k", "POE_API_KEY": ""})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
+
+
+def test_open_service_on_a_public_address_warns(tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(server.HERE, "server.py"),
+                                "--host", "0.0.0.0", "--port", str(port),
+                                "--db", str(tmp_path / "chat.db")], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "ACCESS_KEYS": ""})
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+                 if port_open(port) else False, seconds=20)
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=15)[0]
+    assert "anyone who can reach" in output and "ACCESS_KEYS" in output
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_body_that_is_not_json_is_415_and_changes_nothing(api, db):
+    before = snapshot(db)
+    response = api.post("/v1/projects", content=b'{"name": "from a form"}',
+                        headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and "detail" in response.json()
+    assert snapshot(db) == before
+    typed = api.post("/v1/projects", content=b'{"name": "typed json"}',
+                     headers={"Content-Type": "application/vnd.api+json; charset=utf-8"})
+    assert typed.status_code == 200
+    # A bodiless request may carry any content type (Kitbag sends JSON's on GETs).
+    assert api.get("/v1/projects", headers={"Content-Type": "text/plain"}).status_code == 200
+
+
+def test_a_foreign_host_is_refused(api):
+    response = api.get("/v1/chat/conversations", headers={"Host": "evil.example:8000"})
+    assert response.status_code == 400 and "Host" in response.json()["detail"]
+    assert api.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
+
+
+def test_failures_after_poe_was_called_say_do_not_retry(api):
+    conversation_id = new_conversation(api, model="Crash")
+    response = say(api, conversation_id, "x")
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    busy = say(api, new_conversation(api, model="Busy"), "x")
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "7"
+
+
 # ---------------------------------------------------------------------------------------------
 # Poe's failures
 # ---------------------------------------------------------------------------------------------
@@ -691,6 +815,258 @@ def test_stop_ends_the_reply_and_keeps_its_text(api, db):
 
 def test_stop_unknown_conversation_is_404(api):
     assert api.post("/v1/chat/conversations/unknown/stop").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------
+# The original's clients: conversations and messages as they use them
+# ---------------------------------------------------------------------------------------------
+
+def test_conversation_list_filters_and_reads_one(api, db):
+    project = api.post("/v1/projects", json={"name": "listing"}).json()
+    in_project = new_conversation(api, project_id=project["id"], name="p", assistance_role="coder")
+    loose = new_conversation(api, name="loose", model="")
+    api.put(f"/v1/chat/conversations/{loose}", json={"status": 1})
+    listed = api.get("/v1/chat/conversations").json()
+    ids = [c["id"] for c in listed]
+    assert ids.index(loose) < ids.index(in_project)  # most recently updated first
+    one = api.get(f"/v1/chat/conversations/{in_project}").json()
+    assert {k: one[k] for k in ("id", "conversation_id", "project_id", "project_name", "name",
+                                "assistance_role", "status")} == {
+        "id": in_project, "conversation_id": in_project, "project_id": project["id"],
+        "project_name": "listing", "name": "p", "assistance_role": "coder", "status": 0}
+    by_project = api.get("/v1/chat/conversations", params={"project_id": project["id"]}).json()
+    assert [c["id"] for c in by_project] == [in_project]
+    archived = api.get("/v1/chat/conversations", params={"project_id": 0, "status": 1}).json()
+    assert loose in [c["id"] for c in archived] and in_project not in [c["id"] for c in archived]
+    assert all(c["project_name"] == "其它" and c["status"] == 1 for c in archived)
+    assert api.get("/v1/chat/conversations", params={"status": 5}).status_code == 400
+    assert api.get("/v1/chat/conversations/nope").status_code == 404
+    stored = db.execute("SELECT status FROM conversations WHERE id = ?", (loose,)).fetchone()[0]
+    assert stored == 1
+
+
+def test_updated_at_moves_with_every_message_and_update(api):
+    conversation_id = new_conversation(api, model="Echo")
+    times = [api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"]]
+    time.sleep(0.01)
+    say(api, conversation_id, "hello")
+    times.append(api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"])
+    time.sleep(0.01)
+    api.put(f"/v1/chat/conversations/{conversation_id}", json={"name": "n"})
+    times.append(api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"])
+    assert times == sorted(times) and len(set(times)) == 3
+
+
+def test_empty_or_default_model_means_the_default(api):
+    conversation_id = new_conversation(api, model="")
+    say(api, conversation_id, "x")
+    assert LAST_QUERY["GPT-4o"].query[-1].content == "x"
+    other = new_conversation(api, model="default")  # what the web client sends
+    say(api, other, "y")
+    assert LAST_QUERY["GPT-4o"].query[-1].content == "y"
+
+
+def test_turn_answer_carries_both_ids(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    body = say(api, conversation_id, "ids please").json()
+    rows = stored_messages(db, conversation_id)
+    assert body["user_message_id"] == rows[0]["id"] and rows[0]["role"] == "user"
+    assert body["assistant_message_id"] == body["message_id"] == rows[1]["id"]
+
+
+def test_stream_begins_with_ids_and_session(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    ids = []
+    with stream_turn(api, conversation_id, "hi") as response:
+        events = sse_data(response, ids)
+    rows = stored_messages(db, conversation_id)
+    assert ids[0]["conversation_id"] == conversation_id
+    assert ids[0]["user_message_id"] == rows[0]["id"]
+    assert ids[0]["assistant_message_id"] == rows[1]["id"] == events[-2]["message_id"]
+    assert isinstance(ids[0]["session_id"], str) and ids[0]["session_id"]
+
+
+def test_messages_pagination(api, db):
+    conversation_id = new_conversation(api, model="Echo", system_prompt="s")
+    for i in range(3):
+        say(api, conversation_id, f"m{i}")
+    every = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert len(every) == 7 and "has_more" not in every
+    page = api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                   params={"limit": 3}).json()
+    assert [m["id"] for m in page["messages"]] == [m["id"] for m in every[-3:]]
+    assert page["has_more"] is True
+    older = api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                    params={"limit": 10, "before_id": page["messages"][0]["id"]}).json()
+    assert [m["id"] for m in older["messages"]] == [m["id"] for m in every[:4]]
+    assert older["has_more"] is False
+    assert api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                   params={"limit": 0}).status_code == 400
+
+
+def test_stop_stream_by_session_keeps_text(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    ids = []
+    with stream_turn(api, conversation_id, "200 0.05") as response:
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        next(line for line in lines if line.startswith('data: {"content"'))
+        stopped = api.post("/v1/chat/stop-stream", json={"session_id": first["session_id"]})
+        assert stopped.json() == {"message": "Stream stopped", "session_id": first["session_id"]}
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and '"finish_reason": "stop"' in rest[-2]
+    reply = stored_messages(db, conversation_id)[-1]
+    assert reply["status"] == "interrupted" and reply["content"].startswith("c0 ")
+    again = api.post("/v1/chat/stop-stream", json={"session_id": first["session_id"]})
+    assert again.status_code == 404 and again.json() == {"detail": "Stream session not found"}
+
+
+def test_deleting_messages_both_ways(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    first = say(api, conversation_id, "one").json()
+    second = say(api, conversation_id, "two").json()
+    gone = api.post("/v1/chat/messages/delete",
+                    json={"message_ids": [first["user_message_id"], first["message_id"],
+                                          987654321]})
+    assert gone.json() == {"message": "2 messages deleted"}
+    one = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{second['message_id']}")
+    assert one.json() == {"message": "Message deleted"}
+    assert [m["id"] for m in stored_messages(db, conversation_id)] == \
+        [second["user_message_id"]]
+    missing = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/"
+                         f"{second['message_id']}")
+    assert missing.status_code == 404
+    assert api.post("/v1/chat/messages/delete", json={"message_ids": ["x"]}).status_code == 400
+
+
+def test_deleting_a_reply_in_progress_stops_it_first(api, db):
+    conversation_id = new_conversation(api, model="Slow")
+    ids = []
+    with stream_turn(api, conversation_id, "200 0.05") as response:
+        lines = response.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        deleted = api.post("/v1/chat/messages/delete",
+                           json={"message_ids": [first["assistant_message_id"]]})
+        assert deleted.json() == {"message": "1 messages deleted"}
+        list(lines)
+    assert [m["role"] for m in stored_messages(db, conversation_id)] == ["user"]
+    assert say(api, conversation_id, "1 0").status_code == 200  # nothing left in progress
+
+
+def test_regenerate_replaces_the_last_reply(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    say(api, conversation_id, "first")
+    old = say(api, conversation_id, "second").json()
+    calls = CALLS["Echo"]
+    again = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", json={},
+                     headers=KEY)
+    assert again.status_code == 200 and CALLS["Echo"] == calls + 1
+    body = again.json()
+    assert body["user_message_id"] == old["user_message_id"]
+    assert json.loads(body["reply"])[-1] == ["user", "second"]  # the same history
+    rows = stored_messages(db, conversation_id)
+    assert [r["id"] for r in rows][-2:] == [old["user_message_id"], body["message_id"]]
+    assert old["message_id"] not in [r["id"] for r in rows]
+
+
+def test_what_goes_to_poe_system_append_documents_merged_assistants(api, db):
+    project = api.post("/v1/projects", json={"name": "docs-to-poe"}).json()
+    doc_a = api.post("/v1/plan/documents", json={"project_id": project["id"], "category_id": 5,
+                                                 "filename": "a.md", "content": "AAA"}).json()
+    doc_b = api.post("/v1/plan/documents", json={"project_id": project["id"], "category_id": 5,
+                                                 "filename": "b.md", "content": "BBB"}).json()
+    conversation_id = new_conversation(api, model="Echo", system_prompt="SP")
+    api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+             json={"role": "assistant", "content": "note one"}, headers=KEY)
+    say(api, conversation_id, "go", documents=[doc_b["id"], doc_a["id"]],
+        system_prompt_append="APPEND")
+    sent = history_of(LAST_QUERY["Echo"])
+    assert sent[0] == ["system", "SP\n\nAPPEND\n\n----- b.md BEGIN -----\nBBB\n----- b.md END "
+                                 "-----\n\n----- a.md BEGIN -----\nAAA\n----- a.md END -----"]
+    # The posted assistant note and the reply to it were consecutive: merged, as Poe wants.
+    assert [role for role, _ in sent] == ["system", "bot", "user"]
+    assert sent[1][1].startswith("note one\n---\n")
+    say(api, conversation_id, "later")
+    assert history_of(LAST_QUERY["Echo"])[0] == ["system", "SP"]  # for that turn only
+    before = snapshot(db)
+    missing = say(api, conversation_id, "x", documents=[doc_a["id"], 99999998, 99999999])
+    assert missing.status_code == 404 and "99999998, 99999999" in missing.json()["detail"]
+    assert snapshot(db) == before
+
+
+def test_continue_prompt_is_sent_but_not_stored(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    say(api, conversation_id, "start")
+    body = say(api, conversation_id, " 继续 ").json()
+    assert history_of(LAST_QUERY["Echo"])[-1] == ["user", " 继续 "]
+    assert body["user_message_id"] is None
+    assert [m["role"] for m in stored_messages(db, conversation_id)] == \
+        ["user", "assistant", "assistant"]
+
+
+def test_long_history_is_trimmed_oldest_first(start_service):
+    api, db_path = start_service(max_context_chars=60)
+    conversation_id = new_conversation(api, model="Echo", system_prompt="S" * 30)
+    db = sqlite3.connect(db_path)
+    db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                   [(conversation_id, role, text) for role, text in
+                    (("user", "a" * 10), ("assistant", "b" * 10), ("user", "c" * 10),
+                     ("assistant", "d" * 10))])
+    db.commit()
+    body = say(api, conversation_id, "e" * 10).json()
+    sent = history_of(LAST_QUERY["Echo"])
+    assert sent[0] == ["system", "S" * 30] and sent[-1] == ["user", "e" * 10]
+    assert [c for _, c in sent[1:-1]] == ["c" * 10, "d" * 10]  # 30 + 3 * 10 fits in 60
+    assert body["context_trimmed"] == 2
+    with stream_turn(api, conversation_id, "f" * 10) as response:
+        events = sse_data(response)
+    assert events[-2]["context_trimmed"] >= 1
+
+
+def test_attachments_are_uploaded_stored_and_sent_again(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    UPLOADS.clear()
+    body = say(api, conversation_id, "look", attachments=[
+        {"url": "https://example.com/pic.png"},
+        {"data": base64.b64encode(b"PDF-BYTES").decode(), "name": "doc.pdf",
+         "content_type": "application/pdf"}]).json()
+    assert len(UPLOADS) == 1 and b"PDF-BYTES" in UPLOADS[0]["body"]
+    assert UPLOADS[0]["authorization"] == "poe-test-key"  # fastapi_poe sends the bare key
+    sent = LAST_QUERY["Echo"].query[-1].attachments
+    assert [(a.url, a.name, a.content_type) for a in sent] == [
+        ("https://example.com/pic.png", "pic.png", "image/png"),
+        ("https://poe.test/file/1", "doc.pdf", "application/pdf")]
+    row = db.execute("SELECT attachments FROM messages WHERE id = ?",
+                     (body["user_message_id"],)).fetchone()[0]
+    assert [a["url"] for a in json.loads(row)] == ["https://example.com/pic.png",
+                                                    "https://poe.test/file/1"]
+    say(api, conversation_id, "and again")
+    assert [a.url for a in LAST_QUERY["Echo"].query[0].attachments] == \
+        ["https://example.com/pic.png", "https://poe.test/file/1"]
+    listed = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert listed[0]["attachments"][1]["name"] == "doc.pdf"
+
+
+@pytest.mark.parametrize("attachment,status", [
+    ({"data": "not base64!"}, 400), ({"url": "ftp://x/y"}, 400), ({}, 400),
+    ({"data": base64.b64encode(b"REFUSE-UPLOAD").decode(), "name": "r.txt"}, 502),
+])
+def test_bad_attachments_change_nothing(api, db, attachment, status):
+    conversation_id = new_conversation(api, model="Echo")
+    before = snapshot(db)
+    response = say(api, conversation_id, "x", attachments=[attachment])
+    assert response.status_code == status
+    assert snapshot(db) == before
+
+
+def test_files_a_bot_sends_become_markdown_and_attachments(api, db):
+    conversation_id = new_conversation(api, model="Painter")
+    body = say(api, conversation_id, "draw").json()
+    assert body["reply"] == "Here: ![cat.png](https://poe.test/cat.png)"
+    stored = db.execute("SELECT content, attachments FROM messages WHERE id = ?",
+                        (body["message_id"],)).fetchone()
+    assert stored[0] == body["reply"]
+    assert json.loads(stored[1])[0]["url"] == "https://poe.test/cat.png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1007,10 +1383,6 @@ def test_error_after_stream_began_is_an_event_then_done(service):
 # Reliability: hang-ups, crashes, shutdowns
 # ---------------------------------------------------------------------------------------------
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 
 def wait_for(condition, seconds=10.0, step=0.02):
@@ -1253,15 +1625,19 @@ def test_binds_loopback_by_default(monkeypatch, tmp_path):
     assert server.load_settings()["host"] == "127.0.0.1"
 
 
-def test_cors_is_off_unless_origins_are_listed(api, start_service):
+def test_cors_allows_loopback_origins_unless_origins_are_listed(api, start_service):
     preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     response = api.options("/v1/chat/conversations", headers=preflight)
     assert "access-control-allow-origin" not in response.headers
+    local = api.get("/health", headers={"Origin": "http://localhost:5173"})
+    assert local.headers["access-control-allow-origin"] == "http://localhost:5173"
     assert "access-control-allow-origin" not in api.get(
         "/health", headers={"Origin": "http://evil.example"}).headers
     allowed, _ = start_service(cors_origins="http://app.example")
     ok = allowed.get("/health", headers={"Origin": "http://app.example"})
     assert ok.headers["access-control-allow-origin"] == "http://app.example"
+    assert "access-control-allow-origin" not in allowed.get(
+        "/health", headers={"Origin": "http://localhost:5173"}).headers
     other = allowed.get("/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
 
