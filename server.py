@@ -283,16 +283,16 @@ def migration(version: int) -> Callable:
 
 
 def schema_statements() -> list[str]:
+    """schema.sql's statements, each without the comment lines before it."""
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         lines = f.read().splitlines(keepends=True)
     statements, current = [], ""
     for line in lines:
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
         current += line
         if sqlite3.complete_statement(current):
-            if current.strip() and not all(
-                    part.strip().startswith("--") or not part.strip()
-                    for part in current.splitlines()):
-                statements.append(current.strip())
+            statements.append(current.strip())
             current = ""
     return statements
 
@@ -353,62 +353,81 @@ def check_columns(db: sqlite3.Connection) -> None:
             raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
 
 
-def prepare_database(db_path: str) -> None:
-    """Makes a new database, or upgrades one from an earlier release in place, in one
-    transaction; a file that cannot be used (not SQLite, corrupt, read-only, from a newer
-    release, a column missing) raises DatabaseUnusable and is left exactly as it was."""
+def schema_version(db: sqlite3.Connection) -> int:
+    """The database's schema version: 0 for an empty file."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                   "name = 'messages'").fetchone():
+        version = 1  # the first release did not number its schema
+    return version
+
+
+def inspect_database(db_path: str) -> int:
+    """The version of an existing file, read without writing to it; DatabaseUnusable when this
+    release cannot serve it."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None, timeout=30)
     try:
-        db = sqlite3.connect(f"file:{db_path}?mode=rwc", uri=True, isolation_level=None,
-                             timeout=30)
-    except sqlite3.Error as exc:
-        raise DatabaseUnusable(f"cannot open {db_path}: {exc}") from None
-    try:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if version == 0 and "messages" in tables:
-            version = 1  # the first release did not number its schema
+        version = schema_version(db)
         if version > SCHEMA_VERSION:
             raise DatabaseUnusable(
                 f"{db_path} was made by a newer release (schema {version}; this one knows up "
                 f"to {SCHEMA_VERSION}): use that release")
         if version == SCHEMA_VERSION:
             check_columns(db)
-        else:
-            # Steps rebuild tables, so foreign keys stay off until the data is whole again.
-            db.execute("PRAGMA foreign_keys = OFF")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if version > 0:
-                    for step in range(version + 1, SCHEMA_VERSION + 1):
-                        MIGRATIONS[step](db)
-                for statement in schema_statements():
-                    db.execute(statement)
-                if version > 0:
-                    db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-                    db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
-                check_columns(db)
-                broken = db.execute("PRAGMA foreign_key_check").fetchone()
-                if broken is not None:
-                    raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is "
-                                           "gone; the upgrade would lose them")
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        db.execute("PRAGMA journal_mode = WAL")
-        # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
-        db.execute(f"UPDATE messages SET status = 'interrupted', updated_at = {NOW_SQL} "
-                   "WHERE status = 'streaming'")
+        return version
+    finally:
+        db.close()
+
+
+def upgrade(db: sqlite3.Connection, version: int) -> None:
+    """Runs the steps after `version` and schema.sql in one transaction (a new database is
+    schema.sql alone); nothing is kept unless all of it succeeds."""
+    # Steps rebuild tables, so foreign keys stay off until the data is whole again.
+    db.execute("PRAGMA foreign_keys = OFF")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            MIGRATIONS[step](db)
+        for statement in schema_statements():
+            db.execute(statement)
+        if version:
+            db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+            db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
+        check_columns(db)
+        broken = db.execute("PRAGMA foreign_key_check").fetchone()
+        if broken is not None:
+            raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is gone; "
+                                   "the upgrade would lose them")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def prepare_database(db_path: str) -> None:
+    """Makes a new database, or upgrades one from an earlier release in place, in one
+    transaction; a file that cannot be used (not SQLite, corrupt, read-only, from a newer
+    release, a column missing) raises DatabaseUnusable and is left exactly as it was."""
+    try:
+        exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
+        version = inspect_database(db_path) if exists else 0
+        db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
+        try:
+            if version < SCHEMA_VERSION:
+                upgrade(db, version)
+            db.execute("PRAGMA journal_mode = WAL")
+            # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
+            db.execute(f"UPDATE messages SET status = 'interrupted', updated_at = {NOW_SQL} "
+                       "WHERE status = 'streaming'")
+        finally:
+            db.close()
     except sqlite3.Error as exc:
         reason = str(exc)
         if "readonly" in reason or "read-only" in reason:
             reason = "the file is read-only"
         raise DatabaseUnusable(f"cannot use {db_path}: {reason}") from None
-    finally:
-        db.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 import server
 
@@ -153,7 +153,52 @@ def make_poe_app():
         return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
                              "mime_type": "application/octet-stream"})
     poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])
+    for name in RAW_BOTS:
+        poe.add_api_route(f"/{name}", raw_bot, methods=["POST"])
     return poe
+
+
+# Bots that speak the protocol badly, as raw server-sent events.
+def event(kind: str, data: str) -> bytes:
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def odd_text(query):
+    # JSON escapes, as a broken encoder sends them: a NUL and half of a surrogate pair.
+    yield event("text", '{"text": "nul\\u0000here "}')
+    yield event("text", '{"text": "half \\ud83d emoji"}')
+    yield event("done", "{}")
+
+
+async def no_done(query):
+    yield event("text", '{"text": "partial "}')
+    await asyncio.sleep(0.05)
+
+
+async def no_events(query):
+    return
+    yield
+
+
+async def huge(query):
+    """One text event of N characters (N is the message), then done."""
+    size = int(query["query"][-1]["content"])
+    yield event("text", json.dumps({"text": "x" * size}))
+    yield event("done", "{}")
+
+
+RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge}
+REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
+
+
+async def raw_bot(request: Request):
+    name = request.url.path.strip("/")
+    query = await request.json()
+    if query.get("type") == "report_error":
+        REPORTS.append(query)
+        return JSONResponse({"detail": "no such thing"}, 404)  # must not read as "no model"
+    CALLS[name] += 1
+    return StreamingResponse(RAW_BOTS[name](query), media_type="text/event-stream")
 
 
 class LiveServer:
@@ -1491,6 +1536,266 @@ def test_sigterm_and_ctrl_c_save_in_flight_text(tmp_path, poe_url, sig):
     assert [(m["role"], m["status"]) for m in messages] == [
         ("user", "complete"), ("assistant", "interrupted")]
     assert messages[1]["content"].startswith(received)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: odd text, broken streams, a locked database, old and unusable databases
+# ---------------------------------------------------------------------------------------------
+
+def test_text_that_cannot_be_stored_is_cleaned_and_the_reply_goes_on(api, db):
+    conversation_id = new_conversation(api, model="Odd")
+    with stream_turn(api, conversation_id, "x") as response:
+        events = sse_data(response)
+    assert "".join(e.get("content", "") for e in events[:-1]) == "nulhere half \ufffd emoji"
+    assert stored_messages(db, conversation_id)[-1]["content"] == "nulhere half \ufffd emoji"
+    assert stored_messages(db, conversation_id)[-1]["status"] == "complete"
+
+
+def test_a_stream_without_done_is_a_failure_part_way(api, db):
+    conversation_id = new_conversation(api, model="NoDone")
+    response = say(api, conversation_id, "x")
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    assert stored_messages(db, conversation_id)[-1] == {
+        **stored_messages(db, conversation_id)[-1], "content": "partial ",
+        "status": "interrupted"}
+    with stream_turn(api, conversation_id, "y") as streamed:
+        events = sse_data(streamed)
+    assert events[-2]["error"]["status"] == 502 and events[-1] == "[DONE]"
+
+
+def test_a_stream_without_events_leaves_no_trace(api, db):
+    conversation_id = new_conversation(api, model="NoEvents")
+    before, reports = snapshot(db), len(REPORTS)
+    for stream in (False, True):
+        response = say(api, conversation_id, "x", stream=stream)
+        # fastapi_poe's own error report was answered 404: still not "unknown model".
+        assert response.status_code == 502, response.text
+    assert len(REPORTS) > reports
+    assert snapshot(db) == before
+
+
+def test_a_big_chunk_is_relayed_in_pieces_and_stored_whole(api, db):
+    conversation_id = new_conversation(api, model="Huge")
+    with stream_turn(api, conversation_id, "3000000") as response:
+        events = sse_data(response)
+    contents = [e["content"] for e in events[:-2]]
+    assert len(contents) > 1 and max(map(len, contents)) <= server.SSE_PIECE_CHARS
+    assert "".join(contents) == "x" * 3000000
+    assert stored_messages(db, conversation_id)[-1]["content"] == "x" * 3000000
+
+
+@pytest.fixture(scope="session")
+def lockable(start_service):
+    return start_service(db_timeout=0.3)
+
+
+def test_a_locked_database_freezes_no_one_and_loses_nothing(lockable):
+    api, db_path = lockable
+    conversation_id = new_conversation(api, model="Slow")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    with stream_turn(api, conversation_id, "30 0.05") as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith('data: {"content"'))
+        other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+        try:
+            started = time.monotonic()
+            assert api.get("/health").status_code == 200  # reads go on
+            refused = api.post("/v1/chat/conversations", json={})
+            assert refused.status_code == 503 and "locked" in refused.json()["detail"]
+            assert time.monotonic() - started < 3
+            rest = [line for line in lines if line.startswith("data: ")]
+            # The end reached the client though it could not be written yet.
+            assert rest[-1] == "data: [DONE]" and '"finish_reason": "stop"' in rest[-2]
+            row = other.execute("SELECT status FROM messages WHERE conversation_id = ? "
+                                "AND role = 'assistant'", (conversation_id,)).fetchone()
+            assert row[0] == "streaming"
+            assert api.get("/health").json()["unsaved_replies"] == 1
+        finally:
+            other.execute("ROLLBACK")
+    expected = "".join(f"c{i} " for i in range(30))
+    wait_for(lambda: other.execute(
+        "SELECT content, status FROM messages WHERE conversation_id = ? AND role = 'assistant'",
+        (conversation_id,)).fetchone() == (expected, "complete"), seconds=15)
+    other.close()
+
+
+def test_a_turn_that_cannot_get_the_database_is_503_and_calls_no_one(lockable):
+    api, db_path = lockable
+    conversation_id = new_conversation(api, model="Echo")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    calls = CALLS["Echo"]
+    try:
+        response = say(api, conversation_id, "x")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert response.status_code == 503 and response.headers["content-type"] == \
+        "application/json"
+    assert CALLS["Echo"] == calls
+    assert say(api, conversation_id, "again").status_code == 200
+
+
+def test_a_long_history_is_read_and_sent(start_service):
+    api, db_path = start_service()
+    conversation_id = new_conversation(api, model="Echo")
+    db = sqlite3.connect(db_path)
+    db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                   ((conversation_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
+                    for i in range(100000)))
+    db.commit()
+    page = api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                   params={"limit": 50}).json()
+    assert [m["content"] for m in page["messages"]][-1] == "m99999" and page["has_more"]
+    whole = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
+    assert len(whole["messages"]) == 100000
+    body = say(api, conversation_id, "last").json()
+    # MAX_CONTEXT_CHARS (400,000) left the oldest out; the rest went, newest last.
+    assert len(LAST_QUERY["Echo"].query) + body["context_trimmed"] == 100001
+    assert LAST_QUERY["Echo"].query[-1].content == "last"
+    assert LAST_QUERY["Echo"].query[-2].content == "m99999"
+
+
+OLD_SCHEMA = """
+CREATE TABLE projects (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE
+    CHECK (length(name) > 0), dev_environment TEXT NOT NULL DEFAULT '', grpc_server_address TEXT
+    NOT NULL DEFAULT '', llm_model TEXT, llm_url TEXT, created_time TEXT NOT NULL DEFAULT
+    (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), updated_time TEXT NOT NULL DEFAULT
+    (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+CREATE TABLE conversations (id TEXT PRIMARY KEY, system_prompt TEXT, project_id INTEGER
+    REFERENCES projects(id) ON DELETE SET NULL, name TEXT, model TEXT, created_at TEXT NOT NULL
+    DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), updated_at TEXT NOT NULL DEFAULT
+    (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+CREATE INDEX conversations_by_project ON conversations(project_id);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL
+    REFERENCES conversations(id) ON DELETE CASCADE, role TEXT NOT NULL CHECK (role IN ('system',
+    'user', 'assistant')), content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'complete' CHECK
+    (status IN ('complete', 'streaming', 'interrupted')), created_at TEXT NOT NULL DEFAULT
+    (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+CREATE TABLE plan_categories (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE
+    CHECK (length(name) > 0), prompt_template TEXT NOT NULL, message_method TEXT NOT NULL,
+    auto_save_category_id INTEGER REFERENCES plan_categories(id) ON DELETE SET NULL, is_builtin
+    INTEGER NOT NULL DEFAULT 0 CHECK (is_builtin IN (0, 1)), created_time TEXT NOT NULL DEFAULT
+    (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+CREATE TABLE plan_documents (id INTEGER PRIMARY KEY AUTOINCREMENT, project_id INTEGER NOT NULL
+    REFERENCES projects(id) ON DELETE RESTRICT, category_id INTEGER NOT NULL REFERENCES
+    plan_categories(id) ON DELETE RESTRICT, filename TEXT NOT NULL CHECK (length(filename) > 0),
+    content TEXT NOT NULL, version INTEGER NOT NULL CHECK (version >= 1), source TEXT NOT NULL
+    DEFAULT 'user' CHECK (source IN ('user', 'server', 'chat')), related_log_id INTEGER,
+    created_time TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (project_id, category_id, filename, version));
+INSERT INTO plan_categories (id, name, prompt_template, message_method, is_builtin)
+    VALUES (5, '知识库', '{doc}', 'PlanGetRequest', 1);
+INSERT INTO projects (id, name) VALUES (1, 'old project');
+INSERT INTO conversations (id, system_prompt, project_id, name, model, created_at, updated_at)
+    VALUES ('c-old', 'be brief', 1, 'old chat', 'Echo', '2026-01-01T00:00:00.000Z',
+            '2026-01-02T00:00:00.000Z');
+INSERT INTO messages (conversation_id, role, content, status, created_at) VALUES
+    ('c-old', 'system', 'be brief', 'complete', '2026-01-01T00:00:00.000Z'),
+    ('c-old', 'user', '旧的问题 question', 'complete', '2026-01-01T00:00:01.000Z'),
+    ('c-old', 'assistant', 'an old answer, cut', 'streaming', '2026-01-01T00:00:02.000Z');
+INSERT INTO plan_documents (project_id, category_id, filename, content, version)
+    VALUES (1, 5, 'kb.md', 'knowledge 知识', 1);
+"""
+
+
+def make_old_database(path) -> None:
+    """A database as the first release (schema.sql of commit add6e26) left it."""
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+
+
+def test_a_database_from_the_release_before_is_upgraded_with_everything_in_it(
+        start_service, tmp_path):
+    path = tmp_path / "old.db"
+    make_old_database(path)
+    api, _ = start_service(db_path=str(path))
+    conversation = api.get("/v1/chat/conversations/c-old").json()
+    assert (conversation["name"], conversation["project_name"], conversation["status"]) == \
+        ("old chat", "old project", 0)
+    messages = api.get("/v1/chat/conversations/c-old/messages").json()["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in messages] == [
+        ("system", "be brief", "complete"), ("user", "旧的问题 question", "complete"),
+        ("assistant", "an old answer, cut", "interrupted")]
+    assert messages[1]["updated_at"] == messages[1]["created_at"] == "2026-01-01T00:00:01.000Z"
+    assert api.get("/v1/projects/1").json()["ai_work_dir"] is None
+    assert say(api, "c-old", "new question").status_code == 200
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert db.execute("SELECT count(*) FROM plan_documents").fetchone()[0] == 1
+    # The search index was built for what the old release stored.
+    assert (2,) in db.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH '旧的问'"
+                              ).fetchall()
+    db.close()
+
+
+def file_digest(path) -> bytes:
+    return path.read_bytes()
+
+
+def make_newer(path):
+    make_old_database(path)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {server.SCHEMA_VERSION + 5}")
+    db.close()
+
+
+def make_corrupt(path):
+    path.write_bytes(b"this is not a database, just text " * 200)
+
+
+def make_missing_column(path):
+    """Marked as this release's schema, but with the first release's columns."""
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.execute(f"PRAGMA user_version = {server.SCHEMA_VERSION}")
+    db.close()
+
+
+def make_read_only(path):
+    make_old_database(path)
+    os.chmod(path, 0o444)
+    os.chmod(path.parent, 0o555)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (make_newer, "newer release"), (make_corrupt, "not a database"),
+    (make_missing_column, "lacks column"), (make_read_only, "read-only"),
+])
+def test_an_unusable_database_stops_the_server_with_one_line_and_is_left_as_it_was(
+        tmp_path, make, needle):
+    if make is make_read_only and os.geteuid() == 0:
+        pytest.skip("root writes read-only files")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "chat.db"
+    make(path)
+    before = file_digest(path)
+    try:
+        result = subprocess.run([sys.executable, os.path.join(server.HERE, "server.py"),
+                                 "--db", str(path), "--port", str(free_port())],
+                                capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    finally:
+        os.chmod(folder, 0o755)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert file_digest(path) == before
+
+
+def test_a_clean_shutdown_checkpoints_the_wal(tmp_path, poe_url):
+    process = ServerProcess(tmp_path, poe_url)
+    with httpx.Client(base_url=process.url, timeout=30) as api:
+        for _ in range(20):
+            new_conversation(api, system_prompt="x" * 10000)
+    wal = tmp_path / "chat.db-wal"
+    assert wal.exists() and wal.stat().st_size > 0
+    process.stop(signal.SIGTERM)
+    assert not wal.exists() or wal.stat().st_size == 0
 
 
 # ---------------------------------------------------------------------------------------------
