@@ -774,7 +774,7 @@ def file_markdown(attachment: dict) -> str:
 
 # A listener (one streaming response) that falls this far behind loses its live view; the reply
 # goes on and is stored whole.
-LISTENER_BUFFER_BYTES = 4 * 2**20
+LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
 
 
@@ -787,6 +787,7 @@ class Reply:
     updated_at: str | None = None  # the conversation's, before this turn
     listener: asyncio.Queue | None = None
     listener_bytes: int = 0
+    lagged: bool = False  # its listener fell behind and was dropped
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     chunks: list[str] = field(default_factory=list)
     files: list[dict] = field(default_factory=list)
@@ -838,7 +839,7 @@ def notify(reply: Reply, item: tuple) -> None:
         reply.listener = asyncio.Queue()
         reply.listener.put_nowait(("error", 503, "this client fell too far behind the reply; "
                                    "it goes on and is stored whole"))
-        reply.listener_bytes = 0
+        reply.listener_bytes, reply.lagged = 0, True
         return
     reply.listener_bytes += size
     queue.put_nowait(item)
@@ -981,6 +982,7 @@ async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
         while reply.writing is not None:
             with contextlib.suppress(Exception):
                 await reply.writing
+            await asyncio.sleep(0)  # a done future's callbacks (written) run on the next turn
         end = {"conversation_id": reply.conversation_id, "message_id": reply.message_id,
                "updated_at": reply.updated_at,
                "inserted_ids": reply.inserted_ids, "replaces": reply.replaces,
@@ -1006,6 +1008,10 @@ async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
         notify(reply, ("error", *reply.error))
     else:
         notify(reply, ("end", reply.message_id, status))
+    if reply.lagged and reply.message_id is not None and app.state.unsaved.get(
+            reply.message_id) is None:
+        # Its stuck client keeps this object alive as long as its socket: not the text too.
+        reply.chunks = []
 
 
 async def retry_unsaved(app: Starlette) -> None:

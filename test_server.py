@@ -8,6 +8,7 @@ import base64
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -112,6 +113,12 @@ async def stall(request):
     yield fp.PartialResponse(text="too late")
 
 
+async def flood(request):
+    """N chunks of 10 kB, as fast as they go."""
+    for i in range(int(request.query[-1].content)):
+        yield fp.PartialResponse(text=f"{i % 10}" * 10000)
+
+
 async def painter(request):
     yield fp.PartialResponse(text="Here: ")
     yield fp.PartialResponse(text="", attachment=fp.Attachment(
@@ -130,7 +137,8 @@ def make_poe_app():
             ScriptBot("Fussy", error_type_bot("user_caused_error")),
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
             ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
-            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Painter", painter)]
+            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Painter", painter),
+            ScriptBot("Flood", flood)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.
@@ -1796,6 +1804,119 @@ def test_a_clean_shutdown_checkpoints_the_wal(tmp_path, poe_url):
     assert wal.exists() and wal.stat().st_size > 0
     process.stop(signal.SIGTERM)
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_shutdown_answers_every_caller_before_the_process_exits(tmp_path, poe_url):
+    process = ServerProcess(tmp_path, poe_url)
+    results: dict = {}
+    with httpx.Client(base_url=process.url, timeout=30) as api:
+        waiting = new_conversation(api, model="Slow")
+        streaming = new_conversation(api, model="Slow")
+
+        def non_streamed():
+            results["plain"] = say(api, waiting, "400 0.02")
+        thread = threading.Thread(target=non_streamed)
+        thread.start()
+        with stream_turn(api, streaming, "400 0.02") as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith('data: {"content"'))
+            time.sleep(0.3)
+            process.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        thread.join(15)
+        process.process.wait(15)
+        process.log.close()
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["error"]["status"] == 503
+    assert results["plain"].status_code == 503
+    assert "shutting down" in results["plain"].json()["detail"]
+    db = sqlite3.connect(tmp_path / "chat.db")
+    statuses = db.execute("SELECT status, length(content) > 0 FROM messages "
+                          "WHERE role = 'assistant'").fetchall()
+    assert statuses == [("interrupted", 1), ("interrupted", 1)]
+
+
+def test_giant_headers_are_refused_and_silent_connections_closed(tmp_path, poe_url):
+    process = ServerProcess(tmp_path, poe_url)
+    try:
+        with socket.create_connection(("127.0.0.1", process.port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " +
+                         b"a" * 70000 + b"\r\n\r\n")
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 431")
+        silent = socket.create_connection(("127.0.0.1", process.port), timeout=20)
+        stalled = socket.create_connection(("127.0.0.1", process.port), timeout=20)
+        stalled.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0")
+        started = time.monotonic()
+        assert silent.recv(1) == b"" and stalled.recv(1) == b""  # closed by the server
+        assert time.monotonic() - started < server.HEADER_SECONDS + 3
+        silent.close()
+        stalled.close()
+    finally:
+        process.stop(signal.SIGTERM)
+
+
+def test_a_thousand_idle_sockets_do_not_lock_out_health(tmp_path, poe_url):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    process = ServerProcess(tmp_path, poe_url)
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", process.port), timeout=5))
+        assert httpx.get(process.url + "/health", timeout=5).status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        process.stop(signal.SIGTERM)
+
+
+def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url):
+    """Each stuck client may hold a bounded buffer, never the replies that went past it."""
+    process = ServerProcess(tmp_path, poe_url)
+
+    def rss() -> int:
+        status = open(f"/proc/{process.process.pid}/status").read()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
+
+    def stuck_clients(api, count: int) -> list[socket.socket]:
+        sockets = []
+        for _ in range(count):
+            conversation_id = new_conversation(api, model="Flood")
+            body = json.dumps({"content": "500", "stream": True}).encode()  # 500 x 10 kB
+            sock = socket.create_connection(("127.0.0.1", process.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"POST /v1/chat/conversations/{conversation_id}/messages HTTP/1.1"
+                         f"\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\nContent-Type:"
+                         f" application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                         .encode() + body)
+            sockets.append(sock)
+        return sockets
+
+    db = sqlite3.connect(tmp_path / "chat.db")
+
+    def all_complete() -> bool:
+        return db.execute("SELECT count(*) FROM messages WHERE role = 'assistant' AND "
+                          "status != 'complete'").fetchone()[0] == 0
+    try:
+        with httpx.Client(base_url=process.url, timeout=30) as api:
+            first = stuck_clients(api, 10)
+            wait_for(all_complete, seconds=60)
+            after_first = rss()
+            second = stuck_clients(api, 10)
+            wait_for(all_complete, seconds=60)
+            grown = rss() - after_first
+        lengths = db.execute("SELECT length(content) FROM messages WHERE role = 'assistant'"
+                             ).fetchall()
+        assert lengths == [(5000000,)] * 20  # every reply stored whole
+        # 10 more stuck clients, 5 MB of reply each, held by none of them.
+        assert grown < 10 * 5 * 2**20, grown  # a few MB each, not their 5 MB replies
+        for sock in first + second:
+            sock.close()
+    finally:
+        process.stop(signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------------------------------
