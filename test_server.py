@@ -113,6 +113,10 @@ async def stall(request):
     yield fp.PartialResponse(text="too late")
 
 
+async def count(request):
+    yield fp.PartialResponse(text=f"{len(request.query)} messages")
+
+
 async def flood(request):
     """N chunks of 10 kB, as fast as they go."""
     for i in range(int(request.query[-1].content)):
@@ -138,7 +142,7 @@ def make_poe_app():
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
             ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Painter", painter),
-            ScriptBot("Flood", flood)]
+            ScriptBot("Flood", flood), ScriptBot("Count", count)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.
@@ -1646,7 +1650,7 @@ def test_a_turn_that_cannot_get_the_database_is_503_and_calls_no_one(lockable):
 
 def test_a_long_history_is_read_and_sent(start_service):
     api, db_path = start_service()
-    conversation_id = new_conversation(api, model="Echo")
+    conversation_id = new_conversation(api, model="Count")
     db = sqlite3.connect(db_path)
     db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
                    ((conversation_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
@@ -1659,9 +1663,9 @@ def test_a_long_history_is_read_and_sent(start_service):
     assert len(whole["messages"]) == 100000
     body = say(api, conversation_id, "last").json()
     # MAX_CONTEXT_CHARS (400,000) left the oldest out; the rest went, newest last.
-    assert len(LAST_QUERY["Echo"].query) + body["context_trimmed"] == 100001
-    assert LAST_QUERY["Echo"].query[-1].content == "last"
-    assert LAST_QUERY["Echo"].query[-2].content == "m99999"
+    assert body["reply"] == f"{100001 - body['context_trimmed']} messages"
+    assert LAST_QUERY["Count"].query[-1].content == "last"
+    assert LAST_QUERY["Count"].query[-2].content == "m99999"
 
 
 OLD_SCHEMA = """
