@@ -1662,10 +1662,14 @@ def get_project(db: sqlite3.Connection, project_id: int) -> dict:
 
 
 def project_changes(data: dict) -> dict[str, Any]:
+    """The fields given. null clears a field that may be empty and leaves one that may not as
+    it is: the original's web and H5 clients PUT their whole form, nulls included."""
     changes = {}
     for name in PROJECT_FIELDS:
-        value = text_field(data, name, empty_ok=name != "name",
-                           nullable=name in NULLABLE_PROJECT_FIELDS)
+        nullable = name in NULLABLE_PROJECT_FIELDS
+        if data.get(name, MISSING) is None and not nullable:
+            continue
+        value = text_field(data, name, empty_ok=name != "name", nullable=nullable)
         if value is not MISSING:
             changes[name] = value
     return changes
@@ -1718,9 +1722,9 @@ async def update_project(request: Request) -> JSONResponse:
 
 def remove_project(db: sqlite3.Connection, project_id: int) -> None:
     get_project(db, project_id)
-    # Its documents go (their tags and references by cascade); its conversations move to
-    # project 0 (ON DELETE SET NULL).
-    db.execute("DELETE FROM plan_documents WHERE project_id = ?", (project_id,))
+    # Its documents go with their tags and references, then its own references (by cascade);
+    # its conversations move to project 0 (ON DELETE SET NULL).
+    delete_documents(db, "project_id = ?", (project_id,))
     db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
 
 
@@ -1730,19 +1734,110 @@ async def delete_project(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Project deleted successfully"})
 
 
+def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
+    """The project, its references and its conversations with theirs (AgentOS reads it)."""
+    project = get_project(db, project_id)
+    refs: dict[str | None, list[dict]] = {}
+    for row in db.execute(
+            "SELECT DISTINCT r.conversation_id, r.document_id, d.filename, d.version "
+            "FROM document_references r JOIN plan_documents d ON d.id = r.document_id "
+            "LEFT JOIN conversations c ON c.id = r.conversation_id "
+            "WHERE (r.conversation_id IS NULL AND r.project_id = :id) OR c.project_id = :id "
+            "ORDER BY d.filename, d.version DESC, r.document_id", {"id": project_id}):
+        refs.setdefault(row["conversation_id"], []).append(
+            {"document_id": row["document_id"], "filename": row["filename"],
+             "version": row["version"]})
+    conversations = fetch_all(
+        db, "SELECT id, name, model, assistance_role, status, created_at, updated_at "
+            "FROM conversations WHERE project_id = ? "
+            "ORDER BY updated_at DESC, created_at DESC, rowid DESC", (project_id,))
+    for conversation in conversations:
+        conversation["conversation_document_references"] = refs.get(conversation["id"], [])
+    return {"project_id": project_id, "project_name": project["name"],
+            "project_document_references": refs.get(None, []),
+            "conversations": conversations}
+
+
+async def read_project_hierarchy(request: Request) -> JSONResponse:
+    project_id = path_id(request, "project_id", "Project not found")
+    return JSONResponse(await request.app.state.db.read(project_hierarchy, project_id))
+
+
 # ---------------------------------------------------------------------------------------------
-# Plan: categories (seeded by schema.sql) and versioned documents
+# Plan: categories (seeded by schema.sql), versioned documents, their tags, migrate and merge
 # ---------------------------------------------------------------------------------------------
 
 DOCUMENT_SOURCES = ("user", "server", "chat")
+CATEGORY_FIELDS = ("name", "prompt_template", "message_method", "auto_save_category_id",
+                   "is_builtin", "summary_model")
+LATEST_SORTS = ("created_time", "filename", "version")
+MAX_PAGE_SIZE = 200
+MAX_TAG_CHARS = 100
+# A row `d` of plan_documents that is the latest version of its (project, category, filename).
+IS_LATEST = ("d.version = (SELECT max(m.version) FROM plan_documents m WHERE m.project_id = "
+             "d.project_id AND m.category_id = d.category_id AND m.filename = d.filename)")
+
+
+def category_json(category: dict, default_model: str) -> dict:
+    return {**category, "is_builtin": bool(category["is_builtin"]),
+            "summary_model": category["summary_model"] or default_model}
+
+
+def get_category(db: sqlite3.Connection, category_id: int) -> dict:
+    category = fetch_one(db, "SELECT * FROM plan_categories WHERE id = ?", (category_id,))
+    if category is None:
+        raise HTTPException(404, "Category not found")
+    return category
 
 
 def select_categories(db: sqlite3.Connection, default_model: str) -> list[dict]:
-    categories = fetch_all(db, "SELECT * FROM plan_categories ORDER BY id")
-    for category in categories:
-        category["is_builtin"] = bool(category["is_builtin"])
-        category["summary_model"] = category["summary_model"] or default_model
-    return categories
+    return [category_json(category, default_model)
+            for category in fetch_all(db, "SELECT * FROM plan_categories ORDER BY id")]
+
+
+def category_changes(data: dict) -> dict[str, Any]:
+    """The fields given. null clears auto_save_category_id (so does the original's -1) and
+    summary_model (DEFAULT_MODEL then), and leaves the fields that may not be empty as they are."""
+    changes: dict[str, Any] = {}
+    for name in ("name", "prompt_template", "message_method"):
+        value = text_field(data, name, empty_ok=name != "name")
+        if value not in (MISSING, None):
+            changes[name] = value
+    target = data.get("auto_save_category_id", MISSING)
+    if target is None or (type(target) is int and target == -1):
+        changes["auto_save_category_id"] = None
+    elif target is not MISSING:
+        changes["auto_save_category_id"] = int_field(data, "auto_save_category_id", minimum=1)
+    if data.get("is_builtin") is not None:
+        changes["is_builtin"] = int(bool_field(data, "is_builtin", False))
+    summary_model = model_field(data, "summary_model", empty_ok=True)
+    if summary_model is not MISSING:
+        changes["summary_model"] = summary_model or None
+    return changes
+
+
+def save_category(db: sqlite3.Connection, category_id: int | None, changes: dict) -> dict:
+    """Inserts (category_id None) or updates a category; a name taken by another is 409."""
+    if changes.get("auto_save_category_id") is not None:
+        if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?",
+                     (changes["auto_save_category_id"],)) is None:
+            raise HTTPException(404, "Category not found (auto_save_category_id)")
+    # Column names come from category_changes' fixed set, never from the request.
+    try:
+        if category_id is None:
+            category_id = db.execute(
+                f"INSERT INTO plan_categories ({', '.join(changes)}) "
+                f"VALUES ({', '.join(':' + c for c in changes)})", changes).lastrowid
+        else:
+            get_category(db, category_id)
+            assignments = ", ".join(f"{column} = :{column}" for column in changes)
+            db.execute(f"UPDATE plan_categories SET {assignments} WHERE id = :id",
+                       {**changes, "id": category_id})
+    except sqlite3.IntegrityError as exc:
+        if "UNIQUE" not in str(exc):
+            raise
+        raise HTTPException(409, "a category with this name already exists") from None
+    return get_category(db, category_id)
 
 
 async def list_categories(request: Request) -> JSONResponse:
@@ -1750,27 +1845,98 @@ async def list_categories(request: Request) -> JSONResponse:
         select_categories, request.app.state.settings["default_model"]))
 
 
-def insert_document(db: sqlite3.Connection, document: dict) -> dict:
-    """A new version of a file: 1 for a new (project, category, filename), else latest + 1."""
+async def create_category(request: Request) -> JSONResponse:
+    changes = category_changes(await read_json(request))
+    for name in ("name", "prompt_template", "message_method"):
+        if name not in changes:
+            raise HTTPException(400, f"{name} is required")
+    category = await request.app.state.db.write(save_category, None, changes)
+    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+
+
+async def read_category(request: Request) -> JSONResponse:
+    category_id = path_id(request, "category_id", "Category not found")
+    category = await request.app.state.db.read(get_category, category_id)
+    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+
+
+async def update_category(request: Request) -> JSONResponse:
+    category_id = path_id(request, "category_id", "Category not found")
+    changes = category_changes(await read_json(request))
+    if not changes:
+        raise HTTPException(400, "give at least one of " + ", ".join(CATEGORY_FIELDS))
+    category = await request.app.state.db.write(save_category, category_id, changes)
+    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+
+
+def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
+    get_category(db, category_id)
+    deleted = delete_documents(db, "category_id = ?", (category_id,))
+    # Categories that auto-saved into this one stop doing so (ON DELETE SET NULL).
+    db.execute("DELETE FROM plan_categories WHERE id = ?", (category_id,))
+    return deleted
+
+
+async def delete_category(request: Request) -> JSONResponse:
+    category_id = path_id(request, "category_id", "Category not found")
+    deleted = await request.app.state.db.write(remove_category, category_id)
+    return JSONResponse({"message": "Category and related documents deleted successfully",
+                         "deleted": deleted})
+
+
+def delete_documents(db: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
+    """Deletes the documents `where` selects (SQL of this module, never of a request) with
+    their tags and references, and counts what went. Nothing here keeps execution logs; the
+    key stays because Dev-Docs' response type has it."""
+    selected = f"SELECT id FROM plan_documents WHERE {where}"
+    references = db.execute(f"DELETE FROM document_references WHERE document_id IN "
+                            f"({selected})", params).rowcount
+    tags = db.execute(f"DELETE FROM document_tags WHERE document_id IN ({selected})",
+                      params).rowcount
+    documents = db.execute(f"DELETE FROM plan_documents WHERE {where}", params).rowcount
+    return {"plan_documents": documents, "document_tags": tags,
+            "document_references": references, "execution_logs": 0}
+
+
+def source_field(data: dict, default: str | None) -> str | None:
+    source = text_field(data, "source")
+    if source in (MISSING, None):
+        return default
+    if source not in DOCUMENT_SOURCES:
+        raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
+    return source
+
+
+def document_ids_field(data: dict) -> list[int]:
+    """document_ids: a list of ids, each once, in the order given."""
+    value = data.get("document_ids", MISSING)
+    if value is MISSING or value is None:
+        raise HTTPException(400, "document_ids is required")
+    if not isinstance(value, list) or not all(
+            type(v) is int and 1 <= v < INT64 for v in value):
+        raise HTTPException(400, "document_ids must be a list of document ids")
+    return list(dict.fromkeys(value))
+
+
+def insert_document(db: sqlite3.Connection, document: dict,
+                    created_time: str | None = None) -> dict:
+    """A new version of a file: 1 for a new (project, category, filename), else latest + 1.
+    created_time is given only when a migration copies a version."""
     get_project(db, document["project_id"])
-    if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?",
-                 (document["category_id"],)) is None:
-        raise HTTPException(404, "Category not found")
+    get_category(db, document["category_id"])
     document_id = db.execute(
         "INSERT INTO plan_documents (project_id, category_id, filename, content, version, "
-        "source, related_log_id) VALUES (:project_id, :category_id, :filename, :content, "
-        "(SELECT coalesce(max(version), 0) + 1 FROM plan_documents WHERE project_id = "
-        ":project_id AND category_id = :category_id AND filename = :filename), :source, "
-        ":related_log_id)", document).lastrowid
+        "source, related_log_id, created_time) VALUES (:project_id, :category_id, :filename, "
+        ":content, (SELECT coalesce(max(version), 0) + 1 FROM plan_documents WHERE project_id "
+        "= :project_id AND category_id = :category_id AND filename = :filename), :source, "
+        f":related_log_id, coalesce(:created_time, {NOW_SQL}))",
+        {**document, "created_time": created_time}).lastrowid
     return get_document(db, document_id)
 
 
 async def create_document(request: Request) -> JSONResponse:
     data = await read_json(request)
-    source = text_field(data, "source")
-    source = "user" if source in (MISSING, None) else source
-    if source not in DOCUMENT_SOURCES:
-        raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
+    source = source_field(data, "user")
     related_log_id = int_field(data, "related_log_id")
     document = {"project_id": int_field(data, "project_id", required=True, minimum=1),
                 "category_id": int_field(data, "category_id", required=True, minimum=1),
@@ -1789,20 +1955,386 @@ def get_document(db: sqlite3.Connection, document_id: int) -> dict:
 
 
 async def list_documents(request: Request) -> JSONResponse:
+    """GET /v1/plan/documents and /history: every version, newest first."""
     filters = {"project_id": query_int(request, "project_id"),
                "category_id": query_int(request, "category_id"),
                "filename": request.query_params.get("filename") or None}
     # Column names come from the fixed dict above, never from the request.
     where = " AND ".join(f"{column} = :{column}" for column, value in filters.items()
                          if value is not None) or "1"
+    order = "version DESC, " if filters["filename"] is not None else ""
     return JSONResponse(await request.app.state.db.read(
         fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
-                   "ORDER BY created_time DESC, id DESC", filters))
+                   f"ORDER BY {order}created_time DESC, id DESC", filters))
+
+
+def page_number(request: Request, name: str, default: int) -> int:
+    value = query_int(request, name)
+    if value == 0:
+        raise HTTPException(400, f"{name} must be a positive integer")
+    return default if value is None else value
+
+
+def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) -> dict:
+    where = ("d.project_id = :project_id AND (:category_id IS NULL OR d.category_id = "
+             ":category_id) AND (:query IS NULL OR instr(lower(d.filename), lower(:query)) > 0) "
+             f"AND {IS_LATEST}")
+    total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}",
+                       params).fetchone()[0]
+    # sort_by and order come from fixed sets (latest_documents checks them).
+    items = fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
+                          f"ORDER BY d.{sort_by} {order}, d.id {order} "
+                          "LIMIT :page_size OFFSET :offset", params)
+    return {"total": total, "page": params["page"], "page_size": params["page_size"],
+            "items": items}
+
+
+async def latest_documents(request: Request) -> JSONResponse:
+    """The latest version of each file of a project, a page at a time."""
+    project_id = query_int(request, "project_id")
+    if project_id is None:
+        raise HTTPException(400, "project_id is required")
+    sort_by = request.query_params.get("sort_by") or "created_time"
+    if sort_by not in LATEST_SORTS:
+        raise HTTPException(400, "sort_by must be one of " + ", ".join(LATEST_SORTS))
+    order = (request.query_params.get("order") or "desc").lower()
+    if order not in ("asc", "desc"):
+        raise HTTPException(400, "order must be asc or desc")
+    page = page_number(request, "page", 1)
+    page_size = min(page_number(request, "page_size", 20), MAX_PAGE_SIZE)
+    params = {"project_id": project_id, "category_id": query_int(request, "category_id"),
+              "query": request.query_params.get("query") or None, "page": page,
+              "page_size": page_size, "offset": min((page - 1) * page_size, INT64 - 1)}
+    return JSONResponse(await request.app.state.db.read(latest_page, params, sort_by, order))
 
 
 async def read_document(request: Request) -> JSONResponse:
     document_id = path_id(request, "document_id", "Document not found")
     return JSONResponse(await request.app.state.db.read(get_document, document_id))
+
+
+def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) -> dict:
+    """The document with `changes` as the next version of its (new) filename; the version
+    edited stays as it was, so references to it and its history stay too."""
+    return insert_document(db, {**get_document(db, document_id), **changes})
+
+
+async def update_document(request: Request) -> JSONResponse:
+    """PUT (and the original's POST) /v1/plan/documents/{id}: a new version, not an edit."""
+    document_id = path_id(request, "document_id", "Document not found")
+    data = await read_json(request)
+    changes = {"filename": text_field(data, "filename", empty_ok=False),
+               "content": text_field(data, "content"),
+               "source": source_field(data, None)}
+    changes = {name: value for name, value in changes.items() if value not in (MISSING, None)}
+    if not changes:
+        raise HTTPException(400, "give at least one of filename, content, source")
+    return JSONResponse(await request.app.state.db.write(save_new_version, document_id,
+                                                         changes))
+
+
+def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
+                     not_found: str) -> dict[str, int]:
+    deleted = delete_documents(db, where, params)
+    if deleted["plan_documents"] == 0:
+        raise HTTPException(404, not_found)
+    return deleted
+
+
+async def delete_document(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    deleted = await request.app.state.db.write(remove_documents, "id = ?", (document_id,),
+                                               "Document not found")
+    return JSONResponse({"message": "Document deleted successfully", "deleted": deleted})
+
+
+async def delete_all_versions(request: Request) -> JSONResponse:
+    """Every version of a file; without category_id, of that filename in every category."""
+    project_id = query_int(request, "project_id")
+    category_id = query_int(request, "category_id")
+    filename = request.query_params.get("filename") or None
+    if project_id is None or filename is None:
+        raise HTTPException(400, "project_id and filename are required")
+    where = "project_id = ? AND filename = ?" + (" AND category_id = ?" if category_id else "")
+    params = (project_id, filename) + ((category_id,) if category_id else ())
+    deleted = await request.app.state.db.write(remove_documents, where, params,
+                                               "No documents found")
+    return JSONResponse({"message": "All versions deleted successfully", "deleted": deleted})
+
+
+def tag_name_of(value: Any, name: str = "tag_name") -> str:
+    tag = text_field({name: value}, name, required=True, empty_ok=False).strip()
+    if len(tag) > MAX_TAG_CHARS:
+        raise HTTPException(400, f"{name} must be at most {MAX_TAG_CHARS} characters")
+    return tag
+
+
+def tag_list(data: dict, name: str) -> list[str]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise HTTPException(400, f"{name} must be a list of tag names")
+    return list(dict.fromkeys(tag_name_of(v, name) for v in value if v is not None and (
+        not isinstance(v, str) or v.strip())))
+
+
+def select_tags(db: sqlite3.Connection, document_id: int) -> dict:
+    get_document(db, document_id)
+    return {"document_id": document_id, "tags": fetch_all(
+        db, "SELECT * FROM document_tags WHERE document_id = ? ORDER BY tag_name",
+        (document_id,))}
+
+
+def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
+                remove: list[str]) -> dict:
+    """Adds (a tag already there is left as it is) then removes tags of one document."""
+    get_document(db, document_id)
+    added = sum(db.execute("INSERT INTO document_tags (document_id, tag_name) VALUES (?, ?) "
+                           "ON CONFLICT DO NOTHING", (document_id, tag)).rowcount
+                for tag in add)
+    removed = db.execute("DELETE FROM document_tags WHERE document_id = ? AND tag_name IN "
+                         "(SELECT value FROM json_each(?))",
+                         (document_id, json.dumps(remove))).rowcount
+    return {"added": {"requested": len(add), "added": added, "duplicates": len(add) - added},
+            "removed": {"requested": len(remove), "removed": removed}}
+
+
+def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
+    change_tags(db, document_id, [tag], [])
+    return fetch_one(db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
+                     (document_id, tag))
+
+
+async def list_tags(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    return JSONResponse(await request.app.state.db.read(select_tags, document_id))
+
+
+async def create_tag(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    tag = tag_name_of((await read_json(request)).get("tag_name"))
+    return JSONResponse({"message": "Tag added",
+                         "tag": await request.app.state.db.write(add_tag, document_id, tag)})
+
+
+async def delete_tag(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    tag = tag_name_of(request.path_params["tag_name"])
+    counts = await request.app.state.db.write(change_tags, document_id, [], [tag])
+    return JSONResponse({"message": "Tag removed", "removed_count": counts["removed"]["removed"]})
+
+
+async def batch_tags(request: Request) -> JSONResponse:
+    document_id = path_id(request, "document_id", "Document not found")
+    data = await read_json(request)
+    add, remove = tag_list(data, "add"), tag_list(data, "remove")
+    if not add and not remove:
+        raise HTTPException(400, "add and remove cannot both be empty")
+    counts = await request.app.state.db.write(change_tags, document_id, add, remove)
+    return JSONResponse({"message": "Tags updated", **counts})
+
+
+def documents_with_tags(db: sqlite3.Connection, project_id: int, tags: list[str],
+                        match_all: bool) -> list[dict]:
+    """The latest versions in the project with any (or all) of the tags."""
+    get_project(db, project_id)
+    return fetch_all(
+        db, "SELECT d.* FROM plan_documents d JOIN document_tags t ON t.document_id = d.id "
+            "WHERE d.project_id = ? AND t.tag_name IN (SELECT value FROM json_each(?)) "
+            f"AND {IS_LATEST} GROUP BY d.id HAVING count(DISTINCT t.tag_name) >= ? "
+            "ORDER BY d.created_time DESC, d.id DESC",
+        (project_id, json.dumps(tags), len(tags) if match_all else 1))
+
+
+async def search_documents_by_tags(request: Request) -> JSONResponse:
+    project_id = query_int(request, "project_id")
+    if not project_id:
+        raise HTTPException(400, "project_id is required")
+    raw = ",".join(request.query_params.getlist("tags")).split(",")
+    tags = list(dict.fromkeys(tag_name_of(t, "tags") for t in raw if t.strip()))
+    if not tags:
+        raise HTTPException(400, "tags is required: tag names separated by commas")
+    match = request.query_params.get("match") or "any"
+    if match not in ("any", "all"):
+        raise HTTPException(400, "match must be any or all")
+    return JSONResponse(await request.app.state.db.read(documents_with_tags, project_id, tags,
+                                                        match == "all"))
+
+
+def copy_history(db: sqlite3.Connection, move: dict) -> dict:
+    """Every version of a file, oldest first, copied to another category as its next versions,
+    each with its content, source, log and time; the source stays."""
+    get_category(db, move["target_category_id"])
+    versions = fetch_all(db, "SELECT * FROM plan_documents WHERE project_id = :project_id AND "
+                             "category_id = :source_category_id AND filename = :filename "
+                             "ORDER BY version", move)
+    if not versions:
+        raise HTTPException(404, "No source documents found")
+    copies = [insert_document(db, {**version, "category_id": move["target_category_id"]},
+                              version["created_time"]) for version in versions]
+    return {"message": "Migration completed", "migrated_count": len(copies),
+            "target_category_id": move["target_category_id"], "filename": move["filename"],
+            "start_version": copies[0]["version"], "end_version": copies[-1]["version"]}
+
+
+async def migrate_all_history(request: Request) -> JSONResponse:
+    data = await read_json(request)
+    move = {"project_id": int_field(data, "project_id", required=True, minimum=1),
+            "source_category_id": int_field(data, "source_category_id", required=True,
+                                            minimum=1),
+            "target_category_id": int_field(data, "target_category_id", required=True,
+                                            minimum=1),
+            "filename": text_field(data, "filename", required=True, empty_ok=False)}
+    if move["source_category_id"] == move["target_category_id"]:
+        raise HTTPException(400, "source and target category cannot be the same")
+    return JSONResponse(await request.app.state.db.write(copy_history, move))
+
+
+async def migrate_from_current(request: Request) -> JSONResponse:
+    """One version copied as the next version of a file in another category (a new name
+    optional); the source stays."""
+    data = await read_json(request)
+    document_id = int_field(data, "document_id", required=True, minimum=1)
+    changes = {"category_id": int_field(data, "target_category_id", required=True, minimum=1)}
+    new_filename = text_field(data, "new_filename")
+    if new_filename not in (MISSING, None, ""):
+        if not new_filename.strip():
+            raise HTTPException(400, "new_filename must be a non-empty string")
+        changes["filename"] = new_filename.strip()
+    source = source_field(data, None)
+    if source is not None:
+        changes["source"] = source
+    return JSONResponse(await request.app.state.db.write(save_new_version, document_id,
+                                                         changes))
+
+
+def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[dict]:
+    found = {row["id"]: row for row in fetch_all(
+        db, "SELECT * FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(document_ids),))}
+    return [found[d] for d in document_ids if d in found]
+
+
+async def merge_documents(request: Request) -> JSONResponse:
+    """The documents' texts in the order given, each between marks naming it (Dev-Docs
+    downloads the result); ids of no document are left out."""
+    document_ids = document_ids_field(await read_json(request))
+    if not document_ids:
+        raise HTTPException(400, "document_ids cannot be empty")
+    documents = await request.app.state.db.read(select_documents, document_ids)
+    if not documents:
+        raise HTTPException(404, "Documents not found")
+    parts = []
+    for document in documents:
+        mark = f"{document['filename'].strip() or 'document_' + str(document['id'])}- " \
+               f"版本[{document['version']}]"
+        parts.append(f"--- {mark} 开始 ---\n{document['content']}\n--- {mark} 结束 ---")
+    return JSONResponse({"count": len(parts), "merged": "\n\n".join(parts)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge: document references, a project's (conversation_id NULL) or one conversation's own
+# ---------------------------------------------------------------------------------------------
+
+REFERENCE_SQL = """
+    SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type,
+           d.filename AS document_filename, d.content AS document_content,
+           d.version AS document_version, d.created_time AS document_created_time
+    FROM document_references r JOIN plan_documents d ON d.id = r.document_id"""
+
+
+def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
+                    ) -> tuple[int | None, str | None]:
+    """(project_id, conversation_id) of a ('project', id) or ('conversation', id); 404 when
+    there is none. A conversation of no project has project_id None."""
+    kind, owner_id = owner
+    if kind == "project":
+        return get_project(db, owner_id)["id"], None
+    return get_conversation(db, owner_id)["project_id"] or None, owner_id
+
+
+def path_owner(request: Request) -> tuple[str, Any]:
+    if "project_id" in request.path_params:
+        return "project", path_id(request, "project_id", "Project not found")
+    return "conversation", request.path_params["conversation_id"]
+
+
+def select_references(db: sqlite3.Connection, project_id: int | None,
+                      conversation_id: str | None) -> list[dict]:
+    if conversation_id is None:
+        where, owner_id = "r.project_id = ? AND r.conversation_id IS NULL", project_id
+    else:
+        where, owner_id = "r.conversation_id = ?", conversation_id
+    return fetch_all(db, f"{REFERENCE_SQL} WHERE {where} ORDER BY d.filename, r.id",
+                     (owner_id,))
+
+
+def list_owner_references(db: sqlite3.Connection, owner: tuple[str, Any]) -> list[dict]:
+    return select_references(db, *reference_owner(db, owner))
+
+
+def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
+                       document_ids: list[int]) -> dict:
+    """Makes the owner's references exactly document_ids: each a document of its project and,
+    for a conversation, not one its project references already (400 naming them)."""
+    project_id, conversation_id = reference_owner(db, owner)
+    wanted = set(document_ids)
+    in_project = {row[0] for row in db.execute(
+        "SELECT id FROM plan_documents WHERE project_id = ? AND id IN "
+        "(SELECT value FROM json_each(?))", (project_id, json.dumps(document_ids)))}
+    if wanted - in_project:
+        raise HTTPException(400, f"Documents not found in project: {sorted(wanted - in_project)}")
+    current = {r["document_id"] for r in select_references(db, project_id, conversation_id)}
+    if conversation_id is not None:
+        shared = wanted & {r["document_id"] for r in select_references(db, project_id, None)}
+        if shared:
+            raise HTTPException(400, "Documents already referenced at project level: "
+                                     f"{sorted(shared)}")
+    own = ("conversation_id = :owner" if conversation_id is not None
+           else "project_id = :owner AND conversation_id IS NULL")
+    db.executemany(f"DELETE FROM document_references WHERE {own} AND document_id = :document",
+                   [{"owner": conversation_id or project_id, "document": d}
+                    for d in current - wanted])
+    db.executemany("INSERT INTO document_references (project_id, conversation_id, document_id, "
+                   "reference_type) VALUES (?, ?, ?, ?)",
+                   [(project_id, conversation_id, d, owner[0]) for d in sorted(wanted - current)])
+    return {"added_count": len(wanted - current), "removed_count": len(current - wanted),
+            "current_references": sorted(wanted)}
+
+
+async def list_references(request: Request) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(list_owner_references,
+                                                        path_owner(request)))
+
+
+async def set_references(request: Request) -> JSONResponse:
+    owner = path_owner(request)
+    document_ids = document_ids_field(await read_json(request))
+    counts = await request.app.state.db.write(replace_references, owner, document_ids)
+    return JSONResponse({"message": f"{owner[0].title()} document references updated "
+                                    "successfully", **counts})
+
+
+async def clear_references(request: Request) -> JSONResponse:
+    owner = path_owner(request)
+    counts = await request.app.state.db.write(replace_references, owner, [])
+    return JSONResponse({"message": f"All {owner[0]} document references cleared", **counts})
+
+
+def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict:
+    project_id, _ = reference_owner(db, ("conversation", conversation_id))
+    return {"conversation_id": conversation_id,
+            "project_references": select_references(db, project_id, None) if project_id else [],
+            "conversation_references": select_references(db, project_id, conversation_id)}
+
+
+async def referenced_documents(request: Request) -> JSONResponse:
+    """What a conversation knows: its project's references and its own (clients send their
+    document_ids as a turn's `documents`)."""
+    conversation_id = request.path_params["conversation_id"]
+    return JSONResponse(await request.app.state.db.read(conversation_knowledge,
+                                                        conversation_id))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2111,10 +2643,42 @@ routes = [
     Route("/v1/projects/{project_id}", read_project, methods=["GET"]),
     Route("/v1/projects/{project_id}", update_project, methods=["PUT"]),
     Route("/v1/projects/{project_id}", delete_project, methods=["DELETE"]),
+    Route("/v1/projects/{project_id}/hierarchy", read_project_hierarchy, methods=["GET"]),
+    Route("/v1/projects/{project_id}/document-references", list_references, methods=["GET"]),
+    Route("/v1/projects/{project_id}/document-references", set_references, methods=["POST"]),
+    Route("/v1/projects/{project_id}/document-references", clear_references,
+          methods=["DELETE"]),
+    Route("/v1/chat/conversations/{conversation_id}/document-references", list_references,
+          methods=["GET"]),
+    Route("/v1/chat/conversations/{conversation_id}/document-references", set_references,
+          methods=["POST"]),
+    Route("/v1/chat/conversations/{conversation_id}/document-references", clear_references,
+          methods=["DELETE"]),
+    Route("/v1/chat/conversations/{conversation_id}/referenced-documents",
+          referenced_documents, methods=["GET"]),
     Route("/v1/plan/categories", list_categories, methods=["GET"]),
+    Route("/v1/plan/categories", create_category, methods=["POST"]),
+    Route("/v1/plan/categories/{category_id}", read_category, methods=["GET"]),
+    Route("/v1/plan/categories/{category_id}", update_category, methods=["PUT"]),
+    Route("/v1/plan/categories/{category_id}", delete_category, methods=["DELETE"]),
     Route("/v1/plan/documents", list_documents, methods=["GET"]),
     Route("/v1/plan/documents", create_document, methods=["POST"]),
+    Route("/v1/plan/documents", delete_all_versions, methods=["DELETE"]),
+    # Fixed paths before /v1/plan/documents/{document_id}, which would take them otherwise.
+    Route("/v1/plan/documents/history", list_documents, methods=["GET"]),
+    Route("/v1/plan/documents/latest", latest_documents, methods=["GET"]),
+    Route("/v1/plan/documents/search-by-tags", search_documents_by_tags, methods=["GET"]),
+    Route("/v1/plan/documents/migrate/all-history", migrate_all_history, methods=["POST"]),
+    Route("/v1/plan/documents/migrate/from-current", migrate_from_current, methods=["POST"]),
+    Route("/v1/plan/documents/merge", merge_documents, methods=["POST"]),
     Route("/v1/plan/documents/{document_id}", read_document, methods=["GET"]),
+    Route("/v1/plan/documents/{document_id}", update_document, methods=["PUT", "POST"]),
+    Route("/v1/plan/documents/{document_id}", delete_document, methods=["DELETE"]),
+    Route("/v1/plan/documents/{document_id}/tags", list_tags, methods=["GET"]),
+    Route("/v1/plan/documents/{document_id}/tags", create_tag, methods=["POST"]),
+    Route("/v1/plan/documents/{document_id}/tags:batch", batch_tags, methods=["POST"]),
+    Route("/v1/plan/documents/{document_id}/tags/{tag_name:path}", delete_tag,
+          methods=["DELETE"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
 ]

@@ -1301,6 +1301,584 @@ def test_deleting_a_project_deletes_its_documents(api, db):
                       (kept,)).fetchone()[0] == 1
 
 
+def count_rows(db, table, where="1", params=()) -> int:
+    return db.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchone()[0]
+
+
+def new_document(api, project_id, filename, content="x", category_id=1) -> dict:
+    response = post_document(api, project_id=project_id, category_id=category_id,
+                             filename=filename, content=content)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_project_stores_work_dirs_and_put_is_partial(api, db):
+    form = {"name": "dirs", "dev_environment": "py", "grpc_server_address": "h:1",
+            "llm_model": None, "llm_url": None, "git_work_dir": "/git/dirs",
+            "ai_work_dir": "/ai/dirs"}
+    project = api.post("/v1/projects", json=form).json()
+    assert (project["git_work_dir"], project["ai_work_dir"]) == ("/git/dirs", "/ai/dirs")
+    # The web and H5 clients PUT their whole form back, the unchanged name included.
+    again = api.put(f"/v1/projects/{project['id']}", json={**form, "ai_work_dir": "/ai/new"})
+    assert again.status_code == 200, again.text
+    assert again.json()["ai_work_dir"] == "/ai/new"
+    partial = api.put(f"/v1/projects/{project['id']}", json={"git_work_dir": "/g2",
+                                                             "dev_environment": None}).json()
+    assert (partial["name"], partial["dev_environment"], partial["ai_work_dir"],
+            partial["git_work_dir"]) == ("dirs", "py", "/ai/new", "/g2")
+    row = db.execute("SELECT git_work_dir, ai_work_dir FROM projects WHERE id = ?",
+                     (project["id"],)).fetchone()
+    assert tuple(row) == ("/g2", "/ai/new")
+
+
+def test_deleting_a_project_deletes_tags_and_references(api, db):
+    project_id = new_project(api, "doomed-knowledge")
+    document = new_document(api, project_id, "kb.md", category_id=5)
+    conversation_id = new_conversation(api, project_id=project_id)
+    other = new_document(api, project_id, "other.md")
+    api.post(f"/v1/plan/documents/{document['id']}/tags", json={"tag_name": "t"})
+    api.post(f"/v1/projects/{project_id}/document-references",
+             json={"document_ids": [document["id"]]})
+    api.post(f"/v1/chat/conversations/{conversation_id}/document-references",
+             json={"document_ids": [other["id"]]})
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 2
+    assert api.delete(f"/v1/projects/{project_id}").status_code == 200
+    assert count_rows(db, "document_tags", "document_id = ?", (document["id"],)) == 0
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 0
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 0
+    assert api.get(f"/v1/chat/conversations/{conversation_id}").json()["project_id"] == 0
+
+
+def test_project_hierarchy_lists_conversations_and_references(api, db):
+    project_id = new_project(api, "tree")
+    kb = new_document(api, project_id, "kb.md", category_id=5)
+    own = new_document(api, project_id, "own.md")
+    older = new_conversation(api, project_id=project_id, name="older")
+    newer = new_conversation(api, project_id=project_id, name="newer", model="Echo")
+    api.post(f"/v1/projects/{project_id}/document-references", json={"document_ids": [kb["id"]]})
+    api.post(f"/v1/chat/conversations/{older}/document-references",
+             json={"document_ids": [own["id"]]})
+    tree = api.get(f"/v1/projects/{project_id}/hierarchy").json()
+    assert (tree["project_id"], tree["project_name"]) == (project_id, "tree")
+    assert tree["project_document_references"] == [
+        {"document_id": kb["id"], "filename": "kb.md", "version": 1}]
+    assert [c["id"] for c in tree["conversations"]] == [newer, older]
+    assert tree["conversations"][0]["conversation_document_references"] == []
+    assert tree["conversations"][1]["conversation_document_references"] == [
+        {"document_id": own["id"], "filename": "own.md", "version": 1}]
+    assert set(tree["conversations"][0]) == {
+        "id", "name", "model", "assistance_role", "status", "created_at", "updated_at",
+        "conversation_document_references"}
+    assert api.get("/v1/projects/987654/hierarchy").status_code == 404
+
+
+def test_category_crud_and_summary_model(api, db):
+    created = api.post("/v1/plan/categories", json={
+        "name": "评审记录", "prompt_template": "{doc}", "message_method": "PlanGetRequest",
+        "auto_save_category_id": 5})
+    assert created.status_code == 200, created.text
+    category = created.json()
+    assert (category["summary_model"], category["is_builtin"],
+            category["auto_save_category_id"]) == ("GPT-4o", False, 5)
+    assert db.execute("SELECT summary_model FROM plan_categories WHERE id = ?",
+                      (category["id"],)).fetchone()[0] is None
+    path = f"/v1/plan/categories/{category['id']}"
+    assert api.get(path).json() == category
+    updated = api.put(path, json={"summary_model": "Claude-Sonnet-4", "name": None,
+                                  "auto_save_category_id": -1}).json()
+    assert (updated["name"], updated["summary_model"], updated["auto_save_category_id"]) == \
+        ("评审记录", "Claude-Sonnet-4", None)
+    api.put(path, json={"auto_save_category_id": 2})
+    cleared = api.put(path, json={"auto_save_category_id": None, "summary_model": None}).json()
+    assert (cleared["auto_save_category_id"], cleared["summary_model"]) == (None, "GPT-4o")
+    row = db.execute("SELECT auto_save_category_id, summary_model FROM plan_categories "
+                     "WHERE id = ?", (category["id"],)).fetchone()
+    assert tuple(row) == (None, None)
+    assert category["id"] in [c["id"] for c in api.get("/v1/plan/categories").json()]
+
+
+@pytest.mark.parametrize("method,body,status", [
+    ("POST", {"name": "知识库", "prompt_template": "t", "message_method": "m"}, 409),
+    ("POST", {"name": "no-template", "message_method": "m"}, 400),
+    ("POST", {"name": "", "prompt_template": "t", "message_method": "m"}, 400),
+    ("POST", {"name": "bad-target", "prompt_template": "t", "message_method": "m",
+              "auto_save_category_id": 999999}, 404),
+    ("POST", {"name": "bad-model", "prompt_template": "t", "message_method": "m",
+              "summary_model": "no spaces allowed"}, 400),
+    ("PUT", {"name": "需求计划"}, 409),
+    ("PUT", {}, 400),
+    ("PUT", {"is_builtin": "yes"}, 400),
+    ("PUT", {"auto_save_category_id": "2"}, 400),
+])
+def test_category_refusals_change_nothing(api, db, method, body, status):
+    before = list(map(tuple, db.execute("SELECT * FROM plan_categories ORDER BY id")))
+    path = "/v1/plan/categories" + ("/3" if method == "PUT" else "")
+    response = api.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert list(map(tuple, db.execute("SELECT * FROM plan_categories ORDER BY id"))) == before
+
+
+def test_unknown_category_is_404(api):
+    for path in ("/v1/plan/categories/424242", "/v1/plan/categories/x"):
+        assert api.get(path).status_code == 404
+        assert api.put(path, json={"name": "x"}).status_code == 404
+        assert api.delete(path).status_code == 404
+
+
+def test_deleting_a_category_deletes_its_documents_tags_and_references(api, db):
+    category = api.post("/v1/plan/categories", json={
+        "name": "doomed-category", "prompt_template": "{doc}", "message_method": "m"}).json()
+    pointing = api.post("/v1/plan/categories", json={
+        "name": "points-at-doomed", "prompt_template": "{doc}", "message_method": "m",
+        "auto_save_category_id": category["id"]}).json()
+    project_id = new_project(api, "category-docs")
+    first = new_document(api, project_id, "a.md", category_id=category["id"])
+    new_document(api, project_id, "a.md", category_id=category["id"])
+    kept = new_document(api, project_id, "a.md", category_id=1)
+    api.post(f"/v1/plan/documents/{first['id']}/tags:batch", json={"add": ["x", "y"]})
+    api.post(f"/v1/projects/{project_id}/document-references",
+             json={"document_ids": [first["id"], kept["id"]]})
+    response = api.delete(f"/v1/plan/categories/{category['id']}")
+    assert response.status_code == 200
+    assert response.json() == {
+        "message": "Category and related documents deleted successfully",
+        "deleted": {"plan_documents": 2, "document_tags": 2, "document_references": 1,
+                    "execution_logs": 0}}
+    assert count_rows(db, "plan_documents", "category_id = ?", (category["id"],)) == 0
+    assert count_rows(db, "document_tags", "document_id = ?", (first["id"],)) == 0
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 1
+    assert api.get(f"/v1/plan/categories/{pointing['id']}").json()[
+        "auto_save_category_id"] is None
+
+
+def test_history_is_every_version_and_empty_parameters_are_absent(api):
+    project_id = new_project(api, "history")
+    ids = [new_document(api, project_id, f, category_id=c)["id"]
+           for c, f in ((1, "a"), (2, "b"), (1, "a"))]
+    every = api.get("/v1/plan/documents/history",
+                    params={"project_id": project_id, "category_id": "", "filename": ""})
+    assert every.status_code == 200
+    assert [d["id"] for d in every.json()] == ids[::-1]
+    by_file = api.get("/v1/plan/documents/history",
+                      params={"project_id": project_id, "filename": "a"}).json()
+    assert [d["version"] for d in by_file] == [2, 1]
+    assert api.get("/v1/plan/documents/history",
+                   params={"project_id": project_id, "category_id": "x"}).status_code == 400
+
+
+def test_latest_pages_the_latest_version_of_each_file(api):
+    project_id = new_project(api, "latest")
+    for category_id, filename in ((1, "b.md"), (1, "a.md"), (1, "a.md"), (2, "a.md"),
+                                  (5, "Notes.txt")):
+        new_document(api, project_id, filename, category_id=category_id)
+
+    def latest(**params):
+        response = api.get("/v1/plan/documents/latest", params={"project_id": project_id,
+                                                                **params})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    page = latest()
+    assert (page["total"], page["page"], page["page_size"]) == (4, 1, 20)
+    assert [(d["category_id"], d["filename"], d["version"]) for d in page["items"]] == [
+        (5, "Notes.txt", 1), (2, "a.md", 1), (1, "a.md", 2), (1, "b.md", 1)]
+    by_name = latest(sort_by="filename", order="ASC", category_id=1)
+    assert [d["filename"] for d in by_name["items"]] == ["a.md", "b.md"]
+    assert latest(query="NOTES")["items"][0]["filename"] == "Notes.txt"
+    assert latest(category_id="", query="", page="", page_size="")["total"] == 4
+    # ai-coder pages with page_size=200 until it has `total` items.
+    pages = [latest(page=n, page_size=3, sort_by="version") for n in (1, 2, 3)]
+    assert [len(p["items"]) for p in pages] == [3, 1, 0]
+    assert len({d["id"] for p in pages for d in p["items"]}) == pages[0]["total"]
+    assert latest(page_size=5000)["page_size"] == 200
+
+
+@pytest.mark.parametrize("params", [{}, {"project_id": "x"}, {"sort_by": "content"},
+                                    {"order": "up"}, {"page": "0"}, {"page_size": "0"},
+                                    {"page": "-1"}, {"page_size": "ten"}])
+def test_latest_bad_parameters_are_400(api, params):
+    response = api.get("/v1/plan/documents/latest", params={"project_id": 1, **params}
+                       if "project_id" not in params and params else params)
+    assert response.status_code == 400, response.text
+
+
+def test_put_makes_a_new_version_and_keeps_the_old(api, db):
+    project_id = new_project(api, "edits")
+    first = new_document(api, project_id, "doc.md", "one")
+    edited = api.put(f"/v1/plan/documents/{first['id']}", json={"content": "two"})
+    assert edited.status_code == 200
+    second = edited.json()
+    assert (second["version"], second["content"], second["filename"]) == (2, "two", "doc.md")
+    assert second["id"] != first["id"]
+    # Dev-Docs' "回退": PUT an old version's id with its content; POST is the same.
+    back = api.post(f"/v1/plan/documents/{first['id']}", json={"content": "one"}).json()
+    assert (back["version"], back["content"]) == (3, "one")
+    renamed = api.put(f"/v1/plan/documents/{second['id']}",
+                      json={"filename": "new.md", "source": "chat"}).json()
+    assert (renamed["filename"], renamed["version"], renamed["content"], renamed["source"]) \
+        == ("new.md", 1, "two", "chat")
+    assert [tuple(r) for r in db.execute(
+        "SELECT filename, version, content FROM plan_documents WHERE project_id = ? "
+        "ORDER BY id", (project_id,))] == [("doc.md", 1, "one"), ("doc.md", 2, "two"),
+                                           ("doc.md", 3, "one"), ("new.md", 1, "two")]
+    before = snapshot(db)
+    for body, status in (({}, 400), ({"source": "robot"}, 400), ({"filename": ""}, 400),
+                         ({"content": 5}, 400)):
+        assert api.put(f"/v1/plan/documents/{first['id']}", json=body).status_code == status
+    assert api.put("/v1/plan/documents/999999", json={"content": "x"}).status_code == 404
+    assert snapshot(db) == before
+
+
+def test_delete_one_version_and_all_versions_count_what_went(api, db):
+    project_id = new_project(api, "deletes")
+    one, two = (new_document(api, project_id, "f.md") for _ in range(2))
+    other_category = new_document(api, project_id, "f.md", category_id=2)
+    api.post(f"/v1/plan/documents/{one['id']}/tags:batch", json={"add": ["a", "b"]})
+    api.post(f"/v1/projects/{project_id}/document-references",
+             json={"document_ids": [one["id"], two["id"]]})
+    response = api.delete(f"/v1/plan/documents/{one['id']}")
+    assert response.json() == {"message": "Document deleted successfully", "deleted": {
+        "plan_documents": 1, "document_tags": 2, "document_references": 1,
+        "execution_logs": 0}}
+    assert api.delete(f"/v1/plan/documents/{one['id']}").status_code == 404
+    assert api.get(f"/v1/plan/documents/{one['id']}").status_code == 404
+    new_document(api, project_id, "f.md")
+    response = api.delete("/v1/plan/documents", params={
+        "project_id": project_id, "category_id": 1, "filename": "f.md"})
+    assert response.json() == {"message": "All versions deleted successfully", "deleted": {
+        "plan_documents": 2, "document_tags": 0, "document_references": 1,
+        "execution_logs": 0}}
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 1
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 0
+    assert api.delete("/v1/plan/documents", params={
+        "project_id": project_id, "category_id": 1, "filename": "f.md"}).status_code == 404
+    assert api.delete("/v1/plan/documents", params={"project_id": project_id}).status_code \
+        == 400
+    # Without category_id: that filename in every category.
+    assert api.delete("/v1/plan/documents", params={
+        "project_id": project_id, "filename": "f.md"}).json()["deleted"]["plan_documents"] == 1
+    assert api.get(f"/v1/plan/documents/{other_category['id']}").status_code == 404
+
+
+def test_tags_add_is_idempotent_and_remove_counts(api, db):
+    project_id = new_project(api, "tags")
+    document = new_document(api, project_id, "t.md")
+    path = f"/v1/plan/documents/{document['id']}/tags"
+    added = api.post(path, json={"tag_name": "  重要 "}).json()
+    assert added["message"] == "Tag added"
+    assert set(added["tag"]) == {"id", "document_id", "tag_name", "created_time"}
+    assert added["tag"]["tag_name"] == "重要"
+    assert api.post(path, json={"tag_name": "重要"}).json()["tag"] == added["tag"]
+    api.post(path, json={"tag_name": "a/b"})
+    assert [t["tag_name"] for t in api.get(path).json()["tags"]] == ["a/b", "重要"]
+    assert api.get(path).json()["document_id"] == document["id"]
+    assert api.delete(path + "/%E9%87%8D%E8%A6%81").json() == {"message": "Tag removed",
+                                                              "removed_count": 1}
+    assert api.delete(path + "/a%2Fb").json()["removed_count"] == 1
+    assert api.delete(path + "/gone").json()["removed_count"] == 0
+    assert count_rows(db, "document_tags", "document_id = ?", (document["id"],)) == 0
+    for body in ({}, {"tag_name": " "}, {"tag_name": "x" * 101}, {"tag_name": 3}):
+        assert api.post(path, json=body).status_code == 400
+    assert api.post("/v1/plan/documents/999999/tags", json={"tag_name": "x"}).status_code \
+        == 404
+    assert api.get("/v1/plan/documents/999999/tags").status_code == 404
+    assert count_rows(db, "document_tags", "document_id = ?", (document["id"],)) == 0
+
+
+def test_tags_batch_path_with_a_colon(api, db):
+    project_id = new_project(api, "batch")
+    document = new_document(api, project_id, "b.md")
+    path = f"/v1/plan/documents/{document['id']}/tags:batch"
+    first = api.post(path, json={"add": ["a", " b ", "a", "", None]})
+    assert first.status_code == 200, first.text
+    assert first.json() == {"message": "Tags updated",
+                            "added": {"requested": 2, "added": 2, "duplicates": 0},
+                            "removed": {"requested": 0, "removed": 0}}
+    second = api.post(path, json={"add": ["b", "c"], "remove": ["a", "zzz"]}).json()
+    assert second["added"] == {"requested": 2, "added": 1, "duplicates": 1}
+    assert second["removed"] == {"requested": 2, "removed": 1}
+    assert [r[0] for r in db.execute("SELECT tag_name FROM document_tags WHERE document_id "
+                                     "= ? ORDER BY tag_name", (document["id"],))] == ["b", "c"]
+    for body in ({}, {"add": [], "remove": []}, {"add": "a"}, {"add": [1]}):
+        assert api.post(path, json=body).status_code == 400
+    assert api.post("/v1/plan/documents/999999/tags:batch", json={"add": ["a"]}
+                    ).status_code == 404
+
+
+def test_search_by_tags_any_or_all_over_latest_versions(api):
+    project_id = new_project(api, "tag-search")
+    old = new_document(api, project_id, "a.md")
+    a = new_document(api, project_id, "a.md")
+    b = new_document(api, project_id, "b.md")
+    for document, tags in ((old, ["x", "y"]), (a, ["x"]), (b, ["x", "y"])):
+        api.post(f"/v1/plan/documents/{document['id']}/tags:batch", json={"add": tags})
+
+    def search(**params):
+        response = api.get("/v1/plan/documents/search-by-tags",
+                           params={"project_id": project_id, **params})
+        assert response.status_code == 200, response.text
+        return [d["id"] for d in response.json()]
+
+    assert search(tags="x, y") == [b["id"], a["id"]]
+    assert search(tags="x,y", match="all") == [b["id"]]
+    assert search(tags="y") == [b["id"]]  # the old version's tag does not count
+    assert search(tags="none") == []
+    for params in ({"tags": " , "}, {"tags": "x", "match": "some"},
+                   {"project_id": "", "tags": "x"}):
+        assert api.get("/v1/plan/documents/search-by-tags",
+                       params={"project_id": project_id, **params}).status_code == 400
+
+
+def test_migrate_all_history_copies_every_version(api, db):
+    project_id = new_project(api, "migrate")
+    versions = [new_document(api, project_id, "m.md", f"v{n}") for n in (1, 2)]
+    new_document(api, project_id, "m.md", "already there", category_id=2)
+    body = {"project_id": project_id, "source_category_id": 1, "target_category_id": 2,
+            "filename": "m.md"}
+    response = api.post("/v1/plan/documents/migrate/all-history", json=body)
+    assert response.json() == {"message": "Migration completed", "migrated_count": 2,
+                               "target_category_id": 2, "filename": "m.md",
+                               "start_version": 2, "end_version": 3}
+    copies = [dict(r) for r in db.execute(
+        "SELECT version, content, created_time FROM plan_documents WHERE project_id = ? AND "
+        "category_id = 2 ORDER BY version", (project_id,))]
+    assert [(c["version"], c["content"]) for c in copies] == [
+        (1, "already there"), (2, "v1"), (3, "v2")]
+    assert [c["created_time"] for c in copies[1:]] == [v["created_time"] for v in versions]
+    assert count_rows(db, "plan_documents", "project_id = ? AND category_id = 1",
+                      (project_id,)) == 2
+    before = snapshot(db)
+    for change, status in (({"target_category_id": 1}, 400), ({"filename": "none"}, 404),
+                           ({"target_category_id": 999999}, 404), ({"filename": ""}, 400),
+                           ({"project_id": None}, 400)):
+        assert api.post("/v1/plan/documents/migrate/all-history",
+                        json={**body, **change}).status_code == status
+    assert snapshot(db) == before
+
+
+def test_migrate_from_current_returns_the_new_document(api, db):
+    project_id = new_project(api, "migrate-one")
+    source = new_document(api, project_id, "c.md", "current")
+    response = api.post("/v1/plan/documents/migrate/from-current",
+                        json={"document_id": source["id"], "target_category_id": 5})
+    assert response.status_code == 200, response.text
+    moved = response.json()
+    assert (moved["project_id"], moved["category_id"], moved["filename"], moved["version"],
+            moved["content"]) == (project_id, 5, "c.md", 1, "current")
+    renamed = api.post("/v1/plan/documents/migrate/from-current", json={
+        "document_id": source["id"], "target_category_id": 5, "new_filename": " kb.md ",
+        "source": "server"}).json()
+    assert (renamed["filename"], renamed["source"]) == ("kb.md", "server")
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 3
+    for body, status in (({"document_id": 999999, "target_category_id": 5}, 404),
+                         ({"document_id": source["id"], "target_category_id": 999999}, 404),
+                         ({"document_id": source["id"], "target_category_id": 5,
+                           "new_filename": "  "}, 400),
+                         ({"document_id": source["id"], "target_category_id": 5,
+                           "source": "robot"}, 400)):
+        assert api.post("/v1/plan/documents/migrate/from-current", json=body
+                        ).status_code == status
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 3
+
+
+def test_merge_joins_documents_in_the_order_given(api):
+    project_id = new_project(api, "merge")
+    a = new_document(api, project_id, "a.md", "AAA")
+    b = new_document(api, project_id, "b.md", "BBB")
+    merged = api.post("/v1/plan/documents/merge",
+                      json={"document_ids": [b["id"], a["id"], b["id"], 999999]}).json()
+    assert merged == {"count": 2, "merged":
+                      "--- b.md- 版本[1] 开始 ---\nBBB\n--- b.md- 版本[1] 结束 ---\n\n"
+                      "--- a.md- 版本[1] 开始 ---\nAAA\n--- a.md- 版本[1] 结束 ---"}
+    assert api.post("/v1/plan/documents/merge", json={"document_ids": []}).status_code == 400
+    assert api.post("/v1/plan/documents/merge", json={"document_ids": ["1"]}).status_code \
+        == 400
+    assert api.post("/v1/plan/documents/merge", json={"document_ids": [999999]}).status_code \
+        == 404
+
+
+def test_project_references_replace_list_and_clear(api, db):
+    project_id = new_project(api, "refs")
+    other_project = new_project(api, "refs-other")
+    b, a = new_document(api, project_id, "b.md", "B"), new_document(api, project_id, "a.md")
+    c = new_document(api, project_id, "c.md")
+    foreign = new_document(api, other_project, "f.md")
+    path = f"/v1/projects/{project_id}/document-references"
+    first = api.post(path, json={"document_ids": [b["id"], a["id"]]}).json()
+    assert first == {"message": "Project document references updated successfully",
+                     "added_count": 2, "removed_count": 0,
+                     "current_references": sorted([a["id"], b["id"]])}
+    listed = api.get(path).json()
+    assert [r["document_filename"] for r in listed] == ["a.md", "b.md"]
+    assert listed[1] == {"id": listed[1]["id"], "project_id": project_id,
+                         "conversation_id": None, "document_id": b["id"],
+                         "reference_type": "project", "document_filename": "b.md",
+                         "document_content": "B", "document_version": 1,
+                         "document_created_time": b["created_time"]}
+    second = api.post(path, json={"document_ids": [b["id"], c["id"]]}).json()
+    assert (second["added_count"], second["removed_count"]) == (1, 1)
+    assert {r[0] for r in db.execute("SELECT document_id FROM document_references WHERE "
+                                     "project_id = ?", (project_id,))} == {b["id"], c["id"]}
+    refused = api.post(path, json={"document_ids": [a["id"], foreign["id"], 999999]})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == f"Documents not found in project: " \
+                                       f"{sorted([foreign['id'], 999999])}"
+    assert api.post(path, json={}).status_code == 400
+    assert api.post(path, json={"document_ids": "1"}).status_code == 400
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 2
+    cleared = api.delete(path).json()
+    assert cleared == {"message": "All project document references cleared", "added_count": 0,
+                       "removed_count": 2, "current_references": []}
+    assert api.get(path).json() == []
+    assert count_rows(db, "document_references", "project_id = ?", (project_id,)) == 0
+    for method in ("GET", "POST", "DELETE"):
+        assert api.request(method, "/v1/projects/999999/document-references",
+                           json={"document_ids": []}).status_code == 404
+
+
+def test_conversation_references_and_referenced_documents(api, db):
+    project_id = new_project(api, "conversation-refs")
+    shared, own = new_document(api, project_id, "shared.md"), new_document(api, project_id,
+                                                                           "own.md", "mine")
+    conversation_id = new_conversation(api, project_id=project_id)
+    api.post(f"/v1/projects/{project_id}/document-references",
+             json={"document_ids": [shared["id"]]})
+    path = f"/v1/chat/conversations/{conversation_id}/document-references"
+    overlap = api.post(path, json={"document_ids": [own["id"], shared["id"]]})
+    assert overlap.status_code == 400
+    assert overlap.json()["detail"] == \
+        f"Documents already referenced at project level: [{shared['id']}]"
+    assert count_rows(db, "document_references", "conversation_id = ?", (conversation_id,)) \
+        == 0
+    added = api.post(path, json={"document_ids": [own["id"]]}).json()
+    assert (added["message"], added["added_count"]) == (
+        "Conversation document references updated successfully", 1)
+    listed = api.get(path).json()
+    assert [(r["document_id"], r["reference_type"], r["conversation_id"]) for r in listed] \
+        == [(own["id"], "conversation", conversation_id)]
+    knowledge = api.get(f"/v1/chat/conversations/{conversation_id}/referenced-documents")
+    assert knowledge.status_code == 200
+    knowledge = knowledge.json()
+    assert knowledge["conversation_id"] == conversation_id
+    assert [r["document_id"] for r in knowledge["project_references"]] == [shared["id"]]
+    assert [(r["document_id"], r["document_content"])
+            for r in knowledge["conversation_references"]] == [(own["id"], "mine")]
+    assert api.delete(path).json()["removed_count"] == 1
+    assert count_rows(db, "document_references", "conversation_id = ?", (conversation_id,)) \
+        == 0
+    # A conversation of no project can reference nothing.
+    loose = new_conversation(api)
+    assert api.post(f"/v1/chat/conversations/{loose}/document-references",
+                    json={"document_ids": [own["id"]]}).status_code == 400
+    assert api.get(f"/v1/chat/conversations/{loose}/referenced-documents").json()[
+        "project_references"] == []
+    for path in ("/v1/chat/conversations/nope/document-references",
+                 "/v1/chat/conversations/nope/referenced-documents"):
+        assert api.get(path).status_code == 404
+    api.post(path, json={"document_ids": [own["id"]]})
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    assert count_rows(db, "document_references", "conversation_id = ?", (conversation_id,)) \
+        == 0
+
+
+def test_thirty_concurrent_saves_of_one_file_get_versions_1_to_30(api, db):
+    project_id = new_project(api, "concurrent")
+
+    async def save_all():
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/plan/documents", json={
+                "project_id": project_id, "category_id": 1, "filename": "same.md",
+                "content": str(n), "version": 1}) for n in range(30)))
+
+    responses = asyncio.run(save_all())
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(r.json()["version"] for r in responses) == list(range(1, 31))
+    assert sorted(r[0] for r in db.execute("SELECT version FROM plan_documents WHERE "
+                                           "project_id = ?", (project_id,))) == list(range(1, 31))
+
+
+def test_tag_batch_racing_a_delete_leaves_no_orphans(api, db):
+    project_id = new_project(api, "race")
+    documents = [new_document(api, project_id, f"r{n}.md") for n in range(10)]
+
+    async def race(client, document_id):
+        return await asyncio.gather(
+            client.post(f"/v1/plan/documents/{document_id}/tags:batch",
+                        json={"add": ["a", "b", "c"]}),
+            client.delete(f"/v1/plan/documents/{document_id}"))
+
+    async def all_races():
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+            return await asyncio.gather(*(race(client, d["id"]) for d in documents))
+
+    for tagged, deleted in asyncio.run(all_races()):
+        assert deleted.status_code == 200
+        assert tagged.status_code in (200, 404)
+        # The delete counts the tags exactly when the batch came first.
+        assert deleted.json()["deleted"]["document_tags"] == (
+            3 if tagged.status_code == 200 else 0)
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 0
+    assert db.execute("SELECT count(*) FROM document_tags t LEFT JOIN plan_documents d ON "
+                      "d.id = t.document_id WHERE d.id IS NULL").fetchone()[0] == 0
+
+
+PLAN_ROUTES = [
+    ("POST", "/v1/plan/categories"), ("PUT", "/v1/plan/categories/3"),
+    ("PUT", "/v1/plan/documents/{did}"), ("POST", "/v1/plan/documents/{did}/tags"),
+    ("POST", "/v1/plan/documents/{did}/tags:batch"), ("POST", "/v1/plan/documents/merge"),
+    ("POST", "/v1/plan/documents/migrate/all-history"),
+    ("POST", "/v1/plan/documents/migrate/from-current"),
+    ("POST", "/v1/projects/{pid}/document-references"),
+    ("POST", "/v1/chat/conversations/{cid}/document-references"),
+]
+
+
+def test_random_json_never_breaks_a_plan_route(start_service):
+    """On a service of its own: the categories it makes and changes stay out of other tests."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    api, db_path = start_service()
+    db = sqlite3.connect(db_path)
+    project_id = new_project(api, "fuzzed-plan")
+    document_id = new_document(api, project_id, "f")["id"]
+    conversation_id = new_conversation(api, project_id=project_id)
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text()
+    fields = st.sampled_from(["name", "prompt_template", "message_method", "summary_model",
+                              "auto_save_category_id", "is_builtin", "filename", "content",
+                              "source", "tag_name", "add", "remove", "document_ids",
+                              "document_id", "project_id", "source_category_id",
+                              "target_category_id", "new_filename"])
+    values = st.recursive(scalars, lambda children: st.lists(children, max_size=3),
+                          max_leaves=4)
+    bodies = st.dictionaries(fields, values, max_size=5) | values
+
+    def tables():
+        return [list(map(tuple, db.execute(f"SELECT * FROM {t} ORDER BY 1"))) for t in (
+            "plan_categories", "plan_documents", "document_tags", "document_references")]
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(route=st.sampled_from(PLAN_ROUTES), body=bodies)
+    def check(route, body):
+        method, path = route
+        path = path.format(did=document_id, pid=project_id, cid=conversation_id)
+        before = tables()
+        try:
+            raw = json.dumps(body, allow_nan=True).encode()
+        except UnicodeEncodeError:
+            raw = b"\xff"
+        response = api.request(method, path, content=raw,
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (route, body, response.text)
+        if response.status_code >= 400:
+            assert tables() == before, (route, body)
+
+    try:
+        check()
+    finally:
+        db.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible routes, driven by the official openai SDK
 # ---------------------------------------------------------------------------------------------
