@@ -740,6 +740,11 @@ def file_markdown(attachment: dict) -> str:
     """A file a bot sent, as Markdown in the reply text."""
     name = (attachment.get("name") or "file").replace("]", "")
     url = attachment["url"].replace(")", "%29").replace(" ", "%20")
+    if attachment.get("inline_ref"):
+        # The bot's text shows it where it wants, as ![alt][ref]: a reference definition (on
+        # a line of its own, after a blank one) resolves that, wherever it arrives.
+        ref = re.sub(r"[\]\s]", "", attachment["inline_ref"])
+        return f"\n\n[{ref}]: {url}\n\n"
     if attachment.get("content_type", "").startswith("image/"):
         return f"![{name}]({url})"
     return f"[{name}]({url})"
