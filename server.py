@@ -759,6 +759,11 @@ def file_markdown(attachment: dict) -> str:
     """A file a bot sent, as Markdown in the reply text."""
     name = (attachment.get("name") or "file").replace("]", "")
     url = attachment["url"].replace(")", "%29").replace(" ", "%20")
+    if attachment.get("inline_ref"):
+        # The bot's text shows it where it wants, as ![alt][ref]: a reference definition (on
+        # a line of its own, after a blank one) resolves that, wherever it arrives.
+        ref = re.sub(r"[\]\s]", "", attachment["inline_ref"])
+        return f"\n\n[{ref}]: {url}\n\n"
     if attachment.get("content_type", "").startswith("image/"):
         return f"![{name}]({url})"
     return f"[{name}]({url})"
@@ -2341,19 +2346,27 @@ async def referenced_documents(request: Request) -> JSONResponse:
 # OpenAI-compatible: stateless, for any client that speaks OpenAI's Chat Completions
 # ---------------------------------------------------------------------------------------------
 
-# The Poe bot names /v1/models lists (the README documents the same); any other bot name is
-# accepted by /v1/chat/completions too.
+# The Poe bots /v1/models lists when Poe's own list cannot be had (the README documents the
+# same); any other bot name is accepted by /v1/chat/completions too.
 MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Claude-3.5-Sonnet",
           "Claude-3.5-Haiku", "Gemini-2.5-Pro", "Gemini-2.0-Flash", "Llama-3.1-405B",
           "DeepSeek-R1", "Grok-3")
 MODELS_CREATED = 1735689600  # 2025-01-01, a fixed date: Poe does not say when a bot was made
+MODELS_TTL = 3600.0  # Poe's list is fetched again after an hour
+MODELS_RETRY = 60.0  # a failed fetch is tried again after a minute, not on every request
+MODELS_FETCH_TIMEOUT = 10.0
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
-                "assistant": "assistant"}
+                "assistant": "assistant", "tool": "tool"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       402: "insufficient_quota", 403: "permission_error", 404: "not_found_error",
                       409: "conflict_error", 413: "invalid_request_error",
                       429: "rate_limit_error", 500: "server_error", 502: "api_error",
                       504: "timeout_error"}
+DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
+# One Markdown code fence around a whole reply (bots like to fence the JSON they were asked for).
+FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
+JSON_OBJECT_INSTRUCTION = ("Answer with one valid JSON object and nothing else: no text before "
+                           "or after it, no Markdown code fence.")
 
 
 def openai_error(status: int, message: str) -> dict:
@@ -2361,46 +2374,280 @@ def openai_error(status: int, message: str) -> dict:
                       "code": status}}
 
 
-def openai_history(messages: Any) -> list[tuple[str, str]]:
+def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
+    """A required string inside the body, named by its place (messages[2].tool_call_id)."""
+    return text_field({where: value}, where, required=True, empty_ok=empty_ok)
+
+
+def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
+    """An image_url, file or audio part as an attachment: an http(s) URL goes to Poe as it is;
+    a data: URL is decoded and uploaded first (decode_attachments, upload_attachments)."""
+    url = string_at(url, where)
+    name = name if isinstance(name, str) and name else None
+    if re.match(r"https?://", url, re.IGNORECASE):
+        return {"url": url, "name": name, "content_type": None}
+    match = DATA_URL.match(url)
+    if match is None or "base64" not in (match[2] or "").split(";"):
+        raise HTTPException(400, f"{where} must be an http(s) URL or a base64 data: URL")
+    content_type = match[1] or (mimetypes.guess_type(name)[0] if name else None)
+    return {"data_url": url, "name": name, "content_type": content_type}
+
+
+def openai_part(part: Any, where: str) -> str | dict:
+    """One content part: its text, or the attachment it carries."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("text", "refusal"):
+        return string_at(part.get(kind), f"{where}.{kind}", empty_ok=True)
+    if kind == "image_url":
+        image = part.get("image_url")
+        return openai_attachment(image.get("url") if isinstance(image, dict) else image,
+                                 f"{where}.image_url.url")
+    if kind == "file":
+        file = part.get("file") if isinstance(part.get("file"), dict) else {}
+        data = file.get("file_data")
+        if data is None:
+            raise HTTPException(400, f"{where}.file.file_data is required (there is no file "
+                                     "store here for a file_id to name)")
+        if isinstance(data, str) and not data.startswith(("data:", "http:", "https:")):
+            data = "data:;base64," + data  # bare base64, as some clients send it
+        return openai_attachment(data, f"{where}.file.file_data", file.get("filename"))
+    if kind == "input_audio":
+        audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
+        audio_format = string_at(audio.get("format"), f"{where}.input_audio.format")
+        data = string_at(audio.get("data"), f"{where}.input_audio.data")
+        return openai_attachment(f"data:audio/{audio_format};base64,{data}",
+                                 f"{where}.input_audio.data", f"audio.{audio_format}")
+    raise HTTPException(400, f"{where}.type must be text, image_url, file or input_audio"
+                             + (f", not {kind!r}" if isinstance(kind, str) else ""))
+
+
+def openai_content(content: Any, where: str, role: str) -> tuple[str, list[dict]]:
+    """A message's content as Poe's text (parts joined by newlines) and attachments."""
+    if content is None and role in ("assistant", "tool"):
+        return "", []
+    if isinstance(content, str):
+        return string_at(content, where, empty_ok=True), []
+    if not isinstance(content, list):
+        raise HTTPException(400, f"{where} must be a string or an array of content parts")
+    texts, attachments = [], []
+    for j, part in enumerate(content):
+        item = openai_part(part, f"{where}[{j}]")
+        if isinstance(item, str):
+            texts.append(item)
+        elif role in ("user", "system"):
+            attachments.append(item)
+        else:
+            raise HTTPException(400, f"{where}[{j}]: only text parts in {role} messages")
+    return "\n".join(texts), attachments
+
+
+def openai_tool_calls(value: Any, where: str) -> list[fp.ToolCallDefinition]:
+    """An assistant message's tool_calls; calls of tools other than functions are left out, as
+    those tools are."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise HTTPException(400, f"{where} must be an array")
+    calls = []
+    for j, call in enumerate(value):
+        if not isinstance(call, dict):
+            raise HTTPException(400, f"{where}[{j}] must be an object")
+        if call.get("type", "function") != "function":
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        calls.append(fp.ToolCallDefinition(
+            id=string_at(call.get("id"), f"{where}[{j}].id"), type="function",
+            function={"name": string_at(function.get("name"), f"{where}[{j}].function.name"),
+                      "arguments": "{}" if arguments is None else
+                      string_at(arguments, f"{where}[{j}].function.arguments", True)}))
+    return calls
+
+
+def openai_messages(messages: Any, tool_round: bool
+                    ) -> tuple[list[dict], list | None, list | None]:
+    """OpenAI's messages as [{role, content, attachments}] for Poe, with the last round of tool
+    calls and results apart when the messages end with it and tools go to Poe (Poe carries one
+    round a request, beside the messages: tool_calls, tool_results). Every other round is
+    folded into the text."""
     if not isinstance(messages, list) or not messages:
         raise HTTPException(400, "messages must be a non-empty array")
-    history = []
+    history: list[dict] = []
+    names: dict[str, str] = {}  # tool call id -> function name: a result without one gets it
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise HTTPException(400, f"{where} must be an object")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise HTTPException(400, f"{where}: tool and function messages are not supported")
+        if role == "function":
+            raise HTTPException(400, f"{where}: function messages (OpenAI's deprecated "
+                                     "functions) are not supported: use tools")
         if role not in OPENAI_ROLES:
             raise HTTPException(400, f"{where}.role must be one of system, developer, user, "
-                                     "assistant")
-        content = message.get("content")
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    raise HTTPException(400, f"{where}.content: only text parts are supported"
-                                             + (f", not {kind!r}" if isinstance(kind, str)
-                                                else ""))
-                texts.append(text_field(part, "text", required=True))
-            content = "\n".join(texts)
-        elif content is None and role == "assistant":
-            content = ""
-        elif not isinstance(content, str):
-            raise HTTPException(400, f"{where}.content must be a string or an array of text "
-                                     "parts")
-        text_field({"content": content}, "content")
-        history.append((OPENAI_ROLES[role], content))
-    return history
+                                     "assistant, tool")
+        content, attachments = openai_content(message.get("content"), f"{where}.content", role)
+        entry = {"role": OPENAI_ROLES[role], "content": content, "attachments": attachments}
+        if role == "assistant":
+            entry["tool_calls"] = openai_tool_calls(message.get("tool_calls"),
+                                                    f"{where}.tool_calls")
+            names.update((call.id, call.function.name) for call in entry["tool_calls"])
+        elif role == "tool":
+            entry["tool_call_id"] = string_at(message.get("tool_call_id"),
+                                              f"{where}.tool_call_id")
+            name = message.get("name")
+            entry["name"] = name if isinstance(name, str) and name else \
+                names.get(entry["tool_call_id"], "tool")
+        history.append(entry)
+    start = len(history)
+    while start > 0 and history[start - 1]["role"] == "tool":
+        start -= 1
+    if not (tool_round and 0 < start < len(history) and history[start - 1].get("tool_calls")):
+        return fold_tool_rounds(history), None, None
+    asked, results = history[start - 1], history[start:]
+    tool_results = [fp.ToolResultDefinition(role="tool", name=r["name"], content=r["content"],
+                                            tool_call_id=r["tool_call_id"]) for r in results]
+    rest = history[:start - 1] + ([{**asked, "tool_calls": []}] if asked["content"] else [])
+    return fold_tool_rounds(rest), asked["tool_calls"], tool_results
+
+
+def fold_tool_rounds(history: list[dict]) -> list[dict]:
+    """Tool calls and results as text: the calls end their assistant message, the results of
+    one round are one user message."""
+    folded: list[dict] = []
+    for entry in history:
+        calls = entry.get("tool_calls")
+        if calls:
+            lines = [f"[tool call {c.id}: {c.function.name}({c.function.arguments})]"
+                     for c in calls]
+            entry = {**entry, "content": "\n".join(filter(None, [entry["content"], *lines]))}
+        elif entry["role"] == "tool":
+            text = f"[tool result {entry['tool_call_id']} ({entry['name']})]\n{entry['content']}"
+            if folded and folded[-1].get("tool_results"):
+                folded[-1]["content"] += "\n\n" + text
+                continue
+            entry = {"role": "user", "content": text, "attachments": [], "tool_results": True}
+        folded.append(entry)
+    return folded
+
+
+def inline_refs(schema: dict) -> dict:
+    """The schema with its local $refs replaced by what they name: Poe's tool parameters keep
+    only type, properties and required, so $defs would be lost and the refs left dangling
+    (pydantic writes nested models that way). A recursive reference stays as it is."""
+    defs = {**(schema.get("definitions") if isinstance(schema.get("definitions"), dict)
+               else {}),
+            **(schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {})}
+    if not defs:
+        return schema
+
+    def resolve(node: Any, path: tuple) -> Any:
+        if isinstance(node, list):
+            return [resolve(item, path) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            name = ref.rsplit("/", 1)[1]
+            if name in defs and name not in path and isinstance(defs[name], dict):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return resolve({**defs[name], **rest}, path + (name,))
+        return {k: resolve(v, path) for k, v in node.items()
+                if k not in ("$defs", "definitions")}
+    return resolve(schema, ())
+
+
+def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
+    """A function tool as Poe's schema wants it: a description and parameters with properties
+    always (defaults when the caller gave none)."""
+    if not isinstance(function, dict):
+        raise HTTPException(400, f"{where} must be an object")
+    name = string_at(function.get("name"), f"{where}.name")
+    description = function.get("description")
+    if not isinstance(description, str) or not description.strip():
+        description = f"The function {name}."
+    parameters = function.get("parameters")
+    parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
+    try:
+        return fp.ToolDefinition(type="function", function={
+            "name": name, "description": description,
+            "parameters": {**parameters, "type": parameters.get("type") or "object",
+                           "properties": parameters.get("properties") or {}}})
+    except ValueError:
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object") from None
+
+
+def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
+    """The function tools for Poe (others are left out), and what the bot must be told for
+    tool_choice, which Poe lacks: 'none' sends no tools, 'required' or a named function asks
+    for a call (a named function is then the only tool offered)."""
+    if tools is not None and not isinstance(tools, list):
+        raise HTTPException(400, "tools must be an array")
+    definitions = []
+    for i, tool in enumerate(tools or []):
+        if not isinstance(tool, dict):
+            raise HTTPException(400, f"tools[{i}] must be an object")
+        if tool.get("type") == "function":
+            definitions.append(tool_definition(tool.get("function"), f"tools[{i}].function"))
+    choice = "auto" if tool_choice is None else tool_choice
+    mode, names = choice, None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
+        mode, names = "required", [string_at(function.get("name"),
+                                             "tool_choice.function.name")]
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"),
+                                                            dict) else {}
+        mode = allowed.get("mode", "auto")
+        names = [t["function"].get("name") for t in allowed.get("tools") or []
+                 if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    elif isinstance(choice, dict):
+        mode = "auto"  # a custom tool named: those are left out, so the bot may choose
+    if mode not in ("none", "auto", "required"):
+        raise HTTPException(400, "tool_choice must be none, auto, required or a function")
+    if names is not None:
+        definitions = [d for d in definitions if d.function.name in names]
+        if not definitions:
+            raise HTTPException(400, f"tool_choice names no function among tools: {names}")
+    if mode == "none" or not definitions:
+        return None, ""
+    if mode == "auto":
+        return definitions, ""
+    if len(definitions) == 1:
+        return definitions, f"You must answer by calling the tool {definitions[0].function.name}."
+    return definitions, "You must answer by calling one or more of the tools."
+
+
+def json_instruction(response_format: Any) -> str:
+    """What the bot is told for response_format (Poe has no such field); '' for text."""
+    if response_format is None:
+        return ""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return JSON_OBJECT_INSTRUCTION
+    if kind != "json_schema":
+        raise HTTPException(400, "response_format.type must be text, json_object or "
+                                 "json_schema")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise HTTPException(400, "response_format.json_schema must be an object with a "
+                                 "schema object")
+    about = " ".join(str(spec[k]) for k in ("name", "description") if spec.get(k))
+    return ("Answer with one valid JSON value that conforms to this JSON Schema"
+            + (f" ({about})" if about else "") + ", and nothing else: no text before or after "
+            "it, no Markdown code fence.\n" + json.dumps(spec.get("schema", {}),
+                                                         ensure_ascii=False))
 
 
 def openai_params(data: dict) -> dict:
+    """The request's fields that QueryRequest carries, checked: temperature, stop, logit_bias,
+    user (as user_id)."""
     params: dict[str, Any] = {}
-    for name in ("tools", "functions"):
-        if data.get(name):
-            raise HTTPException(400, f"{name} are not supported")
+    for name in ("functions", "function_call"):
+        if data.get(name) is not None:
+            raise HTTPException(400, f"{name} (OpenAI's deprecated functions) is not "
+                                     "supported: use tools")
     n = data.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise HTTPException(400, "n must be a positive integer")
@@ -2420,7 +2667,65 @@ def openai_params(data: dict) -> dict:
         for s in stop:
             text_field({"stop": s}, "stop")
         params["stop_sequences"] = stop
+    bias = data.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+                for v in bias.values()):
+            raise HTTPException(400, "logit_bias must map token ids to numbers from -100 to 100")
+        params["logit_bias"] = {k: float(v) for k, v in bias.items()}
+    for name in ("user", "safety_identifier"):  # the latter is OpenAI's new name for user
+        user = text_field(data, name)
+        if isinstance(user, str) and user:
+            params.setdefault("user_id", user)
     return params
+
+
+def max_reply_chars(data: dict) -> int | None:
+    """max_tokens / max_completion_tokens (the smaller when both) in characters, at the 4
+    characters a token that usage estimates with."""
+    limits = [int_field(data, name, minimum=1) for name in ("max_tokens",
+                                                            "max_completion_tokens")]
+    limits = [limit for limit in limits if isinstance(limit, int)]
+    return min(limits) * 4 if limits else None
+
+
+def decode_data_url(url: str) -> bytes:
+    return base64.b64decode(url.partition(",")[2], validate=True)
+
+
+async def decode_attachments(attachments: list[dict]) -> list[dict]:
+    """data: URLs as bytes for upload_attachments; a large one decoded off the loop."""
+    decoded = []
+    for attachment in attachments:
+        url = attachment.get("data_url")
+        if url is not None:
+            try:
+                data = decode_data_url(url) if len(url) < 2**20 else \
+                    await asyncio.to_thread(decode_data_url, url)
+            except (ValueError, binascii.Error):
+                raise HTTPException(400, "a data: URL's data must be base64") from None
+            attachment = {"data": data, "name": attachment["name"],
+                          "content_type": attachment["content_type"]}
+        decoded.append(attachment)
+    return decoded
+
+
+async def poe_history(app: Starlette, api_key: str, history: list[dict],
+                      instructions: list[str]) -> list[fp.ProtocolMessage]:
+    """The messages as Poe gets them: what the bot must be told (tool_choice, response_format)
+    added to the system message, attachments decoded and uploaded first."""
+    wanted = [a for entry in history for a in entry["attachments"]]
+    uploaded = iter(await upload_attachments(app, api_key, await decode_attachments(wanted))
+                    if wanted else [])
+    told = "\n\n".join(filter(None, instructions))
+    if told and history[0]["role"] == "system":
+        history = [{**history[0], "content": f"{history[0]['content']}\n\n{told}"}, *history[1:]]
+    elif told:
+        history = [{"role": "system", "content": told, "attachments": []}, *history]
+    return [poe_message(entry["role"], entry["content"],
+                        [next(uploaded) for _ in entry["attachments"]])
+            for entry in history if entry["content"] or entry["attachments"]]
 
 
 def estimate_tokens(text: str) -> int:
@@ -2434,49 +2739,126 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def reply_tool_calls(reply: Reply, parallel: bool) -> list[dict]:
+    """The bot's calls as the client gets them: the first only without parallel_tool_calls,
+    each with an id (a bot may leave it out) and arguments ('' is no JSON: '{}')."""
+    calls = reply.tool_calls if parallel else reply.tool_calls[:1]
+    for call in calls:
+        call["id"] = call["id"] or f"call_{uuid.uuid4().hex[:24]}"
+        call["function"]["arguments"] = call["function"]["arguments"] or "{}"
+    return [call for call in calls if call["function"]["name"]]
+
+
+def finish_reason(reply: Reply, tool_calls: list) -> str:
+    return "length" if reply.cut else "tool_calls" if tool_calls else "stop"
+
+
+def reply_output(reply: Reply, tool_calls: list[dict]) -> str:
+    """What usage counts as completion: the text and the calls' arguments."""
+    return reply.text + "".join(call["function"]["arguments"] for call in tool_calls)
+
+
+def json_reply(text: str) -> str:
+    """A reply asked for as JSON: one code fence around it is taken off; what is still not
+    JSON is Poe's failure (502), which a retry would pay for again."""
+    fenced = FENCED.fullmatch(text)
+    if fenced is not None and "```" not in fenced[1]:
+        text = fenced[1]
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        raise HTTPException(502, "the bot did not answer with the JSON asked for",
+                            headers={"x-should-retry": "false"}) from None
+    return text
+
+
+def completion_response(completion: dict, reply: Reply, prompt_tokens: int,
+                        options: dict) -> dict:
+    """A finished reply as a chat.completion."""
+    tool_calls = reply_tool_calls(reply, options["parallel"])
+    text = reply.text
+    if options["json"] and not tool_calls and not reply.cut:
+        text = json_reply(text)  # cut by max_tokens: 'length' tells the client why it is not
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls
+                               else None, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {**completion, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason(reply, tool_calls)}],
+            "usage": usage(prompt_tokens, reply_output(reply, tool_calls))}
+
+
 async def chat_completions(request: Request) -> Any:
     api_key = poe_key(request)
     data = await read_json(request)
     model = model_field(data)
     if not isinstance(model, str):
         raise HTTPException(400, "model is required: the name of a Poe bot")
-    history = openai_history(data.get("messages"))
+    tools, tool_instruction = openai_tools(data.get("tools"), data.get("tool_choice"))
+    history, tool_calls, tool_results = openai_messages(data.get("messages"), tools is not None)
     params = openai_params(data)
+    format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
-    options = data.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    query = await asyncio.to_thread(
-        prepare_query, [poe_message(role, content) for role, content in history if content],
-        params)
-    reply = start_reply(request.app, Reply(None), model, query, api_key, listen=stream)
+    stream_options = data.get("stream_options")
+    options = {"parallel": bool_field(data, "parallel_tool_calls", True),
+               "json": bool(format_instruction),
+               "usage": isinstance(stream_options, dict) and
+               stream_options.get("include_usage") is True}
+    reply = Reply(None, max_chars=max_reply_chars(data))
+    poe_messages = await poe_history(request.app, api_key, history,
+                                     [tool_instruction, format_instruction])
+    query = await asyncio.to_thread(prepare_query, poe_messages, {
+        **params, "tool_calls": tool_calls, "tool_results": tool_results})
+    start_reply(request.app, reply, model, query, api_key, listen=stream, tools=tools)
     completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                   "model": model}
-    prompt_tokens = sum(estimate_tokens(content) for _, content in history)
+    prompt_tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
+        estimate_tokens(r.content) for r in tool_results or [])
     if not stream:
         await reply.done.wait()
         if reply.error is not None:
             raise reply_failure(reply)
-        text = reply.text
-        return JSONResponse({
-            **completion, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": usage(prompt_tokens, text)})
+        return JSONResponse(completion_response(completion, reply, prompt_tokens, options))
     first = await reply.listener.get()
     if first[0] == "error":
         raise reply_failure(reply)
-    return EventStream(completion_chunks(reply, first, completion,
-                                         prompt_tokens if include_usage else None), sep="\n")
+    return EventStream(completion_chunks(reply, first, completion, prompt_tokens, options),
+                       sep="\n")
+
+
+def tool_call_pieces(reply: Reply, sent: list[int], parallel: bool) -> list[dict]:
+    """What of the bot's calls the client has not seen, a delta a call, in call order: a call's
+    first piece has its id and name, later ones more arguments. sent[i] counts the arguments
+    characters of call i already sent."""
+    calls = reply.tool_calls if parallel else reply.tool_calls[:1]
+    deltas = []
+    for index, call in enumerate(calls):
+        function = call["function"]
+        if index == len(sent):
+            if not function["name"]:
+                break  # a call is announced with its name: wait for it
+            call["id"] = call["id"] or f"call_{uuid.uuid4().hex[:24]}"
+            sent.append(len(function["arguments"]))
+            deltas.append({"index": index, "id": call["id"], "type": "function",
+                           "function": {"name": function["name"],
+                                        "arguments": function["arguments"]}})
+        elif len(function["arguments"]) > sent[index]:
+            deltas.append({"index": index,
+                           "function": {"arguments": function["arguments"][sent[index]:]}})
+            sent[index] = len(function["arguments"])
+    return deltas
 
 
 async def completion_chunks(reply: Reply, first: tuple, completion: dict,
-                            prompt_tokens: int | None) -> AsyncIterator[bytes]:
+                            prompt_tokens: int, options: dict) -> AsyncIterator[bytes]:
     head = dumps({**completion, "object": "chat.completion.chunk"})[:-1]
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
+    sent: list[int] = []  # per tool call: the characters of its arguments sent
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for item in listen(reply, first):
@@ -2487,11 +2869,17 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
             elif kind == "replace":
                 # OpenAI's deltas only append; the flag tells clients that know it.
                 yield chunk({"content": item[1], "replace": True})
+            elif kind == "tool_calls":
+                for delta in tool_call_pieces(reply, sent, options["parallel"]):
+                    yield chunk({"tool_calls": [delta]})
             elif kind == "end":
-                yield chunk({}, "stop")
-                if prompt_tokens is not None:
-                    yield sse(f'{head},"choices":[],'
-                              f'"usage":{dumps(usage(prompt_tokens, reply.text))}}}')
+                tool_calls = reply_tool_calls(reply, options["parallel"])
+                for delta in tool_call_pieces(reply, sent, options["parallel"]):
+                    yield chunk({"tool_calls": [delta]})  # the rest, '{}' for no arguments
+                yield chunk({}, finish_reason(reply, tool_calls))
+                if options["usage"]:
+                    yield sse(f'{head},"choices":[],"usage":'
+                              f'{dumps(usage(prompt_tokens, reply_output(reply, tool_calls)))}}}')
             elif kind == "error":
                 yield sse(dumps(openai_error(item[1], item[2])))
         yield SSE_DONE
@@ -2500,10 +2888,68 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
             reply.task.cancel()  # stateless: nobody is left to read the rest
 
 
+def builtin_models() -> list[dict]:
+    return [{"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "poe"}
+            for model in MODELS]
+
+
+def model_entries(body: Any) -> list[dict] | None:
+    """Poe's list with Poe's metadata, each entry in OpenAI's shape; None when it is not a list
+    of models."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return None
+    models = [{**entry, "object": "model",
+               "created": entry["created"] if isinstance(entry.get("created"), int)
+               else MODELS_CREATED,
+               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str)
+               else "poe"}
+              for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+              and entry["id"]]
+    return models or None
+
+
+async def poe_models(app: Starlette) -> list[dict]:
+    """Poe's live list (POE_MODELS_URL, no key), fetched at most once an hour, a failed fetch
+    at most once a minute; meanwhile, and when Poe cannot give it, the last list fetched,
+    else the built-in one."""
+    cache = getattr(app.state, "models_cache", None)
+    if cache is None:
+        cache = app.state.models_cache = {"models": None, "fetched": -math.inf,
+                                          "failed": -math.inf, "lock": asyncio.Lock()}
+
+    def fresh() -> bool:
+        now = time.monotonic()
+        return now - cache["fetched"] < MODELS_TTL or now - cache["failed"] < MODELS_RETRY
+
+    if not fresh():
+        async with cache["lock"]:  # one fetch for every request that finds the list stale
+            if not fresh():
+                try:
+                    response = await app.state.poe.get(app.state.settings["poe_models_url"],
+                                                       timeout=MODELS_FETCH_TIMEOUT)
+                    models = model_entries(response.json()) \
+                        if response.status_code == 200 else None
+                except (httpx.HTTPError, ValueError):
+                    models = None
+                if models is None:
+                    log.warning("Poe's model list could not be fetched; using the last one")
+                    cache["failed"] = time.monotonic()
+                else:
+                    cache["models"], cache["fetched"] = models, time.monotonic()
+    return cache["models"] or builtin_models()
+
+
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [
-        {"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "poe"}
-        for model in MODELS]})
+    return JSONResponse({"object": "list", "data": await poe_models(request.app)})
+
+
+async def read_model(request: Request) -> JSONResponse:
+    model_id = request.path_params["model_id"]
+    for model in await poe_models(request.app):
+        if model["id"] == model_id:
+            return JSONResponse(model)
+    raise HTTPException(404, f"The model {model_id!r} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2681,6 +3127,7 @@ routes = [
           methods=["DELETE"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
 ]
 
 

@@ -21,6 +21,7 @@ import fastapi_poe as fp
 import httpx
 import pytest
 import uvicorn
+from sse_starlette.event import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
+MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
 RIGHT_KEY = "poe-right-key-0123456789"
 
 
@@ -133,6 +135,51 @@ async def locked(request):
     yield fp.PartialResponse(text="unlocked")
 
 
+async def say_back(request):
+    """Replies with the last message's text, in chunks of five characters."""
+    text = request.query[-1].content
+    for i in range(0, len(text), 5):
+        yield fp.PartialResponse(text=text[i:i + 5])
+
+
+def tool_chunk(delta, finish_reason=None):
+    """A tool-call chunk as Poe sends it: OpenAI's chunk in a 'json' event."""
+    return ServerSentEvent(event="json", data=json.dumps(
+        {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}))
+
+
+async def call_tools(request):
+    """Calls every tool it is offered with {"city": "Paris"} (the arguments in two pieces), one
+    call after another; given results, answers with them as JSON."""
+    if request.tool_results:
+        yield fp.PartialResponse(text=json.dumps(
+            [[r.tool_call_id, r.name, r.content] for r in request.tool_results]))
+        return
+    if not request.tools:
+        yield fp.PartialResponse(text="no tools")
+        return
+    for index, tool in enumerate(request.tools):
+        yield tool_chunk({"role": "assistant", "tool_calls": [
+            {"index": index, "id": f"call_{index}", "type": "function",
+             "function": {"name": tool.function.name, "arguments": ""}}]})
+        for piece in ('{"city": ', '"Paris"}'):
+            yield tool_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    yield tool_chunk({}, "tool_calls")
+
+
+async def paint(request):
+    """An image bot: files among its text, one of them shown inline by reference."""
+    def file(name, content_type, inline_ref=None):
+        return fp.PartialResponse(text="", attachment=fp.Attachment(
+            url=f"https://poe.test/{name}", content_type=content_type, name=name,
+            inline_ref=inline_ref))
+    yield fp.PartialResponse(text="Here: ")
+    yield file("cat.png", "image/png")
+    yield fp.PartialResponse(text=" and ![a dog][d1]")
+    yield file("dog.png", "image/png", inline_ref="d1")
+    yield file("notes.txt", "text/plain")
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -141,8 +188,10 @@ def make_poe_app():
             ScriptBot("Fussy", error_type_bot("user_caused_error")),
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
             ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
-            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Painter", painter),
-            ScriptBot("Flood", flood), ScriptBot("Count", count)]
+            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
+            ScriptBot("Flood", flood), ScriptBot("Count", count),
+            ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
+            ScriptBot("Painter", paint)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.
@@ -165,9 +214,29 @@ def make_poe_app():
         return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
                              "mime_type": "application/octet-stream"})
     poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])
+
+    # Poe's public model list (POE_MODELS_URL = this server + /v1/models), and one that is down.
+    async def model_list():
+        MODEL_LISTS["/v1/models"] += 1
+        return JSONResponse({"object": "list", "data": POE_MODEL_LIST})
+
+    async def broken_model_list():
+        MODEL_LISTS["/v1/broken-models"] += 1
+        return JSONResponse({"error": "down"}, 503)
+    poe.add_api_route("/v1/models", model_list, methods=["GET"])
+    poe.add_api_route("/v1/broken-models", broken_model_list, methods=["GET"])
     for name in RAW_BOTS:
         poe.add_api_route(f"/{name}", raw_bot, methods=["POST"])
     return poe
+
+
+POE_MODEL_LIST = [
+    {"id": "Echo", "object": "model", "created": 1700000000, "owned_by": "Poe Test",
+     "description": "Echoes the history", "context_window": {"context_length": 8000}},
+    {"id": "ToolBot", "object": "model", "created": 1700000001, "owned_by": "Poe Test",
+     "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}},
+    {"id": "GPT-4o", "object": "model", "created": 1700000002, "owned_by": "OpenAI"},
+]
 
 
 # Bots that speak the protocol badly, as raw server-sent events.
@@ -253,7 +322,8 @@ def start_service(poe_url, tmp_path_factory, monkeypatch_session):
     def start(**settings):
         db_path = str(tmp_path_factory.mktemp("db") / "chat.db")
         settings = {"db_path": db_path, "poe_base_url": poe_url,
-                    "poe_upload_url": poe_url + "poe_api/", **settings}
+                    "poe_upload_url": poe_url + "poe_api/",
+                    "poe_models_url": poe_url + "v1/models", **settings}
         live = LiveServer(server.create_app(**settings)).__enter__()
         client = httpx.Client(base_url=live.url, timeout=30)
         stack.append((live, client))
@@ -1117,7 +1187,7 @@ def test_bad_attachments_change_nothing(api, db, attachment, status):
 
 
 def test_files_a_bot_sends_become_markdown_and_attachments(api, db):
-    conversation_id = new_conversation(api, model="Painter")
+    conversation_id = new_conversation(api, model="Sketcher")
     body = say(api, conversation_id, "draw").json()
     assert body["reply"] == "Here: ![cat.png](https://poe.test/cat.png)"
     stored = db.execute("SELECT content, attachments FROM messages WHERE id = ?",
@@ -1884,6 +1954,7 @@ def test_random_json_never_breaks_a_plan_route(start_service):
 # ---------------------------------------------------------------------------------------------
 
 openai = pytest.importorskip("openai")
+pydantic = pytest.importorskip("pydantic")
 
 
 @pytest.fixture
@@ -1941,14 +2012,6 @@ def test_temperature_and_stop_reach_poe(sdk):
     assert query.stop_sequences == ["END", "STOP"]
 
 
-def test_sdk_models_list_matches_readme(sdk):
-    models = sdk.models.list()
-    ids = [m.id for m in models.data]
-    assert "GPT-4o" in ids and all(m.object == "model" and m.owned_by for m in models.data)
-    readme = open(server.os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
-    assert all(f"`{model_id}`" in readme for model_id in ids)
-
-
 @pytest.mark.parametrize("model,error_class", [
     ("Poor", "APIStatusError"), ("Fussy", "BadRequestError"), ("Private", "PermissionDeniedError"),
     ("Busy", "RateLimitError"), ("NoSuchBot", "NotFoundError"), ("Fail", "InternalServerError"),
@@ -1981,11 +2044,32 @@ def test_sdk_wrong_or_missing_key_is_authentication_error(service):
 
 @pytest.mark.parametrize("body,needle", [
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                  "image_url": {"url": "http://x/y.png"}}]}]},
-     "image_url"),
+                                                  "image_url": {"url": "ftp://x/y.png"}}]}]},
+     "image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,@@not base64@@"}}]}]}, "base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "file",
+                                                  "file": {"file_id": "file-1"}}]}]},
+     "file_data"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]}, "type"),
     ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "tool"),
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "always"},
+     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "tool_calls[0].id"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": "many"}, "max_completion_tokens"),
+    ({"logit_bias": {"50256": "ban"}}, "logit_bias"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"messages": []}, "messages"),
     ({"model": None}, "model"),
     ({"temperature": "hot"}, "temperature"),
@@ -1993,13 +2077,13 @@ def test_sdk_wrong_or_missing_key_is_authentication_error(service):
     ({"stream": "yes"}, "stream"),
 ])
 def test_unsupported_inputs_are_clear_400s(service, body, needle):
-    calls = sum(CALLS.values())
+    calls, uploads = sum(CALLS.values()), len(UPLOADS)
     request = {"model": "Echo", "messages": [{"role": "user", "content": "x"}], **body}
     response = service[0].post("/v1/chat/completions", json=request, headers=KEY)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and needle in error["message"]
-    assert sum(CALLS.values()) == calls
+    assert sum(CALLS.values()) == calls and len(UPLOADS) == uploads
 
 
 def test_error_after_stream_began_is_an_event_then_done(service):
@@ -2012,6 +2096,284 @@ def test_error_after_stream_began_is_an_event_then_done(service):
     assert events[-2]["error"]["code"] == 502 and events[-2]["error"]["message"]
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == \
         "half an answer"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_sdk_tools_round_trip(sdk):
+    completion = sdk.chat.completions.create(
+        model="ToolBot", messages=user("weather in Paris?"),
+        tools=[WEATHER, {"type": "custom", "custom": {"name": "shell"}}])
+    query = LAST_QUERY["ToolBot"]
+    # Function tools only, with the description Poe wants supplied; the custom tool left out.
+    assert [t.function.name for t in query.tools] == ["get_weather"]
+    assert query.tools[0].function.description
+    assert query.tools[0].function.parameters.required == ["city"]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.id, call.type, call.function.name) == ("call_0", "function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    completion = sdk.chat.completions.create(model="ToolBot", tools=[WEATHER], messages=[
+        *user("weather in Paris?"), choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}])
+    query = LAST_QUERY["ToolBot"]
+    # The last round goes to Poe as such, beside the messages.
+    assert [(c.id, c.function.name, c.function.arguments) for c in query.tool_calls] == \
+        [("call_0", "get_weather", call.function.arguments)]
+    assert [(r.tool_call_id, r.name, r.content) for r in query.tool_results] == \
+        [("call_0", "get_weather", '{"temp": 21}')]
+    assert history_of(query) == [["user", "weather in Paris?"]]
+    assert completion.choices[0].finish_reason == "stop"
+    assert json.loads(completion.choices[0].message.content) == \
+        [["call_0", "get_weather", '{"temp": 21}']]
+
+
+def test_earlier_tool_rounds_are_folded_into_the_text(sdk):
+    def round_of(call_id, result):
+        return [{"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": result}]
+    messages = [*user("first"), *round_of("call_a", "cold"), {"role": "assistant",
+                "content": "It is cold."}, *user("and now?"), *round_of("call_b", "warm")]
+    sdk.chat.completions.create(model="Echo", messages=messages, tools=[WEATHER])
+    query = LAST_QUERY["Echo"]
+    assert history_of(query) == [
+        ["user", "first"],
+        ["bot", '[tool call call_a: get_weather({"city": "Oslo"})]'],
+        ["user", "[tool result call_a (get_weather)]\ncold"],
+        ["bot", "It is cold."], ["user", "and now?"]]
+    assert [c.id for c in query.tool_calls] == ["call_b"]
+    assert [r.content for r in query.tool_results] == ["warm"]
+    # Without tools, Poe gets no round apart: every round is text.
+    sdk.chat.completions.create(model="Echo", messages=messages)
+    query = LAST_QUERY["Echo"]
+    assert query.tool_calls is None and query.tool_results is None
+    assert history_of(query)[-1] == ["user", "[tool result call_b (get_weather)]\nwarm"]
+
+
+def test_sdk_streams_tool_calls_one_after_another(sdk):
+    chunks = list(sdk.chat.completions.create(
+        model="ToolBot", messages=user("both"), tools=[WEATHER, TIME], stream=True))
+    pieces = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
+    assert all(len(p) == 1 for p in pieces)
+    order = [p[0].index for p in pieces]
+    assert order == sorted(order) and set(order) == {0, 1}  # one call after another
+    firsts = [p[0] for p in pieces if p[0].id]
+    assert [(f.index, f.id, f.function.name) for f in firsts] == \
+        [(0, "call_0", "get_weather"), (1, "call_1", "get_time")]
+    arguments = ["".join(p[0].function.arguments or "" for p in pieces if p[0].index == i)
+                 for i in (0, 1)]
+    assert [json.loads(a) for a in arguments] == [{"city": "Paris"}] * 2
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The SDK's own accumulator reads the same stream into the calls.
+    with sdk.chat.completions.stream(model="ToolBot", messages=user("both"),
+                                     tools=[WEATHER, TIME]) as stream:
+        final = stream.get_final_completion()
+    assert [c.function.name for c in final.choices[0].message.tool_calls] == \
+        ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice,parallel,offered,called,told", [
+    ("none", True, None, [], None),
+    ("auto", True, ["get_weather", "get_time"], ["get_weather", "get_time"], None),
+    ("required", True, ["get_weather", "get_time"], ["get_weather", "get_time"],
+     "calling one or more of the tools"),
+    ({"type": "function", "function": {"name": "get_time"}}, True, ["get_time"], ["get_time"],
+     "calling the tool get_time"),
+    ("auto", False, ["get_weather", "get_time"], ["get_weather"], None),
+])
+def test_tool_choice_and_parallel_tool_calls_are_emulated(sdk, stream, choice, parallel,
+                                                          offered, called, told):
+    answer = sdk.chat.completions.create(
+        model="ToolBot", messages=[{"role": "system", "content": "be brief"}, *user("go")],
+        tools=[WEATHER, TIME], tool_choice=choice, parallel_tool_calls=parallel, stream=stream)
+    query = LAST_QUERY["ToolBot"]
+    assert (query.tools and [t.function.name for t in query.tools]) == offered
+    system = query.query[0].content
+    assert system.startswith("be brief") and (told is None) == ("You must" not in system)
+    assert told is None or told in system
+    if stream:
+        chunks = list(answer)
+        names = [c.choices[0].delta.tool_calls[0].function.name for c in chunks
+                 if c.choices and c.choices[0].delta.tool_calls
+                 and c.choices[0].delta.tool_calls[0].id]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        names = [c.function.name for c in answer.choices[0].message.tool_calls or []]
+        finish = answer.choices[0].finish_reason
+    assert names == called
+    assert finish == ("tool_calls" if called else "stop")
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+class Team(pydantic.BaseModel):
+    lead: Person
+    members: list[Person]
+
+
+def test_sdk_parse_with_a_pydantic_model(sdk):
+    fenced = '```json\n{"name": "Ada", "age": 36}\n```'
+    completion = sdk.chat.completions.parse(model="Say", messages=user(fenced),
+                                            response_format=Person)
+    assert completion.choices[0].message.parsed == Person(name="Ada", age=36)
+    system = LAST_QUERY["Say"].query[0]
+    assert system.role == "system" and "JSON" in system.content
+    assert json.loads(system.content.split("\n", 1)[1])["properties"]["age"]["type"] == \
+        "integer"
+    completion = sdk.chat.completions.create(model="Say", messages=user('{"a": 1}'),
+                                             response_format={"type": "json_object"})
+    assert json.loads(completion.choices[0].message.content) == {"a": 1}
+
+
+def test_pydantic_tools_keep_their_nested_models(sdk):
+    sdk.chat.completions.create(model="ToolBot", messages=user("team"),
+                                tools=[openai.pydantic_function_tool(Team)])
+    [tool] = LAST_QUERY["ToolBot"].tools
+    lead = tool.function.parameters.properties["lead"]
+    assert lead["properties"]["age"]["type"] == "integer" and "$ref" not in json.dumps(lead)
+
+
+def test_a_stream_asked_for_json_is_relayed_as_it_comes(sdk):
+    fenced = '```json\n{"a": 1}\n```'
+    chunks = list(sdk.chat.completions.create(model="Say", messages=user(fenced), stream=True,
+                                              response_format={"type": "json_object"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == fenced
+
+
+@pytest.mark.parametrize("model,content,response_format", [
+    ("Fail", "x", None),
+    ("Say", "not JSON at all", {"type": "json_object"}),
+])
+def test_a_502_is_not_retried_by_the_sdk(service, model, content, response_format):
+    """x-should-retry: false: the SDK at its default max_retries calls Poe once."""
+    client = openai.OpenAI(base_url=str(service[0].base_url) + "/v1", api_key="poe-test-key")
+    assert client.max_retries > 0
+    calls = CALLS[model]
+    extra = {"response_format": response_format} if response_format else {}
+    with client, pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model=model, messages=user(content), **extra)
+    assert raised.value.status_code == 502
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert CALLS[model] == calls + 1
+
+
+PNG = b"\x89PNG\r\n\x1a\nnot really a picture"
+
+
+def data_url(content_type, data):
+    return f"data:{content_type};base64," + server.base64.b64encode(data).decode()
+
+
+def test_images_and_files_go_to_poe_as_attachments(sdk):
+    uploads = len(UPLOADS)
+    sdk.chat.completions.create(model="Echo", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what are these?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "image_url", "image_url": {"url": data_url("image/png", PNG),
+                                            "detail": "high"}},
+        {"type": "file", "file": {"filename": "notes.pdf",
+                                  "file_data": data_url("application/pdf", b"%PDF-1.4 x")}},
+    ]}])
+    # Data goes up first, as fastapi_poe's upload_file sends it: the key, the bytes.
+    assert len(UPLOADS) == uploads + 2
+    assert [u["authorization"] for u in UPLOADS[-2:]] == ["poe-test-key"] * 2
+    assert PNG in UPLOADS[-2]["body"] and b"%PDF-1.4 x" in UPLOADS[-1]["body"]
+    assert b'filename="notes.pdf"' in UPLOADS[-1]["body"]
+    message = LAST_QUERY["Echo"].query[-1]
+    assert message.content == "what are these?"
+    assert [(a.url, a.content_type) for a in message.attachments] == [
+        ("https://example.com/cat.png", "image/png"),
+        (f"https://poe.test/file/{uploads + 1}", "image/png"),
+        (f"https://poe.test/file/{uploads + 2}", "application/pdf")]
+    assert message.attachments[2].name == "notes.pdf"
+
+
+BOT_FILES = ("Here: ![cat.png](https://poe.test/cat.png) and ![a dog][d1]"
+             "\n\n[d1]: https://poe.test/dog.png\n\n[notes.txt](https://poe.test/notes.txt)")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_files_a_bot_sends_are_markdown_in_the_text(sdk, stream):
+    answer = sdk.chat.completions.create(model="Painter", messages=user("draw"),
+                                         stream=stream)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+    else:
+        text = answer.choices[0].message.content
+    assert text == BOT_FILES
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("limit", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_cuts_the_reply_and_ends_the_poe_call(sdk, stream, limit):
+    started = time.monotonic()
+    answer = sdk.chat.completions.create(model="Slow", messages=user("40 0.05"),
+                                         stream=stream, **{limit: 2})
+    if stream:
+        chunks = [c for c in answer if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
+    assert (text, finish) == ("c0 c1 c2", "length")  # 2 tokens: 8 characters
+    assert time.monotonic() - started < 1.5  # not the 2 s the whole reply takes
+
+
+def test_logit_bias_and_user_reach_poe_and_other_fields_are_accepted(sdk):
+    completion = sdk.chat.completions.create(
+        model="Echo", messages=user("x"), logit_bias={"50256": -100}, user="user-7",
+        top_p=0.5, frequency_penalty=0.1, presence_penalty=0.1, seed=3, store=False,
+        metadata={"k": "v"}, service_tier="auto", reasoning_effort="low",
+        prediction={"type": "content", "content": "x"}, prompt_cache_key="k")
+    query = LAST_QUERY["Echo"]
+    assert query.logit_bias == {"50256": -100.0} and query.user_id == "user-7"
+    assert json.loads(completion.choices[0].message.content) == [["user", "x"]]
+
+
+def test_sdk_models_are_poes_live_list_with_its_metadata(sdk):
+    models = sdk.models.list()
+    fetches = MODEL_LISTS["/v1/models"]
+    assert [m.to_dict() for m in models.data] == POE_MODEL_LIST
+    assert sdk.models.retrieve("ToolBot").architecture["input_modalities"] == ["text"]
+    assert MODEL_LISTS["/v1/models"] == fetches  # kept, not fetched again
+    with pytest.raises(openai.NotFoundError) as raised:
+        sdk.models.retrieve("NoSuchBot")
+    assert set(raised.value.body) == {"message", "type", "code"}
+
+
+def test_models_fall_back_to_the_built_in_list_and_wait_to_retry(start_service, poe_url):
+    client, _ = start_service(poe_models_url=poe_url + "v1/broken-models")
+    fetches = MODEL_LISTS["/v1/broken-models"]
+    with openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="k") as sdk:
+        ids = [m.id for m in sdk.models.list().data]
+        assert ids == list(server.MODELS) and sdk.models.retrieve("GPT-4o").owned_by == "poe"
+    assert MODEL_LISTS["/v1/broken-models"] == fetches + 1  # not once a request
+    readme = open(server.os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
+    assert all(f"`{model_id}`" in readme for model_id in ids)
+
+
+def test_unknown_v1_paths_and_methods_answer_in_openai_shape(api):
+    for method, path, status in [("GET", "/v1/embeddings", 404), ("POST", "/v1/models", 405),
+                                 ("GET", "/v1/models/NoSuchBot", 404)]:
+        response = api.request(method, path, headers=KEY)
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "code"}
 
 
 # ---------------------------------------------------------------------------------------------
