@@ -299,8 +299,9 @@ def schema_statements() -> list[str]:
 
 def table_sql(table: str) -> str:
     """The CREATE TABLE statement of `table` in schema.sql."""
-    pattern = re.compile(rf"CREATE TABLE IF NOT EXISTS {table} \(")
-    return next(s for s in schema_statements() if pattern.match(s))
+    # A statement begins with the comments above it in schema.sql.
+    pattern = re.compile(rf"^CREATE TABLE IF NOT EXISTS {table} \(", re.MULTILINE)
+    return next(s for s in schema_statements() if pattern.search(s))
 
 
 def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
