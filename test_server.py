@@ -979,11 +979,12 @@ def test_search_index_never_drifts(api, db):
     assert api.post("/v1/chat/messages/delete", json={"message_ids": [first_reply]}
                     ).status_code == 200
     assert {r["id"] for r in search(api, "wombat")} == {first_user, second_user}
-    # A reply being streamed is found once it ends.
-    slow = new_conversation(api, model="Slow")
-    with stream_turn(api, slow, "5 0.05") as response:
-        sse_data(response)
-    assert [r["id"] for r in search(api, "c4 ")] == [stored_messages(db, slow)[1]["id"]]
+    # A streamed reply is found once it ends.
+    streamed = new_conversation(api, model="Echo")
+    with stream_turn(api, streamed, "numbatstreamed") as response:
+        assert sse_data(response)[-1] == "[DONE]"
+    assert {r["id"] for r in search(api, "numbatstreamed")} == {
+        m["id"] for m in stored_messages(db, streamed)}
     # Documents: a new version, an edit in place, a project deleted with its documents.
     project_id = new_project(api, "drift")
     v1 = post_document(api, project_id=project_id, category_id=1, filename="d.md",
