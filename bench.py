@@ -5,7 +5,7 @@ fastapi_poe, the service (`python server.py`, as users run it, on a fresh tempor
 a bare Starlette JSON route served the same way. This process is the client. Every figure comes
 from the same run, so the ratios hold on a noisy machine.
 
-    python bench.py            # the full table, under 3 minutes
+    python bench.py            # the full table, a few minutes (a 200k-message database is built)
     python bench.py --quick    # a small version in seconds (the test suite runs it)
 """
 from __future__ import annotations
