@@ -21,6 +21,7 @@ import mimetypes
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.routing import Match, Route
 
@@ -2953,6 +2954,274 @@ async def read_model(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
+# Search, export, backup: find anything, take everything with you. Search reads the FTS5
+# trigram indexes that schema.sql's triggers keep in step with messages and documents; an
+# export is built, and a backup copied and checked, on a reader thread.
+# ---------------------------------------------------------------------------------------------
+
+SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
+# A trigram index finds words of three characters or more. A query made only of shorter words
+# (a two-character Chinese word) is a substring scan of this many newest messages and documents.
+SHORT_QUERY_ROWS = 50000
+# bm25 costs a few microseconds a match: a word found in tens of thousands of messages has the
+# newest this many of its matches ranked, so that no query takes long.
+RANK_CANDIDATES = 2000
+SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
+
+
+def search_terms(q: str) -> list[str]:
+    """The words of a query: every one must be found (a substring, case-insensitive)."""
+    return list(dict.fromkeys(q.split()))
+
+
+def like_pattern(term: str) -> str:
+    return "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+
+
+def snippet(text: str, terms: list[str]) -> str:
+    """About SNIPPET_CHARS characters of `text` around the first word of the query found in it,
+    whitespace collapsed, '…' where it is cut."""
+    found = [m.start() for t in terms if (m := re.search(re.escape(t), text, re.IGNORECASE))]
+    start = max(0, min(found) - SNIPPET_BEFORE) if found else 0
+    end = start + SNIPPET_CHARS
+    piece = " ".join(text[start:end].split())
+    return ("…" if start else "") + piece + ("…" if end < len(text) else "")
+
+
+def ranked_ids(db: sqlite3.Connection, table: str, joins: str, where: list[str],
+               params: dict) -> list[tuple[int, float]]:
+    """(rowid, bm25) of the best matches in an FTS5 table, best first, among its newest
+    RANK_CANDIDATES matches. `table`, `joins` and `where` are fixed SQL, never input."""
+    sql = f"FROM {table} {joins} WHERE {table} MATCH :match AND {' AND '.join(where or ['1'])}"
+    cut = db.execute(f"SELECT {table}.rowid {sql} ORDER BY {table}.rowid DESC "
+                     f"LIMIT 1 OFFSET {RANK_CANDIDATES - 1}", params).fetchone()
+    return db.execute(f"SELECT {table}.rowid, bm25({table}) AS score {sql} AND "
+                      f"{table}.rowid >= :cut ORDER BY score LIMIT :limit",
+                      {**params, "cut": cut[0] if cut else 0}).fetchall()
+
+
+def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: int) -> bytes:
+    """The search's answer as JSON bytes. Words of three characters or more are looked up in
+    the indexes (each quoted as an FTS5 phrase: input is never query syntax) and ranked by
+    bm25; shorter words filter what those find, or, when a query has no longer word, are
+    found by a scan of the newest rows, newest first."""
+    terms = search_terms(q)
+    indexed = [t for t in terms if len(t) >= 3]
+    short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
+    params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id,
+                              "match": " ".join('"' + t.replace('"', '""') + '"'
+                                                for t in indexed)}
+    message_where = [f"m.content LIKE :{name} ESCAPE '\\'" for name in short]
+    document_where = [f"(d.filename LIKE :{name} ESCAPE '\\' OR d.content LIKE :{name} "
+                      "ESCAPE '\\')" for name in short]
+    in_project = "coalesce((SELECT project_id FROM conversations c WHERE c.id = " \
+                 "m.conversation_id), 0) = :project_id"
+    if project_id is not None:
+        message_where.append(in_project)
+        document_where.append("d.project_id = :project_id")
+    documents = project_id != 0  # every document belongs to a project
+    if indexed:
+        scores = {("message", rowid): score for rowid, score in ranked_ids(
+            db, "messages_fts", "JOIN messages m ON m.id = messages_fts.rowid"
+            if message_where else "", message_where, params)}
+        if documents:
+            scores.update((("document", rowid), score) for rowid, score in ranked_ids(
+                db, "documents_fts", "JOIN plan_documents d ON d.id = documents_fts.rowid"
+                if document_where else "", document_where, params))
+        best = sorted(scores, key=scores.get)[:limit]
+    else:
+        # Rows still streaming are left out, as the index leaves them out.
+        newest = [(row[0], ("message", row[1])) for row in db.execute(
+            "SELECT m.created_at, m.id FROM messages m WHERE m.id >= coalesce((SELECT id FROM "
+            f"messages ORDER BY id DESC LIMIT 1 OFFSET {SHORT_QUERY_ROWS - 1}), 0) AND "
+            f"m.status != 'streaming' AND {' AND '.join(message_where)} "
+            "ORDER BY m.id DESC LIMIT :limit", params)]
+        if documents:
+            newest += [(row[0], ("document", row[1])) for row in db.execute(
+                "SELECT d.created_time, d.id FROM plan_documents d WHERE d.id >= coalesce(("
+                f"SELECT id FROM plan_documents ORDER BY id DESC LIMIT 1 OFFSET "
+                f"{SHORT_QUERY_ROWS - 1}), 0) AND {' AND '.join(document_where)} "
+                "ORDER BY d.id DESC LIMIT :limit", params)]
+        best = [key for _, key in sorted(newest, reverse=True)[:limit]]
+    return dumps({"results": search_results(db, best, terms)}).encode()
+
+
+def search_results(db: sqlite3.Connection, keys: list[tuple[str, int]],
+                   terms: list[str]) -> list[dict]:
+    """The results for (kind, id) keys, in their order, each with its snippet."""
+    found: dict[tuple[str, int], dict] = {}
+    message_ids = [i for kind, i in keys if kind == "message"]
+    document_ids = [i for kind, i in keys if kind == "document"]
+    if message_ids:
+        for row in db.execute("SELECT id, conversation_id, role, content, created_at FROM "
+                              "messages WHERE id IN (SELECT value FROM json_each(?))",
+                              (json.dumps(message_ids),)):
+            found["message", row["id"]] = {
+                "kind": "message", "id": row["id"], "conversation_id": row["conversation_id"],
+                "role": row["role"], "snippet": snippet(row["content"], terms),
+                "created_at": row["created_at"]}
+    if document_ids:
+        for row in db.execute("SELECT id, project_id, filename, version, content, created_time "
+                              "FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
+                              (json.dumps(document_ids),)):
+            found["document", row["id"]] = {
+                "kind": "document", "id": row["id"], "document_id": row["id"],
+                "project_id": row["project_id"], "filename": row["filename"],
+                "version": row["version"], "snippet": snippet(row["content"], terms),
+                "created_at": row["created_time"]}
+    return [found[key] for key in keys if key in found]
+
+
+async def search(request: Request) -> Response:
+    q = request.query_params.get("q", "")
+    if not q.strip():
+        raise HTTPException(400, "q must be a non-empty string")
+    if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
+        raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
+    limit = query_int(request, "limit")
+    limit = SEARCH_LIMIT if limit is None else limit
+    if not 1 <= limit <= SEARCH_LIMIT_MAX:
+        raise HTTPException(400, f"limit must be from 1 to {SEARCH_LIMIT_MAX}")
+    project_id = query_int(request, "project_id")
+    body = await request.app.state.db.read(search_index, q, project_id, limit)
+    return Response(body, media_type="application/json")
+
+
+EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
+ROLE_TITLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def link_markdown(name: str, url: str) -> str:
+    name = (name or "file").replace("[", "").replace("]", "")
+    return f"[{name}]({url.replace(' ', '%20').replace(')', '%29')})"
+
+
+def conversation_markdown(conversation: dict, messages: list[dict]) -> str:
+    """The conversation as a person reads it: its details, then each message under a heading
+    with its role and time; attachments as links, tool calls as JSON."""
+    title = conversation["name"] or f"Conversation {conversation['id']}"
+    details = [("Conversation", f"`{conversation['id']}`"),
+               ("Model", conversation["model"]),
+               ("Project", conversation["project_name"]),
+               ("Assistance role", conversation["assistance_role"]),
+               ("Status", "archived" if conversation["status"] == 1 else "normal"),
+               ("Created", conversation["created_at"]),
+               ("Updated", conversation["updated_at"]),
+               ("Messages", str(len(messages)))]
+    lines = [f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]
+    for number, message in enumerate(messages, 1):
+        status = "" if message["status"] == "complete" else f" ({message['status']})"
+        lines += ["", "---", "",
+                  f"## {number}. {ROLE_TITLES[message['role']]} · {message['created_at']}"
+                  f"{status}", ""]
+        if message.get("tool_call_id"):
+            lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
+        lines.append(message["content"])
+        if message.get("attachments"):
+            lines += ["", "**Attachments:**", ""]
+            lines += [f"- {link_markdown(a.get('name'), a.get('url', ''))}"
+                      + (f" ({a['content_type']})" if a.get("content_type") else "")
+                      for a in message["attachments"]]
+        if message.get("tool_calls"):
+            lines += ["", "**Tool calls:**", ""]
+            for call in message["tool_calls"]:
+                function = call.get("function") or {}
+                lines += [f"- `{function.get('name', '')}` (`{call.get('id', '')}`):", "",
+                          "  ```json", f"  {function.get('arguments', '')}", "  ```"]
+    return "\n".join(lines) + "\n"
+
+
+def export_conversation(db: sqlite3.Connection, conversation_id: str, fmt: str) -> bytes:
+    conversation = get_conversation(db, conversation_id)
+    metadata = db.execute("SELECT metadata FROM conversations WHERE id = ?",
+                          (conversation_id,)).fetchone()[0]
+    conversation["metadata"] = json.loads(metadata) if metadata else None
+    messages = [message_json(row) for row in db.execute(
+        MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+    if fmt == "md":
+        return conversation_markdown(conversation, messages).encode()
+    exported_at = db.execute(f"SELECT {NOW_SQL}").fetchone()[0]
+    return dumps({"conversation": conversation, "messages": messages,
+                  "exported_at": exported_at}).encode()
+
+
+async def export(request: Request) -> Response:
+    conversation_id = request.path_params["conversation_id"]
+    fmt = request.query_params.get("format") or "md"
+    if fmt not in EXPORT_TYPES:
+        raise HTTPException(400, "format must be md or json")
+    body = await request.app.state.db.read(export_conversation, conversation_id, fmt)
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", conversation_id)
+    return Response(body, media_type=EXPORT_TYPES[fmt], headers={
+        "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
+
+
+def copy_database(source: sqlite3.Connection, target: str, check: str) -> None:
+    """Copies the database `source` is open on into the file `target` with SQLite's online
+    backup (one step: one consistent snapshot, writers go on meanwhile), as a single file
+    (rollback journal, not WAL), then opens the copy and runs PRAGMA `check` on it."""
+    assert check in ("quick_check", "integrity_check")
+    copy = sqlite3.connect(target, isolation_level=None)
+    try:
+        source.backup(copy)
+        copy.execute("PRAGMA journal_mode = DELETE")
+        problems = [row[0] for row in copy.execute(f"PRAGMA {check}")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"the copy fails {check}: {'; '.join(problems[:3])}")
+        copy.execute("SELECT count(*) FROM messages").fetchone()
+    finally:
+        copy.close()
+
+
+def backup_to_temporary(db: sqlite3.Connection, directory: str) -> str:
+    """A checked copy of the database in a new file in `directory` (the database's own, where
+    there is room for one); its path."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise HTTPException(503, f"cannot write the backup copy: {exc.strerror}") from None
+    try:
+        copy_database(db, path, "quick_check")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return path
+
+
+async def file_chunks(path: str) -> AsyncIterator[bytes]:
+    """The file's bytes; the file is deleted at once (its open handle reads on) or, where the
+    system does not allow that, at the end."""
+    f = open(path, "rb")
+    try:
+        unlinked = True
+        try:
+            os.remove(path)
+        except OSError:
+            unlinked = False
+        while chunk := await asyncio.to_thread(f.read, 2**20):
+            yield chunk
+    finally:
+        f.close()
+        if not unlinked:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+async def download_backup(request: Request) -> Response:
+    db_path = request.app.state.settings["db_path"]
+    path = await request.app.state.db.read(backup_to_temporary,
+                                           os.path.dirname(os.path.abspath(db_path)))
+    size = os.path.getsize(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(db_path))[0])
+    return StreamingResponse(file_chunks(path), media_type="application/vnd.sqlite3", headers={
+        "Content-Length": str(size), "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="{name}-backup-{stamp}.db"'})
+
+
+# ---------------------------------------------------------------------------------------------
 # Health, login, errors, access
 # ---------------------------------------------------------------------------------------------
 
@@ -3125,6 +3394,9 @@ routes = [
     Route("/v1/plan/documents/{document_id}/tags:batch", batch_tags, methods=["POST"]),
     Route("/v1/plan/documents/{document_id}/tags/{tag_name:path}", delete_tag,
           methods=["DELETE"]),
+    Route("/v1/search", search, methods=["GET"]),
+    Route("/v1/chat/conversations/{conversation_id}/export", export, methods=["GET"]),
+    Route("/v1/backup", download_backup, methods=["GET"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
@@ -3263,17 +3535,30 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def backup(db_path: str, target: str) -> None:
-    """A consistent copy of the database, taken with SQLite's online backup."""
-    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def backup(db_path: str, target: str) -> int:
+    """Copies the database to `target` as GET /v1/backup does, while a server may be using it:
+    written to a new file beside `target`, checked (PRAGMA integrity_check), then renamed into
+    place, so that `target` is never a partial copy. The database is not upgraded first. Returns
+    the copy's size in bytes."""
+    if not os.path.isfile(db_path):
+        raise DatabaseUnusable(f"there is no database at {db_path}")
+    if os.path.exists(target) and os.path.samefile(db_path, target):
+        raise DatabaseUnusable("the backup FILE must not be the database itself")
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        copy = sqlite3.connect(target)
+        fd, path = tempfile.mkstemp(prefix=".backup-", suffix=".db",
+                                    dir=os.path.dirname(os.path.abspath(target)))
+        os.close(fd)
         try:
-            source.backup(copy)
-        finally:
-            copy.close()
+            copy_database(source, path, "integrity_check")
+            os.replace(path, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
     finally:
         source.close()
+    return os.path.getsize(target)
 
 
 def main() -> None:
@@ -3290,16 +3575,17 @@ def main() -> None:
     service = create_app(host=args.host, port=args.port, db_path=args.db)
     settings = service.state.settings
     try:
-        prepare_database(settings["db_path"])
         if args.command:
             if args.command[0] != "backup" or len(args.command) != 2:
                 raise SystemExit("usage: python server.py [--db DB] backup FILE")
-            backup(settings["db_path"], args.command[1])
-            print(f"backed up {settings['db_path']} to {args.command[1]}")
+            size = backup(settings["db_path"], args.command[1])
+            print(f"backed up {settings['db_path']} to {args.command[1]} ({size} bytes, "
+                  "integrity_check ok)")
             return
+        prepare_database(settings["db_path"])
     except DatabaseUnusable as exc:
         raise SystemExit(f"error: {exc}") from None
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise SystemExit(f"error: backup failed: {exc}") from None
     if settings["access_keys"] and not settings["poe_api_key"]:
         raise SystemExit(f"error: {ACCESS_WITHOUT_KEY}")

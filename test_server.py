@@ -1950,6 +1950,362 @@ def test_random_json_never_breaks_a_plan_route(start_service):
 
 
 # ---------------------------------------------------------------------------------------------
+# Search, export, backup
+# ---------------------------------------------------------------------------------------------
+
+def search(api, q, **params):
+    response = api.get("/v1/search", params={"q": q, **params})
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def store_message(db, conversation_id, content, role="assistant") -> int:
+    """A message written straight into the database, as a past turn left it."""
+    with db:
+        return db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                          "(?, ?, ?)", (conversation_id, role, content)).lastrowid
+
+
+def fts_in_step(db) -> bool:
+    """FTS5's own check that each index holds exactly what its table holds (raises if not)."""
+    for table in ("messages_fts", "documents_fts"):
+        db.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('integrity-check', 1)")
+    return True
+
+
+def test_search_finds_messages_and_documents_best_match_first(api, db):
+    project_id = new_project(api, "search-best")
+    conversation_id = new_conversation(api, model="Echo", project_id=project_id,
+                                       system_prompt="zebracorn once")
+    assert say(api, conversation_id, "zebracorn zebracorn zebracorn, 斑马独角兽").status_code == 200
+    document = post_document(api, project_id=project_id, category_id=5, filename="zoo.md",
+                             content="A note: " + "x" * 300 + " the zebracorn lives here. "
+                             + "y" * 300).json()
+    results = search(api, "ZebraCorn")
+    stored = stored_messages(db, conversation_id)
+    # The user's message says it three times: best; the echo repeats the whole history.
+    assert {(r["kind"], r["id"]) for r in results} == {
+        ("message", stored[0]["id"]), ("message", stored[1]["id"]),
+        ("message", stored[2]["id"]), ("document", document["id"])}
+    assert results[0]["id"] == stored[1]["id"]
+    assert set(results[0]) == {"kind", "id", "conversation_id", "role", "snippet", "created_at"}
+    assert results[0]["conversation_id"] == conversation_id
+    assert results[0]["created_at"] == db.execute(
+        "SELECT created_at FROM messages WHERE id = ?", (stored[1]["id"],)).fetchone()[0]
+    found_document = next(r for r in results if r["kind"] == "document")
+    assert found_document["document_id"] == document["id"] == found_document["id"]
+    assert found_document["filename"] == "zoo.md"
+    assert found_document["created_at"] == document["created_time"]
+    # The snippet is cut around the match.
+    assert "the zebracorn lives here" in found_document["snippet"]
+    assert found_document["snippet"].startswith("…") and found_document["snippet"].endswith("…")
+    assert len(found_document["snippet"]) <= server.SNIPPET_CHARS + 2
+    chinese = search(api, "独角兽")
+    assert [r["id"] for r in chinese][:1] == [stored[1]["id"]]
+    assert "斑马独角兽" in chinese[0]["snippet"]
+    assert [r["id"] for r in search(api, "zebracorn", limit=2)] == \
+        [r["id"] for r in results[:2]]
+
+
+def test_search_words_are_all_required_and_short_words_are_found(api, db):
+    conversation_id = new_conversation(api)
+    ids = [store_message(db, conversation_id, text) for text in (
+        "我喜欢冒泡排序 quicksortish", "排序 at the very end: 冒泡排序", "only 冒泡 here",
+        "nothing to see")]
+    # A two-character word (no trigram): newest first.
+    assert [r["id"] for r in search(api, "排序")
+            if r.get("conversation_id") == conversation_id] == [ids[1], ids[0]]
+    assert [r["id"] for r in search(api, "冒泡 quicksortish")] == [ids[0]]
+    assert [r["id"] for r in search(api, "泡排序 end:")] == [ids[1]]
+    assert search(api, "冒泡 nowhere-to-be-found") == []
+    one = search(api, "冒", project_id=0)
+    assert {ids[0], ids[1], ids[2]} <= {r["id"] for r in one}
+
+
+def test_search_filters_by_project(api, db):
+    project_id = new_project(api, "search-filter")
+    other = new_project(api, "search-filter-other")
+    inside = new_conversation(api, project_id=project_id, system_prompt="quokkaphrase inside")
+    outside = new_conversation(api, system_prompt="quokkaphrase outside")
+    elsewhere = new_conversation(api, project_id=other, system_prompt="quokkaphrase elsewhere")
+    document = post_document(api, project_id=project_id, category_id=5, filename="q.md",
+                             content="quokkaphrase doc").json()
+    def found(**params):
+        return {(r["kind"], r.get("conversation_id") or r["document_id"])
+                for r in search(api, "quokkaphrase", **params)}
+    assert found(project_id=project_id) == {("message", inside), ("document", document["id"])}
+    assert found(project_id=0) == {("message", outside)}
+    assert found() == {("message", inside), ("message", outside), ("message", elsewhere),
+                       ("document", document["id"])}
+    assert {r["id"] for r in search(api, "qu", project_id=project_id)} >= {document["id"]}
+    assert all(r["kind"] == "message" for r in search(api, "qu", project_id=0))
+
+
+def test_search_index_never_drifts(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    assert say(api, conversation_id, "wombatfirst").status_code == 200
+    assert say(api, conversation_id, "wombatsecond").status_code == 200
+    first_user, first_reply, second_user, second_reply = [
+        m["id"] for m in stored_messages(db, conversation_id)]
+    assert {r["id"] for r in search(api, "wombatsecond")} == {second_user, second_reply}
+    # Regenerate: the old reply leaves the index, the new one enters it once complete.
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", json={},
+                        headers=KEY)
+    assert response.status_code == 200
+    new_reply = response.json()["assistant_message_id"]
+    assert {r["id"] for r in search(api, "wombatsecond")} == {second_user, new_reply}
+    # Delete one message by each route.
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{new_reply}"
+                      ).status_code == 200
+    assert api.post("/v1/chat/messages/delete", json={"message_ids": [first_reply]}
+                    ).status_code == 200
+    assert {r["id"] for r in search(api, "wombat")} == {first_user, second_user}
+    # A streamed reply is found once it ends.
+    streamed = new_conversation(api, model="Echo")
+    with stream_turn(api, streamed, "numbatstreamed") as response:
+        assert sse_data(response)[-1] == "[DONE]"
+    assert {r["id"] for r in search(api, "numbatstreamed")} == {
+        m["id"] for m in stored_messages(db, streamed)}
+    # Documents: a new version, an edit in place, a project deleted with its documents.
+    project_id = new_project(api, "drift")
+    v1 = post_document(api, project_id=project_id, category_id=1, filename="d.md",
+                       content="platypusone").json()
+    v2 = post_document(api, project_id=project_id, category_id=1, filename="d.md",
+                       content="platypustwo").json()
+    assert {r["id"] for r in search(api, "platypus")} == {v1["id"], v2["id"]}
+    with db:
+        db.execute("UPDATE plan_documents SET content = 'echidna', filename = 'platypus.md' "
+                   "WHERE id = ?", (v1["id"],))
+    assert {r["id"] for r in search(api, "platypustwo")} == {v2["id"]}
+    assert {r["id"] for r in search(api, "platypus")} == {v1["id"], v2["id"]}  # by filename
+    assert [r["id"] for r in search(api, "echidna")] == [v1["id"]]
+    assert api.delete(f"/v1/projects/{project_id}").status_code == 200
+    assert search(api, "platypus") == search(api, "echidna") == []
+    # And a whole conversation.
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    assert search(api, "wombat") == []
+    assert fts_in_step(db)
+
+
+@pytest.mark.parametrize("q", ['"', '""', 'a"b', '"unbalanced', "AND", "OR NOT", "NEAR(a b)",
+                               "col:value", "filename:x", "content: y", "^start", "-minus",
+                               "(paren", "star*", "{filename content}: z", "a + b", "'; DROP",
+                               "%", "_", "\\", "%_%", "100%", "  spaced   out  ", "NOT",
+                               "表*", "x" * 500])
+def test_search_input_is_never_query_syntax(api, db, q):
+    message_id = store_message(db, new_conversation(api), f"before {q} after")
+    results = search(api, q, limit=100)
+    assert message_id in {r["id"] for r in results if r["kind"] == "message"} or \
+        len(results) == 100
+
+
+@pytest.mark.parametrize("params,detail", [
+    ({}, "q"), ({"q": ""}, "q"), ({"q": "   "}, "q"), ({"q": "x" * 501}, "q"),
+    ({"q": "a\x00b"}, "q"), ({"q": "abc", "limit": "0"}, "limit"),
+    ({"q": "abc", "limit": "101"}, "limit"), ({"q": "abc", "limit": "x"}, "limit"),
+    ({"q": "abc", "project_id": "-1"}, "project_id"),
+])
+def test_search_refusals_are_400(api, params, detail):
+    response = api.get("/v1/search", params=params)
+    assert response.status_code == 400
+    assert detail in response.json()["detail"]
+
+
+def test_an_upgraded_database_is_searchable(tmp_path, poe_url):
+    """A database of the first release (no search tables) is indexed by its upgrade."""
+    old = sqlite3.connect(tmp_path / "chat.db")
+    old.executescript("""
+        CREATE TABLE projects (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+            dev_environment TEXT NOT NULL DEFAULT '', grpc_server_address TEXT NOT NULL DEFAULT '',
+            llm_model TEXT, llm_url TEXT, created_time TEXT NOT NULL DEFAULT '2025',
+            updated_time TEXT NOT NULL DEFAULT '2025');
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, system_prompt TEXT,
+            project_id INTEGER REFERENCES projects(id), name TEXT, model TEXT,
+            created_at TEXT NOT NULL DEFAULT '2025', updated_at TEXT NOT NULL DEFAULT '2025');
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id), role TEXT NOT NULL,
+            content TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'complete',
+            created_at TEXT NOT NULL DEFAULT '2025-01-01T00:00:00.000Z');
+        CREATE TABLE plan_categories (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE, prompt_template TEXT NOT NULL,
+            message_method TEXT NOT NULL, auto_save_category_id INTEGER,
+            is_builtin INTEGER NOT NULL DEFAULT 0, created_time TEXT NOT NULL DEFAULT '2025');
+        CREATE TABLE plan_documents (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            project_id INTEGER NOT NULL REFERENCES projects(id),
+            category_id INTEGER NOT NULL REFERENCES plan_categories(id),
+            filename TEXT NOT NULL, content TEXT NOT NULL, version INTEGER NOT NULL,
+            source TEXT NOT NULL DEFAULT 'user', related_log_id INTEGER,
+            created_time TEXT NOT NULL DEFAULT '2025');
+        INSERT INTO projects (name) VALUES ('old');
+        INSERT INTO plan_categories (name, prompt_template, message_method)
+            VALUES ('c', '{doc}', 'PlanGetRequest');
+        INSERT INTO conversations (id) VALUES ('old-conversation');
+        INSERT INTO messages (conversation_id, role, content)
+            VALUES ('old-conversation', 'user', '旧的消息 kept from the first release');
+        INSERT INTO plan_documents (project_id, category_id, filename, content, version)
+            VALUES (1, 1, 'old.md', '旧的文档 first release', 1);
+    """)
+    old.close()
+    process = ServerProcess(tmp_path, poe_url)
+    try:
+        with httpx.Client(base_url=process.url) as api:
+            results = search(api, "first release")
+            assert {(r["kind"], r["id"]) for r in results} == {("message", 1), ("document", 1)}
+            assert {r["kind"] for r in search(api, "旧的")} == {"message", "document"}
+    finally:
+        process.stop(signal.SIGTERM)
+
+
+def test_export_markdown_reads_as_a_conversation(api, db):
+    project_id = new_project(api, "export-md")
+    conversation_id = new_conversation(api, model="Echo", name="Bubble sort",
+                                       project_id=project_id, system_prompt="Be brief.")
+    assert say(api, conversation_id, "排序 please", attachments=[
+        {"url": "https://example.com/a b.png", "name": "a.png", "content_type": "image/png"}
+    ]).status_code == 200
+    with db:
+        db.execute("INSERT INTO messages (conversation_id, role, content, tool_calls) VALUES "
+                   "(?, 'assistant', '', ?)", (conversation_id, json.dumps([
+                       {"id": "call_1", "type": "function",
+                        "function": {"name": "lookup", "arguments": "{\"x\": 1}"}}])))
+        db.execute("INSERT INTO messages (conversation_id, role, content, tool_call_id) VALUES "
+                   "(?, 'tool', 'looked up', 'call_1')", (conversation_id,))
+    response = api.get(f"/v1/chat/conversations/{conversation_id}/export")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert response.headers["content-disposition"] == \
+        f'attachment; filename="conversation-{conversation_id}.md"'
+    text = response.text
+    stored = db.execute("SELECT role, content, created_at FROM messages WHERE "
+                        "conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+    assert text.startswith("# Bubble sort\n")
+    assert "- **Model:** Echo" in text and "- **Project:** export-md" in text
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        f"## {n}. {role} · {row['created_at']}" for n, (role, row) in enumerate(
+            zip(["System", "User", "Assistant", "Assistant", "Tool"], stored), 1)]
+    for row in stored:
+        assert row["content"] in text
+    assert "- [a.png](https://example.com/a%20b.png) (image/png)" in text
+    assert "- `lookup` (`call_1`):" in text and '{"x": 1}' in text
+    assert "*Result of tool call `call_1`*" in text
+
+
+def test_export_json_holds_everything(api, db):
+    conversation_id = new_conversation(api, model="Echo", name="全部", system_prompt="S")
+    say(api, conversation_id, "hello", attachments=[{"url": "https://example.com/f.pdf"}])
+    response = api.get(f"/v1/chat/conversations/{conversation_id}/export",
+                       params={"format": "json"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-disposition"] == \
+        f'attachment; filename="conversation-{conversation_id}.json"'
+    body = response.json()
+    conversation = api.get(f"/v1/chat/conversations/{conversation_id}").json()
+    assert body["conversation"] == {**conversation, "metadata": None}
+    messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert body["messages"] == messages
+    assert [m["id"] for m in body["messages"]] == [
+        row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                     "ORDER BY id", (conversation_id,))]
+    assert body["messages"][1]["attachments"][0]["url"] == "https://example.com/f.pdf"
+    assert body["exported_at"].endswith("Z")
+
+
+def test_export_refusals(api):
+    conversation_id = new_conversation(api)
+    assert api.get("/v1/chat/conversations/nope/export").status_code == 404
+    response = api.get(f"/v1/chat/conversations/{conversation_id}/export",
+                       params={"format": "pdf"})
+    assert response.status_code == 400 and "format" in response.json()["detail"]
+
+
+def test_backup_while_replies_stream_is_a_whole_database(api, db, tmp_path):
+    conversation_ids = [new_conversation(api, model="Slow") for _ in range(4)]
+    done = []
+
+    def run(conversation_id):
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            with stream_turn(client, conversation_id, "40 0.02") as response:
+                done.append(sse_data(response)[-1])
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in conversation_ids]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: api.get("/health").json()["replies_in_progress"] == 4)
+    response = api.get("/v1/backup")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/vnd.sqlite3"
+    assert response.headers["content-disposition"].startswith('attachment; filename="chat-backup-')
+    assert int(response.headers["content-length"]) == len(response.content)
+    for thread in threads:
+        thread.join(30)
+    assert done == ["[DONE]"] * 4
+    copy_path = tmp_path / "copy.db"
+    copy_path.write_bytes(response.content)
+    copy = sqlite3.connect(copy_path)
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert copy.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    tables = {row[0] for row in copy.execute("SELECT name FROM sqlite_master")}
+    assert {"messages", "conversations", "plan_documents", "messages_fts"} <= tables
+    # Every turn's rows were written before Poe was called: the copy has them, mid-reply.
+    for conversation_id in conversation_ids:
+        rows = copy.execute("SELECT role, status FROM messages WHERE conversation_id = ? "
+                            "ORDER BY id", (conversation_id,)).fetchall()
+        assert [r[0] for r in rows] == ["user", "assistant"]
+    # What was complete before the backup began is there, identical.
+    assert copy.execute("SELECT count(*) FROM messages WHERE status = 'complete' AND id < ?",
+                        (min(stored_messages(db, c)[0]["id"] for c in conversation_ids),)
+                        ).fetchone()[0] == db.execute(
+        "SELECT count(*) FROM messages WHERE status = 'complete' AND id < ?",
+        (min(stored_messages(db, c)[0]["id"] for c in conversation_ids),)).fetchone()[0]
+    copy.close()
+    # No temporary copy is left beside the database.
+    assert [p for p in os.listdir(os.path.dirname(api_db_path(db))) if "backup" in p] == []
+
+
+def api_db_path(db) -> str:
+    return db.execute("PRAGMA database_list").fetchone()[2]
+
+
+def test_backup_command_writes_a_checked_copy(tmp_path, poe_url):
+    process = ServerProcess(tmp_path, poe_url)
+    try:
+        with httpx.Client(base_url=process.url) as api:
+            conversation_id = new_conversation(api, system_prompt="备份 me")
+            target = tmp_path / "saved.db"
+            result = subprocess.run([sys.executable, os.path.join(server.HERE, "server.py"),
+                                     "--db", str(tmp_path / "chat.db"), "backup", str(target)],
+                                    capture_output=True, text=True, timeout=60, cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert "integrity_check ok" in result.stdout
+    finally:
+        process.stop(signal.SIGTERM)
+    copy = sqlite3.connect(target)
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert copy.execute("SELECT content FROM messages WHERE conversation_id = ?",
+                        (conversation_id,)).fetchall() == [("备份 me",)]
+    copy.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if "backup" in p.name) == []
+
+
+@pytest.mark.parametrize("db_name,target_name,needle", [
+    ("missing.db", "out.db", "there is no database"),
+    ("chat.db", "chat.db", "must not be the database itself"),
+    ("notsqlite.db", "out.db", "backup failed"),
+])
+def test_backup_command_refusals_write_nothing(tmp_path, db_name, target_name, needle):
+    sqlite3.connect(tmp_path / "chat.db").execute("CREATE TABLE t (x)").connection.close()
+    (tmp_path / "notsqlite.db").write_bytes(b"not a database at all" * 100)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run([sys.executable, os.path.join(server.HERE, "server.py"), "--db",
+                             str(tmp_path / db_name), "backup", str(tmp_path / target_name)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0 and needle in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
 # OpenAI-compatible routes, driven by the official openai SDK
 # ---------------------------------------------------------------------------------------------
 
