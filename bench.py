@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Callable
 
 import fastapi_poe as fp
 import httpx
@@ -55,6 +56,11 @@ class Bench(fp.PoeBot):
         elif words[:1] == ["flat"]:
             for _ in range(int(words[1])):
                 yield fp.PartialResponse(text="chunk ")
+        elif words[:1] == ["huge"]:
+            yield fp.PartialResponse(text="h" * int(words[1]))
+        elif words[:1] == ["flood"]:
+            for i in range(int(words[1])):
+                yield fp.PartialResponse(text=str(i % 10) * 10000)
         else:
             yield fp.PartialResponse(text="ok")
 
@@ -107,6 +113,13 @@ class Process:
         with open(f"/proc/{self.popen.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.popen.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
 
     def peak_rss_mb(self) -> float:
         with open(f"/proc/{self.popen.pid}/status") as f:
@@ -330,6 +343,9 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         rows.append(("POST /v1/chat/conversations, 20 concurrent clients",
                      f"service {service_rate:.0f}/s; bare Starlette route {bare_rate:.0f}/s",
                      f"ratio {service_rate / bare_rate:.2f}"))
+        stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
+        rows.append(("longest event-loop stall the service saw over all of the above",
+                     f"{stall:.0f} ms", "target ≤ 50 ms"))
     finally:
         await session.aclose()
         await client.aclose()
@@ -340,9 +356,103 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         # 6. Search, a page of a long conversation, a backup while replies stream: a large
         # database, built before its service starts.
         rows += await bench_history(quick, workdir, bot)
+        # 7. What could hold the event loop: a long history, a huge chunk, stuck readers.
+        rows += await bench_faults(quick, workdir, bot)
     finally:
         bot.stop()
     return rows
+
+
+async def bench_faults(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:
+    """The longest event-loop stall (the service's own watch, in /health) in a fresh service
+    that did one of: a GET and a turn on a 100k-message conversation, a 50 MB chunk from Poe;
+    and the memory 40 clients that never read their streams cost."""
+    sys.path.insert(0, HERE)
+    import server
+    rows = []
+    size, chunk, stuck = (20000, 5_000_000, 10) if quick else (100000, 50_000_000, 40)
+    db_path = os.path.join(workdir, "faults.db")
+    server.prepare_database(db_path)
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO conversations (id) VALUES ('long')")
+    fill_history(db, "long", size)
+    db.close()
+
+    def start_service() -> tuple[Process, httpx.AsyncClient]:
+        port = free_port()
+        service = Process([os.path.join(HERE, "server.py"), "--port", str(port), "--db",
+                           db_path], port, os.path.join(workdir, "faults.log"),
+                          env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
+                               "DEFAULT_MODEL": "Bench"})
+        return service, httpx.AsyncClient(base_url=service.url, timeout=600)
+
+    async def stall_of(name: str, request: Callable) -> None:
+        service, client = start_service()
+        try:
+            started = time.perf_counter()
+            await request(client)
+            took = time.perf_counter() - started
+            stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
+            rows.append((f"longest loop stall during {name}",
+                         f"{stall:.0f} ms (the request took {ms(took)})", "target ≤ 50 ms"))
+        finally:
+            await client.aclose()
+            service.stop()
+
+    async def get_history(client: httpx.AsyncClient) -> None:
+        response = await client.get("/v1/chat/conversations/long/messages")
+        assert len(response.json()["messages"]) >= size
+
+    async def turn(client: httpx.AsyncClient) -> None:
+        response = await client.post("/v1/chat/conversations/long/messages",
+                                     json={"content": "short"})
+        assert response.status_code == 200, response.text[:200]
+
+    async def huge_chunk(client: httpx.AsyncClient) -> None:
+        [conversation_id] = await new_conversations(client, 1)
+        assert len(await service_reply(client, conversation_id, f"huge {chunk}")) == chunk
+
+    await stall_of(f"GET messages of a {size}-message conversation", get_history)
+    await stall_of(f"a turn on a {size}-message conversation", turn)
+    await stall_of(f"one {chunk // 10**6} MB chunk from Poe, streamed", huge_chunk)
+    service, client = start_service()
+    try:
+        rss_before = service.rss_mb()
+        conversation_ids = await new_conversations(client, stuck)
+        sockets = [stuck_client(service.url, c, "flood 500") for c in conversation_ids]
+        db = sqlite3.connect(db_path)
+        marks = ", ".join("?" * stuck)
+
+        def complete() -> int:
+            return db.execute(f"SELECT count(*) FROM messages WHERE conversation_id IN ({marks})"
+                              " AND role = 'assistant' AND status = 'complete' AND "
+                              "length(content) = 5000000", conversation_ids).fetchone()[0]
+        deadline = time.monotonic() + 300
+        while complete() < stuck and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stored = complete()
+        db.close()
+        grown = service.rss_mb() - rss_before
+        rows.append((f"{stuck} clients that never read their 5 MB streams: server RSS growth",
+                     f"{grown:.0f} MB ({grown / stuck:.1f} MB each); {stored}/{stuck} "
+                     "stored whole", "target a few MB each"))
+        for sock in sockets:
+            sock.close()
+    finally:
+        await client.aclose()
+        service.stop()
+    return rows
+
+
+def stuck_client(url: str, conversation_id: str, content: str) -> socket.socket:
+    """A streaming request whose client never reads the answer."""
+    body = json.dumps({"content": content, "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(f"POST /v1/chat/conversations/{conversation_id}/messages HTTP/1.1\r\n"
+                 f"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
 
 
 async def bench_history(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:

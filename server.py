@@ -611,6 +611,102 @@ def on_poe_error(exc: Exception, message: str) -> None:
     log.warning("Poe: %s", str(exc)[:200])
 
 
+# fastapi_poe parses each event's JSON twice, on the event loop: a 50 MB text event would hold
+# it for a quarter of a second. So a text event's data line past this many bytes is cut, as its
+# bytes arrive, into several text events (at a point where no escape, UTF-8 character or
+# surrogate pair is split), before fastapi_poe sees it.
+POE_EVENT_BYTES = 1 << 20
+TEXT_DATA = re.compile(rb'data: ?\{"text": ?"')
+TEXT_CUT = b'"}\n\nevent: text\ndata: {"text": "'
+
+
+def backslashes_before(data: bytes, end: int) -> int:
+    """The backslashes right before data[end]; -1 when there are too many to be sure."""
+    window = data[max(0, end - 256):end]
+    run = len(window) - len(window.rstrip(b"\\"))
+    return -1 if run == len(window) and end > 256 else run
+
+
+def cuts_an_escape(tail: bytes) -> bool:
+    """Whether cutting a JSON string after `tail` would split an escape (\\n, \\u4e2d...) or
+    the two halves of a surrogate pair (\\ud83d\\ude00)."""
+    if backslashes_before(tail, len(tail)) % 2:  # odd, or too many to tell (-1)
+        return True
+    u = tail.rfind(b"\\u", max(0, len(tail) - 11))
+    while u >= 0:
+        run = backslashes_before(tail, u)
+        if run < 0:
+            return True
+        if run % 2 == 0:  # this backslash escapes
+            if u + 6 > len(tail):
+                return True
+            if u + 6 == len(tail) and tail[u + 2:u + 3] in (b"d", b"D") and \
+                    tail[u + 3:u + 4] in (b"8", b"9", b"a", b"b", b"A", b"B"):
+                return True
+        u = tail.rfind(b"\\u", max(0, len(tail) - 11), u)
+    return False
+
+
+class CutLongTextEvents(httpx.AsyncByteStream):
+    """Poe's event stream, with every long text event cut into pieces of POE_EVENT_BYTES."""
+
+    def __init__(self, stream: Any, limit: int = POE_EVENT_BYTES):
+        self.stream, self.limit = stream, limit
+        self.event = b""  # the type of the event being read
+        self.head = b""  # the first bytes of the line being read
+        self.run = 0  # bytes of that line since it began or was last cut
+        self.cuttable = True  # no unescaped quote seen: still inside the text string
+        self.before = b""  # the line's last bytes before this chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            yield self.cut(chunk)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def cut(self, chunk: bytes) -> bytes:
+        last_newline = chunk.rfind(b"\n")
+        if last_newline >= 0:
+            kind = chunk.rfind(b"event:", 0, last_newline)
+            if kind >= 0 and (kind == 0 or chunk[kind - 1] in b"\r\n"):
+                self.event = chunk[kind + 6:chunk.find(b"\n", kind)].strip()
+            self.head, self.run, self.cuttable, self.before = b"", 0, True, b""
+        start = last_newline + 1
+        if len(self.head) < 32:
+            self.head += chunk[start:start + 32 - len(self.head)]
+        self.run += len(chunk) - start
+        before, self.before = self.before, (self.before + chunk[start:])[-256:]
+        if self.run <= self.limit or self.event != b"text" or not self.cuttable \
+                or not TEXT_DATA.match(self.head):
+            return chunk
+        at = max(start + 64, len(chunk) - (self.run - self.limit))
+        if at >= len(chunk) - 8:
+            return chunk  # too near this chunk's end to see what follows: the next one
+        # The line so far, from 256 bytes before this chunk: enough to tell escapes apart.
+        line = before + chunk[start:at]
+        quote = line.find(b'"', len(before))
+        while quote >= 0:
+            if backslashes_before(line, quote) % 2 == 0:  # even, or too many to tell (-1)
+                self.cuttable = False  # the string may have ended: leave this line be
+                return chunk
+            quote = line.find(b'"', quote + 1)
+        for cut in range(len(line), len(line) - 16, -1):
+            following = line[cut] if cut < len(line) else chunk[at]
+            if 0x80 <= following < 0xC0 or cuts_an_escape(line[:cut]):
+                continue  # inside a UTF-8 character or an escape
+            at -= len(line) - cut
+            self.run = len(chunk) - at
+            self.before = chunk[max(start, at - 256):at][-256:]
+            return chunk[:at] + TEXT_CUT + chunk[at:]
+        return chunk
+
+
+async def cut_long_text_events(response: httpx.Response) -> None:
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        response.stream = CutLongTextEvents(response.stream)
+
+
 ERROR_TYPE_STATUS = {
     "insufficient_fund": (402, "Poe says the account is out of compute points"),
     "user_caused_error": (400, "Poe refused the request"),
@@ -1238,6 +1334,17 @@ MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attach
                "tool_calls, tool_call_id FROM messages")
 
 
+def json_bytes(body: dict, long_list: str) -> bytes:
+    """body as JSON, its long list encoded an item at a time: one json.dumps of the whole would
+    hold the GIL, and so stall the event loop, for as long as it takes (300 ms at 20 MB)."""
+    items = body.pop(long_list)
+    head = dumps(body)[:-1].encode()
+    parts = [dumps(item).encode() for item in items]
+    separator = b"," if len(body) else b""
+    return b"".join([head, separator, b'"', long_list.encode(), b'":[', b",".join(parts),
+                     b"]}"])
+
+
 def message_json(row: sqlite3.Row | dict) -> dict:
     message = {"id": row["id"], "role": row["role"], "content": row["content"],
                "status": row["status"], "created_at": row["created_at"],
@@ -1265,7 +1372,7 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
                            limit + 1)).fetchall()
         body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
-    return dumps(body).encode()
+    return json_bytes(body, "messages")
 
 
 async def list_messages(request: Request) -> Response:
@@ -3225,6 +3332,23 @@ async def download_backup(request: Request) -> Response:
 # Health, login, errors, access
 # ---------------------------------------------------------------------------------------------
 
+LOOP_WATCH_SECONDS = 0.05
+
+
+async def watch_loop(app: Starlette) -> None:
+    """Measures how late the event loop wakes up: the longest stall is in /health, and one past
+    half a second is logged, for nothing should hold the loop that long."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(LOOP_WATCH_SECONDS)
+        stall = loop.time() - started - LOOP_WATCH_SECONDS
+        if stall > app.state.longest_stall:
+            app.state.longest_stall = stall
+        if stall > 0.5:
+            log.warning("the event loop stalled for %.0f ms", stall * 1000)
+
+
 async def health(request: Request) -> JSONResponse:
     try:
         async with asyncio.timeout(2):
@@ -3233,7 +3357,9 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
                          "replies_in_progress": len(request.app.state.sessions),
-                         "unsaved_replies": len(request.app.state.unsaved)})
+                         "unsaved_replies": len(request.app.state.unsaved),
+                         "longest_loop_stall_ms": round(request.app.state.longest_stall * 1000,
+                                                        1)})
 
 
 def is_access_key(settings: dict, token: str | None) -> bool:
@@ -3420,17 +3546,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not retrying or retrying[0].done():
             retrying[:] = [asyncio.create_task(retry_unsaved(app))]
     app.state.retry_unsaved = start_retrying
+    app.state.longest_stall = 0.0
+    watcher = asyncio.create_task(watch_loop(app))
     timeout = settings["poe_timeout"]
     app.state.poe = httpx.AsyncClient(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        event_hooks={"response": [remember_poe_status]})
+        event_hooks={"response": [remember_poe_status, cut_long_text_events]})
     try:
         yield
     finally:
         # Replies still running are cut off: what they have is saved, 'interrupted'.
         await stop_all_replies(app, 503, "the server is shutting down")
-        for task in retrying:
+        for task in [*retrying, watcher]:
             task.cancel()
         for end in list(app.state.unsaved.values()):
             with contextlib.suppress(HTTPException):

@@ -8,6 +8,7 @@ import base64
 import collections
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -268,7 +269,18 @@ async def huge(query):
     yield event("done", "{}")
 
 
-RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge}
+TRICKY = 'say "hi" \\ 中文 😀\n' * 150000  # 3.3 MB of escapes, CJK and surrogate pairs
+
+
+async def tricky(query):
+    """TRICKY in one text event; its message says whether non-ASCII is escaped ("ascii")."""
+    ascii_only = query["query"][-1]["content"] == "ascii"
+    yield event("text", json.dumps({"text": TRICKY}, ensure_ascii=ascii_only))
+    yield event("done", "{}")
+
+
+RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
+            "Tricky": tricky}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 
@@ -2890,6 +2902,53 @@ def test_a_big_chunk_is_relayed_in_pieces_and_stored_whole(api, db):
     assert len(contents) > 1 and max(map(len, contents)) <= server.SSE_PIECE_CHARS
     assert "".join(contents) == "x" * 3000000
     assert stored_messages(db, conversation_id)[-1]["content"] == "x" * 3000000
+
+
+@pytest.mark.parametrize("escaped", ["ascii", "utf-8"])
+def test_a_long_text_event_is_cut_before_parsing_and_arrives_exact(api, db, escaped):
+    conversation_id = new_conversation(api, model="Tricky")
+    with stream_turn(api, conversation_id, escaped) as response:
+        events = sse_data(response)
+    assert "".join(e["content"] for e in events[:-2]) == TRICKY
+    assert stored_messages(db, conversation_id)[-1]["content"] == TRICKY
+    assert stored_messages(db, conversation_id)[-1]["status"] == "complete"
+
+
+def parse_events(raw: bytes) -> list[tuple[bytes, bytes]]:
+    events, kind, data = [], None, []
+    for line in re.split(rb"\r\n|\n", raw):
+        if line == b"":
+            if data:
+                events.append((kind, b"\n".join(data)))
+            kind, data = None, []
+        elif line.startswith(b"event:"):
+            kind = line[6:].strip()
+        elif line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+    return events
+
+
+def test_cutting_text_events_keeps_every_escape_character_and_pair():
+    rng = random.Random(7)
+    alphabet = ["a", '"', "\\", "\\" * 7, '"' * 3, "中", "😀", "\n", "\x01", "é", "x" * 5,
+                "\ud7ff", "\ue000", '\\"']
+    cuts = 0
+    for trial in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3000)))
+        newline = rng.choice([b"\n", b"\r\n"])
+        raw = newline.join([b"event: meta", b"data: {}", b"", b"event: text", b"data: " +
+                            json.dumps({"text": text}, ensure_ascii=trial % 2 == 0).encode(),
+                            b"", b"event: done", b"data: {}", b"", b""])
+        stream, out, at = server.CutLongTextEvents(None, limit=500), b"", 0
+        while at < len(raw):
+            size = rng.randint(1, 700)
+            out += stream.cut(raw[at:at + size])
+            at += size
+        texts = [json.loads(data)["text"] for kind, data in parse_events(out) if kind == b"text"]
+        assert "".join(texts) == text
+        assert all(t.encode("utf-8") for t in texts)  # no piece holds half a surrogate pair
+        cuts += len(texts) - 1
+    assert cuts > 1000
 
 
 @pytest.fixture(scope="session")
