@@ -114,19 +114,19 @@ class Process:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
-    def rss_mb(self) -> float:
+    def memory_mb(self, field: str) -> float:
+        """A line of /proc/PID/status in MB: VmRSS now, VmHWM the peak."""
         with open(f"/proc/{self.popen.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return float("nan")
 
+    def rss_mb(self) -> float:
+        return self.memory_mb("VmRSS")
+
     def peak_rss_mb(self) -> float:
-        with open(f"/proc/{self.popen.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        return self.memory_mb("VmHWM")
 
     def stop(self) -> None:
         self.popen.terminate()

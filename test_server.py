@@ -1043,12 +1043,16 @@ def test_messages_pagination(api, db):
                    params={"limit": 0}).status_code == 400
 
 
+def first_frame(lines) -> dict:
+    """A conversation stream's first frame: the turn's ids and session."""
+    return json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+
+
 def test_stop_stream_by_session_keeps_text(api, db):
     conversation_id = new_conversation(api, model="Slow")
-    ids = []
     with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
-        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        first = first_frame(lines)
         next(line for line in lines if line.startswith('data: {"content"'))
         stopped = api.post("/v1/chat/stop-stream", json={"session_id": first["session_id"]})
         assert stopped.json() == {"message": "Stream stopped", "session_id": first["session_id"]}
@@ -1080,10 +1084,9 @@ def test_deleting_messages_both_ways(api, db):
 
 def test_deleting_a_reply_in_progress_stops_it_first(api, db):
     conversation_id = new_conversation(api, model="Slow")
-    ids = []
     with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
-        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        first = first_frame(lines)
         deleted = api.post("/v1/chat/messages/delete",
                            json={"message_ids": [first["assistant_message_id"]]})
         assert deleted.json() == {"message": "1 messages deleted"}
