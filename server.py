@@ -3248,8 +3248,8 @@ def export_conversation(db: sqlite3.Connection, conversation_id: str, fmt: str) 
     if fmt == "md":
         return conversation_markdown(conversation, messages).encode()
     exported_at = db.execute(f"SELECT {NOW_SQL}").fetchone()[0]
-    return dumps({"conversation": conversation, "messages": messages,
-                  "exported_at": exported_at}).encode()
+    return json_bytes({"conversation": conversation, "exported_at": exported_at,
+                       "messages": messages}, "messages")
 
 
 async def export(request: Request) -> Response:
