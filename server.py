@@ -1216,17 +1216,21 @@ async def update_conversation(request: Request) -> JSONResponse:
 
 
 async def delete_conversation(request: Request) -> JSONResponse:
-    conversation_id = request.path_params["conversation_id"]
-    db = request.app.state.db
+    await remove_conversation(request.app, request.path_params["conversation_id"])
+    return JSONResponse({"message": "Conversation deleted"})
+
+
+async def remove_conversation(app: Starlette, conversation_id: str) -> None:
+    """Deletes a conversation (404 when there is none) with all it holds."""
+    db = app.state.db
     await db.read(get_conversation, conversation_id)
     # A reply in progress is stopped first (another may start while we wait for it to end).
-    while (reply := request.app.state.replies.get(conversation_id)) is not None:
+    while (reply := app.state.replies.get(conversation_id)) is not None:
         await stop_reply(reply)
         if reply.task is None:
             await asyncio.sleep(0.01)  # a turn being prepared: it finds the conversation gone
     await db.write(lambda c: c.execute("DELETE FROM conversations WHERE id = ?",
                                        (conversation_id,)))
-    return JSONResponse({"message": "Conversation deleted"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2472,10 +2476,16 @@ def openai_messages(messages: Any, tool_round: bool
     folded into the text."""
     if not isinstance(messages, list) or not messages:
         raise HTTPException(400, "messages must be a non-empty array")
+    return split_tool_round(openai_entries(messages), tool_round)
+
+
+def openai_entries(messages: list, place: str = "messages") -> list[dict]:
+    """OpenAI's messages checked, each as {role, content, attachments}, with tool_calls
+    (assistant) or tool_call_id and name (tool)."""
     history: list[dict] = []
     names: dict[str, str] = {}  # tool call id -> function name: a result without one gets it
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{place}[{i}]"
         if not isinstance(message, dict):
             raise HTTPException(400, f"{where} must be an object")
         role = message.get("role")
@@ -2498,6 +2508,13 @@ def openai_messages(messages: Any, tool_round: bool
             entry["name"] = name if isinstance(name, str) and name else \
                 names.get(entry["tool_call_id"], "tool")
         history.append(entry)
+    return history
+
+
+def split_tool_round(history: list[dict], tool_round: bool
+                     ) -> tuple[list[dict], list | None, list | None]:
+    """The history for Poe, and the last round of tool calls and results apart (see
+    openai_messages)."""
     start = len(history)
     while start > 0 and history[start - 1]["role"] == "tool":
         start -= 1
