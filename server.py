@@ -3372,6 +3372,8 @@ async def store_quietly(app: Starlette, fn: Callable, *args: Any) -> None:
         await app.state.db.write(fn, *args)
     except HTTPException as exc:
         log.warning("a response could not be stored: %s", exc.detail)
+    except RuntimeError:  # the server is shutting down: its database is closed
+        log.warning("a response could not be stored: the server is shutting down")
 
 
 def forget_response(db: sqlite3.Connection, response_id: str,
