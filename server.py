@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import functools
 import gc
 import hmac
 import json
@@ -809,6 +810,9 @@ class Reply:
     stop_error: tuple[int, str] | None = None  # why it was stopped, when a caller must hear it
     max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
     cut: bool = False
+    # An OpenAI Responses turn: called by end_reply, gives what its end stores with the reply's
+    # (response_id, response_body, drop_conversation; see save_reply_end).
+    ending: Callable[[Reply], dict] | None = None
     task: asyncio.Task | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -960,7 +964,14 @@ def save_reply_end(db: sqlite3.Connection, reply: dict) -> None:
                        [(i,) for i in [*reply["inserted_ids"], reply["message_id"]]])
         db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
                    (reply["updated_at"], reply["conversation_id"]))
+        if reply.get("response_id"):  # a Responses turn: its record, and its new conversation
+            db.execute("DELETE FROM responses WHERE id = ?", (reply["response_id"],))
+            if reply["drop_conversation"]:
+                db.execute("DELETE FROM conversations WHERE id = ?", (reply["conversation_id"],))
         return
+    if reply.get("response_id"):
+        db.execute("UPDATE responses SET body = ? WHERE id = ?",
+                   (reply["response_body"], reply["response_id"]))
     text = "".join(reply["pieces"])
     content_sql = "?" if reply["rewrite"] else "content || ?"
     db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
@@ -983,12 +994,13 @@ async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
     if reply.error is not None and reply.has_output:
         # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
         reply.error = (reply.error[0] if reply.error[0] in (503, 504) else 502, reply.error[1])
+    ending = reply.ending(reply) if reply.ending is not None else {}
     if reply.message_id is not None:
         while reply.writing is not None:
             with contextlib.suppress(Exception):
                 await reply.writing
             await asyncio.sleep(0)  # a done future's callbacks (written) run on the next turn
-        end = {"conversation_id": reply.conversation_id, "message_id": reply.message_id,
+        end = {**ending, "conversation_id": reply.conversation_id, "message_id": reply.message_id,
                "updated_at": reply.updated_at,
                "inserted_ids": reply.inserted_ids, "replaces": reply.replaces,
                "status": status, "rewrite": reply.rewrite,
@@ -3147,7 +3159,8 @@ def response_spec(data: dict) -> dict:
             "tools": tools, "told": [base["instructions"], instruction,
                                      json_instruction(response_format)],
             "json": response_format is not None and response_format.get("type") != "text",
-            "params": params, "max_chars": limit * 4 if limit else None}
+            "params": params, "max_chars": limit * 4 if limit else None,
+            "new_conversation": False, "body": None}
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -3156,32 +3169,36 @@ def call_id_of(call: dict, key: Any, n: int) -> str:
     return call.get("id") or f"call_{key}_{n}"
 
 
-def response_target(db: sqlite3.Connection, previous: str | None,
-                    conversation_id: str | None) -> dict:
-    """Where a response's turn goes: after the previous response's turn (appended when that is
-    the latest message, else in a copy of the history up to it), at the end of a conversation,
-    or in a new one."""
+def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
+                   ) -> tuple[dict, list[dict], dict[str, str]]:
+    """Runs on a reader thread: where a response's turn goes, and the history it follows
+    (response_history). After the previous response's turn: appended when that is the latest
+    message, else in a copy of the history up to it; at the end of a conversation; or in a
+    new one. `up_to` is the last message the history holds."""
+    up_to = None
     if previous is not None:
         row = fetch_one(db, RESPONSE_SQL, (previous,))
         if row is None:
             raise HTTPException(404, f"Response not found: {previous}")
-        later = db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-                           (row["conversation_id"], row["last_message_id"])).fetchone()
-        return {"conversation_id": row["conversation_id"], "up_to": row["last_message_id"],
-                "append": later is None}
-    if conversation_id is not None:
+        conversation_id, up_to = row["conversation_id"], row["last_message_id"]
+    elif conversation_id is not None:
         get_conversation(db, conversation_id)
-    return {"conversation_id": conversation_id, "up_to": None,
-            "append": conversation_id is not None}
+    history, names, last = response_history(db, conversation_id, up_to)
+    later = conversation_id is not None and db.execute(
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+        (conversation_id, up_to or last)).fetchone()
+    return ({"conversation_id": conversation_id, "up_to": up_to or last,
+             "fork": previous is not None, "append": conversation_id is not None and
+             not later}, history, names)
 
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
-                     up_to: int | None) -> tuple[list[dict], dict[str, str]]:
-    """Runs on a reader thread: a conversation's messages (up to a message, when given) as
-    openai_entries makes a request's, tool calls and results included; and the function name
-    of each call."""
+                     up_to: int | None) -> tuple[list[dict], dict[str, str], int]:
+    """A conversation's messages (up to a message, when given) as openai_entries makes a
+    request's, tool calls and results included; the function name of each call; the last
+    message's id."""
     if conversation_id is None:
-        return [], {}
+        return [], {}, 0
     rows = db.execute("SELECT id, role, content, attachments, tool_calls, tool_call_id "
                       "FROM messages WHERE conversation_id = ? AND id <= ? ORDER BY id",
                       (conversation_id, INT64 - 1 if up_to is None else up_to)).fetchall()
@@ -3201,7 +3218,7 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
             entry["tool_call_id"] = row["tool_call_id"] or ""
             entry["name"] = names.get(entry["tool_call_id"], "tool")
         history.append(entry)
-    return history, names
+    return history, names, rows[-1]["id"] if rows else 0
 
 
 def trim_history(stored: list[dict], entries: list[dict], max_chars: int) -> list[dict]:
@@ -3257,9 +3274,11 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     conversation_id, up_to = target["conversation_id"], target["up_to"]
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
-    elif up_to is not None and db.execute(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-            (conversation_id, up_to)).fetchone():
+    elif db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+                    (conversation_id, up_to)).fetchone():
+        if not target["fork"]:
+            raise HTTPException(409, "the conversation changed while this turn was prepared; "
+                                     "send it again")
         conversation_id = fork_conversation(db, conversation_id, up_to)
     ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
     base["conversation"] = {"id": conversation_id}
@@ -3271,11 +3290,10 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
 
 
 async def response_query(app: Starlette, api_key: str, data: dict, spec: dict,
-                         target: dict) -> tuple[PoeQuery, list[dict], int]:
-    """The query for Poe (the stored history up to the target, then this input), this input's
-    entries to store, and the input's tokens as usage counts them."""
-    stored, names = await app.state.db.read(response_history, target["conversation_id"],
-                                            target["up_to"])
+                         stored: list[dict], names: dict[str, str]
+                         ) -> tuple[PoeQuery, list[dict], int]:
+    """The query for Poe (the stored history, then this input), this input's entries to
+    store, and the input's tokens as usage counts them."""
     entries = openai_entries(input_messages(data.get("input"), names), "input")
     await upload_entries(app, api_key, entries)
     history = trim_history(stored, entries, app.state.settings["max_context_chars"]) + entries
@@ -3333,54 +3351,25 @@ def ended_response(base: dict, status: str, text: str, calls: list[dict], key: A
             "output": output, "usage": response_usage(input_tokens, output)}
 
 
-async def keep_response(app: Starlette, reply: Reply, spec: dict, key: Any,
-                        input_tokens: int) -> dict | None:
-    """Waits for the reply's end (however the caller fares) and makes the response object;
-    a stored one is written, or, when the reply left no trace, the response goes too, with the
-    conversation made for it. None then."""
-    await reply.done.wait()
-    base, db = spec["base"], app.state.db
+def response_ending(reply: Reply, spec: dict, key: Any, input_tokens: int) -> dict:
+    """Called by end_reply: the response object at the reply's end, kept in spec["body"]
+    (None when the reply left no trace), and what its end stores (see save_reply_end)."""
+    base = spec["base"]
     if reply.error is not None and not reply.has_output:
-        if reply.conversation_id is not None:
-            await store_quietly(app, forget_response, base["id"],
-                                spec["new_conversation"] and reply.conversation_id)
-        return None
+        spec["body"] = None
+        return {"response_id": base["id"], "response_body": None,
+                "drop_conversation": spec["new_conversation"]}
     text = reply.text
-    if reply.lagged and reply.message_id is not None:
-        # end_reply let go of the text its stuck listener held: the database has it.
-        with contextlib.suppress(HTTPException):
-            text = (await db.read(fetch_one, "SELECT content FROM messages WHERE id = ?",
-                                  (reply.message_id,)) or {"content": ""})["content"]
     if spec["json"] and not spec["stream"] and not reply.tool_calls and not reply.cut:
         with contextlib.suppress(HTTPException):
             text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
     status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
         else "failed" if reply.error is not None else "cancelled"
     calls = reply.tool_calls if base["parallel_tool_calls"] else reply.tool_calls[:1]
-    body = ended_response(base, status, text, calls, key, input_tokens,
-                          reply.error[1] if reply.error else None)
-    if reply.conversation_id is not None:
-        await store_quietly(app, lambda c: c.execute(
-            "UPDATE responses SET body = ? WHERE id = ?", (dumps(body), base["id"])))
-    return body
-
-
-async def store_quietly(app: Starlette, fn: Callable, *args: Any) -> None:
-    """A write the caller need not wait for: refused, it is logged; the messages are stored
-    already, and GET /v1/responses/{id} rebuilds what it lacks from them."""
-    try:
-        await app.state.db.write(fn, *args)
-    except HTTPException as exc:
-        log.warning("a response could not be stored: %s", exc.detail)
-    except RuntimeError:  # the server is shutting down: its database is closed
-        log.warning("a response could not be stored: the server is shutting down")
-
-
-def forget_response(db: sqlite3.Connection, response_id: str,
-                    conversation_id: str | None) -> None:
-    db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
-    if conversation_id:
-        db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+    spec["body"] = ended_response(base, status, text, calls, key, input_tokens,
+                                  reply.error[1] if reply.error else None)
+    return {"response_id": base["id"], "response_body": dumps(spec["body"]),
+            "drop_conversation": spec["new_conversation"]}
 
 
 async def create_response(request: Request) -> Response:
@@ -3388,11 +3377,13 @@ async def create_response(request: Request) -> Response:
     data = await read_json(request)
     spec = response_spec(data)
     api_key = poe_key(request)
-    target = await app.state.db.read(response_target, spec["previous"], spec["conversation"])
+    target, stored, names = await app.state.db.read(response_start, spec["previous"],
+                                                    spec["conversation"])
     claimed = target["conversation_id"] if spec["store"] and target["append"] else None
     reply = claim_conversation(app, claimed) if claimed else Reply(None)
     try:
-        query, entries, input_tokens = await response_query(app, api_key, data, spec, target)
+        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored,
+                                                            names)
         if spec["store"]:
             (conversation_id, reply.inserted_ids, reply.message_id,
              reply.updated_at) = await app.state.db.write(
@@ -3406,30 +3397,29 @@ async def create_response(request: Request) -> Response:
             app.state.replies.pop(claimed, None)
         raise
     reply.max_chars = spec["max_chars"]
+    key = reply.message_id if spec["store"] else uuid.uuid4().hex[:24]
+    reply.ending = functools.partial(response_ending, spec=spec, key=key,
+                                     input_tokens=input_tokens)
     start_reply(app, reply, spec["model"], query, api_key, listen=spec["stream"],
                 tools=spec["tools"])
-    key = reply.message_id if spec["store"] else uuid.uuid4().hex[:24]
-    finish = asyncio.create_task(keep_response(app, reply, spec, key, input_tokens))
-    app.state.reply_tasks.add(finish)
-    finish.add_done_callback(app.state.reply_tasks.discard)
     if not spec["stream"]:
-        body = await asyncio.shield(finish)
+        await reply.done.wait()
         if reply.error is not None:
             raise reply_failure(reply)
-        output = body["output"]
-        if spec["json"] and body["status"] == "completed" and output[-1]["type"] == "message":
+        output = spec["body"]["output"]
+        if spec["json"] and spec["body"]["status"] == "completed" and \
+                output[-1]["type"] == "message":
             json_reply(output[-1]["content"][0]["text"])  # 502 when it is not JSON
-        return JSONResponse(body)
+        return JSONResponse(spec["body"])
     first = await reply.listener.get()
     if first[0] == "error":
         reply.listener = None
-        await asyncio.shield(finish)  # the turn is gone before the caller hears why
         raise reply_failure(reply)
-    return EventStream(response_events(reply, first, spec, key, finish), sep="\n")
+    return EventStream(response_events(reply, first, spec, key), sep="\n")
 
 
-async def response_events(reply: Reply, first: tuple, spec: dict, key: Any,
-                          finish: asyncio.Task) -> AsyncIterator[bytes]:
+async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
+                          ) -> AsyncIterator[bytes]:
     """OpenAI's event sequence: created, in_progress, the message's text as it comes, then
     the calls and every done event once the reply has ended, then the terminal event."""
     sequence = iter(range(2**62))
@@ -3466,7 +3456,8 @@ async def response_events(reply: Reply, first: tuple, spec: dict, key: Any,
             for piece in pieces(delta):
                 yield event("response.output_text.delta", **text_at, delta=piece, logprobs=[],
                             **extra)
-        body = await asyncio.shield(finish)
+        await reply.done.wait()  # at once, but for a listener that fell behind
+        body = spec["body"]
         for index, output in enumerate(body["output"]):
             if output["type"] == "message":
                 if not opened:
@@ -3531,7 +3522,8 @@ async def delete_response(request: Request) -> JSONResponse:
     reply = live_reply(request.app, row)
     if reply is not None:
         await stop_reply(reply)
-    await request.app.state.db.write(forget_response, response_id, None)
+    await request.app.state.db.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
+                                                           (response_id,)))
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
