@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import functools
 import gc
 import hmac
 import json
@@ -906,6 +907,9 @@ class Reply:
     stop_error: tuple[int, str] | None = None  # why it was stopped, when a caller must hear it
     max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
     cut: bool = False
+    # An OpenAI Responses turn: called by end_reply, gives what its end stores with the reply's
+    # (response_id, response_body, drop_conversation; see save_reply_end).
+    ending: Callable[[Reply], dict] | None = None
     task: asyncio.Task | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -1057,7 +1061,14 @@ def save_reply_end(db: sqlite3.Connection, reply: dict) -> None:
                        [(i,) for i in [*reply["inserted_ids"], reply["message_id"]]])
         db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
                    (reply["updated_at"], reply["conversation_id"]))
+        if reply.get("response_id"):  # a Responses turn: its record, and its new conversation
+            db.execute("DELETE FROM responses WHERE id = ?", (reply["response_id"],))
+            if reply["drop_conversation"]:
+                db.execute("DELETE FROM conversations WHERE id = ?", (reply["conversation_id"],))
         return
+    if reply.get("response_id"):
+        db.execute("UPDATE responses SET body = ? WHERE id = ?",
+                   (reply["response_body"], reply["response_id"]))
     text = "".join(reply["pieces"])
     content_sql = "?" if reply["rewrite"] else "content || ?"
     db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
@@ -1080,12 +1091,13 @@ async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
     if reply.error is not None and reply.has_output:
         # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
         reply.error = (reply.error[0] if reply.error[0] in (503, 504) else 502, reply.error[1])
+    ending = reply.ending(reply) if reply.ending is not None else {}
     if reply.message_id is not None:
         while reply.writing is not None:
             with contextlib.suppress(Exception):
                 await reply.writing
             await asyncio.sleep(0)  # a done future's callbacks (written) run on the next turn
-        end = {"conversation_id": reply.conversation_id, "message_id": reply.message_id,
+        end = {**ending, "conversation_id": reply.conversation_id, "message_id": reply.message_id,
                "updated_at": reply.updated_at,
                "inserted_ids": reply.inserted_ids, "replaces": reply.replaces,
                "status": status, "rewrite": reply.rewrite,
@@ -1313,17 +1325,21 @@ async def update_conversation(request: Request) -> JSONResponse:
 
 
 async def delete_conversation(request: Request) -> JSONResponse:
-    conversation_id = request.path_params["conversation_id"]
-    db = request.app.state.db
+    await remove_conversation(request.app, request.path_params["conversation_id"])
+    return JSONResponse({"message": "Conversation deleted"})
+
+
+async def remove_conversation(app: Starlette, conversation_id: str) -> None:
+    """Deletes a conversation (404 when there is none) with all it holds."""
+    db = app.state.db
     await db.read(get_conversation, conversation_id)
     # A reply in progress is stopped first (another may start while we wait for it to end).
-    while (reply := request.app.state.replies.get(conversation_id)) is not None:
+    while (reply := app.state.replies.get(conversation_id)) is not None:
         await stop_reply(reply)
         if reply.task is None:
             await asyncio.sleep(0.01)  # a turn being prepared: it finds the conversation gone
     await db.write(lambda c: c.execute("DELETE FROM conversations WHERE id = ?",
                                        (conversation_id,)))
-    return JSONResponse({"message": "Conversation deleted"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2580,10 +2596,16 @@ def openai_messages(messages: Any, tool_round: bool
     folded into the text."""
     if not isinstance(messages, list) or not messages:
         raise HTTPException(400, "messages must be a non-empty array")
+    return split_tool_round(openai_entries(messages), tool_round)
+
+
+def openai_entries(messages: list, place: str = "messages") -> list[dict]:
+    """OpenAI's messages checked, each as {role, content, attachments}, with tool_calls
+    (assistant) or tool_call_id and name (tool)."""
     history: list[dict] = []
     names: dict[str, str] = {}  # tool call id -> function name: a result without one gets it
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{place}[{i}]"
         if not isinstance(message, dict):
             raise HTTPException(400, f"{where} must be an object")
         role = message.get("role")
@@ -2606,6 +2628,13 @@ def openai_messages(messages: Any, tool_round: bool
             entry["name"] = name if isinstance(name, str) and name else \
                 names.get(entry["tool_call_id"], "tool")
         history.append(entry)
+    return history
+
+
+def split_tool_round(history: list[dict], tool_round: bool
+                     ) -> tuple[list[dict], list | None, list | None]:
+    """The history for Poe, and the last round of tool calls and results apart (see
+    openai_messages)."""
     start = len(history)
     while start > 0 and history[start - 1]["role"] == "tool":
         start -= 1
@@ -3058,6 +3087,776 @@ async def read_model(request: Request) -> JSONResponse:
         if model["id"] == model_id:
             return JSONResponse(model)
     raise HTTPException(404, f"The model {model_id!r} does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI Responses and Conversations: OpenAI's stateful API over the conversations kept here. A
+# stored response is a turn of a conversation (its input, then its reply, as messages); the
+# responses table knows which messages, and keeps the response object as served.
+# ---------------------------------------------------------------------------------------------
+
+# An item id: msg_<message id>, or fc_<message id>_<n> for the n-th tool call of a message.
+ITEM_ID = re.compile(r"(msg|fc)_(\d{1,18})(?:_(\d{1,6}))?")
+ITEM_STATUS = {"complete": "completed", "streaming": "in_progress", "interrupted": "incomplete"}
+TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete"}
+RESPONSE_SQL = ("SELECT id, conversation_id, first_message_id, last_message_id, body "
+                "FROM responses WHERE id = ?")
+
+
+def metadata_field(data: dict) -> dict | None:
+    """OpenAI's metadata: at most 16 string values (None when absent or null)."""
+    metadata = data.get("metadata")
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(v, str) for v in metadata.values()):
+        raise HTTPException(400, "metadata must be an object of at most 16 string values")
+    return metadata
+
+
+def input_part(part: Any, where: str) -> dict:
+    """A Responses content part as the Chat Completions part openai_part reads."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text", "text"):
+        return {"type": "text", "text": part.get("text")}
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": part.get("refusal")}
+    if kind == "input_image" and part.get("image_url") is not None:
+        return {"type": "image_url", "image_url": {"url": part["image_url"]}}
+    if kind == "input_file" and (part.get("file_data") or part.get("file_url")) is not None:
+        return {"type": "file", "file": {"file_data": part.get("file_data") or
+                                         part.get("file_url"), "filename": part.get("filename")}}
+    if kind in ("input_image", "input_file"):
+        raise HTTPException(400, f"{where} needs its data or URL (there is no file store here "
+                                 "for a file_id to name)")
+    raise HTTPException(400, f"{where}.type must be input_text, output_text, input_image or "
+                             "input_file" + (f", not {kind!r}" if isinstance(kind, str) else ""))
+
+
+def input_content(content: Any, where: str) -> Any:
+    if isinstance(content, list):
+        return [input_part(part, f"{where}[{j}]") for j, part in enumerate(content)]
+    return content  # a string, or what openai_content refuses with a clear message
+
+
+def input_messages(items: Any, names: dict[str, str], place: str = "input") -> list[dict]:
+    """Responses input items as Chat Completions messages, for openai_entries to check: a
+    function call joins the assistant message before it (one round of calls), a function's
+    output is a tool message named after the call (`names`: call id -> function name)."""
+    if isinstance(items, str) and place == "input":
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise HTTPException(400, f"{place} must be " + ("a string or " if place == "input"
+                                                         else "") + "a non-empty array of items")
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"{place}[{i}]"
+        if not isinstance(item, dict):
+            raise HTTPException(400, f"{where} must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            if item.get("role") not in ("user", "assistant", "system", "developer"):
+                raise HTTPException(400, f"{where}.role must be one of user, assistant, system, "
+                                         "developer")
+            messages.append({"role": item["role"],
+                             "content": input_content(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            arguments = item.get("arguments")
+            call = {"id": string_at(item.get("call_id"), f"{where}.call_id"), "type": "function",
+                    "function": {"name": string_at(item.get("name"), f"{where}.name"),
+                                 "arguments": string_at(arguments, f"{where}.arguments", True)
+                                 if arguments is not None else "{}"}}
+            names[call["id"]] = call["function"]["name"]
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = string_at(item.get("call_id"), f"{where}.call_id")
+            messages.append({"role": "tool", "tool_call_id": call_id,
+                             "name": names.get(call_id, "tool"),
+                             "content": input_content(item.get("output"), f"{where}.output")})
+        elif kind != "reasoning":  # never sent by us: a client's own reasoning is no use to Poe
+            raise HTTPException(400, f"{where}.type must be message, function_call or "
+                                     "function_call_output" +
+                                (f", not {kind!r}" if isinstance(kind, str) else ""))
+    return messages
+
+
+def chat_tools(tools: Any) -> Any:
+    """Responses' flat function tools in Chat Completions' form (openai_tools checks them)."""
+    if not isinstance(tools, list):
+        return tools
+    return [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+            if isinstance(tool, dict) and tool.get("type") == "function" else tool
+            for tool in tools]
+
+
+def chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        tools = choice.get("tools") if isinstance(choice.get("tools"), list) else []
+        return {"type": "allowed_tools", "allowed_tools": {
+            "mode": choice.get("mode", "auto"),
+            "tools": [{"type": "function", "function": {"name": t.get("name")}}
+                      for t in tools if isinstance(t, dict) and t.get("type") == "function"]}}
+    return choice
+
+
+def chat_response_format(text: Any) -> Any:
+    """text.format as response_format (json_schema's name and schema sit flat in it here)."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise HTTPException(400, "text must be an object")
+    fmt = text.get("format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in (
+            "text", "json_object", "json_schema")):
+        raise HTTPException(400, "text.format.type must be text, json_object or json_schema")
+    if fmt is not None and fmt["type"] == "json_schema":
+        return {"type": "json_schema", "json_schema": {
+            k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}}
+    return fmt
+
+
+def response_spec(data: dict) -> dict:
+    """A POST /v1/responses body, checked before anything is read, uploaded or asked; with
+    the response object as it starts (status in_progress), whose fields echo the request."""
+    model = model_field(data)
+    if not isinstance(model, str):
+        raise HTTPException(400, "model is required: the name of a Poe bot")
+    previous = text_field(data, "previous_response_id", empty_ok=False)
+    previous = previous if isinstance(previous, str) else None
+    conversation = data.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = string_at(conversation.get("id"), "conversation.id")
+    elif conversation is not None:
+        conversation = string_at(conversation, "conversation")
+    if previous and conversation:
+        raise HTTPException(400, "previous_response_id and conversation cannot be used together")
+    instructions = text_field(data, "instructions")
+    tools, instruction = openai_tools(chat_tools(data.get("tools")),
+                                      chat_tool_choice(data.get("tool_choice")))
+    response_format = chat_response_format(data.get("text"))
+    limit = int_field(data, "max_output_tokens", minimum=1)
+    limit = limit if isinstance(limit, int) else None
+    params = openai_params(data)
+    text = data.get("text") if isinstance(data.get("text"), dict) else {}
+    base = {"id": f"resp_{uuid.uuid4().hex}", "object": "response",
+            "created_at": int(time.time()), "status": "in_progress", "background": False,
+            "completed_at": None, "error": None, "incomplete_details": None,
+            "instructions": instructions if isinstance(instructions, str) else None,
+            "max_output_tokens": limit, "model": model, "output": [],
+            "parallel_tool_calls": bool_field(data, "parallel_tool_calls", True),
+            "previous_response_id": previous,
+            "conversation": {"id": conversation} if conversation else None,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+            "store": bool_field(data, "store", True),
+            "temperature": params.get("temperature", 1.0),
+            "text": {**text, "format": text.get("format") or {"type": "text"}},
+            "tool_choice": data.get("tool_choice") or "auto",
+            "tools": [{"type": "function", "name": t["name"], "description":
+                       t.get("description"), "parameters": t.get("parameters"),
+                       "strict": t.get("strict")}
+                      for t in data.get("tools") or [] if t.get("type") == "function"],
+            "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
+            "metadata": metadata_field(data) or {}}
+    return {"base": base, "model": model, "conversation": conversation, "previous": previous,
+            "stream": bool_field(data, "stream", False), "store": base["store"],
+            "tools": tools, "told": [base["instructions"], instruction,
+                                     json_instruction(response_format)],
+            "json": response_format is not None and response_format.get("type") != "text",
+            "params": params, "max_chars": limit * 4 if limit else None,
+            "new_conversation": False, "body": None}
+
+
+def call_id_of(call: dict, key: Any, n: int) -> str:
+    """A tool call's id; one a bot left out is made from its message and place, the same
+    whenever it is read."""
+    return call.get("id") or f"call_{key}_{n}"
+
+
+def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
+                   ) -> tuple[dict, list[dict], dict[str, str]]:
+    """Runs on a reader thread: where a response's turn goes, and the history it follows
+    (response_history). After the previous response's turn: appended when that is the latest
+    message, else in a copy of the history up to it; at the end of a conversation; or in a
+    new one. `up_to` is the last message the history holds."""
+    up_to = None
+    if previous is not None:
+        row = fetch_one(db, RESPONSE_SQL, (previous,))
+        if row is None:
+            raise HTTPException(404, f"Response not found: {previous}")
+        conversation_id, up_to = row["conversation_id"], row["last_message_id"]
+    elif conversation_id is not None:
+        get_conversation(db, conversation_id)
+    history, names, last = response_history(db, conversation_id, up_to)
+    later = conversation_id is not None and db.execute(
+        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+        (conversation_id, up_to or last)).fetchone()
+    return ({"conversation_id": conversation_id, "up_to": up_to or last,
+             "fork": previous is not None, "append": conversation_id is not None and
+             not later}, history, names)
+
+
+def response_history(db: sqlite3.Connection, conversation_id: str | None,
+                     up_to: int | None) -> tuple[list[dict], dict[str, str], int]:
+    """A conversation's messages (up to a message, when given) as openai_entries makes a
+    request's, tool calls and results included; the function name of each call; the last
+    message's id."""
+    if conversation_id is None:
+        return [], {}, 0
+    rows = db.execute("SELECT id, role, content, attachments, tool_calls, tool_call_id "
+                      "FROM messages WHERE conversation_id = ? AND id <= ? ORDER BY id",
+                      (conversation_id, INT64 - 1 if up_to is None else up_to)).fetchall()
+    history, names = [], {}
+    for row in rows:
+        entry = {"role": row["role"], "content": row["content"],
+                 "attachments": json.loads(row["attachments"]) if row["attachments"] else []}
+        if row["tool_calls"]:
+            entry["tool_calls"] = [fp.ToolCallDefinition(
+                id=call_id_of(call, row["id"], n), type="function",
+                function={"name": call["function"]["name"],
+                          "arguments": call["function"]["arguments"] or "{}"})
+                for n, call in enumerate(json.loads(row["tool_calls"]))
+                if call["function"]["name"]]
+            names.update((call.id, call.function.name) for call in entry["tool_calls"])
+        if row["role"] == "tool":
+            entry["tool_call_id"] = row["tool_call_id"] or ""
+            entry["name"] = names.get(entry["tool_call_id"], "tool")
+        history.append(entry)
+    return history, names, rows[-1]["id"] if rows else 0
+
+
+def trim_history(stored: list[dict], entries: list[dict], max_chars: int) -> list[dict]:
+    """The stored history without its oldest messages (never the system prompt) until it and
+    this request's input fit MAX_CONTEXT_CHARS, as a conversation turn's does."""
+    keep = 1 if stored and stored[0]["role"] == "system" else 0
+    total = sum(len(entry["content"]) for entry in [*stored, *entries])
+    start = keep
+    while total > max_chars and start < len(stored):
+        total -= len(stored[start]["content"])
+        start += 1
+    return stored[:keep] + stored[start:]
+
+
+async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> None:
+    """Each entry's attachments uploaded to Poe, in place: stored messages keep Poe's URLs."""
+    for entry in entries:
+        if entry["attachments"]:
+            entry["attachments"] = await upload_attachments(
+                app, api_key, await decode_attachments(entry["attachments"]))
+
+
+def message_rows(entries: list[dict]) -> list[tuple]:
+    """Entries as insert_turn's rows: (role, content, attachments, tool_calls, tool_call_id)."""
+    return [(entry["role"], entry["content"],
+             json.dumps(entry["attachments"]) if entry["attachments"] else None,
+             json.dumps([call.model_dump() for call in entry["tool_calls"]])
+             if entry.get("tool_calls") else None, entry.get("tool_call_id"))
+            for entry in entries]
+
+
+def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
+    """A new conversation with the settings of another and a copy of its history up to a
+    message; the other is left as it is."""
+    new_id = str(uuid.uuid4())
+    db.execute("INSERT INTO conversations (id, system_prompt, project_id, name, model, "
+               "assistance_role, metadata) SELECT ?, system_prompt, project_id, name, model, "
+               "assistance_role, metadata FROM conversations WHERE id = ?",
+               (new_id, conversation_id))
+    db.execute("INSERT INTO messages (conversation_id, role, content, status, attachments, "
+               "tool_calls, tool_call_id, created_at, updated_at) SELECT ?, role, content, "
+               "CASE status WHEN 'streaming' THEN 'interrupted' ELSE status END, attachments, "
+               "tool_calls, tool_call_id, created_at, updated_at FROM messages "
+               "WHERE conversation_id = ? AND id <= ? ORDER BY id",
+               (new_id, conversation_id, up_to))
+    return new_id
+
+
+def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows: list[tuple],
+                         base: dict) -> tuple[str, list[int], int, str]:
+    """Runs on the writer: the conversation the turn goes to (decided again here, where no one
+    can add to it meanwhile), the turn's rows (insert_turn) and the response's."""
+    conversation_id, up_to = target["conversation_id"], target["up_to"]
+    if conversation_id is None:
+        conversation_id = insert_conversation(db, {"model": model})
+    elif db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+                    (conversation_id, up_to)).fetchone():
+        if not target["fork"]:
+            raise HTTPException(409, "the conversation changed while this turn was prepared; "
+                                     "send it again")
+        conversation_id = fork_conversation(db, conversation_id, up_to)
+    ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
+    base["conversation"] = {"id": conversation_id}
+    db.execute("INSERT INTO responses (id, conversation_id, first_message_id, last_message_id, "
+               "body) VALUES (?, ?, ?, ?, ?)", (base["id"], conversation_id,
+                                               ids[0] if ids else reply_id, reply_id,
+                                               dumps(base)))
+    return conversation_id, ids, reply_id, updated_at
+
+
+async def response_query(app: Starlette, api_key: str, data: dict, spec: dict,
+                         stored: list[dict], names: dict[str, str]
+                         ) -> tuple[PoeQuery, list[dict], int]:
+    """The query for Poe (the stored history, then this input), this input's entries to
+    store, and the input's tokens as usage counts them."""
+    entries = openai_entries(input_messages(data.get("input"), names), "input")
+    await upload_entries(app, api_key, entries)
+    history = trim_history(stored, entries, app.state.settings["max_context_chars"]) + entries
+    folded, tool_calls, tool_results = split_tool_round(history, spec["tools"] is not None)
+    poe_messages = await poe_history(app, api_key, folded, spec["told"])
+    query = await asyncio.to_thread(prepare_query, poe_messages, {
+        **spec["params"], "tool_calls": tool_calls, "tool_results": tool_results})
+    tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
+        estimate_tokens(r.content) for r in tool_results or [])
+    return query, entries, tokens
+
+
+def output_text(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def function_call_item(call: dict, key: Any, n: int) -> dict:
+    """A tool call (Chat Completions' form, as stored) as a function_call item."""
+    return {"type": "function_call", "id": f"fc_{key}_{n}", "call_id": call_id_of(call, key, n),
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"] or "{}", "status": "completed"}
+
+
+def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[dict]:
+    """A reply as output items: its message (unless it is only calls), then each call."""
+    items = [{"type": "message", "id": f"msg_{key}", "status": status, "role": "assistant",
+              "content": [output_text(text)]}] if text or not calls else []
+    return items + [function_call_item(call, key, n) for n, call in enumerate(calls)
+                    if call["function"]["name"]]
+
+
+def response_usage(input_tokens: int, output: list[dict]) -> dict:
+    """Estimated as chat completions' usage is: the text and the calls' arguments."""
+    produced = "".join(part["text"] for item in output if item["type"] == "message"
+                       for part in item["content"]) + "".join(
+        item["arguments"] for item in output if item["type"] == "function_call")
+    output_tokens = estimate_tokens(produced)
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
+                   input_tokens: int, error: str | None = None) -> dict:
+    """The response object at its end: completed, incomplete (max_output_tokens), failed
+    (cut off part way) or cancelled (stopped)."""
+    output = output_items(text, calls, key, "completed" if status == "completed"
+                          else "incomplete")
+    return {**base, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
+            else None,
+            "error": {"code": "server_error", "message": error} if status == "failed" else None,
+            "output": output, "usage": response_usage(input_tokens, output)}
+
+
+def response_ending(reply: Reply, spec: dict, key: Any, input_tokens: int) -> dict:
+    """Called by end_reply: the response object at the reply's end, kept in spec["body"]
+    (None when the reply left no trace), and what its end stores (see save_reply_end)."""
+    base = spec["base"]
+    if reply.error is not None and not reply.has_output:
+        spec["body"] = None
+        return {"response_id": base["id"], "response_body": None,
+                "drop_conversation": spec["new_conversation"]}
+    text = reply.text
+    if spec["json"] and not spec["stream"] and not reply.tool_calls and not reply.cut:
+        with contextlib.suppress(HTTPException):
+            text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
+    status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
+        else "failed" if reply.error is not None else "cancelled"
+    calls = reply.tool_calls if base["parallel_tool_calls"] else reply.tool_calls[:1]
+    spec["body"] = ended_response(base, status, text, calls, key, input_tokens,
+                                  reply.error[1] if reply.error else None)
+    return {"response_id": base["id"], "response_body": dumps(spec["body"]),
+            "drop_conversation": spec["new_conversation"]}
+
+
+async def create_response(request: Request) -> Response:
+    app = request.app
+    data = await read_json(request)
+    spec = response_spec(data)
+    api_key = poe_key(request)
+    target, stored, names = await app.state.db.read(response_start, spec["previous"],
+                                                    spec["conversation"])
+    claimed = target["conversation_id"] if spec["store"] and target["append"] else None
+    reply = claim_conversation(app, claimed) if claimed else Reply(None)
+    try:
+        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored,
+                                                            names)
+        if spec["store"]:
+            (conversation_id, reply.inserted_ids, reply.message_id,
+             reply.updated_at) = await app.state.db.write(
+                insert_response_turn, target, spec["model"], message_rows(entries), spec["base"])
+            spec["new_conversation"] = conversation_id != target["conversation_id"]
+            if claimed and conversation_id != claimed:
+                del app.state.replies[claimed]  # forked after all: someone added meanwhile
+            reply.conversation_id = conversation_id
+    except BaseException:
+        if claimed:
+            app.state.replies.pop(claimed, None)
+        raise
+    reply.max_chars = spec["max_chars"]
+    key = reply.message_id if spec["store"] else uuid.uuid4().hex[:24]
+    reply.ending = functools.partial(response_ending, spec=spec, key=key,
+                                     input_tokens=input_tokens)
+    start_reply(app, reply, spec["model"], query, api_key, listen=spec["stream"],
+                tools=spec["tools"])
+    if not spec["stream"]:
+        await reply.done.wait()
+        if reply.error is not None:
+            raise reply_failure(reply)
+        output = spec["body"]["output"]
+        if spec["json"] and spec["body"]["status"] == "completed" and \
+                output[-1]["type"] == "message":
+            json_reply(output[-1]["content"][0]["text"])  # 502 when it is not JSON
+        return JSONResponse(spec["body"])
+    first = await reply.listener.get()
+    if first[0] == "error":
+        reply.listener = None
+        raise reply_failure(reply)
+    return EventStream(response_events(reply, first, spec, key), sep="\n")
+
+
+async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
+                          ) -> AsyncIterator[bytes]:
+    """OpenAI's event sequence: created, in_progress, the message's text as it comes, then
+    the calls and every done event once the reply has ended, then the terminal event."""
+    sequence = iter(range(2**62))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
+        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
+
+    text_at = {"item_id": f"msg_{key}", "output_index": 0, "content_index": 0}
+    opened, shown = False, []  # shown: the text the client has
+    try:
+        yield event("response.created", response=spec["base"])
+        yield event("response.in_progress", response=spec["base"])
+        async for item in listen(reply, first):
+            if item[0] not in ("text", "replace") or not item[1]:
+                continue
+            delta, extra = item[1], {}
+            if item[0] == "replace":
+                before = "".join(shown)
+                # Responses' deltas only append: the new part when it is one, else the whole
+                # text flagged, for clients that know the flag.
+                delta, extra = (item[1][len(before):], {}) if item[1].startswith(before) \
+                    else (item[1], {"replace": True})
+                shown = [before] if not extra else []
+            if not delta:
+                continue
+            if not opened:
+                opened = True
+                yield event("response.output_item.added", output_index=0, item={
+                    "type": "message", "id": f"msg_{key}", "status": "in_progress",
+                    "role": "assistant", "content": []})
+                yield event("response.content_part.added", **text_at, part=output_text(""))
+            shown.append(delta)
+            for piece in pieces(delta):
+                yield event("response.output_text.delta", **text_at, delta=piece, logprobs=[],
+                            **extra)
+        await reply.done.wait()  # at once, but for a listener that fell behind
+        body = spec["body"]
+        for index, output in enumerate(body["output"]):
+            if output["type"] == "message":
+                if not opened:
+                    yield event("response.output_item.added", output_index=index,
+                                item={**output, "status": "in_progress", "content": []})
+                    yield event("response.content_part.added", **text_at, part=output_text(""))
+                part = output["content"][0]
+                yield event("response.output_text.done", **text_at, text=part["text"],
+                            logprobs=[])
+                yield event("response.content_part.done", **text_at, part=part)
+            else:
+                at = {"item_id": output["id"], "output_index": index}
+                yield event("response.output_item.added", output_index=index, item={
+                    **output, "arguments": "", "status": "in_progress"})
+                yield event("response.function_call_arguments.delta", **at,
+                            delta=output["arguments"])
+                yield event("response.function_call_arguments.done", **at,
+                            name=output["name"], arguments=output["arguments"])
+            yield event("response.output_item.done", output_index=index, item=output)
+        yield event(TERMINAL_EVENTS.get(body["status"], "response.failed"), response=body)
+    finally:
+        if not spec["store"] and reply.task is not None and not reply.task.done():
+            reply.task.cancel()  # stored nowhere: nobody is left to read the rest
+
+
+def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dict | None]:
+    """Runs on a reader thread: a stored response's row, and its reply's message while the
+    response is in progress (or was cut off by a crash)."""
+    row = fetch_one(db, RESPONSE_SQL, (response_id,))
+    if row is None:
+        raise HTTPException(404, f"Response not found: {response_id}")
+    row["body"] = json.loads(row["body"])
+    reply = None
+    if row["body"]["status"] == "in_progress":
+        reply = fetch_one(db, "SELECT content, tool_calls FROM messages WHERE id = ?",
+                          (row["last_message_id"],))
+    return row, reply
+
+
+def live_reply(app: Starlette, row: dict) -> Reply | None:
+    reply = app.state.replies.get(row["conversation_id"])
+    return reply if reply is not None and reply.message_id == row["last_message_id"] else None
+
+
+async def read_response(request: Request) -> JSONResponse:
+    row, message = await request.app.state.db.read(stored_response,
+                                                   request.path_params["response_id"])
+    body = row["body"]
+    if message is not None and live_reply(request.app, row) is None:
+        # In progress when the server stopped (kill -9, power loss): what was saved, failed.
+        calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
+        body = ended_response(body, "failed", message["content"], calls,
+                              row["last_message_id"], 0, "the server stopped before the reply "
+                              "ended; its text so far is kept")
+    return JSONResponse(body)
+
+
+async def delete_response(request: Request) -> JSONResponse:
+    """Forgets the response; its messages stay in their conversation (delete them there)."""
+    response_id = request.path_params["response_id"]
+    row, _ = await request.app.state.db.read(stored_response, response_id)
+    reply = live_reply(request.app, row)
+    if reply is not None:
+        await stop_reply(reply)
+    await request.app.state.db.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
+                                                           (response_id,)))
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+def attachment_part(attachment: dict) -> dict:
+    if (attachment.get("content_type") or "").startswith("image/"):
+        return {"type": "input_image", "image_url": attachment["url"], "detail": "auto"}
+    return {"type": "input_file", "file_url": attachment["url"],
+            "filename": attachment.get("name")}
+
+
+def message_items(row: dict) -> list[dict]:
+    """A stored message as OpenAI's items: a tool message is a function_call_output, an
+    assistant's tool calls are function_call items after its message (if it has text)."""
+    key, status = row["id"], ITEM_STATUS[row["status"]]
+    if row["role"] == "tool":
+        return [{"type": "function_call_output", "id": f"msg_{key}",
+                 "call_id": row["tool_call_id"] or "", "output": row["content"],
+                 "status": status}]
+    calls = json.loads(row["tool_calls"]) if row["tool_calls"] else []
+    if row["role"] == "assistant":
+        return output_items(row["content"], calls, key, status)
+    attachments = json.loads(row["attachments"]) if row["attachments"] else []
+    return [{"type": "message", "id": f"msg_{key}", "status": status, "role": row["role"],
+             "content": [{"type": "input_text", "text": row["content"]},
+                         *map(attachment_part, attachments)]}]
+
+
+def item_key(item_id: str) -> tuple[int, int]:
+    """Where an item sits: its message, then its place there (the message's own item first);
+    400 for what is no item id of ours."""
+    match = ITEM_ID.fullmatch(item_id)
+    if match is None or (match[1] == "fc") != (match[3] is not None):
+        raise HTTPException(400, f"{item_id!r} is not an item id (msg_N or fc_N_M)")
+    return int(match[2]), -1 if match[3] is None else int(match[3])
+
+
+def list_query(request: Request) -> dict:
+    """The list parameters of OpenAI's item lists: order (desc by default), after, limit."""
+    order = request.query_params.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise HTTPException(400, "order must be asc or desc")
+    limit = query_int(request, "limit")
+    if limit is not None and not 1 <= limit <= 100:
+        raise HTTPException(400, "limit must be from 1 to 100")
+    after = request.query_params.get("after") or None
+    return {"order": order, "after": after and item_key(after), "limit": limit or 20}
+
+
+def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
+               page: dict) -> dict:
+    """Runs on a reader thread: a page of the items of messages low..high of a conversation.
+    Every message is at least one item, so limit + 2 messages past the cursor (the cursor's
+    own, limit, one more) are enough to say has_more."""
+    desc = page["order"] == "desc"
+    if page["after"] is not None:
+        low, high = (low, min(high, page["after"][0])) if desc else \
+            (max(low, page["after"][0]), high)
+    rows = fetch_all(db, MESSAGE_SQL + " WHERE conversation_id = ? AND id BETWEEN ? AND ? "
+                     f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
+                     (conversation_id, low, high, page["limit"] + 2))
+    items = [item for row in rows for item in
+             (reversed(message_items(row)) if desc else message_items(row))]
+    if page["after"] is not None:
+        items = [item for item in items if (item_key(item["id"]) < page["after"]) == desc
+                 and item_key(item["id"]) != page["after"]]
+    data = items[:page["limit"]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > len(data)}
+
+
+def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> dict:
+    row, _ = stored_response(db, response_id)
+    return items_page(db, row["conversation_id"], row["first_message_id"],
+                      row["last_message_id"] - 1, page)
+
+
+async def list_input_items(request: Request) -> JSONResponse:
+    """The response's own input (not what it inherited from earlier turns)."""
+    return JSONResponse(await request.app.state.db.read(
+        input_items_page, request.path_params["response_id"], list_query(request)))
+
+
+# The Conversations API: OpenAI's view of the conversations of /v1/chat/conversations.
+
+def conversation_object(db: sqlite3.Connection, conversation_id: str) -> dict:
+    row = fetch_one(db, "SELECT id, metadata, CAST(strftime('%s', created_at) AS INTEGER) "
+                        "AS created_at FROM conversations WHERE id = ?", (conversation_id,))
+    if row is None:
+        raise HTTPException(404, "Conversation not found")
+    return {"id": row["id"], "object": "conversation", "created_at": row["created_at"],
+            "metadata": json.loads(row["metadata"]) if row["metadata"] else {}}
+
+
+async def item_rows(request: Request, items: Any) -> list[tuple]:
+    """Items to add to a conversation, checked, their data uploaded to Poe (this needs a Poe
+    key only when there is data), as insert_messages' rows."""
+    entries = openai_entries(input_messages(items, {}, "items"), "items")
+    if any(a.get("data_url") for entry in entries for a in entry["attachments"]):
+        await upload_entries(request.app, poe_key(request), entries)
+    return message_rows(entries)
+
+
+def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
+                    ) -> list[int]:
+    get_conversation(db, conversation_id)
+    ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
+                      "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
+                      (conversation_id, *row)).lastrowid for row in rows]
+    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+               (conversation_id,))
+    return ids
+
+
+def new_openai_conversation(db: sqlite3.Connection, metadata: dict | None,
+                            rows: list[tuple]) -> dict:
+    changes: dict[str, Any] = {"metadata": json.dumps(metadata) if metadata else None}
+    if rows and rows[0][0] == "system" and rows[0][2] is None:
+        # A first system item is the conversation's system prompt, as in the chat API.
+        changes["system_prompt"], rows = rows[0][1], rows[1:]
+    conversation_id = insert_conversation(db, changes)
+    insert_messages(db, conversation_id, rows)
+    return conversation_object(db, conversation_id)
+
+
+async def create_openai_conversation(request: Request) -> JSONResponse:
+    data = await read_json(request)
+    metadata = metadata_field(data)
+    rows = await item_rows(request, data["items"]) if data.get("items") else []
+    return JSONResponse(await request.app.state.db.write(new_openai_conversation, metadata,
+                                                         rows))
+
+
+async def read_openai_conversation(request: Request) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(
+        conversation_object, request.path_params["conversation_id"]))
+
+
+async def update_openai_conversation(request: Request) -> JSONResponse:
+    conversation_id = request.path_params["conversation_id"]
+    data = await read_json(request)
+    if "metadata" not in data:
+        raise HTTPException(400, "metadata is required (null clears it)")
+    metadata = metadata_field(data)
+
+    def update(db: sqlite3.Connection) -> dict:
+        get_conversation(db, conversation_id)
+        db.execute(f"UPDATE conversations SET metadata = ?, updated_at = {NOW_SQL} "
+                   "WHERE id = ?", (json.dumps(metadata) if metadata else None,
+                                    conversation_id))
+        return conversation_object(db, conversation_id)
+    return JSONResponse(await request.app.state.db.write(update))
+
+
+async def delete_openai_conversation(request: Request) -> JSONResponse:
+    conversation_id = request.path_params["conversation_id"]
+    await remove_conversation(request.app, conversation_id)
+    return JSONResponse({"id": conversation_id, "object": "conversation.deleted",
+                         "deleted": True})
+
+
+def conversation_items(db: sqlite3.Connection, conversation_id: str, page: dict) -> dict:
+    get_conversation(db, conversation_id)
+    return items_page(db, conversation_id, 0, INT64 - 1, page)
+
+
+async def list_conversation_items(request: Request) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(
+        conversation_items, request.path_params["conversation_id"], list_query(request)))
+
+
+async def add_conversation_items(request: Request) -> JSONResponse:
+    """Adds items at the end of the conversation; not while a reply is arriving there (409),
+    which would put them in the middle of its turn."""
+    app, conversation_id = request.app, request.path_params["conversation_id"]
+    data = await read_json(request)
+    await app.state.db.read(get_conversation, conversation_id)
+    rows = await item_rows(request, data.get("items"))
+    if conversation_id in app.state.replies:
+        raise HTTPException(409, "this conversation already has a reply in progress")
+    ids = await app.state.db.write(insert_messages, conversation_id, rows)
+    page = {"order": "asc", "after": None, "limit": INT64 - 3}  # all: a message, many items
+    return JSONResponse(await app.state.db.read(items_page, conversation_id, ids[0], ids[-1],
+                                                page))
+
+
+def find_item(db: sqlite3.Connection, conversation_id: str, item_id: str) -> dict:
+    get_conversation(db, conversation_id)
+    match = ITEM_ID.fullmatch(item_id)
+    row = match and fetch_one(db, MESSAGE_SQL + " WHERE id = ? AND conversation_id = ?",
+                              (int(match[2]), conversation_id))
+    item = next((i for i in message_items(row) if i["id"] == item_id), None) if row else None
+    if item is None:
+        raise HTTPException(404, f"Item not found: {item_id}")
+    return {"row": row, "item": item}
+
+
+async def read_conversation_item(request: Request) -> JSONResponse:
+    found = await request.app.state.db.read(find_item, request.path_params["conversation_id"],
+                                            request.path_params["item_id"])
+    return JSONResponse(found["item"])
+
+
+async def delete_conversation_item(request: Request) -> JSONResponse:
+    """Deletes a message, or one tool call of an assistant message (the message goes when it
+    has nothing left); a reply still arriving there is stopped first. -> the conversation."""
+    app = request.app
+    conversation_id, item_id = (request.path_params["conversation_id"],
+                                request.path_params["item_id"])
+    found = await app.state.db.read(find_item, conversation_id, item_id)
+    await stop_replies_of(app, {found["row"]["id"]})
+
+    def delete(db: sqlite3.Connection) -> dict:
+        found = find_item(db, conversation_id, item_id)
+        row, (_, place) = found["row"], item_key(item_id)
+        calls = json.loads(row["tool_calls"]) if row["tool_calls"] else []
+        if place >= 0 and (row["content"] or len(calls) > 1):
+            del calls[place]
+            db.execute("UPDATE messages SET tool_calls = ? WHERE id = ?",
+                       (json.dumps(calls) if calls else None, row["id"]))
+        else:
+            db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
+        db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+                   (conversation_id,))
+        return conversation_object(db, conversation_id)
+    return JSONResponse(await app.state.db.write(delete))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3526,6 +4325,24 @@ routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
+    Route("/v1/responses", create_response, methods=["POST"]),
+    Route("/v1/responses/{response_id}", read_response, methods=["GET"]),
+    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+    Route("/v1/conversations", create_openai_conversation, methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", read_openai_conversation, methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}", update_openai_conversation,
+          methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}", delete_openai_conversation,
+          methods=["DELETE"]),
+    Route("/v1/conversations/{conversation_id}/items", list_conversation_items,
+          methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items", add_conversation_items,
+          methods=["POST"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", read_conversation_item,
+          methods=["GET"]),
+    Route("/v1/conversations/{conversation_id}/items/{item_id}", delete_conversation_item,
+          methods=["DELETE"]),
 ]
 
 

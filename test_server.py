@@ -2748,6 +2748,429 @@ def test_unknown_v1_paths_and_methods_answer_in_openai_shape(api):
 
 
 # ---------------------------------------------------------------------------------------------
+# OpenAI Responses and Conversations, driven by the official openai SDK (strict validation)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def oai(service):
+    """The SDK as it validates every field of what it parses."""
+    client = openai.OpenAI(base_url=str(service[0].base_url) + "/v1", api_key="poe-test-key",
+                           max_retries=0, _strict_response_validation=True)
+    yield client
+    client.close()
+
+
+FLAT_WEATHER = {"type": "function", "name": "get_weather", "description": "The weather",
+                "parameters": WEATHER["function"]["parameters"], "strict": True}
+
+
+def response_row(db, response_id):
+    row = db.execute("SELECT * FROM responses WHERE id = ?", (response_id,)).fetchone()
+    return dict(row) if row else None
+
+
+def conversation_of(db, response_id) -> str:
+    return response_row(db, response_id)["conversation_id"]
+
+
+def latest_response(db) -> str:
+    return db.execute("SELECT id FROM responses ORDER BY rowid DESC LIMIT 1").fetchone()[0]
+
+
+def test_responses_create_stores_its_turn_in_a_new_conversation(oai, api, db):
+    calls = CALLS["Echo"]
+    response = oai.responses.create(model="Echo", input="hello", instructions="be brief",
+                                    temperature=0.4, metadata={"k": "v"})
+    assert CALLS["Echo"] == calls + 1
+    assert LAST_QUERY["Echo"].temperature == pytest.approx(0.4)
+    assert json.loads(response.output_text) == [["system", "be brief"], ["user", "hello"]]
+    assert response.id.startswith("resp_") and response.status == "completed"
+    assert (response.model, response.instructions, response.metadata) == \
+        ("Echo", "be brief", {"k": "v"})
+    [message] = response.output
+    assert message.type == "message" and message.status == "completed"
+    usage = response.usage
+    assert usage.output_tokens > 0 and usage.total_tokens == \
+        usage.input_tokens + usage.output_tokens
+    conversation_id = conversation_of(db, response.id)
+    assert response.conversation.id == conversation_id
+    # The turn is in the conversation, as the chat API shows it; instructions are not kept.
+    messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in messages] == [
+        ("user", "hello", "complete"), ("assistant", response.output_text, "complete")]
+    assert message.id == f"msg_{messages[1]['id']}"
+    assert oai.responses.retrieve(response.id).model_dump() == response.model_dump()
+
+
+def test_responses_stream_sends_openais_event_sequence(oai, db):
+    events = list(oai.responses.create(model="Echo", input=[
+        {"role": "developer", "content": "dev says"},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                        {"type": "input_text", "text": "b"}]}],
+        stream=True))
+    types = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert types == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * len(
+                         deltas), "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    assert len(deltas) > 2 and [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert json.loads("".join(deltas)) == [["system", "dev says"], ["user", "a\nb"]]
+    assert final.output_text == "".join(deltas) == events[-4].text
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert events[0].response.id == final.id
+    conversation_id = conversation_of(db, final.id)
+    assert [(m["role"], m["content"]) for m in stored_messages(db, conversation_id)] == [
+        ("system", "dev says"), ("user", "a\nb"), ("assistant", final.output_text)]
+    # The SDK's own accumulator reads the same stream.
+    with oai.responses.stream(model="Echo", input="again") as stream:
+        assert stream.get_final_response().output_text == '[["user", "again"]]'
+
+
+def test_responses_chain_by_previous_response_id_sends_the_whole_history(oai, api, db):
+    first = oai.responses.create(model="Echo", input="one", instructions="only for one")
+    second = oai.responses.create(model="Echo", input="two", previous_response_id=first.id)
+    assert history_of(LAST_QUERY["Echo"]) == [
+        ["user", "one"], ["bot", first.output_text], ["user", "two"]]
+    third = oai.responses.create(model="Echo", input="three", previous_response_id=second.id,
+                                 stream=True)
+    final = [e for e in third if e.type == "response.completed"][0].response
+    assert history_of(LAST_QUERY["Echo"])[-3:] == [
+        ["user", "two"], ["bot", second.output_text], ["user", "three"]]
+    assert final.previous_response_id == second.id
+    conversation_id = conversation_of(db, first.id)
+    assert conversation_of(db, second.id) == conversation_of(db, final.id) == conversation_id
+    assert [m["content"] for m in stored_messages(db, conversation_id)] == [
+        "one", first.output_text, "two", second.output_text, "three", final.output_text]
+
+
+def test_responses_from_an_earlier_turn_fork_a_copy(oai, db):
+    first = oai.responses.create(model="Echo", input="root")
+    second = oai.responses.create(model="Echo", input="branch a", previous_response_id=first.id)
+    old_id = conversation_of(db, first.id)
+    before = stored_messages(db, old_id)
+    fork = oai.responses.create(model="Echo", input="branch b", previous_response_id=first.id)
+    assert history_of(LAST_QUERY["Echo"]) == [
+        ["user", "root"], ["bot", first.output_text], ["user", "branch b"]]
+    new_id = conversation_of(db, fork.id)
+    assert new_id != old_id and fork.conversation.id == new_id
+    assert stored_messages(db, old_id) == before  # untouched
+    assert [(m["role"], m["content"]) for m in stored_messages(db, new_id)] == [
+        ("user", "root"), ("assistant", first.output_text), ("user", "branch b"),
+        ("assistant", fork.output_text)]
+    # Both branches go on: the old from its latest response, the copy from the fork.
+    oai.responses.create(model="Echo", input="a2", previous_response_id=second.id)
+    assert conversation_of(db, latest_response(db)) == old_id
+    oai.responses.create(model="Echo", input="b2", previous_response_id=fork.id)
+    assert conversation_of(db, latest_response(db)) == new_id
+
+
+def test_responses_append_to_a_conversation(oai, api, db):
+    conversation = oai.conversations.create(
+        items=[{"type": "message", "role": "system", "content": "you are terse"},
+               {"type": "message", "role": "user", "content": "earlier"}],
+        metadata={"topic": "demo"})
+    first = oai.responses.create(model="Echo", input="now", conversation=conversation.id)
+    assert history_of(LAST_QUERY["Echo"]) == [
+        ["system", "you are terse"], ["user", "earlier"], ["user", "now"]]
+    assert first.conversation.id == conversation.id
+    oai.responses.create(model="Echo", input="later", conversation={"id": conversation.id})
+    assert history_of(LAST_QUERY["Echo"])[-2:] == [["bot", first.output_text],
+                                                   ["user", "later"]]
+    chat = api.get(f"/v1/chat/conversations/{conversation.id}").json()
+    assert chat["system_prompt"] == "you are terse"
+    assert [m["content"] for m in stored_messages(db, conversation.id)][:4] == [
+        "you are terse", "earlier", "now", first.output_text]
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model="Echo", input="x", conversation="no-such-conversation")
+
+
+def test_responses_tool_round_trip_is_stored_as_tool_calls_and_a_tool_message(oai, api, db):
+    asked = oai.responses.create(model="ToolBot", input="weather in Paris?",
+                                 tools=[FLAT_WEATHER, {"type": "web_search"}])
+    assert [t.function.name for t in LAST_QUERY["ToolBot"].tools] == ["get_weather"]
+    [call] = asked.output
+    assert (call.type, call.call_id, call.name) == ("function_call", "call_0", "get_weather")
+    assert json.loads(call.arguments) == {"city": "Paris"} and asked.output_text == ""
+    assert [t.name for t in asked.tools] == ["get_weather"]
+    answered = oai.responses.create(
+        model="ToolBot", tools=[FLAT_WEATHER], previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21C"}])
+    query = LAST_QUERY["ToolBot"]
+    # The last round goes to Poe as such, beside the history.
+    assert [(c.id, c.function.name) for c in query.tool_calls] == [("call_0", "get_weather")]
+    assert [(r.tool_call_id, r.name, r.content) for r in query.tool_results] == \
+        [("call_0", "get_weather", "21C")]
+    assert history_of(query) == [["user", "weather in Paris?"]]
+    assert json.loads(answered.output_text) == [["call_0", "get_weather", "21C"]]
+    conversation_id = conversation_of(db, asked.id)
+    messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert (messages[2]["tool_call_id"], messages[2]["content"]) == ("call_0", "21C")
+    # The same round through the stream: items in order, arguments whole.
+    events = list(oai.responses.create(model="ToolBot", input="w?", tools=[FLAT_WEATHER],
+                                       stream=True))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(i.type, i.arguments) for i in added] == [("function_call", "")]
+    assert events[-1].type == "response.completed"
+    assert json.loads(events[-1].response.output[0].arguments) == {"city": "Paris"}
+    with oai.responses.stream(model="ToolBot", input="w?", tools=[FLAT_WEATHER]) as stream:
+        final = stream.get_final_response()
+    assert final.output[0].parsed_arguments == {"city": "Paris"}
+
+
+def test_responses_input_items_and_delete(oai, db):
+    asked = oai.responses.create(model="ToolBot", input="w?", tools=[FLAT_WEATHER])
+    answered = oai.responses.create(model="Echo", previous_response_id=asked.id, input=[
+        {"type": "function_call_output", "call_id": "call_0", "output": "21C"},
+        {"role": "user", "content": "and tomorrow?"}])
+    items = oai.responses.input_items.list(answered.id)
+    assert [i.type for i in items.data] == ["message", "function_call_output"]  # desc
+    ascending = oai.responses.input_items.list(answered.id, order="asc", limit=1)
+    assert ascending.has_more and ascending.data[0].type == "function_call_output"
+    assert [i.id for i in oai.responses.input_items.list(answered.id, order="asc", limit=1)] \
+        == [i.id for i in reversed(items.data)]  # the SDK pages on through `after`
+    assert oai.responses.delete(answered.id) is None
+    assert response_row(db, answered.id) is None
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.delete(answered.id)
+    # Its messages stay in the conversation.
+    assert stored_messages(db, conversation_of(db, asked.id))[-1]["role"] == "assistant"
+
+
+def test_conversations_api_is_the_same_conversations(oai, api, db):
+    conversation = oai.conversations.create(metadata={"topic": "demo"}, items=[
+        {"type": "message", "role": "user", "content": "hi"}])
+    assert oai.conversations.retrieve(conversation.id).metadata == {"topic": "demo"}
+    assert api.get(f"/v1/chat/conversations/{conversation.id}").status_code == 200
+    updated = oai.conversations.update(conversation.id, metadata={"topic": "other"})
+    assert updated.metadata == {"topic": "other"}
+    created = oai.conversations.items.create(conversation.id, items=[
+        {"type": "message", "role": "assistant", "content": "hello"},
+        {"type": "function_call", "call_id": "call_x", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_x", "output": "done"}])
+    assert [i.type for i in created.data] == ["message", "function_call",
+                                              "function_call_output"]
+    listed = oai.conversations.items.list(conversation.id)
+    assert [i.type for i in listed.data] == ["function_call_output", "function_call",
+                                             "message", "message"]
+    assert [(i.role, i.content[0].type) for i in listed.data if i.type == "message"] == [
+        ("assistant", "output_text"), ("user", "input_text")]
+    page = oai.conversations.items.list(conversation.id, order="asc", limit=2)
+    assert page.has_more and [i.type for i in page.data] == ["message", "message"]
+    rest = oai.conversations.items.list(conversation.id, order="asc", after=page.data[-1].id)
+    assert not rest.has_more and [i.type for i in rest.data] == ["function_call",
+                                                                 "function_call_output"]
+    assert [i.id for i in oai.conversations.items.list(conversation.id, limit=1)] == \
+        [i.id for i in listed.data]  # the SDK pages through all
+    user_item = listed.data[-1]
+    assert oai.conversations.items.retrieve(user_item.id, conversation_id=conversation.id
+                                            ).content[0].text == "hi"
+    after_delete = oai.conversations.items.delete(user_item.id, conversation_id=conversation.id)
+    assert after_delete.id == conversation.id
+    assert [(m["role"], m["content"]) for m in stored_messages(db, conversation.id)] == [
+        ("assistant", "hello"), ("tool", "done")]
+    # A conversation made by the chat API is one here too, its system prompt an item.
+    chat_id = new_conversation(api, system_prompt="be kind")
+    [system] = oai.conversations.items.list(chat_id).data
+    assert (system.role, system.content[0].text) == ("system", "be kind")
+    deleted = oai.conversations.delete(conversation.id)
+    assert deleted.deleted and deleted.object == "conversation.deleted"
+    assert api.get(f"/v1/chat/conversations/{conversation.id}").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        oai.conversations.retrieve(conversation.id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_with_store_false_store_nothing(oai, db, stream):
+    before, calls = snapshot(db), CALLS["Echo"]
+    responses = db.execute("SELECT count(*) FROM responses").fetchone()[0]
+    answer = oai.responses.create(model="Echo", input="secret", store=False, stream=stream)
+    if stream:
+        answer = [e for e in answer if e.type == "response.completed"][0].response
+    assert json.loads(answer.output_text) == [["user", "secret"]]
+    assert answer.store is False and answer.conversation is None
+    assert CALLS["Echo"] == calls + 1
+    assert snapshot(db) == before
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == responses
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(answer.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model="Echo", input="x", previous_response_id=answer.id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_max_output_tokens_cut_the_reply_incomplete(oai, db, stream):
+    started = time.monotonic()
+    answer = oai.responses.create(model="Slow", input="40 0.05", max_output_tokens=2,
+                                  stream=stream)
+    if stream:
+        events = list(answer)
+        assert events[-1].type == "response.incomplete"
+        answer = events[-1].response
+    assert (answer.status, answer.incomplete_details.reason) == ("incomplete",
+                                                                 "max_output_tokens")
+    assert answer.output_text == "c0 c1 c2" and answer.output[0].status == "incomplete"
+    assert time.monotonic() - started < 1.5
+    assert stored_messages(db, conversation_of(db, answer.id))[-1]["content"] == "c0 c1 c2"
+
+
+def test_responses_text_format_asks_for_json(oai):
+    answer = oai.responses.create(model="Echo", input="x", text={"format": {
+        "type": "json_schema", "name": "Out", "schema": {"type": "object"}}})
+    [system, _] = history_of(LAST_QUERY["Echo"])
+    assert system[0] == "system" and "JSON Schema (Out)" in system[1]
+    assert answer.text.format.type == "json_schema"
+    assert isinstance(json.loads(answer.output_text), list)
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"input": "x"}, 400, "model"),
+    ({"model": "Echo"}, 400, "input"),
+    ({"model": "Echo", "input": []}, 400, "input"),
+    ({"model": "Echo", "input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "type"),
+    ({"model": "Echo", "input": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ({"model": "Echo", "input": [{"type": "function_call_output", "output": "x"}]}, 400,
+     "call_id"),
+    ({"model": "Echo", "input": [{"role": "user", "content": [{"type": "input_image",
+                                                                "file_id": "f"}]}]}, 400,
+     "file_id"),
+    ({"model": "Echo", "input": "x", "tools": [{"type": "function"}]}, 400, "name"),
+    ({"model": "Echo", "input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text.format"),
+    ({"model": "Echo", "input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"model": "Echo", "input": "x", "metadata": {"n": 1}}, 400, "metadata"),
+    ({"model": "Echo", "input": "x", "previous_response_id": "resp_1",
+      "conversation": "c"}, 400, "together"),
+    ({"model": "Echo", "input": "x", "previous_response_id": "resp_none"}, 404, "resp_none"),
+    ({"model": "Echo", "input": "x", "conversation": {"id": "none"}}, 404, "Conversation"),
+])
+def test_responses_refusals_are_openai_errors_and_change_nothing(api, db, body, status,
+                                                                 needle):
+    before, calls = snapshot(db), sum(CALLS.values())
+    response = api.post("/v1/responses", json=body, headers=KEY)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code"} and needle in error["message"]
+    assert snapshot(db) == before and sum(CALLS.values()) == calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_failing_before_output_leave_no_trace(oai, db, stream):
+    first = oai.responses.create(model="Echo", input="keep me")
+    conversation_id = conversation_of(db, first.id)
+    before = snapshot(db), db.execute("SELECT * FROM responses ORDER BY id").fetchall()
+    for extra in ({}, {"previous_response_id": first.id}):
+        with pytest.raises(openai.InternalServerError) as raised:
+            answer = oai.responses.create(model="Fail", input="x", stream=stream, **extra)
+            list(answer) if stream else None
+        assert raised.value.status_code == 502 and "the bot broke" in raised.value.message
+    assert (snapshot(db), db.execute("SELECT * FROM responses ORDER BY id").fetchall()) == \
+        before
+    assert len(stored_messages(db, conversation_id)) == 2
+
+
+def test_responses_failing_part_way_keep_the_text(oai, service, db):
+    events = list(oai.responses.create(model="FailPartWay", input="x", stream=True))
+    assert events[-1].type == "response.failed"
+    failed = events[-1].response
+    assert failed.error.code == "server_error" and failed.output_text == "half an answer"
+    last = stored_messages(db, conversation_of(db, failed.id))[-1]
+    assert (last["content"], last["status"]) == ("half an answer", "interrupted")
+    assert oai.responses.retrieve(failed.id).status == "failed"
+    response = service[0].post("/v1/responses", headers=KEY,
+                               json={"model": "FailPartWay", "input": "x"})
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+
+
+def test_responses_survive_the_client_hanging_up_and_can_be_stopped(api, oai, db):
+    with api.stream("POST", "/v1/responses", headers=KEY,
+                    json={"model": "Slow", "input": "30 0.03", "stream": True}) as response:
+        lines = response.iter_lines()
+        created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+    response_id = created["response"]["id"]
+    done = wait_for(lambda: oai.responses.retrieve(response_id).status == "completed")
+    assert done and oai.responses.retrieve(response_id).output_text == \
+        "".join(f"c{i} " for i in range(30))
+    # While a reply arrives, its conversation takes no other (409); stopped, it keeps its text.
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "Slow", "input": "300 0.02", "stream": True,
+            "previous_response_id": response_id}) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if "output_text.delta" in line)
+        conversation_id = conversation_of(db, response_id)
+        busy = api.post("/v1/responses", headers=KEY, json={
+            "model": "Echo", "input": "x", "conversation": conversation_id})
+        assert busy.status_code == 409 and busy.json()["error"]["type"] == "conflict_error"
+        assert api.post(f"/v1/chat/conversations/{conversation_id}/stop").json() == \
+            {"stopped": True}
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["status"] == "cancelled"
+    reply = stored_messages(db, conversation_id)[-1]
+    assert reply["status"] == "interrupted" and reply["content"].startswith("c0 ")
+    stopped = oai.responses.retrieve(events[-1]["response"]["id"])
+    assert stopped.status == "cancelled" and stopped.output_text == reply["content"]
+
+
+def test_a_response_cut_off_by_kill_9_keeps_its_text(tmp_path, poe_url):
+    first = ServerProcess(tmp_path, poe_url)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        with client.stream("POST", "/v1/responses", headers=KEY, json={
+                "model": "Slow", "input": "400 0.01", "stream": True}) as response:
+            seen = 0
+            for line in response.iter_lines():
+                seen += line.startswith("data: ") and "output_text.delta" in line
+                if line.startswith("data: ") and "response.created" in line:
+                    response_id = json.loads(line[6:])["response"]["id"]
+                if seen > 100:  # past more than one flush interval
+                    break
+            first.stop(signal.SIGKILL)
+    second = ServerProcess(tmp_path, poe_url)
+    with openai.OpenAI(base_url=second.url + "/v1", api_key="k",
+                       _strict_response_validation=True) as client:
+        kept = client.responses.retrieve(response_id)
+    second.stop(signal.SIGTERM)
+    assert kept.status == "failed" and kept.output[0].status == "incomplete"
+    assert kept.output_text.startswith("c0 c1 ") and len(kept.output_text.split()) >= 20
+
+
+def test_langchain_speaks_the_responses_api_to_the_service(service, db):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    def model(bot="Echo", **extra):
+        return langchain_openai.ChatOpenAI(
+            model=bot, base_url=str(service[0].base_url) + "/v1", api_key="poe-test-key",
+            use_responses_api=True, max_retries=0, **extra)
+    answer = model().invoke("Hi")
+    assert json.loads(answer.text) == [["user", "Hi"]]
+    assert answer.usage_metadata["output_tokens"] > 0
+    response_id = answer.response_metadata["id"]
+    assert response_row(db, response_id) is not None
+    streamed = "".join(chunk.text for chunk in model().stream("streamed"))
+    assert json.loads(streamed) == [["user", "streamed"]]
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "21C"
+    tooled = model("ToolBot").bind_tools([get_weather])
+    asked = tooled.invoke("weather?")
+    assert [(c["name"], c["args"]) for c in asked.tool_calls] == \
+        [("get_weather", {"city": "Paris"})]
+    answered = tooled.invoke([HumanMessage("weather?"), asked,
+                              ToolMessage("21C", tool_call_id=asked.tool_calls[0]["id"])])
+    assert json.loads(answered.text) == [["call_0", "get_weather", "21C"]]
+    # With use_previous_response_id it sends only what is new; the service has the rest.
+    chained = model(use_previous_response_id=True).invoke(
+        [HumanMessage("Hi"), answer, HumanMessage("more")])
+    assert json.loads(chained.text) == [["user", "Hi"], ["bot", answer.text], ["user", "more"]]
+
+
+# ---------------------------------------------------------------------------------------------
 # Reliability: hang-ups, crashes, shutdowns
 # ---------------------------------------------------------------------------------------------
 
