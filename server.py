@@ -4425,41 +4425,53 @@ def guarded_http_protocol() -> type:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpProtocol(HttpToolsProtocol):
+        """Counts a request's bytes until its headers end (431 past MAX_HEADER_BYTES) and
+        closes a connection whose headers do not arrive whole within HEADER_SECONDS."""
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.header_bytes = 0
+            self.expect_headers()
             self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+
+        def expect_headers(self) -> None:
+            self.reading_headers, self.header_bytes, self.header_tail = True, 0, b""
+            self.header_timer = None
 
         def drop_slow(self) -> None:
             if not self.transport.is_closing():
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            if self.header_timer is not None:
-                self.header_bytes += len(data)
+            if self.reading_headers:
+                seen = self.header_tail + data
+                end = seen.find(b"\r\n\r\n")
+                self.header_bytes += len(data) if end < 0 else end + 4 - len(self.header_tail)
+                self.header_tail = seen[-3:]
                 if self.header_bytes > MAX_HEADER_BYTES:
-                    self.header_timer.cancel()
-                    self.header_timer = None
-                    self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                         b"content-type: application/json\r\n"
-                                         b"connection: close\r\ncontent-length: 59\r\n\r\n"
-                                         b'{"detail": "request headers are larger than 64 KiB"}  '
-                                         b"   ")
-                    self.transport.close()
+                    self.refuse_headers()
                     return
+                if self.header_timer is None:
+                    self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
             super().data_received(data)
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            if self.header_timer is None:
-                self.header_bytes = 0
-                self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+        def refuse_headers(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            body = b'{"detail": "request headers are larger than 64 KiB"}'
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"content-type: application/json\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             if self.header_timer is not None:
                 self.header_timer.cancel()
-                self.header_timer = None
+            self.reading_headers, self.header_timer = False, None
             super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.expect_headers()  # the next request on this connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.header_timer is not None:

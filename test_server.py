@@ -3629,6 +3629,19 @@ def test_giant_headers_are_refused_and_silent_connections_closed(tmp_path, poe_u
                          b"a" * 70000 + b"\r\n\r\n")
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 431")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert json.loads(body)["detail"] and b"content-length: %d" % len(body) in head
+        # A large body is not a large header; nor is a second request on the same connection
+        # let through with one.
+        big = httpx.post(process.url + "/v1/chat/conversations", timeout=10,
+                         json={"system_prompt": "s" * 200000})
+        assert big.status_code == 200
+        with socket.create_connection(("127.0.0.1", process.port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " +
+                         b"a" * 70000 + b"\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 431")
         silent = socket.create_connection(("127.0.0.1", process.port), timeout=20)
         stalled = socket.create_connection(("127.0.0.1", process.port), timeout=20)
         stalled.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0")
