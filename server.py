@@ -65,7 +65,7 @@ DEFAULTS: dict[str, str | None] = {
     "POE_TIMEOUT": "120",
     "MAX_BODY_BYTES": "33554432",
     "MAX_CONTEXT_CHARS": "400000",
-    "CONTINUE_PROMPTS": "continue,继续,go on",
+    "CONTINUE_PROMPTS": None,  # ORIGINAL_CONTINUE_PROMPTS
     "CORS_ORIGINS": None,
     "ALLOWED_HOSTS": None,
     "DB_TIMEOUT": "5",
@@ -77,6 +77,17 @@ FLUSH_SECONDS = 0.5
 
 # Poe bot names are letters, digits, '.', '-' and '_'; the name becomes part of the URL.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+# What the original's clients send to have a long answer continued (the original's own list:
+# two of them hold commas, so CONTINUE_PROMPTS, comma-separated, replaces rather than extends).
+ORIGINAL_CONTINUE_PROMPTS = [
+    "continue", "继续", "go on",
+    "continue, and mark [to be continue] at the last line of your replay if your output is NOT "
+    "over and wait user's command to be continued",
+    "Go on. If an incomplete code block (```) exists from the previous dialogue, find the first "
+    "step where it occurred. From that point on, regenerate all subsequent steps in the correct "
+    "format. Skip any steps that were already properly completed.",
+]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 # CORS by default: pages served from this machine (the original's web, H5 and Dev-Docs clients
@@ -155,7 +166,8 @@ def load_settings(**overrides: Any) -> dict[str, Any]:
         "poe_timeout": number("POE_TIMEOUT", float, 0.001),
         "max_body_bytes": number("MAX_BODY_BYTES", int, 1),
         "max_context_chars": number("MAX_CONTEXT_CHARS", int, 1),
-        "continue_prompts": [p.casefold() for p in split_list(raw["CONTINUE_PROMPTS"])],
+        "continue_prompts": [p.strip().casefold() for p in split_list(raw["CONTINUE_PROMPTS"])
+                             or ORIGINAL_CONTINUE_PROMPTS],
         "cors_origins": split_list(raw["CORS_ORIGINS"]),
         "allowed_hosts": allowed_hosts,
         "db_timeout": number("DB_TIMEOUT", float, 0.001),
@@ -444,9 +456,10 @@ INT64 = 2**63
 BODY_STALL_SECONDS = 15.0
 
 
-async def read_json(request: Request) -> dict:
-    """The body as a JSON object; 413 past MAX_BODY_BYTES without reading the rest, 408 when it
-    stalls. A large body is parsed off the event loop."""
+async def read_json(request: Request, empty_ok: bool = False) -> dict:
+    """The body as a JSON object ({} for none, when every field is optional: `empty_ok`); 413
+    past MAX_BODY_BYTES without reading the rest, 408 when it stalls. A large body is parsed
+    off the event loop."""
     limit = request.app.state.settings["max_body_bytes"]
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
@@ -467,9 +480,21 @@ async def read_json(request: Request) -> dict:
         raise HTTPException(400, "the request body did not arrive whole") from None
     except TimeoutError:
         raise HTTPException(408, "the request body stalled") from None
+    if not body.strip() and empty_ok:
+        return {}
+    parse = functools.partial(parse_json_body, bytes(body))
+    return parse() if len(body) < 2**20 else await asyncio.to_thread(parse)
+
+
+def parse_json_body(body: bytes) -> dict:
     try:
-        data = json.loads(body) if len(body) < 2**20 else await asyncio.to_thread(json.loads,
-                                                                                  body)
+        data = json.loads(body)
+        # A JSON escape may name half of a surrogate pair ("\ud800"): no text, and nothing
+        # SQLite, Poe or a socket could take. One C-speed pass finds any, wherever it hides.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise HTTPException(400, "request body must be valid UTF-8 text: it holds a lone "
+                                 "surrogate escape such as \\ud800") from None
     except (ValueError, RecursionError):
         raise HTTPException(400, "request body must be valid JSON") from None
     if not isinstance(data, dict):
@@ -581,6 +606,11 @@ def poe_key(request: Request) -> str:
 # Poe relay: the one place that talks to Poe. One call per reply (num_tries=1, no retry), only
 # text is reply text, every failure becomes a PoeFailure with the status of API.md's table.
 # ---------------------------------------------------------------------------------------------
+
+# On a 502 or 504 after Poe was called: the official SDKs retry 5xx by themselves, and a retry
+# would call Poe (and spend points) again.
+NO_RETRY = {"x-should-retry": "false"}
+
 
 class PoeFailure(Exception):
     def __init__(self, status: int, detail: str, headers: dict | None = None):
@@ -1075,7 +1105,9 @@ def save_reply_end(db: sqlite3.Connection, reply: dict) -> None:
                f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
                (text, reply["status"], reply["attachments"], reply["tool_calls"],
                 reply["message_id"]))
-    if reply["replaces"] is not None and reply["has_output"]:
+    if reply["replaces"] is not None and reply["status"] == "complete":
+        # Only a whole new reply takes the old one's place: a failed or stopped one is kept
+        # beside it, and nothing the user had is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (reply["replaces"],))
     db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
                (reply["conversation_id"],))
@@ -1267,7 +1299,7 @@ def insert_conversation(db: sqlite3.Connection, changes: dict) -> str:
 
 
 async def create_conversation(request: Request) -> JSONResponse:
-    data = await read_json(request)
+    data = await read_json(request, empty_ok=True)
     changes = conversation_changes(data)
     system_prompt = text_field(data, "system_prompt")
     if isinstance(system_prompt, str) and system_prompt:
@@ -1490,11 +1522,12 @@ async def upload_attachments(app: Starlette, api_key: str, attachments: list[dic
                                               on_error=on_poe_error,
                                               base_url=app.state.settings["poe_upload_url"])
         except TimeoutError:
-            raise HTTPException(504, "Poe's file upload did not answer in time") from None
+            raise HTTPException(504, "Poe's file upload did not answer in time",
+                                headers=NO_RETRY) from None
         except Exception as exc:  # fastapi_poe's upload raises its own, httpx's and ValueError
             log.warning("upload to Poe failed: %s", type(exc).__name__)
-            raise HTTPException(502, f"the attachment {name!r} could not be uploaded to Poe"
-                                ) from None
+            raise HTTPException(502, f"the attachment {name!r} could not be uploaded to Poe",
+                                headers=NO_RETRY) from None
         uploaded.append({"url": result.url, "name": name, "content_type":
                          attachment["content_type"] or result.content_type or
                          "application/octet-stream"})
@@ -1513,9 +1546,12 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
         missing = [str(d) for d in document_ids if d not in documents]
         if missing:
             raise HTTPException(404, f"Document not found: {', '.join(missing)}")
+    # The original's web client sends both the ids and the same documents' text in the append:
+    # a document whose text the append already holds is not sent twice.
     parts = [system_prompt, append] + [
         f"----- {documents[d]['filename']} BEGIN -----\n{documents[d]['content']}\n"
-        f"----- {documents[d]['filename']} END -----" for d in document_ids]
+        f"----- {documents[d]['filename']} END -----" for d in document_ids
+        if not (documents[d]["content"] and documents[d]["content"] in append)]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -1537,10 +1573,12 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
                 *([this] if this else [])]:
         role, content, attachments = row
         attachments = json.loads(attachments) if isinstance(attachments, str) else attachments
+        if not content and not attachments:
+            continue  # a reply stopped before any text: nothing to send, nothing to merge
         if role == "assistant" and history and history[-1][0] == "assistant":
             history[-1][1] += "\n---\n" + content  # Poe wants turns that alternate
             history[-1][2] = (history[-1][2] or []) + (attachments or [])
-        elif content or attachments:
+        else:
             history.append([role, content, attachments])
     # Left out, oldest first, until the contents fit: never the system message or this one.
     budget = max_chars - len(system) - (len(history[-1][1]) if history else 0)
@@ -1651,7 +1689,7 @@ def reply_failure(reply: Reply) -> HTTPException:
     status, detail = reply.error
     headers = dict(reply.error_headers or {})
     if status in (502, 504):
-        headers["x-should-retry"] = "false"  # Poe was called: a retry would call it again
+        headers.update(NO_RETRY)
     return HTTPException(status, detail, headers=headers or None)
 
 
@@ -1717,8 +1755,13 @@ async def delete_messages(request: Request) -> JSONResponse:
     await stop_replies_of(request.app, set(ids))
 
     def delete(db: sqlite3.Connection) -> int:
-        return sum(db.execute("DELETE FROM messages WHERE id = ?", (i,)).rowcount
-                   for i in set(ids))
+        conversations = {row[0] for i in set(ids) for row in db.execute(
+            "SELECT conversation_id FROM messages WHERE id = ?", (i,))}
+        count = sum(db.execute("DELETE FROM messages WHERE id = ?", (i,)).rowcount
+                    for i in set(ids))
+        db.executemany(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
+                       [(c,) for c in conversations])
+        return count
     count = await request.app.state.db.write(delete)
     return JSONResponse({"message": f"{count} messages deleted"})
 
@@ -1739,30 +1782,38 @@ async def delete_message(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Message deleted"})
 
 
-def last_reply(db: sqlite3.Connection, conversation_id: str) -> tuple[int, int | None]:
+def regeneration(db: sqlite3.Connection, conversation_id: str
+                 ) -> tuple[int | None, int | None, int | None]:
+    """What a regenerated reply answers: when the conversation ends with an assistant reply,
+    that reply goes (once the new one is whole) and the history before it stays; else the
+    whole history gets a new reply. Returns (the reply replaced, where the history ends, the
+    user message answered)."""
     get_conversation(db, conversation_id)
-    row = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND role = 'assistant' "
-                     "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
-    if row is None:
-        raise HTTPException(404, "the conversation has no assistant reply to regenerate")
+    last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
+                      "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
+    if last is None or last["role"] == "system" and not db.execute(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND role != 'system'",
+            (conversation_id,)).fetchone():
+        raise HTTPException(400, "the conversation has no message to reply to")
+    replaced = last["id"] if last["role"] == "assistant" else None
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
-                      "role = 'user' ORDER BY id DESC LIMIT 1", (conversation_id, row[0])
-                      ).fetchone()
-    return row[0], user[0] if user else None
+                      "role = 'user' ORDER BY id DESC LIMIT 1",
+                      (conversation_id, replaced or INT64 - 1)).fetchone()
+    return replaced, replaced, user[0] if user else None
 
 
 async def regenerate(request: Request) -> Response:
     app, db = request.app, request.app.state.db
     conversation_id = request.path_params["conversation_id"]
-    data = await read_json(request)
+    data = await read_json(request, empty_ok=True)
     model, stream = optional_model(data), bool_field(data, "stream", False)
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
     reply = claim_conversation(app, conversation_id)
     try:
-        old_id, user_id = await db.read(last_reply, conversation_id)
+        old_id, before_id, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
-        query, trimmed = await db.read(load_turn, conversation_id, turn, None, old_id,
+        query, trimmed = await db.read(load_turn, conversation_id, turn, None, before_id,
                                        app.state.settings["max_context_chars"], {})
         _, reply.message_id, reply.updated_at = await db.write(insert_turn, conversation_id,
                                                                [])
@@ -2735,7 +2786,10 @@ def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] 
         allowed = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"),
                                                             dict) else {}
         mode = allowed.get("mode", "auto")
-        names = [t["function"].get("name") for t in allowed.get("tools") or []
+        listed = allowed.get("tools") or []
+        if not isinstance(listed, list):
+            raise HTTPException(400, "tool_choice.allowed_tools.tools must be an array")
+        names = [t["function"].get("name") for t in listed
                  if isinstance(t, dict) and isinstance(t.get("function"), dict)]
     elif isinstance(choice, dict):
         mode = "auto"  # a custom tool named: those are left out, so the bot may choose
@@ -2849,20 +2903,39 @@ async def decode_attachments(attachments: list[dict]) -> list[dict]:
 
 
 async def poe_history(app: Starlette, api_key: str, history: list[dict],
-                      instructions: list[str]) -> list[fp.ProtocolMessage]:
-    """The messages as Poe gets them: what the bot must be told (tool_choice, response_format)
-    added to the system message, attachments decoded and uploaded first."""
+                      instructions: list[str]) -> list[dict]:
+    """The entries as Poe will get them: what the bot must be told (tool_choice,
+    response_format) added to the system message, attachments decoded and uploaded first."""
     wanted = [a for entry in history for a in entry["attachments"]]
     uploaded = iter(await upload_attachments(app, api_key, await decode_attachments(wanted))
                     if wanted else [])
     told = "\n\n".join(filter(None, instructions))
-    if told and history[0]["role"] == "system":
+    if told and history and history[0]["role"] == "system":
         history = [{**history[0], "content": f"{history[0]['content']}\n\n{told}"}, *history[1:]]
     elif told:
         history = [{"role": "system", "content": told, "attachments": []}, *history]
-    return [poe_message(entry["role"], entry["content"],
-                        [next(uploaded) for _ in entry["attachments"]])
-            for entry in history if entry["content"] or entry["attachments"]]
+    return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
+            for entry in history]
+
+
+def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
+    """The query for Poe and its tokens as usage counts them; run on a worker thread (200,000
+    messages are seconds of pydantic work). Nothing to send is the caller's 400, not a paid
+    call."""
+    poe_messages = [poe_message(entry["role"], entry["content"], entry["attachments"])
+                    for entry in entries if entry["content"] or entry["attachments"]]
+    tool_results = params.get("tool_results") or []
+    if not poe_messages and not tool_results:
+        raise HTTPException(400, "there is nothing to send: every message is empty")
+    tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
+        estimate_tokens(r.content) for r in tool_results)
+    return prepare_query(poe_messages, params), tokens
+
+
+async def off_loop(size: int, fn: Callable, *args: Any) -> Any:
+    """fn(*args), on a worker thread when its input is long (`size` items): no request holds
+    the event loop for long."""
+    return fn(*args) if size < 500 else await asyncio.to_thread(fn, *args)
 
 
 def estimate_tokens(text: str) -> int:
@@ -2905,7 +2978,7 @@ def json_reply(text: str) -> str:
         json.loads(text)
     except (ValueError, RecursionError):
         raise HTTPException(502, "the bot did not answer with the JSON asked for",
-                            headers={"x-should-retry": "false"}) from None
+                            headers=NO_RETRY) from None
     return text
 
 
@@ -2933,7 +3006,10 @@ async def chat_completions(request: Request) -> Any:
     if not isinstance(model, str):
         raise HTTPException(400, "model is required: the name of a Poe bot")
     tools, tool_instruction = openai_tools(data.get("tools"), data.get("tool_choice"))
-    history, tool_calls, tool_results = openai_messages(data.get("messages"), tools is not None)
+    messages = data.get("messages")
+    history, tool_calls, tool_results = await off_loop(
+        len(messages) if isinstance(messages, list) else 0, openai_messages, messages,
+        tools is not None)
     params = openai_params(data)
     format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
@@ -2943,15 +3019,13 @@ async def chat_completions(request: Request) -> Any:
                "usage": isinstance(stream_options, dict) and
                stream_options.get("include_usage") is True}
     reply = Reply(None, max_chars=max_reply_chars(data))
-    poe_messages = await poe_history(request.app, api_key, history,
-                                     [tool_instruction, format_instruction])
-    query = await asyncio.to_thread(prepare_query, poe_messages, {
+    entries = await poe_history(request.app, api_key, history,
+                                [tool_instruction, format_instruction])
+    query, prompt_tokens = await asyncio.to_thread(poe_query, entries, {
         **params, "tool_calls": tool_calls, "tool_results": tool_results})
     start_reply(request.app, reply, model, query, api_key, listen=stream, tools=tools)
     completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                   "model": model}
-    prompt_tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
-        estimate_tokens(r.content) for r in tool_results or [])
     if not stream:
         await reply.done.wait()
         if reply.error is not None:
@@ -3402,15 +3476,16 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: dict,
                          ) -> tuple[PoeQuery, list[dict], int]:
     """The query for Poe (the stored history, then this input), this input's entries to
     store, and the input's tokens as usage counts them."""
-    entries = openai_entries(input_messages(data.get("input"), names), "input")
+    given = data.get("input")
+    entries = await off_loop(len(given) if isinstance(given, list) else 0, lambda: openai_entries(
+        input_messages(given, names), "input"))
     await upload_entries(app, api_key, entries)
-    history = trim_history(stored, entries, app.state.settings["max_context_chars"]) + entries
+    history = await off_loop(len(stored) + len(entries), lambda: trim_history(
+        stored, entries, app.state.settings["max_context_chars"]) + entries)
     folded, tool_calls, tool_results = split_tool_round(history, spec["tools"] is not None)
-    poe_messages = await poe_history(app, api_key, folded, spec["told"])
-    query = await asyncio.to_thread(prepare_query, poe_messages, {
+    entries_for_poe = await poe_history(app, api_key, folded, spec["told"])
+    query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
         **spec["params"], "tool_calls": tool_calls, "tool_results": tool_results})
-    tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
-        estimate_tokens(r.content) for r in tool_results or [])
     return query, entries, tokens
 
 
@@ -4212,6 +4287,18 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request.scope, 500, "internal error")
 
 
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight is plain text: JSON here, as every error."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse({"detail": bytes(response.body).decode()}, 400, headers=headers)
+
+
 def host_guard(app: Any, settings: dict) -> Any:
     """A Host not in ALLOWED_HOSTS is 400 (DNS rebinding), in JSON as every error here."""
     allowed = {h.lower() for h in settings["allowed_hosts"]}
@@ -4399,7 +4486,7 @@ def create_app(**settings: Any) -> Starlette:
     else:
         cors = {"allow_origin_regex": LOOPBACK_ORIGINS}
     middleware = [Middleware(host_guard, settings=settings),
-                  Middleware(CORSMiddleware, allow_methods=["*"], allow_headers=["*"],
+                  Middleware(JSONCORSMiddleware, allow_methods=["*"], allow_headers=["*"],
                              max_age=600, **cors),
                   Middleware(access_guard, settings=settings)]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,

@@ -503,11 +503,18 @@ def test_create_conversation_rejects_wrong_types(api, db, body):
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe"])
 def test_bodies_that_are_not_json_objects_are_400(api, db, raw):
     before = snapshot(db)
-    response = api.post("/v1/chat/conversations", content=raw,
+    response = api.post("/v1/projects", content=raw,
                         headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert "detail" in response.json()
     assert snapshot(db) == before
+
+
+def test_a_conversation_needs_no_body_at_all(api, db):
+    response = api.post("/v1/chat/conversations")  # curl -X POST, nothing else
+    conversation_id = response.json()["conversation_id"]
+    assert db.execute("SELECT count(*) FROM conversations WHERE id = ?",
+                      (conversation_id,)).fetchone()[0] == 1
 
 
 def test_grouped_lists_by_project_name_newest_first(api):
@@ -836,6 +843,49 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_a_lone_surrogate_anywhere_is_400_and_calls_no_one(api, db):
+    calls, before = CALLS["Echo"], snapshot(db)
+    for body in (b'{"model": "Echo", "messages": [{"role": "user", "content": "x"}], '
+                 b'"logit_bias": {"\\ud800": 1}}',
+                 b'{"model": "Echo", "messages": [{"role": "user", "content": "x"}], '
+                 b'"tools": [{"type": "function", "function": {"name": "f", '
+                 b'"description": "\\udfff"}}]}'):
+        response = api.post("/v1/chat/completions", content=body, headers={
+            **KEY, "Content-Type": "application/json"})
+        assert response.status_code == 400 and "surrogate" in \
+            response.json()["error"]["message"]
+    response = api.post("/v1/projects", content=b'{"name": "a\\ud83d"}',
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert CALLS["Echo"] == calls and snapshot(db) == before
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"messages": [{"role": "assistant"}]}, 400),
+    ({"messages": [{"role": "user", "content": []}]}, 400),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required",
+                                                                "tools": 5}}}, 400),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:text/plain;base64," + base64.b64encode(b"REFUSE-UPLOAD").decode()}}]}],
+     }, 502),
+])
+def test_openai_requests_poe_cannot_take_are_refused_before_a_call(api, body, status):
+    calls = CALLS["Echo"]
+    response = api.post("/v1/chat/completions", json={"model": "Echo", **body}, headers=KEY)
+    assert response.status_code == status and "error" in response.json()
+    assert CALLS["Echo"] == calls
+    if status == 502:  # the upload reached Poe: no automatic retry
+        assert response.headers["x-should-retry"] == "false"
+
+
+def test_a_foreign_preflight_is_refused_in_json(api):
+    response = api.options("/v1/chat/conversations", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert response.status_code == 400 and "detail" in response.json()
+
+
 def test_a_body_that_is_not_json_is_415_and_changes_nothing(api, db):
     before = snapshot(db)
     response = api.post("/v1/projects", content=b'{"name": "from a form"}',
@@ -1109,6 +1159,73 @@ def test_regenerate_replaces_the_last_reply(api, db):
     rows = stored_messages(db, conversation_id)
     assert [r["id"] for r in rows][-2:] == [old["user_message_id"], body["message_id"]]
     assert old["message_id"] not in [r["id"] for r in rows]
+
+
+def test_regenerate_after_the_last_reply_was_deleted_keeps_the_order(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    say(api, conversation_id, "first")
+    second = say(api, conversation_id, "second").json()
+    api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{second['message_id']}")
+    body = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY).json()
+    assert json.loads(body["reply"])[-1] == ["user", "second"]
+    assert body["user_message_id"] == second["user_message_id"]
+    assert [m["role"] for m in stored_messages(db, conversation_id)] == \
+        ["user", "assistant", "user", "assistant"]
+
+
+def test_a_failed_regenerate_keeps_the_reply_it_would_replace(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    old = say(api, conversation_id, "keep me").json()
+    failed = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate",
+                      json={"model": "FailPartWay"}, headers=KEY)
+    assert failed.status_code == 502
+    rows = stored_messages(db, conversation_id)
+    assert rows[1] == {"id": old["message_id"], "role": "assistant", "content": old["reply"],
+                       "status": "complete"}
+    assert rows[2]["content"] == "half an answer" and rows[2]["status"] == "interrupted"
+    empty = new_conversation(api, model="Echo")
+    assert api.post(f"/v1/chat/conversations/{empty}/regenerate", headers=KEY
+                    ).status_code == 400
+
+
+def test_deleting_messages_moves_updated_at(api):
+    conversation_id = new_conversation(api, model="Echo")
+    body = say(api, conversation_id, "x").json()
+    before = api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"]
+    time.sleep(0.01)
+    api.post("/v1/chat/messages/delete", json={"message_ids": [body["message_id"]]})
+    assert api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"] > before
+
+
+def test_a_reply_stopped_before_text_is_not_sent_again(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
+               "(?, 'user', 'q', 'complete'), (?, 'assistant', '', 'interrupted')",
+               (conversation_id, conversation_id))
+    db.commit()
+    say(api, conversation_id, "again")
+    assert history_of(LAST_QUERY["Echo"]) == [["user", "q"], ["user", "again"]]
+
+
+def test_the_originals_long_continue_prompts_are_not_stored(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    say(api, conversation_id, "start")
+    for prompt in server.ORIGINAL_CONTINUE_PROMPTS[3:]:
+        assert say(api, conversation_id, prompt).json()["user_message_id"] is None
+    assert [m["role"] for m in stored_messages(db, conversation_id)] == \
+        ["user", "assistant", "assistant", "assistant"]
+
+
+def test_a_document_the_append_already_holds_is_not_sent_twice(api):
+    project = api.post("/v1/projects", json={"name": "append-dedupe"}).json()
+    document = api.post("/v1/plan/documents", json={
+        "project_id": project["id"], "category_id": 5, "filename": "k.md",
+        "content": "KNOWLEDGE TEXT"}).json()
+    conversation_id = new_conversation(api, model="Echo")
+    say(api, conversation_id, "q", documents=[document["id"]],
+        system_prompt_append="=== 知识库引用文档 ===\nKNOWLEDGE TEXT")
+    assert history_of(LAST_QUERY["Echo"])[0] == ["system",
+                                                 "=== 知识库引用文档 ===\nKNOWLEDGE TEXT"]
 
 
 def test_what_goes_to_poe_system_append_documents_merged_assistants(api, db):
@@ -3621,6 +3738,18 @@ def test_shutdown_answers_every_caller_before_the_process_exits(tmp_path, poe_ur
     assert statuses == [("interrupted", 1), ("interrupted", 1)]
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response with a Content-Length, from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def test_giant_headers_are_refused_and_silent_connections_closed(tmp_path, poe_url):
     process = ServerProcess(tmp_path, poe_url)
     try:
@@ -3638,10 +3767,10 @@ def test_giant_headers_are_refused_and_silent_connections_closed(tmp_path, poe_u
         assert big.status_code == 200
         with socket.create_connection(("127.0.0.1", process.port), timeout=5) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " +
                          b"a" * 70000 + b"\r\n\r\n")
-            assert sock.recv(65536).startswith(b"HTTP/1.1 431")
+            assert read_response(sock).startswith(b"HTTP/1.1 431")
         silent = socket.create_connection(("127.0.0.1", process.port), timeout=20)
         stalled = socket.create_connection(("127.0.0.1", process.port), timeout=20)
         stalled.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0")
