@@ -1,8 +1,25 @@
 """Poe proxy with memory: Poe's bots over plain HTTP and an OpenAI-style API, with the
 conversations, projects and plan documents kept in a local SQLite file.
 
-Read top to bottom: settings, database helpers, request helpers, the Poe relay, the handlers by
-resource, the routes list, create_app(), main. The HTTP contract is API.md (shared/API.md).
+The HTTP contract is API.md (shared/API.md). The sections, top to bottom:
+
+  Settings              DEFAULTS, load_settings(): flag > env > .env > default
+  Database              Database (writer thread + reader threads), the schema's upgrade steps
+                        (MIGRATIONS, prepare_database)
+  Request helpers       read_json, text_field, int_field, ..., poe_key
+  Poe relay             relay_poe (the one call to Poe), PoeFailure, cutting long text events
+  Replies               Reply, start_reply / run_reply / end_reply: a task per Poe reply, the
+                        listener queue of the response that started it, saving as it arrives
+  Conversations         /v1/chat/conversations...
+  Messages and turns    /v1/chat/conversations/{id}/messages, stop, regenerate, delete
+  Projects, Plan        /v1/projects..., /v1/plan/categories..., /v1/plan/documents...
+  Knowledge             document references of projects and conversations
+  OpenAI-compatible     /v1/chat/completions, /v1/models
+  OpenAI Responses      /v1/responses..., /v1/conversations...
+  Search, export, backup
+  Health, login, errors, access   and the middleware guarding Host, access keys, JSON bodies
+  The app               routes, lifespan, create_app()
+  Main                  uvicorn with a connection guard and an orderly shutdown
 """
 from __future__ import annotations
 
