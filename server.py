@@ -926,6 +926,8 @@ def file_markdown(attachment: dict) -> str:
 # goes on and is stored whole.
 LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
+# A reply's task, or the response relaying it, yields the event loop after holding it this long.
+TURN_SECONDS = 0.005
 
 
 @dataclass(eq=False)
@@ -1014,6 +1016,8 @@ def add_tool_call_deltas(reply: Reply, deltas: list[dict]) -> None:
 async def run_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, api_key: str,
                     tools: list | None) -> None:
     cancelled = False
+    loop = asyncio.get_running_loop()
+    turn_began = loop.time()
     try:
         async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
             async for kind, value in events:
@@ -1041,6 +1045,11 @@ async def run_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, a
                 notify(reply, (kind, value))
                 if reply.cut:
                     break  # max_tokens: the Poe call ends here
+                if loop.time() - turn_began >= TURN_SECONDS:
+                    # Awaiting events Poe has already sent does not yield: a burst of them
+                    # would hold the loop from everyone else.
+                    await asyncio.sleep(0)
+                    turn_began = loop.time()
         status = "complete"
     except PoeFailure as exc:
         reply.error, reply.error_headers = (exc.status, exc.detail), exc.headers
@@ -1241,6 +1250,8 @@ SSE_DONE = sse("[DONE]")
 async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
     """The reply's events for the response that started it, from `item` (already taken from
     the queue) to its end or error, inclusive."""
+    loop = asyncio.get_running_loop()
+    turn_began = loop.time()
     try:
         while True:
             if item[0] in ("text", "replace"):
@@ -1248,6 +1259,9 @@ async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
             yield item
             if item[0] in ("end", "error"):
                 return
+            if loop.time() - turn_began >= TURN_SECONDS:
+                await asyncio.sleep(0)  # a full queue is drained without yielding otherwise
+                turn_began = loop.time()
             item = await reply.listener.get()
     finally:
         reply.listener = None
@@ -1404,7 +1418,8 @@ def json_bytes(body: dict, long_list: str) -> bytes:
     hold the GIL, and so stall the event loop, for as long as it takes (300 ms at 20 MB)."""
     items = body.pop(long_list)
     head = dumps(body)[:-1].encode()
-    parts = [dumps(item).encode() for item in items]
+    # 200 items at a time: a millisecond or so of encoding each, far fewer calls than one each.
+    parts = [dumps(items[i:i + 200])[1:-1].encode() for i in range(0, len(items), 200)]
     separator = b"," if len(body) else b""
     return b"".join([head, separator, b'"', long_list.encode(), b'":[', b",".join(parts),
                      b"]}"])
