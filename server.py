@@ -3581,6 +3581,7 @@ def response_ending(reply: Reply, spec: dict, key: Any, input_tokens: int) -> di
     status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
         else "failed" if reply.error is not None else "cancelled"
     calls = reply.tool_calls if base["parallel_tool_calls"] else reply.tool_calls[:1]
+    reply.tool_calls = calls  # what is stored is what the client was given
     spec["body"] = ended_response(base, status, text, calls, key, input_tokens,
                                   reply.error[1] if reply.error else None)
     return {"response_id": base["id"], "response_body": dumps(spec["body"]),

@@ -3038,6 +3038,17 @@ def test_responses_tool_round_trip_is_stored_as_tool_calls_and_a_tool_message(oa
     assert final.output[0].parsed_arguments == {"city": "Paris"}
 
 
+def test_responses_without_parallel_calls_store_only_the_call_served(oai, api, db):
+    clock = {"type": "function", "name": "get_time", "description": "The time",
+             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    asked = oai.responses.create(model="ToolBot", input="weather and time?",
+                                 tools=[FLAT_WEATHER, clock], parallel_tool_calls=False)
+    assert [item.name for item in asked.output] == ["get_weather"]
+    conversation_id = conversation_of(db, asked.id)
+    messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+    assert [c["function"]["name"] for c in messages[-1]["tool_calls"]] == ["get_weather"]
+
+
 def test_responses_input_items_and_delete(oai, db):
     asked = oai.responses.create(model="ToolBot", input="w?", tools=[FLAT_WEATHER])
     answered = oai.responses.create(model="Echo", previous_response_id=asked.id, input=[
