@@ -2786,6 +2786,8 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
     if not isinstance(description, str) or not description.strip():
         description = f"The function {name}."
     parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object")
     parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
     try:
         return fp.ToolDefinition(type="function", function={
@@ -2853,9 +2855,10 @@ def json_instruction(response_format: Any) -> str:
         raise HTTPException(400, "response_format.type must be text, json_object or "
                                  "json_schema")
     spec = response_format.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-        raise HTTPException(400, "response_format.json_schema must be an object with a "
-                                 "schema object")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) or \
+            not isinstance(spec.get("name"), str):
+        raise HTTPException(400, "response_format.json_schema must be an object with a name "
+                                 "and a schema object")
     about = " ".join(str(spec[k]) for k in ("name", "description") if spec.get(k))
     return ("Answer with one valid JSON value that conforms to this JSON Schema"
             + (f" ({about})" if about else "") + ", and nothing else: no text before or after "
@@ -3102,15 +3105,21 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
         return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
     sent: list[int] = []  # per tool call: the characters of its arguments sent
+    shown: list[str] = []  # the text the client has
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for item in listen(reply, first):
             kind = item[0]
+            if kind == "replace" and item[1].startswith("".join(shown)):
+                # OpenAI's deltas only append: the new part, when the new text extends the old.
+                kind, item = "text", ("text", item[1][sum(map(len, shown)):])
             if kind == "text":
+                shown.append(item[1])
                 for piece in pieces(item[1]):
                     yield chunk({"content": piece})
             elif kind == "replace":
-                # OpenAI's deltas only append; the flag tells clients that know it.
+                # Otherwise the whole new text, flagged for the clients that know the flag.
+                shown = [item[1]]
                 yield chunk({"content": item[1], "replace": True})
             elif kind == "tool_calls":
                 for delta in tool_call_pieces(reply, sent, options["parallel"]):

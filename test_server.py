@@ -103,6 +103,12 @@ async def replace(request):
     yield fp.PartialResponse(text=" and more")
 
 
+async def extend(request):
+    yield fp.PartialResponse(text="Think")
+    yield fp.PartialResponse(text="Thinking done", is_replace_response=True)
+    yield fp.PartialResponse(text=" more")
+
+
 async def silent(request):
     await asyncio.sleep(3)
     yield fp.PartialResponse(text="too late")
@@ -190,7 +196,7 @@ def make_poe_app():
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
             ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
-            ScriptBot("Flood", flood), ScriptBot("Count", count),
+            ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint)]
     poe = fp.make_app(bots, allow_without_key=True)
@@ -2516,6 +2522,24 @@ def test_sdk_raises_the_matching_error(sdk, model, error_class, stream):
                 "Fail": 502, "TooLong": 413}[model]
     assert error.status_code == expected
     assert set(error.body) == {"message", "type", "code"}
+
+
+def test_a_replacement_that_extends_the_text_streams_as_plain_deltas(sdk):
+    stream = sdk.chat.completions.create(model="Extend", stream=True,
+                                         messages=[{"role": "user", "content": "x"}])
+    deltas = [c.choices[0].delta.content for c in stream if c.choices and
+              c.choices[0].delta.content]
+    assert deltas == ["Think", "ing done", " more"]
+    assert sdk.chat.completions.create(model="Extend", messages=[
+        {"role": "user", "content": "x"}]).choices[0].message.content == "Thinking done more"
+
+
+def test_a_json_schema_without_name_or_schema_is_400(sdk):
+    for schema in ({"name": "x"}, {"schema": {"type": "object"}}):
+        with pytest.raises(openai.BadRequestError):
+            sdk.chat.completions.create(model="Echo", messages=[{"role": "user", "content": "x"}],
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": schema})
 
 
 def test_sdk_wrong_or_missing_key_is_authentication_error(service):
