@@ -45,7 +45,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION

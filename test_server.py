@@ -3934,6 +3934,11 @@ ROUTES = [
     ("PUT", "/v1/projects/{pid}"), ("POST", "/v1/plan/documents"),
     ("POST", "/v1/chat/completions"), ("POST", "/v1/chat/conversations/{cid}/stop"),
     ("DELETE", "/v1/projects/{pid}"), ("GET", "/v1/plan/documents"),
+    ("POST", "/v1/chat/conversations/{cid}/regenerate"), ("POST", "/v1/chat/stop-stream"),
+    ("POST", "/v1/chat/messages/delete"), ("POST", "/v1/auth/login"),
+    ("POST", "/v1/responses"), ("POST", "/v1/conversations"),
+    ("POST", "/v1/conversations/{cid}/items"),
+    ("POST", "/v1/chat/conversations/{cid}/document-references"),
 ]
 
 
@@ -3947,13 +3952,17 @@ def test_random_json_never_breaks_a_route(api, db):
     fields = st.sampled_from(["content", "role", "model", "stream", "name", "project_id",
                               "system_prompt", "category_id", "filename", "version", "source",
                               "messages", "temperature", "stop", "n", "related_log_id",
-                              "llm_url", "dev_environment"])
+                              "llm_url", "dev_environment", "documents", "attachments",
+                              "system_prompt_append", "session_id", "message_ids", "userName",
+                              "password", "input", "instructions", "tools", "tool_choice",
+                              "previous_response_id", "conversation", "store", "items",
+                              "metadata", "document_ids", "text", "max_output_tokens"])
     values = st.recursive(scalars, lambda children: st.lists(children, max_size=3)
                           | st.dictionaries(st.text(max_size=5), children, max_size=3),
                           max_leaves=6)
     bodies = st.dictionaries(fields, values, max_size=5) | values
 
-    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None,
+    @hypothesis.settings(max_examples=600, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(route=st.sampled_from(ROUTES), body=bodies)
     def check(route, body):
