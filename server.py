@@ -1050,7 +1050,8 @@ async def run_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, a
                     # would hold the loop from everyone else.
                     await asyncio.sleep(0)
                     turn_began = loop.time()
-        status = "complete"
+        # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
+        status = "interrupted" if reply.cut else "complete"
     except PoeFailure as exc:
         reply.error, reply.error_headers = (exc.status, exc.detail), exc.headers
         status = "interrupted"

@@ -3168,7 +3168,11 @@ def test_responses_max_output_tokens_cut_the_reply_incomplete(oai, db, stream):
                                                                  "max_output_tokens")
     assert answer.output_text == "c0 c1 c2" and answer.output[0].status == "incomplete"
     assert time.monotonic() - started < 1.5
-    assert stored_messages(db, conversation_of(db, answer.id))[-1]["content"] == "c0 c1 c2"
+    conversation_id = conversation_of(db, answer.id)
+    assert stored_messages(db, conversation_id)[-1]["content"] == "c0 c1 c2"
+    # The item says what the response said: cut off part way.
+    item = oai.conversations.items.retrieve(answer.output[0].id, conversation_id=conversation_id)
+    assert item.status == "incomplete"
 
 
 def test_responses_text_format_asks_for_json(oai):
