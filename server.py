@@ -3732,7 +3732,11 @@ async def read_response(request: Request) -> JSONResponse:
     row, message = await request.app.state.db.read(stored_response,
                                                    request.path_params["response_id"])
     body = row["body"]
-    if message is not None and live_reply(request.app, row) is None:
+    live = live_reply(request.app, row) if message is not None else None
+    if live is not None:  # what has arrived so far
+        body = {**body, "output": output_items(live.text, live.tool_calls,
+                                               row["last_message_id"], "in_progress")}
+    elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.
         calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
         body = ended_response(body, "failed", message["content"], calls,

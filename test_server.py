@@ -3258,6 +3258,12 @@ def test_responses_survive_the_client_hanging_up_and_can_be_stopped(api, oai, db
         lines = response.iter_lines()
         next(line for line in lines if "output_text.delta" in line)
         conversation_id = conversation_of(db, response_id)
+        live_id = next(json.loads(line[6:]) for line in lines if line.startswith("data: ")
+                       )["item_id"].replace("msg_", "")
+        in_progress = oai.responses.retrieve(
+            db.execute("SELECT id FROM responses WHERE last_message_id = ?",
+                       (int(live_id),)).fetchone()[0])
+        assert in_progress.status == "in_progress" and in_progress.output_text.startswith("c0")
         busy = api.post("/v1/responses", headers=KEY, json={
             "model": "Echo", "input": "x", "conversation": conversation_id})
         assert busy.status_code == 409 and busy.json()["error"]["type"] == "conflict_error"
