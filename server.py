@@ -1231,6 +1231,7 @@ dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 seed_dumps = json.JSONEncoder(ensure_ascii=False).encode
 # A chunk larger than this goes out as several events, so that no single one holds the loop.
 SSE_PIECE_CHARS = 65536
+SHOWN_CHARS = 65536
 
 
 def sse(data: str) -> bytes:
@@ -1246,6 +1247,32 @@ def pieces(text: str) -> list[str]:
 
 
 SSE_DONE = sse("[DONE]")
+
+
+class Shown:
+    """The text a streaming client has, so that a replace_response that only extends it goes
+    out as the new part (every client appends what it gets). Remembered up to SHOWN_CHARS: a
+    client that cannot keep up must not make the server hold what it was sent."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] | None = []
+        self.length = 0
+
+    def add(self, text: str) -> None:
+        self.length += len(text)
+        if self.parts is not None:
+            self.parts.append(text)
+            if self.length > SHOWN_CHARS:
+                self.parts = None  # forgotten: a later replacement goes out whole
+
+    def extension(self, whole: str) -> str | None:
+        """The part of `whole` the client lacks, when `whole` extends what it has; else None
+        (and `whole` is what it will have)."""
+        if self.parts is not None and len(whole) >= self.length and \
+                whole.startswith("".join(self.parts)):
+            return whole[self.length:]
+        self.parts, self.length = [], 0
+        return None
 
 
 async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
@@ -1729,18 +1756,17 @@ def reply_failure(reply: Reply) -> HTTPException:
 async def conversation_events(reply: Reply, first: tuple, ids: dict,
                               trimmed: int) -> AsyncIterator[bytes]:
     yield sse(seed_dumps(ids))
-    sent: list[str] = []
+    shown = Shown()
     async for item in listen(reply, first):
         kind = item[0]
-        if kind == "replace" and item[1].startswith("".join(sent)):
-            # The original's clients append every content: send only what is new when we can.
-            kind, item = "text", ("text", item[1][sum(map(len, sent)):])
+        if kind == "replace" and (new := shown.extension(item[1])) is not None:
+            kind, item = "text", ("text", new)
         if kind == "text":
-            sent.append(item[1])
+            shown.add(item[1])
             for piece in pieces(item[1]):
                 yield sse(seed_dumps({"content": piece}))
         elif kind == "replace":
-            sent = [item[1]]
+            shown.add(item[1])
             yield sse(seed_dumps({"content": item[1], "replace": True}))
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
@@ -3106,21 +3132,20 @@ async def completion_chunks(reply: Reply, first: tuple, completion: dict,
         return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
     sent: list[int] = []  # per tool call: the characters of its arguments sent
-    shown: list[str] = []  # the text the client has
+    shown = Shown()
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for item in listen(reply, first):
             kind = item[0]
-            if kind == "replace" and item[1].startswith("".join(shown)):
-                # OpenAI's deltas only append: the new part, when the new text extends the old.
-                kind, item = "text", ("text", item[1][sum(map(len, shown)):])
+            if kind == "replace" and (new := shown.extension(item[1])) is not None:
+                kind, item = "text", ("text", new)  # OpenAI's deltas only append
             if kind == "text":
-                shown.append(item[1])
+                shown.add(item[1])
                 for piece in pieces(item[1]):
                     yield chunk({"content": piece})
             elif kind == "replace":
-                # Otherwise the whole new text, flagged for the clients that know the flag.
-                shown = [item[1]]
+                # The whole new text, flagged for the clients that know the flag.
+                shown.add(item[1])
                 yield chunk({"content": item[1], "replace": True})
             elif kind == "tool_calls":
                 for delta in tool_call_pieces(reply, sent, options["parallel"]):
@@ -3655,7 +3680,7 @@ async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
         return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
 
     text_at = {"item_id": f"msg_{key}", "output_index": 0, "content_index": 0}
-    opened, shown = False, []  # shown: the text the client has
+    opened, shown = False, Shown()
     try:
         yield event("response.created", response=spec["base"])
         yield event("response.in_progress", response=spec["base"])
@@ -3664,12 +3689,10 @@ async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
                 continue
             delta, extra = item[1], {}
             if item[0] == "replace":
-                before = "".join(shown)
                 # Responses' deltas only append: the new part when it is one, else the whole
                 # text flagged, for clients that know the flag.
-                delta, extra = (item[1][len(before):], {}) if item[1].startswith(before) \
-                    else (item[1], {"replace": True})
-                shown = [before] if not extra else []
+                new = shown.extension(item[1])
+                delta, extra = (new, {}) if new is not None else (item[1], {"replace": True})
             if not delta:
                 continue
             if not opened:
@@ -3678,7 +3701,7 @@ async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
                     "type": "message", "id": f"msg_{key}", "status": "in_progress",
                     "role": "assistant", "content": []})
                 yield event("response.content_part.added", **text_at, part=output_text(""))
-            shown.append(delta)
+            shown.add(delta)
             for piece in pieces(delta):
                 yield event("response.output_text.delta", **text_at, delta=piece, logprobs=[],
                             **extra)
