@@ -4579,6 +4579,9 @@ MAX_HEADER_BYTES = 65536
 
 
 def guarded_http_protocol() -> type:
+    """uvicorn's httptools protocol with the limits uvicorn's settings cannot set: it has no
+    limit on request headers (h11's limit is for h11 mode only) and arms no timeout before a
+    connection's first request, so a silent socket stays open forever."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpProtocol(HttpToolsProtocol):
