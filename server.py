@@ -168,7 +168,10 @@ def load_settings(**overrides: Any) -> dict[str, Any]:
     host = str(raw["HOST"])
     allowed_hosts = split_list(raw["ALLOWED_HOSTS"])
     if not allowed_hosts:
-        allowed_hosts = (["localhost", "127.0.0.1", "[::1]"] if host in LOOPBACK_HOSTS
+        # And "testserver", the Host of Starlette's TestClient, for those who test an embedded
+        # app: no browser is led to a page of that name.
+        allowed_hosts = (["localhost", "127.0.0.1", "[::1]", "testserver"]
+                         if host in LOOPBACK_HOSTS
                          else ["*"])
     return {
         "host": host,

@@ -911,6 +911,15 @@ def test_a_foreign_host_is_refused(api):
     assert api.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
 
 
+def test_an_embedded_app_serves_starlettes_test_client(tmp_path):
+    from starlette.testclient import TestClient
+    with TestClient(server.create_app(db_path=str(tmp_path / "chat.db"))) as client:
+        created = client.post("/v1/chat/conversations", json={"name": "embedded"})
+        assert created.status_code == 200
+        assert client.get("/v1/chat/conversations", headers={"Host": "evil.example"}
+                          ).status_code == 400
+
+
 def test_failures_after_poe_was_called_say_do_not_retry(api):
     conversation_id = new_conversation(api, model="Crash")
     response = say(api, conversation_id, "x")
