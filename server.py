@@ -534,10 +534,7 @@ def text_field(data: dict, name: str, *, required: bool = False, empty_ok: bool 
         raise HTTPException(400, f"{name} must be a string")
     if not empty_ok and not value.strip():
         raise HTTPException(400, f"{name} must be a non-empty string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise HTTPException(400, f"{name} must be valid UTF-8 text") from None
+    # Lone surrogates never get here: parse_json_body refuses any body that holds one.
     if "\x00" in value:
         # SQLite's text functions stop at NUL (length, ||): refuse it rather than corrupt it.
         raise HTTPException(400, f"{name} must not contain NUL characters")
@@ -1659,19 +1656,28 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
                 ) -> tuple[list[int], int, str]:
     """The turn's input messages and an empty 'streaming' reply, before Poe is called; and
     the conversation's updated_at before them, put back if the turn leaves no trace."""
-    row = db.execute("SELECT updated_at FROM conversations WHERE id = ?",
-                     (conversation_id,)).fetchone()
-    if row is None:
-        raise HTTPException(404, "Conversation not found")
-    ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
-                      "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
-                      (conversation_id, *message)).lastrowid for message in messages]
+    ids, updated_at = insert_messages(db, conversation_id, messages)
     reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) "
                           "VALUES (?, 'assistant', '', 'streaming')",
                           (conversation_id,)).lastrowid
+    return ids, reply_id, updated_at
+
+
+def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
+                    ) -> tuple[list[int], str]:
+    """Stores messages (role, content, attachments, tool_calls, tool_call_id) at the end of a
+    conversation, which they bring up to date; returns their ids and the conversation's
+    updated_at before them."""
+    before = db.execute("SELECT updated_at FROM conversations WHERE id = ?",
+                        (conversation_id,)).fetchone()
+    if before is None:
+        raise HTTPException(404, "Conversation not found")
+    ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
+                      "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
+                      (conversation_id, *row)).lastrowid for row in rows]
     db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
                (conversation_id,))
-    return ids, reply_id, row[0]
+    return ids, before[0]
 
 
 def claim_conversation(app: Starlette, conversation_id: str) -> Reply:
@@ -3882,17 +3888,6 @@ async def item_rows(request: Request, items: Any) -> list[tuple]:
     return message_rows(entries)
 
 
-def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
-                    ) -> list[int]:
-    get_conversation(db, conversation_id)
-    ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
-                      "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
-                      (conversation_id, *row)).lastrowid for row in rows]
-    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-               (conversation_id,))
-    return ids
-
-
 def new_openai_conversation(db: sqlite3.Connection, metadata: dict | None,
                             rows: list[tuple]) -> dict:
     changes: dict[str, Any] = {"metadata": json.dumps(metadata) if metadata else None}
@@ -3959,7 +3954,7 @@ async def add_conversation_items(request: Request) -> JSONResponse:
     rows = await item_rows(request, data.get("items"))
     if conversation_id in app.state.replies:
         raise HTTPException(409, "this conversation already has a reply in progress")
-    ids = await app.state.db.write(insert_messages, conversation_id, rows)
+    ids, _ = await app.state.db.write(insert_messages, conversation_id, rows)
     page = {"order": "asc", "after": None, "limit": INT64 - 3}  # all: a message, many items
     return JSONResponse(await app.state.db.read(items_page, conversation_id, ids[0], ids[-1],
                                                 page))
