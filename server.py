@@ -45,19 +45,22 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
 import httpx
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.config import Config
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import Headers
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match, Route
 
 log = logging.getLogger("poe_proxy")
@@ -112,45 +115,43 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
-def read_dotenv(path: str = ".env") -> dict[str, str]:
-    values: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return values
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        name, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[name.strip()] = value
-    return values
-
-
 def split_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value if str(v).strip()]
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
-def load_settings(**overrides: Any) -> dict[str, Any]:
-    """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env."""
-    dotenv = read_dotenv()
+@dataclass(frozen=True)
+class Settings:
+    """The service's settings (README "Configuration"), checked once at start."""
+    host: str
+    port: int
+    db_path: str
+    poe_api_key: str | None
+    access_keys: list[str]
+    poe_base_url: str
+    poe_upload_url: str
+    poe_models_url: str
+    default_model: str
+    poe_timeout: float
+    max_body_bytes: int
+    max_context_chars: int
+    continue_prompts: list[str]
+    cors_origins: list[str]
+    allowed_hosts: list[str]
+    db_timeout: float
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env
+    (Starlette's Config reads those two; an empty variable counts as unset)."""
+    environ = {name: value for name, value in os.environ.items() if value != ""}
+    config = Config(".env" if os.path.isfile(".env") else None, environ=environ)
     raw: dict[str, Any] = {}
     for name, default in DEFAULTS.items():
         override = overrides.get(name.lower())
-        if override is not None:
-            raw[name] = override
-        elif os.environ.get(name) not in (None, ""):
-            raw[name] = os.environ[name]
-        elif dotenv.get(name) not in (None, ""):
-            raw[name] = dotenv[name]
-        else:
-            raw[name] = default
+        value = override if override is not None else config(name, default=default)
+        raw[name] = default if value == "" else value
 
     def number(name: str, kind: type, minimum: float) -> Any:
         try:
@@ -171,27 +172,19 @@ def load_settings(**overrides: Any) -> dict[str, Any]:
         # And "testserver", the Host of Starlette's TestClient, for those who test an embedded
         # app: no browser is led to a page of that name.
         allowed_hosts = (["localhost", "127.0.0.1", "[::1]", "testserver"]
-                         if host in LOOPBACK_HOSTS
-                         else ["*"])
-    return {
-        "host": host,
-        "port": number("PORT", int, 0),
-        "db_path": str(raw["DB_PATH"]),
-        "poe_api_key": raw["POE_API_KEY"] or None,
-        "access_keys": split_list(raw["ACCESS_KEYS"]),
-        "poe_base_url": base("POE_BASE_URL"),
-        "poe_upload_url": base("POE_UPLOAD_URL"),
-        "poe_models_url": str(raw["POE_MODELS_URL"]),
-        "default_model": str(raw["DEFAULT_MODEL"]),
-        "poe_timeout": number("POE_TIMEOUT", float, 0.001),
-        "max_body_bytes": number("MAX_BODY_BYTES", int, 1),
-        "max_context_chars": number("MAX_CONTEXT_CHARS", int, 1),
-        "continue_prompts": [p.strip().casefold() for p in split_list(raw["CONTINUE_PROMPTS"])
-                             or ORIGINAL_CONTINUE_PROMPTS],
-        "cors_origins": split_list(raw["CORS_ORIGINS"]),
-        "allowed_hosts": allowed_hosts,
-        "db_timeout": number("DB_TIMEOUT", float, 0.001),
-    }
+                         if host in LOOPBACK_HOSTS else ["*"])
+    return Settings(
+        host=host, port=number("PORT", int, 0), db_path=str(raw["DB_PATH"]),
+        poe_api_key=raw["POE_API_KEY"] or None, access_keys=split_list(raw["ACCESS_KEYS"]),
+        poe_base_url=base("POE_BASE_URL"), poe_upload_url=base("POE_UPLOAD_URL"),
+        poe_models_url=str(raw["POE_MODELS_URL"]), default_model=str(raw["DEFAULT_MODEL"]),
+        poe_timeout=number("POE_TIMEOUT", float, 0.001),
+        max_body_bytes=number("MAX_BODY_BYTES", int, 1),
+        max_context_chars=number("MAX_CONTEXT_CHARS", int, 1),
+        continue_prompts=[p.strip().casefold() for p in split_list(raw["CONTINUE_PROMPTS"])
+                          or ORIGINAL_CONTINUE_PROMPTS],
+        cors_origins=split_list(raw["CORS_ORIGINS"]), allowed_hosts=allowed_hosts,
+        db_timeout=number("DB_TIMEOUT", float, 0.001))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +221,40 @@ def fetch_one(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> di
 
 def fetch_all(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> list[dict]:
     return [dict(row) for row in db.execute(sql, params)]
+
+
+def fetch_or_404(db: sqlite3.Connection, sql: str, params: tuple, not_found: str) -> dict:
+    """The one row `sql` selects, else 404 with `not_found`."""
+    row = fetch_one(db, sql, params)
+    if row is None:
+        raise HTTPException(404, not_found)
+    return row
+
+
+def insert_row(db: sqlite3.Connection, table: str, values: dict) -> int:
+    """INSERT of `values`; `table` and the column names are this module's, never a request's
+    (each handler takes only the fields of its fixed list)."""
+    columns = ", ".join(values)
+    marks = ", ".join(":" + column for column in values)
+    return db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", values).lastrowid
+
+
+def update_row(db: sqlite3.Connection, table: str, key: Any, changes: dict,
+               stamp: str | None = None) -> None:
+    """UPDATE of the columns in `changes` (names as for insert_row) of the row whose id is
+    `key`, and of its `stamp` column to now when given."""
+    assignments = [f"{column} = :{column}" for column in changes]
+    if stamp is not None:
+        assignments.append(f"{stamp} = {NOW_SQL}")
+    db.execute(f"UPDATE {table} SET {', '.join(assignments)} WHERE id = :id",
+               {**changes, "id": key})
+
+
+def touch_conversation(db: sqlite3.Connection, conversation_id: str,
+                       updated_at: str | None = None) -> None:
+    """Moves a conversation's updated_at: to now, or back to `updated_at`."""
+    db.execute(f"UPDATE conversations SET updated_at = coalesce(?, {NOW_SQL}) WHERE id = ?",
+               (updated_at, conversation_id))
 
 
 def database_failure(exc: sqlite3.Error) -> HTTPException:
@@ -480,7 +507,7 @@ async def read_json(request: Request, empty_ok: bool = False) -> dict:
     """The body as a JSON object ({} for none, when every field is optional: `empty_ok`); 413
     past MAX_BODY_BYTES without reading the rest, 408 when it stalls. A large body is parsed
     off the event loop."""
-    limit = request.app.state.settings["max_body_bytes"]
+    limit = request.app.state.settings.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
     if length is not None and is_number(length.strip()) and int(length) > limit:
@@ -552,6 +579,19 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
     return value
 
 
+def id_list_field(data: dict, name: str, required: bool = False) -> list[int]:
+    """A list of ids (integers from 0: 0 is an id like any other), each once, in the order
+    given; [] when absent or null and not required."""
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise HTTPException(400, f"{name} is required")
+        return []
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < INT64 for v in value):
+        raise HTTPException(400, f"{name} must be an array of ids (integers from 0)")
+    return list(dict.fromkeys(value))
+
+
 def bool_field(data: dict, name: str, default: bool) -> bool:
     value = data.get(name, MISSING)
     if value is MISSING or value is None:
@@ -579,12 +619,21 @@ def is_number(raw: str) -> bool:
     return raw.isascii() and raw.isdigit() and int(raw) < INT64
 
 
-def path_id(request: Request, name: str, not_found: str) -> int:
-    """An integer id from the path; anything else names nothing, so 404."""
-    raw = request.path_params[name]
-    if not is_number(raw):
-        raise HTTPException(404, not_found)
-    return int(raw)
+class IdConvertor(Convertor):
+    """`{name:id}` in a route: the segment as an integer id. A segment that is no id (letters,
+    a number past SQLite's integers) becomes NO_ROW, which names no row, so the handler
+    answers its own 404 ("Project not found"), as for any id that names nothing."""
+    regex = "[^/]+"
+
+    def convert(self, value: str) -> int:
+        return int(value) if is_number(value) else NO_ROW
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+NO_ROW = -1
+register_url_convertor("id", IdConvertor())
 
 
 def query_int(request: Request, name: str) -> int | None:
@@ -607,7 +656,7 @@ def bearer(request: Request) -> str | None:
 def poe_key(request: Request) -> str:
     """The server's POE_API_KEY when set (a caller's token never reaches Poe then), else the
     caller's Bearer token, else 401. Never stored, logged or echoed."""
-    key = request.app.state.settings["poe_api_key"]
+    key = request.app.state.settings.poe_api_key
     if key:
         return key
     token = bearer(request)
@@ -635,26 +684,34 @@ class PoeFailure(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-# What happened on the wire of the Poe call the current task makes, which fastapi_poe hides:
-# the HTTP status of Poe's answer (kept by the shared client's response hook) and whether the
-# stream ended without its 'done' (reported only through on_error).
-poe_call: contextvars.ContextVar[dict] = contextvars.ContextVar("poe_call")
+@dataclass
+class PoeAnswer:
+    """What fastapi_poe hides of the answer to the Poe call a task makes: its HTTP status (kept
+    by the shared client's response hook) and whether its stream ended without 'done'
+    (reported only through on_error)."""
+    answered: bool = False
+    status: int | None = None
+    retry_after: str | None = None
+    no_done: bool = False
+
+
+poe_answer: contextvars.ContextVar[PoeAnswer] = contextvars.ContextVar("poe_answer")
 
 
 async def remember_poe_status(response: httpx.Response) -> None:
-    box = poe_call.get(None)
-    if box is None or "answered" in box:
+    answer = poe_answer.get(None)
+    if answer is None or answer.answered:
         return  # only the query's own answer: fastapi_poe's error reports come after it
-    box["answered"] = True
+    answer.answered = True
     if response.status_code >= 400:
-        box["status"] = response.status_code
-        box["retry_after"] = response.headers.get("retry-after")
+        answer.status = response.status_code
+        answer.retry_after = response.headers.get("retry-after")
 
 
 def on_poe_error(exc: Exception, message: str) -> None:
-    box = poe_call.get(None)
-    if box is not None and "without sending 'done'" in str(exc):
-        box["no_done"] = True
+    answer = poe_answer.get(None)
+    if answer is not None and "without sending 'done'" in str(exc):
+        answer.no_done = True
     # fastapi_poe's default handler prints; messages here never carry the key.
     log.warning("Poe: %s", str(exc)[:200])
 
@@ -769,15 +826,15 @@ HTTP_STATUS_FAILURE = {
 }
 
 
-def poe_failure(exc: BaseException, model: str, box: dict) -> PoeFailure:
-    status = box.get("status")
+def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure:
+    status = answer.status
     if status is not None:
         if status == 404:
             return PoeFailure(404, f"Poe does not know the model {model!r}")
         if status in (400, 422):
             return PoeFailure(400, f"Poe refused the request (HTTP {status})")
         code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
-        retry_after = box.get("retry_after")
+        retry_after = answer.retry_after
         headers = {"Retry-After": retry_after} if code == 429 and retry_after else None
         return PoeFailure(code, detail, headers)
     cause = exc.__cause__ if exc.__cause__ is not None else exc
@@ -845,17 +902,17 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     later. The wait for the first event is exact.
     """
     settings = app.state.settings
-    timeout = settings["poe_timeout"]
+    timeout = settings.poe_timeout
     slack = min(1.0, timeout / 10)
-    box: dict = {}
-    token = poe_call.set(box)
+    answer = PoeAnswer()
+    token = poe_answer.set(answer)
     loop = asyncio.get_running_loop()
     moved = -math.inf  # the first event always moves the deadline
     try:
         async with asyncio.timeout(timeout) as deadline:
             async with contextlib.aclosing(fp.stream_request(
                     query, model, api_key, session=app.state.poe, num_tries=1, tools=tools,
-                    on_error=on_poe_error, base_url=settings["poe_base_url"])) as events:
+                    on_error=on_poe_error, base_url=settings.poe_base_url)) as events:
                 async for event in events:
                     now = loop.time()
                     if now - moved >= slack:
@@ -875,19 +932,19 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                                clean_text(event.text))
                     elif event.is_replace_response:
                         yield ("replace", "")
-        if box.get("no_done"):
+        if answer.no_done:
             raise PoeFailure(502, "Poe's answer broke off before its end")
     except TimeoutError:
         raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
     except (fp.BotError, httpx.HTTPError) as exc:
-        raise poe_failure(exc, model, box) from None
+        raise poe_failure(exc, model, answer) from None
     except (KeyError, ValueError, TypeError) as exc:
         # fastapi_poe lets some malformed events through unwrapped (a tool-call chunk without
         # finish_reason, a delta without arguments): Poe's answer, not ours.
         log.warning("Poe: unreadable event: %s", type(exc).__name__)
         raise PoeFailure(502, "Poe's answer could not be read") from None
     finally:
-        poe_call.reset(token)
+        poe_answer.reset(token)
 
 
 def poe_message(role: str, content: str, attachments: list[dict] | None = None
@@ -915,11 +972,12 @@ def file_markdown(attachment: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Replies: each Poe reply is read to its end by a task of its own, so a client that goes away
-# changes nothing; the response that started it only listens. A stored turn's rows are written
-# before Poe is called (user message, an empty 'streaming' reply), the reply's new text on the
-# writer thread at most every FLUSH_SECONDS, the end once. A write SQLite refuses is retried,
-# the text waiting in memory, until it goes through: the relay never waits for the database.
+# Replies: each Poe reply is read to its end by a task of its own (Reply.run), so a client that
+# goes away changes nothing; the response that started it only listens (Listener). A stored
+# turn's rows are written before Poe is called (user message, an empty 'streaming' reply), the
+# reply's new text on the writer thread at most every FLUSH_SECONDS, the end once. A write
+# SQLite refuses is retried, the text waiting in memory, until it goes through: the relay never
+# waits for the database. Replies (app.state.replies) is the registry of those in progress.
 # ---------------------------------------------------------------------------------------------
 
 # A listener (one streaming response) that falls this far behind loses its live view; the reply
@@ -930,37 +988,152 @@ RETRY_SECONDS = 1.0
 TURN_SECONDS = 0.005
 
 
+@dataclass
+class ResponseRecord:
+    """What a Responses turn stores with its reply's end: the response object as JSON (None
+    when the turn leaves no trace), whether the conversation made for it goes too, and the
+    tool calls the client was given (only those are stored)."""
+    response_id: str
+    body: str | None
+    drop_conversation: bool
+    tool_calls: list[dict]
+
+
+@dataclass
+class ReplyEnd:
+    """What the end of a stored reply writes (save_reply_end); kept, and written again, while
+    SQLite refuses it."""
+    conversation_id: str
+    message_id: int
+    updated_at: str | None  # the conversation's before the turn: put back when it is discarded
+    inserted_ids: list[int]
+    replaces: int | None
+    status: str
+    discard: bool  # failed before any output: the turn leaves no trace
+    rewrite: bool  # `text` replaces the stored content instead of extending it
+    text: str
+    attachments: str | None
+    tool_calls: str | None
+    response: ResponseRecord | None
+
+
+def save_reply_text(db: sqlite3.Connection, message_id: int, text: str, rewrite: bool) -> None:
+    if rewrite:
+        db.execute(f"UPDATE messages SET content = ?, updated_at = {NOW_SQL} WHERE id = ?",
+                   (text, message_id))
+    elif text:
+        db.execute(f"UPDATE messages SET content = content || ?, updated_at = {NOW_SQL} "
+                   "WHERE id = ?", (text, message_id))
+
+
+def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
+    """The end of a stored reply. A reply that failed before any output leaves no trace: its
+    turn's rows go (the caller hears the error and may send the turn again)."""
+    response = end.response
+    if end.discard:
+        db.executemany("DELETE FROM messages WHERE id = ?",
+                       [(i,) for i in [*end.inserted_ids, end.message_id]])
+        touch_conversation(db, end.conversation_id, end.updated_at)
+        if response is not None:  # a Responses turn: its record, and its new conversation
+            db.execute("DELETE FROM responses WHERE id = ?", (response.response_id,))
+            if response.drop_conversation:
+                db.execute("DELETE FROM conversations WHERE id = ?", (end.conversation_id,))
+        return
+    if response is not None:
+        db.execute("UPDATE responses SET body = ? WHERE id = ?",
+                   (response.body, response.response_id))
+    content_sql = "?" if end.rewrite else "content || ?"
+    db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
+               f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
+               (end.text, end.status, end.attachments, end.tool_calls, end.message_id))
+    if end.replaces is not None and end.status == "complete":
+        # Only a whole new reply takes the old one's place: a failed or stopped one is kept
+        # beside it, and nothing the user had is lost.
+        db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
+    touch_conversation(db, end.conversation_id)
+
+
+class Listener:
+    """The reply's events for the response that started it, queued: ("text", str),
+    ("replace", str), ("tool_calls", deltas), then ("end", message_id, status) or
+    ("error", status, detail). One that falls LISTENER_BUFFER_BYTES behind (a client that does
+    not read) has what waits dropped and an error queued in its place."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queued_bytes = 0
+        self.lagged = False
+        self.closed = False  # its response has ended: nothing more is queued
+
+    def publish(self, item: tuple) -> None:
+        if self.closed:
+            return
+        if self.queued_bytes > LISTENER_BUFFER_BYTES and not self.queue.empty():
+            self.queue = asyncio.Queue()
+            self.queue.put_nowait(("error", 503, "this client fell too far behind the reply; "
+                                   "it goes on and is stored whole"))
+            self.queued_bytes, self.lagged = 0, True
+            return
+        self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
+        self.queue.put_nowait(item)
+
+    async def events(self, item: tuple) -> AsyncIterator[tuple]:
+        """The events from `item` (already taken from the queue) to the end or error,
+        inclusive."""
+        loop = asyncio.get_running_loop()
+        turn_began = loop.time()
+        try:
+            while True:
+                if item[0] in ("text", "replace"):
+                    self.queued_bytes -= len(item[1])
+                yield item
+                if item[0] in ("end", "error"):
+                    return
+                if loop.time() - turn_began >= TURN_SECONDS:
+                    await asyncio.sleep(0)  # a full queue is drained without yielding otherwise
+                    turn_began = loop.time()
+                item = await self.queue.get()
+        finally:
+            self.closed = True
+
+
 @dataclass(eq=False)
 class Reply:
-    conversation_id: str | None  # None: stateless (OpenAI routes without store), nothing stored
-    message_id: int | None = None  # the stored reply's row
+    """One Poe reply in progress. Its fields change only in its own methods: start() and run()
+    relay Poe's events into it, write_text() and end() save it, its Listener is told of each."""
+    # Where it is stored; a stateless reply (OpenAI routes without store) has no message_id.
+    conversation_id: str | None = None
+    message_id: int | None = None
     inserted_ids: list[int] = field(default_factory=list)  # this turn's input rows
-    replaces: int | None = None  # a reply this one regenerates: deleted once this has text
-    updated_at: str | None = None  # the conversation's, before this turn
-    listener: asyncio.Queue | None = None
-    listener_bytes: int = 0
-    lagged: bool = False  # its listener fell behind and was dropped
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    chunks: list[str] = field(default_factory=list)
-    files: list[dict] = field(default_factory=list)
-    tool_calls: list[dict] = field(default_factory=list)  # merged OpenAI tool calls
-    saved_chunks: int = 0  # chunks[:saved_chunks] are in the database
-    rewrite: bool = False  # replace_response: the stored text must be rewritten whole
-    generation: int = 0  # counts replace_responses, so a late write cannot undo one
-    flush: asyncio.TimerHandle | None = None  # the next write of unsaved text, when scheduled
-    writing: asyncio.Future | None = None  # the write in flight
-    status: str = "streaming"
-    error: tuple[int, str] | None = None
-    error_headers: dict | None = None
     user_message_id: int | None = None
-    stop_error: tuple[int, str] | None = None  # why it was stopped, when a caller must hear it
+    replaces: int | None = None  # a reply this one regenerates: deleted once this is whole
+    updated_at: str | None = None  # the conversation's, before this turn
     max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
-    cut: bool = False
-    # An OpenAI Responses turn: called by end_reply, gives what its end stores with the reply's
-    # (response_id, response_body, drop_conversation; see save_reply_end).
-    ending: Callable[[Reply], dict] | None = None
-    task: asyncio.Task | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    # A Responses turn: what its end stores with the reply's (ResponseTurn.end).
+    ending: Callable[[Reply], ResponseRecord] | None = None
+    # What Poe sent.
+    chunks: list[str] = field(default_factory=list, init=False)
+    files: list[dict] = field(default_factory=list, init=False)
+    tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
+    cut: bool = field(default=False, init=False)  # at max_chars
+    # How it is saved: chunks[:saved_chunks] are in the database, unless `rewrite` (after a
+    # replace_response) says the stored text must be rewritten whole; `generation` counts
+    # replacements, so that a late write cannot undo one.
+    saved_chunks: int = field(default=0, init=False)
+    rewrite: bool = field(default=False, init=False)
+    generation: int = field(default=0, init=False)
+    flush: asyncio.TimerHandle | None = field(default=None, init=False)  # next write of text
+    writing: asyncio.Future | None = field(default=None, init=False)  # the write in flight
+    # Who listens, and how it ends.
+    listener: Listener | None = field(default=None, init=False)
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex, init=False)
+    status: str = field(default="streaming", init=False)
+    error: tuple[int, str] | None = field(default=None, init=False)
+    error_headers: dict | None = field(default=None, init=False)
+    stop_error: tuple[int, str] | None = field(default=None, init=False)  # why it was stopped
+    registry: Replies | None = field(default=None, init=False)
+    task: asyncio.Task | None = field(default=None, init=False)
+    done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     @property
     def text(self) -> str:
@@ -970,255 +1143,296 @@ class Reply:
     def has_output(self) -> bool:
         return bool(self.saved_chunks or any(self.chunks) or self.files or self.tool_calls)
 
+    def start(self, app: Starlette, model: str, query: PoeQuery, api_key: str, *,
+              listen: bool, tools: list | None = None) -> None:
+        """Calls Poe for this reply, in a task of its own; `listen`: its events are queued for
+        the caller."""
+        self.registry = app.state.replies
+        if listen:
+            self.listener = Listener()
+        self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
+        self.registry.add(self)
 
-def start_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, api_key: str,
-                *, listen: bool, tools: list | None = None) -> Reply:
-    if listen:
-        reply.listener = asyncio.Queue()
-    if reply.conversation_id is not None:
-        app.state.replies[reply.conversation_id] = reply
-    app.state.sessions[reply.session_id] = reply
-    reply.task = asyncio.create_task(run_reply(app, reply, model, query, api_key, tools))
-    app.state.reply_tasks.add(reply.task)
-    reply.task.add_done_callback(app.state.reply_tasks.discard)
-    return reply
-
-
-def notify(reply: Reply, item: tuple) -> None:
-    queue = reply.listener
-    if queue is None:
-        return
-    size = len(item[1]) if item[0] in ("text", "replace") else 64
-    if reply.listener_bytes > LISTENER_BUFFER_BYTES and not queue.empty():
-        # A client that does not read: drop what waits for it, tell it when (if) it reads on.
-        reply.listener = asyncio.Queue()
-        reply.listener.put_nowait(("error", 503, "this client fell too far behind the reply; "
-                                   "it goes on and is stored whole"))
-        reply.listener_bytes, reply.lagged = 0, True
-        return
-    reply.listener_bytes += size
-    queue.put_nowait(item)
-
-
-def add_tool_call_deltas(reply: Reply, deltas: list[dict]) -> None:
-    for delta in deltas:
-        index = delta.get("index") or 0
-        while len(reply.tool_calls) <= index:
-            reply.tool_calls.append({"id": "", "type": "function",
-                                     "function": {"name": "", "arguments": ""}})
-        call = reply.tool_calls[index]
-        call["id"] = delta.get("id") or call["id"]
-        function = delta.get("function") or {}
-        call["function"]["name"] += function.get("name") or ""
-        call["function"]["arguments"] += function.get("arguments") or ""
-
-
-async def run_reply(app: Starlette, reply: Reply, model: str, query: PoeQuery, api_key: str,
-                    tools: list | None) -> None:
-    cancelled = False
-    loop = asyncio.get_running_loop()
-    turn_began = loop.time()
-    try:
-        async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
-            async for kind, value in events:
-                if kind == "replace":
-                    reply.chunks, reply.saved_chunks = [value], 0
-                    reply.rewrite, reply.generation = True, reply.generation + 1
-                elif kind == "text":
-                    if reply.max_chars is not None:
-                        room = reply.max_chars - sum(map(len, reply.chunks))
-                        if len(value) >= room:
-                            value, reply.cut = value[:max(room, 0)], True
-                    reply.chunks.append(value)
-                elif kind == "file":
-                    reply.files.append(value)
-                    value = file_markdown(value)
-                    reply.chunks.append(value)
-                    kind = "text"
-                else:
-                    add_tool_call_deltas(reply, value)
-                if reply.message_id is not None and reply.flush is None:
-                    # Text that arrives is written within FLUSH_SECONDS, even if Poe then
-                    # pauses; at most one write per FLUSH_SECONDS, whatever the chunk rate.
-                    reply.flush = asyncio.get_running_loop().call_later(
-                        FLUSH_SECONDS, write_reply_text, app, reply)
-                notify(reply, (kind, value))
-                if reply.cut:
-                    break  # max_tokens: the Poe call ends here
-                if loop.time() - turn_began >= TURN_SECONDS:
-                    # Awaiting events Poe has already sent does not yield: a burst of them
-                    # would hold the loop from everyone else.
-                    await asyncio.sleep(0)
-                    turn_began = loop.time()
-        # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
-        status = "interrupted" if reply.cut else "complete"
-    except PoeFailure as exc:
-        reply.error, reply.error_headers = (exc.status, exc.detail), exc.headers
-        status = "interrupted"
-    except asyncio.CancelledError:
-        # Stopped, the conversation deleted, or the server shutting down.
-        cancelled, status = True, "interrupted"
-        reply.error = reply.stop_error
-    except Exception:
-        log.exception("reading Poe's answer failed")
-        reply.error, status = (502, "Poe's answer could not be read"), "interrupted"
-    try:
-        await asyncio.shield(end_reply(app, reply, status))
-    except asyncio.CancelledError:
-        cancelled = True
-    finally:
-        if app.state.replies.get(reply.conversation_id) is reply:
-            del app.state.replies[reply.conversation_id]
-        app.state.sessions.pop(reply.session_id, None)
-        reply.done.set()
-    if cancelled:
-        raise asyncio.CancelledError
-
-
-def write_reply_text(app: Starlette, reply: Reply) -> None:
-    """Writes the text that arrived since the last write; a refused write is tried again."""
-    reply.flush = None
-    if reply.writing is not None or reply.message_id is None or reply.status != "streaming":
-        return
-    count, generation, rewrite = len(reply.chunks), reply.generation, reply.rewrite
-    pieces = reply.chunks[0 if rewrite else reply.saved_chunks:count]
-    reply.writing = app.state.db.submit_write(save_reply_text, reply.message_id, pieces,
-                                              rewrite)
-
-    def written(future: asyncio.Future) -> None:
-        reply.writing = None
-        if future.cancelled() or future.exception() is not None:
-            if reply.status == "streaming":
-                reply.flush = asyncio.get_running_loop().call_later(
-                    RETRY_SECONDS, write_reply_text, app, reply)
-            return
-        if reply.generation == generation:
-            reply.saved_chunks = count
-            reply.rewrite = reply.rewrite and not rewrite
-
-    reply.writing.add_done_callback(written)
-
-
-def save_reply_text(db: sqlite3.Connection, message_id: int, pieces: list[str],
-                    rewrite: bool) -> None:
-    text = "".join(pieces)
-    if rewrite:
-        db.execute(f"UPDATE messages SET content = ?, updated_at = {NOW_SQL} WHERE id = ?",
-                   (text, message_id))
-    elif text:
-        db.execute(f"UPDATE messages SET content = content || ?, updated_at = {NOW_SQL} "
-                   "WHERE id = ?", (text, message_id))
-
-
-def save_reply_end(db: sqlite3.Connection, reply: dict) -> None:
-    """The end of a stored reply. A reply that failed before any output leaves no trace: its
-    turn's rows go (the caller hears the error and may send the turn again)."""
-    if reply["discard"]:
-        db.executemany("DELETE FROM messages WHERE id = ?",
-                       [(i,) for i in [*reply["inserted_ids"], reply["message_id"]]])
-        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?",
-                   (reply["updated_at"], reply["conversation_id"]))
-        if reply.get("response_id"):  # a Responses turn: its record, and its new conversation
-            db.execute("DELETE FROM responses WHERE id = ?", (reply["response_id"],))
-            if reply["drop_conversation"]:
-                db.execute("DELETE FROM conversations WHERE id = ?", (reply["conversation_id"],))
-        return
-    if reply.get("response_id"):
-        db.execute("UPDATE responses SET body = ? WHERE id = ?",
-                   (reply["response_body"], reply["response_id"]))
-    text = "".join(reply["pieces"])
-    content_sql = "?" if reply["rewrite"] else "content || ?"
-    db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
-               f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
-               (text, reply["status"], reply["attachments"], reply["tool_calls"],
-                reply["message_id"]))
-    if reply["replaces"] is not None and reply["status"] == "complete":
-        # Only a whole new reply takes the old one's place: a failed or stopped one is kept
-        # beside it, and nothing the user had is lost.
-        db.execute("DELETE FROM messages WHERE id = ?", (reply["replaces"],))
-    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-               (reply["conversation_id"],))
-
-
-async def end_reply(app: Starlette, reply: Reply, status: str) -> None:
-    """Stores the reply's end (waiting for the write in flight first), then tells the listener,
-    whatever the database says: a refused write is retried in the background until it goes."""
-    reply.status = status
-    if reply.flush is not None:
-        reply.flush.cancel()
-        reply.flush = None
-    if reply.error is not None and reply.has_output:
-        # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
-        reply.error = (reply.error[0] if reply.error[0] in (503, 504) else 502, reply.error[1])
-    ending = reply.ending(reply) if reply.ending is not None else {}
-    if reply.message_id is not None:
-        while reply.writing is not None:
-            with contextlib.suppress(Exception):
-                await reply.writing
-            await asyncio.sleep(0)  # a done future's callbacks (written) run on the next turn
-        end = {**ending, "conversation_id": reply.conversation_id, "message_id": reply.message_id,
-               "updated_at": reply.updated_at,
-               "inserted_ids": reply.inserted_ids, "replaces": reply.replaces,
-               "status": status, "rewrite": reply.rewrite,
-               "pieces": reply.chunks[0 if reply.rewrite else reply.saved_chunks:],
-               "attachments": json.dumps(reply.files) if reply.files else None,
-               "tool_calls": json.dumps(reply.tool_calls) if reply.tool_calls else None,
-               "has_output": reply.has_output,
-               "discard": reply.error is not None and not reply.has_output}
+    async def run(self, app: Starlette, model: str, query: PoeQuery, api_key: str,
+                  tools: list | None) -> None:
+        cancelled = False
         try:
-            await app.state.db.write(save_reply_end, end)
+            async with contextlib.aclosing(relay_poe(app, model, query, api_key,
+                                                     tools)) as events:
+                await self.take_all(events)
+            # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
+            status = "interrupted" if self.cut else "complete"
+        except PoeFailure as exc:
+            self.error, self.error_headers = (exc.status, exc.detail), exc.headers
+            status = "interrupted"
+        except asyncio.CancelledError:
+            # Stopped, the conversation deleted, or the server shutting down.
+            cancelled, status, self.error = True, "interrupted", self.stop_error
+        except Exception:
+            log.exception("reading Poe's answer failed")
+            self.error, status = (502, "Poe's answer could not be read"), "interrupted"
+        try:
+            await asyncio.shield(self.end(status))
+        except asyncio.CancelledError:
+            cancelled = True
+        finally:
+            self.registry.forget(self)
+            self.done.set()
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def take_all(self, events: AsyncIterator[tuple]) -> None:
+        loop = asyncio.get_running_loop()
+        turn_began = loop.time()
+        async for kind, value in events:
+            item = self.take(kind, value)
+            if self.message_id is not None and self.flush is None:
+                # Text that arrives is written within FLUSH_SECONDS, even if Poe then pauses;
+                # at most one write per FLUSH_SECONDS, whatever the chunk rate.
+                self.flush = loop.call_later(FLUSH_SECONDS, self.write_text)
+            if self.listener is not None:
+                self.listener.publish(item)
+            if self.cut:
+                break  # max_tokens: the Poe call ends here
+            if loop.time() - turn_began >= TURN_SECONDS:
+                # Awaiting events Poe has already sent does not yield: a burst of them would
+                # hold the loop from everyone else.
+                await asyncio.sleep(0)
+                turn_began = loop.time()
+
+    def take(self, kind: str, value: Any) -> tuple:
+        """Keeps one of relay_poe's events; returns what the listener is told."""
+        if kind == "replace":
+            self.chunks, self.saved_chunks = [value], 0
+            self.rewrite, self.generation = True, self.generation + 1
+        elif kind == "text":
+            if self.max_chars is not None:
+                room = self.max_chars - sum(map(len, self.chunks))
+                if len(value) >= room:
+                    value, self.cut = value[:max(room, 0)], True
+            self.chunks.append(value)
+        elif kind == "file":
+            self.files.append(value)
+            kind, value = "text", file_markdown(value)
+            self.chunks.append(value)
+        else:
+            self.add_tool_call_deltas(value)
+        return kind, value
+
+    def add_tool_call_deltas(self, deltas: list[dict]) -> None:
+        for delta in deltas:
+            index = delta.get("index") or 0
+            while len(self.tool_calls) <= index:
+                self.tool_calls.append({"id": "", "type": "function",
+                                        "function": {"name": "", "arguments": ""}})
+            call = self.tool_calls[index]
+            call["id"] = delta.get("id") or call["id"]
+            function = delta.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+    def write_text(self) -> None:
+        """Writes the text that arrived since the last write; a refused write is tried
+        again."""
+        self.flush = None
+        if self.writing is not None or self.message_id is None or self.status != "streaming":
+            return
+        count, generation, rewrite = len(self.chunks), self.generation, self.rewrite
+        text = "".join(self.chunks[0 if rewrite else self.saved_chunks:count])
+        self.writing = self.registry.db.submit_write(save_reply_text, self.message_id, text,
+                                                     rewrite)
+
+        def written(future: asyncio.Future) -> None:
+            self.writing = None
+            if future.cancelled() or future.exception() is not None:
+                if self.status == "streaming":
+                    self.flush = asyncio.get_running_loop().call_later(RETRY_SECONDS,
+                                                                       self.write_text)
+                return
+            if self.generation == generation:
+                self.saved_chunks = count
+                self.rewrite = self.rewrite and not rewrite
+
+        self.writing.add_done_callback(written)
+
+    async def end(self, status: str) -> None:
+        """Stores the reply's end (once the write in flight is done), then tells the listener,
+        whatever the database says: a refused write is retried by the registry."""
+        self.status = status
+        if self.flush is not None:
+            self.flush.cancel()
+            self.flush = None
+        if self.error is not None and self.has_output:
+            # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
+            self.error = (self.error[0] if self.error[0] in (503, 504) else 502, self.error[1])
+        record = self.ending(self) if self.ending is not None else None
+        if self.message_id is not None:
+            while self.writing is not None:
+                with contextlib.suppress(Exception):
+                    await self.writing
+                await asyncio.sleep(0)  # a done future's callbacks (written) run next turn
+            await self.registry.save_end(self.stored_end(record))
+        # Free the conversation before the caller hears the end: the original's clients send
+        # their next message the moment they see it.
+        self.registry.forget(self)
+        if self.listener is not None:
+            self.listener.publish(("error", *self.error) if self.error is not None
+                                  else ("end", self.message_id, status))
+            if self.listener.lagged and self.message_id not in self.registry.unsaved:
+                # Its stuck client keeps this object alive as long as its socket: not the text.
+                self.chunks = []
+
+    def stored_end(self, record: ResponseRecord | None) -> ReplyEnd:
+        calls = self.tool_calls if record is None else record.tool_calls
+        return ReplyEnd(
+            conversation_id=self.conversation_id, message_id=self.message_id,
+            updated_at=self.updated_at, inserted_ids=self.inserted_ids, replaces=self.replaces,
+            status=self.status, discard=self.error is not None and not self.has_output,
+            rewrite=self.rewrite, text="".join(self.chunks[0 if self.rewrite
+                                                           else self.saved_chunks:]),
+            attachments=json.dumps(self.files) if self.files else None,
+            tool_calls=json.dumps(calls) if calls else None, response=record)
+
+    async def stop(self, error: tuple[int, str] | None = None) -> None:
+        """Ends the reply; its text so far is kept, 'interrupted'. With `error`, the caller
+        waiting for it hears that error."""
+        if self.task is not None and not self.task.done():
+            self.stop_error = error
+            self.task.cancel()
+            await asyncio.wait([self.task])
+
+    def drop_if_unstored(self) -> None:
+        """A stateless reply whose client has gone: nobody is left to read the rest."""
+        if self.message_id is None and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def failure(self) -> HTTPException:
+        status, detail = self.error
+        headers = dict(self.error_headers or {})
+        if status in (502, 504):
+            headers.update(NO_RETRY)
+        return HTTPException(status, detail, headers=headers or None)
+
+    async def answer(self, stream: bool, whole: Callable[[], Response],
+                     events: Callable[[tuple], AsyncIterator[bytes]]) -> Response:
+        """The caller's answer: whole() once the reply has ended, or the stream of
+        events(first), begun only once Poe's first output (or the reply's end) is in hand, so
+        that a failure before it is an ordinary JSON error with its status."""
+        if not stream:
+            await self.done.wait()
+            if self.error is not None:
+                raise self.failure()
+            return whole()
+        first = await self.listener.queue.get()
+        if first[0] == "error":
+            self.listener.closed = True
+            raise self.failure()
+        return EventStream(events(first), sep="\n")
+
+
+class Replies:
+    """The replies in progress and the ends they still owe the database (app.state.replies,
+    made by the lifespan). The one place a reply is registered and forgotten."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.by_conversation: dict[str, Reply] = {}  # a conversation's stored reply
+        self.by_session: dict[str, Reply] = {}  # every reply, stored or not
+        # A conversation whose turn is being prepared (claim); the event is set when it ends.
+        self.preparing: dict[str, asyncio.Event] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
+        self.retrying: asyncio.Task | None = None
+
+    def busy(self, conversation_id: str) -> bool:
+        return conversation_id in self.preparing or conversation_id in self.by_conversation
+
+    @contextlib.contextmanager
+    def claim(self, conversation_id: str | None) -> Iterator[None]:
+        """Holds the conversation for one turn while it is prepared (409 for any other), until
+        its reply starts or the preparation fails; None claims nothing."""
+        if conversation_id is None:
+            yield
+            return
+        if self.busy(conversation_id):
+            raise HTTPException(409, "this conversation already has a reply in progress")
+        released = self.preparing[conversation_id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self.preparing[conversation_id]
+            released.set()
+
+    def add(self, reply: Reply) -> None:
+        if reply.conversation_id is not None:
+            self.by_conversation[reply.conversation_id] = reply
+        self.by_session[reply.session_id] = reply
+        self.tasks.add(reply.task)
+        reply.task.add_done_callback(self.tasks.discard)
+
+    def forget(self, reply: Reply) -> None:
+        if self.by_conversation.get(reply.conversation_id) is reply:
+            del self.by_conversation[reply.conversation_id]
+        self.by_session.pop(reply.session_id, None)
+
+    def writing_to(self, message_ids: set[int]) -> list[Reply]:
+        """The replies in progress that write or answer one of these messages."""
+        return [reply for reply in self.by_session.values()
+                if message_ids & {reply.message_id, *reply.inserted_ids}]
+
+    async def settle(self, conversation_id: str) -> None:
+        """Stops the conversation's reply in progress, and any that starts meanwhile."""
+        while True:
+            if (reply := self.by_conversation.get(conversation_id)) is not None:
+                await reply.stop()
+            elif (released := self.preparing.get(conversation_id)) is not None:
+                await released.wait()  # a turn being prepared: it starts, or it fails
+            else:
+                return
+
+    async def save_end(self, end: ReplyEnd) -> None:
+        try:
+            await self.db.write(save_reply_end, end)
         except HTTPException as exc:
-            log.warning("the end of reply %s waits to be stored: %s", reply.message_id,
+            log.warning("the end of reply %s waits to be stored: %s", end.message_id,
                         exc.detail)
-            app.state.unsaved[reply.message_id] = end
-            app.state.retry_unsaved()
-    # Free the conversation before the caller hears the end: the original's clients send their
-    # next message the moment they see it.
-    if app.state.replies.get(reply.conversation_id) is reply:
-        del app.state.replies[reply.conversation_id]
-    app.state.sessions.pop(reply.session_id, None)
-    if reply.error is not None:
-        notify(reply, ("error", *reply.error))
-    else:
-        notify(reply, ("end", reply.message_id, status))
-    if reply.lagged and reply.message_id is not None and app.state.unsaved.get(
-            reply.message_id) is None:
-        # Its stuck client keeps this object alive as long as its socket: not the text too.
-        reply.chunks = []
+            self.unsaved[end.message_id] = end
+            if self.retrying is None or self.retrying.done():
+                self.retrying = asyncio.create_task(self.retry_unsaved())
 
+    async def retry_unsaved(self) -> None:
+        """Stores the ends of replies that SQLite refused, until each goes through."""
+        delay = RETRY_SECONDS
+        while self.unsaved:
+            await asyncio.sleep(delay)
+            for message_id, end in list(self.unsaved.items()):
+                try:
+                    await self.db.write(save_reply_end, end)
+                except HTTPException:
+                    delay = min(delay * 2, 10.0)
+                    break
+                self.unsaved.pop(message_id, None)
+                log.info("the end of reply %s is stored", message_id)
 
-async def retry_unsaved(app: Starlette) -> None:
-    """Stores the ends of replies that SQLite refused, until each goes through."""
-    delay = RETRY_SECONDS
-    while app.state.unsaved:
-        await asyncio.sleep(delay)
-        for message_id, end in list(app.state.unsaved.items()):
-            try:
-                await app.state.db.write(save_reply_end, end)
-            except HTTPException:
-                delay = min(delay * 2, 10.0)
-                break
-            app.state.unsaved.pop(message_id, None)
-            log.info("the end of reply %s is stored", message_id)
+    async def stop_all(self, status: int, detail: str) -> None:
+        replies = list(self.by_session.values())
+        await asyncio.gather(*(reply.stop((status, detail)) for reply in replies))
 
-
-async def stop_reply(reply: Reply, error: tuple[int, str] | None = None) -> None:
-    """Ends a reply in progress; its text so far is kept, 'interrupted'. With `error`, the
-    caller waiting for it hears that error."""
-    if reply.task is not None and not reply.task.done():
-        reply.stop_error = error
-        reply.task.cancel()
-        await asyncio.wait([reply.task])
-
-
-async def stop_all_replies(app: Starlette, status: int, detail: str) -> None:
-    replies = [r for r in app.state.sessions.values()]
-    await asyncio.gather(*(stop_reply(r, (status, detail)) for r in replies))
+    async def close(self) -> None:
+        """At shutdown: replies still running are cut off (what they have is saved,
+        'interrupted'), and the ends SQLite refused are tried once more."""
+        await self.stop_all(503, "the server is shutting down")
+        if self.retrying is not None:
+            self.retrying.cancel()
+        for end in list(self.unsaved.values()):
+            with contextlib.suppress(HTTPException):
+                await self.db.write(save_reply_end, end)
 
 
 class EventStream(EventSourceResponse):
     """sse-starlette's response without its per-event anyio cancel scope, which it opens even
-    when there is no send timeout (ours): a measurable share of the CPU per relayed chunk."""
+    when there is no send timeout (ours): a measurable share of the CPU per relayed chunk.
+    (The library has no switch for it.)"""
 
     async def _send_with_timeout(self, send: Any, message: dict) -> None:
         if self.send_timeout is not None:
@@ -1231,7 +1445,7 @@ dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 seed_dumps = json.JSONEncoder(ensure_ascii=False).encode
 # A chunk larger than this goes out as several events, so that no single one holds the loop.
 SSE_PIECE_CHARS = 65536
-SHOWN_CHARS = 65536
+SENT_TEXT_CHARS = 65536
 
 
 def sse(data: str) -> bytes:
@@ -1249,10 +1463,11 @@ def pieces(text: str) -> list[str]:
 SSE_DONE = sse("[DONE]")
 
 
-class Shown:
-    """The text a streaming client has, so that a replace_response that only extends it goes
-    out as the new part (every client appends what it gets). Remembered up to SHOWN_CHARS: a
-    client that cannot keep up must not make the server hold what it was sent."""
+class SentText:
+    """The text a streaming client has been sent, so that a replace_response that only extends
+    it goes out as the new part (every client appends what it gets). Remembered up to
+    SENT_TEXT_CHARS: a client that cannot keep up must not make the server hold what it was
+    sent."""
 
     def __init__(self) -> None:
         self.parts: list[str] | None = []
@@ -1262,37 +1477,22 @@ class Shown:
         self.length += len(text)
         if self.parts is not None:
             self.parts.append(text)
-            if self.length > SHOWN_CHARS:
+            if self.length > SENT_TEXT_CHARS:
                 self.parts = None  # forgotten: a later replacement goes out whole
 
-    def extension(self, whole: str) -> str | None:
-        """The part of `whole` the client lacks, when `whole` extends what it has; else None
-        (and `whole` is what it will have)."""
-        if self.parts is not None and len(whole) >= self.length and \
-                whole.startswith("".join(self.parts)):
-            return whole[self.length:]
-        self.parts, self.length = [], 0
-        return None
-
-
-async def listen(reply: Reply, item: tuple) -> AsyncIterator[tuple]:
-    """The reply's events for the response that started it, from `item` (already taken from
-    the queue) to its end or error, inclusive."""
-    loop = asyncio.get_running_loop()
-    turn_began = loop.time()
-    try:
-        while True:
-            if item[0] in ("text", "replace"):
-                reply.listener_bytes -= len(item[1])
-            yield item
-            if item[0] in ("end", "error"):
-                return
-            if loop.time() - turn_began >= TURN_SECONDS:
-                await asyncio.sleep(0)  # a full queue is drained without yielding otherwise
-                turn_began = loop.time()
-            item = await reply.listener.get()
-    finally:
-        reply.listener = None
+    def deltas(self, kind: str, text: str) -> list[tuple[str, bool]]:
+        """What the client is sent for a "text" or "replace" event: the new text, in pieces,
+        or (replace) a whole new text that does not extend what it has, once, flagged True."""
+        if kind == "replace":
+            if self.parts is not None and len(text) >= self.length and \
+                    text.startswith("".join(self.parts)):
+                text = text[self.length:]
+            else:
+                self.parts, self.length = [], 0
+                self.add(text)
+                return [(text, True)]
+        self.add(text)
+        return [(piece, False) for piece in pieces(text)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1309,19 +1509,13 @@ CONVERSATION_FIELDS = ("project_id", "name", "model", "assistance_role", "status
 
 
 def get_conversation(db: sqlite3.Connection, conversation_id: str) -> dict:
-    conversation = fetch_one(db, CONVERSATION_SQL + " WHERE c.id = ?", (conversation_id,))
-    if conversation is None:
-        raise HTTPException(404, "Conversation not found")
-    return conversation
+    return fetch_or_404(db, CONVERSATION_SQL + " WHERE c.id = ?", (conversation_id,),
+                        "Conversation not found")
 
 
 def check_project(db: sqlite3.Connection, project_id: int) -> int | None:
     """The stored form of a project_id: NULL for 0, else an existing project's id."""
-    if project_id == 0:
-        return None
-    if fetch_one(db, "SELECT id FROM projects WHERE id = ?", (project_id,)) is None:
-        raise HTTPException(404, "Project not found")
-    return project_id
+    return None if project_id == 0 else get_project(db, project_id)["id"]
 
 
 def conversation_changes(data: dict) -> dict[str, Any]:
@@ -1346,11 +1540,8 @@ def conversation_changes(data: dict) -> dict[str, Any]:
 
 def insert_conversation(db: sqlite3.Connection, changes: dict) -> str:
     conversation_id = str(uuid.uuid4())
-    changes = {**changes, "id": conversation_id,
-               "project_id": check_project(db, changes.get("project_id", 0))}
-    columns = ", ".join(changes)  # names from conversation_changes' fixed set
-    db.execute(f"INSERT INTO conversations ({columns}) VALUES "
-               f"({', '.join(':' + c for c in changes)})", changes)
+    insert_row(db, "conversations", {**changes, "id": conversation_id, "project_id":
+                                     check_project(db, changes.get("project_id", 0))})
     if changes.get("system_prompt"):
         db.execute("INSERT INTO messages (conversation_id, role, content) "
                    "VALUES (?, 'system', ?)", (conversation_id, changes["system_prompt"]))
@@ -1400,10 +1591,7 @@ def change_conversation(db: sqlite3.Connection, conversation_id: str, changes: d
     get_conversation(db, conversation_id)
     if "project_id" in changes:
         changes["project_id"] = check_project(db, changes["project_id"])
-    # Column names come from conversation_changes' fixed set, never from the request.
-    assignments = ", ".join(f"{column} = :{column}" for column in changes)
-    db.execute(f"UPDATE conversations SET {assignments}, updated_at = {NOW_SQL} "
-               "WHERE id = :id", {**changes, "id": conversation_id})
+    update_row(db, "conversations", conversation_id, changes, stamp="updated_at")
 
 
 async def update_conversation(request: Request) -> JSONResponse:
@@ -1421,16 +1609,12 @@ async def delete_conversation(request: Request) -> JSONResponse:
 
 
 async def remove_conversation(app: Starlette, conversation_id: str) -> None:
-    """Deletes a conversation (404 when there is none) with all it holds."""
-    db = app.state.db
-    await db.read(get_conversation, conversation_id)
-    # A reply in progress is stopped first (another may start while we wait for it to end).
-    while (reply := app.state.replies.get(conversation_id)) is not None:
-        await stop_reply(reply)
-        if reply.task is None:
-            await asyncio.sleep(0.01)  # a turn being prepared: it finds the conversation gone
-    await db.write(lambda c: c.execute("DELETE FROM conversations WHERE id = ?",
-                                       (conversation_id,)))
+    """Deletes a conversation (404 when there is none) with all it holds, once any reply in
+    progress there has stopped."""
+    await app.state.db.read(get_conversation, conversation_id)
+    await app.state.replies.settle(conversation_id)
+    await app.state.db.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?",
+                                                   (conversation_id,)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1510,17 +1694,11 @@ def turn_fields(data: dict) -> Turn:
     role = "user" if role is MISSING else role
     if role not in ("user", "system", "assistant"):
         raise HTTPException(400, "role must be one of user, system, assistant")
-    documents = data.get("documents")
-    if documents is None:
-        documents = []
-    if not isinstance(documents, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 < d < INT64 for d in documents):
-        raise HTTPException(400, "documents must be an array of document ids")
     append = text_field(data, "system_prompt_append")
     return Turn(role=role, content=text_field(data, "content", required=True, empty_ok=False),
                 model=optional_model(data),
                 stream=bool_field(data, "stream", False),
-                documents=list(dict.fromkeys(documents)),
+                documents=id_list_field(data, "documents"),
                 system_prompt_append=append if isinstance(append, str) else "",
                 attachments=attachment_fields(data.get("attachments")))
 
@@ -1576,11 +1754,11 @@ async def upload_attachments(app: Starlette, api_key: str, attachments: list[dic
         name = name or "file" + (mimetypes.guess_extension(attachment["content_type"] or "")
                                  or "")
         try:
-            async with asyncio.timeout(app.state.settings["poe_timeout"]):
+            async with asyncio.timeout(app.state.settings.poe_timeout):
                 result = await fp.upload_file(file=attachment["data"], file_name=name,
                                               api_key=api_key, num_tries=1,
                                               on_error=on_poe_error,
-                                              base_url=app.state.settings["poe_upload_url"])
+                                              base_url=app.state.settings.poe_upload_url)
         except TimeoutError:
             raise HTTPException(504, "Poe's file upload did not answer in time",
                                 headers=NO_RETRY) from None
@@ -1597,15 +1775,12 @@ async def upload_attachments(app: Starlette, api_key: str, attachments: list[dic
 def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
                  document_ids: list[int]) -> str:
     """This turn's one system message: prompt, append, then each named document."""
-    documents = {}
-    if document_ids:
-        marks = ", ".join("?" * len(document_ids))
-        documents = {row["id"]: row for row in db.execute(
-            f"SELECT id, filename, content FROM plan_documents WHERE id IN ({marks})",
-            document_ids)}
-        missing = [str(d) for d in document_ids if d not in documents]
-        if missing:
-            raise HTTPException(404, f"Document not found: {', '.join(missing)}")
+    documents = {row["id"]: row for row in db.execute(
+        "SELECT id, filename, content FROM plan_documents WHERE id IN "
+        "(SELECT value FROM json_each(?))", (json.dumps(document_ids),))}
+    missing = [str(d) for d in document_ids if d not in documents]
+    if missing:
+        raise HTTPException(404, f"Document not found: {', '.join(missing)}")
     # The original's web client sends both the ids and the same documents' text in the append:
     # a document whose text the append already holds is not sent twice.
     parts = [system_prompt, append] + [
@@ -1615,11 +1790,23 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
+def fit_history(history: list[dict], new: int, max_chars: int) -> tuple[list[dict], int]:
+    """The history without its oldest messages until all contents fit `max_chars`
+    (MAX_CONTEXT_CHARS): never a leading system message, nor the last `new` (this request's
+    own); and how many were left out."""
+    keep = 1 if history and history[0]["role"] == "system" else 0
+    total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
+    while total > max_chars and start < end:
+        total -= len(history[start]["content"])
+        start += 1
+    return history[:keep] + history[start:], start - keep
+
+
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
-              this: tuple | None, before_id: int | None, max_chars: int,
-              params: dict) -> tuple[PoeQuery, int]:
-    """Runs on a reader thread: the history as Poe gets it for this turn, and how many old
-    messages were left out to fit MAX_CONTEXT_CHARS."""
+              new_message: dict | None, before_id: int | None, max_chars: int
+              ) -> tuple[PoeQuery, int]:
+    """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
+    then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
     rows = db.execute("SELECT id, role, content, attachments FROM messages "
                       "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
                       (conversation_id, INT64 - 1 if before_id is None else before_id)
@@ -1628,28 +1815,21 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
     if rows and rows[0]["role"] == "system":
         system_prompt, rows = rows[0]["content"], rows[1:]
     system = system_parts(db, system_prompt, turn.system_prompt_append, turn.documents)
-    history: list[list] = []  # [role, content, attachments]
-    for row in [*((r["role"], r["content"], r["attachments"]) for r in rows),
-                *([this] if this else [])]:
-        role, content, attachments = row
-        attachments = json.loads(attachments) if isinstance(attachments, str) else attachments
-        if not content and not attachments:
+    history = [{"role": "system", "content": system, "attachments": None}] if system else []
+    for entry in [*({"role": r["role"], "content": r["content"], "attachments":
+                     json.loads(r["attachments"]) if r["attachments"] else None}
+                    for r in rows), *([new_message] if new_message else [])]:
+        if not entry["content"] and not entry["attachments"]:
             continue  # a reply stopped before any text: nothing to send, nothing to merge
-        if role == "assistant" and history and history[-1][0] == "assistant":
-            history[-1][1] += "\n---\n" + content  # Poe wants turns that alternate
-            history[-1][2] = (history[-1][2] or []) + (attachments or [])
+        last = history[-1] if history else None
+        if entry["role"] == "assistant" and last is not None and last["role"] == "assistant":
+            last["content"] += "\n---\n" + entry["content"]  # Poe wants turns that alternate
+            last["attachments"] = (last["attachments"] or []) + (entry["attachments"] or [])
         else:
-            history.append([role, content, attachments])
-    # Left out, oldest first, until the contents fit: never the system message or this one.
-    budget = max_chars - len(system) - (len(history[-1][1]) if history else 0)
-    total, keep_from = sum(len(h[1]) for h in history[:-1]), 0
-    while total > budget and keep_from < len(history) - 1:
-        total -= len(history[keep_from][1])
-        keep_from += 1
-    kept = history[keep_from:]
-    poe_messages = ([poe_message("system", system)] if system else []) + [
-        poe_message(role, content, attachments) for role, content, attachments in kept]
-    return prepare_query(poe_messages, params), keep_from
+            history.append(dict(entry))
+    kept, left_out = fit_history(history, 1 if len(history) > bool(system) else 0, max_chars)
+    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
+                          for e in kept], {}), left_out
 
 
 def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple]
@@ -1668,63 +1848,46 @@ def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tup
     """Stores messages (role, content, attachments, tool_calls, tool_call_id) at the end of a
     conversation, which they bring up to date; returns their ids and the conversation's
     updated_at before them."""
-    before = db.execute("SELECT updated_at FROM conversations WHERE id = ?",
-                        (conversation_id,)).fetchone()
-    if before is None:
-        raise HTTPException(404, "Conversation not found")
+    before = get_conversation(db, conversation_id)["updated_at"]
     ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
                       "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
                       (conversation_id, *row)).lastrowid for row in rows]
-    db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-               (conversation_id,))
-    return ids, before[0]
+    touch_conversation(db, conversation_id)
+    return ids, before
 
 
-def claim_conversation(app: Starlette, conversation_id: str) -> Reply:
-    """The conversation's next reply, registered at once: one reply at a time (409)."""
-    if conversation_id in app.state.replies:
-        raise HTTPException(409, "this conversation already has a reply in progress")
-    reply = Reply(conversation_id)
-    app.state.replies[conversation_id] = reply
-    return reply
-
-
-def turn_model(app: Starlette, requested: str | None, conversation: dict) -> str:
+def turn_model(settings: Settings, requested: str | None, conversation: dict) -> str:
     """The request's model, else the conversation's, else DEFAULT_MODEL ('' and the web
     client's 'default' name none)."""
     for model in (requested, conversation.get("model")):
         if model and model != "default":
             return model
-    return app.state.settings["default_model"]
+    return settings.default_model
 
 
 async def post_message(request: Request) -> Response:
-    app, db = request.app, request.app.state.db
+    app, db, settings = request.app, request.app.state.db, request.app.state.settings
     conversation_id = request.path_params["conversation_id"]
     turn = turn_fields(await read_json(request))
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
-    settings = app.state.settings
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and \
-        turn.content.strip().casefold() in settings["continue_prompts"]
-    reply = claim_conversation(app, conversation_id)
-    try:
+        turn.content.strip().casefold() in settings.continue_prompts
+    with app.state.replies.claim(conversation_id):
         attachments = await upload_attachments(app, api_key, turn.attachments)
-        this = (turn.role, turn.content, attachments)
-        query, trimmed = await db.read(load_turn, conversation_id, turn, this, None,
-                                       settings["max_context_chars"], {})
+        new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
+        query, trimmed = await db.read(load_turn, conversation_id, turn, new_message, None,
+                                       settings.max_context_chars)
         stored = [] if continues else [(turn.role, turn.content,
                                         json.dumps(attachments) if attachments else None,
                                         None, None)]
-        reply.inserted_ids, reply.message_id, reply.updated_at = await db.write(
-            insert_turn, conversation_id, stored)
-        reply.user_message_id = reply.inserted_ids[-1] if reply.inserted_ids else None
-    except BaseException:
-        app.state.replies.pop(conversation_id, None)
-        raise
-    start_reply(app, reply, turn_model(app, turn.model, conversation), query, api_key,
-                listen=turn.stream)
+        inserted_ids, message_id, updated_at = await db.write(insert_turn, conversation_id,
+                                                              stored)
+        reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
+                      user_message_id=inserted_ids[-1] if inserted_ids else None)
+        reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
+                    listen=turn.stream)
     return await answer_turn(reply, turn.stream, trimmed)
 
 
@@ -1733,10 +1896,8 @@ async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
     ids = {"conversation_id": reply.conversation_id,
            "user_message_id": reply.user_message_id,
            "assistant_message_id": reply.message_id}
-    if not stream:
-        await reply.done.wait()
-        if reply.error is not None:
-            raise reply_failure(reply)
+
+    def whole() -> JSONResponse:
         body = {"conversation_id": reply.conversation_id, "reply": reply.text,
                 "message_id": reply.message_id, **ids}
         if reply.status != "complete":
@@ -1744,39 +1905,20 @@ async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
         if trimmed:
             body["context_trimmed"] = trimmed
         return JSONResponse(body)
-    # The stream begins only once Poe's first text (or the reply's end) is in hand, so that a
-    # failure before it is an ordinary JSON error with its status.
-    first = await reply.listener.get()
-    if first[0] == "error":
-        reply.listener = None
-        raise reply_failure(reply)
-    return EventStream(conversation_events(reply, first, {**ids, "session_id": reply.session_id},
-                                           trimmed), sep="\n")
-
-
-def reply_failure(reply: Reply) -> HTTPException:
-    status, detail = reply.error
-    headers = dict(reply.error_headers or {})
-    if status in (502, 504):
-        headers.update(NO_RETRY)
-    return HTTPException(status, detail, headers=headers or None)
+    return await reply.answer(stream, whole, lambda first: conversation_events(
+        reply, first, {**ids, "session_id": reply.session_id}, trimmed))
 
 
 async def conversation_events(reply: Reply, first: tuple, ids: dict,
                               trimmed: int) -> AsyncIterator[bytes]:
     yield sse(seed_dumps(ids))
-    shown = Shown()
-    async for item in listen(reply, first):
+    sent = SentText()
+    async for item in reply.listener.events(first):
         kind = item[0]
-        if kind == "replace" and (new := shown.extension(item[1])) is not None:
-            kind, item = "text", ("text", new)
-        if kind == "text":
-            shown.add(item[1])
-            for piece in pieces(item[1]):
-                yield sse(seed_dumps({"content": piece}))
-        elif kind == "replace":
-            shown.add(item[1])
-            yield sse(seed_dumps({"content": item[1], "replace": True}))
+        if kind in ("text", "replace"):
+            for text, replace in sent.deltas(kind, item[1]):
+                yield sse(seed_dumps({"content": text, "replace": True} if replace
+                                     else {"content": text}))
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
@@ -1792,70 +1934,67 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
 async def stop_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
-    reply = request.app.state.replies.get(conversation_id)
-    if reply is None or reply.task is None:
+    reply = request.app.state.replies.by_conversation.get(conversation_id)
+    if reply is None:
         return JSONResponse({"stopped": False})
-    await stop_reply(reply)
+    await reply.stop()
     return JSONResponse({"stopped": True})
 
 
 async def stop_stream(request: Request) -> JSONResponse:
     session_id = text_field(await read_json(request), "session_id", required=True)
-    reply = request.app.state.sessions.get(session_id)
+    reply = request.app.state.replies.by_session.get(session_id)
     if reply is None:
         raise HTTPException(404, "Stream session not found")
-    await stop_reply(reply)
+    await reply.stop()
     return JSONResponse({"message": "Stream stopped", "session_id": session_id})
 
 
 async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
     """Stops each reply in progress that writes or answers one of these messages."""
-    for reply in list(app.state.sessions.values()):
-        if message_ids & {reply.message_id, *reply.inserted_ids}:
-            await stop_reply(reply)
+    for reply in app.state.replies.writing_to(message_ids):
+        await reply.stop()
+
+
+def delete_message_rows(db: sqlite3.Connection, ids: list[int],
+                        conversation_id: str | None = None) -> int:
+    """Deletes messages (of one conversation, when given), moving their conversations'
+    updated_at; how many went."""
+    where = ("WHERE id IN (SELECT value FROM json_each(?)) AND (? IS NULL OR "
+             "conversation_id = ?)", (json.dumps(ids), conversation_id, conversation_id))
+    conversations = {row[0] for row in db.execute("SELECT conversation_id FROM messages "
+                                                  + where[0], where[1])}
+    count = db.execute("DELETE FROM messages " + where[0], where[1]).rowcount
+    for conversation in conversations:
+        touch_conversation(db, conversation)
+    return count
 
 
 async def delete_messages(request: Request) -> JSONResponse:
-    ids = (await read_json(request)).get("message_ids")
-    if not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and -INT64 < i < INT64 for i in ids):
-        raise HTTPException(400, "message_ids must be an array of message ids")
+    ids = id_list_field(await read_json(request), "message_ids", required=True)
     await stop_replies_of(request.app, set(ids))
-
-    def delete(db: sqlite3.Connection) -> int:
-        conversations = {row[0] for i in set(ids) for row in db.execute(
-            "SELECT conversation_id FROM messages WHERE id = ?", (i,))}
-        count = sum(db.execute("DELETE FROM messages WHERE id = ?", (i,)).rowcount
-                    for i in set(ids))
-        db.executemany(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-                       [(c,) for c in conversations])
-        return count
-    count = await request.app.state.db.write(delete)
+    count = await request.app.state.db.write(delete_message_rows, ids)
     return JSONResponse({"message": f"{count} messages deleted"})
 
 
 async def delete_message(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
-    message_id = path_id(request, "message_id", "Message not found")
+    message_id = request.path_params["message_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
     await stop_replies_of(request.app, {message_id})
 
     def delete(db: sqlite3.Connection) -> None:
-        if not db.execute("DELETE FROM messages WHERE id = ? AND conversation_id = ?",
-                          (message_id, conversation_id)).rowcount:
+        if not delete_message_rows(db, [message_id], conversation_id):
             raise HTTPException(404, "Message not found")
-        db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-                   (conversation_id,))
     await request.app.state.db.write(delete)
     return JSONResponse({"message": "Message deleted"})
 
 
 def regeneration(db: sqlite3.Connection, conversation_id: str
-                 ) -> tuple[int | None, int | None, int | None]:
+                 ) -> tuple[int | None, int | None]:
     """What a regenerated reply answers: when the conversation ends with an assistant reply,
     that reply goes (once the new one is whole) and the history before it stays; else the
-    whole history gets a new reply. Returns (the reply replaced, where the history ends, the
-    user message answered)."""
+    whole history gets a new reply. Returns (the reply replaced, the user message answered)."""
     get_conversation(db, conversation_id)
     last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
@@ -1866,30 +2005,27 @@ def regeneration(db: sqlite3.Connection, conversation_id: str
     replaced = last["id"] if last["role"] == "assistant" else None
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
                       "role = 'user' ORDER BY id DESC LIMIT 1",
-                      (conversation_id, replaced or INT64 - 1)).fetchone()
-    return replaced, replaced, user[0] if user else None
+                      (conversation_id, INT64 - 1 if replaced is None else replaced)).fetchone()
+    return replaced, user[0] if user else None
 
 
 async def regenerate(request: Request) -> Response:
-    app, db = request.app, request.app.state.db
+    app, db, settings = request.app, request.app.state.db, request.app.state.settings
     conversation_id = request.path_params["conversation_id"]
     data = await read_json(request, empty_ok=True)
     model, stream = optional_model(data), bool_field(data, "stream", False)
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
-    reply = claim_conversation(app, conversation_id)
-    try:
-        old_id, before_id, user_id = await db.read(regeneration, conversation_id)
+    with app.state.replies.claim(conversation_id):
+        replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
-        query, trimmed = await db.read(load_turn, conversation_id, turn, None, before_id,
-                                       app.state.settings["max_context_chars"], {})
-        _, reply.message_id, reply.updated_at = await db.write(insert_turn, conversation_id,
-                                                               [])
-        reply.replaces, reply.user_message_id = old_id, user_id
-    except BaseException:
-        app.state.replies.pop(conversation_id, None)
-        raise
-    start_reply(app, reply, turn_model(app, model, conversation), query, api_key, listen=stream)
+        query, trimmed = await db.read(load_turn, conversation_id, turn, None, replaced,
+                                       settings.max_context_chars)
+        _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
+        reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
+                      user_message_id=user_id)
+        reply.start(app, turn_model(settings, model, conversation), query, api_key,
+                    listen=stream)
     return await answer_turn(reply, stream, trimmed)
 
 
@@ -1903,10 +2039,8 @@ NULLABLE_PROJECT_FIELDS = ("llm_model", "llm_url", "git_work_dir", "ai_work_dir"
 
 
 def get_project(db: sqlite3.Connection, project_id: int) -> dict:
-    project = fetch_one(db, "SELECT * FROM projects WHERE id = ?", (project_id,))
-    if project is None:
-        raise HTTPException(404, "Project not found")
-    return project
+    return fetch_or_404(db, "SELECT * FROM projects WHERE id = ?", (project_id,),
+                        "Project not found")
 
 
 def project_changes(data: dict) -> dict[str, Any]:
@@ -1925,17 +2059,12 @@ def project_changes(data: dict) -> dict[str, Any]:
 
 def save_project(db: sqlite3.Connection, project_id: int | None, changes: dict) -> dict:
     """Inserts (project_id None) or updates a project; a name taken by another is 409."""
-    # Column names come from PROJECT_FIELDS, never from the request.
     try:
         if project_id is None:
-            project_id = db.execute(
-                f"INSERT INTO projects ({', '.join(changes)}) "
-                f"VALUES ({', '.join(':' + c for c in changes)})", changes).lastrowid
+            project_id = insert_row(db, "projects", changes)
         else:
             get_project(db, project_id)
-            assignments = "".join(f"{column} = :{column}, " for column in changes)
-            db.execute(f"UPDATE projects SET {assignments}updated_time = {NOW_SQL} "
-                       "WHERE id = :id", {**changes, "id": project_id})
+            update_row(db, "projects", project_id, changes, stamp="updated_time")
     except sqlite3.IntegrityError as exc:
         if "UNIQUE" not in str(exc):
             raise
@@ -1956,12 +2085,12 @@ async def create_project(request: Request) -> JSONResponse:
 
 
 async def read_project(request: Request) -> JSONResponse:
-    project_id = path_id(request, "project_id", "Project not found")
+    project_id = request.path_params["project_id"]
     return JSONResponse(await request.app.state.db.read(get_project, project_id))
 
 
 async def update_project(request: Request) -> JSONResponse:
-    project_id = path_id(request, "project_id", "Project not found")
+    project_id = request.path_params["project_id"]
     changes = project_changes(await read_json(request))
     if not changes:
         raise HTTPException(400, "give at least one of " + ", ".join(PROJECT_FIELDS))
@@ -1977,7 +2106,7 @@ def remove_project(db: sqlite3.Connection, project_id: int) -> None:
 
 
 async def delete_project(request: Request) -> JSONResponse:
-    project_id = path_id(request, "project_id", "Project not found")
+    project_id = request.path_params["project_id"]
     await request.app.state.db.write(remove_project, project_id)
     return JSONResponse({"message": "Project deleted successfully"})
 
@@ -2007,7 +2136,7 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
 
 
 async def read_project_hierarchy(request: Request) -> JSONResponse:
-    project_id = path_id(request, "project_id", "Project not found")
+    project_id = request.path_params["project_id"]
     return JSONResponse(await request.app.state.db.read(project_hierarchy, project_id))
 
 
@@ -2032,10 +2161,8 @@ def category_json(category: dict, default_model: str) -> dict:
 
 
 def get_category(db: sqlite3.Connection, category_id: int) -> dict:
-    category = fetch_one(db, "SELECT * FROM plan_categories WHERE id = ?", (category_id,))
-    if category is None:
-        raise HTTPException(404, "Category not found")
-    return category
+    return fetch_or_404(db, "SELECT * FROM plan_categories WHERE id = ?", (category_id,),
+                        "Category not found")
 
 
 def select_categories(db: sqlite3.Connection, default_model: str) -> list[dict]:
@@ -2067,20 +2194,15 @@ def category_changes(data: dict) -> dict[str, Any]:
 def save_category(db: sqlite3.Connection, category_id: int | None, changes: dict) -> dict:
     """Inserts (category_id None) or updates a category; a name taken by another is 409."""
     if changes.get("auto_save_category_id") is not None:
-        if fetch_one(db, "SELECT id FROM plan_categories WHERE id = ?",
-                     (changes["auto_save_category_id"],)) is None:
-            raise HTTPException(404, "Category not found (auto_save_category_id)")
-    # Column names come from category_changes' fixed set, never from the request.
+        fetch_or_404(db, "SELECT id FROM plan_categories WHERE id = ?",
+                     (changes["auto_save_category_id"],),
+                     "Category not found (auto_save_category_id)")
     try:
         if category_id is None:
-            category_id = db.execute(
-                f"INSERT INTO plan_categories ({', '.join(changes)}) "
-                f"VALUES ({', '.join(':' + c for c in changes)})", changes).lastrowid
+            category_id = insert_row(db, "plan_categories", changes)
         else:
             get_category(db, category_id)
-            assignments = ", ".join(f"{column} = :{column}" for column in changes)
-            db.execute(f"UPDATE plan_categories SET {assignments} WHERE id = :id",
-                       {**changes, "id": category_id})
+            update_row(db, "plan_categories", category_id, changes)
     except sqlite3.IntegrityError as exc:
         if "UNIQUE" not in str(exc):
             raise
@@ -2090,7 +2212,7 @@ def save_category(db: sqlite3.Connection, category_id: int | None, changes: dict
 
 async def list_categories(request: Request) -> JSONResponse:
     return JSONResponse(await request.app.state.db.read(
-        select_categories, request.app.state.settings["default_model"]))
+        select_categories, request.app.state.settings.default_model))
 
 
 async def create_category(request: Request) -> JSONResponse:
@@ -2099,22 +2221,22 @@ async def create_category(request: Request) -> JSONResponse:
         if name not in changes:
             raise HTTPException(400, f"{name} is required")
     category = await request.app.state.db.write(save_category, None, changes)
-    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+    return JSONResponse(category_json(category, request.app.state.settings.default_model))
 
 
 async def read_category(request: Request) -> JSONResponse:
-    category_id = path_id(request, "category_id", "Category not found")
+    category_id = request.path_params["category_id"]
     category = await request.app.state.db.read(get_category, category_id)
-    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+    return JSONResponse(category_json(category, request.app.state.settings.default_model))
 
 
 async def update_category(request: Request) -> JSONResponse:
-    category_id = path_id(request, "category_id", "Category not found")
+    category_id = request.path_params["category_id"]
     changes = category_changes(await read_json(request))
     if not changes:
         raise HTTPException(400, "give at least one of " + ", ".join(CATEGORY_FIELDS))
     category = await request.app.state.db.write(save_category, category_id, changes)
-    return JSONResponse(category_json(category, request.app.state.settings["default_model"]))
+    return JSONResponse(category_json(category, request.app.state.settings.default_model))
 
 
 def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
@@ -2126,7 +2248,7 @@ def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
 
 
 async def delete_category(request: Request) -> JSONResponse:
-    category_id = path_id(request, "category_id", "Category not found")
+    category_id = request.path_params["category_id"]
     deleted = await request.app.state.db.write(remove_category, category_id)
     return JSONResponse({"message": "Category and related documents deleted successfully",
                          "deleted": deleted})
@@ -2153,17 +2275,6 @@ def source_field(data: dict, default: str | None) -> str | None:
     if source not in DOCUMENT_SOURCES:
         raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
     return source
-
-
-def document_ids_field(data: dict) -> list[int]:
-    """document_ids: a list of ids, each once, in the order given."""
-    value = data.get("document_ids", MISSING)
-    if value is MISSING or value is None:
-        raise HTTPException(400, "document_ids is required")
-    if not isinstance(value, list) or not all(
-            type(v) is int and 1 <= v < INT64 for v in value):
-        raise HTTPException(400, "document_ids must be a list of document ids")
-    return list(dict.fromkeys(value))
 
 
 def insert_document(db: sqlite3.Connection, document: dict,
@@ -2196,10 +2307,8 @@ async def create_document(request: Request) -> JSONResponse:
 
 
 def get_document(db: sqlite3.Connection, document_id: int) -> dict:
-    document = fetch_one(db, "SELECT * FROM plan_documents WHERE id = ?", (document_id,))
-    if document is None:
-        raise HTTPException(404, "Document not found")
-    return document
+    return fetch_or_404(db, "SELECT * FROM plan_documents WHERE id = ?", (document_id,),
+                        "Document not found")
 
 
 async def list_documents(request: Request) -> JSONResponse:
@@ -2257,7 +2366,7 @@ async def latest_documents(request: Request) -> JSONResponse:
 
 
 async def read_document(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     return JSONResponse(await request.app.state.db.read(get_document, document_id))
 
 
@@ -2269,7 +2378,7 @@ def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) ->
 
 async def update_document(request: Request) -> JSONResponse:
     """PUT (and the original's POST) /v1/plan/documents/{id}: a new version, not an edit."""
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     data = await read_json(request)
     changes = {"filename": text_field(data, "filename", empty_ok=False),
                "content": text_field(data, "content"),
@@ -2290,7 +2399,7 @@ def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
 
 
 async def delete_document(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     deleted = await request.app.state.db.write(remove_documents, "id = ?", (document_id,),
                                                "Document not found")
     return JSONResponse({"message": "Document deleted successfully", "deleted": deleted})
@@ -2355,26 +2464,26 @@ def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
 
 
 async def list_tags(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     return JSONResponse(await request.app.state.db.read(select_tags, document_id))
 
 
 async def create_tag(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     tag = tag_name_of((await read_json(request)).get("tag_name"))
     return JSONResponse({"message": "Tag added",
                          "tag": await request.app.state.db.write(add_tag, document_id, tag)})
 
 
 async def delete_tag(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     tag = tag_name_of(request.path_params["tag_name"])
     counts = await request.app.state.db.write(change_tags, document_id, [], [tag])
     return JSONResponse({"message": "Tag removed", "removed_count": counts["removed"]["removed"]})
 
 
 async def batch_tags(request: Request) -> JSONResponse:
-    document_id = path_id(request, "document_id", "Document not found")
+    document_id = request.path_params["document_id"]
     data = await read_json(request)
     add, remove = tag_list(data, "add"), tag_list(data, "remove")
     if not add and not remove:
@@ -2467,7 +2576,7 @@ def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[di
 async def merge_documents(request: Request) -> JSONResponse:
     """The documents' texts in the order given, each between marks naming it (Dev-Docs
     downloads the result); ids of no document are left out."""
-    document_ids = document_ids_field(await read_json(request))
+    document_ids = id_list_field(await read_json(request), "document_ids", required=True)
     if not document_ids:
         raise HTTPException(400, "document_ids cannot be empty")
     documents = await request.app.state.db.read(select_documents, document_ids)
@@ -2500,12 +2609,6 @@ def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
     if kind == "project":
         return get_project(db, owner_id)["id"], None
     return get_conversation(db, owner_id)["project_id"] or None, owner_id
-
-
-def path_owner(request: Request) -> tuple[str, Any]:
-    if "project_id" in request.path_params:
-        return "project", path_id(request, "project_id", "Project not found")
-    return "conversation", request.path_params["conversation_id"]
 
 
 def select_references(db: sqlite3.Connection, project_id: int | None,
@@ -2551,23 +2654,48 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
             "current_references": sorted(wanted)}
 
 
-async def list_references(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(list_owner_references,
-                                                        path_owner(request)))
+async def owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(list_owner_references, owner))
 
 
-async def set_references(request: Request) -> JSONResponse:
-    owner = path_owner(request)
-    document_ids = document_ids_field(await read_json(request))
+async def set_owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
+    document_ids = id_list_field(await read_json(request), "document_ids", required=True)
     counts = await request.app.state.db.write(replace_references, owner, document_ids)
     return JSONResponse({"message": f"{owner[0].title()} document references updated "
                                     "successfully", **counts})
 
 
-async def clear_references(request: Request) -> JSONResponse:
-    owner = path_owner(request)
+async def clear_owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
     counts = await request.app.state.db.write(replace_references, owner, [])
     return JSONResponse({"message": f"All {owner[0]} document references cleared", **counts})
+
+
+async def list_project_references(request: Request) -> JSONResponse:
+    return await owner_references(request, ("project", request.path_params["project_id"]))
+
+
+async def set_project_references(request: Request) -> JSONResponse:
+    return await set_owner_references(request, ("project", request.path_params["project_id"]))
+
+
+async def clear_project_references(request: Request) -> JSONResponse:
+    return await clear_owner_references(request,
+                                        ("project", request.path_params["project_id"]))
+
+
+async def list_conversation_references(request: Request) -> JSONResponse:
+    return await owner_references(request, ("conversation",
+                                            request.path_params["conversation_id"]))
+
+
+async def set_conversation_references(request: Request) -> JSONResponse:
+    return await set_owner_references(request, ("conversation",
+                                                request.path_params["conversation_id"]))
+
+
+async def clear_conversation_references(request: Request) -> JSONResponse:
+    return await clear_owner_references(request, ("conversation",
+                                                  request.path_params["conversation_id"]))
 
 
 def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict:
@@ -3020,23 +3148,72 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def reply_tool_calls(reply: Reply, parallel: bool) -> list[dict]:
-    """The bot's calls as the client gets them: the first only without parallel_tool_calls,
-    each with an id (a bot may leave it out) and arguments ('' is no JSON: '{}')."""
-    calls = reply.tool_calls if parallel else reply.tool_calls[:1]
-    for call in calls:
-        call["id"] = call["id"] or f"call_{uuid.uuid4().hex[:24]}"
-        call["function"]["arguments"] = call["function"]["arguments"] or "{}"
-    return [call for call in calls if call["function"]["name"]]
+class ClientToolCalls:
+    """The bot's tool calls as one chat completion's client gets them: the first only without
+    parallel_tool_calls, each with an id (one is made for a call the bot sent without; kept, so
+    a stream's pieces and its end agree) and arguments ('' is no JSON: '{}' at the end)."""
+
+    def __init__(self, reply: Reply, parallel: bool) -> None:
+        self.reply, self.parallel = reply, parallel
+        self.ids: dict[int, str] = {}
+        self.sent: list[int] = []  # per call streamed: the characters of its arguments sent
+
+    def bot_calls(self) -> list[dict]:
+        return self.reply.tool_calls if self.parallel else self.reply.tool_calls[:1]
+
+    def id_of(self, index: int, call: dict) -> str:
+        return self.ids.setdefault(index, call["id"] or f"call_{uuid.uuid4().hex[:24]}")
+
+    def calls(self) -> list[dict]:
+        """The ended reply's calls (those with a name)."""
+        return [{"id": self.id_of(index, call), "type": "function",
+                 "function": {"name": call["function"]["name"],
+                              "arguments": call["function"]["arguments"] or "{}"}}
+                for index, call in enumerate(self.bot_calls()) if call["function"]["name"]]
+
+    def deltas(self, ended: bool = False) -> list[dict]:
+        """What of the calls the client has not seen, a delta a call, in call order: a call's
+        first piece has its id and name, later ones more arguments."""
+        deltas = []
+        for index, call in enumerate(self.bot_calls()):
+            name = call["function"]["name"]
+            arguments = call["function"]["arguments"] or ("{}" if ended else "")
+            if index == len(self.sent):
+                if not name:
+                    break  # a call is announced with its name: wait for it
+                self.sent.append(len(arguments))
+                deltas.append({"index": index, "id": self.id_of(index, call),
+                               "type": "function",
+                               "function": {"name": name, "arguments": arguments}})
+            elif len(arguments) > self.sent[index]:
+                deltas.append({"index": index,
+                               "function": {"arguments": arguments[self.sent[index]:]}})
+                self.sent[index] = len(arguments)
+        return deltas
 
 
-def finish_reason(reply: Reply, tool_calls: list) -> str:
-    return "length" if reply.cut else "tool_calls" if tool_calls else "stop"
+@dataclass
+class Completion:
+    """A chat completion being answered: its reply and what the request asked of the answer."""
+    reply: Reply
+    model: str
+    prompt_tokens: int
+    json: bool  # response_format asked for JSON
+    usage: bool  # stream_options.include_usage
+    tool_calls: ClientToolCalls
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
 
+    def head(self, kind: str) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model, "object": kind}
 
-def reply_output(reply: Reply, tool_calls: list[dict]) -> str:
-    """What usage counts as completion: the text and the calls' arguments."""
-    return reply.text + "".join(call["function"]["arguments"] for call in tool_calls)
+    def finish_reason(self, calls: list) -> str:
+        return "length" if self.reply.cut else "tool_calls" if calls else "stop"
+
+    def usage_of(self, calls: list[dict]) -> dict:
+        """Usage, counting as completion the text and the calls' arguments."""
+        output = self.reply.text + "".join(call["function"]["arguments"] for call in calls)
+        return usage(self.prompt_tokens, output)
 
 
 def json_reply(text: str) -> str:
@@ -3053,24 +3230,23 @@ def json_reply(text: str) -> str:
     return text
 
 
-def completion_response(completion: dict, reply: Reply, prompt_tokens: int,
-                        options: dict) -> dict:
+def completion_response(completion: Completion) -> JSONResponse:
     """A finished reply as a chat.completion."""
-    tool_calls = reply_tool_calls(reply, options["parallel"])
+    reply, calls = completion.reply, completion.tool_calls.calls()
     text = reply.text
-    if options["json"] and not tool_calls and not reply.cut:
+    if completion.json and not calls and not reply.cut:
         text = json_reply(text)  # cut by max_tokens: 'length' tells the client why it is not
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls
                                else None, "refusal": None}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {**completion, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason(reply, tool_calls)}],
-            "usage": usage(prompt_tokens, reply_output(reply, tool_calls))}
+    if calls:
+        message["tool_calls"] = calls
+    return JSONResponse({**completion.head("chat.completion"),
+                         "choices": [{"index": 0, "message": message, "logprobs": None,
+                                      "finish_reason": completion.finish_reason(calls)}],
+                         "usage": completion.usage_of(calls)})
 
 
-async def chat_completions(request: Request) -> Any:
+async def chat_completions(request: Request) -> Response:
     api_key = poe_key(request)
     data = await read_json(request)
     model = model_field(data)
@@ -3085,94 +3261,55 @@ async def chat_completions(request: Request) -> Any:
     format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
     stream_options = data.get("stream_options")
-    options = {"parallel": bool_field(data, "parallel_tool_calls", True),
-               "json": bool(format_instruction),
-               "usage": isinstance(stream_options, dict) and
-               stream_options.get("include_usage") is True}
-    reply = Reply(None, max_chars=max_reply_chars(data))
+    include_usage = isinstance(stream_options, dict) and \
+        stream_options.get("include_usage") is True
+    reply = Reply(max_chars=max_reply_chars(data))
+    parallel = bool_field(data, "parallel_tool_calls", True)
     entries = await poe_history(request.app, api_key, history,
                                 [tool_instruction, format_instruction])
     query, prompt_tokens = await asyncio.to_thread(poe_query, entries, {
         **params, "tool_calls": tool_calls, "tool_results": tool_results})
-    start_reply(request.app, reply, model, query, api_key, listen=stream, tools=tools)
-    completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                  "model": model}
-    if not stream:
-        await reply.done.wait()
-        if reply.error is not None:
-            raise reply_failure(reply)
-        return JSONResponse(completion_response(completion, reply, prompt_tokens, options))
-    first = await reply.listener.get()
-    if first[0] == "error":
-        raise reply_failure(reply)
-    return EventStream(completion_chunks(reply, first, completion, prompt_tokens, options),
-                       sep="\n")
+    completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
+                            include_usage, ClientToolCalls(reply, parallel))
+    reply.start(request.app, model, query, api_key, listen=stream, tools=tools)
+    return await reply.answer(stream, lambda: completion_response(completion),
+                              lambda first: completion_chunks(completion, first))
 
 
-def tool_call_pieces(reply: Reply, sent: list[int], parallel: bool) -> list[dict]:
-    """What of the bot's calls the client has not seen, a delta a call, in call order: a call's
-    first piece has its id and name, later ones more arguments. sent[i] counts the arguments
-    characters of call i already sent."""
-    calls = reply.tool_calls if parallel else reply.tool_calls[:1]
-    deltas = []
-    for index, call in enumerate(calls):
-        function = call["function"]
-        if index == len(sent):
-            if not function["name"]:
-                break  # a call is announced with its name: wait for it
-            call["id"] = call["id"] or f"call_{uuid.uuid4().hex[:24]}"
-            sent.append(len(function["arguments"]))
-            deltas.append({"index": index, "id": call["id"], "type": "function",
-                           "function": {"name": function["name"],
-                                        "arguments": function["arguments"]}})
-        elif len(function["arguments"]) > sent[index]:
-            deltas.append({"index": index,
-                           "function": {"arguments": function["arguments"][sent[index]:]}})
-            sent[index] = len(function["arguments"])
-    return deltas
-
-
-async def completion_chunks(reply: Reply, first: tuple, completion: dict,
-                            prompt_tokens: int, options: dict) -> AsyncIterator[bytes]:
-    head = dumps({**completion, "object": "chat.completion.chunk"})[:-1]
+async def completion_chunks(completion: Completion, first: tuple) -> AsyncIterator[bytes]:
+    reply, tool_calls = completion.reply, completion.tool_calls
+    head = dumps(completion.head("chat.completion.chunk"))[:-1]
 
     def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
-    sent: list[int] = []  # per tool call: the characters of its arguments sent
-    shown = Shown()
+    sent = SentText()
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for item in listen(reply, first):
+        async for item in reply.listener.events(first):
             kind = item[0]
-            if kind == "replace" and (new := shown.extension(item[1])) is not None:
-                kind, item = "text", ("text", new)  # OpenAI's deltas only append
-            if kind == "text":
-                shown.add(item[1])
-                for piece in pieces(item[1]):
-                    yield chunk({"content": piece})
-            elif kind == "replace":
-                # The whole new text, flagged for the clients that know the flag.
-                shown.add(item[1])
-                yield chunk({"content": item[1], "replace": True})
+            if kind in ("text", "replace"):
+                # OpenAI's deltas only append: a replacement that does not extend the text goes
+                # whole, flagged for the clients that know the flag.
+                for text, replace in sent.deltas(kind, item[1]):
+                    yield chunk({"content": text, "replace": True} if replace
+                                else {"content": text})
             elif kind == "tool_calls":
-                for delta in tool_call_pieces(reply, sent, options["parallel"]):
+                for delta in tool_calls.deltas():
                     yield chunk({"tool_calls": [delta]})
             elif kind == "end":
-                tool_calls = reply_tool_calls(reply, options["parallel"])
-                for delta in tool_call_pieces(reply, sent, options["parallel"]):
+                calls = tool_calls.calls()
+                for delta in tool_calls.deltas(ended=True):
                     yield chunk({"tool_calls": [delta]})  # the rest, '{}' for no arguments
-                yield chunk({}, finish_reason(reply, tool_calls))
-                if options["usage"]:
-                    yield sse(f'{head},"choices":[],"usage":'
-                              f'{dumps(usage(prompt_tokens, reply_output(reply, tool_calls)))}}}')
+                yield chunk({}, completion.finish_reason(calls))
+                if completion.usage:
+                    yield sse(f'{head},"choices":[],"usage":{dumps(completion.usage_of(calls))}}}')
             elif kind == "error":
                 yield sse(dumps(openai_error(item[1], item[2])))
         yield SSE_DONE
     finally:
-        if reply.task is not None and not reply.task.done():
-            reply.task.cancel()  # stateless: nobody is left to read the rest
+        reply.drop_if_unstored()
 
 
 def builtin_models() -> list[dict]:
@@ -3196,44 +3333,49 @@ def model_entries(body: Any) -> list[dict] | None:
     return models or None
 
 
-async def poe_models(app: Starlette) -> list[dict]:
-    """Poe's live list (POE_MODELS_URL, no key), fetched at most once an hour, a failed fetch
-    at most once a minute; meanwhile, and when Poe cannot give it, the last list fetched,
-    else the built-in one."""
-    cache = getattr(app.state, "models_cache", None)
-    if cache is None:
-        cache = app.state.models_cache = {"models": None, "fetched": -math.inf,
-                                          "failed": -math.inf, "lock": asyncio.Lock()}
+class ModelList:
+    """Poe's live list of models (POE_MODELS_URL, no key), fetched at most once an hour, a
+    failed fetch at most once a minute; meanwhile, and when Poe cannot give it, the last list
+    fetched, else the built-in one (app.state.models, made by the lifespan)."""
 
-    def fresh() -> bool:
+    def __init__(self, poe: httpx.AsyncClient, url: str) -> None:
+        self.poe, self.url = poe, url
+        self.models: list[dict] | None = None
+        self.fetched = self.failed = -math.inf
+        self.lock = asyncio.Lock()  # one fetch for every request that finds the list stale
+
+    def fresh(self) -> bool:
         now = time.monotonic()
-        return now - cache["fetched"] < MODELS_TTL or now - cache["failed"] < MODELS_RETRY
+        return now - self.fetched < MODELS_TTL or now - self.failed < MODELS_RETRY
 
-    if not fresh():
-        async with cache["lock"]:  # one fetch for every request that finds the list stale
-            if not fresh():
-                try:
-                    response = await app.state.poe.get(app.state.settings["poe_models_url"],
-                                                       timeout=MODELS_FETCH_TIMEOUT)
-                    models = model_entries(response.json()) \
-                        if response.status_code == 200 else None
-                except (httpx.HTTPError, ValueError):
-                    models = None
-                if models is None:
-                    log.warning("Poe's model list could not be fetched; using the last one")
-                    cache["failed"] = time.monotonic()
-                else:
-                    cache["models"], cache["fetched"] = models, time.monotonic()
-    return cache["models"] or builtin_models()
+    async def get(self) -> list[dict]:
+        if not self.fresh():
+            async with self.lock:
+                if not self.fresh():
+                    await self.fetch()
+        return self.models or builtin_models()
+
+    async def fetch(self) -> None:
+        try:
+            response = await self.poe.get(self.url, timeout=MODELS_FETCH_TIMEOUT)
+            models = model_entries(response.json()) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            models = None
+        if models is None:
+            log.warning("Poe's model list could not be fetched; using %s",
+                        "the last one" if self.models else "the built-in one")
+            self.failed = time.monotonic()
+        else:
+            self.models, self.fetched = models, time.monotonic()
 
 
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": await poe_models(request.app)})
+    return JSONResponse({"object": "list", "data": await request.app.state.models.get()})
 
 
 async def read_model(request: Request) -> JSONResponse:
     model_id = request.path_params["model_id"]
-    for model in await poe_models(request.app):
+    for model in await request.app.state.models.get():
         if model["id"] == model_id:
             return JSONResponse(model)
     raise HTTPException(404, f"The model {model_id!r} does not exist")
@@ -3370,9 +3512,24 @@ def chat_response_format(text: Any) -> Any:
     return fmt
 
 
-def response_spec(data: dict) -> dict:
-    """A POST /v1/responses body, checked before anything is read, uploaded or asked; with
-    the response object as it starts (status in_progress), whose fields echo the request."""
+@dataclass(frozen=True)
+class ResponseSpec:
+    """A POST /v1/responses body, checked (response_spec)."""
+    base: dict  # the response object as it starts (in_progress), whose fields echo the request
+    model: str
+    conversation: str | None
+    previous: str | None
+    stream: bool
+    store: bool
+    tools: list | None
+    instructions: list[str]  # what the bot is told: instructions, tool_choice, text.format
+    json: bool
+    params: dict
+    max_chars: int | None
+
+
+def response_spec(data: dict) -> ResponseSpec:
+    """A POST /v1/responses body, checked before anything is read, uploaded or asked."""
     model = model_field(data)
     if not isinstance(model, str):
         raise HTTPException(400, "model is required: the name of a Poe bot")
@@ -3412,13 +3569,12 @@ def response_spec(data: dict) -> dict:
                       for t in data.get("tools") or [] if t.get("type") == "function"],
             "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
             "metadata": metadata_field(data) or {}}
-    return {"base": base, "model": model, "conversation": conversation, "previous": previous,
-            "stream": bool_field(data, "stream", False), "store": base["store"],
-            "tools": tools, "told": [base["instructions"], instruction,
-                                     json_instruction(response_format)],
-            "json": response_format is not None and response_format.get("type") != "text",
-            "params": params, "max_chars": limit * 4 if limit else None,
-            "new_conversation": False, "body": None}
+    return ResponseSpec(
+        base=base, model=model, conversation=conversation, previous=previous,
+        stream=bool_field(data, "stream", False), store=base["store"], tools=tools,
+        instructions=[base["instructions"], instruction, json_instruction(response_format)],
+        json=response_format is not None and response_format.get("type") != "text",
+        params=params, max_chars=limit * 4 if limit else None)
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -3435,9 +3591,7 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
     new one. `up_to` is the last message the history holds."""
     up_to = None
     if previous is not None:
-        row = fetch_one(db, RESPONSE_SQL, (previous,))
-        if row is None:
-            raise HTTPException(404, f"Response not found: {previous}")
+        row = fetch_or_404(db, RESPONSE_SQL, (previous,), f"Response not found: {previous}")
         conversation_id, up_to = row["conversation_id"], row["last_message_id"]
     elif conversation_id is not None:
         get_conversation(db, conversation_id)
@@ -3526,9 +3680,10 @@ def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) 
 
 
 def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows: list[tuple],
-                         base: dict) -> tuple[str, list[int], int, str]:
+                         base: dict) -> tuple[str, list[int], int, str, dict]:
     """Runs on the writer: the conversation the turn goes to (decided again here, where no one
-    can add to it meanwhile), the turn's rows (insert_turn) and the response's."""
+    can add to it meanwhile), the turn's rows (insert_turn) and the response's, whose object
+    (`base` in that conversation) is returned too."""
     conversation_id, up_to = target["conversation_id"], target["up_to"]
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
@@ -3539,15 +3694,15 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
                                      "send it again")
         conversation_id = fork_conversation(db, conversation_id, up_to)
     ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
-    base["conversation"] = {"id": conversation_id}
+    base = {**base, "conversation": {"id": conversation_id}}
     db.execute("INSERT INTO responses (id, conversation_id, first_message_id, last_message_id, "
                "body) VALUES (?, ?, ?, ?, ?)", (base["id"], conversation_id,
                                                ids[0] if ids else reply_id, reply_id,
                                                dumps(base)))
-    return conversation_id, ids, reply_id, updated_at
+    return conversation_id, ids, reply_id, updated_at, base
 
 
-async def response_query(app: Starlette, api_key: str, data: dict, spec: dict,
+async def response_query(app: Starlette, api_key: str, data: dict, spec: ResponseSpec,
                          stored: list[dict], names: dict[str, str]
                          ) -> tuple[PoeQuery, list[dict], int]:
     """The query for Poe (the stored history, then this input), this input's entries to
@@ -3557,11 +3712,11 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: dict,
         input_messages(given, names), "input"))
     await upload_entries(app, api_key, entries)
     history = await off_loop(len(stored) + len(entries), lambda: trim_history(
-        stored, entries, app.state.settings["max_context_chars"]) + entries)
-    folded, tool_calls, tool_results = split_tool_round(history, spec["tools"] is not None)
-    entries_for_poe = await poe_history(app, api_key, folded, spec["told"])
+        stored, entries, app.state.settings.max_context_chars) + entries)
+    folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
+    entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
-        **spec["params"], "tool_calls": tool_calls, "tool_results": tool_results})
+        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results})
     return query, entries, tokens
 
 
@@ -3610,26 +3765,38 @@ def ended_response(base: dict, status: str, text: str, calls: list[dict], key: A
             "output": output, "usage": response_usage(input_tokens, output)}
 
 
-def response_ending(reply: Reply, spec: dict, key: Any, input_tokens: int) -> dict:
-    """Called by end_reply: the response object at the reply's end, kept in spec["body"]
-    (None when the reply left no trace), and what its end stores (see save_reply_end)."""
-    base = spec["base"]
-    if reply.error is not None and not reply.has_output:
-        spec["body"] = None
-        return {"response_id": base["id"], "response_body": None,
-                "drop_conversation": spec["new_conversation"]}
-    text = reply.text
-    if spec["json"] and not spec["stream"] and not reply.tool_calls and not reply.cut:
-        with contextlib.suppress(HTTPException):
-            text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
-    status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
-        else "failed" if reply.error is not None else "cancelled"
-    calls = reply.tool_calls if base["parallel_tool_calls"] else reply.tool_calls[:1]
-    reply.tool_calls = calls  # what is stored is what the client was given
-    spec["body"] = ended_response(base, status, text, calls, key, input_tokens,
-                                  reply.error[1] if reply.error else None)
-    return {"response_id": base["id"], "response_body": dumps(spec["body"]),
-            "drop_conversation": spec["new_conversation"]}
+class ResponseTurn:
+    """A Responses turn, from its reply's start to its end: the response object it becomes
+    (`body`, made by end(), which the reply calls as it ends)."""
+
+    def __init__(self, spec: ResponseSpec, base: dict, key: Any, input_tokens: int,
+                 new_conversation: bool) -> None:
+        self.spec, self.base, self.key = spec, base, key  # key: its items' ids, msg_<key>
+        self.input_tokens, self.new_conversation = input_tokens, new_conversation
+        self.body: dict | None = None
+
+    def end(self, reply: Reply) -> ResponseRecord:
+        """The response object at the reply's end (None when the reply left no trace), and
+        what its end stores (save_reply_end)."""
+        calls = reply.tool_calls if self.base["parallel_tool_calls"] else reply.tool_calls[:1]
+        if reply.error is not None and not reply.has_output:
+            return ResponseRecord(self.base["id"], None, self.new_conversation, calls)
+        text = reply.text
+        if self.spec.json and not self.spec.stream and not calls and not reply.cut:
+            with contextlib.suppress(HTTPException):
+                text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
+        status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
+            else "failed" if reply.error is not None else "cancelled"
+        self.body = ended_response(self.base, status, text, calls, self.key, self.input_tokens,
+                                   reply.error[1] if reply.error else None)
+        return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
+
+    def whole(self) -> JSONResponse:
+        output = self.body["output"]
+        if self.spec.json and self.body["status"] == "completed" and \
+                output[-1]["type"] == "message":
+            json_reply(output[-1]["content"][0]["text"])  # 502 when it is not JSON
+        return JSONResponse(self.body)
 
 
 async def create_response(request: Request) -> Response:
@@ -3637,116 +3804,97 @@ async def create_response(request: Request) -> Response:
     data = await read_json(request)
     spec = response_spec(data)
     api_key = poe_key(request)
-    target, stored, names = await app.state.db.read(response_start, spec["previous"],
-                                                    spec["conversation"])
-    claimed = target["conversation_id"] if spec["store"] and target["append"] else None
-    reply = claim_conversation(app, claimed) if claimed else Reply(None)
-    try:
+    target, stored, names = await app.state.db.read(response_start, spec.previous,
+                                                    spec.conversation)
+    with app.state.replies.claim(target["conversation_id"] if spec.store and target["append"]
+                                 else None):
         query, entries, input_tokens = await response_query(app, api_key, data, spec, stored,
                                                             names)
-        if spec["store"]:
-            (conversation_id, reply.inserted_ids, reply.message_id,
-             reply.updated_at) = await app.state.db.write(
-                insert_response_turn, target, spec["model"], message_rows(entries), spec["base"])
-            spec["new_conversation"] = conversation_id != target["conversation_id"]
-            if claimed and conversation_id != claimed:
-                del app.state.replies[claimed]  # forked after all: someone added meanwhile
-            reply.conversation_id = conversation_id
-    except BaseException:
-        if claimed:
-            app.state.replies.pop(claimed, None)
-        raise
-    reply.max_chars = spec["max_chars"]
-    key = reply.message_id if spec["store"] else uuid.uuid4().hex[:24]
-    reply.ending = functools.partial(response_ending, spec=spec, key=key,
-                                     input_tokens=input_tokens)
-    start_reply(app, reply, spec["model"], query, api_key, listen=spec["stream"],
-                tools=spec["tools"])
-    if not spec["stream"]:
-        await reply.done.wait()
-        if reply.error is not None:
-            raise reply_failure(reply)
-        output = spec["body"]["output"]
-        if spec["json"] and spec["body"]["status"] == "completed" and \
-                output[-1]["type"] == "message":
-            json_reply(output[-1]["content"][0]["text"])  # 502 when it is not JSON
-        return JSONResponse(spec["body"])
-    first = await reply.listener.get()
-    if first[0] == "error":
-        reply.listener = None
-        raise reply_failure(reply)
-    return EventStream(response_events(reply, first, spec, key), sep="\n")
+        if spec.store:
+            conversation_id, inserted_ids, message_id, updated_at, base = \
+                await app.state.db.write(insert_response_turn, target, spec.model,
+                                         message_rows(entries), spec.base)
+            turn = ResponseTurn(spec, base, message_id, input_tokens,
+                                conversation_id != target["conversation_id"])
+            reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
+                          max_chars=spec.max_chars, ending=turn.end)
+        else:
+            turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
+            reply = Reply(max_chars=spec.max_chars, ending=turn.end)
+        reply.start(app, spec.model, query, api_key, listen=spec.stream, tools=spec.tools)
+    return await reply.answer(spec.stream, turn.whole,
+                              lambda first: response_events(turn, reply, first))
 
 
-async def response_events(reply: Reply, first: tuple, spec: dict, key: Any
+def response_event(sequence: Iterator[int], kind: str, **fields: Any) -> bytes:
+    data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
+    return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
+
+
+async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
                           ) -> AsyncIterator[bytes]:
     """OpenAI's event sequence: created, in_progress, the message's text as it comes, then
-    the calls and every done event once the reply has ended, then the terminal event."""
-    sequence = iter(range(2**62))
-
-    def event(kind: str, **fields: Any) -> bytes:
-        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
-        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
-
-    text_at = {"item_id": f"msg_{key}", "output_index": 0, "content_index": 0}
-    opened, shown = False, Shown()
+    the calls and every done event once the reply has ended (response_output_events), then
+    the terminal event."""
+    event = functools.partial(response_event, iter(range(2**62)))
+    text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
+    opened, sent = False, SentText()
     try:
-        yield event("response.created", response=spec["base"])
-        yield event("response.in_progress", response=spec["base"])
-        async for item in listen(reply, first):
+        yield event("response.created", response=turn.base)
+        yield event("response.in_progress", response=turn.base)
+        async for item in reply.listener.events(first):
             if item[0] not in ("text", "replace") or not item[1]:
                 continue
-            delta, extra = item[1], {}
-            if item[0] == "replace":
-                # Responses' deltas only append: the new part when it is one, else the whole
-                # text flagged, for clients that know the flag.
-                new = shown.extension(item[1])
-                delta, extra = (new, {}) if new is not None else (item[1], {"replace": True})
-            if not delta:
-                continue
-            if not opened:
-                opened = True
-                yield event("response.output_item.added", output_index=0, item={
-                    "type": "message", "id": f"msg_{key}", "status": "in_progress",
-                    "role": "assistant", "content": []})
-                yield event("response.content_part.added", **text_at, part=output_text(""))
-            shown.add(delta)
-            for piece in pieces(delta):
-                yield event("response.output_text.delta", **text_at, delta=piece, logprobs=[],
-                            **extra)
-        await reply.done.wait()  # at once, but for a listener that fell behind
-        body = spec["body"]
-        for index, output in enumerate(body["output"]):
-            if output["type"] == "message":
+            for delta, replace in sent.deltas(item[0], item[1]):
+                if not delta:
+                    continue
                 if not opened:
-                    yield event("response.output_item.added", output_index=index,
-                                item={**output, "status": "in_progress", "content": []})
-                    yield event("response.content_part.added", **text_at, part=output_text(""))
-                part = output["content"][0]
-                yield event("response.output_text.done", **text_at, text=part["text"],
-                            logprobs=[])
-                yield event("response.content_part.done", **text_at, part=part)
-            else:
-                at = {"item_id": output["id"], "output_index": index}
-                yield event("response.output_item.added", output_index=index, item={
-                    **output, "arguments": "", "status": "in_progress"})
-                yield event("response.function_call_arguments.delta", **at,
-                            delta=output["arguments"])
-                yield event("response.function_call_arguments.done", **at,
-                            name=output["name"], arguments=output["arguments"])
-            yield event("response.output_item.done", output_index=index, item=output)
-        yield event(TERMINAL_EVENTS.get(body["status"], "response.failed"), response=body)
+                    opened = True
+                    yield event("response.output_item.added", output_index=0, item={
+                        "type": "message", "id": f"msg_{turn.key}", "status": "in_progress",
+                        "role": "assistant", "content": []})
+                    yield event("response.content_part.added", **text_at,
+                                part=output_text(""))
+                # Responses' deltas only append: a replacement that does not extend the text
+                # goes whole, flagged, for clients that know the flag.
+                yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
+                            **({"replace": True} if replace else {}))
+        await reply.done.wait()  # at once, but for a listener that fell behind
+        for frame in response_output_events(turn.body, event, text_at, opened):
+            yield frame
+        yield event(TERMINAL_EVENTS.get(turn.body["status"], "response.failed"),
+                    response=turn.body)
     finally:
-        if not spec["store"] and reply.task is not None and not reply.task.done():
-            reply.task.cancel()  # stored nowhere: nobody is left to read the rest
+        reply.drop_if_unstored()
+
+
+def response_output_events(body: dict, event: Callable, text_at: dict,
+                           opened: bool) -> Iterator[bytes]:
+    """The done events of a response's output items, once it has ended."""
+    for index, output in enumerate(body["output"]):
+        if output["type"] == "message":
+            if not opened:
+                yield event("response.output_item.added", output_index=index,
+                            item={**output, "status": "in_progress", "content": []})
+                yield event("response.content_part.added", **text_at, part=output_text(""))
+            part = output["content"][0]
+            yield event("response.output_text.done", **text_at, text=part["text"], logprobs=[])
+            yield event("response.content_part.done", **text_at, part=part)
+        else:
+            at = {"item_id": output["id"], "output_index": index}
+            yield event("response.output_item.added", output_index=index, item={
+                **output, "arguments": "", "status": "in_progress"})
+            yield event("response.function_call_arguments.delta", **at,
+                        delta=output["arguments"])
+            yield event("response.function_call_arguments.done", **at, name=output["name"],
+                        arguments=output["arguments"])
+        yield event("response.output_item.done", output_index=index, item=output)
 
 
 def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dict | None]:
     """Runs on a reader thread: a stored response's row, and its reply's message while the
     response is in progress (or was cut off by a crash)."""
-    row = fetch_one(db, RESPONSE_SQL, (response_id,))
-    if row is None:
-        raise HTTPException(404, f"Response not found: {response_id}")
+    row = fetch_or_404(db, RESPONSE_SQL, (response_id,), f"Response not found: {response_id}")
     row["body"] = json.loads(row["body"])
     reply = None
     if row["body"]["status"] == "in_progress":
@@ -3756,7 +3904,7 @@ def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dic
 
 
 def live_reply(app: Starlette, row: dict) -> Reply | None:
-    reply = app.state.replies.get(row["conversation_id"])
+    reply = app.state.replies.by_conversation.get(row["conversation_id"])
     return reply if reply is not None and reply.message_id == row["last_message_id"] else None
 
 
@@ -3783,7 +3931,7 @@ async def delete_response(request: Request) -> JSONResponse:
     row, _ = await request.app.state.db.read(stored_response, response_id)
     reply = live_reply(request.app, row)
     if reply is not None:
-        await stop_reply(reply)
+        await reply.stop()
     await request.app.state.db.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
                                                            (response_id,)))
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
@@ -3871,10 +4019,9 @@ async def list_input_items(request: Request) -> JSONResponse:
 # The Conversations API: OpenAI's view of the conversations of /v1/chat/conversations.
 
 def conversation_object(db: sqlite3.Connection, conversation_id: str) -> dict:
-    row = fetch_one(db, "SELECT id, metadata, CAST(strftime('%s', created_at) AS INTEGER) "
-                        "AS created_at FROM conversations WHERE id = ?", (conversation_id,))
-    if row is None:
-        raise HTTPException(404, "Conversation not found")
+    row = fetch_or_404(db, "SELECT id, metadata, CAST(strftime('%s', created_at) AS INTEGER) "
+                           "AS created_at FROM conversations WHERE id = ?", (conversation_id,),
+                       "Conversation not found")
     return {"id": row["id"], "object": "conversation", "created_at": row["created_at"],
             "metadata": json.loads(row["metadata"]) if row["metadata"] else {}}
 
@@ -3921,9 +4068,8 @@ async def update_openai_conversation(request: Request) -> JSONResponse:
 
     def update(db: sqlite3.Connection) -> dict:
         get_conversation(db, conversation_id)
-        db.execute(f"UPDATE conversations SET metadata = ?, updated_at = {NOW_SQL} "
-                   "WHERE id = ?", (json.dumps(metadata) if metadata else None,
-                                    conversation_id))
+        update_row(db, "conversations", conversation_id,
+                   {"metadata": json.dumps(metadata) if metadata else None}, stamp="updated_at")
         return conversation_object(db, conversation_id)
     return JSONResponse(await request.app.state.db.write(update))
 
@@ -3952,7 +4098,7 @@ async def add_conversation_items(request: Request) -> JSONResponse:
     data = await read_json(request)
     await app.state.db.read(get_conversation, conversation_id)
     rows = await item_rows(request, data.get("items"))
-    if conversation_id in app.state.replies:
+    if app.state.replies.busy(conversation_id):
         raise HTTPException(409, "this conversation already has a reply in progress")
     ids, _ = await app.state.db.write(insert_messages, conversation_id, rows)
     page = {"order": "asc", "after": None, "limit": INT64 - 3}  # all: a message, many items
@@ -3996,8 +4142,7 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
                        (json.dumps(calls) if calls else None, row["id"]))
         else:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
-        db.execute(f"UPDATE conversations SET updated_at = {NOW_SQL} WHERE id = ?",
-                   (conversation_id,))
+        touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
     return JSONResponse(await app.state.db.write(delete))
 
@@ -4239,35 +4384,25 @@ def backup_to_temporary(db: sqlite3.Connection, directory: str) -> str:
     return path
 
 
-async def file_chunks(path: str) -> AsyncIterator[bytes]:
-    """The file's bytes; the file is deleted at once (its open handle reads on) or, where the
-    system does not allow that, at the end."""
-    f = open(path, "rb")
-    try:
-        unlinked = True
-        try:
-            os.remove(path)
-        except OSError:
-            unlinked = False
-        while chunk := await asyncio.to_thread(f.read, 2**20):
-            yield chunk
-    finally:
-        f.close()
-        if not unlinked:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+def remove_file(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 async def download_backup(request: Request) -> Response:
-    db_path = request.app.state.settings["db_path"]
+    db_path = request.app.state.settings.db_path
     path = await request.app.state.db.read(backup_to_temporary,
                                            os.path.dirname(os.path.abspath(db_path)))
-    size = os.path.getsize(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(db_path))[0])
-    return StreamingResponse(file_chunks(path), media_type="application/vnd.sqlite3", headers={
-        "Content-Length": str(size), "Cache-Control": "no-store",
-        "Content-Disposition": f'attachment; filename="{name}-backup-{stamp}.db"'})
+    # Each request copies anew: a Range (a resumed download) would join two different copies,
+    # so it is dropped and the copy sent whole, read off the loop; it goes once it is sent (or
+    # the client has gone).
+    request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
+    return FileResponse(path, media_type="application/vnd.sqlite3",
+                        filename=f"{name}-backup-{stamp}.db",
+                        headers={"Cache-Control": "no-store", "Accept-Ranges": "none"},
+                        background=BackgroundTask(remove_file, path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4277,37 +4412,43 @@ async def download_backup(request: Request) -> Response:
 LOOP_WATCH_SECONDS = 0.05
 
 
-async def watch_loop(app: Starlette) -> None:
+class LoopWatch:
     """Measures how late the event loop wakes up: the longest stall is in /health, and one past
     half a second is logged, for nothing should hold the loop that long."""
-    loop = asyncio.get_running_loop()
-    while True:
-        started = loop.time()
-        await asyncio.sleep(LOOP_WATCH_SECONDS)
-        stall = loop.time() - started - LOOP_WATCH_SECONDS
-        if stall > app.state.longest_stall:
-            app.state.longest_stall = stall
-        if stall > 0.5:
-            log.warning("the event loop stalled for %.0f ms", stall * 1000)
+
+    def __init__(self) -> None:
+        self.longest_stall = 0.0
+        self.task = asyncio.create_task(self.watch())
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(LOOP_WATCH_SECONDS)
+            stall = loop.time() - started - LOOP_WATCH_SECONDS
+            self.longest_stall = max(self.longest_stall, stall)
+            if stall > 0.5:
+                log.warning("the event loop stalled for %.0f ms", stall * 1000)
 
 
 async def health(request: Request) -> JSONResponse:
+    state = request.app.state
     try:
         async with asyncio.timeout(2):
-            await request.app.state.db.read(fetch_one, "SELECT 1 AS ok")
+            await state.db.read(fetch_one, "SELECT 1 AS ok")
     except (HTTPException, TimeoutError):
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
-                         "replies_in_progress": len(request.app.state.sessions),
-                         "unsaved_replies": len(request.app.state.unsaved),
-                         "longest_loop_stall_ms": round(request.app.state.longest_stall * 1000,
+                         "replies_in_progress": len(state.replies.by_session),
+                         "unsaved_replies": len(state.replies.unsaved),
+                         "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000,
                                                         1)})
 
 
-def is_access_key(settings: dict, token: str | None) -> bool:
+def is_access_key(settings: Settings, token: str | None) -> bool:
     """Constant time: every key is compared, whatever matches."""
     found = False
-    for key in settings["access_keys"]:
+    for key in settings.access_keys:
         found |= hmac.compare_digest((token or "").encode(), key.encode())
     return found
 
@@ -4317,7 +4458,7 @@ async def login(request: Request) -> JSONResponse:
     user = text_field(data, "userName", required=True, empty_ok=False).strip()
     password = text_field(data, "password")
     settings = request.app.state.settings
-    if settings["access_keys"] and not is_access_key(
+    if settings.access_keys and not is_access_key(
             settings, password if isinstance(password, str) else None):
         raise HTTPException(401, "Invalid username or password")
     return JSONResponse({"name": user, "user": user})
@@ -4367,9 +4508,9 @@ class JSONCORSMiddleware(CORSMiddleware):
         return JSONResponse({"detail": bytes(response.body).decode()}, 400, headers=headers)
 
 
-def host_guard(app: Any, settings: dict) -> Any:
+def host_guard(app: Any, settings: Settings) -> Any:
     """A Host not in ALLOWED_HOSTS is 400 (DNS rebinding), in JSON as every error here."""
-    allowed = {h.lower() for h in settings["allowed_hosts"]}
+    allowed = {h.lower() for h in settings.allowed_hosts}
 
     async def guard(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and "*" not in allowed:
@@ -4387,7 +4528,7 @@ OPEN_ROUTES = {("GET", "/health"), ("POST", "/v1/auth/login")}
 JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
 
 
-def access_guard(app: Any, settings: dict) -> Any:
+def access_guard(app: Any, settings: Settings) -> Any:
     """ACCESS_KEYS as Bearer on every route but /health, login and CORS preflights (401); a
     body must come as JSON (415), so that no web page can post one without a preflight."""
 
@@ -4395,7 +4536,7 @@ def access_guard(app: Any, settings: dict) -> Any:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             return await app(scope, receive, send)
         headers = Headers(scope=scope)
-        if settings["access_keys"] and (scope["method"], scope["path"]) not in OPEN_ROUTES:
+        if settings.access_keys and (scope["method"], scope["path"]) not in OPEN_ROUTES:
             token = headers.get("authorization", "")
             scheme, _, token = token.partition(" ")
             if scheme.lower() != "bearer" or not is_access_key(settings, token.strip()):
@@ -4413,73 +4554,75 @@ def access_guard(app: Any, settings: dict) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# The app
+# The app: the routes in the order of the sections above, the lifespan, create_app()
 # ---------------------------------------------------------------------------------------------
 
+CONVERSATION = "/v1/chat/conversations/{conversation_id}"
+DOCUMENT = "/v1/plan/documents/{document_id:id}"
 routes = [
-    Route("/health", health, methods=["GET"]),
-    Route("/v1/auth/login", login, methods=["POST"]),
+    # Conversations
     Route("/v1/chat/conversations", list_conversations, methods=["GET"]),
     Route("/v1/chat/conversations", create_conversation, methods=["POST"]),
     Route("/v1/chat/conversations/grouped", grouped_conversations, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}", read_conversation, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}", update_conversation, methods=["PUT"]),
-    Route("/v1/chat/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/messages", list_messages, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/messages", post_message, methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/messages/{message_id}", delete_message,
-          methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/stop", stop_conversation, methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/regenerate", regenerate, methods=["POST"]),
+    Route(CONVERSATION, read_conversation, methods=["GET"]),
+    Route(CONVERSATION, update_conversation, methods=["PUT"]),
+    Route(CONVERSATION, delete_conversation, methods=["DELETE"]),
+    # Messages and turns
+    Route(CONVERSATION + "/messages", list_messages, methods=["GET"]),
+    Route(CONVERSATION + "/messages", post_message, methods=["POST"]),
+    Route(CONVERSATION + "/messages/{message_id:id}", delete_message, methods=["DELETE"]),
+    Route(CONVERSATION + "/stop", stop_conversation, methods=["POST"]),
+    Route(CONVERSATION + "/regenerate", regenerate, methods=["POST"]),
     Route("/v1/chat/stop-stream", stop_stream, methods=["POST"]),
     Route("/v1/chat/messages/delete", delete_messages, methods=["POST"]),
+    # Projects
     Route("/v1/projects", list_projects, methods=["GET"]),
     Route("/v1/projects", create_project, methods=["POST"]),
-    Route("/v1/projects/{project_id}", read_project, methods=["GET"]),
-    Route("/v1/projects/{project_id}", update_project, methods=["PUT"]),
-    Route("/v1/projects/{project_id}", delete_project, methods=["DELETE"]),
-    Route("/v1/projects/{project_id}/hierarchy", read_project_hierarchy, methods=["GET"]),
-    Route("/v1/projects/{project_id}/document-references", list_references, methods=["GET"]),
-    Route("/v1/projects/{project_id}/document-references", set_references, methods=["POST"]),
-    Route("/v1/projects/{project_id}/document-references", clear_references,
-          methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references", list_references,
-          methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references", set_references,
-          methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references", clear_references,
-          methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/referenced-documents",
-          referenced_documents, methods=["GET"]),
+    Route("/v1/projects/{project_id:id}", read_project, methods=["GET"]),
+    Route("/v1/projects/{project_id:id}", update_project, methods=["PUT"]),
+    Route("/v1/projects/{project_id:id}", delete_project, methods=["DELETE"]),
+    Route("/v1/projects/{project_id:id}/hierarchy", read_project_hierarchy, methods=["GET"]),
+    # Plan (fixed paths before DOCUMENT, which would take them otherwise)
     Route("/v1/plan/categories", list_categories, methods=["GET"]),
     Route("/v1/plan/categories", create_category, methods=["POST"]),
-    Route("/v1/plan/categories/{category_id}", read_category, methods=["GET"]),
-    Route("/v1/plan/categories/{category_id}", update_category, methods=["PUT"]),
-    Route("/v1/plan/categories/{category_id}", delete_category, methods=["DELETE"]),
+    Route("/v1/plan/categories/{category_id:id}", read_category, methods=["GET"]),
+    Route("/v1/plan/categories/{category_id:id}", update_category, methods=["PUT"]),
+    Route("/v1/plan/categories/{category_id:id}", delete_category, methods=["DELETE"]),
     Route("/v1/plan/documents", list_documents, methods=["GET"]),
     Route("/v1/plan/documents", create_document, methods=["POST"]),
     Route("/v1/plan/documents", delete_all_versions, methods=["DELETE"]),
-    # Fixed paths before /v1/plan/documents/{document_id}, which would take them otherwise.
     Route("/v1/plan/documents/history", list_documents, methods=["GET"]),
     Route("/v1/plan/documents/latest", latest_documents, methods=["GET"]),
     Route("/v1/plan/documents/search-by-tags", search_documents_by_tags, methods=["GET"]),
     Route("/v1/plan/documents/migrate/all-history", migrate_all_history, methods=["POST"]),
     Route("/v1/plan/documents/migrate/from-current", migrate_from_current, methods=["POST"]),
     Route("/v1/plan/documents/merge", merge_documents, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id}", read_document, methods=["GET"]),
-    Route("/v1/plan/documents/{document_id}", update_document, methods=["PUT", "POST"]),
-    Route("/v1/plan/documents/{document_id}", delete_document, methods=["DELETE"]),
-    Route("/v1/plan/documents/{document_id}/tags", list_tags, methods=["GET"]),
-    Route("/v1/plan/documents/{document_id}/tags", create_tag, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id}/tags:batch", batch_tags, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id}/tags/{tag_name:path}", delete_tag,
+    Route(DOCUMENT, read_document, methods=["GET"]),
+    Route(DOCUMENT, update_document, methods=["PUT", "POST"]),
+    Route(DOCUMENT, delete_document, methods=["DELETE"]),
+    Route(DOCUMENT + "/tags", list_tags, methods=["GET"]),
+    Route(DOCUMENT + "/tags", create_tag, methods=["POST"]),
+    Route(DOCUMENT + "/tags:batch", batch_tags, methods=["POST"]),
+    Route(DOCUMENT + "/tags/{tag_name:path}", delete_tag, methods=["DELETE"]),
+    # Knowledge
+    Route("/v1/projects/{project_id:id}/document-references", list_project_references,
+          methods=["GET"]),
+    Route("/v1/projects/{project_id:id}/document-references", set_project_references,
+          methods=["POST"]),
+    Route("/v1/projects/{project_id:id}/document-references", clear_project_references,
           methods=["DELETE"]),
-    Route("/v1/search", search, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/export", export, methods=["GET"]),
-    Route("/v1/backup", download_backup, methods=["GET"]),
+    Route(CONVERSATION + "/document-references", list_conversation_references,
+          methods=["GET"]),
+    Route(CONVERSATION + "/document-references", set_conversation_references,
+          methods=["POST"]),
+    Route(CONVERSATION + "/document-references", clear_conversation_references,
+          methods=["DELETE"]),
+    Route(CONVERSATION + "/referenced-documents", referenced_documents, methods=["GET"]),
+    # OpenAI-compatible
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
+    # OpenAI Responses and Conversations
     Route("/v1/responses", create_response, methods=["POST"]),
     Route("/v1/responses/{response_id}", read_response, methods=["GET"]),
     Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
@@ -4498,69 +4641,63 @@ routes = [
           methods=["GET"]),
     Route("/v1/conversations/{conversation_id}/items/{item_id}", delete_conversation_item,
           methods=["DELETE"]),
+    # Search, export, backup
+    Route("/v1/search", search, methods=["GET"]),
+    Route(CONVERSATION + "/export", export, methods=["GET"]),
+    Route("/v1/backup", download_backup, methods=["GET"]),
+    # Health, login
+    Route("/health", health, methods=["GET"]),
+    Route("/v1/auth/login", login, methods=["POST"]),
 ]
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    settings = app.state.settings
-    if settings["access_keys"] and not settings["poe_api_key"]:
-        raise SystemExit(ACCESS_WITHOUT_KEY)
-    prepare_database(settings["db_path"])
-    app.state.db = Database(settings["db_path"], settings["db_timeout"])
-    app.state.replies = {}  # conversation id -> its reply in progress
-    app.state.sessions = {}  # session id -> every reply in progress, stored or not
-    app.state.reply_tasks = set()
-    app.state.unsaved = {}  # message id -> the end of a reply SQLite refused, retried
-    retrying: list[asyncio.Task] = []
-
-    def start_retrying() -> None:
-        if not retrying or retrying[0].done():
-            retrying[:] = [asyncio.create_task(retry_unsaved(app))]
-    app.state.retry_unsaved = start_retrying
-    app.state.longest_stall = 0.0
-    watcher = asyncio.create_task(watch_loop(app))
-    timeout = settings["poe_timeout"]
-    app.state.poe = httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-        event_hooks={"response": [remember_poe_status, cut_long_text_events]})
-    try:
-        yield
-    finally:
-        # Replies still running are cut off: what they have is saved, 'interrupted'.
-        await stop_all_replies(app, 503, "the server is shutting down")
-        for task in [*retrying, watcher]:
-            task.cancel()
-        for end in list(app.state.unsaved.values()):
-            with contextlib.suppress(HTTPException):
-                await app.state.db.write(save_reply_end, end)
-        await app.state.poe.aclose()
-        with contextlib.suppress(HTTPException):
-            await app.state.db.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
-        app.state.db.close()
-
 
 ACCESS_WITHOUT_KEY = ("ACCESS_KEYS is set but POE_API_KEY is not: callers' tokens are access "
                       "keys then, so the server needs its own Poe key")
 
 
-def create_app(**settings: Any) -> Starlette:
+def lifespan_of(settings: Settings) -> Callable:
+    """The app's lifespan: app.state holds what it makes, and only that."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.access_keys and not settings.poe_api_key:
+            raise SystemExit(ACCESS_WITHOUT_KEY)
+        prepare_database(settings.db_path)
+        state = app.state
+        state.settings = settings
+        state.db = Database(settings.db_path, settings.db_timeout)
+        state.replies = Replies(state.db)
+        state.loop_watch = LoopWatch()
+        state.poe = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0)),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            event_hooks={"response": [remember_poe_status, cut_long_text_events]})
+        state.models = ModelList(state.poe, settings.poe_models_url)
+        try:
+            yield
+        finally:
+            await state.replies.close()
+            state.loop_watch.task.cancel()
+            await state.poe.aclose()
+            with contextlib.suppress(HTTPException):
+                await state.db.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+            state.db.close()
+    return lifespan
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
     """The ASGI app. Keyword arguments override the environment (lower-case names of the
     settings table in the README: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
-    settings = load_settings(**settings)
-    if settings["cors_origins"]:
-        cors = {"allow_origins": settings["cors_origins"]}
+    settings = settings or load_settings(**overrides)
+    if settings.cors_origins:
+        cors = {"allow_origins": settings.cors_origins}
     else:
         cors = {"allow_origin_regex": LOOPBACK_ORIGINS}
     middleware = [Middleware(host_guard, settings=settings),
                   Middleware(JSONCORSMiddleware, allow_methods=["*"], allow_headers=["*"],
                              max_age=600, **cors),
                   Middleware(access_guard, settings=settings)]
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.settings = settings
-    return app
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan_of(settings),
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 app = create_app()
@@ -4683,45 +4820,45 @@ def main() -> None:
     parser.add_argument("--host", help="bind address (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (PORT, default 8000)")
     parser.add_argument("--db", help="SQLite file (DB_PATH, default chat.db)")
-    parser.add_argument("command", nargs="*", help="'backup FILE': copy the database and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
+    backup_command.add_argument("file", metavar="FILE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
-    service = create_app(host=args.host, port=args.port, db_path=args.db)
-    settings = service.state.settings
+    settings = load_settings(host=args.host, port=args.port, db_path=args.db)
     try:
-        if args.command:
-            if args.command[0] != "backup" or len(args.command) != 2:
-                raise SystemExit("usage: python server.py [--db DB] backup FILE")
-            size = backup(settings["db_path"], args.command[1])
-            print(f"backed up {settings['db_path']} to {args.command[1]} ({size} bytes, "
+        if args.command == "backup":
+            size = backup(settings.db_path, args.file)
+            print(f"backed up {settings.db_path} to {args.file} ({size} bytes, "
                   "integrity_check ok)")
             return
-        prepare_database(settings["db_path"])
+        prepare_database(settings.db_path)
     except DatabaseUnusable as exc:
         raise SystemExit(f"error: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
         raise SystemExit(f"error: backup failed: {exc}") from None
-    if settings["access_keys"] and not settings["poe_api_key"]:
+    if settings.access_keys and not settings.poe_api_key:
         raise SystemExit(f"error: {ACCESS_WITHOUT_KEY}")
-    if not settings["access_keys"] and settings["host"] not in LOOPBACK_HOSTS:
+    if not settings.access_keys and settings.host not in LOOPBACK_HOSTS:
         log.warning("listening on %s without ACCESS_KEYS: anyone who can reach this port can "
-                    "read every conversation and spend the Poe key", settings["host"])
+                    "read every conversation and spend the Poe key", settings.host)
     raise_file_limit()
     # Everything imported so far (fastapi_poe, pydantic's schemas...) lives as long as the
     # process: keep the cyclic collector from walking it again and again.
     gc.collect()
     gc.freeze()
+    service = create_app(settings)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             # Before uvicorn waits for open responses: each reply in flight is ended, its
             # caller told (503 or an error event), its text stored 'interrupted'.
             with contextlib.suppress(Exception):
-                await stop_all_replies(service, 503, "the server is shutting down")
+                await service.state.replies.stop_all(503, "the server is shutting down")
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(service, host=settings["host"], port=settings["port"],
+    config = uvicorn.Config(service, host=settings.host, port=settings.port,
                             http=guarded_http_protocol(), timeout_graceful_shutdown=3,
                             log_level="info")
     Server(config).run()

@@ -457,11 +457,11 @@ def test_flags_beat_env_and_env_beats_dotenv(tmp_path, monkeypatch):
     monkeypatch.delenv("DEFAULT_MODEL", raising=False)
     monkeypatch.delenv("POE_TIMEOUT", raising=False)
     settings = server.load_settings(port=9003)
-    assert settings["port"] == 9003
-    assert server.load_settings()["port"] == 9002
-    assert settings["default_model"] == "FromDotenv"
-    assert settings["poe_timeout"] == 7
-    assert settings["host"] == "127.0.0.1"
+    assert settings.port == 9003
+    assert server.load_settings().port == 9002
+    assert settings.default_model == "FromDotenv"
+    assert settings.poe_timeout == 7
+    assert settings.host == "127.0.0.1"
 
 
 def test_unknown_route_is_a_json_404(api):
@@ -4038,7 +4038,7 @@ def test_the_key_is_never_stored_logged_or_echoed(tmp_path, poe_url):
 def test_binds_loopback_by_default(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HOST", raising=False)
-    assert server.load_settings()["host"] == "127.0.0.1"
+    assert server.load_settings().host == "127.0.0.1"
 
 
 def test_cors_allows_loopback_origins_unless_origins_are_listed(api, start_service):
