@@ -29,6 +29,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import gc
 import hmac
@@ -62,6 +63,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match, Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("poe_proxy")
 
@@ -71,25 +73,6 @@ SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 # ---------------------------------------------------------------------------------------------
 # Settings: a flag beats its env var, an env var beats a line in ./.env, which beats the default.
 # ---------------------------------------------------------------------------------------------
-
-DEFAULTS: dict[str, str | None] = {
-    "HOST": "127.0.0.1",
-    "PORT": "8000",
-    "DB_PATH": "chat.db",
-    "POE_API_KEY": None,
-    "ACCESS_KEYS": None,
-    "POE_BASE_URL": "https://api.poe.com/bot/",
-    "POE_UPLOAD_URL": "https://www.quora.com/poe_api/",
-    "POE_MODELS_URL": "https://api.poe.com/v1/models",
-    "DEFAULT_MODEL": "GPT-4o",
-    "POE_TIMEOUT": "120",
-    "MAX_BODY_BYTES": "33554432",
-    "MAX_CONTEXT_CHARS": "400000",
-    "CONTINUE_PROMPTS": None,  # ORIGINAL_CONTINUE_PROMPTS
-    "CORS_ORIGINS": None,
-    "ALLOWED_HOSTS": None,
-    "DB_TIMEOUT": "5",
-}
 
 # While a reply streams, its new text is written this long after it arrives, in one write for all
 # that came meanwhile (plus once at the start and once at the end), whatever the chunk rate.
@@ -115,76 +98,71 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 
-def split_list(value: Any) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v.strip() for v in str(value or "").split(",") if v.strip()]
-
-
 @dataclass(frozen=True)
 class Settings:
-    """The service's settings (README "Configuration"), checked once at start."""
-    host: str
-    port: int
-    db_path: str
-    poe_api_key: str | None
-    access_keys: list[str]
-    poe_base_url: str
-    poe_upload_url: str
-    poe_models_url: str
-    default_model: str
-    poe_timeout: float
-    max_body_bytes: int
-    max_context_chars: int
-    continue_prompts: list[str]
-    cors_origins: list[str]
-    allowed_hosts: list[str]
-    db_timeout: float
+    """The service's settings (README "Configuration"): each from a flag or create_app's
+    argument, else its environment variable (the name in capitals), else a line of ./.env
+    (both read by Starlette's Config; empty counts as unset), else the default here. Lists are
+    comma-separated."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: str = "chat.db"
+    poe_api_key: str | None = None
+    access_keys: tuple = ()
+    poe_base_url: str = "https://api.poe.com/bot/"
+    poe_upload_url: str = "https://www.quora.com/poe_api/"
+    poe_models_url: str = "https://api.poe.com/v1/models"
+    default_model: str = "GPT-4o"
+    poe_timeout: float = 120.0
+    max_body_bytes: int = 33554432
+    max_context_chars: int = 400000
+    continue_prompts: tuple = ()  # none: ORIGINAL_CONTINUE_PROMPTS
+    cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
+    allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
+    db_timeout: float = 5.0
+
+
+SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
+                    "max_context_chars": 1, "db_timeout": 0.001}
+
+
+def setting(name: str, kind: str, raw: Any) -> Any:
+    """One setting's value from its text (or an override's value), checked."""
+    if kind == "tuple":
+        values = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        return tuple(str(v).strip() for v in values if str(v).strip())
+    if kind not in ("int", "float"):
+        return str(raw)
+    try:
+        value = (int if kind == "int" else float)(raw)
+    except (TypeError, ValueError):
+        raise SystemExit(f"{name.upper()} must be a number, got {raw!r}") from None
+    if value < SETTING_MINIMUMS[name]:
+        raise SystemExit(f"{name.upper()} must be at least {SETTING_MINIMUMS[name]}, got {value}")
+    return value
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env
-    (Starlette's Config reads those two; an empty variable counts as unset)."""
+    """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env."""
     environ = {name: value for name, value in os.environ.items() if value != ""}
     config = Config(".env" if os.path.isfile(".env") else None, environ=environ)
-    raw: dict[str, Any] = {}
-    for name, default in DEFAULTS.items():
-        override = overrides.get(name.lower())
-        value = override if override is not None else config(name, default=default)
-        raw[name] = default if value == "" else value
-
-    def number(name: str, kind: type, minimum: float) -> Any:
-        try:
-            value = kind(raw[name])
-        except (TypeError, ValueError):
-            raise SystemExit(f"{name} must be a number, got {raw[name]!r}") from None
-        if value < minimum:
-            raise SystemExit(f"{name} must be at least {minimum}, got {value}")
-        return value
-
-    def base(name: str) -> str:
-        url = str(raw[name])
-        return url if url.endswith("/") else url + "/"
-
-    host = str(raw["HOST"])
-    allowed_hosts = split_list(raw["ALLOWED_HOSTS"])
-    if not allowed_hosts:
-        # And "testserver", the Host of Starlette's TestClient, for those who test an embedded
-        # app: no browser is led to a page of that name.
-        allowed_hosts = (["localhost", "127.0.0.1", "[::1]", "testserver"]
-                         if host in LOOPBACK_HOSTS else ["*"])
-    return Settings(
-        host=host, port=number("PORT", int, 0), db_path=str(raw["DB_PATH"]),
-        poe_api_key=raw["POE_API_KEY"] or None, access_keys=split_list(raw["ACCESS_KEYS"]),
-        poe_base_url=base("POE_BASE_URL"), poe_upload_url=base("POE_UPLOAD_URL"),
-        poe_models_url=str(raw["POE_MODELS_URL"]), default_model=str(raw["DEFAULT_MODEL"]),
-        poe_timeout=number("POE_TIMEOUT", float, 0.001),
-        max_body_bytes=number("MAX_BODY_BYTES", int, 1),
-        max_context_chars=number("MAX_CONTEXT_CHARS", int, 1),
-        continue_prompts=[p.strip().casefold() for p in split_list(raw["CONTINUE_PROMPTS"])
-                          or ORIGINAL_CONTINUE_PROMPTS],
-        cors_origins=split_list(raw["CORS_ORIGINS"]), allowed_hosts=allowed_hosts,
-        db_timeout=number("DB_TIMEOUT", float, 0.001))
+    values = {}
+    for spec in dataclasses.fields(Settings):
+        raw = overrides.get(spec.name)
+        raw = config(spec.name.upper(), default=None) if raw is None else raw
+        if raw not in (None, ""):
+            values[spec.name] = setting(spec.name, spec.type.split(" ")[0], raw)
+    settings = Settings(**values)
+    for name in ("poe_base_url", "poe_upload_url"):
+        values[name] = getattr(settings, name).rstrip("/") + "/"
+    values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
+                                       or ORIGINAL_CONTINUE_PROMPTS)
+    # And "testserver", the Host of Starlette's TestClient, for those who test an embedded app:
+    # no browser is led to a page of that name.
+    values["allowed_hosts"] = settings.allowed_hosts or (
+        ("localhost", "127.0.0.1", "[::1]", "testserver") if settings.host in LOOPBACK_HOSTS
+        else ("*",))
+    return dataclasses.replace(settings, **values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2714,7 +2692,8 @@ async def referenced_documents(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI-compatible: stateless, for any client that speaks OpenAI's Chat Completions
+# OpenAI input: what OpenAI's clients send (messages, content parts, tools, options), checked
+# and made into what Poe takes. Used by chat completions and by the Responses API.
 # ---------------------------------------------------------------------------------------------
 
 # The Poe bots /v1/models lists when Poe's own list cannot be had (the README documents the
@@ -3148,6 +3127,10 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat completions and models: stateless, for any client that speaks OpenAI's Chat Completions
+# ---------------------------------------------------------------------------------------------
+
 class ClientToolCalls:
     """The bot's tool calls as one chat completion's client gets them: the first only without
     parallel_tool_calls, each with an id (one is made for a call the bot sent without; kept, so
@@ -3382,7 +3365,7 @@ async def read_model(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI Responses and Conversations: OpenAI's stateful API over the conversations kept here. A
+# OpenAI Responses: OpenAI's stateful API over the conversations kept here. A
 # stored response is a turn of a conversation (its input, then its reply, as messages); the
 # responses table knows which messages, and keeps the response object as served.
 # ---------------------------------------------------------------------------------------------
@@ -3633,18 +3616,6 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
     return history, names, rows[-1]["id"] if rows else 0
 
 
-def trim_history(stored: list[dict], entries: list[dict], max_chars: int) -> list[dict]:
-    """The stored history without its oldest messages (never the system prompt) until it and
-    this request's input fit MAX_CONTEXT_CHARS, as a conversation turn's does."""
-    keep = 1 if stored and stored[0]["role"] == "system" else 0
-    total = sum(len(entry["content"]) for entry in [*stored, *entries])
-    start = keep
-    while total > max_chars and start < len(stored):
-        total -= len(stored[start]["content"])
-        start += 1
-    return stored[:keep] + stored[start:]
-
-
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> None:
     """Each entry's attachments uploaded to Poe, in place: stored messages keep Poe's URLs."""
     for entry in entries:
@@ -3711,8 +3682,8 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
     entries = await off_loop(len(given) if isinstance(given, list) else 0, lambda: openai_entries(
         input_messages(given, names), "input"))
     await upload_entries(app, api_key, entries)
-    history = await off_loop(len(stored) + len(entries), lambda: trim_history(
-        stored, entries, app.state.settings.max_context_chars) + entries)
+    history, _ = await off_loop(len(stored) + len(entries), fit_history, stored + entries,
+                                len(entries), app.state.settings.max_context_chars)
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
@@ -3937,6 +3908,23 @@ async def delete_response(request: Request) -> JSONResponse:
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
+def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> dict:
+    row, _ = stored_response(db, response_id)
+    return items_page(db, row["conversation_id"], row["first_message_id"],
+                      row["last_message_id"] - 1, page)
+
+
+async def list_input_items(request: Request) -> JSONResponse:
+    """The response's own input (not what it inherited from earlier turns)."""
+    return JSONResponse(await request.app.state.db.read(
+        input_items_page, request.path_params["response_id"], list_query(request)))
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI Conversations: OpenAI's view of the conversations of /v1/chat/conversations, their
+# messages as items (also the input items of a stored response)
+# ---------------------------------------------------------------------------------------------
+
 def attachment_part(attachment: dict) -> dict:
     if (attachment.get("content_type") or "").startswith("image/"):
         return {"type": "input_image", "image_url": attachment["url"], "detail": "auto"}
@@ -4003,20 +3991,6 @@ def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > len(data)}
 
-
-def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> dict:
-    row, _ = stored_response(db, response_id)
-    return items_page(db, row["conversation_id"], row["first_message_id"],
-                      row["last_message_id"] - 1, page)
-
-
-async def list_input_items(request: Request) -> JSONResponse:
-    """The response's own input (not what it inherited from earlier turns)."""
-    return JSONResponse(await request.app.state.db.read(
-        input_items_page, request.path_params["response_id"], list_query(request)))
-
-
-# The Conversations API: OpenAI's view of the conversations of /v1/chat/conversations.
 
 def conversation_object(db: sqlite3.Connection, conversation_id: str) -> dict:
     row = fetch_or_404(db, "SELECT id, metadata, CAST(strftime('%s', created_at) AS INTEGER) "
@@ -4713,67 +4687,62 @@ HEADER_SECONDS = 10.0
 MAX_HEADER_BYTES = 65536
 
 
-def guarded_http_protocol() -> type:
-    """uvicorn's httptools protocol with the limits uvicorn's settings cannot set: it has no
-    limit on request headers (h11's limit is for h11 mode only) and arms no timeout before a
-    connection's first request, so a silent socket stays open forever."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits uvicorn's settings cannot set (it has no
+    limit on request headers, h11's being for h11 mode only, and arms no timeout before a
+    connection's first request, so a silent socket stays open forever): it counts a request's
+    bytes until its headers end (431 past MAX_HEADER_BYTES) and closes a connection whose
+    headers do not arrive whole within HEADER_SECONDS."""
 
-    class GuardedHttpProtocol(HttpToolsProtocol):
-        """Counts a request's bytes until its headers end (431 past MAX_HEADER_BYTES) and
-        closes a connection whose headers do not arrive whole within HEADER_SECONDS."""
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.expect_headers()
+        self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
 
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self.expect_headers()
-            self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+    def expect_headers(self) -> None:
+        self.reading_headers, self.header_bytes, self.header_tail = True, 0, b""
+        self.header_timer = None
 
-        def expect_headers(self) -> None:
-            self.reading_headers, self.header_bytes, self.header_tail = True, 0, b""
-            self.header_timer = None
-
-        def drop_slow(self) -> None:
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            if self.reading_headers:
-                seen = self.header_tail + data
-                end = seen.find(b"\r\n\r\n")
-                self.header_bytes += len(data) if end < 0 else end + 4 - len(self.header_tail)
-                self.header_tail = seen[-3:]
-                if self.header_bytes > MAX_HEADER_BYTES:
-                    self.refuse_headers()
-                    return
-                if self.header_timer is None:
-                    self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
-            super().data_received(data)
-
-        def refuse_headers(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            body = b'{"detail": "request headers are larger than 64 KiB"}'
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                 b"content-type: application/json\r\nconnection: close\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    def drop_slow(self) -> None:
+        if not self.transport.is_closing():
             self.transport.close()
 
-        def on_headers_complete(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            self.reading_headers, self.header_timer = False, None
-            super().on_headers_complete()
+    def data_received(self, data: bytes) -> None:
+        if self.reading_headers:
+            seen = self.header_tail + data
+            end = seen.find(b"\r\n\r\n")
+            self.header_bytes += len(data) if end < 0 else end + 4 - len(self.header_tail)
+            self.header_tail = seen[-3:]
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self.refuse_headers()
+                return
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+        super().data_received(data)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.expect_headers()  # the next request on this connection
+    def refuse_headers(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        body = b'{"detail": "request headers are larger than 64 KiB"}'
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"content-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        self.reading_headers, self.header_timer = False, None
+        super().on_headers_complete()
 
-    return GuardedHttpProtocol
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.expect_headers()  # the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+        super().connection_lost(exc)
 
 
 def raise_file_limit() -> None:
@@ -4859,7 +4828,7 @@ def main() -> None:
             await super().shutdown(sockets)
 
     config = uvicorn.Config(service, host=settings.host, port=settings.port,
-                            http=guarded_http_protocol(), timeout_graceful_shutdown=3,
+                            http=GuardedHttpProtocol, timeout_graceful_shutdown=3,
                             log_level="info")
     Server(config).run()
 
