@@ -1,25 +1,33 @@
 """Poe proxy with memory: Poe's bots over plain HTTP and an OpenAI-style API, with the
 conversations, projects and plan documents kept in a local SQLite file.
 
-The HTTP contract is API.md (shared/API.md). The sections, top to bottom:
+The HTTP contract is API.md, documented for users in the README. The sections, in file
+order, and what each owns:
 
-  Settings              DEFAULTS, load_settings(): flag > env > .env > default
-  Database              Database (writer thread + reader threads), the schema's upgrade steps
-                        (MIGRATIONS, prepare_database)
-  Request helpers       read_json, text_field, int_field, ..., poe_key
-  Poe relay             relay_poe (the one call to Poe), PoeFailure, cutting long text events
-  Replies               Reply, start_reply / run_reply / end_reply: a task per Poe reply, the
-                        listener queue of the response that started it, saving as it arrives
-  Conversations         /v1/chat/conversations...
-  Messages and turns    /v1/chat/conversations/{id}/messages, stop, regenerate, delete
-  Projects, Plan        /v1/projects..., /v1/plan/categories..., /v1/plan/documents...
-  Knowledge             document references of projects and conversations
-  OpenAI-compatible     /v1/chat/completions, /v1/models
-  OpenAI Responses      /v1/responses..., /v1/conversations...
-  Search, export, backup
-  Health, login, errors, access   and the middleware guarding Host, access keys, JSON bodies
-  The app               routes, lifespan, create_app()
-  Main                  uvicorn with a connection guard and an orderly shutdown
+  Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
+  Database            Database (one writer thread, reader threads: the loop never calls SQLite),
+                      fetch_or_404, insert_row, update_row, touch_conversation; the schema's
+                      upgrade steps (MIGRATIONS, prepare_database)
+  Request helpers     read_json, text_field, int_field, id_list_field, ..., the {name:id} path
+                      convertor, poe_key
+  Poe relay           relay_poe (the one call to Poe), PoeFailure, CutLongTextEvents
+  Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
+                      Replies (app.state.replies: the registry, claim(), the unsaved ends),
+                      ReplyEnd, EventStream, SentText (what a streaming client has)
+  Conversations       /v1/chat/conversations...
+  Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
+  Projects            /v1/projects...
+  Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
+  Knowledge           document references of projects and conversations
+  OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
+  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
+  OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
+  OpenAI Conversations  /v1/conversations..., messages as items
+  Search, export, backup  /v1/search, .../export, /v1/backup
+  Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
+                      the middleware guarding Host, access keys and JSON bodies
+  The app             routes (in this order), the lifespan (all of app.state), create_app()
+  Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -1122,11 +1131,11 @@ class Reply:
         return bool(self.saved_chunks or any(self.chunks) or self.files or self.tool_calls)
 
     def start(self, app: Starlette, model: str, query: PoeQuery, api_key: str, *,
-              listen: bool, tools: list | None = None) -> None:
-        """Calls Poe for this reply, in a task of its own; `listen`: its events are queued for
+              stream: bool, tools: list | None = None) -> None:
+        """Calls Poe for this reply, in a task of its own; `stream`: its events are queued for
         the caller."""
         self.registry = app.state.replies
-        if listen:
+        if stream:
             self.listener = Listener()
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
@@ -1865,7 +1874,7 @@ async def post_message(request: Request) -> Response:
         reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
         reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
-                    listen=turn.stream)
+                    stream=turn.stream)
     return await answer_turn(reply, turn.stream, trimmed)
 
 
@@ -2003,7 +2012,7 @@ async def regenerate(request: Request) -> Response:
         reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
                       user_message_id=user_id)
         reply.start(app, turn_model(settings, model, conversation), query, api_key,
-                    listen=stream)
+                    stream=stream)
     return await answer_turn(reply, stream, trimmed)
 
 
@@ -2632,48 +2641,31 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
             "current_references": sorted(wanted)}
 
 
-async def owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(list_owner_references, owner))
+# Each handler serves the project's references and a conversation's own: routes says which, as
+# `owner` ("project" or "conversation"), and its id is the path's {project_id} or
+# {conversation_id}.
+
+def path_owner(request: Request, owner: str) -> tuple[str, Any]:
+    return owner, request.path_params[f"{owner}_id"]
 
 
-async def set_owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
+async def list_references(request: Request, owner: str) -> JSONResponse:
+    return JSONResponse(await request.app.state.db.read(list_owner_references,
+                                                        path_owner(request, owner)))
+
+
+async def set_references(request: Request, owner: str) -> JSONResponse:
     document_ids = id_list_field(await read_json(request), "document_ids", required=True)
-    counts = await request.app.state.db.write(replace_references, owner, document_ids)
-    return JSONResponse({"message": f"{owner[0].title()} document references updated "
+    counts = await request.app.state.db.write(replace_references, path_owner(request, owner),
+                                              document_ids)
+    return JSONResponse({"message": f"{owner.title()} document references updated "
                                     "successfully", **counts})
 
 
-async def clear_owner_references(request: Request, owner: tuple[str, Any]) -> JSONResponse:
-    counts = await request.app.state.db.write(replace_references, owner, [])
-    return JSONResponse({"message": f"All {owner[0]} document references cleared", **counts})
-
-
-async def list_project_references(request: Request) -> JSONResponse:
-    return await owner_references(request, ("project", request.path_params["project_id"]))
-
-
-async def set_project_references(request: Request) -> JSONResponse:
-    return await set_owner_references(request, ("project", request.path_params["project_id"]))
-
-
-async def clear_project_references(request: Request) -> JSONResponse:
-    return await clear_owner_references(request,
-                                        ("project", request.path_params["project_id"]))
-
-
-async def list_conversation_references(request: Request) -> JSONResponse:
-    return await owner_references(request, ("conversation",
-                                            request.path_params["conversation_id"]))
-
-
-async def set_conversation_references(request: Request) -> JSONResponse:
-    return await set_owner_references(request, ("conversation",
-                                                request.path_params["conversation_id"]))
-
-
-async def clear_conversation_references(request: Request) -> JSONResponse:
-    return await clear_owner_references(request, ("conversation",
-                                                  request.path_params["conversation_id"]))
+async def clear_references(request: Request, owner: str) -> JSONResponse:
+    counts = await request.app.state.db.write(replace_references, path_owner(request, owner),
+                                              [])
+    return JSONResponse({"message": f"All {owner} document references cleared", **counts})
 
 
 def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict:
@@ -3087,11 +3079,11 @@ async def poe_history(app: Starlette, api_key: str, history: list[dict],
     wanted = [a for entry in history for a in entry["attachments"]]
     uploaded = iter(await upload_attachments(app, api_key, await decode_attachments(wanted))
                     if wanted else [])
-    told = "\n\n".join(filter(None, instructions))
-    if told and history and history[0]["role"] == "system":
-        history = [{**history[0], "content": f"{history[0]['content']}\n\n{told}"}, *history[1:]]
-    elif told:
-        history = [{"role": "system", "content": told, "attachments": []}, *history]
+    added = "\n\n".join(filter(None, instructions))
+    if added and history and history[0]["role"] == "system":
+        history = [{**history[0], "content": f"{history[0]['content']}\n\n{added}"}, *history[1:]]
+    elif added:
+        history = [{"role": "system", "content": added, "attachments": []}, *history]
     return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
             for entry in history]
 
@@ -3254,7 +3246,7 @@ async def chat_completions(request: Request) -> Response:
         **params, "tool_calls": tool_calls, "tool_results": tool_results})
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
-    reply.start(request.app, model, query, api_key, listen=stream, tools=tools)
+    reply.start(request.app, model, query, api_key, stream=stream, tools=tools)
     return await reply.answer(stream, lambda: completion_response(completion),
                               lambda first: completion_chunks(completion, first))
 
@@ -3792,7 +3784,7 @@ async def create_response(request: Request) -> Response:
         else:
             turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
             reply = Reply(max_chars=spec.max_chars, ending=turn.end)
-        reply.start(app, spec.model, query, api_key, listen=spec.stream, tools=spec.tools)
+        reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools)
     return await reply.answer(spec.stream, turn.whole,
                               lambda first: response_events(turn, reply, first))
 
@@ -4341,7 +4333,8 @@ def copy_database(source: sqlite3.Connection, target: str, check: str) -> None:
         copy.close()
 
 
-def backup_to_temporary(db: sqlite3.Connection, directory: str) -> str:
+def backup_to_temporary(db: sqlite3.Connection, directory: str,
+                        check: str = "quick_check") -> str:
     """A checked copy of the database in a new file in `directory` (the database's own, where
     there is room for one); its path."""
     try:
@@ -4350,10 +4343,9 @@ def backup_to_temporary(db: sqlite3.Connection, directory: str) -> str:
     except OSError as exc:
         raise HTTPException(503, f"cannot write the backup copy: {exc.strerror}") from None
     try:
-        copy_database(db, path, "quick_check")
+        copy_database(db, path, check)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(path)
+        remove_file(path)
         raise
     return path
 
@@ -4532,6 +4524,7 @@ def access_guard(app: Any, settings: Settings) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 CONVERSATION = "/v1/chat/conversations/{conversation_id}"
+PROJECT = "/v1/projects/{project_id:id}"
 DOCUMENT = "/v1/plan/documents/{document_id:id}"
 routes = [
     # Conversations
@@ -4552,10 +4545,10 @@ routes = [
     # Projects
     Route("/v1/projects", list_projects, methods=["GET"]),
     Route("/v1/projects", create_project, methods=["POST"]),
-    Route("/v1/projects/{project_id:id}", read_project, methods=["GET"]),
-    Route("/v1/projects/{project_id:id}", update_project, methods=["PUT"]),
-    Route("/v1/projects/{project_id:id}", delete_project, methods=["DELETE"]),
-    Route("/v1/projects/{project_id:id}/hierarchy", read_project_hierarchy, methods=["GET"]),
+    Route(PROJECT, read_project, methods=["GET"]),
+    Route(PROJECT, update_project, methods=["PUT"]),
+    Route(PROJECT, delete_project, methods=["DELETE"]),
+    Route(PROJECT + "/hierarchy", read_project_hierarchy, methods=["GET"]),
     # Plan (fixed paths before DOCUMENT, which would take them otherwise)
     Route("/v1/plan/categories", list_categories, methods=["GET"]),
     Route("/v1/plan/categories", create_category, methods=["POST"]),
@@ -4579,18 +4572,18 @@ routes = [
     Route(DOCUMENT + "/tags:batch", batch_tags, methods=["POST"]),
     Route(DOCUMENT + "/tags/{tag_name:path}", delete_tag, methods=["DELETE"]),
     # Knowledge
-    Route("/v1/projects/{project_id:id}/document-references", list_project_references,
+    Route(PROJECT + "/document-references", partial(list_references, owner="project"),
           methods=["GET"]),
-    Route("/v1/projects/{project_id:id}/document-references", set_project_references,
+    Route(PROJECT + "/document-references", partial(set_references, owner="project"),
           methods=["POST"]),
-    Route("/v1/projects/{project_id:id}/document-references", clear_project_references,
+    Route(PROJECT + "/document-references", partial(clear_references, owner="project"),
           methods=["DELETE"]),
-    Route(CONVERSATION + "/document-references", list_conversation_references,
+    Route(CONVERSATION + "/document-references", partial(list_references, owner="conversation"),
           methods=["GET"]),
-    Route(CONVERSATION + "/document-references", set_conversation_references,
+    Route(CONVERSATION + "/document-references", partial(set_references, owner="conversation"),
           methods=["POST"]),
-    Route(CONVERSATION + "/document-references", clear_conversation_references,
-          methods=["DELETE"]),
+    Route(CONVERSATION + "/document-references",
+          partial(clear_references, owner="conversation"), methods=["DELETE"]),
     Route(CONVERSATION + "/referenced-documents", referenced_documents, methods=["GET"]),
     # OpenAI-compatible
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -4767,18 +4760,17 @@ def backup(db_path: str, target: str) -> int:
         raise DatabaseUnusable("the backup FILE must not be the database itself")
     source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        fd, path = tempfile.mkstemp(prefix=".backup-", suffix=".db",
-                                    dir=os.path.dirname(os.path.abspath(target)))
-        os.close(fd)
-        try:
-            copy_database(source, path, "integrity_check")
-            os.replace(path, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            raise
+        path = backup_to_temporary(source, os.path.dirname(os.path.abspath(target)),
+                                   "integrity_check")
+    except HTTPException as exc:
+        raise OSError(exc.detail) from None
     finally:
         source.close()
+    try:
+        os.replace(path, target)
+    except OSError:
+        remove_file(path)
+        raise
     return os.path.getsize(target)
 
 
