@@ -38,7 +38,6 @@ import binascii
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import gc
 import hmac
 import json
@@ -244,6 +243,19 @@ def touch_conversation(db: sqlite3.Connection, conversation_id: str,
                (updated_at, conversation_id))
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back when the block raises (anything at all)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def database_failure(exc: sqlite3.Error) -> HTTPException:
     """What a caller hears when SQLite refuses: 503, the database's fault, never theirs."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
@@ -283,19 +295,11 @@ class Database:
             raise database_failure(exc) from None
 
     def _write(self, fn: Callable, args: tuple) -> Any:
-        db = self.local.db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(db, *args)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            with transaction(self.local.db):
+                return fn(self.local.db, *args)
         except sqlite3.Error as exc:
             raise database_failure(exc) from None
-        return result
 
     async def read(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.readers, self._read, fn,
@@ -345,17 +349,13 @@ def schema_statements() -> list[str]:
     return statements
 
 
-def table_sql(table: str) -> str:
-    """The CREATE TABLE statement of `table` in schema.sql."""
-    pattern = re.compile(rf"CREATE TABLE IF NOT EXISTS {table} \(")
-    return next(s for s in schema_statements() if pattern.match(s))
-
-
 def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | None = None) -> None:
     """Gives an existing table schema.sql's definition (SQLite's 12-step way: new table, copy,
     drop, rename), keeping every row; `fill` gives SQL for new columns from old ones."""
     old_columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
-    db.execute(table_sql(table).replace(f"IF NOT EXISTS {table} (", f"{table}_new (", 1))
+    create = f"CREATE TABLE IF NOT EXISTS {table} ("
+    db.execute(next(s for s in schema_statements() if s.startswith(create))
+               .replace(f"IF NOT EXISTS {table} (", f"{table}_new (", 1))
     new_columns = [row[1] for row in db.execute(f"PRAGMA table_info({table}_new)")]
     fill = fill or {}
     copied = [c for c in new_columns if c in old_columns or c in fill]
@@ -378,8 +378,8 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
 
 
-def expected_columns() -> dict[str, set[str]]:
-    """Each table's columns as schema.sql defines them."""
+def check_columns(db: sqlite3.Connection) -> None:
+    """DatabaseUnusable when a table lacks a column schema.sql gives it."""
     scratch = sqlite3.connect(":memory:")
     try:
         for statement in schema_statements():
@@ -387,35 +387,25 @@ def expected_columns() -> dict[str, set[str]]:
         tables = [row[0] for row in scratch.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND sql NOT LIKE 'CREATE VIRTUAL%'"
             " AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '%_fts%'")]
-        return {t: {row[1] for row in scratch.execute(f"PRAGMA table_info({t})")}
-                for t in tables}
+        for table in tables:
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            missing = sorted({row[1] for row in scratch.execute(f"PRAGMA table_info({table})")}
+                             - have)
+            if missing:
+                raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
     finally:
         scratch.close()
 
 
-def check_columns(db: sqlite3.Connection) -> None:
-    for table, columns in expected_columns().items():
-        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        missing = sorted(columns - have)
-        if missing:
-            raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
-
-
-def schema_version(db: sqlite3.Connection) -> int:
-    """The database's schema version: 0 for an empty file."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                   "name = 'messages'").fetchone():
-        version = 1  # the first release did not number its schema
-    return version
-
-
 def inspect_database(db_path: str) -> int:
-    """The version of an existing file, read without writing to it; DatabaseUnusable when this
-    release cannot serve it."""
+    """The schema version of an existing file (0 for an empty one), read without writing to
+    it; DatabaseUnusable when this release cannot serve it."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None, timeout=30)
     try:
-        version = schema_version(db)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                       "name = 'messages'").fetchone():
+            version = 1  # the first release did not number its schema
         if version > SCHEMA_VERSION:
             raise DatabaseUnusable(
                 f"{db_path} was made by a newer release (schema {version}; this one knows up "
@@ -432,8 +422,7 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
     schema.sql alone); nothing is kept unless all of it succeeds."""
     # Steps rebuild tables, so foreign keys stay off until the data is whole again.
     db.execute("PRAGMA foreign_keys = OFF")
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():
             MIGRATIONS[step](db)
         for statement in schema_statements():
@@ -447,11 +436,6 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
             raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is gone; "
                                    "the upgrade would lose them")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
 
 
 def prepare_database(db_path: str) -> None:
@@ -488,6 +472,13 @@ INT64 = 2**63
 
 # The longest a request body may pause between two pieces before the request is dropped (408).
 BODY_STALL_SECONDS = 15.0
+# Input this long is parsed, decoded or walked on a worker thread (off_loop), not on the loop.
+LONG_BYTES, LONG_ITEMS = 2**20, 500
+
+
+async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
+    """fn(*args), on a worker thread when its input is `long`: no request holds the loop."""
+    return await asyncio.to_thread(fn, *args) if long else fn(*args)
 
 
 async def read_json(request: Request, empty_ok: bool = False) -> dict:
@@ -516,8 +507,7 @@ async def read_json(request: Request, empty_ok: bool = False) -> dict:
         raise HTTPException(408, "the request body stalled") from None
     if not body.strip() and empty_ok:
         return {}
-    parse = functools.partial(parse_json_body, bytes(body))
-    return parse() if len(body) < 2**20 else await asyncio.to_thread(parse)
+    return await off_loop(len(body) >= LONG_BYTES, parse_json_body, bytes(body))
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -615,25 +605,46 @@ class IdConvertor(Convertor):
     def convert(self, value: str) -> int:
         return int(value) if is_number(value) else NO_ROW
 
-    def to_string(self, value: int) -> str:
-        return str(value)
-
 
 NO_ROW = -1
 register_url_convertor("id", IdConvertor())
 
 
-def query_int(request: Request, name: str) -> int | None:
+def query_int(request: Request, name: str, default: int | None = None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
-        return None
+        return default
     if not is_number(raw):
         raise HTTPException(400, f"{name} must be a positive integer")
     return int(raw)
 
 
-def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def query_limit(request: Request, maximum: int, default: int | None = None) -> int | None:
+    limit = query_int(request, "limit", default)
+    if limit is not None and not 1 <= limit <= maximum:
+        raise HTTPException(400, f"limit must be from 1 to {maximum}")
+    return limit
+
+
+def given(fields: dict, nullable: tuple = ()) -> dict:
+    """The fields a body gave: none that is MISSING, nor null unless `nullable` (null clears
+    those and leaves the others as they are)."""
+    return {name: value for name, value in fields.items()
+            if value is not MISSING and (value is not None or name in nullable)}
+
+
+async def read_answer(request: Request, fn: Callable, *args: Any) -> JSONResponse:
+    """fn(db, *args) run on a reader thread, as the JSON answer."""
+    return JSONResponse(await request.app.state.db.read(fn, *args))
+
+
+async def write_answer(request: Request, fn: Callable, *args: Any) -> JSONResponse:
+    """fn(db, *args) run in one write transaction, as the JSON answer."""
+    return JSONResponse(await request.app.state.db.write(fn, *args))
+
+
+def bearer(headers: Headers) -> str | None:
+    header = headers.get("authorization")
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
@@ -646,7 +657,7 @@ def poe_key(request: Request) -> str:
     key = request.app.state.settings.poe_api_key
     if key:
         return key
-    token = bearer(request)
+    token = bearer(request.headers)
     if token == "":
         raise HTTPException(401, "Authorization must be 'Bearer <poe api key>'")
     if token is None:
@@ -1506,23 +1517,13 @@ def check_project(db: sqlite3.Connection, project_id: int) -> int | None:
 
 
 def conversation_changes(data: dict) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    for name in ("name", "assistance_role"):
-        value = text_field(data, name)
-        if value is not MISSING:
-            changes[name] = value
-    model = model_field(data, empty_ok=True)
-    if model is not MISSING:
-        changes["model"] = model
-    project_id = int_field(data, "project_id")
-    if project_id not in (MISSING, None):
-        changes["project_id"] = project_id
-    status = int_field(data, "status")
-    if status not in (MISSING, None):
-        if status not in (0, 1):
-            raise HTTPException(400, "status must be 0 (normal) or 1 (archived)")
-        changes["status"] = status
-    return changes
+    changes = {"name": text_field(data, "name"),
+               "assistance_role": text_field(data, "assistance_role"),
+               "model": model_field(data, empty_ok=True),
+               "project_id": int_field(data, "project_id"), "status": int_field(data, "status")}
+    if changes["status"] not in (MISSING, None, 0, 1):
+        raise HTTPException(400, "status must be 0 (normal) or 1 (archived)")
+    return given(changes, nullable=("name", "assistance_role", "model"))
 
 
 def insert_conversation(db: sqlite3.Connection, changes: dict) -> str:
@@ -1552,14 +1553,10 @@ def select_conversations(db: sqlite3.Connection, filters: dict) -> list[dict]:
 
 
 async def list_conversations(request: Request) -> JSONResponse:
-    filters = {}
-    for name in ("project_id", "status"):
-        value = query_int(request, name)
-        if value is not None:
-            filters[name] = value
+    filters = given({name: query_int(request, name) for name in ("project_id", "status")})
     if filters.get("status", 0) not in (0, 1):
         raise HTTPException(400, "status must be 0 (normal) or 1 (archived)")
-    return JSONResponse(await request.app.state.db.read(select_conversations, filters))
+    return await read_answer(request, select_conversations, filters)
 
 
 async def grouped_conversations(request: Request) -> JSONResponse:
@@ -1570,8 +1567,7 @@ async def grouped_conversations(request: Request) -> JSONResponse:
 
 
 async def read_conversation(request: Request) -> JSONResponse:
-    conversation_id = request.path_params["conversation_id"]
-    return JSONResponse(await request.app.state.db.read(get_conversation, conversation_id))
+    return await read_answer(request, get_conversation, request.path_params["conversation_id"])
 
 
 def change_conversation(db: sqlite3.Connection, conversation_id: str, changes: dict) -> None:
@@ -1656,10 +1652,7 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    limit = query_int(request, "limit")
-    before_id = query_int(request, "before_id")
-    if limit is not None and not 1 <= limit <= 10000:
-        raise HTTPException(400, "limit must be from 1 to 10000")
+    limit, before_id = query_limit(request, 10000), query_int(request, "before_id")
     body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
     return Response(body, media_type="application/json")
 
@@ -1724,10 +1717,21 @@ def attachment_fields(value: Any) -> list[dict]:
     return attachments
 
 
+def decode_data_url(attachment: dict) -> dict:
+    """An attachment given as a data: URL (openai_attachment), with its bytes instead."""
+    try:
+        data = base64.b64decode(attachment["data_url"].partition(",")[2], validate=True)
+    except (ValueError, binascii.Error):
+        raise HTTPException(400, "a data: URL's data must be base64") from None
+    return {"data": data, "name": attachment["name"], "content_type": attachment["content_type"]}
+
+
 async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]
                              ) -> list[dict]:
     """Each attachment as Poe will see it: data goes up to POE_UPLOAD_URL first (fastapi_poe's
-    upload_file); a URL is passed on as it is."""
+    upload_file); a URL is passed on as it is. Every data: URL is decoded before any upload."""
+    attachments = [await off_loop(len(a["data_url"]) >= LONG_BYTES, decode_data_url, a)
+                   if "data_url" in a else a for a in attachments]
     uploaded = []
     for attachment in attachments:
         name = attachment["name"]
@@ -1843,6 +1847,16 @@ def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tup
     return ids, before
 
 
+def message_rows(entries: list[dict]) -> list[tuple]:
+    """Entries as insert_messages' rows: (role, content, attachments, tool_calls,
+    tool_call_id)."""
+    return [(entry["role"], entry["content"],
+             json.dumps(entry["attachments"]) if entry["attachments"] else None,
+             json.dumps([call.model_dump() for call in entry["tool_calls"]])
+             if entry.get("tool_calls") else None, entry.get("tool_call_id"))
+            for entry in entries]
+
+
 def turn_model(settings: Settings, requested: str | None, conversation: dict) -> str:
     """The request's model, else the conversation's, else DEFAULT_MODEL ('' and the web
     client's 'default' name none)."""
@@ -1866,11 +1880,8 @@ async def post_message(request: Request) -> Response:
         new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
         query, trimmed = await db.read(load_turn, conversation_id, turn, new_message, None,
                                        settings.max_context_chars)
-        stored = [] if continues else [(turn.role, turn.content,
-                                        json.dumps(attachments) if attachments else None,
-                                        None, None)]
-        inserted_ids, message_id, updated_at = await db.write(insert_turn, conversation_id,
-                                                              stored)
+        inserted_ids, message_id, updated_at = await db.write(
+            insert_turn, conversation_id, [] if continues else message_rows([new_message]))
         reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
         reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
@@ -1922,10 +1933,9 @@ async def stop_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
     reply = request.app.state.replies.by_conversation.get(conversation_id)
-    if reply is None:
-        return JSONResponse({"stopped": False})
-    await reply.stop()
-    return JSONResponse({"stopped": True})
+    if reply is not None:
+        await reply.stop()
+    return JSONResponse({"stopped": reply is not None})
 
 
 async def stop_stream(request: Request) -> JSONResponse:
@@ -1947,14 +1957,12 @@ def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
     """Deletes messages (of one conversation, when given), moving their conversations'
     updated_at; how many went."""
-    where = ("WHERE id IN (SELECT value FROM json_each(?)) AND (? IS NULL OR "
-             "conversation_id = ?)", (json.dumps(ids), conversation_id, conversation_id))
-    conversations = {row[0] for row in db.execute("SELECT conversation_id FROM messages "
-                                                  + where[0], where[1])}
-    count = db.execute("DELETE FROM messages " + where[0], where[1]).rowcount
-    for conversation in conversations:
+    deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
+                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id",
+                         (json.dumps(ids), conversation_id, conversation_id)).fetchall()
+    for conversation in {row[0] for row in deleted}:
         touch_conversation(db, conversation)
-    return count
+    return len(deleted)
 
 
 async def delete_messages(request: Request) -> JSONResponse:
@@ -2033,55 +2041,54 @@ def get_project(db: sqlite3.Connection, project_id: int) -> dict:
 def project_changes(data: dict) -> dict[str, Any]:
     """The fields given. null clears a field that may be empty and leaves one that may not as
     it is: the original's web and H5 clients PUT their whole form, nulls included."""
-    changes = {}
-    for name in PROJECT_FIELDS:
-        nullable = name in NULLABLE_PROJECT_FIELDS
-        if data.get(name, MISSING) is None and not nullable:
-            continue
-        value = text_field(data, name, empty_ok=name != "name", nullable=nullable)
-        if value is not MISSING:
-            changes[name] = value
-    return changes
+    return given({name: text_field(data, name, empty_ok=name != "name")
+                  for name in PROJECT_FIELDS}, nullable=NULLABLE_PROJECT_FIELDS)
 
 
-def save_project(db: sqlite3.Connection, project_id: int | None, changes: dict) -> dict:
-    """Inserts (project_id None) or updates a project; a name taken by another is 409."""
+def save_named(db: sqlite3.Connection, table: str, row_id: int | None, changes: dict,
+               get: Callable[[sqlite3.Connection, int], dict], what: str,
+               stamp: str | None = None) -> dict:
+    """Inserts (row_id None) or updates a row with a unique name, a project or a category
+    (`what`); a name taken by another is 409."""
     try:
-        if project_id is None:
-            project_id = insert_row(db, "projects", changes)
+        if row_id is None:
+            row_id = insert_row(db, table, changes)
         else:
-            get_project(db, project_id)
-            update_row(db, "projects", project_id, changes, stamp="updated_time")
+            get(db, row_id)
+            update_row(db, table, row_id, changes, stamp)
     except sqlite3.IntegrityError as exc:
         if "UNIQUE" not in str(exc):
             raise
-        raise HTTPException(409, "a project with this name already exists") from None
-    return get_project(db, project_id)
+        raise HTTPException(409, f"a {what} with this name already exists") from None
+    return get(db, row_id)
+
+
+def save_project(db: sqlite3.Connection, project_id: int | None, changes: dict) -> dict:
+    return save_named(db, "projects", project_id, changes, get_project, "project",
+                      stamp="updated_time")
 
 
 async def list_projects(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(
-        fetch_all, "SELECT * FROM projects ORDER BY updated_time DESC, id DESC"))
+    return await read_answer(request, fetch_all,
+                             "SELECT * FROM projects ORDER BY updated_time DESC, id DESC")
 
 
 async def create_project(request: Request) -> JSONResponse:
     changes = project_changes(await read_json(request))
     if "name" not in changes:
         raise HTTPException(400, "name is required")
-    return JSONResponse(await request.app.state.db.write(save_project, None, changes))
+    return await write_answer(request, save_project, None, changes)
 
 
 async def read_project(request: Request) -> JSONResponse:
-    project_id = request.path_params["project_id"]
-    return JSONResponse(await request.app.state.db.read(get_project, project_id))
+    return await read_answer(request, get_project, request.path_params["project_id"])
 
 
 async def update_project(request: Request) -> JSONResponse:
-    project_id = request.path_params["project_id"]
     changes = project_changes(await read_json(request))
     if not changes:
         raise HTTPException(400, "give at least one of " + ", ".join(PROJECT_FIELDS))
-    return JSONResponse(await request.app.state.db.write(save_project, project_id, changes))
+    return await write_answer(request, save_project, request.path_params["project_id"], changes)
 
 
 def remove_project(db: sqlite3.Connection, project_id: int) -> None:
@@ -2093,8 +2100,7 @@ def remove_project(db: sqlite3.Connection, project_id: int) -> None:
 
 
 async def delete_project(request: Request) -> JSONResponse:
-    project_id = request.path_params["project_id"]
-    await request.app.state.db.write(remove_project, project_id)
+    await request.app.state.db.write(remove_project, request.path_params["project_id"])
     return JSONResponse({"message": "Project deleted successfully"})
 
 
@@ -2123,8 +2129,7 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
 
 
 async def read_project_hierarchy(request: Request) -> JSONResponse:
-    project_id = request.path_params["project_id"]
-    return JSONResponse(await request.app.state.db.read(project_hierarchy, project_id))
+    return await read_answer(request, project_hierarchy, request.path_params["project_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2142,9 +2147,9 @@ IS_LATEST = ("d.version = (SELECT max(m.version) FROM plan_documents m WHERE m.p
              "d.project_id AND m.category_id = d.category_id AND m.filename = d.filename)")
 
 
-def category_json(category: dict, default_model: str) -> dict:
+def category_json(request: Request, category: dict) -> dict:
     return {**category, "is_builtin": bool(category["is_builtin"]),
-            "summary_model": category["summary_model"] or default_model}
+            "summary_model": category["summary_model"] or request.app.state.settings.default_model}
 
 
 def get_category(db: sqlite3.Connection, category_id: int) -> dict:
@@ -2152,19 +2157,11 @@ def get_category(db: sqlite3.Connection, category_id: int) -> dict:
                         "Category not found")
 
 
-def select_categories(db: sqlite3.Connection, default_model: str) -> list[dict]:
-    return [category_json(category, default_model)
-            for category in fetch_all(db, "SELECT * FROM plan_categories ORDER BY id")]
-
-
 def category_changes(data: dict) -> dict[str, Any]:
     """The fields given. null clears auto_save_category_id (so does the original's -1) and
     summary_model (DEFAULT_MODEL then), and leaves the fields that may not be empty as they are."""
-    changes: dict[str, Any] = {}
-    for name in ("name", "prompt_template", "message_method"):
-        value = text_field(data, name, empty_ok=name != "name")
-        if value not in (MISSING, None):
-            changes[name] = value
+    changes = given({name: text_field(data, name, empty_ok=name != "name")
+                     for name in ("name", "prompt_template", "message_method")})
     target = data.get("auto_save_category_id", MISSING)
     if target is None or (type(target) is int and target == -1):
         changes["auto_save_category_id"] = None
@@ -2184,22 +2181,13 @@ def save_category(db: sqlite3.Connection, category_id: int | None, changes: dict
         fetch_or_404(db, "SELECT id FROM plan_categories WHERE id = ?",
                      (changes["auto_save_category_id"],),
                      "Category not found (auto_save_category_id)")
-    try:
-        if category_id is None:
-            category_id = insert_row(db, "plan_categories", changes)
-        else:
-            get_category(db, category_id)
-            update_row(db, "plan_categories", category_id, changes)
-    except sqlite3.IntegrityError as exc:
-        if "UNIQUE" not in str(exc):
-            raise
-        raise HTTPException(409, "a category with this name already exists") from None
-    return get_category(db, category_id)
+    return save_named(db, "plan_categories", category_id, changes, get_category, "category")
 
 
 async def list_categories(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(
-        select_categories, request.app.state.settings.default_model))
+    categories = await request.app.state.db.read(fetch_all,
+                                                 "SELECT * FROM plan_categories ORDER BY id")
+    return JSONResponse([category_json(request, category) for category in categories])
 
 
 async def create_category(request: Request) -> JSONResponse:
@@ -2208,22 +2196,21 @@ async def create_category(request: Request) -> JSONResponse:
         if name not in changes:
             raise HTTPException(400, f"{name} is required")
     category = await request.app.state.db.write(save_category, None, changes)
-    return JSONResponse(category_json(category, request.app.state.settings.default_model))
+    return JSONResponse(category_json(request, category))
 
 
 async def read_category(request: Request) -> JSONResponse:
-    category_id = request.path_params["category_id"]
-    category = await request.app.state.db.read(get_category, category_id)
-    return JSONResponse(category_json(category, request.app.state.settings.default_model))
+    category = await request.app.state.db.read(get_category, request.path_params["category_id"])
+    return JSONResponse(category_json(request, category))
 
 
 async def update_category(request: Request) -> JSONResponse:
-    category_id = request.path_params["category_id"]
     changes = category_changes(await read_json(request))
     if not changes:
         raise HTTPException(400, "give at least one of " + ", ".join(CATEGORY_FIELDS))
-    category = await request.app.state.db.write(save_category, category_id, changes)
-    return JSONResponse(category_json(category, request.app.state.settings.default_model))
+    category = await request.app.state.db.write(save_category, request.path_params["category_id"],
+                                                changes)
+    return JSONResponse(category_json(request, category))
 
 
 def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
@@ -2235,8 +2222,7 @@ def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
 
 
 async def delete_category(request: Request) -> JSONResponse:
-    category_id = request.path_params["category_id"]
-    deleted = await request.app.state.db.write(remove_category, category_id)
+    deleted = await request.app.state.db.write(remove_category, request.path_params["category_id"])
     return JSONResponse({"message": "Category and related documents deleted successfully",
                          "deleted": deleted})
 
@@ -2290,7 +2276,7 @@ async def create_document(request: Request) -> JSONResponse:
                 "content": text_field(data, "content", required=True),
                 "source": source,
                 "related_log_id": None if related_log_id is MISSING else related_log_id}
-    return JSONResponse(await request.app.state.db.write(insert_document, document))
+    return await write_answer(request, insert_document, document)
 
 
 def get_document(db: sqlite3.Connection, document_id: int) -> dict:
@@ -2313,10 +2299,10 @@ async def list_documents(request: Request) -> JSONResponse:
 
 
 def page_number(request: Request, name: str, default: int) -> int:
-    value = query_int(request, name)
+    value = query_int(request, name, default)
     if value == 0:
         raise HTTPException(400, f"{name} must be a positive integer")
-    return default if value is None else value
+    return value
 
 
 def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) -> dict:
@@ -2349,12 +2335,11 @@ async def latest_documents(request: Request) -> JSONResponse:
     params = {"project_id": project_id, "category_id": query_int(request, "category_id"),
               "query": request.query_params.get("query") or None, "page": page,
               "page_size": page_size, "offset": min((page - 1) * page_size, INT64 - 1)}
-    return JSONResponse(await request.app.state.db.read(latest_page, params, sort_by, order))
+    return await read_answer(request, latest_page, params, sort_by, order)
 
 
 async def read_document(request: Request) -> JSONResponse:
-    document_id = request.path_params["document_id"]
-    return JSONResponse(await request.app.state.db.read(get_document, document_id))
+    return await read_answer(request, get_document, request.path_params["document_id"])
 
 
 def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) -> dict:
@@ -2365,16 +2350,13 @@ def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) ->
 
 async def update_document(request: Request) -> JSONResponse:
     """PUT (and the original's POST) /v1/plan/documents/{id}: a new version, not an edit."""
-    document_id = request.path_params["document_id"]
     data = await read_json(request)
-    changes = {"filename": text_field(data, "filename", empty_ok=False),
-               "content": text_field(data, "content"),
-               "source": source_field(data, None)}
-    changes = {name: value for name, value in changes.items() if value not in (MISSING, None)}
+    changes = given({"filename": text_field(data, "filename", empty_ok=False),
+                     "content": text_field(data, "content"), "source": source_field(data, None)})
     if not changes:
         raise HTTPException(400, "give at least one of filename, content, source")
-    return JSONResponse(await request.app.state.db.write(save_new_version, document_id,
-                                                         changes))
+    return await write_answer(request, save_new_version, request.path_params["document_id"],
+                              changes)
 
 
 def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
@@ -2386,9 +2368,8 @@ def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
 
 
 async def delete_document(request: Request) -> JSONResponse:
-    document_id = request.path_params["document_id"]
-    deleted = await request.app.state.db.write(remove_documents, "id = ?", (document_id,),
-                                               "Document not found")
+    deleted = await request.app.state.db.write(
+        remove_documents, "id = ?", (request.path_params["document_id"],), "Document not found")
     return JSONResponse({"message": "Document deleted successfully", "deleted": deleted})
 
 
@@ -2451,8 +2432,7 @@ def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
 
 
 async def list_tags(request: Request) -> JSONResponse:
-    document_id = request.path_params["document_id"]
-    return JSONResponse(await request.app.state.db.read(select_tags, document_id))
+    return await read_answer(request, select_tags, request.path_params["document_id"])
 
 
 async def create_tag(request: Request) -> JSONResponse:
@@ -2502,8 +2482,7 @@ async def search_documents_by_tags(request: Request) -> JSONResponse:
     match = request.query_params.get("match") or "any"
     if match not in ("any", "all"):
         raise HTTPException(400, "match must be any or all")
-    return JSONResponse(await request.app.state.db.read(documents_with_tags, project_id, tags,
-                                                        match == "all"))
+    return await read_answer(request, documents_with_tags, project_id, tags, match == "all")
 
 
 def copy_history(db: sqlite3.Connection, move: dict) -> dict:
@@ -2532,7 +2511,7 @@ async def migrate_all_history(request: Request) -> JSONResponse:
             "filename": text_field(data, "filename", required=True, empty_ok=False)}
     if move["source_category_id"] == move["target_category_id"]:
         raise HTTPException(400, "source and target category cannot be the same")
-    return JSONResponse(await request.app.state.db.write(copy_history, move))
+    return await write_answer(request, copy_history, move)
 
 
 async def migrate_from_current(request: Request) -> JSONResponse:
@@ -2546,11 +2525,8 @@ async def migrate_from_current(request: Request) -> JSONResponse:
         if not new_filename.strip():
             raise HTTPException(400, "new_filename must be a non-empty string")
         changes["filename"] = new_filename.strip()
-    source = source_field(data, None)
-    if source is not None:
-        changes["source"] = source
-    return JSONResponse(await request.app.state.db.write(save_new_version, document_id,
-                                                         changes))
+    changes["source"] = source_field(data, None)
+    return await write_answer(request, save_new_version, document_id, given(changes))
 
 
 def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[dict]:
@@ -2650,8 +2626,7 @@ def path_owner(request: Request, owner: str) -> tuple[str, Any]:
 
 
 async def list_references(request: Request, owner: str) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(list_owner_references,
-                                                        path_owner(request, owner)))
+    return await read_answer(request, list_owner_references, path_owner(request, owner))
 
 
 async def set_references(request: Request, owner: str) -> JSONResponse:
@@ -2678,9 +2653,8 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
 async def referenced_documents(request: Request) -> JSONResponse:
     """What a conversation knows: its project's references and its own (clients send their
     document_ids as a turn's `documents`)."""
-    conversation_id = request.path_params["conversation_id"]
-    return JSONResponse(await request.app.state.db.read(conversation_knowledge,
-                                                        conversation_id))
+    return await read_answer(request, conversation_knowledge,
+                             request.path_params["conversation_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2723,7 +2697,7 @@ def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
 
 def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
     """An image_url, file or audio part as an attachment: an http(s) URL goes to Poe as it is;
-    a data: URL is decoded and uploaded first (decode_attachments, upload_attachments)."""
+    a data: URL is decoded and uploaded first (upload_attachments)."""
     url = string_at(url, where)
     name = name if isinstance(name, str) and name else None
     if re.match(r"https?://", url, re.IGNORECASE):
@@ -2806,17 +2780,6 @@ def openai_tool_calls(value: Any, where: str) -> list[fp.ToolCallDefinition]:
     return calls
 
 
-def openai_messages(messages: Any, tool_round: bool
-                    ) -> tuple[list[dict], list | None, list | None]:
-    """OpenAI's messages as [{role, content, attachments}] for Poe, with the last round of tool
-    calls and results apart when the messages end with it and tools go to Poe (Poe carries one
-    round a request, beside the messages: tool_calls, tool_results). Every other round is
-    folded into the text."""
-    if not isinstance(messages, list) or not messages:
-        raise HTTPException(400, "messages must be a non-empty array")
-    return split_tool_round(openai_entries(messages), tool_round)
-
-
 def openai_entries(messages: list, place: str = "messages") -> list[dict]:
     """OpenAI's messages checked, each as {role, content, attachments}, with tool_calls
     (assistant) or tool_call_id and name (tool)."""
@@ -2851,8 +2814,9 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
 
 def split_tool_round(history: list[dict], tool_round: bool
                      ) -> tuple[list[dict], list | None, list | None]:
-    """The history for Poe, and the last round of tool calls and results apart (see
-    openai_messages)."""
+    """The history for Poe, with the last round of tool calls and results apart when it ends
+    with one and tools go to Poe (`tool_round`: Poe carries one round a request, beside the
+    messages: tool_calls, tool_results). Every other round is folded into the text."""
     start = len(history)
     while start > 0 and history[start - 1]["role"] == "tool":
         start -= 1
@@ -3051,41 +3015,25 @@ def max_reply_chars(data: dict) -> int | None:
     return min(limits) * 4 if limits else None
 
 
-def decode_data_url(url: str) -> bytes:
-    return base64.b64decode(url.partition(",")[2], validate=True)
-
-
-async def decode_attachments(attachments: list[dict]) -> list[dict]:
-    """data: URLs as bytes for upload_attachments; a large one decoded off the loop."""
-    decoded = []
-    for attachment in attachments:
-        url = attachment.get("data_url")
-        if url is not None:
-            try:
-                data = decode_data_url(url) if len(url) < 2**20 else \
-                    await asyncio.to_thread(decode_data_url, url)
-            except (ValueError, binascii.Error):
-                raise HTTPException(400, "a data: URL's data must be base64") from None
-            attachment = {"data": data, "name": attachment["name"],
-                          "content_type": attachment["content_type"]}
-        decoded.append(attachment)
-    return decoded
+async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
+    """The entries with their attachments uploaded to Poe (upload_attachments): stored
+    messages keep Poe's URLs."""
+    uploaded = iter(await upload_attachments(
+        app, api_key, [a for entry in entries for a in entry["attachments"]]))
+    return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
+            for entry in entries]
 
 
 async def poe_history(app: Starlette, api_key: str, history: list[dict],
                       instructions: list[str]) -> list[dict]:
     """The entries as Poe will get them: what the bot must be told (tool_choice,
-    response_format) added to the system message, attachments decoded and uploaded first."""
-    wanted = [a for entry in history for a in entry["attachments"]]
-    uploaded = iter(await upload_attachments(app, api_key, await decode_attachments(wanted))
-                    if wanted else [])
+    response_format) added to the system message, attachments uploaded first."""
     added = "\n\n".join(filter(None, instructions))
     if added and history and history[0]["role"] == "system":
         history = [{**history[0], "content": f"{history[0]['content']}\n\n{added}"}, *history[1:]]
     elif added:
         history = [{"role": "system", "content": added, "attachments": []}, *history]
-    return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
-            for entry in history]
+    return await upload_entries(app, api_key, history)
 
 
 def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
@@ -3101,11 +3049,6 @@ def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
         estimate_tokens(r.content) for r in tool_results)
     return prepare_query(poe_messages, params), tokens
 
-
-async def off_loop(size: int, fn: Callable, *args: Any) -> Any:
-    """fn(*args), on a worker thread when its input is long (`size` items): no request holds
-    the event loop for long."""
-    return fn(*args) if size < 500 else await asyncio.to_thread(fn, *args)
 
 
 def estimate_tokens(text: str) -> int:
@@ -3229,9 +3172,11 @@ async def chat_completions(request: Request) -> Response:
         raise HTTPException(400, "model is required: the name of a Poe bot")
     tools, tool_instruction = openai_tools(data.get("tools"), data.get("tool_choice"))
     messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HTTPException(400, "messages must be a non-empty array")
     history, tool_calls, tool_results = await off_loop(
-        len(messages) if isinstance(messages, list) else 0, openai_messages, messages,
-        tools is not None)
+        len(messages) >= LONG_ITEMS,
+        lambda: split_tool_round(openai_entries(messages), tools is not None))
     params = openai_params(data)
     format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
@@ -3608,21 +3553,6 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
     return history, names, rows[-1]["id"] if rows else 0
 
 
-async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> None:
-    """Each entry's attachments uploaded to Poe, in place: stored messages keep Poe's URLs."""
-    for entry in entries:
-        if entry["attachments"]:
-            entry["attachments"] = await upload_attachments(
-                app, api_key, await decode_attachments(entry["attachments"]))
-
-
-def message_rows(entries: list[dict]) -> list[tuple]:
-    """Entries as insert_turn's rows: (role, content, attachments, tool_calls, tool_call_id)."""
-    return [(entry["role"], entry["content"],
-             json.dumps(entry["attachments"]) if entry["attachments"] else None,
-             json.dumps([call.model_dump() for call in entry["tool_calls"]])
-             if entry.get("tool_calls") else None, entry.get("tool_call_id"))
-            for entry in entries]
 
 
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
@@ -3671,11 +3601,12 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
     """The query for Poe (the stored history, then this input), this input's entries to
     store, and the input's tokens as usage counts them."""
     given = data.get("input")
-    entries = await off_loop(len(given) if isinstance(given, list) else 0, lambda: openai_entries(
-        input_messages(given, names), "input"))
-    await upload_entries(app, api_key, entries)
-    history, _ = await off_loop(len(stored) + len(entries), fit_history, stored + entries,
-                                len(entries), app.state.settings.max_context_chars)
+    entries = await off_loop(isinstance(given, list) and len(given) >= LONG_ITEMS,
+                             lambda: openai_entries(input_messages(given, names), "input"))
+    entries = await upload_entries(app, api_key, entries)
+    history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
+                                stored + entries, len(entries),
+                                app.state.settings.max_context_chars)
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
@@ -3799,7 +3730,7 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
     """OpenAI's event sequence: created, in_progress, the message's text as it comes, then
     the calls and every done event once the reply has ended (response_output_events), then
     the terminal event."""
-    event = functools.partial(response_event, iter(range(2**62)))
+    event = partial(response_event, iter(range(2**62)))
     text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
     opened, sent = False, SentText()
     try:
@@ -3908,8 +3839,8 @@ def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> di
 
 async def list_input_items(request: Request) -> JSONResponse:
     """The response's own input (not what it inherited from earlier turns)."""
-    return JSONResponse(await request.app.state.db.read(
-        input_items_page, request.path_params["response_id"], list_query(request)))
+    return await read_answer(request, input_items_page, request.path_params["response_id"],
+                             list_query(request))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3955,11 +3886,9 @@ def list_query(request: Request) -> dict:
     order = request.query_params.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise HTTPException(400, "order must be asc or desc")
-    limit = query_int(request, "limit")
-    if limit is not None and not 1 <= limit <= 100:
-        raise HTTPException(400, "limit must be from 1 to 100")
+    limit = query_limit(request, 100, 20)
     after = request.query_params.get("after") or None
-    return {"order": order, "after": after and item_key(after), "limit": limit or 20}
+    return {"order": order, "after": after and item_key(after), "limit": limit}
 
 
 def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
@@ -3997,7 +3926,7 @@ async def item_rows(request: Request, items: Any) -> list[tuple]:
     key only when there is data), as insert_messages' rows."""
     entries = openai_entries(input_messages(items, {}, "items"), "items")
     if any(a.get("data_url") for entry in entries for a in entry["attachments"]):
-        await upload_entries(request.app, poe_key(request), entries)
+        entries = await upload_entries(request.app, poe_key(request), entries)
     return message_rows(entries)
 
 
@@ -4016,13 +3945,11 @@ async def create_openai_conversation(request: Request) -> JSONResponse:
     data = await read_json(request)
     metadata = metadata_field(data)
     rows = await item_rows(request, data["items"]) if data.get("items") else []
-    return JSONResponse(await request.app.state.db.write(new_openai_conversation, metadata,
-                                                         rows))
+    return await write_answer(request, new_openai_conversation, metadata, rows)
 
 
 async def read_openai_conversation(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(
-        conversation_object, request.path_params["conversation_id"]))
+    return await read_answer(request, conversation_object, request.path_params["conversation_id"])
 
 
 async def update_openai_conversation(request: Request) -> JSONResponse:
@@ -4033,11 +3960,10 @@ async def update_openai_conversation(request: Request) -> JSONResponse:
     metadata = metadata_field(data)
 
     def update(db: sqlite3.Connection) -> dict:
-        get_conversation(db, conversation_id)
-        update_row(db, "conversations", conversation_id,
-                   {"metadata": json.dumps(metadata) if metadata else None}, stamp="updated_at")
+        change_conversation(db, conversation_id,
+                            {"metadata": json.dumps(metadata) if metadata else None})
         return conversation_object(db, conversation_id)
-    return JSONResponse(await request.app.state.db.write(update))
+    return await write_answer(request, update)
 
 
 async def delete_openai_conversation(request: Request) -> JSONResponse:
@@ -4053,8 +3979,8 @@ def conversation_items(db: sqlite3.Connection, conversation_id: str, page: dict)
 
 
 async def list_conversation_items(request: Request) -> JSONResponse:
-    return JSONResponse(await request.app.state.db.read(
-        conversation_items, request.path_params["conversation_id"], list_query(request)))
+    return await read_answer(request, conversation_items, request.path_params["conversation_id"],
+                             list_query(request))
 
 
 async def add_conversation_items(request: Request) -> JSONResponse:
@@ -4110,7 +4036,7 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
         touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
-    return JSONResponse(await app.state.db.write(delete))
+    return await write_answer(request, delete)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4238,12 +4164,9 @@ async def search(request: Request) -> Response:
         raise HTTPException(400, "q must be a non-empty string")
     if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
         raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
-    limit = query_int(request, "limit")
-    limit = SEARCH_LIMIT if limit is None else limit
-    if not 1 <= limit <= SEARCH_LIMIT_MAX:
-        raise HTTPException(400, f"limit must be from 1 to {SEARCH_LIMIT_MAX}")
-    project_id = query_int(request, "project_id")
-    body = await request.app.state.db.read(search_index, q, project_id, limit)
+    limit = query_limit(request, SEARCH_LIMIT_MAX, SEARCH_LIMIT)
+    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"),
+                                           limit)
     return Response(body, media_type="application/json")
 
 
@@ -4503,9 +4426,7 @@ def access_guard(app: Any, settings: Settings) -> Any:
             return await app(scope, receive, send)
         headers = Headers(scope=scope)
         if settings.access_keys and (scope["method"], scope["path"]) not in OPEN_ROUTES:
-            token = headers.get("authorization", "")
-            scheme, _, token = token.partition(" ")
-            if scheme.lower() != "bearer" or not is_access_key(settings, token.strip()):
+            if not is_access_key(settings, bearer(headers)):
                 response = error_response(scope, 401, "a valid access key is required: "
                                                       "'Authorization: Bearer <access key>'")
                 return await response(scope, receive, send)
