@@ -288,26 +288,21 @@ class Database:
         self.local.db = connect(self.path, self.timeout)
         self.connections.append(self.local.db)
 
-    def _read(self, fn: Callable, args: tuple) -> Any:
+    def _run(self, fn: Callable, args: tuple, write: bool) -> Any:
         try:
-            return fn(self.local.db, *args)
-        except sqlite3.Error as exc:
-            raise database_failure(exc) from None
-
-    def _write(self, fn: Callable, args: tuple) -> Any:
-        try:
-            with transaction(self.local.db):
+            with transaction(self.local.db) if write else contextlib.nullcontext():
                 return fn(self.local.db, *args)
         except sqlite3.Error as exc:
             raise database_failure(exc) from None
 
     async def read(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.readers, self._read, fn,
-                                                                args)
+        return await asyncio.get_running_loop().run_in_executor(self.readers, self._run, fn,
+                                                                args, False)
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
-        return asyncio.get_running_loop().run_in_executor(self.writer, self._write, fn, args)
+        return asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args,
+                                                          True)
 
     async def write(self, fn: Callable, *args: Any) -> Any:
         return await self.submit_write(fn, *args)
@@ -380,8 +375,7 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
 
 def check_columns(db: sqlite3.Connection) -> None:
     """DatabaseUnusable when a table lacks a column schema.sql gives it."""
-    scratch = sqlite3.connect(":memory:")
-    try:
+    with contextlib.closing(sqlite3.connect(":memory:")) as scratch:
         for statement in schema_statements():
             scratch.execute(statement)
         tables = [row[0] for row in scratch.execute(
@@ -393,15 +387,13 @@ def check_columns(db: sqlite3.Connection) -> None:
                              - have)
             if missing:
                 raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
-    finally:
-        scratch.close()
 
 
 def inspect_database(db_path: str) -> int:
     """The schema version of an existing file (0 for an empty one), read without writing to
     it; DatabaseUnusable when this release cannot serve it."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None, timeout=30)
-    try:
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True,
+                                            isolation_level=None, timeout=30)) as db:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                        "name = 'messages'").fetchone():
@@ -413,8 +405,6 @@ def inspect_database(db_path: str) -> int:
         if version == SCHEMA_VERSION:
             check_columns(db)
         return version
-    finally:
-        db.close()
 
 
 def upgrade(db: sqlite3.Connection, version: int) -> None:
@@ -445,16 +435,14 @@ def prepare_database(db_path: str) -> None:
     try:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
-        db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
-        try:
+        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None,
+                                                timeout=30)) as db:
             if version < SCHEMA_VERSION:
                 upgrade(db, version)
             db.execute("PRAGMA journal_mode = WAL")
             # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
             db.execute(f"UPDATE messages SET status = 'interrupted', updated_at = {NOW_SQL} "
                        "WHERE status = 'streaming'")
-        finally:
-            db.close()
     except sqlite3.Error as exc:
         reason = str(exc)
         if "readonly" in reason or "read-only" in reason:
@@ -463,7 +451,7 @@ def prepare_database(db_path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Request helpers: one way to read a body, one way to check each kind of field.
+# Request helpers: one way to read a body, to check each kind of field, to answer from SQLite.
 # ---------------------------------------------------------------------------------------------
 
 MISSING = object()
@@ -832,9 +820,8 @@ def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure
         if status in (400, 422):
             return PoeFailure(400, f"Poe refused the request (HTTP {status})")
         code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
-        retry_after = answer.retry_after
-        headers = {"Retry-After": retry_after} if code == 429 and retry_after else None
-        return PoeFailure(code, detail, headers)
+        retry = code == 429 and answer.retry_after
+        return PoeFailure(code, detail, {"Retry-After": answer.retry_after} if retry else None)
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if isinstance(cause, httpx.TimeoutException):
         return PoeFailure(504, "Poe did not answer in time")
@@ -1016,11 +1003,9 @@ class ReplyEnd:
 
 
 def save_reply_text(db: sqlite3.Connection, message_id: int, text: str, rewrite: bool) -> None:
-    if rewrite:
-        db.execute(f"UPDATE messages SET content = ?, updated_at = {NOW_SQL} WHERE id = ?",
-                   (text, message_id))
-    elif text:
-        db.execute(f"UPDATE messages SET content = content || ?, updated_at = {NOW_SQL} "
+    if rewrite or text:
+        content_sql = "?" if rewrite else "content || ?"
+        db.execute(f"UPDATE messages SET content = {content_sql}, updated_at = {NOW_SQL} "
                    "WHERE id = ?", (text, message_id))
 
 
@@ -4239,34 +4224,26 @@ async def export(request: Request) -> Response:
         "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
 
 
-def copy_database(source: sqlite3.Connection, target: str, check: str) -> None:
-    """Copies the database `source` is open on into the file `target` with SQLite's online
-    backup (one step: one consistent snapshot, writers go on meanwhile), as a single file
-    (rollback journal, not WAL), then opens the copy and runs PRAGMA `check` on it."""
-    assert check in ("quick_check", "integrity_check")
-    copy = sqlite3.connect(target, isolation_level=None)
-    try:
-        source.backup(copy)
-        copy.execute("PRAGMA journal_mode = DELETE")
-        problems = [row[0] for row in copy.execute(f"PRAGMA {check}")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"the copy fails {check}: {'; '.join(problems[:3])}")
-        copy.execute("SELECT count(*) FROM messages").fetchone()
-    finally:
-        copy.close()
-
-
 def backup_to_temporary(db: sqlite3.Connection, directory: str,
                         check: str = "quick_check") -> str:
-    """A checked copy of the database in a new file in `directory` (the database's own, where
-    there is room for one); its path."""
+    """A copy of the database `db` is open on, in a new file in `directory` (the database's
+    own, where there is room for one); its path. Made with SQLite's online backup (one step:
+    one consistent snapshot, writers go on meanwhile), as a single file (rollback journal, not
+    WAL), then opened and checked by PRAGMA `check`."""
+    assert check in ("quick_check", "integrity_check")
     try:
         fd, path = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=directory)
         os.close(fd)
     except OSError as exc:
         raise HTTPException(503, f"cannot write the backup copy: {exc.strerror}") from None
     try:
-        copy_database(db, path, check)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as copy:
+            db.backup(copy)
+            copy.execute("PRAGMA journal_mode = DELETE")
+            problems = [row[0] for row in copy.execute(f"PRAGMA {check}")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"the copy fails {check}: {'; '.join(problems[:3])}")
+            copy.execute("SELECT count(*) FROM messages").fetchone()
     except BaseException:
         remove_file(path)
         raise
@@ -4679,14 +4656,13 @@ def backup(db_path: str, target: str) -> int:
         raise DatabaseUnusable(f"there is no database at {db_path}")
     if os.path.exists(target) and os.path.samefile(db_path, target):
         raise DatabaseUnusable("the backup FILE must not be the database itself")
-    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
-        path = backup_to_temporary(source, os.path.dirname(os.path.abspath(target)),
-                                   "integrity_check")
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True,
+                                                timeout=30)) as source:
+            path = backup_to_temporary(source, os.path.dirname(os.path.abspath(target)),
+                                       "integrity_check")
     except HTTPException as exc:
         raise OSError(exc.detail) from None
-    finally:
-        source.close()
     try:
         os.replace(path, target)
     except OSError:
