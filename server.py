@@ -6,10 +6,10 @@ order, and what each owns:
 
   Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
   Database            Database (one writer thread, reader threads: the loop never calls SQLite),
-                      fetch_or_404, insert_row, update_row, touch_conversation; the schema's
-                      upgrade steps (MIGRATIONS, prepare_database)
-  Request helpers     read_json, text_field, int_field, id_list_field, ..., the {name:id} path
-                      convertor, poe_key
+                      transaction, fetch_or_404, insert_row, update_row, touch_conversation;
+                      the schema's upgrade steps (MIGRATIONS, prepare_database)
+  Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
+                      the {name:id} path convertor, read_answer/write_answer, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure, CutLongTextEvents
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
@@ -3035,7 +3035,6 @@ def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
     return prepare_query(poe_messages, params), tokens
 
 
-
 def estimate_tokens(text: str) -> int:
     # Poe reports no token counts; about four characters a token is OpenAI's own rule of thumb.
     return (len(text) + 3) // 4
@@ -3217,11 +3216,6 @@ async def completion_chunks(completion: Completion, first: tuple) -> AsyncIterat
         reply.drop_if_unstored()
 
 
-def builtin_models() -> list[dict]:
-    return [{"id": model, "object": "model", "created": MODELS_CREATED, "owned_by": "poe"}
-            for model in MODELS]
-
-
 def model_entries(body: Any) -> list[dict] | None:
     """Poe's list with Poe's metadata, each entry in OpenAI's shape; None when it is not a list
     of models."""
@@ -3258,7 +3252,8 @@ class ModelList:
             async with self.lock:
                 if not self.fresh():
                     await self.fetch()
-        return self.models or builtin_models()
+        return self.models or [{"id": model, "object": "model", "created": MODELS_CREATED,
+                                "owned_by": "poe"} for model in MODELS]
 
     async def fetch(self) -> None:
         try:
@@ -3538,8 +3533,6 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
     return history, names, rows[-1]["id"] if rows else 0
 
 
-
-
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
     """A new conversation with the settings of another and a copy of its history up to a
     message; the other is left as it is."""
@@ -3585,9 +3578,9 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
                          ) -> tuple[PoeQuery, list[dict], int]:
     """The query for Poe (the stored history, then this input), this input's entries to
     store, and the input's tokens as usage counts them."""
-    given = data.get("input")
-    entries = await off_loop(isinstance(given, list) and len(given) >= LONG_ITEMS,
-                             lambda: openai_entries(input_messages(given, names), "input"))
+    items = data.get("input")
+    entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
+                             lambda: openai_entries(input_messages(items, names), "input"))
     entries = await upload_entries(app, api_key, entries)
     history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
                                 stored + entries, len(entries),
@@ -3979,8 +3972,7 @@ async def add_conversation_items(request: Request) -> JSONResponse:
         raise HTTPException(409, "this conversation already has a reply in progress")
     ids, _ = await app.state.db.write(insert_messages, conversation_id, rows)
     page = {"order": "asc", "after": None, "limit": INT64 - 3}  # all: a message, many items
-    return JSONResponse(await app.state.db.read(items_page, conversation_id, ids[0], ids[-1],
-                                                page))
+    return await read_answer(request, items_page, conversation_id, ids[0], ids[-1], page)
 
 
 def find_item(db: sqlite3.Connection, conversation_id: str, item_id: str) -> dict:
@@ -4040,11 +4032,6 @@ RANK_CANDIDATES = 2000
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 
 
-def search_terms(q: str) -> list[str]:
-    """The words of a query: every one must be found (a substring, case-insensitive)."""
-    return list(dict.fromkeys(q.split()))
-
-
 def like_pattern(term: str) -> str:
     return "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
 
@@ -4076,7 +4063,7 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
     the indexes (each quoted as an FTS5 phrase: input is never query syntax) and ranked by
     bm25; shorter words filter what those find, or, when a query has no longer word, are
     found by a scan of the newest rows, newest first."""
-    terms = search_terms(q)
+    terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
     indexed = [t for t in terms if len(t) >= 3]
     short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
     params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id,
@@ -4312,11 +4299,9 @@ async def health(request: Request) -> JSONResponse:
 
 
 def is_access_key(settings: Settings, token: str | None) -> bool:
-    """Constant time: every key is compared, whatever matches."""
-    found = False
-    for key in settings.access_keys:
-        found |= hmac.compare_digest((token or "").encode(), key.encode())
-    return found
+    """Constant time: every key is compared (sum, not any), whatever matches."""
+    return sum(hmac.compare_digest((token or "").encode(), key.encode())
+               for key in settings.access_keys) > 0
 
 
 async def login(request: Request) -> JSONResponse:
@@ -4424,6 +4409,11 @@ def access_guard(app: Any, settings: Settings) -> Any:
 CONVERSATION = "/v1/chat/conversations/{conversation_id}"
 PROJECT = "/v1/projects/{project_id:id}"
 DOCUMENT = "/v1/plan/documents/{document_id:id}"
+CATEGORY = "/v1/plan/categories/{category_id:id}"
+RESPONSE = "/v1/responses/{response_id}"
+OPENAI_CONVERSATION = "/v1/conversations/{conversation_id}"
+PROJECT_REFERENCES = PROJECT + "/document-references"
+CONVERSATION_REFERENCES = CONVERSATION + "/document-references"
 routes = [
     # Conversations
     Route("/v1/chat/conversations", list_conversations, methods=["GET"]),
@@ -4450,9 +4440,9 @@ routes = [
     # Plan (fixed paths before DOCUMENT, which would take them otherwise)
     Route("/v1/plan/categories", list_categories, methods=["GET"]),
     Route("/v1/plan/categories", create_category, methods=["POST"]),
-    Route("/v1/plan/categories/{category_id:id}", read_category, methods=["GET"]),
-    Route("/v1/plan/categories/{category_id:id}", update_category, methods=["PUT"]),
-    Route("/v1/plan/categories/{category_id:id}", delete_category, methods=["DELETE"]),
+    Route(CATEGORY, read_category, methods=["GET"]),
+    Route(CATEGORY, update_category, methods=["PUT"]),
+    Route(CATEGORY, delete_category, methods=["DELETE"]),
     Route("/v1/plan/documents", list_documents, methods=["GET"]),
     Route("/v1/plan/documents", create_document, methods=["POST"]),
     Route("/v1/plan/documents", delete_all_versions, methods=["DELETE"]),
@@ -4470,42 +4460,32 @@ routes = [
     Route(DOCUMENT + "/tags:batch", batch_tags, methods=["POST"]),
     Route(DOCUMENT + "/tags/{tag_name:path}", delete_tag, methods=["DELETE"]),
     # Knowledge
-    Route(PROJECT + "/document-references", partial(list_references, owner="project"),
-          methods=["GET"]),
-    Route(PROJECT + "/document-references", partial(set_references, owner="project"),
-          methods=["POST"]),
-    Route(PROJECT + "/document-references", partial(clear_references, owner="project"),
+    Route(PROJECT_REFERENCES, partial(list_references, owner="project"), methods=["GET"]),
+    Route(PROJECT_REFERENCES, partial(set_references, owner="project"), methods=["POST"]),
+    Route(PROJECT_REFERENCES, partial(clear_references, owner="project"), methods=["DELETE"]),
+    Route(CONVERSATION_REFERENCES, partial(list_references, owner="conversation"), methods=["GET"]),
+    Route(CONVERSATION_REFERENCES, partial(set_references, owner="conversation"), methods=["POST"]),
+    Route(CONVERSATION_REFERENCES, partial(clear_references, owner="conversation"),
           methods=["DELETE"]),
-    Route(CONVERSATION + "/document-references", partial(list_references, owner="conversation"),
-          methods=["GET"]),
-    Route(CONVERSATION + "/document-references", partial(set_references, owner="conversation"),
-          methods=["POST"]),
-    Route(CONVERSATION + "/document-references",
-          partial(clear_references, owner="conversation"), methods=["DELETE"]),
     Route(CONVERSATION + "/referenced-documents", referenced_documents, methods=["GET"]),
-    # OpenAI-compatible
+    # Chat completions and models
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
-    # OpenAI Responses and Conversations
+    # OpenAI Responses
     Route("/v1/responses", create_response, methods=["POST"]),
-    Route("/v1/responses/{response_id}", read_response, methods=["GET"]),
-    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
-    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+    Route(RESPONSE, read_response, methods=["GET"]),
+    Route(RESPONSE, delete_response, methods=["DELETE"]),
+    Route(RESPONSE + "/input_items", list_input_items, methods=["GET"]),
+    # OpenAI Conversations
     Route("/v1/conversations", create_openai_conversation, methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}", read_openai_conversation, methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}", update_openai_conversation,
-          methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}", delete_openai_conversation,
-          methods=["DELETE"]),
-    Route("/v1/conversations/{conversation_id}/items", list_conversation_items,
-          methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}/items", add_conversation_items,
-          methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}/items/{item_id}", read_conversation_item,
-          methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}/items/{item_id}", delete_conversation_item,
-          methods=["DELETE"]),
+    Route(OPENAI_CONVERSATION, read_openai_conversation, methods=["GET"]),
+    Route(OPENAI_CONVERSATION, update_openai_conversation, methods=["POST"]),
+    Route(OPENAI_CONVERSATION, delete_openai_conversation, methods=["DELETE"]),
+    Route(OPENAI_CONVERSATION + "/items", list_conversation_items, methods=["GET"]),
+    Route(OPENAI_CONVERSATION + "/items", add_conversation_items, methods=["POST"]),
+    Route(OPENAI_CONVERSATION + "/items/{item_id}", read_conversation_item, methods=["GET"]),
+    Route(OPENAI_CONVERSATION + "/items/{item_id}", delete_conversation_item, methods=["DELETE"]),
     # Search, export, backup
     Route("/v1/search", search, methods=["GET"]),
     Route(CONVERSATION + "/export", export, methods=["GET"]),
@@ -4553,10 +4533,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
     """The ASGI app. Keyword arguments override the environment (lower-case names of the
     settings table in the README: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
     settings = settings or load_settings(**overrides)
-    if settings.cors_origins:
-        cors = {"allow_origins": settings.cors_origins}
-    else:
-        cors = {"allow_origin_regex": LOOPBACK_ORIGINS}
+    cors = ({"allow_origins": settings.cors_origins} if settings.cors_origins
+            else {"allow_origin_regex": LOOPBACK_ORIGINS})
     middleware = [Middleware(host_guard, settings=settings),
                   Middleware(JSONCORSMiddleware, allow_methods=["*"], allow_headers=["*"],
                              max_age=600, **cors),
