@@ -210,7 +210,6 @@ def fetch_all(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> li
 
 
 def fetch_or_404(db: sqlite3.Connection, sql: str, params: tuple, not_found: str) -> dict:
-    """The one row `sql` selects, else 404 with `not_found`."""
     row = fetch_one(db, sql, params)
     if row is None:
         raise HTTPException(404, not_found)
@@ -1933,7 +1932,6 @@ async def stop_stream(request: Request) -> JSONResponse:
 
 
 async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
-    """Stops each reply in progress that writes or answers one of these messages."""
     for reply in app.state.replies.writing_to(message_ids):
         await reply.stop()
 
@@ -2161,7 +2159,6 @@ def category_changes(data: dict) -> dict[str, Any]:
 
 
 def save_category(db: sqlite3.Connection, category_id: int | None, changes: dict) -> dict:
-    """Inserts (category_id None) or updates a category; a name taken by another is 409."""
     if changes.get("auto_save_category_id") is not None:
         fetch_or_404(db, "SELECT id FROM plan_categories WHERE id = ?",
                      (changes["auto_save_category_id"],),
@@ -2488,12 +2485,9 @@ def copy_history(db: sqlite3.Connection, move: dict) -> dict:
 
 async def migrate_all_history(request: Request) -> JSONResponse:
     data = await read_json(request)
-    move = {"project_id": int_field(data, "project_id", required=True, minimum=1),
-            "source_category_id": int_field(data, "source_category_id", required=True,
-                                            minimum=1),
-            "target_category_id": int_field(data, "target_category_id", required=True,
-                                            minimum=1),
-            "filename": text_field(data, "filename", required=True, empty_ok=False)}
+    move = {name: int_field(data, name, required=True, minimum=1)
+            for name in ("project_id", "source_category_id", "target_category_id")}
+    move["filename"] = text_field(data, "filename", required=True, empty_ok=False)
     if move["source_category_id"] == move["target_category_id"]:
         raise HTTPException(400, "source and target category cannot be the same")
     return await write_answer(request, copy_history, move)
@@ -3338,8 +3332,8 @@ def input_messages(items: Any, names: dict[str, str], place: str = "input") -> l
     if isinstance(items, str) and place == "input":
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
-        raise HTTPException(400, f"{place} must be " + ("a string or " if place == "input"
-                                                         else "") + "a non-empty array of items")
+        either = "a string or " if place == "input" else ""
+        raise HTTPException(400, f"{place} must be {either}a non-empty array of items")
     messages: list[dict] = []
     for i, item in enumerate(items):
         where = f"{place}[{i}]"
@@ -3567,9 +3561,8 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
     base = {**base, "conversation": {"id": conversation_id}}
     db.execute("INSERT INTO responses (id, conversation_id, first_message_id, last_message_id, "
-               "body) VALUES (?, ?, ?, ?, ?)", (base["id"], conversation_id,
-                                               ids[0] if ids else reply_id, reply_id,
-                                               dumps(base)))
+               "body) VALUES (?, ?, ?, ?, ?)",
+               (base["id"], conversation_id, ids[0] if ids else reply_id, reply_id, dumps(base)))
     return conversation_id, ids, reply_id, updated_at, base
 
 
@@ -4108,25 +4101,21 @@ def search_results(db: sqlite3.Connection, keys: list[tuple[str, int]],
                    terms: list[str]) -> list[dict]:
     """The results for (kind, id) keys, in their order, each with its snippet."""
     found: dict[tuple[str, int], dict] = {}
-    message_ids = [i for kind, i in keys if kind == "message"]
-    document_ids = [i for kind, i in keys if kind == "document"]
-    if message_ids:
-        for row in db.execute("SELECT id, conversation_id, role, content, created_at FROM "
-                              "messages WHERE id IN (SELECT value FROM json_each(?))",
-                              (json.dumps(message_ids),)):
-            found["message", row["id"]] = {
-                "kind": "message", "id": row["id"], "conversation_id": row["conversation_id"],
-                "role": row["role"], "snippet": snippet(row["content"], terms),
-                "created_at": row["created_at"]}
-    if document_ids:
-        for row in db.execute("SELECT id, project_id, filename, version, content, created_time "
-                              "FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
-                              (json.dumps(document_ids),)):
-            found["document", row["id"]] = {
-                "kind": "document", "id": row["id"], "document_id": row["id"],
-                "project_id": row["project_id"], "filename": row["filename"],
-                "version": row["version"], "snippet": snippet(row["content"], terms),
-                "created_at": row["created_time"]}
+    ids = {kind: json.dumps([i for k, i in keys if k == kind]) for kind in ("message", "document")}
+    for row in db.execute("SELECT id, conversation_id, role, content, created_at FROM messages "
+                          "WHERE id IN (SELECT value FROM json_each(?))", (ids["message"],)):
+        found["message", row["id"]] = {
+            "kind": "message", "id": row["id"], "conversation_id": row["conversation_id"],
+            "role": row["role"], "snippet": snippet(row["content"], terms),
+            "created_at": row["created_at"]}
+    for row in db.execute("SELECT id, project_id, filename, version, content, created_time "
+                          "FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
+                          (ids["document"],)):
+        found["document", row["id"]] = {
+            "kind": "document", "id": row["id"], "document_id": row["id"],
+            "project_id": row["project_id"], "filename": row["filename"],
+            "version": row["version"], "snippet": snippet(row["content"], terms),
+            "created_at": row["created_time"]}
     return [found[key] for key in keys if key in found]
 
 
