@@ -3251,24 +3251,29 @@ def test_a_turn_that_cannot_get_the_database_is_503_and_calls_no_one(lockable):
     assert say(api, conversation_id, "again").status_code == 200
 
 
-def test_a_long_history_is_read_and_sent(start_service):
-    api, db_path = start_service()
+@pytest.mark.parametrize("size,max_context_chars", [
+    (1000, 2000),  # pages of 50, encoded 200 messages at a time, 2,000 characters to Poe
+    pytest.param(100000, None, marks=pytest.mark.slow),  # and MAX_CONTEXT_CHARS as shipped
+])
+def test_a_long_history_is_read_and_sent(start_service, size, max_context_chars):
+    api, db_path = start_service(max_context_chars=max_context_chars)
     conversation_id = new_conversation(api, model="Count")
     db = sqlite3.connect(db_path)
     db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
                    ((conversation_id, "user" if i % 2 == 0 else "assistant", f"m{i}")
-                    for i in range(100000)))
+                    for i in range(size)))
     db.commit()
     page = api.get(f"/v1/chat/conversations/{conversation_id}/messages",
                    params={"limit": 50}).json()
-    assert [m["content"] for m in page["messages"]][-1] == "m99999" and page["has_more"]
+    assert [m["content"] for m in page["messages"]][-1] == f"m{size - 1}" and page["has_more"]
     whole = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
-    assert len(whole["messages"]) == 100000
+    assert [m["content"] for m in whole["messages"]] == [f"m{i}" for i in range(size)]
     body = say(api, conversation_id, "last").json()
-    # MAX_CONTEXT_CHARS (400,000) left the oldest out; the rest went, newest last.
-    assert body["reply"] == f"{100001 - body['context_trimmed']} messages"
+    # MAX_CONTEXT_CHARS left the oldest out; the rest went, newest last.
+    assert body["context_trimmed"] > 0
+    assert body["reply"] == f"{size + 1 - body['context_trimmed']} messages"
     assert LAST_QUERY["Count"].query[-1].content == "last"
-    assert LAST_QUERY["Count"].query[-2].content == "m99999"
+    assert LAST_QUERY["Count"].query[-2].content == f"m{size - 1}"
 
 
 OLD_SCHEMA = """
@@ -3505,9 +3510,14 @@ def test_a_thousand_idle_sockets_do_not_lock_out_health(tmp_path, poe_url):
         process.stop(signal.SIGTERM)
 
 
-def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url):
+@pytest.mark.parametrize("clients,chunks", [
+    (5, 200),  # 2 MB a reply: a server that kept them would grow by 10 MB a round
+    pytest.param(10, 500, marks=pytest.mark.slow),  # 5 MB a reply, as bench.py's full run
+])
+def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url, clients, chunks):
     """Each stuck client may hold a bounded buffer, never the replies that went past it."""
     process = ServerProcess(tmp_path, poe_url)
+    reply_chars = chunks * 10000
 
     def rss() -> int:
         status = open(f"/proc/{process.process.pid}/status").read()
@@ -3517,7 +3527,7 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url):
         sockets = []
         for _ in range(count):
             conversation_id = new_conversation(api, model="Flood")
-            body = json.dumps({"content": "500", "stream": True}).encode()  # 500 x 10 kB
+            body = json.dumps({"content": str(chunks), "stream": True}).encode()  # x 10 kB
             sock = socket.create_connection(("127.0.0.1", process.port))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(f"POST /v1/chat/conversations/{conversation_id}/messages HTTP/1.1"
@@ -3529,22 +3539,23 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url):
 
     db = sqlite3.connect(tmp_path / "chat.db")
 
-    def all_complete() -> bool:
+    def complete(count: int) -> bool:
         return db.execute("SELECT count(*) FROM messages WHERE role = 'assistant' AND "
-                          "status != 'complete'").fetchone()[0] == 0
+                          "status = 'complete'").fetchone()[0] == count
     try:
         with httpx.Client(base_url=process.url, timeout=30) as api:
             stuck, sizes = [], []
             for _ in range(3):
-                stuck += stuck_clients(api, 10)
-                wait_for(all_complete, seconds=60)
+                stuck += stuck_clients(api, clients)
+                wait_for(lambda: complete(len(stuck)), seconds=60)
                 sizes.append(rss())
         lengths = db.execute("SELECT length(content) FROM messages WHERE role = 'assistant'"
                              ).fetchall()
-        assert lengths == [(5000000,)] * 30  # every reply stored whole
-        # Ten more stuck clients, 5 MB of reply each, held by none of them: once the memory the
-        # first replies used is there to reuse, the server hardly grows (it would by 100 MB).
-        assert sizes[2] - sizes[1] < 10 * 3 * 2**20, sizes
+        assert lengths == [(reply_chars,)] * clients * 3  # every reply stored whole
+        # More stuck clients, held by none of them: once the memory the first replies used is
+        # there to reuse, the server hardly grows: by less than 3 MiB a client per 5 MB of
+        # reply (60% of the text; a server that kept the replies would grow by all of it).
+        assert sizes[2] - sizes[1] < clients * 3 * 2**20 * reply_chars / 5000000, sizes
         for sock in stuck:
             sock.close()
     finally:
