@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -338,32 +339,39 @@ class LiveServer:
         self.thread.join(10)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
-    """`python server.py` as a user runs it, in a directory of its own."""
+    """`python server.py` as a user runs it, in a directory of its own, on a port the OS gives
+    it (--port 0): the port is read from uvicorn's line "Uvicorn running on http://host:port" in
+    the log, which also says the server is ready. Arguments go to server.py, keywords to its
+    environment; the log is appended to, so that a second process in the same directory keeps
+    the first one's lines."""
 
-    def __init__(self, workdir, poe_url, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, workdir, poe_url=None, *args, **env):
         self.log_path = workdir / "server.log"
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log = open(self.log_path, "ab")
+        if poe_url is not None:
+            env = {"POE_BASE_URL": poe_url, **env}
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(server.HERE, "server.py"), "--port", str(self.port),
-             "--db", str(workdir / "chat.db")],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "POE_BASE_URL": poe_url, **env})
-        wait_for(self.healthy, seconds=20, step=0.05)
+            [sys.executable, os.path.join(server.HERE, "server.py"), "--port", "0",
+             "--db", str(workdir / "chat.db"), *args],
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        self.port = wait_for(self.listening_port, seconds=20)
+        self.url = f"http://127.0.0.1:{self.port}"
+        assert httpx.get(self.url + "/health", timeout=5).status_code == 200
 
-    def healthy(self):
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+    def output(self) -> str:
+        """What this process has written to the log so far."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
+
+    def listening_port(self) -> int | None:
+        output = self.output()
+        if self.process.poll() is not None:
+            raise AssertionError(f"server.py exited with {self.process.returncode}:\n{output}")
+        found = re.search(r"Uvicorn running on https?://\S+:(\d+)", output)
+        return int(found[1]) if found else None
 
     def stop(self, sig):
         self.process.send_signal(sig)
