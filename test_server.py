@@ -730,13 +730,22 @@ def test_conversation_list_filters_and_reads_one(api, db):
     assert stored == 1
 
 
+def clock_past(stamp: str) -> None:
+    """Returns once SQLite's clock, which stamps the rows to the millisecond, reads later than
+    `stamp`: whatever is changed next gets a later time."""
+    clock = sqlite3.connect(":memory:")
+    wait_for(lambda: clock.execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
+             > stamp)
+    clock.close()
+
+
 def test_updated_at_moves_with_every_message_and_update(api):
     conversation_id = new_conversation(api, model="Echo")
     times = [api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"]]
-    time.sleep(0.01)
+    clock_past(times[-1])
     say(api, conversation_id, "hello")
     times.append(api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"])
-    time.sleep(0.01)
+    clock_past(times[-1])
     api.put(f"/v1/chat/conversations/{conversation_id}", json={"name": "n"})
     times.append(api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"])
     assert times == sorted(times) and len(set(times)) == 3
@@ -888,7 +897,7 @@ def test_deleting_messages_moves_updated_at(api):
     conversation_id = new_conversation(api, model="Echo")
     body = say(api, conversation_id, "x").json()
     before = api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"]
-    time.sleep(0.01)
+    clock_past(before)
     api.post("/v1/chat/messages/delete", json={"message_ids": [body["message_id"]]})
     assert api.get(f"/v1/chat/conversations/{conversation_id}").json()["updated_at"] > before
 
@@ -3418,7 +3427,11 @@ def test_shutdown_answers_every_caller_before_the_process_exits(tmp_path, poe_ur
         with stream_turn(api, streaming, "400 0.02") as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith('data: {"content"'))
-            time.sleep(0.3)
+            # The other reply has text too: its first save (within FLUSH_SECONDS) shows it.
+            db = sqlite3.connect(tmp_path / "chat.db")
+            wait_for(lambda: db.execute(
+                "SELECT status, length(content) > 0 FROM messages WHERE conversation_id = ? "
+                "AND role = 'assistant'", (waiting,)).fetchall() == [("streaming", 1)])
             process.process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line.startswith("data: ")]
         thread.join(15)
@@ -3428,9 +3441,9 @@ def test_shutdown_answers_every_caller_before_the_process_exits(tmp_path, poe_ur
     assert json.loads(rest[-2][6:])["error"]["status"] == 503
     assert results["plain"].status_code == 503
     assert "shutting down" in results["plain"].json()["detail"]
-    db = sqlite3.connect(tmp_path / "chat.db")
     statuses = db.execute("SELECT status, length(content) > 0 FROM messages "
                           "WHERE role = 'assistant'").fetchall()
+    db.close()
     assert statuses == [("interrupted", 1), ("interrupted", 1)]
 
 
@@ -3823,7 +3836,8 @@ def test_text_before_a_pause_is_saved_during_the_pause(api, db):
         events = (line for line in lines if line.startswith('data: {"content"'))
         received = [json.loads(next(events)[6:])["content"] for _ in range(2)]
         assert received == ["begin ", "more "]
-        time.sleep(server.FLUSH_SECONDS + 0.3)  # Poe is silent now
-        assert stored_messages(db, conversation_id)[-1]["content"] == "begin more "
+        # Poe is silent now, for 3 s: the text is written within FLUSH_SECONDS all the same.
+        wait_for(lambda: stored_messages(db, conversation_id)[-1]["content"] == "begin more ",
+                 seconds=server.FLUSH_SECONDS + 2)
         assert stored_messages(db, conversation_id)[-1]["status"] == "streaming"
         api.post(f"/v1/chat/conversations/{conversation_id}/stop")
