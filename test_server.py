@@ -3602,10 +3602,15 @@ def test_pathological_json_is_400(api, db, raw):
     assert snapshot(db) == before
 
 
-@pytest.mark.parametrize("path", ["/v1/projects/１２", "/v1/projects/²",
-                                  "/v1/plan/documents?project_id=²"])
-def test_odd_digits_are_not_500(api, path):
-    assert api.get(path).status_code in (400, 404)
+@pytest.mark.parametrize("path,status,detail", [
+    # Not ASCII digits: a path id that names no project, a query parameter of the wrong type.
+    ("/v1/projects/１２", 404, "Project not found"),
+    ("/v1/projects/²", 404, "Project not found"),
+    ("/v1/plan/documents?project_id=²", 400, "project_id must be a positive integer"),
+])
+def test_odd_digits_are_not_500(api, path, status, detail):
+    response = api.get(path)
+    assert (response.status_code, response.json()) == (status, {"detail": detail})
 
 
 ROUTES = [
