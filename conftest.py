@@ -335,8 +335,12 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
+        self.stop()
         self.thread.join(10)
+
+    def stop(self):
+        """Asks uvicorn to shut down; join self.thread to wait for it."""
+        self.server.should_exit = True
 
 
 class ServerProcess:
@@ -406,9 +410,12 @@ def start_service(poe_url, tmp_path_factory, monkeypatch_session):
         return client, db_path
 
     yield start
+    # Stopped together, not one after another: each takes a tick of uvicorn's loop and more.
     for live, client in stack:
         client.close()
-        live.__exit__()
+        live.stop()
+    for live, _ in stack:
+        live.thread.join(10)
 
 
 @pytest.fixture(scope="session")
