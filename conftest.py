@@ -441,3 +441,42 @@ def db(service):
     conn.row_factory = sqlite3.Row
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def fresh(start_service):
+    """A service of the test's own, on a new database: for a test whose answer depends on what
+    the whole database holds."""
+    return start_service()
+
+
+@pytest.fixture(scope="session")
+def search_service(start_service):
+    """The search-syntax cases' service: what other tests store (a reply of 3 MB of "x", say)
+    is not theirs to search."""
+    return start_service()
+
+
+@pytest.fixture(scope="session")
+def guarded(start_service):
+    """A service behind access keys, with a Poe key of its own."""
+    return start_service(access_keys="first-access-key, second-access-key",
+                         poe_api_key=RIGHT_KEY)
+
+
+@pytest.fixture(scope="session")
+def impatient(start_service):
+    """A service that waits at most 0.5 s for Poe's next event."""
+    return start_service(poe_timeout=0.5)
+
+
+@pytest.fixture(scope="session")
+def lockable(start_service):
+    """A service that waits at most 0.3 s for a database another program has locked."""
+    return start_service(db_timeout=0.3)
+
+
+@pytest.fixture(scope="session")
+def small_bodies(start_service):
+    """A service that takes request bodies of at most 1,000 bytes."""
+    return start_service(max_body_bytes=1000)

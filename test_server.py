@@ -469,12 +469,6 @@ def test_server_key_wins_over_placeholder_tokens(start_service, token):
     assert LAST_QUERY["Locked"].access_key == RIGHT_KEY  # what reached Poe
 
 
-@pytest.fixture(scope="session")
-def guarded(start_service):
-    return start_service(access_keys="first-access-key, second-access-key",
-                         poe_api_key=RIGHT_KEY)
-
-
 def test_access_keys_guard_every_route_but_health_login_and_preflight(guarded):
     api, db_path = guarded
     assert api.get("/health").status_code == 200
@@ -634,12 +628,6 @@ def test_poe_unreachable_is_502(start_service):
     response = say(api, conversation_id, "hello")
     assert response.status_code == 502
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
-
-
-@pytest.fixture(scope="session")
-def impatient(start_service):
-    """A service that waits at most 0.5 s for Poe's next event."""
-    return start_service(poe_timeout=0.5)
 
 
 @pytest.mark.parametrize("bot,elapsed,kept", [
@@ -1088,7 +1076,8 @@ def test_deleting_a_project_moves_its_conversations_to_0(api, db):
 # Plan
 # ---------------------------------------------------------------------------------------------
 
-def test_categories_are_seeded_in_the_seed_shape(api):
+def test_categories_are_seeded_in_the_seed_shape(fresh):
+    api, _ = fresh  # other tests add categories of their own to the shared database
     categories = api.get("/v1/plan/categories").json()
     by_name = {c["name"]: c for c in categories}
     assert {"需求评审", "方案设计", "知识库"} <= set(by_name)
@@ -1807,7 +1796,10 @@ def fts_in_step(db) -> bool:
     return True
 
 
-def test_search_finds_messages_and_documents_best_match_first(api, db):
+def test_search_finds_messages_and_documents_best_match_first(fresh):
+    api, db_path = fresh  # the ranking weighs what else the database holds
+    db = sqlite3.connect(db_path)
+    db.row_factory = sqlite3.Row
     project_id = new_project(api, "search-best")
     conversation_id = new_conversation(api, model="Echo", project_id=project_id,
                                        system_prompt="zebracorn once")
@@ -1926,8 +1918,11 @@ def test_search_index_never_drifts(api, db):
                                "(paren", "star*", "{filename content}: z", "a + b", "'; DROP",
                                "%", "_", "\\", "%_%", "100%", "  spaced   out  ", "NOT",
                                "表*", "x" * 500])
-def test_search_input_is_never_query_syntax(api, db, q):
+def test_search_input_is_never_query_syntax(search_service, q):
+    api, db_path = search_service
+    db = sqlite3.connect(db_path)
     message_id = store_message(db, new_conversation(api), f"before {q} after")
+    db.close()
     results = search(api, q, limit=100)
     assert message_id in {r["id"] for r in results if r["kind"] == "message"} or \
         len(results) == 100
@@ -3194,11 +3189,6 @@ def test_cutting_text_events_keeps_every_escape_character_and_pair():
     assert cuts > 1000
 
 
-@pytest.fixture(scope="session")
-def lockable(start_service):
-    return start_service(db_timeout=0.3)
-
-
 def test_a_locked_database_freezes_no_one_and_loses_nothing(lockable):
     api, db_path = lockable
     conversation_id = new_conversation(api, model="Slow")
@@ -3564,11 +3554,6 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url, clien
 # ---------------------------------------------------------------------------------------------
 # Hostile input
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def small_bodies(start_service):
-    return start_service(max_body_bytes=1000)
-
 
 def test_body_over_limit_is_413_by_content_length(small_bodies):
     api, db_path = small_bodies
