@@ -723,7 +723,7 @@ def clock_past(stamp: str) -> None:
     `stamp`: whatever is changed next gets a later time."""
     clock = sqlite3.connect(":memory:")
     wait_for(lambda: clock.execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
-             > stamp)
+             > stamp, step=0.001)
     clock.close()
 
 
