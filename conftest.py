@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -360,9 +361,13 @@ class ServerProcess:
             [sys.executable, os.path.join(server.HERE, "server.py"), "--port", "0",
              "--db", str(workdir / "chat.db"), *args],
             cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        self.port = wait_for(self.listening_port, seconds=20)
-        self.url = f"http://127.0.0.1:{self.port}"
-        assert httpx.get(self.url + "/health", timeout=5).status_code == 200
+        try:
+            self.port = wait_for(self.listening_port, seconds=20)
+            self.url = f"http://127.0.0.1:{self.port}"
+            assert httpx.get(self.url + "/health", timeout=5).status_code == 200
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def output(self) -> str:
         """What this process has written to the log so far."""
