@@ -6,7 +6,7 @@ a bare Starlette JSON route served the same way. This process is the client. Eve
 from the same run, so the ratios hold on a noisy machine.
 
     python bench.py            # the full table, a few minutes (a 200k-message database is built)
-    python bench.py --quick    # a small version in seconds (the test suite runs it)
+    python bench.py --quick    # a small version in about ten seconds (the test suite runs it)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import random
+import re
 import socket
 import sqlite3
 import statistics
@@ -86,28 +87,29 @@ def serve(role: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Process:
-    def __init__(self, args: list[str], port: int, log_path: str, env: dict | None = None):
-        self.url = f"http://127.0.0.1:{port}"
+    """A server started on port 0, its output in `log_path`: ready() waits for uvicorn's line
+    "Uvicorn running on http://127.0.0.1:NNNN" and takes the port the OS gave it from there
+    (a port picked beforehand could be taken by then)."""
+
+    def __init__(self, args: list[str], log_path: str, env: dict | None = None):
+        self.args, self.log_path, self.url = args, log_path, ""
         self.log = open(log_path, "wb")
         self.popen = subprocess.Popen([sys.executable, *args], stdout=self.log,
                                       stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                       cwd=os.path.dirname(log_path))
+
+    def ready(self) -> Process:
         deadline = time.monotonic() + 30
         while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.popen.poll() is not None:
-                    raise SystemExit(f"{args} did not start; see {log_path}")
-                time.sleep(0.05)
+            with open(self.log_path, "rb") as log:
+                found = re.search(rb"Uvicorn running on https?://\S+:(\d+)", log.read())
+            if found:
+                self.url = f"http://127.0.0.1:{int(found[1])}"
+                return self
+            if time.monotonic() > deadline or self.popen.poll() is not None:
+                raise SystemExit(f"{self.args} did not start; see {self.log_path}")
+            time.sleep(0.02)
 
     def cpu_seconds(self) -> float:
         with open(f"/proc/{self.popen.pid}/stat") as f:
@@ -135,6 +137,14 @@ class Process:
         except subprocess.TimeoutExpired:
             self.popen.kill()
         self.log.close()
+
+
+def start_service(workdir: str, bot: Process, db_path: str, log_name: str) -> Process:
+    """`python server.py` as users run it, on `db_path`, its Poe the bench's bot."""
+    return Process([os.path.join(HERE, "server.py"), "--port", "0", "--db", db_path],
+                   os.path.join(workdir, log_name),
+                   env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
+                        "DEFAULT_MODEL": "Bench"}).ready()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,15 +230,13 @@ def percentile(values: list[float], q: float) -> float:
 async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     db_path = os.path.join(workdir, "chat.db")
-    bot_port, service_port, bare_port = free_port(), free_port(), free_port()
-    bot = Process([os.path.abspath(__file__), "serve", "bot", str(bot_port)], bot_port,
+    bot = Process([os.path.abspath(__file__), "serve", "bot", "0"],
                   os.path.join(workdir, "bot.log"))
-    service = Process([os.path.join(HERE, "server.py"), "--port", str(service_port), "--db",
-                       db_path], service_port, os.path.join(workdir, "service.log"),
-                      env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
-                           "DEFAULT_MODEL": "Bench"})
-    bare = Process([os.path.abspath(__file__), "serve", "bare", str(bare_port)], bare_port,
+    bare = Process([os.path.abspath(__file__), "serve", "bare", "0"],
                    os.path.join(workdir, "bare.log"))
+    bot.ready()
+    service = start_service(workdir, bot, db_path, "service.log")
+    bare.ready()
     bot_url = bot.url + "/"
     db = sqlite3.connect(db_path)
     # Counts the service's updates of stored replies (the start of a reply is one insert).
@@ -243,7 +251,7 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
     client = httpx.AsyncClient(base_url=service.url, timeout=600, limits=limits)
     try:
         # 1. Paced streams. 5. Peak RSS at the largest, writes per reply.
-        paced_chunks = 40 if quick else 200
+        paced_chunks = 20 if quick else 200
         for streams in ((1, 5) if quick else (1, 50, 200)):
             direct: list[float] = []
             await asyncio.gather(*(direct_reply(session, bot_url, query(f"paced {paced_chunks}"),
@@ -369,7 +377,7 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
                 assert len(response.json()["messages"]) == size
             rows.append((f"GET messages, {size} messages: median", ms(statistics.median(times)),
                          ""))
-        seconds = 0.5 if quick else 3.0
+        seconds = 0.25 if quick else 3.0
         service_rate = await requests_per_second(service.url, seconds)
         bare_rate = await requests_per_second(bare.url, seconds)
         rows.append(("POST /v1/chat/conversations, 20 concurrent clients",
@@ -403,7 +411,8 @@ async def bench_faults(quick: bool, workdir: str, bot: Process) -> list[tuple[st
     sys.path.insert(0, HERE)
     import server
     rows = []
-    size, chunk, stuck = (20000, 5_000_000, 10) if quick else (100000, 50_000_000, 40)
+    size, chunk, stuck = (5000, 2_000_000, 5) if quick else (100000, 50_000_000, 40)
+    flood = 200 if quick else 500  # chunks of 10 kB a stuck client's reply
     db_path = os.path.join(workdir, "faults.db")
     server.prepare_database(db_path)
     db = sqlite3.connect(db_path)
@@ -411,16 +420,14 @@ async def bench_faults(quick: bool, workdir: str, bot: Process) -> list[tuple[st
     fill_history(db, "long", size)
     db.close()
 
-    def start_service() -> tuple[Process, httpx.AsyncClient]:
-        port = free_port()
-        service = Process([os.path.join(HERE, "server.py"), "--port", str(port), "--db",
-                           db_path], port, os.path.join(workdir, "faults.log"),
-                          env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
-                               "DEFAULT_MODEL": "Bench"})
+    services = itertools.count(1)
+
+    def start_fresh() -> tuple[Process, httpx.AsyncClient]:
+        service = start_service(workdir, bot, db_path, f"faults-{next(services)}.log")
         return service, httpx.AsyncClient(base_url=service.url, timeout=600)
 
     async def stall_of(name: str, request: Callable) -> None:
-        service, client = start_service()
+        service, client = start_fresh()
         try:
             started = time.perf_counter()
             await request(client)
@@ -448,25 +455,27 @@ async def bench_faults(quick: bool, workdir: str, bot: Process) -> list[tuple[st
     await stall_of(f"GET messages of a {size}-message conversation", get_history)
     await stall_of(f"a turn on a {size}-message conversation", turn)
     await stall_of(f"one {chunk // 10**6} MB chunk from Poe, streamed", huge_chunk)
-    service, client = start_service()
+    service, client = start_fresh()
     try:
         rss_before = service.rss_mb()
         conversation_ids = await new_conversations(client, stuck)
-        sockets = [stuck_client(service.url, c, "flood 500") for c in conversation_ids]
+        sockets = [stuck_client(service.url, c, f"flood {flood}") for c in conversation_ids]
         db = sqlite3.connect(db_path)
         marks = ", ".join("?" * stuck)
 
         def complete() -> int:
             return db.execute(f"SELECT count(*) FROM messages WHERE conversation_id IN ({marks})"
                               " AND role = 'assistant' AND status = 'complete' AND "
-                              "length(content) = 5000000", conversation_ids).fetchone()[0]
+                              f"length(content) = {flood * 10000}", conversation_ids
+                              ).fetchone()[0]
         deadline = time.monotonic() + 300
         while complete() < stuck and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         stored = complete()
         db.close()
         grown = service.rss_mb() - rss_before
-        rows.append((f"{stuck} clients that never read their 5 MB streams: server RSS growth",
+        rows.append((f"{stuck} clients that never read their {flood // 100} MB streams: "
+                     "server RSS growth",
                      f"{grown:.0f} MB ({grown / stuck:.1f} MB each); {stored}/{stuck} "
                      "stored whole", "target a few MB each"))
         for sock in sockets:
@@ -489,7 +498,7 @@ def stuck_client(url: str, conversation_id: str, content: str) -> socket.socket:
 
 
 async def bench_history(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:
-    messages, long_conversation, documents = ((20000, 10000, 500) if quick
+    messages, long_conversation, documents = ((5000, 2500, 200) if quick
                                               else (200000, 100000, 5000))
     db_path = os.path.join(workdir, "history.db")
     started = time.perf_counter()
@@ -499,11 +508,7 @@ async def bench_history(quick: bool, workdir: str, bot: Process) -> list[tuple[s
     rows = [(f"history database: {messages} messages ({long_conversation} in one "
              f"conversation), {documents} documents", f"{size_mb:.0f} MB, built in {built:.0f} s",
              "")]
-    port = free_port()
-    service = Process([os.path.join(HERE, "server.py"), "--port", str(port), "--db", db_path],
-                      port, os.path.join(workdir, "history.log"),
-                      env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
-                           "DEFAULT_MODEL": "Bench"})
+    service = start_service(workdir, bot, db_path, "history.log")
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100,
                           keepalive_expiry=2)
     client = httpx.AsyncClient(base_url=service.url, timeout=600, limits=limits)
@@ -552,7 +557,8 @@ async def bench_history(quick: bool, workdir: str, bot: Process) -> list[tuple[s
 
 async def bench_backup(client: httpx.AsyncClient, quick: bool) -> tuple[str, str, str]:
     """GET /v1/backup while 10 paced replies stream: how late their chunks arrive meanwhile."""
-    streams, chunks = 10, (150 if quick else 600)
+    # The streams run `lead` seconds before the backup begins (the 0.5 s before it are shown).
+    streams, (chunks, lead) = 10, ((60, 0.6) if quick else (600, 1.0))
     conversation_ids = await new_conversations(client, streams)
     arrivals: list[tuple[float, float]] = []  # (when received, how late)
 
@@ -562,7 +568,7 @@ async def bench_backup(client: httpx.AsyncClient, quick: bool) -> tuple[str, str
 
     replies = asyncio.gather(*(service_reply(client, c, f"paced {chunks}", record)
                                for c in conversation_ids))
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(lead)
     began = time.time()
     # Downloaded on a thread of its own, so that reading the copy holds up no chunk here.
     size = await asyncio.to_thread(download, str(client.base_url) + "/v1/backup")

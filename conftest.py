@@ -1,0 +1,487 @@
+"""The local Poe and the services under test, shared by test_server.py.
+
+The local Poe is a real Poe-protocol server (fastapi_poe's PoeBot + make_app) on 127.0.0.1, with
+bots that echo, stream slowly, fail, run out of points, want another key; raw server-sent-event
+bots that speak the protocol badly; and Poe's file upload and model list endpoints. It counts the
+calls it gets. The service runs under uvicorn in this process (LiveServer) or as `python
+server.py` (ServerProcess), each on a port the OS gives it."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import fastapi_poe as fp
+import httpx
+import pytest
+import uvicorn
+from sse_starlette.event import ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+import server
+
+# ---------------------------------------------------------------------------------------------
+# The local Poe: bots that echo, stream slowly, fail, run out of points, want another key.
+# ---------------------------------------------------------------------------------------------
+
+CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
+LAST_QUERY: dict[str, fp.QueryRequest] = {}
+UPLOADS: list[dict] = []  # what the fake upload endpoint received
+MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
+RIGHT_KEY = "poe-right-key-0123456789"
+
+
+class ScriptBot(fp.PoeBot):
+    """A bot whose reply is the async generator `script(request)`."""
+
+    def __init__(self, name, script, access_key=None):
+        super().__init__(path=f"/{name}", access_key=access_key)
+        self.name, self.script = name, script
+
+    async def get_response(self, request):
+        CALLS[self.name] += 1
+        LAST_QUERY[self.name] = request
+        async for event in self.script(request):
+            yield event
+
+
+def history_of(request) -> list[list[str]]:
+    return [[m.role, m.content] for m in request.query]
+
+
+async def echo(request):
+    """Replies with the JSON of the history it received, in small chunks, among events that are
+    not reply text (meta, a suggested reply)."""
+    yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=True)
+    text = json.dumps(history_of(request), ensure_ascii=False)
+    for i in range(0, len(text), 7):
+        yield fp.PartialResponse(text=text[i:i + 7])
+    yield fp.PartialResponse(text="Tell me more", is_suggested_reply=True)
+
+
+async def slow(request):
+    """'N DELAY' in the last message: N chunks 'c0 ', 'c1 ', ... DELAY seconds apart."""
+    count, delay = request.query[-1].content.split()[:2]
+    for i in range(int(count)):
+        yield fp.PartialResponse(text=f"c{i} ")
+        await asyncio.sleep(float(delay))
+
+
+async def fail_at_once(request):
+    yield fp.ErrorResponse(text="the bot broke", allow_retry=True)
+
+
+async def fail_part_way(request):
+    yield fp.PartialResponse(text="half an ")
+    yield fp.PartialResponse(text="answer")
+    await asyncio.sleep(0.05)
+    yield fp.ErrorResponse(text="the bot broke", allow_retry=True)
+
+
+def error_type_bot(error_type):
+    async def script(request):
+        yield fp.ErrorResponse(text=f"refused: {error_type}", allow_retry=False,
+                               error_type=error_type)
+    return script
+
+
+async def replace(request):
+    yield fp.PartialResponse(text="draft ")
+    yield fp.PartialResponse(text="words")
+    yield fp.PartialResponse(text="final answer", is_replace_response=True)
+    yield fp.PartialResponse(text=" and more")
+
+
+async def extend(request):
+    yield fp.PartialResponse(text="Think")
+    yield fp.PartialResponse(text="Thinking done", is_replace_response=True)
+    yield fp.PartialResponse(text=" more")
+
+
+async def silent(request):
+    await asyncio.sleep(3)
+    yield fp.PartialResponse(text="too late")
+
+
+async def stall(request):
+    yield fp.PartialResponse(text="begin ")
+    await asyncio.sleep(0.2)
+    yield fp.PartialResponse(text="more ")
+    await asyncio.sleep(3)
+    yield fp.PartialResponse(text="too late")
+
+
+async def count(request):
+    yield fp.PartialResponse(text=f"{len(request.query)} messages")
+
+
+async def flood(request):
+    """N chunks of 10 kB, as fast as they go."""
+    for i in range(int(request.query[-1].content)):
+        yield fp.PartialResponse(text=f"{i % 10}" * 10000)
+
+
+async def painter(request):
+    yield fp.PartialResponse(text="Here: ")
+    yield fp.PartialResponse(text="", attachment=fp.Attachment(
+        url="https://poe.test/cat.png", content_type="image/png", name="cat.png"))
+
+
+async def locked(request):
+    yield fp.PartialResponse(text="unlocked")
+
+
+async def say_back(request):
+    """Replies with the last message's text, in chunks of five characters."""
+    text = request.query[-1].content
+    for i in range(0, len(text), 5):
+        yield fp.PartialResponse(text=text[i:i + 5])
+
+
+def tool_chunk(delta, finish_reason=None):
+    """A tool-call chunk as Poe sends it: OpenAI's chunk in a 'json' event."""
+    return ServerSentEvent(event="json", data=json.dumps(
+        {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}))
+
+
+async def call_tools(request):
+    """Calls every tool it is offered with {"city": "Paris"} (the arguments in two pieces), one
+    call after another; given results, answers with them as JSON."""
+    if request.tool_results:
+        yield fp.PartialResponse(text=json.dumps(
+            [[r.tool_call_id, r.name, r.content] for r in request.tool_results]))
+        return
+    if not request.tools:
+        yield fp.PartialResponse(text="no tools")
+        return
+    for index, tool in enumerate(request.tools):
+        yield tool_chunk({"role": "assistant", "tool_calls": [
+            {"index": index, "id": f"call_{index}", "type": "function",
+             "function": {"name": tool.function.name, "arguments": ""}}]})
+        for piece in ('{"city": ', '"Paris"}'):
+            yield tool_chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+    yield tool_chunk({}, "tool_calls")
+
+
+async def paint(request):
+    """An image bot: files among its text, one of them shown inline by reference."""
+    def file(name, content_type, inline_ref=None):
+        return fp.PartialResponse(text="", attachment=fp.Attachment(
+            url=f"https://poe.test/{name}", content_type=content_type, name=name,
+            inline_ref=inline_ref))
+    yield fp.PartialResponse(text="Here: ")
+    yield file("cat.png", "image/png")
+    yield fp.PartialResponse(text=" and ![a dog][d1]")
+    yield file("dog.png", "image/png", inline_ref="d1")
+    yield file("notes.txt", "text/plain")
+
+
+def make_poe_app():
+    bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
+            ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
+            ScriptBot("Poor", error_type_bot("insufficient_fund")),
+            ScriptBot("TooLong", error_type_bot("user_message_too_long")),
+            ScriptBot("Fussy", error_type_bot("user_caused_error")),
+            ScriptBot("Private", error_type_bot("privacy_authorization_error")),
+            ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
+            ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
+            ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
+            ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
+            ScriptBot("Painter", paint)]
+    poe = fp.make_app(bots, allow_without_key=True)
+
+    # Failures that only an HTTP status carries.
+    def status_route(name, status):
+        async def route():
+            CALLS[name] += 1
+            return JSONResponse({"detail": name}, status,
+                                headers={"Retry-After": "7"} if status == 429 else None)
+        poe.add_api_route(f"/{name}", route, methods=["POST"])
+
+    status_route("Busy", 429)
+    status_route("Crash", 500)
+
+    # fastapi_poe's upload_file posts here (POE_UPLOAD_URL = this server + /poe_api/).
+    async def upload(request: Request):
+        body = await request.body()
+        UPLOADS.append({"authorization": request.headers.get("authorization"), "body": body})
+        if b"REFUSE-UPLOAD" in body:
+            return JSONResponse({"error": "refused"}, 400)
+        return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
+                             "mime_type": "application/octet-stream"})
+    poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])
+
+    # Poe's public model list (POE_MODELS_URL = this server + /v1/models), and one that is down.
+    async def model_list():
+        MODEL_LISTS["/v1/models"] += 1
+        return JSONResponse({"object": "list", "data": POE_MODEL_LIST})
+
+    async def broken_model_list():
+        MODEL_LISTS["/v1/broken-models"] += 1
+        return JSONResponse({"error": "down"}, 503)
+    poe.add_api_route("/v1/models", model_list, methods=["GET"])
+    poe.add_api_route("/v1/broken-models", broken_model_list, methods=["GET"])
+    for name in RAW_BOTS:
+        poe.add_api_route(f"/{name}", raw_bot, methods=["POST"])
+    return poe
+
+
+POE_MODEL_LIST = [
+    {"id": "Echo", "object": "model", "created": 1700000000, "owned_by": "Poe Test",
+     "description": "Echoes the history", "context_window": {"context_length": 8000}},
+    {"id": "ToolBot", "object": "model", "created": 1700000001, "owned_by": "Poe Test",
+     "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}},
+    {"id": "GPT-4o", "object": "model", "created": 1700000002, "owned_by": "OpenAI"},
+]
+
+
+# Bots that speak the protocol badly, as raw server-sent events.
+def event(kind: str, data: str) -> bytes:
+    return f"event: {kind}\ndata: {data}\n\n".encode()
+
+
+async def odd_text(query):
+    # JSON escapes, as a broken encoder sends them: a NUL and half of a surrogate pair.
+    yield event("text", '{"text": "nul\\u0000here "}')
+    yield event("text", '{"text": "half \\ud83d emoji"}')
+    yield event("done", "{}")
+
+
+async def no_done(query):
+    yield event("text", '{"text": "partial "}')
+    await asyncio.sleep(0.05)
+
+
+async def no_events(query):
+    return
+    yield
+
+
+async def huge(query):
+    """One text event of N characters (N is the message), then done."""
+    size = int(query["query"][-1]["content"])
+    yield event("text", json.dumps({"text": "x" * size}))
+    yield event("done", "{}")
+
+
+TRICKY = 'say "hi" \\ 中文 😀\n' * 150000  # 3.3 MB of escapes, CJK and surrogate pairs
+
+
+async def tricky(query):
+    """TRICKY in one text event; its message says whether non-ASCII is escaped ("ascii")."""
+    ascii_only = query["query"][-1]["content"] == "ascii"
+    yield event("text", json.dumps({"text": TRICKY}, ensure_ascii=ascii_only))
+    yield event("done", "{}")
+
+
+RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
+            "Tricky": tricky}
+REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
+
+
+async def raw_bot(request: Request):
+    name = request.url.path.strip("/")
+    query = await request.json()
+    if query.get("type") == "report_error":
+        REPORTS.append(query)
+        return JSONResponse({"detail": "no such thing"}, 404)  # must not read as "no model"
+    CALLS[name] += 1
+    return StreamingResponse(RAW_BOTS[name](query), media_type="text/event-stream")
+
+
+# ---------------------------------------------------------------------------------------------
+# The servers: the service (or the local Poe) under uvicorn in this process, or `python
+# server.py` in a process of its own
+# ---------------------------------------------------------------------------------------------
+
+def wait_for(condition, seconds=10.0, step=0.02):
+    """The first true value `condition()` returns, polled until the deadline."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+class LiveServer:
+    """An ASGI app under uvicorn in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        self.thread.join(10)
+
+    def stop(self):
+        """Asks uvicorn to shut down; join self.thread to wait for it."""
+        self.server.should_exit = True
+
+
+class ServerProcess:
+    """`python server.py` as a user runs it, in a directory of its own, on a port the OS gives
+    it (--port 0): the port is read from uvicorn's line "Uvicorn running on http://host:port" in
+    the log, which also says the server is ready. Arguments go to server.py, keywords to its
+    environment; the log is appended to, so that a second process in the same directory keeps
+    the first one's lines."""
+
+    def __init__(self, workdir, poe_url=None, *args, **env):
+        self.log_path = workdir / "server.log"
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.log = open(self.log_path, "ab")
+        if poe_url is not None:
+            env = {"POE_BASE_URL": poe_url, **env}
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(server.HERE, "server.py"), "--port", "0",
+             "--db", str(workdir / "chat.db"), *args],
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        try:
+            self.port = wait_for(self.listening_port, seconds=20)
+            self.url = f"http://127.0.0.1:{self.port}"
+            assert httpx.get(self.url + "/health", timeout=5).status_code == 200
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def output(self) -> str:
+        """What this process has written to the log so far."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
+
+    def listening_port(self) -> int | None:
+        output = self.output()
+        if self.process.poll() is not None:
+            raise AssertionError(f"server.py exited with {self.process.returncode}:\n{output}")
+        found = re.search(r"Uvicorn running on https?://\S+:(\d+)", output)
+        return int(found[1]) if found else None
+
+    def stop(self, sig):
+        self.process.send_signal(sig)
+        self.process.wait(15)
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the local Poe, and services on temporary databases
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def poe_url():
+    with LiveServer(make_poe_app()) as poe:
+        yield poe.url + "/"
+
+
+@pytest.fixture(scope="session")
+def start_service(poe_url, tmp_path_factory, monkeypatch_session):
+    """Starts the service with settings of the test's choosing; yields (client, db_path)."""
+    monkeypatch_session.delenv("POE_API_KEY", raising=False)
+    stack = []
+
+    def start(**settings):
+        db_path = str(tmp_path_factory.mktemp("db") / "chat.db")
+        settings = {"db_path": db_path, "poe_base_url": poe_url,
+                    "poe_upload_url": poe_url + "poe_api/",
+                    "poe_models_url": poe_url + "v1/models", **settings}
+        live = LiveServer(server.create_app(**settings)).__enter__()
+        client = httpx.Client(base_url=live.url, timeout=30)
+        stack.append((live, client))
+        return client, db_path
+
+    yield start
+    # Stopped together, not one after another: each takes a tick of uvicorn's loop and more.
+    for live, client in stack:
+        client.close()
+        live.stop()
+    for live, _ in stack:
+        live.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def service(start_service):
+    """The service most tests share: they make conversations and projects of their own."""
+    return start_service()
+
+
+@pytest.fixture
+def api(service):
+    return service[0]
+
+
+@pytest.fixture
+def db(service):
+    conn = sqlite3.connect(service[1])
+    conn.row_factory = sqlite3.Row
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def fresh(start_service):
+    """A service of the test's own, on a new database: for a test whose answer depends on what
+    the whole database holds."""
+    return start_service()
+
+
+@pytest.fixture(scope="session")
+def search_service(start_service):
+    """The search-syntax cases' service: what other tests store (a reply of 3 MB of "x", say)
+    is not theirs to search."""
+    return start_service()
+
+
+@pytest.fixture(scope="session")
+def guarded(start_service):
+    """A service behind access keys, with a Poe key of its own."""
+    return start_service(access_keys="first-access-key, second-access-key",
+                         poe_api_key=RIGHT_KEY)
+
+
+@pytest.fixture(scope="session")
+def impatient(start_service):
+    """A service that waits at most 0.5 s for Poe's next event."""
+    return start_service(poe_timeout=0.5)
+
+
+@pytest.fixture(scope="session")
+def lockable(start_service):
+    """A service that waits at most 0.3 s for a database another program has locked."""
+    return start_service(db_timeout=0.3)
+
+
+@pytest.fixture(scope="session")
+def small_bodies(start_service):
+    """A service that takes request bodies of at most 1,000 bytes."""
+    return start_service(max_body_bytes=1000)
