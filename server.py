@@ -592,6 +592,9 @@ class IdConvertor(Convertor):
     def convert(self, value: str) -> int:
         return int(value) if is_number(value) else NO_ROW
 
+    def to_string(self, value: int) -> str:
+        return str(value)
+
 
 NO_ROW = -1
 register_url_convertor("id", IdConvertor())
@@ -1260,7 +1263,8 @@ class Reply:
         if self.listener is not None:
             self.listener.publish(("error", *self.error) if self.error is not None
                                   else ("end", self.message_id, status))
-            if self.listener.lagged and self.message_id not in self.registry.unsaved:
+            if self.listener.lagged and self.message_id is not None and \
+                    self.message_id not in self.registry.unsaved:
                 # Its stuck client keeps this object alive as long as its socket: not the text.
                 self.chunks = []
 
@@ -4642,12 +4646,16 @@ def main() -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description="Poe proxy with memory")
-    parser.add_argument("--host", help="bind address (HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (PORT, default 8000)")
-    parser.add_argument("--db", help="SQLite file (DB_PATH, default chat.db)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
     backup_command.add_argument("file", metavar="FILE")
+    # The flags go before the command or after it; the command's copies set nothing when
+    # absent, so that they do not undo the ones given before it.
+    for each, default in ((parser, None), (backup_command, argparse.SUPPRESS)):
+        each.add_argument("--host", default=default, help="bind address (HOST, default "
+                                                          "127.0.0.1)")
+        each.add_argument("--port", type=int, default=default, help="port (PORT, default 8000)")
+        each.add_argument("--db", default=default, help="SQLite file (DB_PATH, default chat.db)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
