@@ -82,8 +82,7 @@ SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 # Settings: a flag beats its env var, an env var beats a line in ./.env, which beats the default.
 # ---------------------------------------------------------------------------------------------
 
-# While a reply streams, its new text is written this long after it arrives, in one write for all
-# that came meanwhile (plus once at the start and once at the end), whatever the chunk rate.
+# A reply's new text is written in one batch this long after it arrives (and at start and end).
 FLUSH_SECONDS = 0.5
 
 # Poe bot names are letters, digits, '.', '-' and '_'; the name becomes part of the URL.
@@ -165,8 +164,7 @@ def load_settings(**overrides: Any) -> Settings:
         values[name] = getattr(settings, name).rstrip("/") + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
                                        or ORIGINAL_CONTINUE_PROMPTS)
-    # And "testserver", the Host of Starlette's TestClient, for those who test an embedded app:
-    # no browser is led to a page of that name.
+    # "testserver" is TestClient's Host, for testing an embedded app; no browser visits that name.
     values["allowed_hosts"] = settings.allowed_hosts or (
         ("localhost", "127.0.0.1", "[::1]", "testserver") if settings.host in LOOPBACK_HOSTS
         else ("*",))
@@ -217,8 +215,7 @@ def fetch_or_404(db: sqlite3.Connection, sql: str, params: tuple, not_found: str
 
 
 def insert_row(db: sqlite3.Connection, table: str, values: dict) -> int:
-    """INSERT of `values`; `table` and the column names are this module's, never a request's
-    (each handler takes only the fields of its fixed list)."""
+    """`table` and the column names are this module's, never a request's (fixed field lists)."""
     columns = ", ".join(values)
     marks = ", ".join(":" + column for column in values)
     return db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", values).lastrowid
@@ -226,8 +223,7 @@ def insert_row(db: sqlite3.Connection, table: str, values: dict) -> int:
 
 def update_row(db: sqlite3.Connection, table: str, key: Any, changes: dict,
                stamp: str | None = None) -> None:
-    """UPDATE of the columns in `changes` (names as for insert_row) of the row whose id is
-    `key`, and of its `stamp` column to now when given."""
+    """Sets `changes` (names as for insert_row) on row id `key`; `stamp`, if given, to now."""
     assignments = [f"{column} = :{column}" for column in changes]
     if stamp is not None:
         assignments.append(f"{stamp} = {NOW_SQL}")
@@ -268,13 +264,9 @@ def database_failure(exc: sqlite3.Error) -> HTTPException:
 
 
 class Database:
-    """The SQLite file behind the service, reached only through worker threads.
-
-    `await db.read(fn, *args)` runs fn(connection, *args) on a reader thread; `await
-    db.write(fn, *args)` runs it on the writer thread inside one BEGIN IMMEDIATE transaction,
-    rolled back if fn raises. A refusal by SQLite (locked past DB_TIMEOUT, disk full...) becomes
-    a 503 HTTPException; fn's own HTTPExceptions pass through.
-    """
+    """The SQLite file, reached only via worker threads: read(fn, *args) runs fn(connection, *args)
+    on a reader, write() on the writer in one BEGIN IMMEDIATE transaction, undone if fn raises.
+    SQLite's refusals (locked past DB_TIMEOUT, disk full...) are 503s; fn's HTTPExceptions pass."""
 
     def __init__(self, db_path: str, timeout: float, readers: int = 3):
         self.path, self.timeout = db_path, timeout
@@ -314,9 +306,7 @@ class Database:
                 db.close()
 
 
-# The schema's version, kept in PRAGMA user_version. Version 1 is the first release's schema
-# (user_version was not yet set: 0 with tables means 1). A step upgrades a database from the
-# version before it; all pending steps and schema.sql run in one transaction at start.
+# In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
 SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
@@ -407,8 +397,7 @@ def inspect_database(db_path: str) -> int:
 
 
 def upgrade(db: sqlite3.Connection, version: int) -> None:
-    """Runs the steps after `version` and schema.sql in one transaction (a new database is
-    schema.sql alone); nothing is kept unless all of it succeeds."""
+    """Steps after `version` then schema.sql (alone when new), in one all-or-nothing transaction."""
     # Steps rebuild tables, so foreign keys stay off until the data is whole again.
     db.execute("PRAGMA foreign_keys = OFF")
     with transaction(db):
@@ -428,9 +417,8 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
 
 
 def prepare_database(db_path: str) -> None:
-    """Makes a new database, or upgrades one from an earlier release in place, in one
-    transaction; a file that cannot be used (not SQLite, corrupt, read-only, from a newer
-    release, a column missing) raises DatabaseUnusable and is left exactly as it was."""
+    """Makes or upgrades the database in place, in one transaction. An unusable file (not SQLite,
+    corrupt, read-only, newer release, column missing): DatabaseUnusable, file left untouched."""
     try:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
@@ -469,9 +457,8 @@ async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
 
 
 async def read_json(request: Request, empty_ok: bool = False) -> dict:
-    """The body as a JSON object ({} for none, when every field is optional: `empty_ok`); 413
-    past MAX_BODY_BYTES without reading the rest, 408 when it stalls. A large body is parsed
-    off the event loop."""
+    """The body as a JSON object ({} for none if `empty_ok`: every field optional); 413 past
+    MAX_BODY_BYTES without reading the rest, 408 when it stalls; a large body parsed off-loop."""
     limit = request.app.state.settings.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
@@ -544,8 +531,7 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
 
 
 def id_list_field(data: dict, name: str, required: bool = False) -> list[int]:
-    """A list of ids (integers from 0: 0 is an id like any other), each once, in the order
-    given; [] when absent or null and not required."""
+    """Ids (integers from 0; 0 is one), each once, in order; [] if absent or null and optional."""
     value = data.get(name)
     if value is None:
         if required:
@@ -617,8 +603,7 @@ def query_limit(request: Request, maximum: int, default: int | None = None) -> i
 
 
 def given(fields: dict, nullable: tuple = ()) -> dict:
-    """The fields a body gave: none that is MISSING, nor null unless `nullable` (null clears
-    those and leaves the others as they are)."""
+    """Fields given: not MISSING, nor null unless `nullable` (null clears those; others stay)."""
     return {name: value for name, value in fields.items()
             if value is not MISSING and (value is not None or name in nullable)}
 
@@ -661,8 +646,7 @@ def poe_key(request: Request) -> str:
 # text is reply text, every failure becomes a PoeFailure with the status of API.md's table.
 # ---------------------------------------------------------------------------------------------
 
-# On a 502 or 504 after Poe was called: the official SDKs retry 5xx by themselves, and a retry
-# would call Poe (and spend points) again.
+# With a 502/504 after a Poe call: official SDKs retry 5xx, calling (and paying) Poe again.
 NO_RETRY = {"x-should-retry": "false"}
 
 
@@ -674,9 +658,8 @@ class PoeFailure(Exception):
 
 @dataclass
 class PoeAnswer:
-    """What fastapi_poe hides of the answer to the Poe call a task makes: its HTTP status (kept
-    by the shared client's response hook) and whether its stream ended without 'done'
-    (reported only through on_error)."""
+    """What fastapi_poe hides of a task's Poe call: its HTTP status (kept by the shared client's
+    response hook), and whether its stream ended without 'done' (told only to on_error)."""
     answered: bool = False
     status: int | None = None
     retry_after: str | None = None
@@ -704,10 +687,9 @@ def on_poe_error(exc: Exception, message: str) -> None:
     log.warning("Poe: %s", str(exc)[:200])
 
 
-# fastapi_poe parses each event's JSON twice, on the event loop: a 50 MB text event would hold
-# it for a quarter of a second. So a text event's data line past this many bytes is cut, as its
-# bytes arrive, into several text events (at a point where no escape, UTF-8 character or
-# surrogate pair is split), before fastapi_poe sees it.
+# fastapi_poe parses each event's JSON twice, on the loop: a 50 MB text event holds it 0.25 s.
+# So a text event's data line past this many bytes is cut, as it arrives and before fastapi_poe
+# sees it, into several text events (splitting no escape, UTF-8 character or surrogate pair).
 POE_EVENT_BYTES = 1 << 20
 TEXT_DATA = re.compile(rb'data: ?\{"text": ?"')
 TEXT_CUT = b'"}\n\nevent: text\ndata: {"text": "'
@@ -880,14 +862,10 @@ def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQu
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                     tools: list | None = None) -> AsyncIterator[tuple]:
     """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
-    ("tool_calls", [delta dicts]) from one Poe call.
-
-    Must be consumed by a task that does no other await between chunks: the wait for Poe's next
-    event is bounded by one deadline on the task, not a task per chunk. Moving that deadline is
-    the dearest step of a chunk's relay, so it moves at most every `slack` seconds, to
-    now + timeout + slack: never earlier than `timeout` after the last event, at most `slack`
-    later. The wait for the first event is exact.
-    """
+    ("tool_calls", [delta dicts]) from one Poe call. Its consumer must not await anything else
+    between chunks: one deadline on the task (not one per chunk) bounds the wait for each event;
+    moving it is a chunk's dearest step, so it moves at most every `slack` s, to now + timeout +
+    slack: never before `timeout` after the last event, at most `slack` later; first wait exact."""
     settings = app.state.settings
     timeout = settings.poe_timeout
     slack = min(1.0, timeout / 10)
@@ -961,14 +939,12 @@ def file_markdown(attachment: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Replies: each Poe reply is read to its end by a task of its own (Reply.run), so a client that
 # goes away changes nothing; the response that started it only listens (Listener). A stored
-# turn's rows are written before Poe is called (user message, an empty 'streaming' reply), the
-# reply's new text on the writer thread at most every FLUSH_SECONDS, the end once. A write
-# SQLite refuses is retried, the text waiting in memory, until it goes through: the relay never
-# waits for the database. Replies (app.state.replies) is the registry of those in progress.
+# turn's rows (user message, empty 'streaming' reply) go in before Poe is called, its new text
+# at most every FLUSH_SECONDS, its end once; a refused write is retried, the text kept in
+# memory, so the relay never waits for the database. Registry: Replies (app.state.replies).
 # ---------------------------------------------------------------------------------------------
 
-# A listener (one streaming response) that falls this far behind loses its live view; the reply
-# goes on and is stored whole.
+# A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
 LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
 # A reply's task, or the response relaying it, yields the event loop after holding it this long.
@@ -977,9 +953,8 @@ TURN_SECONDS = 0.005
 
 @dataclass
 class ResponseRecord:
-    """What a Responses turn stores with its reply's end: the response object as JSON (None
-    when the turn leaves no trace), whether the conversation made for it goes too, and the
-    tool calls the client was given (only those are stored)."""
+    """What a Responses turn stores with its reply's end: the response as JSON (None: no trace),
+    whether its new conversation goes too, and the tool calls the client got (only those kept)."""
     response_id: str
     body: str | None
     drop_conversation: bool
@@ -1032,17 +1007,15 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
                f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
                (end.text, end.status, end.attachments, end.tool_calls, end.message_id))
     if end.replaces is not None and end.status == "complete":
-        # Only a whole new reply takes the old one's place: a failed or stopped one is kept
-        # beside it, and nothing the user had is lost.
+        # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
     touch_conversation(db, end.conversation_id)
 
 
 class Listener:
-    """The reply's events for the response that started it, queued: ("text", str),
-    ("replace", str), ("tool_calls", deltas), then ("end", message_id, status) or
-    ("error", status, detail). One that falls LISTENER_BUFFER_BYTES behind (a client that does
-    not read) has what waits dropped and an error queued in its place."""
+    """The reply's events queued for the response that started it: ("text", str), ("replace",
+    str), ("tool_calls", deltas), then ("end", message_id, status) or ("error", status, detail).
+    Past LISTENER_BUFFER_BYTES behind (a client not reading), what waits becomes one error."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -1063,8 +1036,7 @@ class Listener:
         self.queue.put_nowait(item)
 
     async def events(self, item: tuple) -> AsyncIterator[tuple]:
-        """The events from `item` (already taken from the queue) to the end or error,
-        inclusive."""
+        """From `item` (already dequeued) to the end or error event, inclusive."""
         loop = asyncio.get_running_loop()
         turn_began = loop.time()
         try:
@@ -1101,9 +1073,8 @@ class Reply:
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
     cut: bool = field(default=False, init=False)  # at max_chars
-    # How it is saved: chunks[:saved_chunks] are in the database, unless `rewrite` (after a
-    # replace_response) says the stored text must be rewritten whole; `generation` counts
-    # replacements, so that a late write cannot undo one.
+    # Saving: chunks[:saved_chunks] are stored, unless `rewrite` (after a replace_response) asks
+    # for the stored text whole; `generation` counts replacements, so a late write undoes none.
     saved_chunks: int = field(default=0, init=False)
     rewrite: bool = field(default=False, init=False)
     generation: int = field(default=0, init=False)
@@ -1130,8 +1101,7 @@ class Reply:
 
     def start(self, app: Starlette, model: str, query: PoeQuery, api_key: str, *,
               stream: bool, tools: list | None = None) -> None:
-        """Calls Poe for this reply, in a task of its own; `stream`: its events are queued for
-        the caller."""
+        """Calls Poe in a task of its own; with `stream`, events are queued for the caller."""
         self.registry = app.state.replies
         if stream:
             self.listener = Listener()
@@ -1172,16 +1142,14 @@ class Reply:
         async for kind, value in events:
             item = self.take(kind, value)
             if self.message_id is not None and self.flush is None:
-                # Text that arrives is written within FLUSH_SECONDS, even if Poe then pauses;
-                # at most one write per FLUSH_SECONDS, whatever the chunk rate.
+                # Written within FLUSH_SECONDS even if Poe pauses; at most once per FLUSH_SECONDS.
                 self.flush = loop.call_later(FLUSH_SECONDS, self.write_text)
             if self.listener is not None:
                 self.listener.publish(item)
             if self.cut:
                 break  # max_tokens: the Poe call ends here
             if loop.time() - turn_began >= TURN_SECONDS:
-                # Awaiting events Poe has already sent does not yield: a burst of them would
-                # hold the loop from everyone else.
+                # Awaiting events Poe already sent does not yield: a burst would hold the loop.
                 await asyncio.sleep(0)
                 turn_began = loop.time()
 
@@ -1217,8 +1185,7 @@ class Reply:
             call["function"]["arguments"] += function.get("arguments") or ""
 
     def write_text(self) -> None:
-        """Writes the text that arrived since the last write; a refused write is tried
-        again."""
+        """Writes the text since the last write; a refused write is retried."""
         self.flush = None
         if self.writing is not None or self.message_id is None or self.status != "streaming":
             return
@@ -1257,8 +1224,7 @@ class Reply:
                     await self.writing
                 await asyncio.sleep(0)  # a done future's callbacks (written) run next turn
             await self.registry.save_end(self.stored_end(record))
-        # Free the conversation before the caller hears the end: the original's clients send
-        # their next message the moment they see it.
+        # The conversation is freed before the end is told: the original's clients send at once.
         self.registry.forget(self)
         if self.listener is not None:
             self.listener.publish(("error", *self.error) if self.error is not None
@@ -1280,8 +1246,7 @@ class Reply:
             tool_calls=json.dumps(calls) if calls else None, response=record)
 
     async def stop(self, error: tuple[int, str] | None = None) -> None:
-        """Ends the reply; its text so far is kept, 'interrupted'. With `error`, the caller
-        waiting for it hears that error."""
+        """Ends it, its text kept 'interrupted'; the caller waiting hears `error`, if given."""
         if self.task is not None and not self.task.done():
             self.stop_error = error
             self.task.cancel()
@@ -1317,8 +1282,7 @@ class Reply:
 
 
 class Replies:
-    """The replies in progress and the ends they still owe the database (app.state.replies,
-    made by the lifespan). The one place a reply is registered and forgotten."""
+    """app.state.replies: replies in progress and the ends owed to SQLite; the one registry."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -1405,8 +1369,7 @@ class Replies:
         await asyncio.gather(*(reply.stop((status, detail)) for reply in replies))
 
     async def close(self) -> None:
-        """At shutdown: replies still running are cut off (what they have is saved,
-        'interrupted'), and the ends SQLite refused are tried once more."""
+        """At shutdown: running replies cut off (kept 'interrupted'); refused ends retried once."""
         await self.stop_all(503, "the server is shutting down")
         if self.retrying is not None:
             self.retrying.cancel()
@@ -1416,9 +1379,8 @@ class Replies:
 
 
 class EventStream(EventSourceResponse):
-    """sse-starlette's response without its per-event anyio cancel scope, which it opens even
-    when there is no send timeout (ours): a measurable share of the CPU per relayed chunk.
-    (The library has no switch for it.)"""
+    """sse-starlette's response without the anyio cancel scope it opens per event even with no
+    send timeout (ours): a measurable share of CPU per relayed chunk, and no switch turns it off."""
 
     async def _send_with_timeout(self, send: Any, message: dict) -> None:
         if self.send_timeout is not None:
@@ -1450,10 +1412,8 @@ SSE_DONE = sse("[DONE]")
 
 
 class SentText:
-    """The text a streaming client has been sent, so that a replace_response that only extends
-    it goes out as the new part (every client appends what it gets). Remembered up to
-    SENT_TEXT_CHARS: a client that cannot keep up must not make the server hold what it was
-    sent."""
+    """The text a streaming client got, so a replace_response extending it goes as the new part
+    (clients append). Kept to SENT_TEXT_CHARS: a slow client must not make the server hold it."""
 
     def __init__(self) -> None:
         self.parts: list[str] | None = []
@@ -1580,8 +1540,7 @@ async def delete_conversation(request: Request) -> JSONResponse:
 
 
 async def remove_conversation(app: Starlette, conversation_id: str) -> None:
-    """Deletes a conversation (404 when there is none) with all it holds, once any reply in
-    progress there has stopped."""
+    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped."""
     await app.state.db.read(get_conversation, conversation_id)
     await app.state.replies.settle(conversation_id)
     await app.state.db.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?",
@@ -1760,8 +1719,7 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     missing = [str(d) for d in document_ids if d not in documents]
     if missing:
         raise HTTPException(404, f"Document not found: {', '.join(missing)}")
-    # The original's web client sends both the ids and the same documents' text in the append:
-    # a document whose text the append already holds is not sent twice.
+    # The original's web client sends the ids and their text in the append: none is sent twice.
     parts = [system_prompt, append] + [
         f"----- {documents[d]['filename']} BEGIN -----\n{documents[d]['content']}\n"
         f"----- {documents[d]['filename']} END -----" for d in document_ids
@@ -1770,9 +1728,8 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
 
 
 def fit_history(history: list[dict], new: int, max_chars: int) -> tuple[list[dict], int]:
-    """The history without its oldest messages until all contents fit `max_chars`
-    (MAX_CONTEXT_CHARS): never a leading system message, nor the last `new` (this request's
-    own); and how many were left out."""
+    """The history less its oldest messages, till all fit `max_chars` (MAX_CONTEXT_CHARS): never a
+    leading system message nor the last `new` (this request's own); and how many were left out."""
     keep = 1 if history and history[0]["role"] == "system" else 0
     total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
     while total > max_chars and start < end:
@@ -1824,9 +1781,8 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
 
 def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
                     ) -> tuple[list[int], str]:
-    """Stores messages (role, content, attachments, tool_calls, tool_call_id) at the end of a
-    conversation, which they bring up to date; returns their ids and the conversation's
-    updated_at before them."""
+    """Appends rows (role, content, attachments, tool_calls, tool_call_id), touching the
+    conversation; returns their ids and its updated_at before them."""
     before = get_conversation(db, conversation_id)["updated_at"]
     ids = [db.execute("INSERT INTO messages (conversation_id, role, content, attachments, "
                       "tool_calls, tool_call_id) VALUES (?, ?, ?, ?, ?, ?)",
@@ -1836,8 +1792,7 @@ def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tup
 
 
 def message_rows(entries: list[dict]) -> list[tuple]:
-    """Entries as insert_messages' rows: (role, content, attachments, tool_calls,
-    tool_call_id)."""
+    """Entries as insert_messages' rows (role, content, attachments, tool_calls, tool_call_id)."""
     return [(entry["role"], entry["content"],
              json.dumps(entry["attachments"]) if entry["attachments"] else None,
              json.dumps([call.model_dump() for call in entry["tool_calls"]])
@@ -1942,8 +1897,7 @@ async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
 
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
-    """Deletes messages (of one conversation, when given), moving their conversations'
-    updated_at; how many went."""
+    """Deletes messages (of one conversation, if given), touching their conversations; the count."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
                          "(? IS NULL OR conversation_id = ?) RETURNING conversation_id",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
@@ -1974,9 +1928,8 @@ async def delete_message(request: Request) -> JSONResponse:
 
 def regeneration(db: sqlite3.Connection, conversation_id: str
                  ) -> tuple[int | None, int | None]:
-    """What a regenerated reply answers: when the conversation ends with an assistant reply,
-    that reply goes (once the new one is whole) and the history before it stays; else the
-    whole history gets a new reply. Returns (the reply replaced, the user message answered)."""
+    """(reply replaced, user message answered) for a regeneration: a last assistant reply is
+    replaced once the new one is whole; else the whole history gets a new reply."""
     get_conversation(db, conversation_id)
     last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
@@ -2035,8 +1988,7 @@ def project_changes(data: dict) -> dict[str, Any]:
 def save_named(db: sqlite3.Connection, table: str, row_id: int | None, changes: dict,
                get: Callable[[sqlite3.Connection, int], dict], what: str,
                stamp: str | None = None) -> dict:
-    """Inserts (row_id None) or updates a row with a unique name, a project or a category
-    (`what`); a name taken by another is 409."""
+    """Inserts (row_id None) or updates a project or category (`what`); a taken name is 409."""
     try:
         if row_id is None:
             row_id = insert_row(db, table, changes)
@@ -2214,9 +2166,8 @@ async def delete_category(request: Request) -> JSONResponse:
 
 
 def delete_documents(db: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
-    """Deletes the documents `where` selects (SQL of this module, never of a request) with
-    their tags and references, and counts what went. Nothing here keeps execution logs; the
-    key stays because Dev-Docs' response type has it."""
+    """Deletes the documents `where` (this module's SQL, never a request's) selects, with tags
+    and references; the counts (execution_logs is 0, kept for Dev-Docs' response type)."""
     selected = f"SELECT id FROM plan_documents WHERE {where}"
     references = db.execute(f"DELETE FROM document_references WHERE document_id IN "
                             f"({selected})", params).rowcount
@@ -2238,8 +2189,7 @@ def source_field(data: dict, default: str | None) -> str | None:
 
 def insert_document(db: sqlite3.Connection, document: dict,
                     created_time: str | None = None) -> dict:
-    """A new version of a file: 1 for a new (project, category, filename), else latest + 1.
-    created_time is given only when a migration copies a version."""
+    """Next version of a (project, category, filename), from 1; created_time only when migrating."""
     get_project(db, document["project_id"])
     get_category(db, document["category_id"])
     document_id = db.execute(
@@ -2498,8 +2448,7 @@ async def migrate_all_history(request: Request) -> JSONResponse:
 
 
 async def migrate_from_current(request: Request) -> JSONResponse:
-    """One version copied as the next version of a file in another category (a new name
-    optional); the source stays."""
+    """A version copied to another category as its file's next (new name optional); source stays."""
     data = await read_json(request)
     document_id = int_field(data, "document_id", required=True, minimum=1)
     changes = {"category_id": int_field(data, "target_category_id", required=True, minimum=1)}
@@ -2520,8 +2469,7 @@ def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[di
 
 
 async def merge_documents(request: Request) -> JSONResponse:
-    """The documents' texts in the order given, each between marks naming it (Dev-Docs
-    downloads the result); ids of no document are left out."""
+    """Texts in order, each between marks naming it (Dev-Docs downloads it); unknown ids skipped."""
     document_ids = id_list_field(await read_json(request), "document_ids", required=True)
     if not document_ids:
         raise HTTPException(400, "document_ids cannot be empty")
@@ -2549,8 +2497,7 @@ REFERENCE_SQL = """
 
 def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
                     ) -> tuple[int | None, str | None]:
-    """(project_id, conversation_id) of a ('project', id) or ('conversation', id); 404 when
-    there is none. A conversation of no project has project_id None."""
+    """(project_id, conversation_id) of an owner (kind, id), 404 if none; no project: None."""
     kind, owner_id = owner
     if kind == "project":
         return get_project(db, owner_id)["id"], None
@@ -2600,9 +2547,7 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
             "current_references": sorted(wanted)}
 
 
-# Each handler serves the project's references and a conversation's own: routes says which, as
-# `owner` ("project" or "conversation"), and its id is the path's {project_id} or
-# {conversation_id}.
+# Project and conversation references alike: routes passes `owner`, the path has {<owner>_id}.
 
 def path_owner(request: Request, owner: str) -> tuple[str, Any]:
     return owner, request.path_params[f"{owner}_id"]
@@ -2634,8 +2579,7 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
 
 
 async def referenced_documents(request: Request) -> JSONResponse:
-    """What a conversation knows: its project's references and its own (clients send their
-    document_ids as a turn's `documents`)."""
+    """The project's references and its own (their document_ids go in a turn's `documents`)."""
     return await read_answer(request, conversation_knowledge,
                              request.path_params["conversation_id"])
 
@@ -2645,8 +2589,7 @@ async def referenced_documents(request: Request) -> JSONResponse:
 # and made into what Poe takes. Used by chat completions and by the Responses API.
 # ---------------------------------------------------------------------------------------------
 
-# The Poe bots /v1/models lists when Poe's own list cannot be had (the README documents the
-# same); any other bot name is accepted by /v1/chat/completions too.
+# /v1/models' fallback when Poe's list cannot be had (the README lists them); any bot name works.
 MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Claude-3.5-Sonnet",
           "Claude-3.5-Haiku", "Gemini-2.5-Pro", "Gemini-2.0-Flash", "Llama-3.1-405B",
           "DeepSeek-R1", "Grok-3")
@@ -2679,8 +2622,7 @@ def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
 
 
 def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
-    """An image_url, file or audio part as an attachment: an http(s) URL goes to Poe as it is;
-    a data: URL is decoded and uploaded first (upload_attachments)."""
+    """An image_url, file or audio part: http(s) URLs as is, data: URLs via upload_attachments."""
     url = string_at(url, where)
     name = name if isinstance(name, str) and name else None
     if re.match(r"https?://", url, re.IGNORECASE):
@@ -2741,8 +2683,7 @@ def openai_content(content: Any, where: str, role: str) -> tuple[str, list[dict]
 
 
 def openai_tool_calls(value: Any, where: str) -> list[fp.ToolCallDefinition]:
-    """An assistant message's tool_calls; calls of tools other than functions are left out, as
-    those tools are."""
+    """An assistant message's function calls; other tools' calls are dropped, as those tools are."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -2797,9 +2738,8 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
 
 def split_tool_round(history: list[dict], tool_round: bool
                      ) -> tuple[list[dict], list | None, list | None]:
-    """The history for Poe, with the last round of tool calls and results apart when it ends
-    with one and tools go to Poe (`tool_round`: Poe carries one round a request, beside the
-    messages: tool_calls, tool_results). Every other round is folded into the text."""
+    """The history for Poe, a closing tool round apart when tools go to Poe (`tool_round`): Poe
+    carries one round a request, as tool_calls and tool_results; others are folded into text."""
     start = len(history)
     while start > 0 and history[start - 1]["role"] == "tool":
         start -= 1
@@ -2833,9 +2773,8 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
 
 
 def inline_refs(schema: dict) -> dict:
-    """The schema with its local $refs replaced by what they name: Poe's tool parameters keep
-    only type, properties and required, so $defs would be lost and the refs left dangling
-    (pydantic writes nested models that way). A recursive reference stays as it is."""
+    """Local $refs (pydantic's nested models) inlined, recursive ones kept: Poe's tool parameters
+    keep only type, properties and required, which would lose $defs and leave the refs dangling."""
     defs = {**(schema.get("definitions") if isinstance(schema.get("definitions"), dict)
                else {}),
             **(schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {})}
@@ -2859,8 +2798,7 @@ def inline_refs(schema: dict) -> dict:
 
 
 def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
-    """A function tool as Poe's schema wants it: a description and parameters with properties
-    always (defaults when the caller gave none)."""
+    """A function tool as Poe wants it: always a description and parameters with properties."""
     if not isinstance(function, dict):
         raise HTTPException(400, f"{where} must be an object")
     name = string_at(function.get("name"), f"{where}.name")
@@ -2881,9 +2819,8 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
 
 
 def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
-    """The function tools for Poe (others are left out), and what the bot must be told for
-    tool_choice, which Poe lacks: 'none' sends no tools, 'required' or a named function asks
-    for a call (a named function is then the only tool offered)."""
+    """Poe's function tools (others left out), and the instruction for tool_choice, which Poe lacks:
+    'none' sends no tools; 'required' or a named function (then the only tool) asks for a call."""
     if tools is not None and not isinstance(tools, list):
         raise HTTPException(400, "tools must be an array")
     definitions = []
@@ -2949,8 +2886,7 @@ def json_instruction(response_format: Any) -> str:
 
 
 def openai_params(data: dict) -> dict:
-    """The request's fields that QueryRequest carries, checked: temperature, stop, logit_bias,
-    user (as user_id)."""
+    """Fields QueryRequest carries, checked: temperature, stop, logit_bias, user (as user_id)."""
     params: dict[str, Any] = {}
     for name in ("functions", "function_call"):
         if data.get(name) is not None:
@@ -2990,8 +2926,7 @@ def openai_params(data: dict) -> dict:
 
 
 def max_reply_chars(data: dict) -> int | None:
-    """max_tokens / max_completion_tokens (the smaller when both) in characters, at the 4
-    characters a token that usage estimates with."""
+    """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
     limits = [int_field(data, name, minimum=1) for name in ("max_tokens",
                                                             "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
@@ -2999,8 +2934,7 @@ def max_reply_chars(data: dict) -> int | None:
 
 
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
-    """The entries with their attachments uploaded to Poe (upload_attachments): stored
-    messages keep Poe's URLs."""
+    """Attachments uploaded to Poe (upload_attachments), so stored messages keep Poe's URLs."""
     uploaded = iter(await upload_attachments(
         app, api_key, [a for entry in entries for a in entry["attachments"]]))
     return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
@@ -3009,8 +2943,7 @@ async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> l
 
 async def poe_history(app: Starlette, api_key: str, history: list[dict],
                       instructions: list[str]) -> list[dict]:
-    """The entries as Poe will get them: what the bot must be told (tool_choice,
-    response_format) added to the system message, attachments uploaded first."""
+    """Instructions (tool_choice, response_format) joined to the system message; files uploaded."""
     added = "\n\n".join(filter(None, instructions))
     if added and history and history[0]["role"] == "system":
         history = [{**history[0], "content": f"{history[0]['content']}\n\n{added}"}, *history[1:]]
@@ -3020,9 +2953,8 @@ async def poe_history(app: Starlette, api_key: str, history: list[dict],
 
 
 def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
-    """The query for Poe and its tokens as usage counts them; run on a worker thread (200,000
-    messages are seconds of pydantic work). Nothing to send is the caller's 400, not a paid
-    call."""
+    """The query and its tokens as usage counts them, on a worker thread (200,000 messages are
+    seconds of pydantic work). Nothing to send is the caller's 400, not a paid call."""
     poe_messages = [poe_message(entry["role"], entry["content"], entry["attachments"])
                     for entry in entries if entry["content"] or entry["attachments"]]
     tool_results = params.get("tool_results") or []
@@ -3049,9 +2981,8 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class ClientToolCalls:
-    """The bot's tool calls as one chat completion's client gets them: the first only without
-    parallel_tool_calls, each with an id (one is made for a call the bot sent without; kept, so
-    a stream's pieces and its end agree) and arguments ('' is no JSON: '{}' at the end)."""
+    """Tool calls as the client sees them: the first only without parallel_tool_calls; ids made
+    (and kept, so stream and end agree) where the bot sent none; '' (no JSON) ends as '{}'."""
 
     def __init__(self, reply: Reply, parallel: bool) -> None:
         self.reply, self.parallel = reply, parallel
@@ -3192,8 +3123,7 @@ async def completion_chunks(completion: Completion, first: tuple) -> AsyncIterat
         async for item in reply.listener.events(first):
             kind = item[0]
             if kind in ("text", "replace"):
-                # OpenAI's deltas only append: a replacement that does not extend the text goes
-                # whole, flagged for the clients that know the flag.
+                # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
                 for text, replace in sent.deltas(kind, item[1]):
                     yield chunk({"content": text, "replace": True} if replace
                                 else {"content": text})
@@ -3215,8 +3145,7 @@ async def completion_chunks(completion: Completion, first: tuple) -> AsyncIterat
 
 
 def model_entries(body: Any) -> list[dict] | None:
-    """Poe's list with Poe's metadata, each entry in OpenAI's shape; None when it is not a list
-    of models."""
+    """Poe's list, metadata kept, each entry in OpenAI's shape; None if it is no list of models."""
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
         return None
@@ -3231,9 +3160,8 @@ def model_entries(body: Any) -> list[dict] | None:
 
 
 class ModelList:
-    """Poe's live list of models (POE_MODELS_URL, no key), fetched at most once an hour, a
-    failed fetch at most once a minute; meanwhile, and when Poe cannot give it, the last list
-    fetched, else the built-in one (app.state.models, made by the lifespan)."""
+    """Poe's live list (POE_MODELS_URL, no key; app.state.models), fetched at most hourly, after a
+    failure once a minute; meanwhile, or failing that, the last list fetched, else MODELS."""
 
     def __init__(self, poe: httpx.AsyncClient, url: str) -> None:
         self.poe, self.url = poe, url
@@ -3330,9 +3258,8 @@ def input_content(content: Any, where: str) -> Any:
 
 
 def input_messages(items: Any, names: dict[str, str], place: str = "input") -> list[dict]:
-    """Responses input items as Chat Completions messages, for openai_entries to check: a
-    function call joins the assistant message before it (one round of calls), a function's
-    output is a tool message named after the call (`names`: call id -> function name)."""
+    """Responses items as Chat messages for openai_entries: a function_call joins the assistant
+    message before it (one round), an output is a tool message named by `names` (call id: name)."""
     if isinstance(items, str) and place == "input":
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -3476,17 +3403,15 @@ def response_spec(data: dict) -> ResponseSpec:
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
-    """A tool call's id; one a bot left out is made from its message and place, the same
-    whenever it is read."""
+    """The call's id, or one made from its message and place (the same on every read)."""
     return call.get("id") or f"call_{key}_{n}"
 
 
 def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
                    ) -> tuple[dict, list[dict], dict[str, str]]:
-    """Runs on a reader thread: where a response's turn goes, and the history it follows
-    (response_history). After the previous response's turn: appended when that is the latest
-    message, else in a copy of the history up to it; at the end of a conversation; or in a
-    new one. `up_to` is the last message the history holds."""
+    """On a reader thread: where a turn goes, and its history (response_history). After the
+    previous response (appended if that is the latest message, else in a copy of the history up
+    to it), at a conversation's end, or in a new one; `up_to` is the history's last message."""
     up_to = None
     if previous is not None:
         row = fetch_or_404(db, RESPONSE_SQL, (previous,), f"Response not found: {previous}")
@@ -3504,9 +3429,8 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
                      up_to: int | None) -> tuple[list[dict], dict[str, str], int]:
-    """A conversation's messages (up to a message, when given) as openai_entries makes a
-    request's, tool calls and results included; the function name of each call; the last
-    message's id."""
+    """A conversation's messages (to `up_to`, if given) as openai_entries makes a request's,
+    tool calls and results included; each call's function name; the last message's id."""
     if conversation_id is None:
         return [], {}, 0
     rows = db.execute("SELECT id, role, content, attachments, tool_calls, tool_call_id "
@@ -3532,8 +3456,7 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
 
 
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
-    """A new conversation with the settings of another and a copy of its history up to a
-    message; the other is left as it is."""
+    """A copy of a conversation (settings, history to `up_to`) as a new one; the original stays."""
     new_id = str(uuid.uuid4())
     db.execute("INSERT INTO conversations (id, system_prompt, project_id, name, model, "
                "assistance_role, metadata) SELECT ?, system_prompt, project_id, name, model, "
@@ -3550,9 +3473,8 @@ def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) 
 
 def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows: list[tuple],
                          base: dict) -> tuple[str, list[int], int, str, dict]:
-    """Runs on the writer: the conversation the turn goes to (decided again here, where no one
-    can add to it meanwhile), the turn's rows (insert_turn) and the response's, whose object
-    (`base` in that conversation) is returned too."""
+    """On the writer: the turn's conversation (decided again here, where nobody can add to it
+    meanwhile), its rows (insert_turn) and the response's; returns `base` in that conversation."""
     conversation_id, up_to = target["conversation_id"], target["up_to"]
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
@@ -3645,8 +3567,7 @@ class ResponseTurn:
         self.body: dict | None = None
 
     def end(self, reply: Reply) -> ResponseRecord:
-        """The response object at the reply's end (None when the reply left no trace), and
-        what its end stores (save_reply_end)."""
+        """The response object (None if the reply left no trace) and what save_reply_end stores."""
         calls = reply.tool_calls if self.base["parallel_tool_calls"] else reply.tool_calls[:1]
         if reply.error is not None and not reply.has_output:
             return ResponseRecord(self.base["id"], None, self.new_conversation, calls)
@@ -3702,9 +3623,8 @@ def response_event(sequence: Iterator[int], kind: str, **fields: Any) -> bytes:
 
 async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
                           ) -> AsyncIterator[bytes]:
-    """OpenAI's event sequence: created, in_progress, the message's text as it comes, then
-    the calls and every done event once the reply has ended (response_output_events), then
-    the terminal event."""
+    """OpenAI's events: created, in_progress, the text as it comes; once the reply ends, the calls
+    and every done event (response_output_events), then the terminal event."""
     event = partial(response_event, iter(range(2**62)))
     text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
     opened, sent = False, SentText()
@@ -3724,8 +3644,7 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
                         "role": "assistant", "content": []})
                     yield event("response.content_part.added", **text_at,
                                 part=output_text(""))
-                # Responses' deltas only append: a replacement that does not extend the text
-                # goes whole, flagged, for clients that know the flag.
+                # Responses' deltas only append: a non-extending replacement goes whole, flagged.
                 yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
                             **({"replace": True} if replace else {}))
         await reply.done.wait()  # at once, but for a listener that fell behind
@@ -3761,8 +3680,7 @@ def response_output_events(body: dict, event: Callable, text_at: dict,
 
 
 def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dict | None]:
-    """Runs on a reader thread: a stored response's row, and its reply's message while the
-    response is in progress (or was cut off by a crash)."""
+    """On a reader thread: the row, and its reply's message if in progress (or cut by a crash)."""
     row = fetch_or_404(db, RESPONSE_SQL, (response_id,), f"Response not found: {response_id}")
     row["body"] = json.loads(row["body"])
     reply = None
@@ -3868,9 +3786,8 @@ def list_query(request: Request) -> dict:
 
 def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
                page: dict) -> dict:
-    """Runs on a reader thread: a page of the items of messages low..high of a conversation.
-    Every message is at least one item, so limit + 2 messages past the cursor (the cursor's
-    own, limit, one more) are enough to say has_more."""
+    """A page of the items of messages low..high, on a reader thread. A message is at least one
+    item, so limit + 2 messages (the cursor's, limit, one more) are enough to say has_more."""
     desc = page["order"] == "desc"
     if page["after"] is not None:
         low, high = (low, min(high, page["after"][0])) if desc else \
@@ -3897,8 +3814,7 @@ def conversation_object(db: sqlite3.Connection, conversation_id: str) -> dict:
 
 
 async def item_rows(request: Request, items: Any) -> list[tuple]:
-    """Items to add to a conversation, checked, their data uploaded to Poe (this needs a Poe
-    key only when there is data), as insert_messages' rows."""
+    """Items as insert_messages' rows, checked, data uploaded to Poe (needs a Poe key only then)."""
     entries = openai_entries(input_messages(items, {}, "items"), "items")
     if any(a.get("data_url") for entry in entries for a in entry["attachments"]):
         entries = await upload_entries(request.app, poe_key(request), entries)
@@ -4015,16 +3931,14 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
 
 # ---------------------------------------------------------------------------------------------
 # Search, export, backup: find anything, take everything with you. Search reads the FTS5
-# trigram indexes that schema.sql's triggers keep in step with messages and documents; an
-# export is built, and a backup copied and checked, on a reader thread.
+# trigram indexes kept by schema.sql's triggers; exports and checked backups run on a reader.
 # ---------------------------------------------------------------------------------------------
 
 SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
 # A trigram index finds words of three characters or more. A query made only of shorter words
 # (a two-character Chinese word) is a substring scan of this many newest messages and documents.
 SHORT_QUERY_ROWS = 50000
-# bm25 costs a few microseconds a match: a word found in tens of thousands of messages has the
-# newest this many of its matches ranked, so that no query takes long.
+# bm25 costs a few microseconds a match, so only a word's newest this many matches are ranked.
 RANK_CANDIDATES = 2000
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 
@@ -4034,8 +3948,7 @@ def like_pattern(term: str) -> str:
 
 
 def snippet(text: str, terms: list[str]) -> str:
-    """About SNIPPET_CHARS characters of `text` around the first word of the query found in it,
-    whitespace collapsed, '…' where it is cut."""
+    """About SNIPPET_CHARS around the first query word in it; whitespace collapsed, '…' at cuts."""
     found = [m.start() for t in terms if (m := re.search(re.escape(t), text, re.IGNORECASE))]
     start = max(0, min(found) - SNIPPET_BEFORE) if found else 0
     end = start + SNIPPET_CHARS
@@ -4056,10 +3969,9 @@ def ranked_ids(db: sqlite3.Connection, table: str, joins: str, where: list[str],
 
 
 def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: int) -> bytes:
-    """The search's answer as JSON bytes. Words of three characters or more are looked up in
-    the indexes (each quoted as an FTS5 phrase: input is never query syntax) and ranked by
-    bm25; shorter words filter what those find, or, when a query has no longer word, are
-    found by a scan of the newest rows, newest first."""
+    """The answer as JSON bytes. Words of 3+ characters are looked up in the indexes (each an
+    FTS5 phrase: input is never query syntax) and ranked by bm25; shorter ones filter those hits
+    or, with no longer word, are found by a scan of the newest rows, newest first."""
     terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
     indexed = [t for t in terms if len(t) >= 3]
     short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
@@ -4206,10 +4118,9 @@ async def export(request: Request) -> Response:
 
 def backup_to_temporary(db: sqlite3.Connection, directory: str,
                         check: str = "quick_check") -> str:
-    """A copy of the database `db` is open on, in a new file in `directory` (the database's
-    own, where there is room for one); its path. Made with SQLite's online backup (one step:
-    one consistent snapshot, writers go on meanwhile), as a single file (rollback journal, not
-    WAL), then opened and checked by PRAGMA `check`."""
+    """The path of a copy of `db`'s database, new in `directory` (the database's own, where there
+    is room for one): SQLite's online backup in one step (one consistent snapshot; writers go
+    on), a single file (rollback journal, not WAL), checked by PRAGMA `check`."""
     assert check in ("quick_check", "integrity_check")
     try:
         fd, path = tempfile.mkstemp(prefix=".backup-", suffix=".db", dir=directory)
@@ -4241,9 +4152,8 @@ async def download_backup(request: Request) -> Response:
                                            os.path.dirname(os.path.abspath(db_path)))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(db_path))[0])
-    # Each request copies anew: a Range (a resumed download) would join two different copies,
-    # so it is dropped and the copy sent whole, read off the loop; it goes once it is sent (or
-    # the client has gone).
+    # Each request copies anew, so a Range (a resumed download) would join two copies: it is
+    # dropped, the copy sent whole (read off the loop) and deleted once sent or the client gone.
     request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
     return FileResponse(path, media_type="application/vnd.sqlite3",
                         filename=f"{name}-backup-{stamp}.db",
@@ -4552,11 +4462,9 @@ MAX_HEADER_BYTES = 65536
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits uvicorn's settings cannot set (it has no
-    limit on request headers, h11's being for h11 mode only, and arms no timeout before a
-    connection's first request, so a silent socket stays open forever): it counts a request's
-    bytes until its headers end (431 past MAX_HEADER_BYTES) and closes a connection whose
-    headers do not arrive whole within HEADER_SECONDS."""
+    """uvicorn's httptools protocol with limits uvicorn cannot set (headers are unbounded but in
+    h11 mode; no timeout before a first request, so a silent socket stays open forever): 431
+    past MAX_HEADER_BYTES of headers; closed when headers are not whole within HEADER_SECONDS."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -4621,10 +4529,9 @@ def raise_file_limit() -> None:
 
 
 def backup(db_path: str, target: str) -> int:
-    """Copies the database to `target` as GET /v1/backup does, while a server may be using it:
-    written to a new file beside `target`, checked (PRAGMA integrity_check), then renamed into
-    place, so that `target` is never a partial copy. The database is not upgraded first. Returns
-    the copy's size in bytes."""
+    """Copies the database as GET /v1/backup does, even while served, to a new file beside
+    `target`, checked (PRAGMA integrity_check) and renamed into place: `target` is never a
+    partial copy. The database is not upgraded first. Returns the copy's size in bytes."""
     if not os.path.isfile(db_path):
         raise DatabaseUnusable(f"there is no database at {db_path}")
     if os.path.exists(target) and os.path.samefile(db_path, target):
@@ -4651,8 +4558,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
     backup_command.add_argument("file", metavar="FILE")
-    # The flags go before the command or after it; the command's copies set nothing when
-    # absent, so that they do not undo the ones given before it.
+    # Flags go before or after the command; its copies, when absent, undo none given before it.
     for each, default in ((parser, None), (backup_command, argparse.SUPPRESS)):
         each.add_argument("--host", default=default, help="bind address (HOST, default "
                                                           "127.0.0.1)")
@@ -4679,8 +4585,7 @@ def main() -> None:
         log.warning("listening on %s without ACCESS_KEYS: anyone who can reach this port can "
                     "read every conversation and spend the Poe key", settings.host)
     raise_file_limit()
-    # Everything imported so far (fastapi_poe, pydantic's schemas...) lives as long as the
-    # process: keep the cyclic collector from walking it again and again.
+    # Imports so far (fastapi_poe, pydantic's schemas...) live for good: spare the GC walking them.
     gc.collect()
     gc.freeze()
     service = create_app(settings)
