@@ -723,7 +723,8 @@ def cuts_an_escape(tail: bytes) -> bool:
 
 
 class CutLongTextEvents(httpx.AsyncByteStream):
-    """Poe's event stream, with every long text event cut into pieces of POE_EVENT_BYTES."""
+    """Poe's event stream, with every long text event cut into pieces of POE_EVENT_BYTES
+    (fastapi_poe has no limit on an event's size, nor a hook before it parses one)."""
 
     def __init__(self, stream: Any, limit: int = POE_EVENT_BYTES):
         self.stream, self.limit = stream, limit
