@@ -152,7 +152,11 @@ def setting(name: str, kind: str, raw: Any) -> Any:
 def load_settings(**overrides: Any) -> Settings:
     """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env."""
     environ = {name: value for name, value in os.environ.items() if value != ""}
-    config = Config(".env" if os.path.isfile(".env") else None, environ=environ)
+    try:
+        config = Config(".env" if os.path.isfile(".env") else None, environ=environ)
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning(".env is left out: it cannot be read as UTF-8 text (%s)", exc)
+        config = Config(None, environ=environ)
     values = {}
     for spec in dataclasses.fields(Settings):
         raw = overrides.get(spec.name)
@@ -161,7 +165,8 @@ def load_settings(**overrides: Any) -> Settings:
             values[spec.name] = setting(spec.name, spec.type.split(" ")[0], raw)
     settings = Settings(**values)
     for name in ("poe_base_url", "poe_upload_url"):
-        values[name] = getattr(settings, name).rstrip("/") + "/"
+        url = getattr(settings, name)
+        values[name] = url if url.endswith("/") else url + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
                                        or ORIGINAL_CONTINUE_PROMPTS)
     # "testserver" is TestClient's Host, for testing an embedded app; no browser visits that name.
@@ -530,15 +535,14 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
     return value
 
 
-def id_list_field(data: dict, name: str, required: bool = False) -> list[int]:
-    """Ids (integers from 0; 0 is one), each once, in order; [] if absent or null and optional."""
+def id_list_field(data: dict, name: str, kind: str, required: bool = False) -> list[int]:
+    """Ids of `kind` (integers from 0; 0 is one), each once, in order; [] if absent or null and
+    optional."""
     value = data.get(name)
-    if value is None:
-        if required:
-            raise HTTPException(400, f"{name} is required")
+    if value is None and not required:
         return []
     if not isinstance(value, list) or not all(type(v) is int and 0 <= v < INT64 for v in value):
-        raise HTTPException(400, f"{name} must be an array of ids (integers from 0)")
+        raise HTTPException(400, f"{name} must be an array of {kind} ids")
     return list(dict.fromkeys(value))
 
 
@@ -1090,6 +1094,7 @@ class Reply:
     stop_error: tuple[int, str] | None = field(default=None, init=False)  # why it was stopped
     registry: Replies | None = field(default=None, init=False)
     task: asyncio.Task | None = field(default=None, init=False)
+    running: bool = field(default=False, init=False)  # the task has taken its first step
     done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     @property
@@ -1111,7 +1116,7 @@ class Reply:
 
     async def run(self, app: Starlette, model: str, query: PoeQuery, api_key: str,
                   tools: list | None) -> None:
-        cancelled = False
+        cancelled, self.running = False, True
         try:
             async with contextlib.aclosing(relay_poe(app, model, query, api_key,
                                                      tools)) as events:
@@ -1250,6 +1255,8 @@ class Reply:
         """Ends it, its text kept 'interrupted'; the caller waiting hears `error`, if given."""
         if self.task is not None and not self.task.done():
             self.stop_error = error
+            while not self.running:
+                await asyncio.sleep(0)  # a task cancelled before its first step never ends it
             self.task.cancel()
             await asyncio.wait([self.task])
 
@@ -1600,7 +1607,8 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    limit, before_id = query_limit(request, 10000), query_int(request, "before_id")
+    before_id = query_int(request, "before_id")
+    limit = query_limit(request, 10000)
     body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
     return Response(body, media_type="application/json")
 
@@ -1622,11 +1630,12 @@ def turn_fields(data: dict) -> Turn:
     role = "user" if role is MISSING else role
     if role not in ("user", "system", "assistant"):
         raise HTTPException(400, "role must be one of user, system, assistant")
+    documents = id_list_field(data, "documents", "document")
     append = text_field(data, "system_prompt_append")
     return Turn(role=role, content=text_field(data, "content", required=True, empty_ok=False),
                 model=optional_model(data),
                 stream=bool_field(data, "stream", False),
-                documents=id_list_field(data, "documents"),
+                documents=documents,
                 system_prompt_append=append if isinstance(append, str) else "",
                 attachments=attachment_fields(data.get("attachments")))
 
@@ -1728,10 +1737,11 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], new: int, max_chars: int) -> tuple[list[dict], int]:
-    """The history less its oldest messages, till all fit `max_chars` (MAX_CONTEXT_CHARS): never a
-    leading system message nor the last `new` (this request's own); and how many were left out."""
-    keep = 1 if history and history[0]["role"] == "system" else 0
+def fit_history(history: list[dict], keep: int, new: int, max_chars: int
+                ) -> tuple[list[dict], int]:
+    """The history less its oldest messages, till all fit `max_chars` (MAX_CONTEXT_CHARS): never
+    the first `keep` (the system prompt) nor the last `new` (this request's own); and how many
+    were left out."""
     total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
     while total > max_chars and start < end:
         total -= len(history[start]["content"])
@@ -1764,7 +1774,8 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
             last["attachments"] = (last["attachments"] or []) + (entry["attachments"] or [])
         else:
             history.append(dict(entry))
-    kept, left_out = fit_history(history, 1 if len(history) > bool(system) else 0, max_chars)
+    kept, left_out = fit_history(history, int(bool(system)),
+                                 int(len(history) > bool(system)), max_chars)
     return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
                           for e in kept], {}), left_out
 
@@ -1908,7 +1919,7 @@ def delete_message_rows(db: sqlite3.Connection, ids: list[int],
 
 
 async def delete_messages(request: Request) -> JSONResponse:
-    ids = id_list_field(await read_json(request), "message_ids", required=True)
+    ids = id_list_field(await read_json(request), "message_ids", "message", required=True)
     await stop_replies_of(request.app, set(ids))
     count = await request.app.state.db.write(delete_message_rows, ids)
     return JSONResponse({"message": f"{count} messages deleted"})
@@ -2471,7 +2482,8 @@ def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[di
 
 async def merge_documents(request: Request) -> JSONResponse:
     """Texts in order, each between marks naming it (Dev-Docs downloads it); unknown ids skipped."""
-    document_ids = id_list_field(await read_json(request), "document_ids", required=True)
+    document_ids = id_list_field(await read_json(request), "document_ids", "document",
+                                 required=True)
     if not document_ids:
         raise HTTPException(400, "document_ids cannot be empty")
     documents = await request.app.state.db.read(select_documents, document_ids)
@@ -2559,7 +2571,8 @@ async def list_references(request: Request, owner: str) -> JSONResponse:
 
 
 async def set_references(request: Request, owner: str) -> JSONResponse:
-    document_ids = id_list_field(await read_json(request), "document_ids", required=True)
+    document_ids = id_list_field(await read_json(request), "document_ids", "document",
+                                 required=True)
     counts = await request.app.state.db.write(replace_references, path_owner(request, owner),
                                               document_ids)
     return JSONResponse({"message": f"{owner.title()} document references updated "
@@ -3502,8 +3515,9 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
     entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
                              lambda: openai_entries(input_messages(items, names), "input"))
     entries = await upload_entries(app, api_key, entries)
+    prompt = int(bool(stored) and stored[0]["role"] == "system")
     history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
-                                stored + entries, len(entries),
+                                stored + entries, prompt, len(entries),
                                 app.state.settings.max_context_chars)
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
