@@ -1255,7 +1255,7 @@ class Reply:
         """Ends it, its text kept 'interrupted'; the caller waiting hears `error`, if given."""
         if self.task is not None and not self.task.done():
             self.stop_error = error
-            while not self.running:
+            while not self.running and not self.task.done():
                 await asyncio.sleep(0)  # a task cancelled before its first step never ends it
             self.task.cancel()
             await asyncio.wait([self.task])
