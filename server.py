@@ -107,10 +107,9 @@ LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 @dataclass(frozen=True)
 class Settings:
-    """The service's settings (README "Configuration"): each from a flag or create_app's
-    argument, else its environment variable (the name in capitals), else a line of ./.env
-    (both read by Starlette's Config; empty counts as unset), else the default here. Lists are
-    comma-separated."""
+    """The service's settings (README "Configuration"): each from a flag or create_app's argument,
+    else its environment variable (the name in capitals), else a line of ./.env (both read by
+    Starlette's Config; empty counts as unset), else the default here. Lists: comma-separated."""
     host: str = "127.0.0.1"
     port: int = 8000
     db_path: str = "chat.db"
@@ -150,7 +149,6 @@ def setting(name: str, kind: str, raw: Any) -> Any:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from overrides (create_app's arguments, CLI flags), the environment, ./.env."""
     environ = {name: value for name, value in os.environ.items() if value != ""}
     try:
         config = Config(".env" if os.path.isfile(".env") else None, environ=environ)
@@ -165,8 +163,7 @@ def load_settings(**overrides: Any) -> Settings:
             values[spec.name] = setting(spec.name, spec.type.split(" ")[0], raw)
     settings = Settings(**values)
     for name in ("poe_base_url", "poe_upload_url"):
-        url = getattr(settings, name)
-        values[name] = url if url.endswith("/") else url + "/"
+        values[name] = getattr(settings, name).removesuffix("/") + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
                                        or ORIGINAL_CONTINUE_PROMPTS)
     # "testserver" is TestClient's Host, for testing an embedded app; no browser visits that name.
@@ -184,7 +181,6 @@ def load_settings(**overrides: Any) -> Settings:
 # ---------------------------------------------------------------------------------------------
 
 NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
 
 
 class DatabaseUnusable(Exception):
@@ -192,8 +188,7 @@ class DatabaseUnusable(Exception):
 
 
 def connect(db_path: str, timeout: float) -> sqlite3.Connection:
-    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False,
-                         timeout=timeout)
+    db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=timeout)
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA foreign_keys = ON")
     # In WAL mode NORMAL loses nothing on a process crash (kill -9), only on power loss.
@@ -259,9 +254,9 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
 def database_failure(exc: sqlite3.Error) -> HTTPException:
     """What a caller hears when SQLite refuses: 503, the database's fault, never theirs."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    if code in (SQLITE_BUSY, SQLITE_LOCKED):
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         detail = "the database is locked by another program; try again"
-    elif code == SQLITE_FULL:
+    elif code == sqlite3.SQLITE_FULL:
         detail = "the database cannot be written: the disk is full"
     else:
         detail = f"the database failed ({getattr(exc, 'sqlite_errorname', 'error')})"
@@ -297,8 +292,7 @@ class Database:
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
-        return asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args,
-                                                          True)
+        return asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
 
     async def write(self, fn: Callable, *args: Any) -> Any:
         return await self.submit_write(fn, *args)
@@ -311,30 +305,17 @@ class Database:
                 db.close()
 
 
-# In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
-SCHEMA_VERSION = 2
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
-
-
-def migration(version: int) -> Callable:
-    def register(step: Callable) -> Callable:
-        MIGRATIONS[version] = step
-        return step
-    return register
-
-
 def schema_statements() -> list[str]:
     """schema.sql's statements, each without the comment lines before it."""
-    with open(SCHEMA_PATH, encoding="utf-8") as f:
-        lines = f.read().splitlines(keepends=True)
     statements, current = [], ""
-    for line in lines:
-        if not current and (not line.strip() or line.lstrip().startswith("--")):
-            continue
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        for line in f:
+            if not current and (not line.strip() or line.lstrip().startswith("--")):
+                continue
+            current += line
+            if sqlite3.complete_statement(current):
+                statements.append(current.strip())
+                current = ""
     return statements
 
 
@@ -355,7 +336,6 @@ def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | Non
     db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
 
 
-@migration(2)
 def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     """Conversations: assistance_role, status, metadata. Messages: updated_at, attachments,
     tool calls, the 'tool' role. Projects: git_work_dir, ai_work_dir. Categories: summary_model.
@@ -365,6 +345,11 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE projects ADD COLUMN git_work_dir TEXT")
     db.execute("ALTER TABLE projects ADD COLUMN ai_work_dir TEXT")
     db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
+
+
+# In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
+SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search}
 
 
 def check_columns(db: sqlite3.Connection) -> None:
@@ -427,8 +412,7 @@ def prepare_database(db_path: str) -> None:
     try:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
-        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None,
-                                                timeout=30)) as db:
+        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None, timeout=30)) as db:
             if version < SCHEMA_VERSION:
                 upgrade(db, version)
             db.execute("PRAGMA journal_mode = WAL")
@@ -448,7 +432,6 @@ def prepare_database(db_path: str) -> None:
 
 MISSING = object()
 INT64 = 2**63
-
 
 # The longest a request body may pause between two pieces before the request is dropped (408).
 BODY_STALL_SECONDS = 15.0
@@ -470,16 +453,13 @@ async def read_json(request: Request, empty_ok: bool = False) -> dict:
     if length is not None and is_number(length.strip()) and int(length) > limit:
         raise too_large
     body = bytearray()
-    chunks = request.stream()
     try:
-        while True:
-            async with asyncio.timeout(BODY_STALL_SECONDS):
-                chunk = await anext(chunks, None)
-            if chunk is None:
-                break
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        async with asyncio.timeout(BODY_STALL_SECONDS) as stall:
+            async for chunk in request.stream():
+                stall.reschedule(asyncio.get_running_loop().time() + BODY_STALL_SECONDS)
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
     except ClientDisconnect:
         raise HTTPException(400, "the request body did not arrive whole") from None
     except TimeoutError:
@@ -536,8 +516,7 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
 
 
 def id_list_field(data: dict, name: str, kind: str, required: bool = False) -> list[int]:
-    """Ids of `kind` (integers from 0; 0 is one), each once, in order; [] if absent or null and
-    optional."""
+    """Ids of `kind` (integers >= 0), each once, in order; [] if not required and absent/null."""
     value = data.get(name)
     if value is None and not required:
         return []
@@ -613,12 +592,10 @@ def given(fields: dict, nullable: tuple = ()) -> dict:
 
 
 async def read_answer(request: Request, fn: Callable, *args: Any) -> JSONResponse:
-    """fn(db, *args) run on a reader thread, as the JSON answer."""
     return JSONResponse(await request.app.state.db.read(fn, *args))
 
 
 async def write_answer(request: Request, fn: Callable, *args: Any) -> JSONResponse:
-    """fn(db, *args) run in one write transaction, as the JSON answer."""
     return JSONResponse(await request.app.state.db.write(fn, *args))
 
 
@@ -719,8 +696,7 @@ def cuts_an_escape(tail: bytes) -> bool:
         if run % 2 == 0:  # this backslash escapes
             if u + 6 > len(tail):
                 return True
-            if u + 6 == len(tail) and tail[u + 2:u + 3] in (b"d", b"D") and \
-                    tail[u + 3:u + 4] in (b"8", b"9", b"a", b"b", b"A", b"B"):
+            if u + 6 == len(tail) and tail[u + 2:u + 4].lower() in (b"d8", b"d9", b"da", b"db"):
                 return True
         u = tail.rfind(b"\\u", max(0, len(tail) - 11), u)
     return False
@@ -753,8 +729,7 @@ class CutLongTextEvents(httpx.AsyncByteStream):
                 self.event = chunk[kind + 6:chunk.find(b"\n", kind)].strip()
             self.head, self.run, self.cuttable, self.before = b"", 0, True, b""
         start = last_newline + 1
-        if len(self.head) < 32:
-            self.head += chunk[start:start + 32 - len(self.head)]
+        self.head = (self.head + chunk[start:start + 32])[:32]
         self.run += len(chunk) - start
         before, self.before = self.before, (self.before + chunk[start:])[-256:]
         if self.run <= self.limit or self.event != b"text" or not self.cuttable \
@@ -830,15 +805,12 @@ def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure
     return PoeFailure(502, "Poe answered with an error")
 
 
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def clean_text(text: str) -> str:
     """Text that SQLite and a socket can take: NUL removed, lone surrogates (half an emoji from
     a broken encoder) replaced by U+FFFD."""
     if text.isascii():
         return text.replace("\x00", "") if "\x00" in text else text
-    return SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+    return re.sub("[\ud800-\udfff]", "\ufffd", text.replace("\x00", ""))
 
 
 class PoeQuery(fp.QueryRequest):
@@ -857,8 +829,7 @@ class PoeQuery(fp.QueryRequest):
 def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
     """Runs on a worker thread: the pydantic work of a long history stays off the loop."""
     query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
-                     user_id=params.pop("user_id", ""), conversation_id="", message_id="",
-                     **params)
+                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
     payload = fp.QueryRequest.model_dump(query)
     object.__setattr__(query, "__pydantic_private__", {"payload": payload})
     return query
@@ -917,14 +888,12 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
         poe_answer.reset(token)
 
 
-def poe_message(role: str, content: str, attachments: list[dict] | None = None
-                ) -> fp.ProtocolMessage:
-    return fp.ProtocolMessage(
-        role="bot" if role == "assistant" else role, content=content,
-        attachments=[fp.Attachment(url=a["url"], name=a.get("name") or "file",
-                                   content_type=a.get("content_type") or
-                                   "application/octet-stream")
-                     for a in attachments or []])
+def poe_message(role: str, content: str, attachments: list[dict] | None) -> fp.ProtocolMessage:
+    files = [fp.Attachment(url=a["url"], name=a.get("name") or "file",
+                           content_type=a.get("content_type") or "application/octet-stream")
+             for a in attachments or []]
+    return fp.ProtocolMessage(role="bot" if role == "assistant" else role, content=content,
+                              attachments=files)
 
 
 def file_markdown(attachment: dict) -> str:
