@@ -942,11 +942,10 @@ def file_markdown(attachment: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Replies: each Poe reply is read to its end by a task of its own (Reply.run), so a client that
-# goes away changes nothing; the response that started it only listens (Listener). A stored
-# turn's rows (user message, empty 'streaming' reply) go in before Poe is called, its new text
-# at most every FLUSH_SECONDS, its end once; a refused write is retried, the text kept in
-# memory, so the relay never waits for the database. Registry: Replies (app.state.replies).
+# Replies: each reply is read to its end by its own task (Reply.run), so a client leaving changes
+# nothing; the response that started it only listens (Listener). A stored turn's rows (input, empty
+# 'streaming' reply) go in before Poe is called, its new text at most every FLUSH_SECONDS, its end
+# once; a refused write is retried from memory: the relay never waits on SQLite.
 # ---------------------------------------------------------------------------------------------
 
 # A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
@@ -1395,12 +1394,6 @@ def sse(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def pieces(text: str) -> list[str]:
-    if len(text) <= SSE_PIECE_CHARS:
-        return [text]
-    return [text[i:i + SSE_PIECE_CHARS] for i in range(0, len(text), SSE_PIECE_CHARS)]
-
-
 SSE_DONE = sse("[DONE]")
 
 
@@ -1431,7 +1424,9 @@ class SentText:
                 self.add(text)
                 return [(text, True)]
         self.add(text)
-        return [(piece, False) for piece in pieces(text)]
+        if len(text) <= SSE_PIECE_CHARS:
+            return [(text, False)]
+        return [(text[i:i + SSE_PIECE_CHARS], False) for i in range(0, len(text), SSE_PIECE_CHARS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1587,8 +1582,7 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    before_id = query_int(request, "before_id")
-    limit = query_limit(request, 10000)
+    before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
     body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
     return Response(body, media_type="application/json")
 
@@ -1660,8 +1654,7 @@ def decode_data_url(attachment: dict) -> dict:
     return {"data": data, "name": attachment["name"], "content_type": attachment["content_type"]}
 
 
-async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]
-                             ) -> list[dict]:
+async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]) -> list[dict]:
     """Each attachment as Poe will see it: data goes up to POE_UPLOAD_URL first (fastapi_poe's
     upload_file); a URL is passed on as it is. Every data: URL is decoded before any upload."""
     attachments = [await off_loop(len(a["data_url"]) >= LONG_BYTES, decode_data_url, a)
@@ -1710,8 +1703,7 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], keep: int, new: int, max_chars: int
-                ) -> tuple[list[dict], int]:
+def fit_history(history: list[dict], keep: int, new: int, max_chars: int) -> tuple[list[dict], int]:
     """The history less its oldest messages till all fit `max_chars` (MAX_CONTEXT_CHARS), never
     the first `keep` (the system prompt) nor the last `new` (this request's); and how many went."""
     total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
@@ -1721,9 +1713,8 @@ def fit_history(history: list[dict], keep: int, new: int, max_chars: int
     return history[:keep] + history[start:], start - keep
 
 
-def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
-              new_message: dict | None, before_id: int | None, max_chars: int
-              ) -> tuple[PoeQuery, int]:
+def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
+              before_id: int | None, max_chars: int) -> tuple[PoeQuery, int]:
     """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
     then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
     rows = db.execute("SELECT id, role, content, attachments FROM messages "
@@ -1905,8 +1896,7 @@ async def delete_message(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Message deleted"})
 
 
-def regeneration(db: sqlite3.Connection, conversation_id: str
-                 ) -> tuple[int | None, int | None]:
+def regeneration(db: sqlite3.Connection, conversation_id: str) -> tuple[int | None, int | None]:
     """(reply replaced, user message answered) for a regeneration: a last assistant reply is
     replaced once the new one is whole; else the whole history gets a new reply."""
     get_conversation(db, conversation_id)
