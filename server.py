@@ -911,11 +911,10 @@ def file_markdown(attachment: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Replies: each Poe reply is read to its end by a task of its own (Reply.run), so a client that
-# goes away changes nothing; the response that started it only listens (Listener). A stored
-# turn's rows (user message, empty 'streaming' reply) go in before Poe is called, its new text
-# at most every FLUSH_SECONDS, its end once; a refused write is retried, the text kept in
-# memory, so the relay never waits for the database. Registry: Replies (app.state.replies).
+# Replies: each reply is read to its end by its own task (Reply.run), so a client leaving changes
+# nothing; the response that started it only listens (Listener). A stored turn's rows (input, empty
+# 'streaming' reply) go in before Poe is called, its new text at most every FLUSH_SECONDS, its end
+# once; a refused write is retried from memory: the relay never waits on SQLite.
 # ---------------------------------------------------------------------------------------------
 
 # A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
@@ -937,8 +936,7 @@ class ResponseRecord:
 
 @dataclass
 class ReplyEnd:
-    """What the end of a stored reply writes (save_reply_end); kept, and written again, while
-    SQLite refuses it."""
+    """A stored reply's end (save_reply_end); kept, and written again, while SQLite refuses it."""
     conversation_id: str
     message_id: int
     updated_at: str | None  # the conversation's before the turn: put back when it is discarded
@@ -993,8 +991,7 @@ class Listener:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued_bytes = 0
-        self.lagged = False
+        self.queued_bytes, self.lagged = 0, False
         self.closed = False  # its response has ended: nothing more is queued
 
     def publish(self, item: tuple) -> None:
@@ -1078,29 +1075,26 @@ class Reply:
               stream: bool, tools: list | None = None) -> None:
         """Calls Poe in a task of its own; with `stream`, events are queued for the caller."""
         self.registry = app.state.replies
-        if stream:
-            self.listener = Listener()
+        self.listener = Listener() if stream else None
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
     async def run(self, app: Starlette, model: str, query: PoeQuery, api_key: str,
                   tools: list | None) -> None:
-        cancelled, self.running = False, True
+        cancelled, self.running, status = False, True, "interrupted"
         try:
-            async with contextlib.aclosing(relay_poe(app, model, query, api_key,
-                                                     tools)) as events:
+            async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
                 await self.take_all(events)
             # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
             status = "interrupted" if self.cut else "complete"
         except PoeFailure as exc:
             self.error, self.error_headers = (exc.status, exc.detail), exc.headers
-            status = "interrupted"
         except asyncio.CancelledError:
             # Stopped, the conversation deleted, or the server shutting down.
-            cancelled, status, self.error = True, "interrupted", self.stop_error
+            cancelled, self.error = True, self.stop_error
         except Exception:
             log.exception("reading Poe's answer failed")
-            self.error, status = (502, "Poe's answer could not be read"), "interrupted"
+            self.error = (502, "Poe's answer could not be read")
         try:
             await asyncio.shield(self.end(status))
         except asyncio.CancelledError:
@@ -1179,7 +1173,6 @@ class Reply:
             if self.generation == generation:
                 self.saved_chunks = count
                 self.rewrite = self.rewrite and not rewrite
-
         self.writing.add_done_callback(written)
 
     async def end(self, status: str) -> None:
@@ -1236,9 +1229,7 @@ class Reply:
 
     def failure(self) -> HTTPException:
         status, detail = self.error
-        headers = dict(self.error_headers or {})
-        if status in (502, 504):
-            headers.update(NO_RETRY)
+        headers = {**(self.error_headers or {}), **(NO_RETRY if status in (502, 504) else {})}
         return HTTPException(status, detail, headers=headers or None)
 
     async def answer(self, stream: bool, whole: Callable[[], Response],
@@ -1302,11 +1293,6 @@ class Replies:
             del self.by_conversation[reply.conversation_id]
         self.by_session.pop(reply.session_id, None)
 
-    def writing_to(self, message_ids: set[int]) -> list[Reply]:
-        """The replies in progress that write or answer one of these messages."""
-        return [reply for reply in self.by_session.values()
-                if message_ids & {reply.message_id, *reply.inserted_ids}]
-
     async def settle(self, conversation_id: str) -> None:
         """Stops the conversation's reply in progress, and any that starts meanwhile."""
         while True:
@@ -1321,8 +1307,7 @@ class Replies:
         try:
             await self.db.write(save_reply_end, end)
         except HTTPException as exc:
-            log.warning("the end of reply %s waits to be stored: %s", end.message_id,
-                        exc.detail)
+            log.warning("the end of reply %s waits to be stored: %s", end.message_id, exc.detail)
             self.unsaved[end.message_id] = end
             if self.retrying is None or self.retrying.done():
                 self.retrying = asyncio.create_task(self.retry_unsaved())
@@ -1342,8 +1327,7 @@ class Replies:
                 log.info("the end of reply %s is stored", message_id)
 
     async def stop_all(self, status: int, detail: str) -> None:
-        replies = list(self.by_session.values())
-        await asyncio.gather(*(reply.stop((status, detail)) for reply in replies))
+        await asyncio.gather(*(reply.stop((status, detail)) for reply in self.by_session.values()))
 
     async def close(self) -> None:
         """At shutdown: running replies cut off (kept 'interrupted'); refused ends retried once."""
@@ -1379,12 +1363,6 @@ def sse(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def pieces(text: str) -> list[str]:
-    if len(text) <= SSE_PIECE_CHARS:
-        return [text]
-    return [text[i:i + SSE_PIECE_CHARS] for i in range(0, len(text), SSE_PIECE_CHARS)]
-
-
 SSE_DONE = sse("[DONE]")
 
 
@@ -1415,7 +1393,9 @@ class SentText:
                 self.add(text)
                 return [(text, True)]
         self.add(text)
-        return [(piece, False) for piece in pieces(text)]
+        if len(text) <= SSE_PIECE_CHARS:
+            return [(text, False)]
+        return [(text[i:i + SSE_PIECE_CHARS], False) for i in range(0, len(text), SSE_PIECE_CHARS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1464,8 +1444,7 @@ def insert_conversation(db: sqlite3.Connection, changes: dict) -> str:
 async def create_conversation(request: Request) -> JSONResponse:
     data = await read_json(request, empty_ok=True)
     changes = conversation_changes(data)
-    system_prompt = text_field(data, "system_prompt")
-    if isinstance(system_prompt, str) and system_prompt:
+    if (system_prompt := text_field(data, "system_prompt")) not in (MISSING, None, ""):
         changes["system_prompt"] = system_prompt
     conversation_id = await request.app.state.db.write(insert_conversation, changes)
     return JSONResponse({"conversation_id": conversation_id})
@@ -1533,21 +1512,18 @@ MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attach
 
 
 def json_bytes(body: dict, long_list: str) -> bytes:
-    """body as JSON, its long list encoded an item at a time: one json.dumps of the whole would
-    hold the GIL, and so stall the event loop, for as long as it takes (300 ms at 20 MB)."""
+    """body (a long list and other keys) as JSON, the list encoded a batch at a time: one dumps of
+    the whole holds the GIL, so stalls the event loop, as long as it takes (300 ms at 20 MB)."""
     items = body.pop(long_list)
     head = dumps(body)[:-1].encode()
     # 200 items at a time: a millisecond or so of encoding each, far fewer calls than one each.
     parts = [dumps(items[i:i + 200])[1:-1].encode() for i in range(0, len(items), 200)]
-    separator = b"," if len(body) else b""
-    return b"".join([head, separator, b'"', long_list.encode(), b'":[', b",".join(parts),
-                     b"]}"])
+    return b"".join([head, b',"', long_list.encode(), b'":[', b",".join(parts), b"]}"])
 
 
 def message_json(row: sqlite3.Row | dict) -> dict:
-    message = {"id": row["id"], "role": row["role"], "content": row["content"],
-               "status": row["status"], "created_at": row["created_at"],
-               "updated_at": row["updated_at"]}
+    message = {key: row[key] for key in
+               ("id", "role", "content", "status", "created_at", "updated_at")}
     for name in ("attachments", "tool_calls"):
         if row[name]:
             message[name] = json.loads(row[name])
@@ -1565,10 +1541,9 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
         body["messages"] = [message_json(row) for row in db.execute(
             MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
     else:
-        rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? "
-                          "ORDER BY id DESC LIMIT ?",
-                          (conversation_id, INT64 - 1 if before_id is None else before_id,
-                           limit + 1)).fetchall()
+        before = INT64 - 1 if before_id is None else before_id
+        rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? ORDER BY id DESC "
+                          "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
         body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
     return json_bytes(body, "messages")
@@ -1576,8 +1551,7 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
-    before_id = query_int(request, "before_id")
-    limit = query_limit(request, 10000)
+    before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
     body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
     return Response(body, media_type="application/json")
 
@@ -1602,10 +1576,8 @@ def turn_fields(data: dict) -> Turn:
     documents = id_list_field(data, "documents", "document")
     append = text_field(data, "system_prompt_append")
     return Turn(role=role, content=text_field(data, "content", required=True, empty_ok=False),
-                model=optional_model(data),
-                stream=bool_field(data, "stream", False),
-                documents=documents,
-                system_prompt_append=append if isinstance(append, str) else "",
+                model=optional_model(data), stream=bool_field(data, "stream", False),
+                documents=documents, system_prompt_append=append if isinstance(append, str) else "",
                 attachments=attachment_fields(data.get("attachments")))
 
 
@@ -1619,11 +1591,10 @@ def attachment_fields(value: Any) -> list[dict]:
         where = f"attachments[{i}]"
         if not isinstance(item, dict) or ("url" in item) == ("data" in item):
             raise HTTPException(400, f"{where} must be an object with either url or data")
-        name = text_field(item, "name")
-        content_type = text_field(item, "content_type")
-        attachment = {"name": name if isinstance(name, str) and name else None,
-                      "content_type": content_type if isinstance(content_type, str)
-                      and content_type else None}
+        attachment = {}
+        for key in ("name", "content_type"):
+            text = text_field(item, key)
+            attachment[key] = text if isinstance(text, str) and text else None
         if "url" in item:
             url = text_field(item, "url", required=True, empty_ok=False)
             if not re.match(r"https?://", url):
@@ -1652,40 +1623,35 @@ def decode_data_url(attachment: dict) -> dict:
     return {"data": data, "name": attachment["name"], "content_type": attachment["content_type"]}
 
 
-async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]
-                             ) -> list[dict]:
+async def upload_attachments(app: Starlette, api_key: str, attachments: list[dict]) -> list[dict]:
     """Each attachment as Poe will see it: data goes up to POE_UPLOAD_URL first (fastapi_poe's
     upload_file); a URL is passed on as it is. Every data: URL is decoded before any upload."""
     attachments = [await off_loop(len(a["data_url"]) >= LONG_BYTES, decode_data_url, a)
                    if "data_url" in a else a for a in attachments]
     uploaded = []
     for attachment in attachments:
-        name = attachment["name"]
+        name, content_type = attachment["name"], attachment["content_type"]
         if "url" in attachment:
-            name = name or os.path.basename(attachment["url"].split("?")[0]) or "file"
-            content_type = (attachment["content_type"] or mimetypes.guess_type(name)[0]
-                            or "application/octet-stream")
-            uploaded.append({"url": attachment["url"], "name": name,
-                             "content_type": content_type})
-            continue
-        name = name or "file" + (mimetypes.guess_extension(attachment["content_type"] or "")
-                                 or "")
-        try:
-            async with asyncio.timeout(app.state.settings.poe_timeout):
-                result = await fp.upload_file(file=attachment["data"], file_name=name,
-                                              api_key=api_key, num_tries=1,
-                                              on_error=on_poe_error,
-                                              base_url=app.state.settings.poe_upload_url)
-        except TimeoutError:
-            raise HTTPException(504, "Poe's file upload did not answer in time",
-                                headers=NO_RETRY) from None
-        except Exception as exc:  # fastapi_poe's upload raises its own, httpx's and ValueError
-            log.warning("upload to Poe failed: %s", type(exc).__name__)
-            raise HTTPException(502, f"the attachment {name!r} could not be uploaded to Poe",
-                                headers=NO_RETRY) from None
-        uploaded.append({"url": result.url, "name": name, "content_type":
-                         attachment["content_type"] or result.content_type or
-                         "application/octet-stream"})
+            url = attachment["url"]
+            name = name or os.path.basename(url.split("?")[0]) or "file"
+            content_type = content_type or mimetypes.guess_type(name)[0]
+        else:
+            name = name or "file" + (mimetypes.guess_extension(content_type or "") or "")
+            try:
+                async with asyncio.timeout(app.state.settings.poe_timeout):
+                    result = await fp.upload_file(
+                        file=attachment["data"], file_name=name, api_key=api_key, num_tries=1,
+                        on_error=on_poe_error, base_url=app.state.settings.poe_upload_url)
+            except TimeoutError:
+                raise HTTPException(504, "Poe's file upload did not answer in time",
+                                    headers=NO_RETRY) from None
+            except Exception as exc:  # fastapi_poe's upload raises its own, httpx's and ValueError
+                log.warning("upload to Poe failed: %s", type(exc).__name__)
+                raise HTTPException(502, f"the attachment {name!r} could not be uploaded to Poe",
+                                    headers=NO_RETRY) from None
+            url, content_type = result.url, content_type or result.content_type
+        uploaded.append({"url": url, "name": name,
+                         "content_type": content_type or "application/octet-stream"})
     return uploaded
 
 
@@ -1706,11 +1672,9 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], keep: int, new: int, max_chars: int
-                ) -> tuple[list[dict], int]:
-    """The history less its oldest messages, till all fit `max_chars` (MAX_CONTEXT_CHARS): never
-    the first `keep` (the system prompt) nor the last `new` (this request's own); and how many
-    were left out."""
+def fit_history(history: list[dict], keep: int, new: int, max_chars: int) -> tuple[list[dict], int]:
+    """The history less its oldest messages till all fit `max_chars` (MAX_CONTEXT_CHARS), never
+    the first `keep` (the system prompt) nor the last `new` (this request's); and how many went."""
     total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
     while total > max_chars and start < end:
         total -= len(history[start]["content"])
@@ -1718,15 +1682,13 @@ def fit_history(history: list[dict], keep: int, new: int, max_chars: int
     return history[:keep] + history[start:], start - keep
 
 
-def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
-              new_message: dict | None, before_id: int | None, max_chars: int
-              ) -> tuple[PoeQuery, int]:
+def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
+              before_id: int | None, max_chars: int) -> tuple[PoeQuery, int]:
     """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
     then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
     rows = db.execute("SELECT id, role, content, attachments FROM messages "
                       "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
-                      (conversation_id, INT64 - 1 if before_id is None else before_id)
-                      ).fetchall()
+                      (conversation_id, INT64 - 1 if before_id is None else before_id)).fetchall()
     system_prompt = ""
     if rows and rows[0]["role"] == "system":
         system_prompt, rows = rows[0]["content"], rows[1:]
@@ -1754,9 +1716,8 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
     """The turn's input messages and an empty 'streaming' reply, before Poe is called; and
     the conversation's updated_at before them, put back if the turn leaves no trace."""
     ids, updated_at = insert_messages(db, conversation_id, messages)
-    reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) "
-                          "VALUES (?, 'assistant', '', 'streaming')",
-                          (conversation_id,)).lastrowid
+    reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
+                          "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
     return ids, reply_id, updated_at
 
 
@@ -1797,8 +1758,7 @@ async def post_message(request: Request) -> Response:
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
-    continues = turn.role == "user" and \
-        turn.content.strip().casefold() in settings.continue_prompts
+    continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
     with app.state.replies.claim(conversation_id):
         attachments = await upload_attachments(app, api_key, turn.attachments)
         new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
@@ -1815,8 +1775,7 @@ async def post_message(request: Request) -> Response:
 
 async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
     """The answer to a stored turn, streamed or not (API.md "Messages")."""
-    ids = {"conversation_id": reply.conversation_id,
-           "user_message_id": reply.user_message_id,
+    ids = {"conversation_id": reply.conversation_id, "user_message_id": reply.user_message_id,
            "assistant_message_id": reply.message_id}
 
     def whole() -> JSONResponse:
@@ -1872,7 +1831,9 @@ async def stop_stream(request: Request) -> JSONResponse:
 
 
 async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
-    for reply in app.state.replies.writing_to(message_ids):
+    """Stops the replies in progress that write or answer one of these messages."""
+    for reply in [reply for reply in app.state.replies.by_session.values()
+                  if message_ids & {reply.message_id, *reply.inserted_ids}]:
         await reply.stop()
 
 
@@ -1899,25 +1860,20 @@ async def delete_message(request: Request) -> JSONResponse:
     message_id = request.path_params["message_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
     await stop_replies_of(request.app, {message_id})
-
-    def delete(db: sqlite3.Connection) -> None:
-        if not delete_message_rows(db, [message_id], conversation_id):
-            raise HTTPException(404, "Message not found")
-    await request.app.state.db.write(delete)
+    if not await request.app.state.db.write(delete_message_rows, [message_id], conversation_id):
+        raise HTTPException(404, "Message not found")
     return JSONResponse({"message": "Message deleted"})
 
 
-def regeneration(db: sqlite3.Connection, conversation_id: str
-                 ) -> tuple[int | None, int | None]:
+def regeneration(db: sqlite3.Connection, conversation_id: str) -> tuple[int | None, int | None]:
     """(reply replaced, user message answered) for a regeneration: a last assistant reply is
     replaced once the new one is whole; else the whole history gets a new reply."""
     get_conversation(db, conversation_id)
+    if not db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND role != 'system'",
+                      (conversation_id,)).fetchone():
+        raise HTTPException(400, "the conversation has no message to reply to")
     last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
-    if last is None or last["role"] == "system" and not db.execute(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND role != 'system'",
-            (conversation_id,)).fetchone():
-        raise HTTPException(400, "the conversation has no message to reply to")
     replaced = last["id"] if last["role"] == "assistant" else None
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
                       "role = 'user' ORDER BY id DESC LIMIT 1",
@@ -1940,8 +1896,7 @@ async def regenerate(request: Request) -> Response:
         _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
         reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
                       user_message_id=user_id)
-        reply.start(app, turn_model(settings, model, conversation), query, api_key,
-                    stream=stream)
+        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream)
     return await answer_turn(reply, stream, trimmed)
 
 
