@@ -2059,15 +2059,13 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
     """The project, its references and its conversations with theirs (AgentOS reads it)."""
     project = get_project(db, project_id)
     refs: dict[str | None, list[dict]] = {}
-    for row in db.execute(
-            "SELECT DISTINCT r.conversation_id, r.document_id, d.filename, d.version "
-            "FROM document_references r JOIN plan_documents d ON d.id = r.document_id "
-            "LEFT JOIN conversations c ON c.id = r.conversation_id "
-            "WHERE (r.conversation_id IS NULL AND r.project_id = :id) OR c.project_id = :id "
-            "ORDER BY d.filename, d.version DESC, r.document_id", {"id": project_id}):
-        refs.setdefault(row["conversation_id"], []).append(
-            {"document_id": row["document_id"], "filename": row["filename"],
-             "version": row["version"]})
+    for row in fetch_all(
+            db, "SELECT DISTINCT r.conversation_id, r.document_id, d.filename, d.version "
+                "FROM document_references r JOIN plan_documents d ON d.id = r.document_id "
+                "LEFT JOIN conversations c ON c.id = r.conversation_id "
+                "WHERE (r.conversation_id IS NULL AND r.project_id = :id) OR c.project_id = :id "
+                "ORDER BY d.filename, d.version DESC, r.document_id", {"id": project_id}):
+        refs.setdefault(row.pop("conversation_id"), []).append(row)
     conversations = fetch_all(
         db, "SELECT id, name, model, assistance_role, status, created_at, updated_at "
             "FROM conversations WHERE project_id = ? "
@@ -2075,8 +2073,7 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
     for conversation in conversations:
         conversation["conversation_document_references"] = refs.get(conversation["id"], [])
     return {"project_id": project_id, "project_name": project["name"],
-            "project_document_references": refs.get(None, []),
-            "conversations": conversations}
+            "project_document_references": refs.get(None, []), "conversations": conversations}
 
 
 async def read_project_hierarchy(request: Request) -> JSONResponse:
@@ -2180,14 +2177,11 @@ async def delete_category(request: Request) -> JSONResponse:
 def delete_documents(db: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
     """Deletes the documents `where` (this module's SQL, never a request's) selects, with tags
     and references; the counts (execution_logs is 0, kept for Dev-Docs' response type)."""
-    selected = f"SELECT id FROM plan_documents WHERE {where}"
-    references = db.execute(f"DELETE FROM document_references WHERE document_id IN "
-                            f"({selected})", params).rowcount
-    tags = db.execute(f"DELETE FROM document_tags WHERE document_id IN ({selected})",
-                      params).rowcount
+    selected = f"document_id IN (SELECT id FROM plan_documents WHERE {where})"
+    deleted = {table: db.execute(f"DELETE FROM {table} WHERE {selected}", params).rowcount
+               for table in ("document_tags", "document_references")}
     documents = db.execute(f"DELETE FROM plan_documents WHERE {where}", params).rowcount
-    return {"plan_documents": documents, "document_tags": tags,
-            "document_references": references, "execution_logs": 0}
+    return {"plan_documents": documents, **deleted, "execution_logs": 0}
 
 
 def source_field(data: dict, default: str | None) -> str | None:
@@ -2221,8 +2215,7 @@ async def create_document(request: Request) -> JSONResponse:
     document = {"project_id": int_field(data, "project_id", required=True, minimum=1),
                 "category_id": int_field(data, "category_id", required=True, minimum=1),
                 "filename": text_field(data, "filename", required=True, empty_ok=False),
-                "content": text_field(data, "content", required=True),
-                "source": source,
+                "content": text_field(data, "content", required=True), "source": source,
                 "related_log_id": None if related_log_id is MISSING else related_log_id}
     return await write_answer(request, insert_document, document)
 
@@ -2355,8 +2348,7 @@ def tag_list(data: dict, name: str) -> list[str]:
 def select_tags(db: sqlite3.Connection, document_id: int) -> dict:
     get_document(db, document_id)
     return {"document_id": document_id, "tags": fetch_all(
-        db, "SELECT * FROM document_tags WHERE document_id = ? ORDER BY tag_name",
-        (document_id,))}
+        db, "SELECT * FROM document_tags WHERE document_id = ? ORDER BY tag_name", (document_id,))}
 
 
 def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
@@ -2364,8 +2356,7 @@ def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
     """Adds (a tag already there is left as it is) then removes tags of one document."""
     get_document(db, document_id)
     added = sum(db.execute("INSERT INTO document_tags (document_id, tag_name) VALUES (?, ?) "
-                           "ON CONFLICT DO NOTHING", (document_id, tag)).rowcount
-                for tag in add)
+                           "ON CONFLICT DO NOTHING", (document_id, tag)).rowcount for tag in add)
     removed = db.execute("DELETE FROM document_tags WHERE document_id = ? AND tag_name IN "
                          "(SELECT value FROM json_each(?))",
                          (document_id, json.dumps(remove))).rowcount
@@ -2464,11 +2455,8 @@ async def migrate_from_current(request: Request) -> JSONResponse:
     data = await read_json(request)
     document_id = int_field(data, "document_id", required=True, minimum=1)
     changes = {"category_id": int_field(data, "target_category_id", required=True, minimum=1)}
-    new_filename = text_field(data, "new_filename")
-    if new_filename not in (MISSING, None, ""):
-        if not new_filename.strip():
-            raise HTTPException(400, "new_filename must be a non-empty string")
-        changes["filename"] = new_filename.strip()
+    if data.get("new_filename") not in (None, ""):
+        changes["filename"] = text_field(data, "new_filename", empty_ok=False).strip()
     changes["source"] = source_field(data, None)
     return await write_answer(request, save_new_version, document_id, given(changes))
 
@@ -2523,8 +2511,7 @@ def select_references(db: sqlite3.Connection, project_id: int | None,
         where, owner_id = "r.project_id = ? AND r.conversation_id IS NULL", project_id
     else:
         where, owner_id = "r.conversation_id = ?", conversation_id
-    return fetch_all(db, f"{REFERENCE_SQL} WHERE {where} ORDER BY d.filename, r.id",
-                     (owner_id,))
+    return fetch_all(db, f"{REFERENCE_SQL} WHERE {where} ORDER BY d.filename, r.id", (owner_id,))
 
 
 def list_owner_references(db: sqlite3.Connection, owner: tuple[str, Any]) -> list[dict]:
@@ -2542,17 +2529,15 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
         "(SELECT value FROM json_each(?))", (project_id, json.dumps(document_ids)))}
     if wanted - in_project:
         raise HTTPException(400, f"Documents not found in project: {sorted(wanted - in_project)}")
-    current = {r["document_id"] for r in select_references(db, project_id, conversation_id)}
+    references = select_references(db, project_id, conversation_id)
+    current = {r["document_id"] for r in references}
     if conversation_id is not None:
         shared = wanted & {r["document_id"] for r in select_references(db, project_id, None)}
         if shared:
             raise HTTPException(400, "Documents already referenced at project level: "
                                      f"{sorted(shared)}")
-    own = ("conversation_id = :owner" if conversation_id is not None
-           else "project_id = :owner AND conversation_id IS NULL")
-    db.executemany(f"DELETE FROM document_references WHERE {own} AND document_id = :document",
-                   [{"owner": conversation_id or project_id, "document": d}
-                    for d in current - wanted])
+    db.executemany("DELETE FROM document_references WHERE id = ?",
+                   [(r["id"],) for r in references if r["document_id"] not in wanted])
     db.executemany("INSERT INTO document_references (project_id, conversation_id, document_id, "
                    "reference_type) VALUES (?, ?, ?, ?)",
                    [(project_id, conversation_id, d, owner[0]) for d in sorted(wanted - current)])
@@ -2580,8 +2565,7 @@ async def set_references(request: Request, owner: str) -> JSONResponse:
 
 
 async def clear_references(request: Request, owner: str) -> JSONResponse:
-    counts = await request.app.state.db.write(replace_references, path_owner(request, owner),
-                                              [])
+    counts = await request.app.state.db.write(replace_references, path_owner(request, owner), [])
     return JSONResponse({"message": f"All {owner} document references cleared", **counts})
 
 
@@ -2615,9 +2599,8 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant", "tool": "tool"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       402: "insufficient_quota", 403: "permission_error", 404: "not_found_error",
-                      409: "conflict_error", 413: "invalid_request_error",
-                      429: "rate_limit_error", 500: "server_error", 502: "api_error",
-                      504: "timeout_error"}
+                      409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                      500: "server_error", 502: "api_error", 504: "timeout_error"}
 DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
 # One Markdown code fence around a whole reply (bots like to fence the JSON they were asked for).
 FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
@@ -2633,6 +2616,16 @@ def openai_error(status: int, message: str) -> dict:
 def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
     """A required string inside the body, named by its place (messages[2].tool_call_id)."""
     return text_field({where: value}, where, required=True, empty_ok=empty_ok)
+
+
+def objects_at(value: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Each object of an array (none for null) with its place; 400 where one is not an object."""
+    if value is not None and not isinstance(value, list):
+        raise HTTPException(400, f"{where} must be an array")
+    for i, item in enumerate(value or []):
+        if not isinstance(item, dict):
+            raise HTTPException(400, f"{where}[{i}] must be an object")
+        yield f"{where}[{i}]", item
 
 
 def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
@@ -2698,23 +2691,17 @@ def openai_content(content: Any, where: str, role: str) -> tuple[str, list[dict]
 
 def openai_tool_calls(value: Any, where: str) -> list[fp.ToolCallDefinition]:
     """An assistant message's function calls; other tools' calls are dropped, as those tools are."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise HTTPException(400, f"{where} must be an array")
     calls = []
-    for j, call in enumerate(value):
-        if not isinstance(call, dict):
-            raise HTTPException(400, f"{where}[{j}] must be an object")
+    for at, call in objects_at(value, where):
         if call.get("type", "function") != "function":
             continue
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         calls.append(fp.ToolCallDefinition(
-            id=string_at(call.get("id"), f"{where}[{j}].id"), type="function",
-            function={"name": string_at(function.get("name"), f"{where}[{j}].function.name"),
+            id=string_at(call.get("id"), f"{at}.id"), type="function",
+            function={"name": string_at(function.get("name"), f"{at}.function.name"),
                       "arguments": "{}" if arguments is None else
-                      string_at(arguments, f"{where}[{j}].function.arguments", True)}))
+                      string_at(arguments, f"{at}.function.arguments", True)}))
     return calls
 
 
@@ -2723,17 +2710,13 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
     (assistant) or tool_call_id and name (tool)."""
     history: list[dict] = []
     names: dict[str, str] = {}  # tool call id -> function name: a result without one gets it
-    for i, message in enumerate(messages):
-        where = f"{place}[{i}]"
-        if not isinstance(message, dict):
-            raise HTTPException(400, f"{where} must be an object")
+    for where, message in objects_at(messages, place):
         role = message.get("role")
         if role == "function":
             raise HTTPException(400, f"{where}: function messages (OpenAI's deprecated "
                                      "functions) are not supported: use tools")
         if role not in OPENAI_ROLES:
-            raise HTTPException(400, f"{where}.role must be one of system, developer, user, "
-                                     "assistant, tool")
+            raise HTTPException(400, f"{where}.role must be one of " + ", ".join(OPENAI_ROLES))
         content, attachments = openai_content(message.get("content"), f"{where}.content", role)
         entry = {"role": OPENAI_ROLES[role], "content": content, "attachments": attachments}
         if role == "assistant":
@@ -2741,8 +2724,7 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
                                                     f"{where}.tool_calls")
             names.update((call.id, call.function.name) for call in entry["tool_calls"])
         elif role == "tool":
-            entry["tool_call_id"] = string_at(message.get("tool_call_id"),
-                                              f"{where}.tool_call_id")
+            entry["tool_call_id"] = string_at(message.get("tool_call_id"), f"{where}.tool_call_id")
             name = message.get("name")
             entry["name"] = name if isinstance(name, str) and name else \
                 names.get(entry["tool_call_id"], "tool")
@@ -2789,9 +2771,8 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
 def inline_refs(schema: dict) -> dict:
     """Local $refs (pydantic's nested models) inlined, recursive ones kept: Poe's tool parameters
     keep only type, properties and required, which would lose $defs and leave the refs dangling."""
-    defs = {**(schema.get("definitions") if isinstance(schema.get("definitions"), dict)
-               else {}),
-            **(schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {})}
+    defs = {name: spec for key in ("definitions", "$defs") if isinstance(schema.get(key), dict)
+            for name, spec in schema[key].items()}
     if not defs:
         return schema
 
@@ -2806,8 +2787,7 @@ def inline_refs(schema: dict) -> dict:
             if name in defs and name not in path and isinstance(defs[name], dict):
                 rest = {k: v for k, v in node.items() if k != "$ref"}
                 return resolve({**defs[name], **rest}, path + (name,))
-        return {k: resolve(v, path) for k, v in node.items()
-                if k not in ("$defs", "definitions")}
+        return {k: resolve(v, path) for k, v in node.items() if k not in ("$defs", "definitions")}
     return resolve(schema, ())
 
 
@@ -2835,14 +2815,8 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
 def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
     """Poe's function tools (others left out), and the instruction for tool_choice, which Poe lacks:
     'none' sends no tools; 'required' or a named function (then the only tool) asks for a call."""
-    if tools is not None and not isinstance(tools, list):
-        raise HTTPException(400, "tools must be an array")
-    definitions = []
-    for i, tool in enumerate(tools or []):
-        if not isinstance(tool, dict):
-            raise HTTPException(400, f"tools[{i}] must be an object")
-        if tool.get("type") == "function":
-            definitions.append(tool_definition(tool.get("function"), f"tools[{i}].function"))
+    definitions = [tool_definition(tool.get("function"), f"{at}.function")
+                   for at, tool in objects_at(tools, "tools") if tool.get("type") == "function"]
     choice = "auto" if tool_choice is None else tool_choice
     mode, names = choice, None
     if isinstance(choice, dict) and choice.get("type") == "function":
@@ -2877,16 +2851,13 @@ def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] 
 
 def json_instruction(response_format: Any) -> str:
     """What the bot is told for response_format (Poe has no such field); '' for text."""
-    if response_format is None:
-        return ""
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
+    if response_format is None or kind == "text":
         return ""
     if kind == "json_object":
         return JSON_OBJECT_INSTRUCTION
     if kind != "json_schema":
-        raise HTTPException(400, "response_format.type must be text, json_object or "
-                                 "json_schema")
+        raise HTTPException(400, "response_format.type must be text, json_object or json_schema")
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) or \
             not isinstance(spec.get("name"), str):
@@ -2895,8 +2866,7 @@ def json_instruction(response_format: Any) -> str:
     about = " ".join(str(spec[k]) for k in ("name", "description") if spec.get(k))
     return ("Answer with one valid JSON value that conforms to this JSON Schema"
             + (f" ({about})" if about else "") + ", and nothing else: no text before or after "
-            "it, no Markdown code fence.\n" + json.dumps(spec.get("schema", {}),
-                                                         ensure_ascii=False))
+            f"it, no Markdown code fence.\n{json.dumps(spec['schema'], ensure_ascii=False)}")
 
 
 def openai_params(data: dict) -> dict:
@@ -2922,9 +2892,7 @@ def openai_params(data: dict) -> dict:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise HTTPException(400, "stop must be a string or an array of strings")
-        for s in stop:
-            text_field({"stop": s}, "stop")
-        params["stop_sequences"] = stop
+        params["stop_sequences"] = [text_field({"stop": s}, "stop") for s in stop]
     bias = data.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict) or not all(
@@ -2941,8 +2909,7 @@ def openai_params(data: dict) -> dict:
 
 def max_reply_chars(data: dict) -> int | None:
     """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
-    limits = [int_field(data, name, minimum=1) for name in ("max_tokens",
-                                                            "max_completion_tokens")]
+    limits = [int_field(data, name, minimum=1) for name in ("max_tokens", "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
     return min(limits) * 4 if limits else None
 
