@@ -2160,27 +2160,29 @@ async def update_category(request: Request) -> JSONResponse:
     return JSONResponse(category_json(request, category))
 
 
-def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
+def remove_category(db: sqlite3.Connection, category_id: int) -> dict:
     get_category(db, category_id)
     deleted = delete_documents(db, "category_id = ?", (category_id,))
     # Categories that auto-saved into this one stop doing so (ON DELETE SET NULL).
     db.execute("DELETE FROM plan_categories WHERE id = ?", (category_id,))
-    return deleted
+    return {"message": "Category and related documents deleted successfully", "deleted": deleted}
 
 
 async def delete_category(request: Request) -> JSONResponse:
-    deleted = await request.app.state.db.write(remove_category, request.path_params["category_id"])
-    return JSONResponse({"message": "Category and related documents deleted successfully",
-                         "deleted": deleted})
+    return await write_answer(request, remove_category, request.path_params["category_id"])
 
 
-def delete_documents(db: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
+def delete_documents(db: sqlite3.Connection, where: str, params: tuple,
+                     not_found: str | None = None) -> dict[str, int]:
     """Deletes the documents `where` (this module's SQL, never a request's) selects, with tags
-    and references; the counts (execution_logs is 0, kept for Dev-Docs' response type)."""
+    and references, or 404 `not_found` (if given) when there are none; the counts
+    (execution_logs is 0, kept for Dev-Docs' response type)."""
     selected = f"document_id IN (SELECT id FROM plan_documents WHERE {where})"
     deleted = {table: db.execute(f"DELETE FROM {table} WHERE {selected}", params).rowcount
                for table in ("document_tags", "document_references")}
     documents = db.execute(f"DELETE FROM plan_documents WHERE {where}", params).rowcount
+    if documents == 0 and not_found:
+        raise HTTPException(404, not_found)
     return {"plan_documents": documents, **deleted, "execution_logs": 0}
 
 
@@ -2234,9 +2236,8 @@ async def list_documents(request: Request) -> JSONResponse:
     where = " AND ".join(f"{column} = :{column}" for column, value in filters.items()
                          if value is not None) or "1"
     order = "version DESC, " if filters["filename"] is not None else ""
-    return JSONResponse(await request.app.state.db.read(
-        fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
-                   f"ORDER BY {order}created_time DESC, id DESC", filters))
+    return await read_answer(request, fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
+                             f"ORDER BY {order}created_time DESC, id DESC", filters)
 
 
 def page_number(request: Request, name: str, default: int) -> int:
@@ -2250,8 +2251,7 @@ def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) 
     where = ("d.project_id = :project_id AND (:category_id IS NULL OR d.category_id = "
              ":category_id) AND (:query IS NULL OR instr(lower(d.filename), lower(:query)) > 0) "
              f"AND {IS_LATEST}")
-    total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}",
-                       params).fetchone()[0]
+    total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}", params).fetchone()[0]
     # sort_by and order come from fixed sets (latest_documents checks them).
     items = fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
                           f"ORDER BY d.{sort_by} {order}, d.id {order} "
@@ -2300,30 +2300,21 @@ async def update_document(request: Request) -> JSONResponse:
                               changes)
 
 
-def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
-                     not_found: str) -> dict[str, int]:
-    deleted = delete_documents(db, where, params)
-    if deleted["plan_documents"] == 0:
-        raise HTTPException(404, not_found)
-    return deleted
-
-
 async def delete_document(request: Request) -> JSONResponse:
     deleted = await request.app.state.db.write(
-        remove_documents, "id = ?", (request.path_params["document_id"],), "Document not found")
+        delete_documents, "id = ?", (request.path_params["document_id"],), "Document not found")
     return JSONResponse({"message": "Document deleted successfully", "deleted": deleted})
 
 
 async def delete_all_versions(request: Request) -> JSONResponse:
     """Every version of a file; without category_id, of that filename in every category."""
-    project_id = query_int(request, "project_id")
-    category_id = query_int(request, "category_id")
+    project_id, category_id = query_int(request, "project_id"), query_int(request, "category_id")
     filename = request.query_params.get("filename") or None
     if project_id is None or filename is None:
         raise HTTPException(400, "project_id and filename are required")
     where = "project_id = ? AND filename = ?" + (" AND category_id = ?" if category_id else "")
     params = (project_id, filename) + ((category_id,) if category_id else ())
-    deleted = await request.app.state.db.write(remove_documents, where, params,
+    deleted = await request.app.state.db.write(delete_documents, where, params,
                                                "No documents found")
     return JSONResponse({"message": "All versions deleted successfully", "deleted": deleted})
 
@@ -2337,11 +2328,9 @@ def tag_name_of(value: Any, name: str = "tag_name") -> str:
 
 def tag_list(data: dict, name: str) -> list[str]:
     value = data.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list):
+    if value is not None and not isinstance(value, list):
         raise HTTPException(400, f"{name} must be a list of tag names")
-    return list(dict.fromkeys(tag_name_of(v, name) for v in value if v is not None and (
+    return list(dict.fromkeys(tag_name_of(v, name) for v in value or [] if v is not None and (
         not isinstance(v, str) or v.strip())))
 
 
@@ -2366,8 +2355,9 @@ def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
 
 def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
     change_tags(db, document_id, [tag], [])
-    return fetch_one(db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
-                     (document_id, tag))
+    return {"message": "Tag added", "tag": fetch_one(
+        db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
+        (document_id, tag))}
 
 
 async def list_tags(request: Request) -> JSONResponse:
@@ -2375,10 +2365,8 @@ async def list_tags(request: Request) -> JSONResponse:
 
 
 async def create_tag(request: Request) -> JSONResponse:
-    document_id = request.path_params["document_id"]
     tag = tag_name_of((await read_json(request)).get("tag_name"))
-    return JSONResponse({"message": "Tag added",
-                         "tag": await request.app.state.db.write(add_tag, document_id, tag)})
+    return await write_answer(request, add_tag, request.path_params["document_id"], tag)
 
 
 async def delete_tag(request: Request) -> JSONResponse:
@@ -2461,20 +2449,15 @@ async def migrate_from_current(request: Request) -> JSONResponse:
     return await write_answer(request, save_new_version, document_id, given(changes))
 
 
-def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[dict]:
-    found = {row["id"]: row for row in fetch_all(
-        db, "SELECT * FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps(document_ids),))}
-    return [found[d] for d in document_ids if d in found]
-
-
 async def merge_documents(request: Request) -> JSONResponse:
     """Texts in order, each between marks naming it (Dev-Docs downloads it); unknown ids skipped."""
     document_ids = id_list_field(await read_json(request), "document_ids", "document",
                                  required=True)
     if not document_ids:
         raise HTTPException(400, "document_ids cannot be empty")
-    documents = await request.app.state.db.read(select_documents, document_ids)
+    documents = await request.app.state.db.read(
+        fetch_all, "SELECT d.* FROM json_each(?) j JOIN plan_documents d ON d.id = j.value "
+                   "ORDER BY j.key", (json.dumps(document_ids),))
     if not documents:
         raise HTTPException(404, "Documents not found")
     parts = []
@@ -2489,11 +2472,10 @@ async def merge_documents(request: Request) -> JSONResponse:
 # Knowledge: document references, a project's (conversation_id NULL) or one conversation's own
 # ---------------------------------------------------------------------------------------------
 
-REFERENCE_SQL = """
-    SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type,
-           d.filename AS document_filename, d.content AS document_content,
-           d.version AS document_version, d.created_time AS document_created_time
-    FROM document_references r JOIN plan_documents d ON d.id = r.document_id"""
+REFERENCE_SQL = ("SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type, "
+                 "d.filename AS document_filename, d.content AS document_content, "
+                 "d.version AS document_version, d.created_time AS document_created_time "
+                 "FROM document_references r JOIN plan_documents d ON d.id = r.document_id")
 
 
 def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
@@ -2545,9 +2527,8 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
             "current_references": sorted(wanted)}
 
 
-# Project and conversation references alike: routes passes `owner`, the path has {<owner>_id}.
-
 def path_owner(request: Request, owner: str) -> tuple[str, Any]:
+    """Project and conversation references alike: routes pass `owner`, the path has {<owner>_id}."""
     return owner, request.path_params[f"{owner}_id"]
 
 
@@ -2753,8 +2734,7 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
     one round are one user message."""
     folded: list[dict] = []
     for entry in history:
-        calls = entry.get("tool_calls")
-        if calls:
+        if calls := entry.get("tool_calls"):
             lines = [f"[tool call {c.id}: {c.function.name}({c.function.arguments})]"
                      for c in calls]
             entry = {**entry, "content": "\n".join(filter(None, [entry["content"], *lines]))}
@@ -2821,8 +2801,7 @@ def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] 
     mode, names = choice, None
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
-        mode, names = "required", [string_at(function.get("name"),
-                                             "tool_choice.function.name")]
+        mode, names = "required", [string_at(function.get("name"), "tool_choice.function.name")]
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         allowed = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"),
                                                             dict) else {}
@@ -2883,8 +2862,7 @@ def openai_params(data: dict) -> dict:
         raise HTTPException(400, "n > 1 is not supported: Poe gives one reply per call")
     temperature = data.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 <= temperature <= 2:
+        if type(temperature) not in (int, float) or not 0 <= temperature <= 2:
             raise HTTPException(400, "temperature must be a number from 0 to 2")
         params["temperature"] = float(temperature)
     stop = data.get("stop")
@@ -2895,9 +2873,8 @@ def openai_params(data: dict) -> dict:
         params["stop_sequences"] = [text_field({"stop": s}, "stop") for s in stop]
     bias = data.get("logit_bias")
     if bias is not None:
-        if not isinstance(bias, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
-                for v in bias.values()):
+        if not isinstance(bias, dict) or not all(type(v) in (int, float) and -100 <= v <= 100
+                                                 for v in bias.values()):
             raise HTTPException(400, "logit_bias must map token ids to numbers from -100 to 100")
         params["logit_bias"] = {k: float(v) for k, v in bias.items()}
     for name in ("user", "safety_identifier"):  # the latter is OpenAI's new name for user
@@ -2941,8 +2918,7 @@ def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
     tool_results = params.get("tool_results") or []
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
-    tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
-        estimate_tokens(r.content) for r in tool_results)
+    tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
     return prepare_query(poe_messages, params), tokens
 
 
