@@ -2253,11 +2253,10 @@ def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) 
              f"AND {IS_LATEST}")
     total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}", params).fetchone()[0]
     # sort_by and order come from fixed sets (latest_documents checks them).
-    items = fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
-                          f"ORDER BY d.{sort_by} {order}, d.id {order} "
-                          "LIMIT :page_size OFFSET :offset", params)
     return {"total": total, "page": params["page"], "page_size": params["page_size"],
-            "items": items}
+            "items": fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
+                                   f"ORDER BY d.{sort_by} {order}, d.id {order} "
+                                   "LIMIT :page_size OFFSET :offset", params)}
 
 
 async def latest_documents(request: Request) -> JSONResponse:
