@@ -1983,15 +1983,13 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
     """The project, its references and its conversations with theirs (AgentOS reads it)."""
     project = get_project(db, project_id)
     refs: dict[str | None, list[dict]] = {}
-    for row in db.execute(
-            "SELECT DISTINCT r.conversation_id, r.document_id, d.filename, d.version "
-            "FROM document_references r JOIN plan_documents d ON d.id = r.document_id "
-            "LEFT JOIN conversations c ON c.id = r.conversation_id "
-            "WHERE (r.conversation_id IS NULL AND r.project_id = :id) OR c.project_id = :id "
-            "ORDER BY d.filename, d.version DESC, r.document_id", {"id": project_id}):
-        refs.setdefault(row["conversation_id"], []).append(
-            {"document_id": row["document_id"], "filename": row["filename"],
-             "version": row["version"]})
+    for row in fetch_all(
+            db, "SELECT DISTINCT r.conversation_id, r.document_id, d.filename, d.version "
+                "FROM document_references r JOIN plan_documents d ON d.id = r.document_id "
+                "LEFT JOIN conversations c ON c.id = r.conversation_id "
+                "WHERE (r.conversation_id IS NULL AND r.project_id = :id) OR c.project_id = :id "
+                "ORDER BY d.filename, d.version DESC, r.document_id", {"id": project_id}):
+        refs.setdefault(row.pop("conversation_id"), []).append(row)
     conversations = fetch_all(
         db, "SELECT id, name, model, assistance_role, status, created_at, updated_at "
             "FROM conversations WHERE project_id = ? "
@@ -1999,8 +1997,7 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
     for conversation in conversations:
         conversation["conversation_document_references"] = refs.get(conversation["id"], [])
     return {"project_id": project_id, "project_name": project["name"],
-            "project_document_references": refs.get(None, []),
-            "conversations": conversations}
+            "project_document_references": refs.get(None, []), "conversations": conversations}
 
 
 async def read_project_hierarchy(request: Request) -> JSONResponse:
@@ -2087,31 +2084,30 @@ async def update_category(request: Request) -> JSONResponse:
     return JSONResponse(category_json(request, category))
 
 
-def remove_category(db: sqlite3.Connection, category_id: int) -> dict[str, int]:
+def remove_category(db: sqlite3.Connection, category_id: int) -> dict:
     get_category(db, category_id)
     deleted = delete_documents(db, "category_id = ?", (category_id,))
     # Categories that auto-saved into this one stop doing so (ON DELETE SET NULL).
     db.execute("DELETE FROM plan_categories WHERE id = ?", (category_id,))
-    return deleted
+    return {"message": "Category and related documents deleted successfully", "deleted": deleted}
 
 
 async def delete_category(request: Request) -> JSONResponse:
-    deleted = await request.app.state.db.write(remove_category, request.path_params["category_id"])
-    return JSONResponse({"message": "Category and related documents deleted successfully",
-                         "deleted": deleted})
+    return await write_answer(request, remove_category, request.path_params["category_id"])
 
 
-def delete_documents(db: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
+def delete_documents(db: sqlite3.Connection, where: str, params: tuple,
+                     not_found: str | None = None) -> dict[str, int]:
     """Deletes the documents `where` (this module's SQL, never a request's) selects, with tags
-    and references; the counts (execution_logs is 0, kept for Dev-Docs' response type)."""
-    selected = f"SELECT id FROM plan_documents WHERE {where}"
-    references = db.execute(f"DELETE FROM document_references WHERE document_id IN "
-                            f"({selected})", params).rowcount
-    tags = db.execute(f"DELETE FROM document_tags WHERE document_id IN ({selected})",
-                      params).rowcount
+    and references, or 404 `not_found` (if given) when there are none; the counts
+    (execution_logs is 0, kept for Dev-Docs' response type)."""
+    selected = f"document_id IN (SELECT id FROM plan_documents WHERE {where})"
+    deleted = {table: db.execute(f"DELETE FROM {table} WHERE {selected}", params).rowcount
+               for table in ("document_tags", "document_references")}
     documents = db.execute(f"DELETE FROM plan_documents WHERE {where}", params).rowcount
-    return {"plan_documents": documents, "document_tags": tags,
-            "document_references": references, "execution_logs": 0}
+    if documents == 0 and not_found:
+        raise HTTPException(404, not_found)
+    return {"plan_documents": documents, **deleted, "execution_logs": 0}
 
 
 def source_field(data: dict, default: str | None) -> str | None:
@@ -2145,8 +2141,7 @@ async def create_document(request: Request) -> JSONResponse:
     document = {"project_id": int_field(data, "project_id", required=True, minimum=1),
                 "category_id": int_field(data, "category_id", required=True, minimum=1),
                 "filename": text_field(data, "filename", required=True, empty_ok=False),
-                "content": text_field(data, "content", required=True),
-                "source": source,
+                "content": text_field(data, "content", required=True), "source": source,
                 "related_log_id": None if related_log_id is MISSING else related_log_id}
     return await write_answer(request, insert_document, document)
 
@@ -2165,9 +2160,8 @@ async def list_documents(request: Request) -> JSONResponse:
     where = " AND ".join(f"{column} = :{column}" for column, value in filters.items()
                          if value is not None) or "1"
     order = "version DESC, " if filters["filename"] is not None else ""
-    return JSONResponse(await request.app.state.db.read(
-        fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
-                   f"ORDER BY {order}created_time DESC, id DESC", filters))
+    return await read_answer(request, fetch_all, f"SELECT * FROM plan_documents WHERE {where} "
+                             f"ORDER BY {order}created_time DESC, id DESC", filters)
 
 
 def page_number(request: Request, name: str, default: int) -> int:
@@ -2181,14 +2175,12 @@ def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) 
     where = ("d.project_id = :project_id AND (:category_id IS NULL OR d.category_id = "
              ":category_id) AND (:query IS NULL OR instr(lower(d.filename), lower(:query)) > 0) "
              f"AND {IS_LATEST}")
-    total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}",
-                       params).fetchone()[0]
+    total = db.execute(f"SELECT count(*) FROM plan_documents d WHERE {where}", params).fetchone()[0]
     # sort_by and order come from fixed sets (latest_documents checks them).
-    items = fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
-                          f"ORDER BY d.{sort_by} {order}, d.id {order} "
-                          "LIMIT :page_size OFFSET :offset", params)
     return {"total": total, "page": params["page"], "page_size": params["page_size"],
-            "items": items}
+            "items": fetch_all(db, f"SELECT d.* FROM plan_documents d WHERE {where} "
+                                   f"ORDER BY d.{sort_by} {order}, d.id {order} "
+                                   "LIMIT :page_size OFFSET :offset", params)}
 
 
 async def latest_documents(request: Request) -> JSONResponse:
@@ -2231,30 +2223,21 @@ async def update_document(request: Request) -> JSONResponse:
                               changes)
 
 
-def remove_documents(db: sqlite3.Connection, where: str, params: tuple,
-                     not_found: str) -> dict[str, int]:
-    deleted = delete_documents(db, where, params)
-    if deleted["plan_documents"] == 0:
-        raise HTTPException(404, not_found)
-    return deleted
-
-
 async def delete_document(request: Request) -> JSONResponse:
     deleted = await request.app.state.db.write(
-        remove_documents, "id = ?", (request.path_params["document_id"],), "Document not found")
+        delete_documents, "id = ?", (request.path_params["document_id"],), "Document not found")
     return JSONResponse({"message": "Document deleted successfully", "deleted": deleted})
 
 
 async def delete_all_versions(request: Request) -> JSONResponse:
     """Every version of a file; without category_id, of that filename in every category."""
-    project_id = query_int(request, "project_id")
-    category_id = query_int(request, "category_id")
+    project_id, category_id = query_int(request, "project_id"), query_int(request, "category_id")
     filename = request.query_params.get("filename") or None
     if project_id is None or filename is None:
         raise HTTPException(400, "project_id and filename are required")
     where = "project_id = ? AND filename = ?" + (" AND category_id = ?" if category_id else "")
     params = (project_id, filename) + ((category_id,) if category_id else ())
-    deleted = await request.app.state.db.write(remove_documents, where, params,
+    deleted = await request.app.state.db.write(delete_documents, where, params,
                                                "No documents found")
     return JSONResponse({"message": "All versions deleted successfully", "deleted": deleted})
 
@@ -2268,19 +2251,16 @@ def tag_name_of(value: Any, name: str = "tag_name") -> str:
 
 def tag_list(data: dict, name: str) -> list[str]:
     value = data.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list):
+    if value is not None and not isinstance(value, list):
         raise HTTPException(400, f"{name} must be a list of tag names")
-    return list(dict.fromkeys(tag_name_of(v, name) for v in value if v is not None and (
+    return list(dict.fromkeys(tag_name_of(v, name) for v in value or [] if v is not None and (
         not isinstance(v, str) or v.strip())))
 
 
 def select_tags(db: sqlite3.Connection, document_id: int) -> dict:
     get_document(db, document_id)
     return {"document_id": document_id, "tags": fetch_all(
-        db, "SELECT * FROM document_tags WHERE document_id = ? ORDER BY tag_name",
-        (document_id,))}
+        db, "SELECT * FROM document_tags WHERE document_id = ? ORDER BY tag_name", (document_id,))}
 
 
 def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
@@ -2288,8 +2268,7 @@ def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
     """Adds (a tag already there is left as it is) then removes tags of one document."""
     get_document(db, document_id)
     added = sum(db.execute("INSERT INTO document_tags (document_id, tag_name) VALUES (?, ?) "
-                           "ON CONFLICT DO NOTHING", (document_id, tag)).rowcount
-                for tag in add)
+                           "ON CONFLICT DO NOTHING", (document_id, tag)).rowcount for tag in add)
     removed = db.execute("DELETE FROM document_tags WHERE document_id = ? AND tag_name IN "
                          "(SELECT value FROM json_each(?))",
                          (document_id, json.dumps(remove))).rowcount
@@ -2299,8 +2278,9 @@ def change_tags(db: sqlite3.Connection, document_id: int, add: list[str],
 
 def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
     change_tags(db, document_id, [tag], [])
-    return fetch_one(db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
-                     (document_id, tag))
+    return {"message": "Tag added", "tag": fetch_one(
+        db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
+        (document_id, tag))}
 
 
 async def list_tags(request: Request) -> JSONResponse:
@@ -2308,10 +2288,8 @@ async def list_tags(request: Request) -> JSONResponse:
 
 
 async def create_tag(request: Request) -> JSONResponse:
-    document_id = request.path_params["document_id"]
     tag = tag_name_of((await read_json(request)).get("tag_name"))
-    return JSONResponse({"message": "Tag added",
-                         "tag": await request.app.state.db.write(add_tag, document_id, tag)})
+    return await write_answer(request, add_tag, request.path_params["document_id"], tag)
 
 
 async def delete_tag(request: Request) -> JSONResponse:
@@ -2388,20 +2366,10 @@ async def migrate_from_current(request: Request) -> JSONResponse:
     data = await read_json(request)
     document_id = int_field(data, "document_id", required=True, minimum=1)
     changes = {"category_id": int_field(data, "target_category_id", required=True, minimum=1)}
-    new_filename = text_field(data, "new_filename")
-    if new_filename not in (MISSING, None, ""):
-        if not new_filename.strip():
-            raise HTTPException(400, "new_filename must be a non-empty string")
-        changes["filename"] = new_filename.strip()
+    if data.get("new_filename") not in (None, ""):
+        changes["filename"] = text_field(data, "new_filename", empty_ok=False).strip()
     changes["source"] = source_field(data, None)
     return await write_answer(request, save_new_version, document_id, given(changes))
-
-
-def select_documents(db: sqlite3.Connection, document_ids: list[int]) -> list[dict]:
-    found = {row["id"]: row for row in fetch_all(
-        db, "SELECT * FROM plan_documents WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps(document_ids),))}
-    return [found[d] for d in document_ids if d in found]
 
 
 async def merge_documents(request: Request) -> JSONResponse:
@@ -2410,7 +2378,9 @@ async def merge_documents(request: Request) -> JSONResponse:
                                  required=True)
     if not document_ids:
         raise HTTPException(400, "document_ids cannot be empty")
-    documents = await request.app.state.db.read(select_documents, document_ids)
+    documents = await request.app.state.db.read(
+        fetch_all, "SELECT d.* FROM json_each(?) j JOIN plan_documents d ON d.id = j.value "
+                   "ORDER BY j.key", (json.dumps(document_ids),))
     if not documents:
         raise HTTPException(404, "Documents not found")
     parts = []
@@ -2425,11 +2395,10 @@ async def merge_documents(request: Request) -> JSONResponse:
 # Knowledge: document references, a project's (conversation_id NULL) or one conversation's own
 # ---------------------------------------------------------------------------------------------
 
-REFERENCE_SQL = """
-    SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type,
-           d.filename AS document_filename, d.content AS document_content,
-           d.version AS document_version, d.created_time AS document_created_time
-    FROM document_references r JOIN plan_documents d ON d.id = r.document_id"""
+REFERENCE_SQL = ("SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type, "
+                 "d.filename AS document_filename, d.content AS document_content, "
+                 "d.version AS document_version, d.created_time AS document_created_time "
+                 "FROM document_references r JOIN plan_documents d ON d.id = r.document_id")
 
 
 def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
@@ -2447,8 +2416,7 @@ def select_references(db: sqlite3.Connection, project_id: int | None,
         where, owner_id = "r.project_id = ? AND r.conversation_id IS NULL", project_id
     else:
         where, owner_id = "r.conversation_id = ?", conversation_id
-    return fetch_all(db, f"{REFERENCE_SQL} WHERE {where} ORDER BY d.filename, r.id",
-                     (owner_id,))
+    return fetch_all(db, f"{REFERENCE_SQL} WHERE {where} ORDER BY d.filename, r.id", (owner_id,))
 
 
 def list_owner_references(db: sqlite3.Connection, owner: tuple[str, Any]) -> list[dict]:
@@ -2466,17 +2434,15 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
         "(SELECT value FROM json_each(?))", (project_id, json.dumps(document_ids)))}
     if wanted - in_project:
         raise HTTPException(400, f"Documents not found in project: {sorted(wanted - in_project)}")
-    current = {r["document_id"] for r in select_references(db, project_id, conversation_id)}
+    references = select_references(db, project_id, conversation_id)
+    current = {r["document_id"] for r in references}
     if conversation_id is not None:
         shared = wanted & {r["document_id"] for r in select_references(db, project_id, None)}
         if shared:
             raise HTTPException(400, "Documents already referenced at project level: "
                                      f"{sorted(shared)}")
-    own = ("conversation_id = :owner" if conversation_id is not None
-           else "project_id = :owner AND conversation_id IS NULL")
-    db.executemany(f"DELETE FROM document_references WHERE {own} AND document_id = :document",
-                   [{"owner": conversation_id or project_id, "document": d}
-                    for d in current - wanted])
+    db.executemany("DELETE FROM document_references WHERE id = ?",
+                   [(r["id"],) for r in references if r["document_id"] not in wanted])
     db.executemany("INSERT INTO document_references (project_id, conversation_id, document_id, "
                    "reference_type) VALUES (?, ?, ?, ?)",
                    [(project_id, conversation_id, d, owner[0]) for d in sorted(wanted - current)])
@@ -2484,9 +2450,8 @@ def replace_references(db: sqlite3.Connection, owner: tuple[str, Any],
             "current_references": sorted(wanted)}
 
 
-# Project and conversation references alike: routes passes `owner`, the path has {<owner>_id}.
-
 def path_owner(request: Request, owner: str) -> tuple[str, Any]:
+    """Project and conversation references alike: routes pass `owner`, the path has {<owner>_id}."""
     return owner, request.path_params[f"{owner}_id"]
 
 
@@ -2504,8 +2469,7 @@ async def set_references(request: Request, owner: str) -> JSONResponse:
 
 
 async def clear_references(request: Request, owner: str) -> JSONResponse:
-    counts = await request.app.state.db.write(replace_references, path_owner(request, owner),
-                                              [])
+    counts = await request.app.state.db.write(replace_references, path_owner(request, owner), [])
     return JSONResponse({"message": f"All {owner} document references cleared", **counts})
 
 
@@ -2539,9 +2503,8 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant", "tool": "tool"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       402: "insufficient_quota", 403: "permission_error", 404: "not_found_error",
-                      409: "conflict_error", 413: "invalid_request_error",
-                      429: "rate_limit_error", 500: "server_error", 502: "api_error",
-                      504: "timeout_error"}
+                      409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                      500: "server_error", 502: "api_error", 504: "timeout_error"}
 DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
 # One Markdown code fence around a whole reply (bots like to fence the JSON they were asked for).
 FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
@@ -2557,6 +2520,16 @@ def openai_error(status: int, message: str) -> dict:
 def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
     """A required string inside the body, named by its place (messages[2].tool_call_id)."""
     return text_field({where: value}, where, required=True, empty_ok=empty_ok)
+
+
+def objects_at(value: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Each object of an array (none for null) with its place; 400 where one is not an object."""
+    if value is not None and not isinstance(value, list):
+        raise HTTPException(400, f"{where} must be an array")
+    for i, item in enumerate(value or []):
+        if not isinstance(item, dict):
+            raise HTTPException(400, f"{where}[{i}] must be an object")
+        yield f"{where}[{i}]", item
 
 
 def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
@@ -2622,23 +2595,17 @@ def openai_content(content: Any, where: str, role: str) -> tuple[str, list[dict]
 
 def openai_tool_calls(value: Any, where: str) -> list[fp.ToolCallDefinition]:
     """An assistant message's function calls; other tools' calls are dropped, as those tools are."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise HTTPException(400, f"{where} must be an array")
     calls = []
-    for j, call in enumerate(value):
-        if not isinstance(call, dict):
-            raise HTTPException(400, f"{where}[{j}] must be an object")
+    for at, call in objects_at(value, where):
         if call.get("type", "function") != "function":
             continue
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         calls.append(fp.ToolCallDefinition(
-            id=string_at(call.get("id"), f"{where}[{j}].id"), type="function",
-            function={"name": string_at(function.get("name"), f"{where}[{j}].function.name"),
+            id=string_at(call.get("id"), f"{at}.id"), type="function",
+            function={"name": string_at(function.get("name"), f"{at}.function.name"),
                       "arguments": "{}" if arguments is None else
-                      string_at(arguments, f"{where}[{j}].function.arguments", True)}))
+                      string_at(arguments, f"{at}.function.arguments", True)}))
     return calls
 
 
@@ -2647,17 +2614,13 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
     (assistant) or tool_call_id and name (tool)."""
     history: list[dict] = []
     names: dict[str, str] = {}  # tool call id -> function name: a result without one gets it
-    for i, message in enumerate(messages):
-        where = f"{place}[{i}]"
-        if not isinstance(message, dict):
-            raise HTTPException(400, f"{where} must be an object")
+    for where, message in objects_at(messages, place):
         role = message.get("role")
         if role == "function":
             raise HTTPException(400, f"{where}: function messages (OpenAI's deprecated "
                                      "functions) are not supported: use tools")
         if role not in OPENAI_ROLES:
-            raise HTTPException(400, f"{where}.role must be one of system, developer, user, "
-                                     "assistant, tool")
+            raise HTTPException(400, f"{where}.role must be one of " + ", ".join(OPENAI_ROLES))
         content, attachments = openai_content(message.get("content"), f"{where}.content", role)
         entry = {"role": OPENAI_ROLES[role], "content": content, "attachments": attachments}
         if role == "assistant":
@@ -2665,8 +2628,7 @@ def openai_entries(messages: list, place: str = "messages") -> list[dict]:
                                                     f"{where}.tool_calls")
             names.update((call.id, call.function.name) for call in entry["tool_calls"])
         elif role == "tool":
-            entry["tool_call_id"] = string_at(message.get("tool_call_id"),
-                                              f"{where}.tool_call_id")
+            entry["tool_call_id"] = string_at(message.get("tool_call_id"), f"{where}.tool_call_id")
             name = message.get("name")
             entry["name"] = name if isinstance(name, str) and name else \
                 names.get(entry["tool_call_id"], "tool")
@@ -2695,8 +2657,7 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
     one round are one user message."""
     folded: list[dict] = []
     for entry in history:
-        calls = entry.get("tool_calls")
-        if calls:
+        if calls := entry.get("tool_calls"):
             lines = [f"[tool call {c.id}: {c.function.name}({c.function.arguments})]"
                      for c in calls]
             entry = {**entry, "content": "\n".join(filter(None, [entry["content"], *lines]))}
@@ -2713,9 +2674,8 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
 def inline_refs(schema: dict) -> dict:
     """Local $refs (pydantic's nested models) inlined, recursive ones kept: Poe's tool parameters
     keep only type, properties and required, which would lose $defs and leave the refs dangling."""
-    defs = {**(schema.get("definitions") if isinstance(schema.get("definitions"), dict)
-               else {}),
-            **(schema.get("$defs") if isinstance(schema.get("$defs"), dict) else {})}
+    defs = {name: spec for key in ("definitions", "$defs") if isinstance(schema.get(key), dict)
+            for name, spec in schema[key].items()}
     if not defs:
         return schema
 
@@ -2730,8 +2690,7 @@ def inline_refs(schema: dict) -> dict:
             if name in defs and name not in path and isinstance(defs[name], dict):
                 rest = {k: v for k, v in node.items() if k != "$ref"}
                 return resolve({**defs[name], **rest}, path + (name,))
-        return {k: resolve(v, path) for k, v in node.items()
-                if k not in ("$defs", "definitions")}
+        return {k: resolve(v, path) for k, v in node.items() if k not in ("$defs", "definitions")}
     return resolve(schema, ())
 
 
@@ -2759,20 +2718,13 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
 def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
     """Poe's function tools (others left out), and the instruction for tool_choice, which Poe lacks:
     'none' sends no tools; 'required' or a named function (then the only tool) asks for a call."""
-    if tools is not None and not isinstance(tools, list):
-        raise HTTPException(400, "tools must be an array")
-    definitions = []
-    for i, tool in enumerate(tools or []):
-        if not isinstance(tool, dict):
-            raise HTTPException(400, f"tools[{i}] must be an object")
-        if tool.get("type") == "function":
-            definitions.append(tool_definition(tool.get("function"), f"tools[{i}].function"))
+    definitions = [tool_definition(tool.get("function"), f"{at}.function")
+                   for at, tool in objects_at(tools, "tools") if tool.get("type") == "function"]
     choice = "auto" if tool_choice is None else tool_choice
     mode, names = choice, None
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
-        mode, names = "required", [string_at(function.get("name"),
-                                             "tool_choice.function.name")]
+        mode, names = "required", [string_at(function.get("name"), "tool_choice.function.name")]
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         allowed = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"),
                                                             dict) else {}
@@ -2801,16 +2753,13 @@ def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] 
 
 def json_instruction(response_format: Any) -> str:
     """What the bot is told for response_format (Poe has no such field); '' for text."""
-    if response_format is None:
-        return ""
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
+    if response_format is None or kind == "text":
         return ""
     if kind == "json_object":
         return JSON_OBJECT_INSTRUCTION
     if kind != "json_schema":
-        raise HTTPException(400, "response_format.type must be text, json_object or "
-                                 "json_schema")
+        raise HTTPException(400, "response_format.type must be text, json_object or json_schema")
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) or \
             not isinstance(spec.get("name"), str):
@@ -2819,8 +2768,7 @@ def json_instruction(response_format: Any) -> str:
     about = " ".join(str(spec[k]) for k in ("name", "description") if spec.get(k))
     return ("Answer with one valid JSON value that conforms to this JSON Schema"
             + (f" ({about})" if about else "") + ", and nothing else: no text before or after "
-            "it, no Markdown code fence.\n" + json.dumps(spec.get("schema", {}),
-                                                         ensure_ascii=False))
+            f"it, no Markdown code fence.\n{json.dumps(spec['schema'], ensure_ascii=False)}")
 
 
 def openai_params(data: dict) -> dict:
@@ -2837,8 +2785,7 @@ def openai_params(data: dict) -> dict:
         raise HTTPException(400, "n > 1 is not supported: Poe gives one reply per call")
     temperature = data.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 <= temperature <= 2:
+        if type(temperature) not in (int, float) or not 0 <= temperature <= 2:
             raise HTTPException(400, "temperature must be a number from 0 to 2")
         params["temperature"] = float(temperature)
     stop = data.get("stop")
@@ -2846,14 +2793,11 @@ def openai_params(data: dict) -> dict:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise HTTPException(400, "stop must be a string or an array of strings")
-        for s in stop:
-            text_field({"stop": s}, "stop")
-        params["stop_sequences"] = stop
+        params["stop_sequences"] = [text_field({"stop": s}, "stop") for s in stop]
     bias = data.get("logit_bias")
     if bias is not None:
-        if not isinstance(bias, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
-                for v in bias.values()):
+        if not isinstance(bias, dict) or not all(type(v) in (int, float) and -100 <= v <= 100
+                                                 for v in bias.values()):
             raise HTTPException(400, "logit_bias must map token ids to numbers from -100 to 100")
         params["logit_bias"] = {k: float(v) for k, v in bias.items()}
     for name in ("user", "safety_identifier"):  # the latter is OpenAI's new name for user
@@ -2865,8 +2809,7 @@ def openai_params(data: dict) -> dict:
 
 def max_reply_chars(data: dict) -> int | None:
     """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
-    limits = [int_field(data, name, minimum=1) for name in ("max_tokens",
-                                                            "max_completion_tokens")]
+    limits = [int_field(data, name, minimum=1) for name in ("max_tokens", "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
     return min(limits) * 4 if limits else None
 
@@ -2898,8 +2841,7 @@ def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
     tool_results = params.get("tool_results") or []
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
-    tokens = sum(estimate_tokens(m.content) for m in poe_messages) + sum(
-        estimate_tokens(r.content) for r in tool_results)
+    tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
     return prepare_query(poe_messages, params), tokens
 
 
