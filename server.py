@@ -2893,14 +2893,27 @@ class ClientToolCalls:
                 if not name:
                     break  # a call is announced with its name: wait for it
                 self.sent.append(len(arguments))
-                deltas.append({"index": index, "id": self.id_of(index, call),
-                               "type": "function",
+                deltas.append({"index": index, "id": self.id_of(index, call), "type": "function",
                                "function": {"name": name, "arguments": arguments}})
             elif len(arguments) > self.sent[index]:
                 deltas.append({"index": index,
                                "function": {"arguments": arguments[self.sent[index]:]}})
                 self.sent[index] = len(arguments)
         return deltas
+
+
+def json_reply(text: str) -> str:
+    """A reply asked for as JSON: one code fence around it is taken off; what is still not
+    JSON is Poe's failure (502), which a retry would pay for again."""
+    fenced = FENCED.fullmatch(text)
+    if fenced is not None and "```" not in fenced[1]:
+        text = fenced[1]
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        raise HTTPException(502, "the bot did not answer with the JSON asked for",
+                            headers=NO_RETRY) from None
+    return text
 
 
 @dataclass
@@ -2926,35 +2939,48 @@ class Completion:
         output = self.reply.text + "".join(call["function"]["arguments"] for call in calls)
         return usage(self.prompt_tokens, output)
 
+    def whole(self) -> JSONResponse:
+        """The finished reply as a chat.completion."""
+        calls, text = self.tool_calls.calls(), self.reply.text
+        if self.json and not calls and not self.reply.cut:
+            text = json_reply(text)  # cut by max_tokens: 'length' tells the client why it is not
+        message = {"role": "assistant", "content": text if text or not calls else None,
+                   "refusal": None, **({"tool_calls": calls} if calls else {})}
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": self.finish_reason(calls)}
+        return JSONResponse({**self.head("chat.completion"), "choices": [choice],
+                             "usage": self.usage_of(calls)})
 
-def json_reply(text: str) -> str:
-    """A reply asked for as JSON: one code fence around it is taken off; what is still not
-    JSON is Poe's failure (502), which a retry would pay for again."""
-    fenced = FENCED.fullmatch(text)
-    if fenced is not None and "```" not in fenced[1]:
-        text = fenced[1]
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        raise HTTPException(502, "the bot did not answer with the JSON asked for",
-                            headers=NO_RETRY) from None
-    return text
+    async def events(self, first: tuple) -> AsyncIterator[bytes]:
+        head = dumps(self.head("chat.completion.chunk"))[:-1]
 
+        def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
-def completion_response(completion: Completion) -> JSONResponse:
-    """A finished reply as a chat.completion."""
-    reply, calls = completion.reply, completion.tool_calls.calls()
-    text = reply.text
-    if completion.json and not calls and not reply.cut:
-        text = json_reply(text)  # cut by max_tokens: 'length' tells the client why it is not
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls
-                               else None, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    return JSONResponse({**completion.head("chat.completion"),
-                         "choices": [{"index": 0, "message": message, "logprobs": None,
-                                      "finish_reason": completion.finish_reason(calls)}],
-                         "usage": completion.usage_of(calls)})
+        sent = SentText()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for item in self.reply.listener.events(first):
+                kind = item[0]
+                if kind in ("text", "replace"):
+                    # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
+                    for text, replace in sent.deltas(kind, item[1]):
+                        yield chunk({"content": text, **({"replace": True} if replace else {})})
+                elif kind in ("tool_calls", "end"):
+                    for delta in self.tool_calls.deltas(ended=kind == "end"):
+                        yield chunk({"tool_calls": [delta]})  # at the end, '{}' for no arguments
+                    if kind == "end":
+                        calls = self.tool_calls.calls()
+                        yield chunk({}, self.finish_reason(calls))
+                        if self.usage:
+                            usage_json = dumps(self.usage_of(calls))
+                            yield sse(f'{head},"choices":[],"usage":{usage_json}}}')
+                elif kind == "error":
+                    yield sse(dumps(openai_error(item[1], item[2])))
+            yield SSE_DONE
+        finally:
+            self.reply.drop_if_unstored()
 
 
 async def chat_completions(request: Request) -> Response:
@@ -2973,9 +2999,8 @@ async def chat_completions(request: Request) -> Response:
     params = openai_params(data)
     format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
-    stream_options = data.get("stream_options")
-    include_usage = isinstance(stream_options, dict) and \
-        stream_options.get("include_usage") is True
+    options = data.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
     reply = Reply(max_chars=max_reply_chars(data))
     parallel = bool_field(data, "parallel_tool_calls", True)
     entries = await poe_history(request.app, api_key, history,
@@ -2985,43 +3010,7 @@ async def chat_completions(request: Request) -> Response:
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
     reply.start(request.app, model, query, api_key, stream=stream, tools=tools)
-    return await reply.answer(stream, lambda: completion_response(completion),
-                              lambda first: completion_chunks(completion, first))
-
-
-async def completion_chunks(completion: Completion, first: tuple) -> AsyncIterator[bytes]:
-    reply, tool_calls = completion.reply, completion.tool_calls
-    head = dumps(completion.head("chat.completion.chunk"))[:-1]
-
-    def chunk(delta: dict, finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return sse(f'{head},"choices":[{dumps(choice)}]}}')
-
-    sent = SentText()
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for item in reply.listener.events(first):
-            kind = item[0]
-            if kind in ("text", "replace"):
-                # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
-                for text, replace in sent.deltas(kind, item[1]):
-                    yield chunk({"content": text, "replace": True} if replace
-                                else {"content": text})
-            elif kind == "tool_calls":
-                for delta in tool_calls.deltas():
-                    yield chunk({"tool_calls": [delta]})
-            elif kind == "end":
-                calls = tool_calls.calls()
-                for delta in tool_calls.deltas(ended=True):
-                    yield chunk({"tool_calls": [delta]})  # the rest, '{}' for no arguments
-                yield chunk({}, completion.finish_reason(calls))
-                if completion.usage:
-                    yield sse(f'{head},"choices":[],"usage":{dumps(completion.usage_of(calls))}}}')
-            elif kind == "error":
-                yield sse(dumps(openai_error(item[1], item[2])))
-        yield SSE_DONE
-    finally:
-        reply.drop_if_unstored()
+    return await reply.answer(stream, completion.whole, completion.events)
 
 
 def model_entries(body: Any) -> list[dict] | None:
@@ -3032,8 +3021,7 @@ def model_entries(body: Any) -> list[dict] | None:
     models = [{**entry, "object": "model",
                "created": entry["created"] if isinstance(entry.get("created"), int)
                else MODELS_CREATED,
-               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str)
-               else "poe"}
+               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe"}
               for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)
               and entry["id"]]
     return models or None
@@ -3088,9 +3076,9 @@ async def read_model(request: Request) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------------------
-# OpenAI Responses: OpenAI's stateful API over the conversations kept here. A
-# stored response is a turn of a conversation (its input, then its reply, as messages); the
-# responses table knows which messages, and keeps the response object as served.
+# OpenAI Responses: OpenAI's stateful API over the conversations kept here. A stored response is
+# a turn of a conversation (its input, then its reply, as messages); the responses table knows
+# which messages, and keeps the response object as served.
 # ---------------------------------------------------------------------------------------------
 
 # An item id: msg_<message id>, or fc_<message id>_<n> for the n-th tool call of a message.
@@ -3104,10 +3092,8 @@ RESPONSE_SQL = ("SELECT id, conversation_id, first_message_id, last_message_id, 
 def metadata_field(data: dict) -> dict | None:
     """OpenAI's metadata: at most 16 string values (None when absent or null)."""
     metadata = data.get("metadata")
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(v, str) for v in metadata.values()):
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(v, str) for v in metadata.values())):
         raise HTTPException(400, "metadata must be an object of at most 16 string values")
     return metadata
 
@@ -3203,11 +3189,9 @@ def chat_tool_choice(choice: Any) -> Any:
 
 def chat_response_format(text: Any) -> Any:
     """text.format as response_format (json_schema's name and schema sit flat in it here)."""
-    if text is None:
-        return None
-    if not isinstance(text, dict):
+    if text is not None and not isinstance(text, dict):
         raise HTTPException(400, "text must be an object")
-    fmt = text.get("format")
+    fmt = (text or {}).get("format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in (
             "text", "json_object", "json_schema")):
         raise HTTPException(400, "text.format.type must be text, json_object or json_schema")
@@ -3264,13 +3248,11 @@ def response_spec(data: dict) -> ResponseSpec:
             "previous_response_id": previous,
             "conversation": {"id": conversation} if conversation else None,
             "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
-            "store": bool_field(data, "store", True),
-            "temperature": params.get("temperature", 1.0),
+            "store": bool_field(data, "store", True), "temperature": params.get("temperature", 1.0),
             "text": {**text, "format": text.get("format") or {"type": "text"}},
             "tool_choice": data.get("tool_choice") or "auto",
-            "tools": [{"type": "function", "name": t["name"], "description":
-                       t.get("description"), "parameters": t.get("parameters"),
-                       "strict": t.get("strict")}
+            "tools": [{"type": "function", "name": t["name"],
+                       **{k: t.get(k) for k in ("description", "parameters", "strict")}}
                       for t in data.get("tools") or [] if t.get("type") == "function"],
             "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
             "metadata": metadata_field(data) or {}}
@@ -3299,12 +3281,11 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
     elif conversation_id is not None:
         get_conversation(db, conversation_id)
     history, names, last = response_history(db, conversation_id, up_to)
-    later = conversation_id is not None and db.execute(
+    append = conversation_id is not None and not db.execute(
         "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
         (conversation_id, up_to or last)).fetchone()
     return ({"conversation_id": conversation_id, "up_to": up_to or last,
-             "fork": previous is not None, "append": conversation_id is not None and
-             not later}, history, names)
+             "fork": previous is not None, "append": append}, history, names)
 
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
@@ -3323,10 +3304,8 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
         if row["tool_calls"]:
             entry["tool_calls"] = [fp.ToolCallDefinition(
                 id=call_id_of(call, row["id"], n), type="function",
-                function={"name": call["function"]["name"],
-                          "arguments": call["function"]["arguments"] or "{}"})
-                for n, call in enumerate(json.loads(row["tool_calls"]))
-                if call["function"]["name"]]
+                function={**call["function"], "arguments": call["function"]["arguments"] or "{}"})
+                for n, call in enumerate(json.loads(row["tool_calls"])) if call["function"]["name"]]
             names.update((call.id, call.function.name) for call in entry["tool_calls"])
         if row["role"] == "tool":
             entry["tool_call_id"] = row["tool_call_id"] or ""
@@ -3338,10 +3317,9 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
     """A copy of a conversation (settings, history to `up_to`) as a new one; the original stays."""
     new_id = str(uuid.uuid4())
-    db.execute("INSERT INTO conversations (id, system_prompt, project_id, name, model, "
-               "assistance_role, metadata) SELECT ?, system_prompt, project_id, name, model, "
-               "assistance_role, metadata FROM conversations WHERE id = ?",
-               (new_id, conversation_id))
+    columns = "system_prompt, project_id, name, model, assistance_role, metadata"
+    db.execute(f"INSERT INTO conversations (id, {columns}) SELECT ?, {columns} "
+               "FROM conversations WHERE id = ?", (new_id, conversation_id))
     db.execute("INSERT INTO messages (conversation_id, role, content, status, attachments, "
                "tool_calls, tool_call_id, created_at, updated_at) SELECT ?, role, content, "
                "CASE status WHEN 'streaming' THEN 'interrupted' ELSE status END, attachments, "
@@ -3396,27 +3374,21 @@ def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def function_call_item(call: dict, key: Any, n: int) -> dict:
-    """A tool call (Chat Completions' form, as stored) as a function_call item."""
-    return {"type": "function_call", "id": f"fc_{key}_{n}", "call_id": call_id_of(call, key, n),
-            "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"] or "{}", "status": "completed"}
-
-
 def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[dict]:
-    """A reply as output items: its message (unless it is only calls), then each call."""
+    """A reply as output items: its message (unless it is only calls), then each call (in Chat
+    Completions' form, as stored) as a function_call item."""
     items = [{"type": "message", "id": f"msg_{key}", "status": status, "role": "assistant",
               "content": [output_text(text)]}] if text or not calls else []
-    return items + [function_call_item(call, key, n) for n, call in enumerate(calls)
-                    if call["function"]["name"]]
+    return items + [{"type": "function_call", "id": f"fc_{key}_{n}",
+                     "call_id": call_id_of(call, key, n), "name": call["function"]["name"],
+                     "arguments": call["function"]["arguments"] or "{}", "status": "completed"}
+                    for n, call in enumerate(calls) if call["function"]["name"]]
 
 
 def response_usage(input_tokens: int, output: list[dict]) -> dict:
     """Estimated as chat completions' usage is: the text and the calls' arguments."""
-    produced = "".join(part["text"] for item in output if item["type"] == "message"
-                       for part in item["content"]) + "".join(
-        item["arguments"] for item in output if item["type"] == "function_call")
-    output_tokens = estimate_tokens(produced)
+    output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
+                                            else item["content"][0]["text"] for item in output))
     return {"input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -3427,8 +3399,7 @@ def ended_response(base: dict, status: str, text: str, calls: list[dict], key: A
                    input_tokens: int, error: str | None = None) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
     (cut off part way) or cancelled (stopped)."""
-    output = output_items(text, calls, key, "completed" if status == "completed"
-                          else "incomplete")
+    output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
     return {**base, "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
@@ -3479,12 +3450,10 @@ async def create_response(request: Request) -> Response:
                                                     spec.conversation)
     with app.state.replies.claim(target["conversation_id"] if spec.store and target["append"]
                                  else None):
-        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored,
-                                                            names)
+        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored, names)
         if spec.store:
-            conversation_id, inserted_ids, message_id, updated_at, base = \
-                await app.state.db.write(insert_response_turn, target, spec.model,
-                                         message_rows(entries), spec.base)
+            conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(
+                insert_response_turn, target, spec.model, message_rows(entries), spec.base)
             turn = ResponseTurn(spec, base, message_id, input_tokens,
                                 conversation_id != target["conversation_id"])
             reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
@@ -3502,8 +3471,7 @@ def response_event(sequence: Iterator[int], kind: str, **fields: Any) -> bytes:
     return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
 
 
-async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
-                          ) -> AsyncIterator[bytes]:
+async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> AsyncIterator[bytes]:
     """OpenAI's events: created, in_progress, the text as it comes; once the reply ends, the calls
     and every done event (response_output_events), then the terminal event."""
     event = partial(response_event, iter(range(2**62)))
@@ -3523,16 +3491,14 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple
                     yield event("response.output_item.added", output_index=0, item={
                         "type": "message", "id": f"msg_{turn.key}", "status": "in_progress",
                         "role": "assistant", "content": []})
-                    yield event("response.content_part.added", **text_at,
-                                part=output_text(""))
+                    yield event("response.content_part.added", **text_at, part=output_text(""))
                 # Responses' deltas only append: a non-extending replacement goes whole, flagged.
                 yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
                             **({"replace": True} if replace else {}))
         await reply.done.wait()  # at once, but for a listener that fell behind
         for frame in response_output_events(turn.body, event, text_at, opened):
             yield frame
-        yield event(TERMINAL_EVENTS.get(turn.body["status"], "response.failed"),
-                    response=turn.body)
+        yield event(TERMINAL_EVENTS.get(turn.body["status"], "response.failed"), response=turn.body)
     finally:
         reply.drop_if_unstored()
 
@@ -3553,8 +3519,7 @@ def response_output_events(body: dict, event: Callable, text_at: dict,
             at = {"item_id": output["id"], "output_index": index}
             yield event("response.output_item.added", output_index=index, item={
                 **output, "arguments": "", "status": "in_progress"})
-            yield event("response.function_call_arguments.delta", **at,
-                        delta=output["arguments"])
+            yield event("response.function_call_arguments.delta", **at, delta=output["arguments"])
             yield event("response.function_call_arguments.done", **at, name=output["name"],
                         arguments=output["arguments"])
         yield event("response.output_item.done", output_index=index, item=output)
@@ -3564,11 +3529,10 @@ def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dic
     """On a reader thread: the row, and its reply's message if in progress (or cut by a crash)."""
     row = fetch_or_404(db, RESPONSE_SQL, (response_id,), f"Response not found: {response_id}")
     row["body"] = json.loads(row["body"])
-    reply = None
-    if row["body"]["status"] == "in_progress":
-        reply = fetch_one(db, "SELECT content, tool_calls FROM messages WHERE id = ?",
+    if row["body"]["status"] != "in_progress":
+        return row, None
+    return row, fetch_one(db, "SELECT content, tool_calls FROM messages WHERE id = ?",
                           (row["last_message_id"],))
-    return row, reply
 
 
 def live_reply(app: Starlette, row: dict) -> Reply | None:
@@ -3579,17 +3543,15 @@ def live_reply(app: Starlette, row: dict) -> Reply | None:
 async def read_response(request: Request) -> JSONResponse:
     row, message = await request.app.state.db.read(stored_response,
                                                    request.path_params["response_id"])
-    body = row["body"]
+    body, key = row["body"], row["last_message_id"]
     live = live_reply(request.app, row) if message is not None else None
     if live is not None:  # what has arrived so far
-        body = {**body, "output": output_items(live.text, live.tool_calls,
-                                               row["last_message_id"], "in_progress")}
+        body = {**body, "output": output_items(live.text, live.tool_calls, key, "in_progress")}
     elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.
         calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
-        body = ended_response(body, "failed", message["content"], calls,
-                              row["last_message_id"], 0, "the server stopped before the reply "
-                              "ended; its text so far is kept")
+        body = ended_response(body, "failed", message["content"], calls, key, 0,
+                              "the server stopped before the reply ended; its text so far is kept")
     return JSONResponse(body)
 
 
@@ -3625,8 +3587,7 @@ async def list_input_items(request: Request) -> JSONResponse:
 def attachment_part(attachment: dict) -> dict:
     if (attachment.get("content_type") or "").startswith("image/"):
         return {"type": "input_image", "image_url": attachment["url"], "detail": "auto"}
-    return {"type": "input_file", "file_url": attachment["url"],
-            "filename": attachment.get("name")}
+    return {"type": "input_file", "file_url": attachment["url"], "filename": attachment.get("name")}
 
 
 def message_items(row: dict) -> list[dict]:
@@ -3660,27 +3621,25 @@ def list_query(request: Request) -> dict:
     order = request.query_params.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise HTTPException(400, "order must be asc or desc")
-    limit = query_limit(request, 100, 20)
-    after = request.query_params.get("after") or None
-    return {"order": order, "after": after and item_key(after), "limit": limit}
+    limit, after = query_limit(request, 100, 20), request.query_params.get("after")
+    return {"order": order, "after": item_key(after) if after else None, "limit": limit}
 
 
 def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
                page: dict) -> dict:
     """A page of the items of messages low..high, on a reader thread. A message is at least one
     item, so limit + 2 messages (the cursor's, limit, one more) are enough to say has_more."""
-    desc = page["order"] == "desc"
-    if page["after"] is not None:
-        low, high = (low, min(high, page["after"][0])) if desc else \
-            (max(low, page["after"][0]), high)
+    desc, after = page["order"] == "desc", page["after"]
+    if after is not None:
+        low, high = (low, min(high, after[0])) if desc else (max(low, after[0]), high)
     rows = fetch_all(db, MESSAGE_SQL + " WHERE conversation_id = ? AND id BETWEEN ? AND ? "
                      f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
                      (conversation_id, low, high, page["limit"] + 2))
     items = [item for row in rows for item in
              (reversed(message_items(row)) if desc else message_items(row))]
-    if page["after"] is not None:
-        items = [item for item in items if (item_key(item["id"]) < page["after"]) == desc
-                 and item_key(item["id"]) != page["after"]]
+    if after is not None:
+        items = [item for item in items if (item_key(item["id"]) < after) == desc
+                 and item_key(item["id"]) != after]
     data = items[:page["limit"]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > len(data)}
@@ -3741,8 +3700,7 @@ async def update_openai_conversation(request: Request) -> JSONResponse:
 async def delete_openai_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     await remove_conversation(request.app, conversation_id)
-    return JSONResponse({"id": conversation_id, "object": "conversation.deleted",
-                         "deleted": True})
+    return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
 def conversation_items(db: sqlite3.Connection, conversation_id: str, page: dict) -> dict:
@@ -3789,15 +3747,13 @@ async def read_conversation_item(request: Request) -> JSONResponse:
 async def delete_conversation_item(request: Request) -> JSONResponse:
     """Deletes a message, or one tool call of an assistant message (the message goes when it
     has nothing left); a reply still arriving there is stopped first. -> the conversation."""
-    app = request.app
     conversation_id, item_id = (request.path_params["conversation_id"],
                                 request.path_params["item_id"])
-    found = await app.state.db.read(find_item, conversation_id, item_id)
-    await stop_replies_of(app, {found["row"]["id"]})
+    found = await request.app.state.db.read(find_item, conversation_id, item_id)
+    await stop_replies_of(request.app, {found["row"]["id"]})
 
     def delete(db: sqlite3.Connection) -> dict:
-        found = find_item(db, conversation_id, item_id)
-        row, (_, place) = found["row"], item_key(item_id)
+        row, (_, place) = find_item(db, conversation_id, item_id)["row"], item_key(item_id)
         calls = json.loads(row["tool_calls"]) if row["tool_calls"] else []
         if place >= 0 and (row["content"] or len(calls) > 1):
             del calls[place]
