@@ -3778,6 +3778,7 @@ SHORT_QUERY_ROWS = 50000
 # bm25 costs a few microseconds a match, so only a word's newest this many matches are ranked.
 RANK_CANDIDATES = 2000
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
+EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
 
 
 def like_pattern(term: str) -> str:
@@ -3812,16 +3813,14 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
     terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
     indexed = [t for t in terms if len(t) >= 3]
     short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
-    params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id,
-                              "match": " ".join('"' + t.replace('"', '""') + '"'
-                                                for t in indexed)}
+    match = " ".join('"' + t.replace('"', '""') + '"' for t in indexed)
+    params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id, "match": match}
     message_where = [f"m.content LIKE :{name} ESCAPE '\\'" for name in short]
     document_where = [f"(d.filename LIKE :{name} ESCAPE '\\' OR d.content LIKE :{name} "
                       "ESCAPE '\\')" for name in short]
-    in_project = "coalesce((SELECT project_id FROM conversations c WHERE c.id = " \
-                 "m.conversation_id), 0) = :project_id"
     if project_id is not None:
-        message_where.append(in_project)
+        message_where.append("coalesce((SELECT project_id FROM conversations c WHERE "
+                             "c.id = m.conversation_id), 0) = :project_id")
         document_where.append("d.project_id = :project_id")
     documents = project_id != 0  # every document belongs to a project
     if indexed:
@@ -3879,13 +3878,8 @@ async def search(request: Request) -> Response:
     if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
         raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
     limit = query_limit(request, SEARCH_LIMIT_MAX, SEARCH_LIMIT)
-    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"),
-                                           limit)
+    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"), limit)
     return Response(body, media_type="application/json")
-
-
-EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
-ROLE_TITLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 def link_markdown(name: str, url: str) -> str:
@@ -3894,23 +3888,19 @@ def link_markdown(name: str, url: str) -> str:
 
 
 def conversation_markdown(conversation: dict, messages: list[dict]) -> str:
-    """The conversation as a person reads it: its details, then each message under a heading
-    with its role and time; attachments as links, tool calls as JSON."""
+    """The conversation as a person reads it: its details, then each message under a heading."""
     title = conversation["name"] or f"Conversation {conversation['id']}"
-    details = [("Conversation", f"`{conversation['id']}`"),
-               ("Model", conversation["model"]),
+    details = [("Conversation", f"`{conversation['id']}`"), ("Model", conversation["model"]),
                ("Project", conversation["project_name"]),
                ("Assistance role", conversation["assistance_role"]),
                ("Status", "archived" if conversation["status"] == 1 else "normal"),
-               ("Created", conversation["created_at"]),
-               ("Updated", conversation["updated_at"]),
+               ("Created", conversation["created_at"]), ("Updated", conversation["updated_at"]),
                ("Messages", str(len(messages)))]
     lines = [f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]
     for number, message in enumerate(messages, 1):
         status = "" if message["status"] == "complete" else f" ({message['status']})"
-        lines += ["", "---", "",
-                  f"## {number}. {ROLE_TITLES[message['role']]} · {message['created_at']}"
-                  f"{status}", ""]
+        heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
+        lines += ["", "---", "", heading, ""]
         if message.get("tool_call_id"):
             lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
         lines.append(message["content"])
@@ -3953,8 +3943,7 @@ async def export(request: Request) -> Response:
         "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
 
 
-def backup_to_temporary(db: sqlite3.Connection, directory: str,
-                        check: str = "quick_check") -> str:
+def backup_to_temporary(db: sqlite3.Connection, directory: str, check: str = "quick_check") -> str:
     """The path of a copy of `db`'s database, new in `directory` (the database's own, where there
     is room for one): SQLite's online backup in one step (one consistent snapshot; writers go
     on), a single file (rollback journal, not WAL), checked by PRAGMA `check`."""
@@ -4003,6 +3992,9 @@ async def download_backup(request: Request) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 LOOP_WATCH_SECONDS = 0.05
+OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/models", "/v1/responses", "/v1/conversations")
+OPEN_ROUTES = {("GET", "/health"), ("POST", "/v1/auth/login")}
+JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
 
 
 class LoopWatch:
@@ -4034,8 +4026,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "database": "ok",
                          "replies_in_progress": len(state.replies.by_session),
                          "unsaved_replies": len(state.replies.unsaved),
-                         "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000,
-                                                        1)})
+                         "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1)})
 
 
 def is_access_key(settings: Settings, token: str | None) -> bool:
@@ -4055,23 +4046,17 @@ async def login(request: Request) -> JSONResponse:
     return JSONResponse({"name": user, "user": user})
 
 
-OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/models", "/v1/responses", "/v1/conversations")
-
-
 def is_openai_path(scope: dict) -> bool:
     """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
     path = scope.get("path", "")
-    if path.startswith(OPENAI_PREFIXES):
-        return True
-    return path.startswith("/v1/") and "endpoint" not in scope and not any(
-        route.matches(scope)[0] != Match.NONE for route in routes)
+    return path.startswith(OPENAI_PREFIXES) or path.startswith("/v1/") and (
+        "endpoint" not in scope and all(route.matches(scope)[0] == Match.NONE for route in routes))
 
 
 def error_response(scope: dict, status: int, detail: str,
                    headers: dict | None = None) -> JSONResponse:
-    if is_openai_path(scope):
-        return JSONResponse(openai_error(status, detail), status, headers=headers)
-    return JSONResponse({"detail": detail}, status, headers=headers)
+    body = openai_error(status, detail) if is_openai_path(scope) else {"detail": detail}
+    return JSONResponse(body, status, headers=headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -4080,10 +4065,8 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, sqlite3.Error):
-        failure = database_failure(exc)
-        return error_response(request.scope, 503, failure.detail, failure.headers)
-    log.error("unhandled error on %s %s: %s", request.method, request.url.path,
-              type(exc).__name__)
+        return await http_error(request, database_failure(exc))
+    log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return error_response(request.scope, 500, "internal error")
 
 
@@ -4115,10 +4098,6 @@ def host_guard(app: Any, settings: Settings) -> Any:
     return guard
 
 
-OPEN_ROUTES = {("GET", "/health"), ("POST", "/v1/auth/login")}
-JSON_TYPE = re.compile(r"application/([\w.+-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
-
-
 def access_guard(app: Any, settings: Settings) -> Any:
     """ACCESS_KEYS as Bearer on every route but /health, login and CORS preflights (401); a
     body must come as JSON (415), so that no web page can post one without a preflight."""
@@ -4146,96 +4125,83 @@ def access_guard(app: Any, settings: Settings) -> Any:
 # The app: the routes in the order of the sections above, the lifespan, create_app()
 # ---------------------------------------------------------------------------------------------
 
-routes = [
+# Each path's endpoint by method. Paths are matched in this order; a method a path lacks is 405
+# with the Allow of the path's first method.
+ENDPOINTS = {
     # Conversations
-    Route("/v1/chat/conversations", list_conversations, methods=["GET"]),
-    Route("/v1/chat/conversations", create_conversation, methods=["POST"]),
-    Route("/v1/chat/conversations/grouped", grouped_conversations, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}", read_conversation, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}", update_conversation, methods=["PUT"]),
-    Route("/v1/chat/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    "/v1/chat/conversations": {"GET": list_conversations, "POST": create_conversation},
+    "/v1/chat/conversations/grouped": {"GET": grouped_conversations},
+    "/v1/chat/conversations/{conversation_id}": {
+        "GET": read_conversation, "PUT": update_conversation, "DELETE": delete_conversation},
     # Messages and turns
-    Route("/v1/chat/conversations/{conversation_id}/messages", list_messages, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/messages", post_message, methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/messages/{message_id:id}", delete_message,
-          methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/stop", stop_conversation, methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/regenerate", regenerate, methods=["POST"]),
-    Route("/v1/chat/stop-stream", stop_stream, methods=["POST"]),
-    Route("/v1/chat/messages/delete", delete_messages, methods=["POST"]),
+    "/v1/chat/conversations/{conversation_id}/messages": {"GET": list_messages,
+                                                          "POST": post_message},
+    "/v1/chat/conversations/{conversation_id}/messages/{message_id:id}": {
+        "DELETE": delete_message},
+    "/v1/chat/conversations/{conversation_id}/stop": {"POST": stop_conversation},
+    "/v1/chat/conversations/{conversation_id}/regenerate": {"POST": regenerate},
+    "/v1/chat/stop-stream": {"POST": stop_stream},
+    "/v1/chat/messages/delete": {"POST": delete_messages},
     # Projects
-    Route("/v1/projects", list_projects, methods=["GET"]),
-    Route("/v1/projects", create_project, methods=["POST"]),
-    Route("/v1/projects/{project_id:id}", read_project, methods=["GET"]),
-    Route("/v1/projects/{project_id:id}", update_project, methods=["PUT"]),
-    Route("/v1/projects/{project_id:id}", delete_project, methods=["DELETE"]),
-    Route("/v1/projects/{project_id:id}/hierarchy", read_project_hierarchy, methods=["GET"]),
+    "/v1/projects": {"GET": list_projects, "POST": create_project},
+    "/v1/projects/{project_id:id}": {"GET": read_project, "PUT": update_project,
+                                     "DELETE": delete_project},
+    "/v1/projects/{project_id:id}/hierarchy": {"GET": read_project_hierarchy},
     # Plan (fixed paths before /v1/plan/documents/{document_id}, which would take them)
-    Route("/v1/plan/categories", list_categories, methods=["GET"]),
-    Route("/v1/plan/categories", create_category, methods=["POST"]),
-    Route("/v1/plan/categories/{category_id:id}", read_category, methods=["GET"]),
-    Route("/v1/plan/categories/{category_id:id}", update_category, methods=["PUT"]),
-    Route("/v1/plan/categories/{category_id:id}", delete_category, methods=["DELETE"]),
-    Route("/v1/plan/documents", list_documents, methods=["GET"]),
-    Route("/v1/plan/documents", create_document, methods=["POST"]),
-    Route("/v1/plan/documents", delete_all_versions, methods=["DELETE"]),
-    Route("/v1/plan/documents/history", list_documents, methods=["GET"]),
-    Route("/v1/plan/documents/latest", latest_documents, methods=["GET"]),
-    Route("/v1/plan/documents/search-by-tags", search_documents_by_tags, methods=["GET"]),
-    Route("/v1/plan/documents/migrate/all-history", migrate_all_history, methods=["POST"]),
-    Route("/v1/plan/documents/migrate/from-current", migrate_from_current, methods=["POST"]),
-    Route("/v1/plan/documents/merge", merge_documents, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id:id}", read_document, methods=["GET"]),
-    Route("/v1/plan/documents/{document_id:id}", update_document, methods=["PUT", "POST"]),
-    Route("/v1/plan/documents/{document_id:id}", delete_document, methods=["DELETE"]),
-    Route("/v1/plan/documents/{document_id:id}/tags", list_tags, methods=["GET"]),
-    Route("/v1/plan/documents/{document_id:id}/tags", create_tag, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id:id}/tags:batch", batch_tags, methods=["POST"]),
-    Route("/v1/plan/documents/{document_id:id}/tags/{tag_name:path}", delete_tag,
-          methods=["DELETE"]),
+    "/v1/plan/categories": {"GET": list_categories, "POST": create_category},
+    "/v1/plan/categories/{category_id:id}": {"GET": read_category, "PUT": update_category,
+                                             "DELETE": delete_category},
+    "/v1/plan/documents": {"GET": list_documents, "POST": create_document,
+                           "DELETE": delete_all_versions},
+    "/v1/plan/documents/history": {"GET": list_documents},
+    "/v1/plan/documents/latest": {"GET": latest_documents},
+    "/v1/plan/documents/search-by-tags": {"GET": search_documents_by_tags},
+    "/v1/plan/documents/migrate/all-history": {"POST": migrate_all_history},
+    "/v1/plan/documents/migrate/from-current": {"POST": migrate_from_current},
+    "/v1/plan/documents/merge": {"POST": merge_documents},
+    "/v1/plan/documents/{document_id:id}": {"GET": read_document, "PUT": update_document,
+                                            "POST": update_document, "DELETE": delete_document},
+    "/v1/plan/documents/{document_id:id}/tags": {"GET": list_tags, "POST": create_tag},
+    "/v1/plan/documents/{document_id:id}/tags:batch": {"POST": batch_tags},
+    "/v1/plan/documents/{document_id:id}/tags/{tag_name:path}": {"DELETE": delete_tag},
     # Knowledge
-    Route("/v1/projects/{project_id:id}/document-references",
-          partial(list_references, owner="project"), methods=["GET"]),
-    Route("/v1/projects/{project_id:id}/document-references",
-          partial(set_references, owner="project"), methods=["POST"]),
-    Route("/v1/projects/{project_id:id}/document-references",
-          partial(clear_references, owner="project"), methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references",
-          partial(list_references, owner="conversation"), methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references",
-          partial(set_references, owner="conversation"), methods=["POST"]),
-    Route("/v1/chat/conversations/{conversation_id}/document-references",
-          partial(clear_references, owner="conversation"), methods=["DELETE"]),
-    Route("/v1/chat/conversations/{conversation_id}/referenced-documents", referenced_documents,
-          methods=["GET"]),
+    "/v1/projects/{project_id:id}/document-references": {
+        "GET": partial(list_references, owner="project"),
+        "POST": partial(set_references, owner="project"),
+        "DELETE": partial(clear_references, owner="project")},
+    "/v1/chat/conversations/{conversation_id}/document-references": {
+        "GET": partial(list_references, owner="conversation"),
+        "POST": partial(set_references, owner="conversation"),
+        "DELETE": partial(clear_references, owner="conversation")},
+    "/v1/chat/conversations/{conversation_id}/referenced-documents": {
+        "GET": referenced_documents},
     # Chat completions and models
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/models/{model_id:path}", read_model, methods=["GET"]),
+    "/v1/chat/completions": {"POST": chat_completions},
+    "/v1/models": {"GET": list_models},
+    "/v1/models/{model_id:path}": {"GET": read_model},
     # OpenAI Responses
-    Route("/v1/responses", create_response, methods=["POST"]),
-    Route("/v1/responses/{response_id}", read_response, methods=["GET"]),
-    Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
-    Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+    "/v1/responses": {"POST": create_response},
+    "/v1/responses/{response_id}": {"GET": read_response, "DELETE": delete_response},
+    "/v1/responses/{response_id}/input_items": {"GET": list_input_items},
     # OpenAI Conversations
-    Route("/v1/conversations", create_openai_conversation, methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}", read_openai_conversation, methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}", update_openai_conversation, methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}", delete_openai_conversation, methods=["DELETE"]),
-    Route("/v1/conversations/{conversation_id}/items", list_conversation_items, methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}/items", add_conversation_items, methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}/items/{item_id}", read_conversation_item,
-          methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}/items/{item_id}", delete_conversation_item,
-          methods=["DELETE"]),
+    "/v1/conversations": {"POST": create_openai_conversation},
+    "/v1/conversations/{conversation_id}": {"GET": read_openai_conversation,
+                                            "POST": update_openai_conversation,
+                                            "DELETE": delete_openai_conversation},
+    "/v1/conversations/{conversation_id}/items": {"GET": list_conversation_items,
+                                                  "POST": add_conversation_items},
+    "/v1/conversations/{conversation_id}/items/{item_id}": {"GET": read_conversation_item,
+                                                            "DELETE": delete_conversation_item},
     # Search, export, backup
-    Route("/v1/search", search, methods=["GET"]),
-    Route("/v1/chat/conversations/{conversation_id}/export", export, methods=["GET"]),
-    Route("/v1/backup", download_backup, methods=["GET"]),
+    "/v1/search": {"GET": search},
+    "/v1/chat/conversations/{conversation_id}/export": {"GET": export},
+    "/v1/backup": {"GET": download_backup},
     # Health, login
-    Route("/health", health, methods=["GET"]),
-    Route("/v1/auth/login", login, methods=["POST"]),
-]
+    "/health": {"GET": health},
+    "/v1/auth/login": {"POST": login},
+}
+routes = [Route(path, endpoint, methods=[method])
+          for path, by_method in ENDPOINTS.items() for method, endpoint in by_method.items()]
 
 ACCESS_WITHOUT_KEY = ("ACCESS_KEYS is set but POE_API_KEY is not: callers' tokens are access "
                       "keys then, so the server needs its own Poe key")
@@ -4310,7 +4276,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def expect_headers(self) -> None:
         self.reading_headers, self.header_bytes, self.header_tail = True, 0, b""
-        self.header_timer = None
 
     def drop_slow(self) -> None:
         if not self.transport.is_closing():
@@ -4325,13 +4290,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if self.header_bytes > MAX_HEADER_BYTES:
                 self.refuse_headers()
                 return
-            if self.header_timer is None:
+            if self.header_timer.cancelled():  # the first bytes of the next request
                 self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
         super().data_received(data)
 
     def refuse_headers(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
+        self.header_timer.cancel()
         body = b'{"detail": "request headers are larger than 64 KiB"}'
         self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                              b"content-type: application/json\r\nconnection: close\r\n"
@@ -4339,9 +4303,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-        self.reading_headers, self.header_timer = False, None
+        self.header_timer.cancel()
+        self.reading_headers = False
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -4349,8 +4312,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.expect_headers()  # the next request on this connection
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
+        self.header_timer.cancel()
         super().connection_lost(exc)
 
 
@@ -4397,8 +4359,7 @@ def main() -> None:
     backup_command.add_argument("file", metavar="FILE")
     # Flags go before or after the command; its copies, when absent, undo none given before it.
     for each, default in ((parser, None), (backup_command, argparse.SUPPRESS)):
-        each.add_argument("--host", default=default, help="bind address (HOST, default "
-                                                          "127.0.0.1)")
+        each.add_argument("--host", default=default, help="bind address (HOST, default 127.0.0.1)")
         each.add_argument("--port", type=int, default=default, help="port (PORT, default 8000)")
         each.add_argument("--db", default=default, help="SQLite file (DB_PATH, default chat.db)")
     args = parser.parse_args()
@@ -4408,8 +4369,7 @@ def main() -> None:
     try:
         if args.command == "backup":
             size = backup(settings.db_path, args.file)
-            print(f"backed up {settings.db_path} to {args.file} ({size} bytes, "
-                  "integrity_check ok)")
+            print(f"backed up {settings.db_path} to {args.file} ({size} bytes, integrity_check ok)")
             return
         prepare_database(settings.db_path)
     except DatabaseUnusable as exc:
@@ -4435,9 +4395,8 @@ def main() -> None:
                 await service.state.replies.stop_all(503, "the server is shutting down")
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(service, host=settings.host, port=settings.port,
-                            http=GuardedHttpProtocol, timeout_graceful_shutdown=3,
-                            log_level="info")
+    config = uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
+                            http=GuardedHttpProtocol, timeout_graceful_shutdown=3)
     Server(config).run()
 
 
