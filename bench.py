@@ -39,7 +39,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # ---------------------------------------------------------------------------------------------
 # The processes
-# ---------------------------------------------------------------------------------------------
 
 class Bench(fp.PoeBot):
     """'paced N': N chunks at PACE/s; 'flat N': N chunks at once; else a short reply. Each
@@ -149,7 +148,6 @@ def start_service(workdir: str, bot: Process, db_path: str, log_name: str) -> Pr
 
 # ---------------------------------------------------------------------------------------------
 # Clients: direct (fastapi_poe's own client) and through the service
-# ---------------------------------------------------------------------------------------------
 
 def query(content: str, history: list[fp.ProtocolMessage] | None = None) -> fp.QueryRequest:
     messages = (history or []) + [fp.ProtocolMessage(role="user", content=content)]
@@ -225,7 +223,6 @@ def percentile(values: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # The measurements
-# ---------------------------------------------------------------------------------------------
 
 async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []

@@ -32,7 +32,6 @@ import server
 
 # ---------------------------------------------------------------------------------------------
 # The local Poe: bots that echo, stream slowly, fail, run out of points, want another key.
-# ---------------------------------------------------------------------------------------------
 
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
@@ -302,7 +301,6 @@ async def raw_bot(request: Request):
 # ---------------------------------------------------------------------------------------------
 # The servers: the service (or the local Poe) under uvicorn in this process, or `python
 # server.py` in a process of its own
-# ---------------------------------------------------------------------------------------------
 
 def wait_for(condition, seconds=10.0, step=0.02):
     """The first true value `condition()` returns, polled until the deadline."""
@@ -390,7 +388,6 @@ class ServerProcess:
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: the local Poe, and services on temporary databases
-# ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def poe_url():

@@ -80,7 +80,6 @@ SCHEMA_PATH = os.path.join(HERE, "schema.sql")
 
 # ---------------------------------------------------------------------------------------------
 # Settings: a flag beats its env var, an env var beats a line in ./.env, which beats the default.
-# ---------------------------------------------------------------------------------------------
 
 # A reply's new text is written in one batch this long after it arrives (and at start and end).
 FLUSH_SECONDS = 0.5
@@ -178,7 +177,6 @@ def load_settings(**overrides: Any) -> Settings:
 # SQLite runs them anyway), reads on a few reader threads; each thread has its own connection
 # whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another program
 # holds, before a 503. So a locked file, a slow disk or a long history stalls no other client.
-# ---------------------------------------------------------------------------------------------
 
 NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
@@ -428,7 +426,6 @@ def prepare_database(db_path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Request helpers: one way to read a body, to check each kind of field, to answer from SQLite.
-# ---------------------------------------------------------------------------------------------
 
 MISSING = object()
 INT64 = 2**63
@@ -599,6 +596,14 @@ async def write_answer(request: Request, fn: Callable, *args: Any) -> JSONRespon
     return JSONResponse(await request.app.state.db.write(fn, *args))
 
 
+def row_endpoint(fn: Callable, write: bool = False) -> Callable:
+    """A route's endpoint whose whole work is fn(db, *the path's values), answered as JSON."""
+    async def endpoint(request: Request) -> JSONResponse:
+        answer = write_answer if write else read_answer
+        return await answer(request, fn, *request.path_params.values())
+    return endpoint
+
+
 def bearer(headers: Headers) -> str | None:
     header = headers.get("authorization")
     if header is None:
@@ -625,7 +630,6 @@ def poe_key(request: Request) -> str:
 # ---------------------------------------------------------------------------------------------
 # Poe relay: the one place that talks to Poe. One call per reply (num_tries=1, no retry), only
 # text is reply text, every failure becomes a PoeFailure with the status of API.md's table.
-# ---------------------------------------------------------------------------------------------
 
 # With a 502/504 after a Poe call: official SDKs retry 5xx, calling (and paying) Poe again.
 NO_RETRY = {"x-should-retry": "false"}
@@ -915,7 +919,6 @@ def file_markdown(attachment: dict) -> str:
 # nothing; the response that started it only listens (Listener). A stored turn's rows (input, empty
 # 'streaming' reply) go in before Poe is called, its new text at most every FLUSH_SECONDS, its end
 # once; a refused write is retried from memory: the relay never waits on SQLite.
-# ---------------------------------------------------------------------------------------------
 
 # A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
 LISTENER_BUFFER_BYTES = 2**20
@@ -1400,7 +1403,6 @@ class SentText:
 
 # ---------------------------------------------------------------------------------------------
 # Conversations
-# ---------------------------------------------------------------------------------------------
 
 OTHER_GROUP = "其它"
 CONVERSATION_SQL = f"""
@@ -1470,10 +1472,6 @@ async def grouped_conversations(request: Request) -> JSONResponse:
     return JSONResponse(groups)
 
 
-async def read_conversation(request: Request) -> JSONResponse:
-    return await read_answer(request, get_conversation, request.path_params["conversation_id"])
-
-
 def change_conversation(db: sqlite3.Connection, conversation_id: str, changes: dict) -> None:
     get_conversation(db, conversation_id)
     if "project_id" in changes:
@@ -1505,7 +1503,6 @@ async def remove_conversation(app: Starlette, conversation_id: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Messages and turns: a turn stores the caller's message and Poe's reply to the history.
-# ---------------------------------------------------------------------------------------------
 
 MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attachments, "
                "tool_calls, tool_call_id FROM messages")
@@ -1902,7 +1899,6 @@ async def regenerate(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------------------------
 # Projects
-# ---------------------------------------------------------------------------------------------
 
 PROJECT_FIELDS = ("name", "dev_environment", "grpc_server_address", "llm_model", "llm_url",
                   "git_work_dir", "ai_work_dir")
@@ -1955,10 +1951,6 @@ async def create_project(request: Request) -> JSONResponse:
     return await write_answer(request, save_project, None, changes)
 
 
-async def read_project(request: Request) -> JSONResponse:
-    return await read_answer(request, get_project, request.path_params["project_id"])
-
-
 async def update_project(request: Request) -> JSONResponse:
     changes = project_changes(await read_json(request))
     if not changes:
@@ -2000,13 +1992,8 @@ def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
             "project_document_references": refs.get(None, []), "conversations": conversations}
 
 
-async def read_project_hierarchy(request: Request) -> JSONResponse:
-    return await read_answer(request, project_hierarchy, request.path_params["project_id"])
-
-
 # ---------------------------------------------------------------------------------------------
 # Plan: categories (seeded by schema.sql), versioned documents, their tags, migrate and merge
-# ---------------------------------------------------------------------------------------------
 
 DOCUMENT_SOURCES = ("user", "server", "chat")
 CATEGORY_FIELDS = ("name", "prompt_template", "message_method", "auto_save_category_id",
@@ -2090,10 +2077,6 @@ def remove_category(db: sqlite3.Connection, category_id: int) -> dict:
     # Categories that auto-saved into this one stop doing so (ON DELETE SET NULL).
     db.execute("DELETE FROM plan_categories WHERE id = ?", (category_id,))
     return {"message": "Category and related documents deleted successfully", "deleted": deleted}
-
-
-async def delete_category(request: Request) -> JSONResponse:
-    return await write_answer(request, remove_category, request.path_params["category_id"])
 
 
 def delete_documents(db: sqlite3.Connection, where: str, params: tuple,
@@ -2202,10 +2185,6 @@ async def latest_documents(request: Request) -> JSONResponse:
     return await read_answer(request, latest_page, params, sort_by, order)
 
 
-async def read_document(request: Request) -> JSONResponse:
-    return await read_answer(request, get_document, request.path_params["document_id"])
-
-
 def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) -> dict:
     """The document with `changes` as the next version of its (new) filename; the version
     edited stays as it was, so references to it and its history stay too."""
@@ -2281,10 +2260,6 @@ def add_tag(db: sqlite3.Connection, document_id: int, tag: str) -> dict:
     return {"message": "Tag added", "tag": fetch_one(
         db, "SELECT * FROM document_tags WHERE document_id = ? AND tag_name = ?",
         (document_id, tag))}
-
-
-async def list_tags(request: Request) -> JSONResponse:
-    return await read_answer(request, select_tags, request.path_params["document_id"])
 
 
 async def create_tag(request: Request) -> JSONResponse:
@@ -2393,7 +2368,6 @@ async def merge_documents(request: Request) -> JSONResponse:
 
 # ---------------------------------------------------------------------------------------------
 # Knowledge: document references, a project's (conversation_id NULL) or one conversation's own
-# ---------------------------------------------------------------------------------------------
 
 REFERENCE_SQL = ("SELECT r.id, r.project_id, r.conversation_id, r.document_id, r.reference_type, "
                  "d.filename AS document_filename, d.content AS document_content, "
@@ -2489,7 +2463,6 @@ async def referenced_documents(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 # OpenAI input: what OpenAI's clients send (messages, content parts, tools, options), checked
 # and made into what Poe takes. Used by chat completions and by the Responses API.
-# ---------------------------------------------------------------------------------------------
 
 # /v1/models' fallback when Poe's list cannot be had (the README lists them); any bot name works.
 MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Claude-3.5-Sonnet",
@@ -2858,7 +2831,6 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Chat completions and models: stateless, for any client that speaks OpenAI's Chat Completions
-# ---------------------------------------------------------------------------------------------
 
 class ClientToolCalls:
     """Tool calls as the client sees them: the first only without parallel_tool_calls; ids made
@@ -3079,7 +3051,6 @@ async def read_model(request: Request) -> JSONResponse:
 # OpenAI Responses: OpenAI's stateful API over the conversations kept here. A stored response is
 # a turn of a conversation (its input, then its reply, as messages); the responses table knows
 # which messages, and keeps the response object as served.
-# ---------------------------------------------------------------------------------------------
 
 # An item id: msg_<message id>, or fc_<message id>_<n> for the n-th tool call of a message.
 ITEM_ID = re.compile(r"(msg|fc)_(\d{1,18})(?:_(\d{1,6}))?")
@@ -3582,7 +3553,6 @@ async def list_input_items(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 # OpenAI Conversations: OpenAI's view of the conversations of /v1/chat/conversations, their
 # messages as items (also the input items of a stored response)
-# ---------------------------------------------------------------------------------------------
 
 def attachment_part(attachment: dict) -> dict:
     if (attachment.get("content_type") or "").startswith("image/"):
@@ -3679,10 +3649,6 @@ async def create_openai_conversation(request: Request) -> JSONResponse:
     return await write_answer(request, new_openai_conversation, metadata, rows)
 
 
-async def read_openai_conversation(request: Request) -> JSONResponse:
-    return await read_answer(request, conversation_object, request.path_params["conversation_id"])
-
-
 async def update_openai_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     data = await read_json(request)
@@ -3769,7 +3735,6 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 # Search, export, backup: find anything, take everything with you. Search reads the FTS5
 # trigram indexes kept by schema.sql's triggers; exports and checked backups run on a reader.
-# ---------------------------------------------------------------------------------------------
 
 SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
 # A trigram index finds words of three characters or more. A query made only of shorter words
@@ -3989,7 +3954,6 @@ async def download_backup(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------------------------
 # Health, login, errors, access
-# ---------------------------------------------------------------------------------------------
 
 LOOP_WATCH_SECONDS = 0.05
 OPENAI_PREFIXES = ("/v1/chat/completions", "/v1/models", "/v1/responses", "/v1/conversations")
@@ -4123,7 +4087,6 @@ def access_guard(app: Any, settings: Settings) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # The app: the routes in the order of the sections above, the lifespan, create_app()
-# ---------------------------------------------------------------------------------------------
 
 # Each path's endpoint by method. Paths are matched in this order; a method a path lacks is 405
 # with the Allow of the path's first method.
@@ -4131,8 +4094,9 @@ ENDPOINTS = {
     # Conversations
     "/v1/chat/conversations": {"GET": list_conversations, "POST": create_conversation},
     "/v1/chat/conversations/grouped": {"GET": grouped_conversations},
-    "/v1/chat/conversations/{conversation_id}": {
-        "GET": read_conversation, "PUT": update_conversation, "DELETE": delete_conversation},
+    "/v1/chat/conversations/{conversation_id}": {"GET": row_endpoint(get_conversation),
+                                                 "PUT": update_conversation,
+                                                 "DELETE": delete_conversation},
     # Messages and turns
     "/v1/chat/conversations/{conversation_id}/messages": {"GET": list_messages,
                                                           "POST": post_message},
@@ -4144,13 +4108,13 @@ ENDPOINTS = {
     "/v1/chat/messages/delete": {"POST": delete_messages},
     # Projects
     "/v1/projects": {"GET": list_projects, "POST": create_project},
-    "/v1/projects/{project_id:id}": {"GET": read_project, "PUT": update_project,
+    "/v1/projects/{project_id:id}": {"GET": row_endpoint(get_project), "PUT": update_project,
                                      "DELETE": delete_project},
-    "/v1/projects/{project_id:id}/hierarchy": {"GET": read_project_hierarchy},
+    "/v1/projects/{project_id:id}/hierarchy": {"GET": row_endpoint(project_hierarchy)},
     # Plan (fixed paths before /v1/plan/documents/{document_id}, which would take them)
     "/v1/plan/categories": {"GET": list_categories, "POST": create_category},
     "/v1/plan/categories/{category_id:id}": {"GET": read_category, "PUT": update_category,
-                                             "DELETE": delete_category},
+                                             "DELETE": row_endpoint(remove_category, write=True)},
     "/v1/plan/documents": {"GET": list_documents, "POST": create_document,
                            "DELETE": delete_all_versions},
     "/v1/plan/documents/history": {"GET": list_documents},
@@ -4159,9 +4123,11 @@ ENDPOINTS = {
     "/v1/plan/documents/migrate/all-history": {"POST": migrate_all_history},
     "/v1/plan/documents/migrate/from-current": {"POST": migrate_from_current},
     "/v1/plan/documents/merge": {"POST": merge_documents},
-    "/v1/plan/documents/{document_id:id}": {"GET": read_document, "PUT": update_document,
-                                            "POST": update_document, "DELETE": delete_document},
-    "/v1/plan/documents/{document_id:id}/tags": {"GET": list_tags, "POST": create_tag},
+    "/v1/plan/documents/{document_id:id}": {"GET": row_endpoint(get_document),
+                                            "PUT": update_document, "POST": update_document,
+                                            "DELETE": delete_document},
+    "/v1/plan/documents/{document_id:id}/tags": {"GET": row_endpoint(select_tags),
+                                                 "POST": create_tag},
     "/v1/plan/documents/{document_id:id}/tags:batch": {"POST": batch_tags},
     "/v1/plan/documents/{document_id:id}/tags/{tag_name:path}": {"DELETE": delete_tag},
     # Knowledge
@@ -4185,7 +4151,7 @@ ENDPOINTS = {
     "/v1/responses/{response_id}/input_items": {"GET": list_input_items},
     # OpenAI Conversations
     "/v1/conversations": {"POST": create_openai_conversation},
-    "/v1/conversations/{conversation_id}": {"GET": read_openai_conversation,
+    "/v1/conversations/{conversation_id}": {"GET": row_endpoint(conversation_object),
                                             "POST": update_openai_conversation,
                                             "DELETE": delete_openai_conversation},
     "/v1/conversations/{conversation_id}/items": {"GET": list_conversation_items,
@@ -4256,7 +4222,6 @@ app = create_app()
 
 # ---------------------------------------------------------------------------------------------
 # Main: uvicorn, with a guard on connections and an orderly shutdown
-# ---------------------------------------------------------------------------------------------
 
 # Request headers must arrive whole within this time and size; a connection that sends nothing
 # is closed after it too (uvicorn arms its keep-alive timeout only after a first response).

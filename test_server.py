@@ -121,7 +121,6 @@ class ChangedRows:
 
 # ---------------------------------------------------------------------------------------------
 # Start-up and health
-# ---------------------------------------------------------------------------------------------
 
 def test_health_answers_when_the_database_does(api):
     response = api.get("/health")
@@ -171,7 +170,6 @@ def test_unknown_route_is_a_json_404(api):
 
 # ---------------------------------------------------------------------------------------------
 # Conversations
-# ---------------------------------------------------------------------------------------------
 
 def test_create_conversation_stores_system_prompt_as_first_message(api, db):
     conversation_id = new_conversation(api, system_prompt="Be brief.", name="n1", model="Echo")
@@ -280,7 +278,6 @@ def test_delete_conversation_removes_its_messages(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # Turns: history, roles, model choice, one Poe call
-# ---------------------------------------------------------------------------------------------
 
 def test_turn_sends_whole_history_with_bot_role_and_stores_reply(api, db):
     conversation_id = new_conversation(api, system_prompt="You are terse.", model="Echo")
@@ -352,7 +349,6 @@ def test_post_message_rejects_bad_bodies_and_calls_no_one(api, db, body):
 
 # ---------------------------------------------------------------------------------------------
 # Streaming
-# ---------------------------------------------------------------------------------------------
 
 def test_stream_relays_chunks_then_finish_then_done(api, db):
     conversation_id = new_conversation(api, model="Echo", system_prompt="sys")
@@ -426,7 +422,6 @@ def test_only_text_events_are_reply_text(api):
 
 # ---------------------------------------------------------------------------------------------
 # The Poe key
-# ---------------------------------------------------------------------------------------------
 
 def test_no_key_anywhere_is_401_and_changes_nothing(api, db):
     conversation_id = new_conversation(api, model="Echo")
@@ -605,7 +600,6 @@ def test_failures_after_poe_was_called_say_do_not_retry(api):
 
 # ---------------------------------------------------------------------------------------------
 # Poe's failures
-# ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bot,status", [
     ("Poor", 402), ("TooLong", 413), ("Fussy", 400), ("Private", 403), ("Fail", 502),
@@ -665,7 +659,6 @@ def test_failure_part_way_keeps_text_interrupted(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # Stop and concurrency
-# ---------------------------------------------------------------------------------------------
 
 def test_stop_ends_the_reply_and_keeps_its_text(api, db):
     conversation_id = new_conversation(api, model="Slow")
@@ -692,7 +685,6 @@ def test_stop_unknown_conversation_is_404(api):
 
 # ---------------------------------------------------------------------------------------------
 # The original's clients: conversations and messages as they use them
-# ---------------------------------------------------------------------------------------------
 
 def test_conversation_list_filters_and_reads_one(api, db):
     project = api.post("/v1/projects", json={"name": "listing"}).json()
@@ -1023,7 +1015,6 @@ def test_files_a_bot_sends_become_markdown_and_attachments(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # Projects
-# ---------------------------------------------------------------------------------------------
 
 def test_project_crud(api, db):
     created = api.post("/v1/projects", json={"name": "crud", "dev_environment": "py3.11",
@@ -1074,7 +1065,6 @@ def test_deleting_a_project_moves_its_conversations_to_0(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # Plan
-# ---------------------------------------------------------------------------------------------
 
 def test_categories_are_seeded_in_the_seed_shape(fresh):
     api, _ = fresh  # other tests add categories of their own to the shared database
@@ -1774,7 +1764,6 @@ def test_random_json_never_breaks_a_plan_route(start_service):
 
 # ---------------------------------------------------------------------------------------------
 # Search, export, backup
-# ---------------------------------------------------------------------------------------------
 
 def search(api, q, **params):
     response = api.get("/v1/search", params={"q": q, **params})
@@ -2136,7 +2125,6 @@ def test_backup_command_refusals_write_nothing(tmp_path, db_name, target_name, n
 
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible routes, driven by the official openai SDK
-# ---------------------------------------------------------------------------------------------
 
 openai = pytest.importorskip("openai")
 pydantic = pytest.importorskip("pydantic")
@@ -2581,7 +2569,6 @@ def test_unknown_v1_paths_and_methods_answer_in_openai_shape(api):
 
 # ---------------------------------------------------------------------------------------------
 # OpenAI Responses and Conversations, driven by the official openai SDK (strict validation)
-# ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def oai(service):
@@ -3025,7 +3012,6 @@ def test_langchain_speaks_the_responses_api_to_the_service(service, db):
 
 # ---------------------------------------------------------------------------------------------
 # Reliability: hang-ups, crashes, shutdowns
-# ---------------------------------------------------------------------------------------------
 
 
 
@@ -3098,7 +3084,6 @@ def test_sigterm_and_ctrl_c_save_in_flight_text(tmp_path, poe_url, sig):
 
 # ---------------------------------------------------------------------------------------------
 # Faults: odd text, broken streams, a locked database, old and unusable databases
-# ---------------------------------------------------------------------------------------------
 
 def test_text_that_cannot_be_stored_is_cleaned_and_the_reply_goes_on(api, db):
     conversation_id = new_conversation(api, model="Odd")
@@ -3553,7 +3538,6 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url, clien
 
 # ---------------------------------------------------------------------------------------------
 # Hostile input
-# ---------------------------------------------------------------------------------------------
 
 def test_body_over_limit_is_413_by_content_length(small_bodies):
     api, db_path = small_bodies
@@ -3671,7 +3655,6 @@ def test_random_json_never_breaks_a_route(start_service):
 
 # ---------------------------------------------------------------------------------------------
 # Security
-# ---------------------------------------------------------------------------------------------
 
 SECRET = "poe-secret-key-SHOULD-NEVER-LEAK-4242"
 
@@ -3747,7 +3730,6 @@ def test_injection_looking_text_is_stored_verbatim(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # Load
-# ---------------------------------------------------------------------------------------------
 
 def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
     conversation_ids = [new_conversation(api, model="Slow") for _ in range(50)]
@@ -3785,7 +3767,6 @@ def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark still runs (its numbers belong in the README, not in assertions here)
-# ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [["--quick"], pytest.param([], marks=pytest.mark.slow)],
                          ids=["quick", "full"])
