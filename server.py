@@ -132,7 +132,6 @@ SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
-    """One setting's value from its text (or an override's value), checked."""
     if kind == "tuple":
         values = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
         return tuple(str(v).strip() for v in values if str(v).strip())
@@ -197,8 +196,7 @@ def connect(db_path: str, timeout: float) -> sqlite3.Connection:
 
 
 def fetch_one(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> dict | None:
-    row = db.execute(sql, params).fetchone()
-    return dict(row) if row is not None else None
+    return next(map(dict, db.execute(sql, params)), None)
 
 
 def fetch_all(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> list[dict]:
@@ -206,8 +204,7 @@ def fetch_all(db: sqlite3.Connection, sql: str, params: tuple | dict = ()) -> li
 
 
 def fetch_or_404(db: sqlite3.Connection, sql: str, params: tuple, not_found: str) -> dict:
-    row = fetch_one(db, sql, params)
-    if row is None:
+    if (row := fetch_one(db, sql, params)) is None:
         raise HTTPException(404, not_found)
     return row
 
@@ -250,7 +247,6 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def database_failure(exc: sqlite3.Error) -> HTTPException:
-    """What a caller hears when SQLite refuses: 503, the database's fault, never theirs."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         detail = "the database is locked by another program; try again"
@@ -263,13 +259,12 @@ def database_failure(exc: sqlite3.Error) -> HTTPException:
 
 class Database:
     """The SQLite file, reached only via worker threads: read(fn, *args) runs fn(connection, *args)
-    on a reader, write() on the writer in one BEGIN IMMEDIATE transaction, undone if fn raises.
-    SQLite's refusals (locked past DB_TIMEOUT, disk full...) are 503s; fn's HTTPExceptions pass."""
+    on a reader, write() on the writer in a transaction(). SQLite's refusals (locked past
+    DB_TIMEOUT, disk full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
 
     def __init__(self, db_path: str, timeout: float, readers: int = 3):
         self.path, self.timeout = db_path, timeout
-        self.local = threading.local()
-        self.connections: list[sqlite3.Connection] = []
+        self.local, self.connections = threading.local(), []
         self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
         self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
 
@@ -351,7 +346,6 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_t
 
 
 def check_columns(db: sqlite3.Connection) -> None:
-    """DatabaseUnusable when a table lacks a column schema.sql gives it."""
     with contextlib.closing(sqlite3.connect(":memory:")) as scratch:
         for statement in schema_statements():
             scratch.execute(statement)
@@ -360,8 +354,7 @@ def check_columns(db: sqlite3.Connection) -> None:
             " AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '%_fts%'")]
         for table in tables:
             have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-            missing = sorted({row[1] for row in scratch.execute(f"PRAGMA table_info({table})")}
-                             - have)
+            missing = sorted({r[1] for r in scratch.execute(f"PRAGMA table_info({table})")} - have)
             if missing:
                 raise DatabaseUnusable(f"table {table} lacks column(s) {', '.join(missing)}")
 
@@ -397,8 +390,7 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
             db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
             db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
         check_columns(db)
-        broken = db.execute("PRAGMA foreign_key_check").fetchone()
-        if broken is not None:
+        if (broken := db.execute("PRAGMA foreign_key_check").fetchone()) is not None:
             raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is gone; "
                                    "the upgrade would lose them")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -437,7 +429,6 @@ LONG_BYTES, LONG_ITEMS = 2**20, 500
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
-    """fn(*args), on a worker thread when its input is `long`: no request holds the loop."""
     return await asyncio.to_thread(fn, *args) if long else fn(*args)
 
 
@@ -523,8 +514,7 @@ def id_list_field(data: dict, name: str, kind: str, required: bool = False) -> l
 
 
 def bool_field(data: dict, name: str, default: bool) -> bool:
-    value = data.get(name, MISSING)
-    if value is MISSING or value is None:
+    if (value := data.get(name)) is None:
         return default
     if not isinstance(value, bool):
         raise HTTPException(400, f"{name} must be true or false")
@@ -551,24 +541,22 @@ def is_number(raw: str) -> bool:
 
 class IdConvertor(Convertor):
     """`{name:id}` in a route: the segment as an integer id. A segment that is no id (letters,
-    a number past SQLite's integers) becomes NO_ROW, which names no row, so the handler
+    a number past SQLite's integers) becomes -1, which names no row, so the handler
     answers its own 404 ("Project not found"), as for any id that names nothing."""
     regex = "[^/]+"
 
     def convert(self, value: str) -> int:
-        return int(value) if is_number(value) else NO_ROW
+        return int(value) if is_number(value) else -1
 
     def to_string(self, value: int) -> str:
         return str(value)
 
 
-NO_ROW = -1
 register_url_convertor("id", IdConvertor())
 
 
 def query_int(request: Request, name: str, default: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if not (raw := request.query_params.get(name)):
         return default
     if not is_number(raw):
         raise HTTPException(400, f"{name} must be a positive integer")
@@ -615,8 +603,7 @@ def bearer(headers: Headers) -> str | None:
 def poe_key(request: Request) -> str:
     """The server's POE_API_KEY when set (a caller's token never reaches Poe then), else the
     caller's Bearer token, else 401. Never stored, logged or echoed."""
-    key = request.app.state.settings.poe_api_key
-    if key:
+    if key := request.app.state.settings.poe_api_key:
         return key
     token = bearer(request.headers)
     if token == "":
@@ -781,8 +768,7 @@ HTTP_STATUS_FAILURE = {
 
 
 def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure:
-    status = answer.status
-    if status is not None:
+    if (status := answer.status) is not None:
         if status == 404:
             return PoeFailure(404, f"Poe does not know the model {model!r}")
         if status in (400, 422):
@@ -797,10 +783,9 @@ def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure
         return PoeFailure(502, "Poe is unreachable")
     if isinstance(exc, fp.BotError) and exc.args:
         # An error event: its data is JSON with text, allow_retry and error_type.
-        try:
+        event = None
+        with contextlib.suppress(TypeError, ValueError):
             event = json.loads(exc.args[0])
-        except (TypeError, ValueError):
-            event = None
         if isinstance(event, dict):
             text = event.get("text") if isinstance(event.get("text"), str) else ""
             status, message = ERROR_TYPE_STATUS.get(event.get("error_type"),
@@ -846,8 +831,7 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     between chunks: one deadline on the task (not one per chunk) bounds the wait for each event;
     moving it is a chunk's dearest step, so it moves at most every `slack` s, to now + timeout +
     slack: never before `timeout` after the last event, at most `slack` later; first wait exact."""
-    settings = app.state.settings
-    timeout = settings.poe_timeout
+    timeout = app.state.settings.poe_timeout
     slack = min(1.0, timeout / 10)
     answer = PoeAnswer()
     token = poe_answer.set(answer)
@@ -857,10 +841,9 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
         async with asyncio.timeout(timeout) as deadline:
             async with contextlib.aclosing(fp.stream_request(
                     query, model, api_key, session=app.state.poe, num_tries=1, tools=tools,
-                    on_error=on_poe_error, base_url=settings.poe_base_url)) as events:
+                    on_error=on_poe_error, base_url=app.state.settings.poe_base_url)) as events:
                 async for event in events:
-                    now = loop.time()
-                    if now - moved >= slack:
+                    if (now := loop.time()) - moved >= slack:
                         deadline.reschedule(now + timeout + slack)
                         moved = now
                     if isinstance(event, fp.MetaResponse) or event.is_suggested_reply:
