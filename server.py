@@ -899,9 +899,8 @@ def file_markdown(attachment: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Replies: each reply is read to its end by its own task (Reply.run), so a client leaving changes
-# nothing; the response that started it only listens (Listener). A stored turn's rows (input, empty
-# 'streaming' reply) go in before Poe is called, its new text at most every FLUSH_SECONDS, its end
-# once; a refused write is retried from memory: the relay never waits on SQLite.
+# nothing; the response that started it only listens (Listener). Its text is written at most each
+# FLUSH_SECONDS, its end once, a refused write retried from memory: the relay never waits on SQLite.
 
 # A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
 LISTENER_BUFFER_BYTES = 2**20
@@ -929,7 +928,7 @@ class ReplyEnd:
     inserted_ids: list[int]
     replaces: int | None
     status: str
-    discard: bool  # failed before any output: the turn leaves no trace
+    discard: bool  # failed before any output: the turn leaves no trace (its caller may resend it)
     rewrite: bool  # `text` replaces the stored content instead of extending it
     text: str
     attachments: str | None
@@ -945,8 +944,6 @@ def save_reply_text(db: sqlite3.Connection, message_id: int, text: str, rewrite:
 
 
 def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
-    """The end of a stored reply. A reply that failed before any output leaves no trace: its
-    turn's rows go (the caller hears the error and may send the turn again)."""
     response = end.response
     if end.discard:
         db.executemany("DELETE FROM messages WHERE id = ?",
@@ -977,8 +974,7 @@ class Listener:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued_bytes, self.lagged = 0, False
-        self.closed = False  # its response has ended: nothing more is queued
+        self.queued_bytes, self.lagged, self.closed = 0, False, False  # closed: its response ended
 
     def publish(self, item: tuple) -> None:
         if self.closed:
@@ -1123,24 +1119,20 @@ class Reply:
             self.files.append(value)
             kind, value = "text", file_markdown(value)
             self.chunks.append(value)
-        else:
-            self.add_tool_call_deltas(value)
+        else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
+            for delta in value:
+                index = delta.get("index") or 0
+                while len(self.tool_calls) <= index:
+                    self.tool_calls.append({"id": "", "type": "function",
+                                            "function": {"name": "", "arguments": ""}})
+                call = self.tool_calls[index]
+                call["id"] = delta.get("id") or call["id"]
+                function = delta.get("function") or {}
+                call["function"]["name"] += function.get("name") or ""
+                call["function"]["arguments"] += function.get("arguments") or ""
         return kind, value
 
-    def add_tool_call_deltas(self, deltas: list[dict]) -> None:
-        for delta in deltas:
-            index = delta.get("index") or 0
-            while len(self.tool_calls) <= index:
-                self.tool_calls.append({"id": "", "type": "function",
-                                        "function": {"name": "", "arguments": ""}})
-            call = self.tool_calls[index]
-            call["id"] = delta.get("id") or call["id"]
-            function = delta.get("function") or {}
-            call["function"]["name"] += function.get("name") or ""
-            call["function"]["arguments"] += function.get("arguments") or ""
-
     def write_text(self) -> None:
-        """Writes the text since the last write; a refused write is retried."""
         self.flush = None
         if self.writing is not None or self.message_id is None or self.status != "streaming":
             return
@@ -1299,7 +1291,6 @@ class Replies:
                 self.retrying = asyncio.create_task(self.retry_unsaved())
 
     async def retry_unsaved(self) -> None:
-        """Stores the ends of replies that SQLite refused, until each goes through."""
         delay = RETRY_SECONDS
         while self.unsaved:
             await asyncio.sleep(delay)
@@ -1339,8 +1330,7 @@ dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # The conversation stream keeps the seed's spacing, as API.md shows it: data: {"content": "..."}
 seed_dumps = json.JSONEncoder(ensure_ascii=False).encode
 # A chunk larger than this goes out as several events, so that no single one holds the loop.
-SSE_PIECE_CHARS = 65536
-SENT_TEXT_CHARS = 65536
+SSE_PIECE_CHARS = SENT_TEXT_CHARS = 65536
 
 
 def sse(data: str) -> bytes:
@@ -1402,7 +1392,6 @@ def get_conversation(db: sqlite3.Connection, conversation_id: str) -> dict:
 
 
 def check_project(db: sqlite3.Connection, project_id: int) -> int | None:
-    """The stored form of a project_id: NULL for 0, else an existing project's id."""
     return None if project_id == 0 else get_project(db, project_id)["id"]
 
 
@@ -1504,9 +1493,7 @@ def json_bytes(body: dict, long_list: str) -> bytes:
 def message_json(row: sqlite3.Row | dict) -> dict:
     message = {key: row[key] for key in
                ("id", "role", "content", "status", "created_at", "updated_at")}
-    for name in ("attachments", "tool_calls"):
-        if row[name]:
-            message[name] = json.loads(row[name])
+    message |= {name: json.loads(row[name]) for name in ("attachments", "tool_calls") if row[name]}
     if row["tool_call_id"]:
         message["tool_call_id"] = row["tool_call_id"]
     return message
@@ -1538,7 +1525,6 @@ async def list_messages(request: Request) -> Response:
 
 @dataclass
 class Turn:
-    """What a caller asked of one turn, checked."""
     role: str
     content: str
     model: str | None
@@ -1571,10 +1557,8 @@ def attachment_fields(value: Any) -> list[dict]:
         where = f"attachments[{i}]"
         if not isinstance(item, dict) or ("url" in item) == ("data" in item):
             raise HTTPException(400, f"{where} must be an object with either url or data")
-        attachment = {}
-        for key in ("name", "content_type"):
-            text = text_field(item, key)
-            attachment[key] = text if isinstance(text, str) and text else None
+        attachment = {key: text if (text := text_field(item, key)) not in (MISSING, None, "")
+                      else None for key in ("name", "content_type")}
         if "url" in item:
             url = text_field(item, "url", required=True, empty_ok=False)
             if not re.match(r"https?://", url):
@@ -1641,8 +1625,7 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     documents = {row["id"]: row for row in db.execute(
         "SELECT id, filename, content FROM plan_documents WHERE id IN "
         "(SELECT value FROM json_each(?))", (json.dumps(document_ids),))}
-    missing = [str(d) for d in document_ids if d not in documents]
-    if missing:
+    if missing := [str(d) for d in document_ids if d not in documents]:
         raise HTTPException(404, f"Document not found: {', '.join(missing)}")
     # The original's web client sends the ids and their text in the append: none is sent twice.
     parts = [system_prompt, append] + [
@@ -1714,7 +1697,6 @@ def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tup
 
 
 def message_rows(entries: list[dict]) -> list[tuple]:
-    """Entries as insert_messages' rows (role, content, attachments, tool_calls, tool_call_id)."""
     return [(entry["role"], entry["content"],
              json.dumps(entry["attachments"]) if entry["attachments"] else None,
              json.dumps([call.model_dump() for call in entry["tool_calls"]])
@@ -1725,10 +1707,8 @@ def message_rows(entries: list[dict]) -> list[tuple]:
 def turn_model(settings: Settings, requested: str | None, conversation: dict) -> str:
     """The request's model, else the conversation's, else DEFAULT_MODEL ('' and the web
     client's 'default' name none)."""
-    for model in (requested, conversation.get("model")):
-        if model and model != "default":
-            return model
-    return settings.default_model
+    return next((model for model in (requested, conversation.get("model"))
+                 if model and model != "default"), settings.default_model)
 
 
 async def post_message(request: Request) -> Response:
