@@ -1921,17 +1921,16 @@ async def update_project(request: Request) -> JSONResponse:
     return await write_answer(request, save_project, request.path_params["project_id"], changes)
 
 
-def remove_project(db: sqlite3.Connection, project_id: int) -> None:
+def remove_project(db: sqlite3.Connection, project_id: int) -> dict:
     get_project(db, project_id)
     # Its documents go with their tags and references, then its own references (by cascade);
     # its conversations move to project 0 (ON DELETE SET NULL).
     delete_documents(db, "project_id = ?", (project_id,))
     db.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+    return {"message": "Project deleted successfully"}
 
 
-async def delete_project(request: Request) -> JSONResponse:
-    await request.app.state.db.write(remove_project, request.path_params["project_id"])
-    return JSONResponse({"message": "Project deleted successfully"})
+delete_project = row_endpoint(remove_project, write=True)
 
 
 def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
@@ -1991,8 +1990,7 @@ def category_changes(data: dict) -> dict[str, Any]:
         changes["auto_save_category_id"] = int_field(data, "auto_save_category_id", minimum=1)
     if data.get("is_builtin") is not None:
         changes["is_builtin"] = int(bool_field(data, "is_builtin", False))
-    summary_model = model_field(data, "summary_model", empty_ok=True)
-    if summary_model is not MISSING:
+    if (summary_model := model_field(data, "summary_model", empty_ok=True)) is not MISSING:
         changes["summary_model"] = summary_model or None
     return changes
 
@@ -2057,8 +2055,7 @@ def delete_documents(db: sqlite3.Connection, where: str, params: tuple,
 
 
 def source_field(data: dict, default: str | None) -> str | None:
-    source = text_field(data, "source")
-    if source in (MISSING, None):
+    if (source := text_field(data, "source")) in (MISSING, None):
         return default
     if source not in DOCUMENT_SOURCES:
         raise HTTPException(400, "source must be one of " + ", ".join(DOCUMENT_SOURCES))
@@ -2111,8 +2108,7 @@ async def list_documents(request: Request) -> JSONResponse:
 
 
 def page_number(request: Request, name: str, default: int) -> int:
-    value = query_int(request, name, default)
-    if value == 0:
+    if (value := query_int(request, name, default)) == 0:
         raise HTTPException(400, f"{name} must be a positive integer")
     return value
 
@@ -2130,15 +2126,11 @@ def latest_page(db: sqlite3.Connection, params: dict, sort_by: str, order: str) 
 
 
 async def latest_documents(request: Request) -> JSONResponse:
-    """The latest version of each file of a project, a page at a time."""
-    project_id = query_int(request, "project_id")
-    if project_id is None:
+    if (project_id := query_int(request, "project_id")) is None:
         raise HTTPException(400, "project_id is required")
-    sort_by = request.query_params.get("sort_by") or "created_time"
-    if sort_by not in LATEST_SORTS:
+    if (sort_by := request.query_params.get("sort_by") or "created_time") not in LATEST_SORTS:
         raise HTTPException(400, "sort_by must be one of " + ", ".join(LATEST_SORTS))
-    order = (request.query_params.get("order") or "desc").lower()
-    if order not in ("asc", "desc"):
+    if (order := (request.query_params.get("order") or "desc").lower()) not in ("asc", "desc"):
         raise HTTPException(400, "order must be asc or desc")
     page = page_number(request, "page", 1)
     page_size = min(page_number(request, "page_size", 20), MAX_PAGE_SIZE)
@@ -2149,13 +2141,12 @@ async def latest_documents(request: Request) -> JSONResponse:
 
 
 def save_new_version(db: sqlite3.Connection, document_id: int, changes: dict) -> dict:
-    """The document with `changes` as the next version of its (new) filename; the version
-    edited stays as it was, so references to it and its history stay too."""
+    """The document with `changes` as the next version of its (new) filename: a PUT (or the
+    original's POST) edits no version, so references to one and its history stay as they were."""
     return insert_document(db, {**get_document(db, document_id), **changes})
 
 
 async def update_document(request: Request) -> JSONResponse:
-    """PUT (and the original's POST) /v1/plan/documents/{id}: a new version, not an edit."""
     data = await read_json(request)
     changes = given({"filename": text_field(data, "filename", empty_ok=False),
                      "content": text_field(data, "content"), "source": source_field(data, None)})
@@ -2260,15 +2251,13 @@ def documents_with_tags(db: sqlite3.Connection, project_id: int, tags: list[str]
 
 
 async def search_documents_by_tags(request: Request) -> JSONResponse:
-    project_id = query_int(request, "project_id")
-    if not project_id:
+    if not (project_id := query_int(request, "project_id")):
         raise HTTPException(400, "project_id is required")
     raw = ",".join(request.query_params.getlist("tags")).split(",")
     tags = list(dict.fromkeys(tag_name_of(t, "tags") for t in raw if t.strip()))
     if not tags:
         raise HTTPException(400, "tags is required: tag names separated by commas")
-    match = request.query_params.get("match") or "any"
-    if match not in ("any", "all"):
+    if (match := request.query_params.get("match") or "any") not in ("any", "all"):
         raise HTTPException(400, "match must be any or all")
     return await read_answer(request, documents_with_tags, project_id, tags, match == "all")
 
@@ -2411,16 +2400,14 @@ async def clear_references(request: Request, owner: str) -> JSONResponse:
 
 
 def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict:
+    """The project's references and its own (their document_ids go in a turn's `documents`)."""
     project_id, _ = reference_owner(db, ("conversation", conversation_id))
     return {"conversation_id": conversation_id,
             "project_references": select_references(db, project_id, None) if project_id else [],
             "conversation_references": select_references(db, project_id, conversation_id)}
 
 
-async def referenced_documents(request: Request) -> JSONResponse:
-    """The project's references and its own (their document_ids go in a turn's `documents`)."""
-    return await read_answer(request, conversation_knowledge,
-                             request.path_params["conversation_id"])
+referenced_documents = row_endpoint(conversation_knowledge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2444,8 +2431,6 @@ OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
 # One Markdown code fence around a whole reply (bots like to fence the JSON they were asked for).
 FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
-JSON_OBJECT_INSTRUCTION = ("Answer with one valid JSON object and nothing else: no text before "
-                           "or after it, no Markdown code fence.")
 
 
 def openai_error(status: int, message: str) -> dict:
@@ -2482,7 +2467,6 @@ def openai_attachment(url: Any, where: str, name: Any = None) -> dict:
 
 
 def openai_part(part: Any, where: str) -> str | dict:
-    """One content part: its text, or the attachment it carries."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in ("text", "refusal"):
         return string_at(part.get(kind), f"{where}.{kind}", empty_ok=True)
@@ -2651,19 +2635,17 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
         raise HTTPException(400, f"{where}.parameters must be a JSON Schema object") from None
 
 
-def openai_tools(tools: Any, tool_choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
+def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
     """Poe's function tools (others left out), and the instruction for tool_choice, which Poe lacks:
     'none' sends no tools; 'required' or a named function (then the only tool) asks for a call."""
     definitions = [tool_definition(tool.get("function"), f"{at}.function")
                    for at, tool in objects_at(tools, "tools") if tool.get("type") == "function"]
-    choice = "auto" if tool_choice is None else tool_choice
-    mode, names = choice, None
+    mode, names = ("auto" if choice is None else choice), None
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
         mode, names = "required", [string_at(function.get("name"), "tool_choice.function.name")]
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools") if isinstance(choice.get("allowed_tools"),
-                                                            dict) else {}
+        allowed = choice["allowed_tools"] if isinstance(choice.get("allowed_tools"), dict) else {}
         mode = allowed.get("mode", "auto")
         listed = allowed.get("tools") or []
         if not isinstance(listed, list):
@@ -2693,7 +2675,8 @@ def json_instruction(response_format: Any) -> str:
     if response_format is None or kind == "text":
         return ""
     if kind == "json_object":
-        return JSON_OBJECT_INSTRUCTION
+        return ("Answer with one valid JSON object and nothing else: no text before or after "
+                "it, no Markdown code fence.")
     if kind != "json_schema":
         raise HTTPException(400, "response_format.type must be text, json_object or json_schema")
     spec = response_format.get("json_schema")
@@ -2719,26 +2702,22 @@ def openai_params(data: dict) -> dict:
         raise HTTPException(400, "n must be a positive integer")
     if isinstance(n, int) and n > 1:
         raise HTTPException(400, "n > 1 is not supported: Poe gives one reply per call")
-    temperature = data.get("temperature")
-    if temperature is not None:
+    if (temperature := data.get("temperature")) is not None:
         if type(temperature) not in (int, float) or not 0 <= temperature <= 2:
             raise HTTPException(400, "temperature must be a number from 0 to 2")
         params["temperature"] = float(temperature)
-    stop = data.get("stop")
-    if stop is not None:
+    if (stop := data.get("stop")) is not None:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise HTTPException(400, "stop must be a string or an array of strings")
         params["stop_sequences"] = [text_field({"stop": s}, "stop") for s in stop]
-    bias = data.get("logit_bias")
-    if bias is not None:
+    if (bias := data.get("logit_bias")) is not None:
         if not isinstance(bias, dict) or not all(type(v) in (int, float) and -100 <= v <= 100
                                                  for v in bias.values()):
             raise HTTPException(400, "logit_bias must map token ids to numbers from -100 to 100")
         params["logit_bias"] = {k: float(v) for k, v in bias.items()}
     for name in ("user", "safety_identifier"):  # the latter is OpenAI's new name for user
-        user = text_field(data, name)
-        if isinstance(user, str) and user:
+        if isinstance(user := text_field(data, name), str) and user:
             params.setdefault("user_id", user)
     return params
 
