@@ -2789,8 +2789,7 @@ class ClientToolCalls:
     def id_of(self, index: int, call: dict) -> str:
         return self.ids.setdefault(index, call["id"] or f"call_{uuid.uuid4().hex[:24]}")
 
-    def calls(self) -> list[dict]:
-        """The ended reply's calls (those with a name)."""
+    def calls(self) -> list[dict]:  # the ended reply's calls: those with a name
         return [{"id": self.id_of(index, call), "type": "function",
                  "function": {"name": call["function"]["name"],
                               "arguments": call["function"]["arguments"] or "{}"}}
@@ -2819,8 +2818,7 @@ class ClientToolCalls:
 def json_reply(text: str) -> str:
     """A reply asked for as JSON: one code fence around it is taken off; what is still not
     JSON is Poe's failure (502), which a retry would pay for again."""
-    fenced = FENCED.fullmatch(text)
-    if fenced is not None and "```" not in fenced[1]:
+    if (fenced := FENCED.fullmatch(text)) is not None and "```" not in fenced[1]:
         text = fenced[1]
     try:
         json.loads(text)
@@ -2854,7 +2852,6 @@ class Completion:
         return usage(self.prompt_tokens, output)
 
     def whole(self) -> JSONResponse:
-        """The finished reply as a chat.completion."""
         calls, text = self.tool_calls.calls(), self.reply.text
         if self.json and not calls and not self.reply.cut:
             text = json_reply(text)  # cut by max_tokens: 'length' tells the client why it is not
@@ -3116,7 +3113,7 @@ def chat_response_format(text: Any) -> Any:
 
 @dataclass(frozen=True)
 class ResponseSpec:
-    """A POST /v1/responses body, checked (response_spec)."""
+    """A POST /v1/responses body, checked before anything is read, uploaded or asked."""
     base: dict  # the response object as it starts (in_progress), whose fields echo the request
     model: str
     conversation: str | None
@@ -3131,7 +3128,6 @@ class ResponseSpec:
 
 
 def response_spec(data: dict) -> ResponseSpec:
-    """A POST /v1/responses body, checked before anything is read, uploaded or asked."""
     model = model_field(data)
     if not isinstance(model, str):
         raise HTTPException(400, "model is required: the name of a Poe bot")
@@ -3298,27 +3294,24 @@ def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[di
                     for n, call in enumerate(calls) if call["function"]["name"]]
 
 
-def response_usage(input_tokens: int, output: list[dict]) -> dict:
-    """Estimated as chat completions' usage is: the text and the calls' arguments."""
-    output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
-                                            else item["content"][0]["text"] for item in output))
-    return {"input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
-
-
 def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
                    input_tokens: int, error: str | None = None) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
-    (cut off part way) or cancelled (stopped)."""
+    (cut off part way) or cancelled (stopped). Usage is estimated as chat completions' is: the
+    text and the calls' arguments."""
     output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
+    output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
+                                            else item["content"][0]["text"] for item in output))
+    usage = {"input_tokens": input_tokens,
+             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": input_tokens + output_tokens}
     return {**base, "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
             "error": {"code": "server_error", "message": error} if status == "failed" else None,
-            "output": output, "usage": response_usage(input_tokens, output)}
+            "output": output, "usage": usage}
 
 
 class ResponseTurn:
@@ -3347,10 +3340,9 @@ class ResponseTurn:
         return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
 
     def whole(self) -> JSONResponse:
-        output = self.body["output"]
         if self.spec.json and self.body["status"] == "completed" and \
-                output[-1]["type"] == "message":
-            json_reply(output[-1]["content"][0]["text"])  # 502 when it is not JSON
+                (last := self.body["output"][-1])["type"] == "message":
+            json_reply(last["content"][0]["text"])  # 502 when it is not JSON
         return JSONResponse(self.body)
 
 
@@ -3379,17 +3371,16 @@ async def create_response(request: Request) -> Response:
                               lambda first: response_events(turn, reply, first))
 
 
-def response_event(sequence: Iterator[int], kind: str, **fields: Any) -> bytes:
-    data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
-    return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
-
-
 async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> AsyncIterator[bytes]:
     """OpenAI's events: created, in_progress, the text as it comes; once the reply ends, the calls
     and every done event (response_output_events), then the terminal event."""
-    event = partial(response_event, iter(range(2**62)))
     text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
-    opened, sent = False, SentText()
+    opened, sent, sequence = False, SentText(), iter(range(2**62))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
+        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
+
     try:
         yield event("response.created", response=turn.base)
         yield event("response.in_progress", response=turn.base)
@@ -3442,10 +3433,9 @@ def stored_response(db: sqlite3.Connection, response_id: str) -> tuple[dict, dic
     """On a reader thread: the row, and its reply's message if in progress (or cut by a crash)."""
     row = fetch_or_404(db, RESPONSE_SQL, (response_id,), f"Response not found: {response_id}")
     row["body"] = json.loads(row["body"])
-    if row["body"]["status"] != "in_progress":
-        return row, None
+    in_progress = row["body"]["status"] == "in_progress"
     return row, fetch_one(db, "SELECT content, tool_calls FROM messages WHERE id = ?",
-                          (row["last_message_id"],))
+                          (row["last_message_id"],)) if in_progress else None
 
 
 def live_reply(app: Starlette, row: dict) -> Reply | None:
@@ -3472,8 +3462,7 @@ async def delete_response(request: Request) -> JSONResponse:
     """Forgets the response; its messages stay in their conversation (delete them there)."""
     response_id = request.path_params["response_id"]
     row, _ = await request.app.state.db.read(stored_response, response_id)
-    reply = live_reply(request.app, row)
-    if reply is not None:
+    if (reply := live_reply(request.app, row)) is not None:
         await reply.stop()
     await request.app.state.db.write(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
                                                            (response_id,)))
@@ -3496,27 +3485,21 @@ async def list_input_items(request: Request) -> JSONResponse:
 # OpenAI Conversations: OpenAI's view of the conversations of /v1/chat/conversations, their
 # messages as items (also the input items of a stored response)
 
-def attachment_part(attachment: dict) -> dict:
-    if (attachment.get("content_type") or "").startswith("image/"):
-        return {"type": "input_image", "image_url": attachment["url"], "detail": "auto"}
-    return {"type": "input_file", "file_url": attachment["url"], "filename": attachment.get("name")}
-
-
 def message_items(row: dict) -> list[dict]:
     """A stored message as OpenAI's items: a tool message is a function_call_output, an
     assistant's tool calls are function_call items after its message (if it has text)."""
     key, status = row["id"], ITEM_STATUS[row["status"]]
     if row["role"] == "tool":
         return [{"type": "function_call_output", "id": f"msg_{key}",
-                 "call_id": row["tool_call_id"] or "", "output": row["content"],
-                 "status": status}]
-    calls = json.loads(row["tool_calls"]) if row["tool_calls"] else []
+                 "call_id": row["tool_call_id"] or "", "output": row["content"], "status": status}]
     if row["role"] == "assistant":
-        return output_items(row["content"], calls, key, status)
-    attachments = json.loads(row["attachments"]) if row["attachments"] else []
+        return output_items(row["content"], json.loads(row["tool_calls"] or "[]"), key, status)
+    files = [{"type": "input_image", "image_url": a["url"], "detail": "auto"}
+             if (a.get("content_type") or "").startswith("image/") else
+             {"type": "input_file", "file_url": a["url"], "filename": a.get("name")}
+             for a in json.loads(row["attachments"] or "[]")]
     return [{"type": "message", "id": f"msg_{key}", "status": status, "role": row["role"],
-             "content": [{"type": "input_text", "text": row["content"]},
-                         *map(attachment_part, attachments)]}]
+             "content": [{"type": "input_text", "text": row["content"]}, *files]}]
 
 
 def item_key(item_id: str) -> tuple[int, int]:
@@ -3647,16 +3630,14 @@ def find_item(db: sqlite3.Connection, conversation_id: str, item_id: str) -> dic
 
 
 async def read_conversation_item(request: Request) -> JSONResponse:
-    found = await request.app.state.db.read(find_item, request.path_params["conversation_id"],
-                                            request.path_params["item_id"])
+    found = await request.app.state.db.read(find_item, *request.path_params.values())
     return JSONResponse(found["item"])
 
 
 async def delete_conversation_item(request: Request) -> JSONResponse:
     """Deletes a message, or one tool call of an assistant message (the message goes when it
     has nothing left); a reply still arriving there is stopped first. -> the conversation."""
-    conversation_id, item_id = (request.path_params["conversation_id"],
-                                request.path_params["item_id"])
+    conversation_id, item_id = request.path_params.values()
     found = await request.app.state.db.read(find_item, conversation_id, item_id)
     await stop_replies_of(request.app, {found["row"]["id"]})
 
