@@ -3660,11 +3660,11 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
 # trigram indexes kept by schema.sql's triggers; exports and checked backups run on a reader.
 
 SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
-# A trigram index finds words of three characters or more. A query made only of shorter words
-# (a two-character Chinese word) is a substring scan of this many newest messages and documents.
-SHORT_QUERY_ROWS = 50000
-# bm25 costs a few microseconds a match, so only a word's newest this many matches are ranked.
-RANK_CANDIDATES = 2000
+# A trigram index finds words of three characters or more: a query made only of shorter words
+# (a two-character Chinese word) is a substring scan of the SHORT_QUERY_ROWS newest messages and
+# documents, answered newest first. bm25 costs a few microseconds a match: only a word's newest
+# RANK_CANDIDATES matches are ranked.
+SHORT_QUERY_ROWS, RANK_CANDIDATES = 50000, 2000
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
 
@@ -3696,8 +3696,7 @@ def ranked_ids(db: sqlite3.Connection, table: str, joins: str, where: list[str],
 
 def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: int) -> bytes:
     """The answer as JSON bytes. Words of 3+ characters are looked up in the indexes (each an
-    FTS5 phrase: input is never query syntax) and ranked by bm25; shorter ones filter those hits
-    or, with no longer word, are found by a scan of the newest rows, newest first."""
+    FTS5 phrase: input is never query syntax), ranked by bm25; shorter ones filter those hits."""
     terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
     indexed = [t for t in terms if len(t) >= 3]
     short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
@@ -3933,16 +3932,13 @@ async def login(request: Request) -> JSONResponse:
     return JSONResponse({"name": user, "user": user})
 
 
-def is_openai_path(scope: dict) -> bool:
-    """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
-    path = scope.get("path", "")
-    return path.startswith(OPENAI_PREFIXES) or path.startswith("/v1/") and (
-        "endpoint" not in scope and all(route.matches(scope)[0] == Match.NONE for route in routes))
-
-
 def error_response(scope: dict, status: int, detail: str,
                    headers: dict | None = None) -> JSONResponse:
-    body = openai_error(status, detail) if is_openai_path(scope) else {"detail": detail}
+    """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
+    path = scope.get("path", "")
+    openai = path.startswith(OPENAI_PREFIXES) or path.startswith("/v1/") and (
+        "endpoint" not in scope and all(route.matches(scope)[0] == Match.NONE for route in routes))
+    body = openai_error(status, detail) if openai else {"detail": detail}
     return JSONResponse(body, status, headers=headers)
 
 
@@ -3978,9 +3974,8 @@ def host_guard(app: Any, settings: Settings) -> Any:
             host = Headers(scope=scope).get("host", "").lower()
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if name not in allowed:
-                response = error_response(scope, 400, "this Host is not served here "
-                                                      "(ALLOWED_HOSTS)")
-                return await response(scope, receive, send)
+                detail = "this Host is not served here (ALLOWED_HOSTS)"
+                return await error_response(scope, 400, detail)(scope, receive, send)
         await app(scope, receive, send)
     return guard
 
@@ -3995,15 +3990,13 @@ def access_guard(app: Any, settings: Settings) -> Any:
         headers = Headers(scope=scope)
         if settings.access_keys and (scope["method"], scope["path"]) not in OPEN_ROUTES:
             if not is_access_key(settings, bearer(headers)):
-                response = error_response(scope, 401, "a valid access key is required: "
-                                                      "'Authorization: Bearer <access key>'")
-                return await response(scope, receive, send)
+                detail = "a valid access key is required: 'Authorization: Bearer <access key>'"
+                return await error_response(scope, 401, detail)(scope, receive, send)
         length = headers.get("content-length", "0").strip()
         has_body = "transfer-encoding" in headers or (length != "0" and length != "")
         if has_body and not JSON_TYPE.match(headers.get("content-type", "")):
-            response = error_response(scope, 415, "the body must be JSON, sent as "
-                                                  "'Content-Type: application/json'")
-            return await response(scope, receive, send)
+            detail = "the body must be JSON, sent as 'Content-Type: application/json'"
+            return await error_response(scope, 415, detail)(scope, receive, send)
         await app(scope, receive, send)
     return guard
 
@@ -4146,16 +4139,14 @@ app = create_app()
 # ---------------------------------------------------------------------------------------------
 # Main: uvicorn, with a guard on connections and an orderly shutdown
 
-# Request headers must arrive whole within this time and size; a connection that sends nothing
-# is closed after it too (uvicorn arms its keep-alive timeout only after a first response).
-HEADER_SECONDS = 10.0
-MAX_HEADER_BYTES = 65536
+HEADER_SECONDS, MAX_HEADER_BYTES = 10.0, 65536
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits uvicorn cannot set (headers are unbounded but in
-    h11 mode; no timeout before a first request, so a silent socket stays open forever): 431
-    past MAX_HEADER_BYTES of headers; closed when headers are not whole within HEADER_SECONDS."""
+    h11 mode; its keep-alive timeout is armed only after a first response, so a silent socket
+    stays open forever): each request's headers must arrive whole within HEADER_SECONDS (a
+    connection sending nothing is closed then too), and past MAX_HEADER_BYTES they are 431."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -4176,19 +4167,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.header_bytes += len(data) if end < 0 else end + 4 - len(self.header_tail)
             self.header_tail = seen[-3:]
             if self.header_bytes > MAX_HEADER_BYTES:
-                self.refuse_headers()
+                self.header_timer.cancel()
+                body = b'{"detail": "request headers are larger than 64 KiB"}'
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     b"content-type: application/json\r\nconnection: close\r\n"
+                                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
                 return
             if self.header_timer.cancelled():  # the first bytes of the next request
                 self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
         super().data_received(data)
-
-    def refuse_headers(self) -> None:
-        self.header_timer.cancel()
-        body = b'{"detail": "request headers are larger than 64 KiB"}'
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                             b"content-type: application/json\r\nconnection: close\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self.header_timer.cancel()
@@ -4283,9 +4271,8 @@ def main() -> None:
                 await service.state.replies.stop_all(503, "the server is shutting down")
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
-                            http=GuardedHttpProtocol, timeout_graceful_shutdown=3)
-    Server(config).run()
+    Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
+                          http=GuardedHttpProtocol, timeout_graceful_shutdown=3)).run()
 
 
 if __name__ == "__main__":
