@@ -9,7 +9,8 @@ order, and what each owns:
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
   Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
-                      the {name:id} path convertor, read_answer/write_answer, poe_key
+                      the {name:id} path convertor, read_answer/write_answer, row_endpoint,
+                      poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure, CutLongTextEvents
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
@@ -26,7 +27,8 @@ order, and what each owns:
   Search, export, backup  /v1/search, .../export, /v1/backup
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
                       the middleware guarding Host, access keys and JSON bodies
-  The app             routes (in this order), the lifespan (all of app.state), create_app()
+  The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
+                      create_app()
   Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown
 """
 from __future__ import annotations
@@ -1930,9 +1932,6 @@ def remove_project(db: sqlite3.Connection, project_id: int) -> dict:
     return {"message": "Project deleted successfully"}
 
 
-delete_project = row_endpoint(remove_project, write=True)
-
-
 def project_hierarchy(db: sqlite3.Connection, project_id: int) -> dict:
     """The project, its references and its conversations with theirs (AgentOS reads it)."""
     project = get_project(db, project_id)
@@ -2405,9 +2404,6 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
     return {"conversation_id": conversation_id,
             "project_references": select_references(db, project_id, None) if project_id else [],
             "conversation_references": select_references(db, project_id, conversation_id)}
-
-
-referenced_documents = row_endpoint(conversation_knowledge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4025,7 +4021,7 @@ ENDPOINTS = {
     # Projects
     "/v1/projects": {"GET": list_projects, "POST": create_project},
     "/v1/projects/{project_id:id}": {"GET": row_endpoint(get_project), "PUT": update_project,
-                                     "DELETE": delete_project},
+                                     "DELETE": row_endpoint(remove_project, write=True)},
     "/v1/projects/{project_id:id}/hierarchy": {"GET": row_endpoint(project_hierarchy)},
     # Plan (fixed paths before /v1/plan/documents/{document_id}, which would take them)
     "/v1/plan/categories": {"GET": list_categories, "POST": create_category},
@@ -4056,7 +4052,7 @@ ENDPOINTS = {
         "POST": partial(set_references, owner="conversation"),
         "DELETE": partial(clear_references, owner="conversation")},
     "/v1/chat/conversations/{conversation_id}/referenced-documents": {
-        "GET": referenced_documents},
+        "GET": row_endpoint(conversation_knowledge)},
     # Chat completions and models
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/models": {"GET": list_models},
