@@ -976,7 +976,7 @@ class Listener:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued_bytes, self.lagged, self.closed = 0, False, False  # closed: its response ended
+        self.queued_bytes, self.closed = 0, False  # closed: its response has ended
 
     def publish(self, item: tuple) -> None:
         if self.closed:
@@ -985,7 +985,7 @@ class Listener:
             self.queue = asyncio.Queue()
             self.queue.put_nowait(("error", 503, "this client fell too far behind the reply; "
                                    "it goes on and is stored whole"))
-            self.queued_bytes, self.lagged = 0, True
+            self.queued_bytes = 0
             return
         self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
         self.queue.put_nowait(item)
@@ -1177,9 +1177,9 @@ class Reply:
         if self.listener is not None:
             self.listener.publish(("error", *self.error) if self.error is not None
                                   else ("end", self.message_id, status))
-            if self.listener.lagged and self.message_id is not None and \
-                    self.message_id not in self.registry.unsaved:
-                # Its stuck client keeps this object alive as long as its socket: not the text.
+            if self.message_id is not None and self.message_id not in self.registry.unsaved:
+                # A slow client keeps this object alive as long as its socket: not the text,
+                # stored now (its stream reads only the listener's queue, bounded).
                 self.chunks = []
 
     def stored_end(self, record: ResponseRecord | None) -> ReplyEnd:
