@@ -87,8 +87,9 @@ def serve(role: str, port: int) -> None:
 
 
 class Process:
-    """A server started on port 0, its output in `log_path`: ready() waits for uvicorn's line
-    "Uvicorn running on http://127.0.0.1:NNNN" and takes the port the OS gave it from there
+    """A server started on port 0, its output in `log_path`: ready() waits for the line that says
+    where it listens (the service's "serving http://127.0.0.1:NNNN; ...", uvicorn's "Uvicorn
+    running on http://127.0.0.1:NNNN" for a bot) and takes the port the OS gave it from there
     (a port picked beforehand could be taken by then)."""
 
     def __init__(self, args: list[str], log_path: str, env: dict | None = None):
@@ -102,7 +103,8 @@ class Process:
         deadline = time.monotonic() + 30
         while True:
             with open(self.log_path, "rb") as log:
-                found = re.search(rb"Uvicorn running on https?://\S+:(\d+)", log.read())
+                found = re.search(rb"(?:Uvicorn running on|serving) https?://\S+:(\d+)",
+                                  log.read())
             if found:
                 self.url = f"http://127.0.0.1:{int(found[1])}"
                 return self

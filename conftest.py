@@ -344,8 +344,8 @@ class LiveServer:
 
 class ServerProcess:
     """`python server.py` as a user runs it, in a directory of its own, on a port the OS gives
-    it (--port 0): the port is read from uvicorn's line "Uvicorn running on http://host:port" in
-    the log, which also says the server is ready. Arguments go to server.py, keywords to its
+    it (--port 0): the port is read from the service's start line ("serving http://host:port;
+    ...") in the log, logged once it listens. Arguments go to server.py, keywords to its
     environment; the log is appended to, so that a second process in the same directory keeps
     the first one's lines."""
 
@@ -377,7 +377,7 @@ class ServerProcess:
         output = self.output()
         if self.process.poll() is not None:
             raise AssertionError(f"server.py exited with {self.process.returncode}:\n{output}")
-        found = re.search(r"Uvicorn running on https?://\S+:(\d+)", output)
+        found = re.search(r"serving https?://\S+:(\d+);", output)
         return int(found[1]) if found else None
 
     def stop(self, sig):

@@ -40,6 +40,7 @@ import binascii
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import gc
 import hmac
 import json
@@ -48,6 +49,7 @@ import math
 import mimetypes
 import os
 import re
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -398,9 +400,20 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+def check_file_path(path: str, what: str) -> None:
+    """DatabaseUnusable, said plainly, when `path` cannot be a file: SQLite would only say
+    "unable to open database file" or "disk I/O error"."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DatabaseUnusable(f"cannot use {path} as {what}: it is a directory")
+    if not os.path.isdir(folder):
+        raise DatabaseUnusable(f"cannot use {path} as {what}: the folder {folder} does not exist")
+
+
 def prepare_database(db_path: str) -> None:
     """Makes or upgrades the database in place, in one transaction. An unusable file (not SQLite,
     corrupt, read-only, newer release, column missing): DatabaseUnusable, file left untouched."""
+    check_file_path(db_path, "the database")
     try:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
@@ -2957,14 +2970,19 @@ class ModelList:
                                 "owned_by": "poe"} for model in MODELS]
 
     async def fetch(self) -> None:
+        models, why = None, "not a model list"
         try:
             response = await self.poe.get(self.url, timeout=MODELS_FETCH_TIMEOUT)
-            models = model_entries(response.json()) if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            models = None
+            if response.status_code != 200:
+                why = f"HTTP {response.status_code}"
+            else:
+                models = model_entries(response.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            why = "unreachable" if isinstance(exc, httpx.TransportError) else type(exc).__name__
         if models is None:
-            log.warning("Poe's model list could not be fetched; using %s",
-                        "the last one" if self.models else "the built-in one")
+            serves = "the last list fetched" if self.models else "its built-in list"
+            log.warning("Poe's model list (%s) could not be had: %s; /v1/models serves %s",
+                        self.url, why, serves)
             self.failed = time.monotonic()
         else:
             self.models, self.fetched = models, time.monotonic()
@@ -4205,6 +4223,7 @@ def backup(db_path: str, target: str) -> int:
     partial copy. The database is not upgraded first. Returns the copy's size in bytes."""
     if not os.path.isfile(db_path):
         raise DatabaseUnusable(f"there is no database at {db_path}")
+    check_file_path(target, "the backup FILE")
     if os.path.exists(target) and os.path.samefile(db_path, target):
         raise DatabaseUnusable("the backup FILE must not be the database itself")
     try:
@@ -4222,10 +4241,53 @@ def backup(db_path: str, target: str) -> int:
     return os.path.getsize(target)
 
 
+# --help's defaults for the settings whose dataclass default (empty) stands for a rule.
+DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
+                 "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
+                 "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
+                 "allowed_hosts": "this machine's names when HOST is one of them, else any"}
+
+
+def settings_help() -> str:
+    lines = [f"  {spec.name.upper():<18} {DEFAULT_WORDS.get(spec.name, spec.default)}"
+             for spec in dataclasses.fields(Settings)]
+    return ("environment variables and their defaults (a flag wins over its variable, a\n"
+            "variable over a line NAME=value in ./.env; docs/API.md says what each does):\n"
+            + "\n".join(lines))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound before the database is touched: a taken port is one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)  # uvicorn's backlog: a client early is queued until it serves
+    except OSError as exc:
+        sock.close()
+        reason = ("the port is taken by another program (choose one with --port or PORT)"
+                  if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc))
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def start_line(settings: Settings, port: int) -> str:
+    if settings.access_keys:
+        keys = f"the server's Poe key, {len(settings.access_keys)} access key(s) required"
+    elif settings.poe_api_key:
+        keys = "the server's Poe key (POE_API_KEY), no access keys"
+    else:
+        keys = "no server key: each caller sends its own ('Authorization: Bearer <poe key>')"
+    host = f"[{settings.host.strip('[]')}]" if ":" in settings.host else settings.host
+    return (f"serving http://{host}:{port}; database {os.path.abspath(settings.db_path)}; "
+            f"{keys}; Poe at {settings.poe_base_url}")
+
+
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Poe proxy with memory")
+    parser = argparse.ArgumentParser(description="Poe proxy with memory", epilog=settings_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
     backup_command.add_argument("file", metavar="FILE")
@@ -4238,18 +4300,19 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise
     settings = load_settings(host=args.host, port=args.port, db_path=args.db)
+    if settings.access_keys and not settings.poe_api_key and args.command != "backup":
+        raise SystemExit(f"error: {ACCESS_WITHOUT_KEY}")
     try:
         if args.command == "backup":
             size = backup(settings.db_path, args.file)
             print(f"backed up {settings.db_path} to {args.file} ({size} bytes, integrity_check ok)")
             return
+        sock = listening_socket(settings.host, settings.port)
         prepare_database(settings.db_path)
     except DatabaseUnusable as exc:
         raise SystemExit(f"error: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
         raise SystemExit(f"error: backup failed: {exc}") from None
-    if settings.access_keys and not settings.poe_api_key:
-        raise SystemExit(f"error: {ACCESS_WITHOUT_KEY}")
     if not settings.access_keys and settings.host not in LOOPBACK_HOSTS:
         log.warning("listening on %s without ACCESS_KEYS: anyone who can reach this port can "
                     "read every conversation and spend the Poe key", settings.host)
@@ -4267,8 +4330,10 @@ def main() -> None:
                 await service.state.replies.stop_all(503, "the server is shutting down")
             await super().shutdown(sockets)
 
-    Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
-                          http=GuardedHttpProtocol, timeout_graceful_shutdown=3)).run()
+    log.info("%s", start_line(settings, sock.getsockname()[1]))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has stopped
+        Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
+                              http=GuardedHttpProtocol, timeout_graceful_shutdown=3)).run([sock])
 
 
 if __name__ == "__main__":

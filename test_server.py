@@ -512,6 +512,57 @@ def test_access_keys_without_a_poe_key_refuse_to_start(tmp_path):
     assert len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
 
 
+def run_server(tmp_path, *args, **env) -> subprocess.CompletedProcess:
+    """`python server.py ARGS` run to its end (it must refuse to start), in tmp_path."""
+    return subprocess.run([sys.executable, os.path.join(server.HERE, "server.py"), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **env})
+
+
+def test_start_line_says_address_database_key_mode_and_poe(tmp_path, poe_url):
+    for env, mode in [({"POE_API_KEY": "k"}, "the server's Poe key (POE_API_KEY), no access"),
+                      ({"POE_API_KEY": ""}, "no server key: each caller sends its own"),
+                      ({"POE_API_KEY": "k", "ACCESS_KEYS": "a,b"},
+                       "the server's Poe key, 2 access key(s) required")]:
+        process = ServerProcess(tmp_path, poe_url, **env)
+        process.stop(signal.SIGINT)  # Ctrl-C: an orderly stop, no traceback
+        assert process.process.returncode == 0 and "Traceback" not in process.output()
+        line = next(line for line in process.output().splitlines() if "serving http" in line)
+        assert f"serving http://127.0.0.1:{process.port}; database {tmp_path / 'chat.db'}; " \
+               f"{mode}" in line and line.endswith(f"; Poe at {poe_url}"), line
+        assert "Uvicorn running" not in process.output()
+
+
+def test_a_taken_port_is_one_line_before_the_database_is_touched(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_server(tmp_path, "--port", str(taken.getsockname()[1]))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot listen on 127.0.0.1:") and "taken" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("db,needle", [("nowhere/chat.db", f"the folder {os.sep}"),
+                                       (".", "it is a directory")])
+def test_a_database_path_that_cannot_be_a_file_is_said_plainly(tmp_path, db, needle):
+    result = run_server(tmp_path, "--db", str(tmp_path / db), "--port", "0")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot use ") and needle in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_environment_variable_with_its_default(tmp_path):
+    result = run_server(tmp_path, "--help")
+    assert result.returncode == 0
+    for spec in server.dataclasses.fields(server.Settings):
+        line = next(line for line in result.stdout.splitlines()
+                    if line.split()[:1] == [spec.name.upper()])
+        assert str(server.DEFAULT_WORDS.get(spec.name, spec.default)) in line
+
+
 def test_open_service_on_a_public_address_warns(tmp_path):
     process = ServerProcess(tmp_path, None, "--host", "0.0.0.0", ACCESS_KEYS="")
     process.stop(signal.SIGTERM)
@@ -2111,6 +2162,7 @@ def test_backup_command_writes_a_checked_copy(tmp_path, poe_url):
     ("missing.db", "out.db", "there is no database"),
     ("chat.db", "chat.db", "must not be the database itself"),
     ("notsqlite.db", "out.db", "backup failed"),
+    ("chat.db", "nowhere/out.db", "the folder"),
 ])
 def test_backup_command_refusals_write_nothing(tmp_path, db_name, target_name, needle):
     sqlite3.connect(tmp_path / "chat.db").execute("CREATE TABLE t (x)").connection.close()
@@ -2548,13 +2600,16 @@ def test_sdk_models_are_poes_live_list_with_its_metadata(sdk):
     assert set(raised.value.body) == {"message", "type", "code"}
 
 
-def test_models_fall_back_to_the_built_in_list_and_wait_to_retry(start_service, poe_url):
+def test_models_fall_back_to_the_built_in_list_and_wait_to_retry(start_service, poe_url, caplog):
     client, _ = start_service(poe_models_url=poe_url + "v1/broken-models")
     fetches = MODEL_LISTS["/v1/broken-models"]
     with openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="k") as sdk:
         ids = [m.id for m in sdk.models.list().data]
         assert ids == list(server.MODELS) and sdk.models.retrieve("GPT-4o").owned_by == "poe"
     assert MODEL_LISTS["/v1/broken-models"] == fetches + 1  # not once a request
+    assert [r.getMessage() for r in caplog.records if "model list" in r.getMessage()] == [
+        f"Poe's model list ({poe_url}v1/broken-models) could not be had: HTTP 503; /v1/models "
+        "serves its built-in list"]
     readme = open(server.os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
     assert all(f"`{model_id}`" in readme for model_id in ids)
 
@@ -3814,3 +3869,89 @@ def test_text_before_a_pause_is_saved_during_the_pause(api, db):
                  seconds=server.FLUSH_SECONDS + 2)
         assert stored_messages(db, conversation_id)[-1]["status"] == "streaming"
         api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+
+
+# ---------------------------------------------------------------------------------------------
+# The README and docs, run as a new user runs them: every shell example, in order
+
+EXAMPLE_FILES = ["README.md", "docs/API.md"]
+DOC_FILES = ["README.md", *(os.path.join("docs", name) for name in ("API.md", "DESIGN.md",
+                                                                      "BENCHMARK.md"))]
+CURL_STRICT = 'curl() { command curl --fail-with-body -sS "$@"; }\nset -e -o pipefail\n'
+CURL_LOOSE = 'curl() { command curl -sS "$@"; }\nset +e +o pipefail\n'
+
+
+def shell_blocks(text: str) -> list[tuple[str, str]]:
+    """Each ```sh block with how it runs: "run", "expect-error" (may answer >= 400) or "skip",
+    from the `<!-- run: ... -->` line before it."""
+    return [(found[1] or "run", found[2]) for found in re.finditer(
+        r"(?:<!-- run: ([\w-]+) -->\n)?```sh\n(.*?)```", text, re.DOTALL)]
+
+
+class OfflineService:
+    """`python examples/echo_poe.py` as the README starts it: the fake Poe and the service."""
+
+    def __init__(self, workdir):
+        self.log_path = workdir / "offline.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(server.HERE, "examples", "echo_poe.py"),
+             "--poe-port", "0", "--port", "0", "--db", str(workdir / "offline.db")],
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "POE_API_KEY": "", "ACCESS_KEYS": ""})
+        try:
+            self.port = wait_for(self.listening_port, seconds=30)
+        except BaseException:
+            self.stop()
+            raise
+
+    def listening_port(self) -> int | None:
+        output = self.log_path.read_text(errors="replace")
+        if self.process.poll() is not None:
+            raise AssertionError(f"echo_poe.py exited with {self.process.returncode}:\n{output}")
+        found = re.search(r"serving https?://\S+:(\d+);", output)
+        return int(found[1]) if found else None
+
+    def stop(self):
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_every_shell_example_runs_in_order_against_the_offline_poe(tmp_path, name):
+    blocks = shell_blocks(open(os.path.join(server.HERE, name), encoding="utf-8").read())
+    assert [mode for mode, _ in blocks if mode not in ("run", "expect-error", "skip")] == []
+    assert sum(mode != "skip" for mode, _ in blocks) >= 5
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    offline = OfflineService(tmp_path)
+    try:
+        script = [CURL_STRICT]
+        for index, (mode, code) in enumerate(blocks):
+            if mode != "skip":
+                script += [f"echo '>>> {name} block {index + 1}'\n",
+                           CURL_LOOSE if mode == "expect-error" else "", code, CURL_STRICT]
+        text = "".join(script).replace("localhost:8000", f"localhost:{offline.port}")
+        result = subprocess.run(["bash", "-u", "-c", text], cwd=workdir, capture_output=True,
+                                text=True, timeout=120)
+    finally:
+        offline.stop()
+    assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-3000:])
+
+
+def test_docs_are_in_the_repository_and_every_link_resolves():
+    readme = open(os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
+    assert len(readme.splitlines()) <= 200
+    for name in DOC_FILES:
+        path = os.path.join(server.HERE, name)
+        text = open(path, encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            file_part = target.split("#")[0]
+            assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
+                                                                file_part))), (name, target)
