@@ -1,7 +1,7 @@
 """Poe proxy with memory: Poe's bots over plain HTTP and an OpenAI-style API, with the
 conversations, projects and plan documents kept in a local SQLite file.
 
-The HTTP contract is API.md, documented for users in the README. The sections, in file
+The HTTP contract is API.md, documented for users in docs/API.md. The sections, in file
 order, and what each owns:
 
   Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
@@ -110,7 +110,7 @@ LOOPBACK_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 
 @dataclass(frozen=True)
 class Settings:
-    """The service's settings (README "Configuration"): each from a flag or create_app's argument,
+    """The service's settings (docs/API.md "Settings"): each from a flag or create_app's argument,
     else its environment variable (the name in capitals), else a line of ./.env (both read by
     Starlette's Config; empty counts as unset), else the default here. Lists: comma-separated."""
     host: str = "127.0.0.1"
@@ -2423,7 +2423,7 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
 # OpenAI input: what OpenAI's clients send (messages, content parts, tools, options), checked
 # and made into what Poe takes. Used by chat completions and by the Responses API.
 
-# /v1/models' fallback when Poe's list cannot be had (the README lists them); any bot name works.
+# /v1/models' fallback when Poe's list cannot be had (docs/API.md lists them); any bot name works.
 MODELS = ("GPT-4o", "GPT-4o-Mini", "GPT-4.1", "o3-mini", "Claude-Sonnet-4", "Claude-3.5-Sonnet",
           "Claude-3.5-Haiku", "Gemini-2.5-Pro", "Gemini-2.0-Flash", "Llama-3.1-405B",
           "DeepSeek-R1", "Grok-3")
@@ -4135,7 +4135,7 @@ def lifespan_of(settings: Settings) -> Callable:
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
     """The ASGI app. Keyword arguments override the environment (lower-case names of the
-    settings table in the README: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
+    settings table in docs/API.md: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
     settings = settings or load_settings(**overrides)
     cors = ({"allow_origins": settings.cors_origins} if settings.cors_origins
             else {"allow_origin_regex": LOOPBACK_ORIGINS})

@@ -2610,8 +2610,8 @@ def test_models_fall_back_to_the_built_in_list_and_wait_to_retry(start_service, 
     assert [r.getMessage() for r in caplog.records if "model list" in r.getMessage()] == [
         f"Poe's model list ({poe_url}v1/broken-models) could not be had: HTTP 503; /v1/models "
         "serves its built-in list"]
-    readme = open(server.os.path.join(server.HERE, "README.md"), encoding="utf-8").read()
-    assert all(f"`{model_id}`" in readme for model_id in ids)
+    reference = open(os.path.join(server.HERE, "docs", "API.md"), encoding="utf-8").read()
+    assert all(f"`{model_id}`" in reference for model_id in ids)
 
 
 def test_unknown_v1_paths_and_methods_answer_in_openai_shape(api):
@@ -3821,7 +3821,7 @@ def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark still runs (its numbers belong in the README, not in assertions here)
+# The benchmark still runs (its numbers belong in docs/BENCHMARK.md, not in assertions here)
 
 @pytest.mark.parametrize("args", [["--quick"], pytest.param([], marks=pytest.mark.slow)],
                          ids=["quick", "full"])
@@ -3889,15 +3889,17 @@ def shell_blocks(text: str) -> list[tuple[str, str]]:
 
 
 class OfflineService:
-    """`python examples/echo_poe.py` as the README starts it: the fake Poe and the service."""
+    """`python examples/echo_poe.py` as the README starts it, in a folder that holds the
+    repository's files (linked): the fake Poe, and the service on offline.db there."""
 
-    def __init__(self, workdir):
-        self.log_path = workdir / "offline.log"
+    def __init__(self, workdir, log_path):
+        for name in ("server.py", "schema.sql", "examples"):
+            (workdir / name).symlink_to(os.path.join(server.HERE, name))
+        self.log_path = log_path
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(server.HERE, "examples", "echo_poe.py"),
-             "--poe-port", "0", "--port", "0", "--db", str(workdir / "offline.db")],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            [sys.executable, os.path.join("examples", "echo_poe.py"), "--poe-port", "0",
+             "--port", "0"], cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "POE_API_KEY": "", "ACCESS_KEYS": ""})
         try:
             self.port = wait_for(self.listening_port, seconds=30)
@@ -3928,12 +3930,12 @@ def test_every_shell_example_runs_in_order_against_the_offline_poe(tmp_path, nam
     assert sum(mode != "skip" for mode, _ in blocks) >= 5
     workdir = tmp_path / "work"
     workdir.mkdir()
-    offline = OfflineService(tmp_path)
+    offline = OfflineService(workdir, tmp_path / "offline.log")
     try:
         script = [CURL_STRICT]
         for index, (mode, code) in enumerate(blocks):
             if mode != "skip":
-                script += [f"echo '>>> {name} block {index + 1}'\n",
+                script += [f"printf '\\n>>> {name} block {index + 1}\\n'\n",
                            CURL_LOOSE if mode == "expect-error" else "", code, CURL_STRICT]
         text = "".join(script).replace("localhost:8000", f"localhost:{offline.port}")
         result = subprocess.run(["bash", "-u", "-c", text], cwd=workdir, capture_output=True,
