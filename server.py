@@ -4312,7 +4312,8 @@ def main() -> None:
     except DatabaseUnusable as exc:
         raise SystemExit(f"error: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
-        raise SystemExit(f"error: backup failed: {exc}") from None
+        failed = "backup failed" if args.command == "backup" else f"cannot use {settings.db_path}"
+        raise SystemExit(f"error: {failed}: {exc}") from None
     if not settings.access_keys and settings.host not in LOOPBACK_HOSTS:
         log.warning("listening on %s without ACCESS_KEYS: anyone who can reach this port can "
                     "read every conversation and spend the Poe key", settings.host)
