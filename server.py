@@ -4286,11 +4286,13 @@ def start_line(settings: Settings, port: int) -> str:
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="Poe proxy with memory", epilog=settings_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        description="Poe proxy with memory", epilog=settings_help(),
+        usage="%(prog)s [-h] [--host HOST] [--port PORT] [--db DB] [backup FILE]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", prog=parser.prog)
     backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
-    backup_command.add_argument("file", metavar="FILE")
+    backup_command.add_argument("file", metavar="FILE", help="the copy (its folder must exist)")
     # Flags go before or after the command; its copies, when absent, undo none given before it.
     for each, default in ((parser, None), (backup_command, argparse.SUPPRESS)):
         each.add_argument("--host", default=default, help="bind address (HOST, default 127.0.0.1)")

@@ -12,7 +12,8 @@ database offline.db unless --db is given. Ctrl-C (or SIGTERM) stops both.
 Any bot name answers (POST /bot/<name> with any key as a Bearer token; Poe's protocol as
 fastapi_poe speaks it: a `meta` event, then `text`, `json` or `file` events, then `done`):
 - text, a word per event: "<name> heard: <last user message> (<n> messages in the history)",
-  n counting every message Poe got (system included), then the names of files attached;
+  n counting every message Poe got (system included), then the names of files attached and of
+  the plan documents the service put in the system message;
 - a query that offers tools and has no tool results: one call to the first tool (OpenAI's chunks
   in `json` events), its arguments a placeholder for each required property; with tool results:
   a text that quotes them;
@@ -134,6 +135,9 @@ class EchoBot(fp.PoeBot):
         text = f"{name} heard: {said} ({count} message{'s' * (count != 1)} in the history)"
         if last and last.attachments:
             text += " Attached: " + ", ".join(a.name for a in last.attachments) + "."
+        system = next((m.content for m in request.query if m.role == "system"), "")
+        if documents := re.findall(r"^----- (.+) BEGIN -----$", system, re.MULTILINE):
+            text += " Documents: " + ", ".join(documents) + "."  # the service's document marks
         for word in re.findall(r"\S+\s*", text):  # streamed: one text event per word
             yield fp.PartialResponse(text=word)
             await asyncio.sleep(0.02)
@@ -196,7 +200,9 @@ def main() -> None:
     try:
         sock.bind(("127.0.0.1", args.poe_port))
     except OSError as exc:
-        raise SystemExit(f"error: the fake Poe cannot listen on port {args.poe_port}: {exc}")
+        reason = exc.strerror or str(exc)
+        raise SystemExit(f"error: the fake Poe cannot listen on 127.0.0.1:{args.poe_port}: "
+                         f"{reason} (choose another port with --poe-port)") from None
     poe = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {"POE_BASE_URL": f"{poe}/bot/", "POE_UPLOAD_URL": f"{poe}/poe_api/",
            "POE_MODELS_URL": f"{poe}/v1/models",
