@@ -2180,8 +2180,8 @@ async def delete_all_versions(request: Request) -> JSONResponse:
     filename = request.query_params.get("filename") or None
     if project_id is None or filename is None:
         raise HTTPException(400, "project_id and filename are required")
-    where = "project_id = ? AND filename = ?" + (" AND category_id = ?" if category_id else "")
-    params = (project_id, filename) + ((category_id,) if category_id else ())
+    where = "project_id = ? AND filename = ? AND (? IS NULL OR category_id = ?)"
+    params = (project_id, filename, category_id, category_id)
     deleted = await request.app.state.db.write(delete_documents, where, params,
                                                "No documents found")
     return JSONResponse({"message": "All versions deleted successfully", "deleted": deleted})
@@ -2263,7 +2263,7 @@ def documents_with_tags(db: sqlite3.Connection, project_id: int, tags: list[str]
 
 
 async def search_documents_by_tags(request: Request) -> JSONResponse:
-    if not (project_id := query_int(request, "project_id")):
+    if (project_id := query_int(request, "project_id")) is None:
         raise HTTPException(400, "project_id is required")
     raw = ",".join(request.query_params.getlist("tags")).split(",")
     tags = list(dict.fromkeys(tag_name_of(t, "tags") for t in raw if t.strip()))
@@ -2345,7 +2345,8 @@ def reference_owner(db: sqlite3.Connection, owner: tuple[str, Any]
     kind, owner_id = owner
     if kind == "project":
         return get_project(db, owner_id)["id"], None
-    return get_conversation(db, owner_id)["project_id"] or None, owner_id
+    project_id = get_conversation(db, owner_id)["project_id"]
+    return (None if project_id == 0 else project_id), owner_id
 
 
 def select_references(db: sqlite3.Connection, project_id: int | None,
@@ -2415,7 +2416,8 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
     """The project's references and its own (their document_ids go in a turn's `documents`)."""
     project_id, _ = reference_owner(db, ("conversation", conversation_id))
     return {"conversation_id": conversation_id,
-            "project_references": select_references(db, project_id, None) if project_id else [],
+            "project_references": [] if project_id is None
+            else select_references(db, project_id, None),
             "conversation_references": select_references(db, project_id, conversation_id)}
 
 

@@ -3957,3 +3957,21 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
             file_part = target.split("#")[0]
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
                                                                 file_part))), (name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: ids of 0, references that outlive a move, deletes that act first
+
+def test_deleting_all_versions_in_category_0_deletes_nothing(api, db):
+    project_id = new_project(api, "zero-category")
+    for category_id in (1, 2):
+        new_document(api, project_id, "kept.md", category_id=category_id)
+    gone = api.delete("/v1/plan/documents", params={
+        "project_id": project_id, "filename": "kept.md", "category_id": 0})
+    assert (gone.status_code, gone.json()) == (404, {"detail": "No documents found"})
+    assert count_rows(db, "plan_documents", "project_id = ?", (project_id,)) == 2
+
+
+def test_search_by_tags_in_project_0_is_project_not_found(api):
+    found = api.get("/v1/plan/documents/search-by-tags", params={"project_id": 0, "tags": "a"})
+    assert (found.status_code, found.json()) == (404, {"detail": "Project not found"})
