@@ -1463,6 +1463,10 @@ def change_conversation(db: sqlite3.Connection, conversation_id: str, changes: d
     get_conversation(db, conversation_id)
     if "project_id" in changes:
         changes["project_id"] = check_project(db, changes["project_id"])
+        # Its own references may only name documents of its project (replace_references).
+        db.execute("DELETE FROM document_references WHERE conversation_id = ? AND document_id "
+                   "NOT IN (SELECT id FROM plan_documents WHERE project_id = ?)",
+                   (conversation_id, changes["project_id"]))
     update_row(db, "conversations", conversation_id, changes, stamp="updated_at")
 
 

@@ -3975,3 +3975,30 @@ def test_deleting_all_versions_in_category_0_deletes_nothing(api, db):
 def test_search_by_tags_in_project_0_is_project_not_found(api):
     found = api.get("/v1/plan/documents/search-by-tags", params={"project_id": 0, "tags": "a"})
     assert (found.status_code, found.json()) == (404, {"detail": "Project not found"})
+
+
+def own_references(db, conversation_id) -> list[int]:
+    return [row[0] for row in db.execute("SELECT document_id FROM document_references WHERE "
+                                         "conversation_id = ?", (conversation_id,))]
+
+
+def test_a_conversation_moved_out_of_its_project_drops_its_own_references(api, db):
+    project_id, other = new_project(api, "move-from"), new_project(api, "move-to")
+    document = new_document(api, project_id, "own.md")
+    moved, unmoved = new_conversation(api, project_id=project_id), \
+        new_conversation(api, project_id=project_id)
+    for conversation_id in (moved, unmoved):
+        assert api.post(f"/v1/chat/conversations/{conversation_id}/document-references",
+                        json={"document_ids": [document["id"]]}).status_code == 200
+    # The same project again, or another field, keeps them.
+    assert api.put(f"/v1/chat/conversations/{unmoved}",
+                   json={"project_id": project_id, "name": "stays"}).status_code == 200
+    assert own_references(db, unmoved) == [document["id"]]
+    assert api.put(f"/v1/chat/conversations/{moved}",
+                   json={"project_id": other}).status_code == 200
+    assert own_references(db, moved) == []
+    knowledge = api.get(f"/v1/chat/conversations/{moved}/referenced-documents").json()
+    assert knowledge["conversation_references"] == []
+    assert api.put(f"/v1/chat/conversations/{unmoved}", json={"project_id": 0}).status_code == 200
+    assert own_references(db, unmoved) == []
+    assert count_rows(db, "plan_documents", "id = ?", (document["id"],)) == 1
