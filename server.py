@@ -1838,6 +1838,10 @@ async def delete_message(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     message_id = request.path_params["message_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
+    # Checked before any reply is stopped: another conversation's reply goes on.
+    await request.app.state.db.read(fetch_or_404, "SELECT id FROM messages WHERE id = ? AND "
+                                    "conversation_id = ?", (message_id, conversation_id),
+                                    "Message not found")
     await stop_replies_of(request.app, {message_id})
     if not await request.app.state.db.write(delete_message_rows, [message_id], conversation_id):
         raise HTTPException(404, "Message not found")

@@ -4002,3 +4002,18 @@ def test_a_conversation_moved_out_of_its_project_drops_its_own_references(api, d
     assert api.put(f"/v1/chat/conversations/{unmoved}", json={"project_id": 0}).status_code == 200
     assert own_references(db, unmoved) == []
     assert count_rows(db, "plan_documents", "id = ?", (document["id"],)) == 1
+
+
+def test_deleting_another_conversations_message_stops_nothing(api, db):
+    mine, theirs = new_conversation(api, model="Echo"), new_conversation(api, model="Slow")
+    with stream_turn(api, theirs, "20 0.05") as response:
+        lines = response.iter_lines()
+        first = first_frame(lines)
+        for message_id in (first["assistant_message_id"], first["user_message_id"]):
+            wrong = api.delete(f"/v1/chat/conversations/{mine}/messages/{message_id}")
+            assert (wrong.status_code, wrong.json()) == (404, {"detail": "Message not found"})
+        events = [json.loads(line[6:]) for line in lines
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "status" not in events[-1]
+    reply = stored_messages(db, theirs)[-1]
+    assert (reply["status"], len(reply["content"].split())) == ("complete", 20)
