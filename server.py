@@ -177,9 +177,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 # ---------------------------------------------------------------------------------------------
 # Database: the event loop never calls SQLite. Writes run one at a time on a writer thread (as
-# SQLite runs them anyway), reads on a few reader threads; each thread has its own connection
-# whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another program
-# holds, before a 503. So a locked file, a slow disk or a long history stalls no other client.
+# SQLite runs them anyway), reads on a few reader threads, reads that may take long (search,
+# export, backup, a whole history) on long-reader threads of their own; each thread has its own
+# connection whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another
+# program holds, before a 503. So a locked file, a slow disk or a long read stalls no other client.
 
 NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
@@ -263,14 +264,16 @@ def database_failure(exc: sqlite3.Error) -> HTTPException:
 
 class Database:
     """The SQLite file, reached only via worker threads: read(fn, *args) runs fn(connection, *args)
-    on a reader, write() on the writer in a transaction(). SQLite's refusals (locked past
-    DB_TIMEOUT, disk full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
+    on a reader (long=True: on a long reader, so that long reads never take every reader),
+    write() on the writer in a transaction(). SQLite's refusals (locked past DB_TIMEOUT, disk
+    full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
 
     def __init__(self, db_path: str, timeout: float, readers: int = 3):
         self.path, self.timeout = db_path, timeout
         self.local, self.connections = threading.local(), []
         self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
         self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
+        self.long_readers = ThreadPoolExecutor(readers, "db-long-reader", initializer=self._open)
 
     def _open(self) -> None:
         self.local.db = connect(self.path, self.timeout)
@@ -283,9 +286,9 @@ class Database:
         except sqlite3.Error as exc:
             raise database_failure(exc) from None
 
-    async def read(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.readers, self._run, fn,
-                                                                args, False)
+    async def read(self, fn: Callable, *args: Any, long: bool = False) -> Any:
+        pool = self.long_readers if long else self.readers
+        return await asyncio.get_running_loop().run_in_executor(pool, self._run, fn, args, False)
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
@@ -296,6 +299,7 @@ class Database:
 
     def close(self) -> None:
         self.readers.shutdown(wait=True)
+        self.long_readers.shutdown(wait=True)
         self.writer.shutdown(wait=True)
         for db in self.connections:
             with contextlib.suppress(sqlite3.Error):
@@ -1534,7 +1538,8 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
     before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
-    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
+    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id,
+                                           long=limit is None)
     return Response(body, media_type="application/json")
 
 
@@ -3779,7 +3784,8 @@ async def search(request: Request) -> Response:
     if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
         raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
     limit = query_limit(request, SEARCH_LIMIT_MAX, SEARCH_LIMIT)
-    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"), limit)
+    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"),
+                                           limit, long=True)
     return Response(body, media_type="application/json")
 
 
@@ -3838,7 +3844,7 @@ async def export(request: Request) -> Response:
     fmt = request.query_params.get("format") or "md"
     if fmt not in EXPORT_TYPES:
         raise HTTPException(400, "format must be md or json")
-    body = await request.app.state.db.read(export_conversation, conversation_id, fmt)
+    body = await request.app.state.db.read(export_conversation, conversation_id, fmt, long=True)
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", conversation_id)
     return Response(body, media_type=EXPORT_TYPES[fmt], headers={
         "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
@@ -3876,7 +3882,7 @@ def remove_file(path: str) -> None:
 async def download_backup(request: Request) -> Response:
     db_path = request.app.state.settings.db_path
     path = await request.app.state.db.read(backup_to_temporary,
-                                           os.path.dirname(os.path.abspath(db_path)))
+                                           os.path.dirname(os.path.abspath(db_path)), long=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(db_path))[0])
     # Each request copies anew, so a Range (a resumed download) would join two copies: it is

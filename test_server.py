@@ -3957,3 +3957,65 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
             file_part = target.split("#")[0]
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
                                                                 file_part))), (name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: long reads, pathological searches, big exports
+
+def threads_inside(function_name: str) -> int:
+    """How many threads of this process (the services run in it) are in `function_name` now."""
+    def inside(frame) -> bool:
+        while frame is not None:
+            if frame.f_code.co_name == function_name:
+                return True
+            frame = frame.f_back
+        return False
+    return sum(inside(frame) for frame in sys._current_frames().values())
+
+
+def while_long_reads_run(api, requests: list, function_name: str) -> list:
+    """Sends `requests` (path, params) at once; once each is inside `function_name` on a thread
+    of its own, reads one conversation. Returns the status of each answer begun by then, or False."""
+    conversation_id = new_conversation(api)
+    answered = [False] * len(requests)
+
+    def run(index, path, params):
+        with httpx.Client(base_url=api.base_url, timeout=60) as client:
+            with client.stream("GET", path, params=params) as response:
+                answered[index] = response.status_code
+                response.read()
+
+    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: threads_inside(function_name) == len(requests))
+    response = api.get(f"/v1/chat/conversations/{conversation_id}")
+    seen = list(answered)
+    for thread in threads:
+        thread.join(60)
+    assert response.status_code == 200 and response.json()["conversation_id"] == conversation_id
+    return seen
+
+
+def test_a_one_row_read_is_answered_while_three_backups_run(fresh):
+    api, db_path = fresh
+    with sqlite3.connect(db_path) as db:  # 150 MB: each copy takes a while
+        db.execute("CREATE TABLE ballast (b BLOB)")
+        db.executemany("INSERT INTO ballast VALUES (randomblob(1048576))", [()] * 150)
+    assert while_long_reads_run(api, [("/v1/backup", {})] * 3,
+                                "backup_to_temporary") == [False] * 3
+
+
+def long_run_database(db_path: str, rows: int, size: int) -> None:
+    """`rows` messages of `size` times "a": a phrase of a's matches everywhere in them."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO conversations (id) VALUES ('long-run')")
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES "
+                       "('long-run', 'user', ?)", [("a" * size,)] * rows)
+
+
+def test_a_one_row_read_is_answered_while_three_long_searches_run(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 10, 1000000)
+    assert while_long_reads_run(api, [("/v1/search", {"q": "a" * 40})] * 3,
+                                "search_index") == [False] * 3
