@@ -3684,8 +3684,26 @@ SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
 # documents, answered newest first. bm25 costs a few microseconds a match: only a word's newest
 # RANK_CANDIDATES matches are ranked.
 SHORT_QUERY_ROWS, RANK_CANDIDATES = 50000, 2000
+# A search is stopped past this long (checked between SQLite's steps): it holds a long reader.
+SEARCH_SECONDS = 1.0
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
+
+
+@contextlib.contextmanager
+def time_budget(db: sqlite3.Connection, seconds: float) -> Iterator[None]:
+    """Interrupts db's statements once `seconds` have passed: a 503 that says so."""
+    deadline = time.monotonic() + seconds
+    db.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if time.monotonic() <= deadline:
+            raise
+        raise HTTPException(503, f"the search was stopped after {seconds:g} s: search for fewer "
+                            "or more distinctive words") from exc
+    finally:
+        db.set_progress_handler(None, 0)
 
 
 def like_pattern(term: str) -> str:
@@ -3729,6 +3747,15 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
                              "c.id = m.conversation_id), 0) = :project_id")
         document_where.append("d.project_id = :project_id")
     documents = project_id != 0  # every document belongs to a project
+    with time_budget(db, SEARCH_SECONDS):
+        best = search_keys(db, indexed, params, message_where, document_where, documents)
+    return dumps({"results": search_results(db, best, terms)}).encode()
+
+
+def search_keys(db: sqlite3.Connection, indexed: bool, params: dict, message_where: list[str],
+                document_where: list[str], documents: bool) -> list[tuple[str, int]]:
+    """The (kind, id) of the best matches: ranked, or the newest for short words alone."""
+    limit = params["limit"]
     if indexed:
         scores = {("message", rowid): score for rowid, score in ranked_ids(
             db, "messages_fts", "JOIN messages m ON m.id = messages_fts.rowid"
@@ -3752,7 +3779,7 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
                 f"{SHORT_QUERY_ROWS - 1}), 0) AND {' AND '.join(document_where)} "
                 "ORDER BY d.id DESC LIMIT :limit", params)]
         best = [key for _, key in sorted(newest, reverse=True)[:limit]]
-    return dumps({"results": search_results(db, best, terms)}).encode()
+    return best
 
 
 def search_results(db: sqlite3.Connection, keys: list[tuple[str, int]],

@@ -4019,3 +4019,14 @@ def test_a_one_row_read_is_answered_while_three_long_searches_run(fresh):
     long_run_database(db_path, 10, 1000000)
     assert while_long_reads_run(api, [("/v1/search", {"q": "a" * 40})] * 3,
                                 "search_index") == [False] * 3
+
+
+def test_a_search_past_its_time_budget_is_stopped_with_a_clear_error(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 20, 1000000)  # each row costs a 16-letter phrase a while
+    store_message(sqlite3.connect(db_path), "long-run", "a findable needle")
+    response = api.get("/v1/search", params={"q": "a" * 16})
+    assert response.status_code == 503
+    assert response.json() == {"detail": "the search was stopped after 1 s: search for fewer "
+                                          "or more distinctive words"}
+    assert [r["snippet"] for r in search(api, "needle")] == ["a findable needle"]
