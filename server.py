@@ -189,9 +189,15 @@ class DatabaseUnusable(Exception):
     """The database file cannot be served: one line says why (main prints it and exits)."""
 
 
+def contains_folded(text: str | None, folded: str) -> bool:
+    """SQL's contains_folded(text, word): `folded` (casefolded) is in text, in any case."""
+    return text is not None and folded in text.casefold()
+
+
 def connect(db_path: str, timeout: float) -> sqlite3.Connection:
     db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=timeout)
     db.row_factory = sqlite3.Row
+    db.create_function("contains_folded", 2, contains_folded, deterministic=True)
     db.execute("PRAGMA foreign_keys = ON")
     # In WAL mode NORMAL loses nothing on a process crash (kill -9), only on power loss.
     db.execute("PRAGMA synchronous = NORMAL")
@@ -3684,6 +3690,9 @@ SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
 # documents, answered newest first. bm25 costs a few microseconds a match: only a word's newest
 # RANK_CANDIDATES matches are ranked.
 SHORT_QUERY_ROWS, RANK_CANDIDATES = 50000, 2000
+# A phrase costs the index about (its length) x (where its first letters are found): the
+# phrases looked up, all words together, are at most this long; the rest of a word is checked.
+SEARCH_PHRASE_CHARS = 16
 # A search is stopped past this long (checked between SQLite's steps): it holds a long reader.
 SEARCH_SECONDS = 1.0
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
@@ -3704,10 +3713,6 @@ def time_budget(db: sqlite3.Connection, seconds: float) -> Iterator[None]:
                             "or more distinctive words") from exc
     finally:
         db.set_progress_handler(None, 0)
-
-
-def like_pattern(term: str) -> str:
-    return "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
 
 
 def snippet(text: str, terms: list[str]) -> str:
@@ -3733,15 +3738,21 @@ def ranked_ids(db: sqlite3.Connection, table: str, joins: str, where: list[str],
 
 def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: int) -> bytes:
     """The answer as JSON bytes. Words of 3+ characters are looked up in the indexes (each an
-    FTS5 phrase: input is never query syntax), ranked by bm25; shorter ones filter those hits."""
+    FTS5 phrase: input is never query syntax), ranked by bm25; shorter ones, and what is past
+    SEARCH_PHRASE_CHARS, filter those hits."""
     terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
-    indexed = [t for t in terms if len(t) >= 3]
-    short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
-    match = " ".join('"' + t.replace('"', '""') + '"' for t in indexed)
-    params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id, "match": match}
-    message_where = [f"m.content LIKE :{name} ESCAPE '\\'" for name in short]
-    document_where = [f"(d.filename LIKE :{name} ESCAPE '\\' OR d.content LIKE :{name} "
-                      "ESCAPE '\\')" for name in short]
+    indexed, checked, room = [], [], SEARCH_PHRASE_CHARS
+    for term in terms:
+        phrase = term[:room] if len(term) >= 3 and room >= 3 else ""
+        room -= len(phrase)
+        indexed += [phrase] if phrase else []
+        checked += [term.casefold()] if phrase != term else []
+    checks = {f"t{i}": term for i, term in enumerate(checked)}
+    match = " ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(indexed))
+    params: dict[str, Any] = {**checks, "limit": limit, "project_id": project_id, "match": match}
+    message_where = [f"contains_folded(m.content, :{name})" for name in checks]
+    document_where = [f"(contains_folded(d.filename, :{name}) OR contains_folded(d.content, "
+                      f":{name}))" for name in checks]
     if project_id is not None:
         message_where.append("coalesce((SELECT project_id FROM conversations c WHERE "
                              "c.id = m.conversation_id), 0) = :project_id")

@@ -4030,3 +4030,20 @@ def test_a_search_past_its_time_budget_is_stopped_with_a_clear_error(fresh):
     assert response.json() == {"detail": "the search was stopped after 1 s: search for fewer "
                                           "or more distinctive words"}
     assert [r["snippet"] for r in search(api, "needle")] == ["a findable needle"]
+
+
+def test_a_long_repeated_phrase_is_searched_within_the_budget(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 1, 300000)
+    [message_id] = [row[0] for row in sqlite3.connect(db_path).execute(
+        "SELECT id FROM messages WHERE conversation_id = 'long-run'")]
+    assert [r["id"] for r in search(api, "a" * 500)] == [message_id]
+    assert search(api, "a" * 499 + "b") == []  # the index's phrase is a part; the whole is not
+    assert search(api, "A" * 250 + " " + "a" * 249) == search(api, "aa " + "a" * 400)
+
+
+def test_short_words_are_found_in_any_case_in_any_language(api, db):
+    conversation_id = new_conversation(api)
+    message_id = store_message(db, conversation_id, "ДА, ΣΟΦΙΑ und Ärger")
+    for q in ("да", "ДА", "Да", "σο", "äR", "ärger да"):
+        assert message_id in {r["id"] for r in search(api, q, project_id=0)}, q
