@@ -71,7 +71,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.background import BackgroundTask
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match, Route
@@ -3697,6 +3697,8 @@ SEARCH_PHRASE_CHARS = 16
 SEARCH_SECONDS = 1.0
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
+# An export is read, encoded and sent a page at a time: this many messages, or about this much.
+EXPORT_PAGE_ROWS, EXPORT_PAGE_CHARS = 200, 1_000_000
 
 
 @contextlib.contextmanager
@@ -3832,49 +3834,90 @@ def link_markdown(name: str, url: str) -> str:
     return f"[{name}]({url.replace(' ', '%20').replace(')', '%29')})"
 
 
-def conversation_markdown(conversation: dict, messages: list[dict]) -> str:
-    """The conversation as a person reads it: its details, then each message under a heading."""
+def markdown_head(conversation: dict, count: int) -> str:
+    """The conversation's title and details, as a person reads them."""
     title = conversation["name"] or f"Conversation {conversation['id']}"
     details = [("Conversation", f"`{conversation['id']}`"), ("Model", conversation["model"]),
                ("Project", conversation["project_name"]),
                ("Assistance role", conversation["assistance_role"]),
                ("Status", "archived" if conversation["status"] == 1 else "normal"),
                ("Created", conversation["created_at"]), ("Updated", conversation["updated_at"]),
-               ("Messages", str(len(messages)))]
-    lines = [f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]
-    for number, message in enumerate(messages, 1):
-        status = "" if message["status"] == "complete" else f" ({message['status']})"
-        heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
-        lines += ["", "---", "", heading, ""]
-        if message.get("tool_call_id"):
-            lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
-        lines.append(message["content"])
-        if message.get("attachments"):
-            lines += ["", "**Attachments:**", ""]
-            lines += [f"- {link_markdown(a.get('name'), a.get('url', ''))}"
-                      + (f" ({a['content_type']})" if a.get("content_type") else "")
-                      for a in message["attachments"]]
-        if message.get("tool_calls"):
-            lines += ["", "**Tool calls:**", ""]
-            for call in message["tool_calls"]:
-                function = call.get("function") or {}
-                lines += [f"- `{function.get('name', '')}` (`{call.get('id', '')}`):", "",
-                          "  ```json", f"  {function.get('arguments', '')}", "  ```"]
+               ("Messages", str(count))]
+    return "\n".join([f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]) + "\n"
+
+
+def message_markdown(number: int, message: dict) -> str:
+    """One message under its heading, with its attachments and tool calls."""
+    status = "" if message["status"] == "complete" else f" ({message['status']})"
+    heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
+    lines = ["", "---", "", heading, ""]
+    if message.get("tool_call_id"):
+        lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
+    lines.append(message["content"])
+    if message.get("attachments"):
+        lines += ["", "**Attachments:**", ""]
+        lines += [f"- {link_markdown(a.get('name'), a.get('url', ''))}"
+                  + (f" ({a['content_type']})" if a.get("content_type") else "")
+                  for a in message["attachments"]]
+    if message.get("tool_calls"):
+        lines += ["", "**Tool calls:**", ""]
+        for call in message["tool_calls"]:
+            function = call.get("function") or {}
+            lines += [f"- `{function.get('name', '')}` (`{call.get('id', '')}`):", "",
+                      "  ```json", f"  {function.get('arguments', '')}", "  ```"]
     return "\n".join(lines) + "\n"
 
 
-def export_conversation(db: sqlite3.Connection, conversation_id: str, fmt: str) -> bytes:
+def export_head(db: sqlite3.Connection, conversation_id: str, fmt: str) -> tuple[bytes, int]:
+    """The export's start, and the newest message id it takes (later ones are left out)."""
     conversation = get_conversation(db, conversation_id)
     metadata = db.execute("SELECT metadata FROM conversations WHERE id = ?",
                           (conversation_id,)).fetchone()[0]
     conversation["metadata"] = json.loads(metadata) if metadata else None
-    messages = [message_json(row) for row in db.execute(
-        MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+    last_id, count = db.execute("SELECT coalesce(max(id), 0), count(*) FROM messages WHERE "
+                                "conversation_id = ?", (conversation_id,)).fetchone()
     if fmt == "md":
-        return conversation_markdown(conversation, messages).encode()
+        return markdown_head(conversation, count).encode(), last_id
     exported_at = db.execute(f"SELECT {NOW_SQL}").fetchone()[0]
-    return json_bytes({"conversation": conversation, "exported_at": exported_at,
-                       "messages": messages}, "messages")
+    return dumps({"conversation": conversation, "exported_at": exported_at})[:-1].encode() \
+        + b',"messages":[', last_id
+
+
+def export_page(db: sqlite3.Connection, conversation_id: str, fmt: str, after_id: int,
+                last_id: int, done: int) -> tuple[bytes, int | None, int]:
+    """The messages after `after_id` (`done` already sent), up to EXPORT_PAGE_ROWS of them or
+    about EXPORT_PAGE_CHARS, encoded; the last id read (None: the export is complete), and how
+    many are sent with them."""
+    messages, chars = [], 0
+    for row in db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id > ? AND id <= ? "
+                          "ORDER BY id LIMIT ?", (conversation_id, after_id, last_id,
+                                                  EXPORT_PAGE_ROWS)):
+        messages.append(message_json(row))
+        chars += len(row["content"])
+        if chars >= EXPORT_PAGE_CHARS:
+            break
+    if not messages:
+        return (b"" if fmt == "md" else b"]}"), None, done
+    if fmt == "md":
+        text = "".join(message_markdown(done + n, m) for n, m in enumerate(messages, 1))
+    else:
+        text = ("," if done > 0 else "") + dumps(messages)[1:-1]
+    return text.encode(), messages[-1]["id"], done + len(messages)
+
+
+async def export_body(db: Database, conversation_id: str, fmt: str, head: bytes,
+                      last_id: int) -> AsyncIterator[bytes]:
+    """The export a page at a time, each read and encoded on a long reader."""
+    yield head
+    after_id, done = 0, 0
+    while after_id is not None:
+        try:
+            page, after_id, done = await db.read(export_page, conversation_id, fmt, after_id,
+                                                 last_id, done, long=True)
+        except HTTPException as exc:  # the response has begun: it can only end short
+            log.warning("export of %s cut short: %s", conversation_id, exc.detail)
+            return
+        yield page
 
 
 async def export(request: Request) -> Response:
@@ -3882,10 +3925,13 @@ async def export(request: Request) -> Response:
     fmt = request.query_params.get("format") or "md"
     if fmt not in EXPORT_TYPES:
         raise HTTPException(400, "format must be md or json")
-    body = await request.app.state.db.read(export_conversation, conversation_id, fmt, long=True)
+    db = request.app.state.db
+    head, last_id = await db.read(export_head, conversation_id, fmt, long=True)
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", conversation_id)
-    return Response(body, media_type=EXPORT_TYPES[fmt], headers={
-        "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
+    disposition = f'attachment; filename="conversation-{filename}.{fmt}"'
+    return StreamingResponse(export_body(db, conversation_id, fmt, head, last_id),
+                             media_type=EXPORT_TYPES[fmt],
+                             headers={"Content-Disposition": disposition})
 
 
 def backup_to_temporary(db: sqlite3.Connection, directory: str, check: str = "quick_check") -> str:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import httpx
 import pytest
@@ -4047,3 +4048,29 @@ def test_short_words_are_found_in_any_case_in_any_language(api, db):
     message_id = store_message(db, conversation_id, "ДА, ΣΟΦΙΑ und Ärger")
     for q in ("да", "ДА", "Да", "σο", "äR", "ärger да"):
         assert message_id in {r["id"] for r in search(api, q, project_id=0)}, q
+
+
+@pytest.mark.parametrize("fmt", ["md", "json"])
+def test_an_export_holds_a_page_in_memory_not_the_conversation(fresh, fmt):
+    api, db_path = fresh
+    conversation_id = new_conversation(api, name="big")
+    with sqlite3.connect(db_path) as db:  # 24 MB of messages
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                       [(conversation_id, "user", f"{i:05} " + "word " * 800)
+                        for i in range(6000)])
+    size, numbers = 0, set()
+    tracemalloc.start()
+    try:
+        with api.stream("GET", f"/v1/chat/conversations/{conversation_id}/export",
+                        params={"format": fmt}) as response:
+            assert response.status_code == 200
+            tail = b""
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                numbers.update(re.findall(rb"(\d{5}) word", tail + chunk))
+                tail = chunk[-10:]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, peak
+    assert size > 24 * 10**6 and numbers == {b"%05d" % i for i in range(6000)}
