@@ -5,7 +5,7 @@ The HTTP contract is API.md, documented for users in docs/API.md. The sections, 
 order, and what each owns:
 
   Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
-  Database            Database (one writer thread, reader threads: the loop never calls SQLite),
+  Database            Database (a writer thread, readers, long readers: the loop never calls SQLite),
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
   Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
