@@ -398,6 +398,8 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         rows += await bench_history(quick, workdir, bot)
         # 7. What could hold the event loop: a long history, a huge chunk, stuck readers.
         rows += await bench_faults(quick, workdir, bot)
+        # 8. Long reads: a big export, a pathological search, three backups.
+        rows += await bench_long_reads(quick, workdir, bot)
     finally:
         bot.stop()
     return rows
@@ -483,6 +485,87 @@ async def bench_faults(quick: bool, workdir: str, bot: Process) -> list[tuple[st
         await client.aclose()
         service.stop()
     return rows
+
+
+async def bench_long_reads(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:
+    """In one fresh service: the RSS an export of a long conversation adds; a search of a
+    500-character phrase in long runs of one letter, beside 10 paced streams; one-row reads
+    beside three backups."""
+    sys.path.insert(0, HERE)
+    import server
+    messages, runs, ballast = (1000, 1, 20) if quick else (20000, 3, 200)
+    db_path = os.path.join(workdir, "long-reads.db")
+    server.prepare_database(db_path)
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO conversations (id) VALUES ('export'), ('runs')")
+    db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                   [("export", "user", f"{i} " + "words to export " * 200)
+                    for i in range(messages)] + [("runs", "user", "a" * 10**6)] * runs)
+    db.execute("CREATE TABLE bench_ballast (b BLOB)")  # a database of a few hundred MB
+    db.executemany("INSERT INTO bench_ballast VALUES (randomblob(1048576))", [()] * ballast)
+    db.commit()
+    db.close()
+    service = start_service(workdir, bot, db_path, "long-reads.log")
+    client = httpx.AsyncClient(base_url=service.url, timeout=600)
+    rows = []
+    try:
+        before = service.rss_mb()
+        size = await asyncio.to_thread(download, service.url + "/v1/chat/conversations/export/"
+                                       "export?format=json")
+        rows.append((f"export of a {messages}-message conversation ({size / 10**6:.0f} MB of "
+                     "JSON): server RSS growth", f"{service.rss_mb() - before:.1f} MB",
+                     "target ≤ 20 MB"))
+        rows.append(await bench_search_beside_streams(client, runs, 40 if quick else 150))
+        rows.append(await bench_backups_beside_reads(client, os.path.getsize(db_path)))
+    finally:
+        await client.aclose()
+        service.stop()
+    return rows
+
+
+async def bench_search_beside_streams(client: httpx.AsyncClient, runs: int,
+                                      chunks: int) -> tuple[str, str, str]:
+    """GET /v1/search?q=aaa...a (500) over `runs` messages of 10**6 a's, while 10 paced replies
+    stream: what the search answered and when, how late chunks arrived meanwhile."""
+    conversation_ids = await new_conversations(client, 10)
+    arrivals: list[tuple[float, float]] = []
+
+    def record(text: str) -> None:
+        now = time.time()
+        arrivals.append((now, now - float(text)))
+
+    replies = asyncio.gather(*(service_reply(client, c, f"paced {chunks}", record)
+                               for c in conversation_ids))
+    await asyncio.sleep(0.3)
+    began = time.time()
+    response = await client.get("/v1/search", params={"q": "a" * 500})
+    ended = time.time()
+    await replies
+    during = [late for when, late in arrivals if began <= when <= ended] or [0.0]
+    return (f"GET /v1/search of a 500-letter phrase over {runs} message(s) of a million of "
+            "one letter, beside 10 streams: answer, how late chunks arrive during it (max)",
+            f"{response.status_code} after {ended - began:.2f} s; {ms(max(during))}",
+            "target: cut within 1 s, no chunk > 50 ms late")
+
+
+async def bench_backups_beside_reads(client: httpx.AsyncClient,
+                                     db_size: int) -> tuple[str, str, str]:
+    """Three GET /v1/backup at once; one-row reads (GET a conversation) meanwhile."""
+    [conversation_id] = await new_conversations(client, 1)
+    url = str(client.base_url) + "/v1/backup"
+    backups = asyncio.gather(*(asyncio.to_thread(download, url) for _ in range(3)))
+    await asyncio.sleep(0.05)
+    times = []
+    while not backups.done():
+        started = time.perf_counter()
+        response = await client.get(f"/v1/chat/conversations/{conversation_id}")
+        times.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.text
+        await asyncio.sleep(0.01)
+    await backups
+    return (f"three GET /v1/backup at once ({db_size / 2**20:.0f} MB database): a one-row read "
+            "meanwhile, median / max", f"{ms(statistics.median(times))} / {ms(max(times))} "
+            f"({len(times)} reads)", "target ≤ 50 ms")
 
 
 def stuck_client(url: str, conversation_id: str, content: str) -> socket.socket:

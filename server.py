@@ -5,7 +5,7 @@ The HTTP contract is API.md, documented for users in docs/API.md. The sections, 
 order, and what each owns:
 
   Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
-  Database            Database (one writer thread, reader threads: the loop never calls SQLite),
+  Database            Database (a writer thread, readers, long readers: the loop never calls SQLite),
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
   Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
@@ -71,7 +71,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.background import BackgroundTask
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match, Route
@@ -177,9 +177,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 # ---------------------------------------------------------------------------------------------
 # Database: the event loop never calls SQLite. Writes run one at a time on a writer thread (as
-# SQLite runs them anyway), reads on a few reader threads; each thread has its own connection
-# whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another program
-# holds, before a 503. So a locked file, a slow disk or a long history stalls no other client.
+# SQLite runs them anyway), reads on a few reader threads, reads that may take long (search,
+# export, backup, a whole history) on long-reader threads of their own; each thread has its own
+# connection whose busy_timeout (DB_TIMEOUT) is the longest a request waits for a lock another
+# program holds, before a 503. So a locked file, a slow disk or a long read stalls no other client.
 
 NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
@@ -188,9 +189,15 @@ class DatabaseUnusable(Exception):
     """The database file cannot be served: one line says why (main prints it and exits)."""
 
 
+def contains_folded(text: str | None, folded: str) -> bool:
+    """SQL's contains_folded(text, word): `folded` (casefolded) is in text, in any case."""
+    return text is not None and folded in text.casefold()
+
+
 def connect(db_path: str, timeout: float) -> sqlite3.Connection:
     db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=timeout)
     db.row_factory = sqlite3.Row
+    db.create_function("contains_folded", 2, contains_folded, deterministic=True)
     db.execute("PRAGMA foreign_keys = ON")
     # In WAL mode NORMAL loses nothing on a process crash (kill -9), only on power loss.
     db.execute("PRAGMA synchronous = NORMAL")
@@ -263,14 +270,16 @@ def database_failure(exc: sqlite3.Error) -> HTTPException:
 
 class Database:
     """The SQLite file, reached only via worker threads: read(fn, *args) runs fn(connection, *args)
-    on a reader, write() on the writer in a transaction(). SQLite's refusals (locked past
-    DB_TIMEOUT, disk full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
+    on a reader (long=True: on a long reader, so that long reads never take every reader),
+    write() on the writer in a transaction(). SQLite's refusals (locked past DB_TIMEOUT, disk
+    full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
 
     def __init__(self, db_path: str, timeout: float, readers: int = 3):
         self.path, self.timeout = db_path, timeout
         self.local, self.connections = threading.local(), []
         self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
         self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
+        self.long_readers = ThreadPoolExecutor(readers, "db-long-reader", initializer=self._open)
 
     def _open(self) -> None:
         self.local.db = connect(self.path, self.timeout)
@@ -283,9 +292,9 @@ class Database:
         except sqlite3.Error as exc:
             raise database_failure(exc) from None
 
-    async def read(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.readers, self._run, fn,
-                                                                args, False)
+    async def read(self, fn: Callable, *args: Any, long: bool = False) -> Any:
+        pool = self.long_readers if long else self.readers
+        return await asyncio.get_running_loop().run_in_executor(pool, self._run, fn, args, False)
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
@@ -296,6 +305,7 @@ class Database:
 
     def close(self) -> None:
         self.readers.shutdown(wait=True)
+        self.long_readers.shutdown(wait=True)
         self.writer.shutdown(wait=True)
         for db in self.connections:
             with contextlib.suppress(sqlite3.Error):
@@ -1538,7 +1548,8 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
     before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
-    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
+    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id,
+                                           long=limit is None)
     return Response(body, media_type="application/json")
 
 
@@ -3689,12 +3700,31 @@ SEARCH_LIMIT, SEARCH_LIMIT_MAX, SEARCH_QUERY_CHARS = 20, 100, 500
 # documents, answered newest first. bm25 costs a few microseconds a match: only a word's newest
 # RANK_CANDIDATES matches are ranked.
 SHORT_QUERY_ROWS, RANK_CANDIDATES = 50000, 2000
+# A phrase costs the index about (its length) x (where its first letters are found): the
+# phrases looked up, all words together, are at most this long; the rest of a word is checked.
+SEARCH_PHRASE_CHARS = 16
+# A search is stopped past this long (checked between SQLite's steps): it holds a long reader.
+SEARCH_SECONDS = 1.0
 SNIPPET_BEFORE, SNIPPET_CHARS = 60, 200
 EXPORT_TYPES = {"md": "text/markdown; charset=utf-8", "json": "application/json"}
+# An export is read, encoded and sent a page at a time: this many messages, or about this much.
+EXPORT_PAGE_ROWS, EXPORT_PAGE_CHARS = 200, 1_000_000
 
 
-def like_pattern(term: str) -> str:
-    return "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+@contextlib.contextmanager
+def time_budget(db: sqlite3.Connection, seconds: float) -> Iterator[None]:
+    """Interrupts db's statements once `seconds` have passed: a 503 that says so."""
+    deadline = time.monotonic() + seconds
+    db.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if time.monotonic() <= deadline:
+            raise
+        raise HTTPException(503, f"the search was stopped after {seconds:g} s: search for fewer "
+                            "or more distinctive words") from exc
+    finally:
+        db.set_progress_handler(None, 0)
 
 
 def snippet(text: str, terms: list[str]) -> str:
@@ -3720,20 +3750,35 @@ def ranked_ids(db: sqlite3.Connection, table: str, joins: str, where: list[str],
 
 def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: int) -> bytes:
     """The answer as JSON bytes. Words of 3+ characters are looked up in the indexes (each an
-    FTS5 phrase: input is never query syntax), ranked by bm25; shorter ones filter those hits."""
+    FTS5 phrase: input is never query syntax), ranked by bm25; shorter ones, and what is past
+    SEARCH_PHRASE_CHARS, filter those hits."""
     terms = list(dict.fromkeys(q.split()))  # each must be found (a substring, in any case)
-    indexed = [t for t in terms if len(t) >= 3]
-    short = {f"t{i}": like_pattern(t) for i, t in enumerate(t for t in terms if len(t) < 3)}
-    match = " ".join('"' + t.replace('"', '""') + '"' for t in indexed)
-    params: dict[str, Any] = {**short, "limit": limit, "project_id": project_id, "match": match}
-    message_where = [f"m.content LIKE :{name} ESCAPE '\\'" for name in short]
-    document_where = [f"(d.filename LIKE :{name} ESCAPE '\\' OR d.content LIKE :{name} "
-                      "ESCAPE '\\')" for name in short]
+    indexed, checked, room = [], [], SEARCH_PHRASE_CHARS
+    for term in terms:
+        phrase = term[:room] if len(term) >= 3 and room >= 3 else ""
+        room -= len(phrase)
+        indexed += [phrase] if phrase else []
+        checked += [term.casefold()] if phrase != term else []
+    checks = {f"t{i}": term for i, term in enumerate(checked)}
+    match = " ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(indexed))
+    params: dict[str, Any] = {**checks, "limit": limit, "project_id": project_id, "match": match}
+    message_where = [f"contains_folded(m.content, :{name})" for name in checks]
+    document_where = [f"(contains_folded(d.filename, :{name}) OR contains_folded(d.content, "
+                      f":{name}))" for name in checks]
     if project_id is not None:
         message_where.append("coalesce((SELECT project_id FROM conversations c WHERE "
                              "c.id = m.conversation_id), 0) = :project_id")
         document_where.append("d.project_id = :project_id")
     documents = project_id != 0  # every document belongs to a project
+    with time_budget(db, SEARCH_SECONDS):
+        best = search_keys(db, indexed, params, message_where, document_where, documents)
+    return dumps({"results": search_results(db, best, terms)}).encode()
+
+
+def search_keys(db: sqlite3.Connection, indexed: bool, params: dict, message_where: list[str],
+                document_where: list[str], documents: bool) -> list[tuple[str, int]]:
+    """The (kind, id) of the best matches: ranked, or the newest for short words alone."""
+    limit = params["limit"]
     if indexed:
         scores = {("message", rowid): score for rowid, score in ranked_ids(
             db, "messages_fts", "JOIN messages m ON m.id = messages_fts.rowid"
@@ -3757,7 +3802,7 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
                 f"{SHORT_QUERY_ROWS - 1}), 0) AND {' AND '.join(document_where)} "
                 "ORDER BY d.id DESC LIMIT :limit", params)]
         best = [key for _, key in sorted(newest, reverse=True)[:limit]]
-    return dumps({"results": search_results(db, best, terms)}).encode()
+    return best
 
 
 def search_results(db: sqlite3.Connection, keys: list[tuple[str, int]],
@@ -3789,7 +3834,8 @@ async def search(request: Request) -> Response:
     if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
         raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
     limit = query_limit(request, SEARCH_LIMIT_MAX, SEARCH_LIMIT)
-    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"), limit)
+    body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"),
+                                           limit, long=True)
     return Response(body, media_type="application/json")
 
 
@@ -3798,49 +3844,90 @@ def link_markdown(name: str, url: str) -> str:
     return f"[{name}]({url.replace(' ', '%20').replace(')', '%29')})"
 
 
-def conversation_markdown(conversation: dict, messages: list[dict]) -> str:
-    """The conversation as a person reads it: its details, then each message under a heading."""
+def markdown_head(conversation: dict, count: int) -> str:
+    """The conversation's title and details, as a person reads them."""
     title = conversation["name"] or f"Conversation {conversation['id']}"
     details = [("Conversation", f"`{conversation['id']}`"), ("Model", conversation["model"]),
                ("Project", conversation["project_name"]),
                ("Assistance role", conversation["assistance_role"]),
                ("Status", "archived" if conversation["status"] == 1 else "normal"),
                ("Created", conversation["created_at"]), ("Updated", conversation["updated_at"]),
-               ("Messages", str(len(messages)))]
-    lines = [f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]
-    for number, message in enumerate(messages, 1):
-        status = "" if message["status"] == "complete" else f" ({message['status']})"
-        heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
-        lines += ["", "---", "", heading, ""]
-        if message.get("tool_call_id"):
-            lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
-        lines.append(message["content"])
-        if message.get("attachments"):
-            lines += ["", "**Attachments:**", ""]
-            lines += [f"- {link_markdown(a.get('name'), a.get('url', ''))}"
-                      + (f" ({a['content_type']})" if a.get("content_type") else "")
-                      for a in message["attachments"]]
-        if message.get("tool_calls"):
-            lines += ["", "**Tool calls:**", ""]
-            for call in message["tool_calls"]:
-                function = call.get("function") or {}
-                lines += [f"- `{function.get('name', '')}` (`{call.get('id', '')}`):", "",
-                          "  ```json", f"  {function.get('arguments', '')}", "  ```"]
+               ("Messages", str(count))]
+    return "\n".join([f"# {title}", ""] + [f"- **{k}:** {v}" for k, v in details if v]) + "\n"
+
+
+def message_markdown(number: int, message: dict) -> str:
+    """One message under its heading, with its attachments and tool calls."""
+    status = "" if message["status"] == "complete" else f" ({message['status']})"
+    heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
+    lines = ["", "---", "", heading, ""]
+    if message.get("tool_call_id"):
+        lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
+    lines.append(message["content"])
+    if message.get("attachments"):
+        lines += ["", "**Attachments:**", ""]
+        lines += [f"- {link_markdown(a.get('name'), a.get('url', ''))}"
+                  + (f" ({a['content_type']})" if a.get("content_type") else "")
+                  for a in message["attachments"]]
+    if message.get("tool_calls"):
+        lines += ["", "**Tool calls:**", ""]
+        for call in message["tool_calls"]:
+            function = call.get("function") or {}
+            lines += [f"- `{function.get('name', '')}` (`{call.get('id', '')}`):", "",
+                      "  ```json", f"  {function.get('arguments', '')}", "  ```"]
     return "\n".join(lines) + "\n"
 
 
-def export_conversation(db: sqlite3.Connection, conversation_id: str, fmt: str) -> bytes:
+def export_head(db: sqlite3.Connection, conversation_id: str, fmt: str) -> tuple[bytes, int]:
+    """The export's start, and the newest message id it takes (later ones are left out)."""
     conversation = get_conversation(db, conversation_id)
     metadata = db.execute("SELECT metadata FROM conversations WHERE id = ?",
                           (conversation_id,)).fetchone()[0]
     conversation["metadata"] = json.loads(metadata) if metadata else None
-    messages = [message_json(row) for row in db.execute(
-        MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+    last_id, count = db.execute("SELECT coalesce(max(id), 0), count(*) FROM messages WHERE "
+                                "conversation_id = ?", (conversation_id,)).fetchone()
     if fmt == "md":
-        return conversation_markdown(conversation, messages).encode()
+        return markdown_head(conversation, count).encode(), last_id
     exported_at = db.execute(f"SELECT {NOW_SQL}").fetchone()[0]
-    return json_bytes({"conversation": conversation, "exported_at": exported_at,
-                       "messages": messages}, "messages")
+    return dumps({"conversation": conversation, "exported_at": exported_at})[:-1].encode() \
+        + b',"messages":[', last_id
+
+
+def export_page(db: sqlite3.Connection, conversation_id: str, fmt: str, after_id: int,
+                last_id: int, done: int) -> tuple[bytes, int | None, int]:
+    """The messages after `after_id` (`done` already sent), up to EXPORT_PAGE_ROWS of them or
+    about EXPORT_PAGE_CHARS, encoded; the last id read (None: the export is complete), and how
+    many are sent with them."""
+    messages, chars = [], 0
+    for row in db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id > ? AND id <= ? "
+                          "ORDER BY id LIMIT ?", (conversation_id, after_id, last_id,
+                                                  EXPORT_PAGE_ROWS)):
+        messages.append(message_json(row))
+        chars += len(row["content"])
+        if chars >= EXPORT_PAGE_CHARS:
+            break
+    if not messages:
+        return (b"" if fmt == "md" else b"]}"), None, done
+    if fmt == "md":
+        text = "".join(message_markdown(done + n, m) for n, m in enumerate(messages, 1))
+    else:
+        text = ("," if done > 0 else "") + dumps(messages)[1:-1]
+    return text.encode(), messages[-1]["id"], done + len(messages)
+
+
+async def export_body(db: Database, conversation_id: str, fmt: str, head: bytes,
+                      last_id: int) -> AsyncIterator[bytes]:
+    """The export a page at a time, each read and encoded on a long reader."""
+    yield head
+    after_id, done = 0, 0
+    while after_id is not None:
+        try:
+            page, after_id, done = await db.read(export_page, conversation_id, fmt, after_id,
+                                                 last_id, done, long=True)
+        except HTTPException as exc:  # the response has begun: it can only end short
+            log.warning("export of %s cut short: %s", conversation_id, exc.detail)
+            return
+        yield page
 
 
 async def export(request: Request) -> Response:
@@ -3848,10 +3935,13 @@ async def export(request: Request) -> Response:
     fmt = request.query_params.get("format") or "md"
     if fmt not in EXPORT_TYPES:
         raise HTTPException(400, "format must be md or json")
-    body = await request.app.state.db.read(export_conversation, conversation_id, fmt)
+    db = request.app.state.db
+    head, last_id = await db.read(export_head, conversation_id, fmt, long=True)
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", conversation_id)
-    return Response(body, media_type=EXPORT_TYPES[fmt], headers={
-        "Content-Disposition": f'attachment; filename="conversation-{filename}.{fmt}"'})
+    disposition = f'attachment; filename="conversation-{filename}.{fmt}"'
+    return StreamingResponse(export_body(db, conversation_id, fmt, head, last_id),
+                             media_type=EXPORT_TYPES[fmt],
+                             headers={"Content-Disposition": disposition})
 
 
 def backup_to_temporary(db: sqlite3.Connection, directory: str, check: str = "quick_check") -> str:
@@ -3886,7 +3976,7 @@ def remove_file(path: str) -> None:
 async def download_backup(request: Request) -> Response:
     db_path = request.app.state.settings.db_path
     path = await request.app.state.db.read(backup_to_temporary,
-                                           os.path.dirname(os.path.abspath(db_path)))
+                                           os.path.dirname(os.path.abspath(db_path)), long=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(db_path))[0])
     # Each request copies anew, so a Range (a resumed download) would join two copies: it is

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 
 import httpx
 import pytest
@@ -4017,3 +4018,119 @@ def test_deleting_another_conversations_message_stops_nothing(api, db):
     assert "status" not in events[-1]
     reply = stored_messages(db, theirs)[-1]
     assert (reply["status"], len(reply["content"].split())) == ("complete", 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: long reads, pathological searches, big exports
+
+def threads_inside(function_name: str) -> int:
+    """How many threads of this process (the services run in it) are in `function_name` now."""
+    def inside(frame) -> bool:
+        while frame is not None:
+            if frame.f_code.co_name == function_name:
+                return True
+            frame = frame.f_back
+        return False
+    return sum(inside(frame) for frame in sys._current_frames().values())
+
+
+def while_long_reads_run(api, requests: list, function_name: str) -> list:
+    """Sends `requests` (path, params) at once; once each is inside `function_name` on a thread
+    of its own, reads one conversation. Returns the status of each answer begun by then, or False."""
+    conversation_id = new_conversation(api)
+    answered = [False] * len(requests)
+
+    def run(index, path, params):
+        with httpx.Client(base_url=api.base_url, timeout=60) as client:
+            with client.stream("GET", path, params=params) as response:
+                answered[index] = response.status_code
+                response.read()
+
+    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: threads_inside(function_name) == len(requests))
+    response = api.get(f"/v1/chat/conversations/{conversation_id}")
+    seen = list(answered)
+    for thread in threads:
+        thread.join(60)
+    assert response.status_code == 200 and response.json()["conversation_id"] == conversation_id
+    return seen
+
+
+def test_a_one_row_read_is_answered_while_three_backups_run(fresh):
+    api, db_path = fresh
+    with sqlite3.connect(db_path) as db:  # 150 MB: each copy takes a while
+        db.execute("CREATE TABLE ballast (b BLOB)")
+        db.executemany("INSERT INTO ballast VALUES (randomblob(1048576))", [()] * 150)
+    assert while_long_reads_run(api, [("/v1/backup", {})] * 3,
+                                "backup_to_temporary") == [False] * 3
+
+
+def long_run_database(db_path: str, rows: int, size: int) -> None:
+    """`rows` messages of `size` times "a": a phrase of a's matches everywhere in them."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO conversations (id) VALUES ('long-run')")
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES "
+                       "('long-run', 'user', ?)", [("a" * size,)] * rows)
+
+
+def test_a_one_row_read_is_answered_while_three_long_searches_run(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 10, 1000000)
+    assert while_long_reads_run(api, [("/v1/search", {"q": "a" * 40})] * 3,
+                                "search_index") == [False] * 3
+
+
+def test_a_search_past_its_time_budget_is_stopped_with_a_clear_error(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 20, 1000000)  # each row costs a 16-letter phrase a while
+    store_message(sqlite3.connect(db_path), "long-run", "a findable needle")
+    response = api.get("/v1/search", params={"q": "a" * 16})
+    assert response.status_code == 503
+    assert response.json() == {"detail": "the search was stopped after 1 s: search for fewer "
+                                          "or more distinctive words"}
+    assert [r["snippet"] for r in search(api, "needle")] == ["a findable needle"]
+
+
+def test_a_long_repeated_phrase_is_searched_within_the_budget(fresh):
+    api, db_path = fresh
+    long_run_database(db_path, 1, 300000)
+    [message_id] = [row[0] for row in sqlite3.connect(db_path).execute(
+        "SELECT id FROM messages WHERE conversation_id = 'long-run'")]
+    assert [r["id"] for r in search(api, "a" * 500)] == [message_id]
+    assert search(api, "a" * 499 + "b") == []  # the index's phrase is a part; the whole is not
+    assert search(api, "A" * 250 + " " + "a" * 249) == search(api, "aa " + "a" * 400)
+
+
+def test_short_words_are_found_in_any_case_in_any_language(api, db):
+    conversation_id = new_conversation(api)
+    message_id = store_message(db, conversation_id, "ДА, ΣΟΦΙΑ und Ärger")
+    for q in ("да", "ДА", "Да", "σο", "äR", "ärger да"):
+        assert message_id in {r["id"] for r in search(api, q, project_id=0)}, q
+
+
+@pytest.mark.parametrize("fmt", ["md", "json"])
+def test_an_export_holds_a_page_in_memory_not_the_conversation(fresh, fmt):
+    api, db_path = fresh
+    conversation_id = new_conversation(api, name="big")
+    with sqlite3.connect(db_path) as db:  # 24 MB of messages
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                       [(conversation_id, "user", f"{i:05} " + "word " * 800)
+                        for i in range(6000)])
+    size, numbers = 0, set()
+    tracemalloc.start()
+    try:
+        with api.stream("GET", f"/v1/chat/conversations/{conversation_id}/export",
+                        params={"format": fmt}) as response:
+            assert response.status_code == 200
+            tail = b""
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                numbers.update(re.findall(rb"(\d{5}) word", tail + chunk))
+                tail = chunk[-10:]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20, peak
+    assert size > 24 * 10**6 and numbers == {b"%05d" % i for i in range(6000)}
