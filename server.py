@@ -979,6 +979,7 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     if end.replaces is not None and end.status == "complete":
         # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
+        forget_responses(db, [(end.conversation_id, end.replaces)])
     touch_conversation(db, end.conversation_id)
 
 
@@ -1812,12 +1813,21 @@ async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
         await reply.stop()
 
 
+def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) -> None:
+    """Deletes the stored responses whose turn holds one of these (conversation id, message id):
+    a response keeps its reply's text as served, which must not outlive a message deleted."""
+    db.executemany("DELETE FROM responses WHERE conversation_id = ? AND ? BETWEEN "
+                   "first_message_id AND last_message_id", messages)
+
+
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
-    """Deletes messages (of one conversation, if given), touching their conversations; the count."""
+    """Deletes messages (of one conversation, if given) and their responses, touching their
+    conversations; the count."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
-                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id",
+                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
+    forget_responses(db, [tuple(row) for row in deleted])
     for conversation in {row[0] for row in deleted}:
         touch_conversation(db, conversation)
     return len(deleted)
@@ -3664,6 +3674,7 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
                        (json.dumps(calls) if calls else None, row["id"]))
         else:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
+        forget_responses(db, [(conversation_id, row["id"])])  # its body holds the call too
         touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
     return await write_answer(request, delete)

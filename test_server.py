@@ -3957,3 +3957,42 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
             file_part = target.split("#")[0]
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
                                                                 file_part))), (name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: deleted Responses turns, deep JSON, odd bots, parallel forks
+
+def backup_rows(api, tmp_path, sql, params=()):
+    path = tmp_path / "backup.db"
+    path.write_bytes(api.get("/v1/backup").content)
+    with sqlite3.connect(path) as copy:
+        return copy.execute(sql, params).fetchall()
+
+
+@pytest.mark.parametrize("how", ["item", "path", "batch", "regenerate"])
+def test_deleting_a_responses_turn_deletes_its_text_from_the_response(api, db, tmp_path, how):
+    first = api.post("/v1/responses", headers=KEY, json={"model": "Echo", "input": "kept turn"})
+    secret = f"secret words {how} {random.random()}"
+    second = api.post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": secret, "previous_response_id": first.json()["id"]}).json()
+    assert secret in json.dumps(second["output"])
+    conversation_id = second["conversation"]["id"]
+    reply_id = int(second["output"][0]["id"].removeprefix("msg_"))
+    if how == "item":
+        deleted = api.delete(f"/v1/conversations/{conversation_id}/items/msg_{reply_id}")
+    elif how == "path":
+        deleted = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{reply_id}")
+    elif how == "batch":
+        deleted = api.post("/v1/chat/messages/delete",
+                           json={"message_ids": [reply_id - 1, reply_id]})
+    else:  # the reply replaced by a new one
+        deleted = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY)
+    assert deleted.status_code == 200, deleted.text
+    # The response went with its reply; the earlier turn's response stays.
+    assert api.get(f"/v1/responses/{second['id']}").status_code == 404
+    assert api.get(f"/v1/responses/{first.json()['id']}").status_code == 200
+    assert response_row(db, second["id"]) is None
+    assert db.execute("SELECT count(*) FROM responses WHERE body LIKE ?",
+                      (f"%{secret}%",)).fetchone()[0] == 0
+    assert backup_rows(api, tmp_path, "SELECT id FROM responses WHERE body LIKE ? OR id = ?",
+                       (f"%{secret}%", second["id"])) == []
