@@ -441,6 +441,9 @@ INT64 = 2**63
 BODY_STALL_SECONDS = 15.0
 # Input this long is parsed, decoded or walked on a worker thread (off_loop), not on the loop.
 LONG_BYTES, LONG_ITEMS = 2**20, 500
+# JSON nested deeper than this is refused: no client's needs it, and the code that walks it
+# (schemas, tool_choice, the stored response) would hit Python's recursion limit.
+MAX_JSON_DEPTH = 128
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -485,6 +488,14 @@ def parse_json_body(body: bytes) -> dict:
         raise HTTPException(400, "request body must be valid JSON") from None
     if not isinstance(data, dict):
         raise HTTPException(400, "request body must be a JSON object")
+    level = [data]  # the containers one level down, MAX_JSON_DEPTH times
+    for _ in range(MAX_JSON_DEPTH):
+        level = [child for node in level for child in
+                 (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+    if level:
+        raise HTTPException(400, f"request body must not be nested deeper than {MAX_JSON_DEPTH} "
+                                 "levels")
     return data
 
 
@@ -2644,14 +2655,16 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise HTTPException(400, f"{where}.parameters must be a JSON Schema object")
-    parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
     try:
+        # A chain of $refs, each inlined into the last, can nest deeper than any body may.
+        parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
         return fp.ToolDefinition(type="function", function={
             "name": name, "description": description,
             "parameters": {**parameters, "type": parameters.get("type") or "object",
                            "properties": parameters.get("properties") or {}}})
-    except ValueError:
-        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object") from None
+    except (ValueError, RecursionError):
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not nested "
+                                 "too deep once its $refs are inlined") from None
 
 
 def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:

@@ -3996,3 +3996,41 @@ def test_deleting_a_responses_turn_deletes_its_text_from_the_response(api, db, t
                       (f"%{secret}%",)).fetchone()[0] == 0
     assert backup_rows(api, tmp_path, "SELECT id FROM responses WHERE body LIKE ? OR id = ?",
                        (f"%{secret}%", second["id"])) == []
+
+
+def responses_count(db) -> int:
+    return db.execute("SELECT count(*) FROM responses").fetchone()[0]
+
+
+def nested_json(depth: int) -> str:
+    return '{"a": ' * depth + "{}" + "}" * depth
+
+
+DEEP_BODIES = {
+    "tools $defs": ("/v1/chat/completions", '{"model": "Echo", "messages": [{"role": "user", '
+                    '"content": "hi"}], "tools": [{"type": "function", "function": {"name": '
+                    '"f", "parameters": {"type": "object", "properties": {"x": {"$ref": '
+                    '"#/$defs/D"}}, "$defs": {"D": ' + nested_json(600) + '}}}}]}'),
+    "tools $ref chain": ("/v1/chat/completions", json.dumps({
+        "model": "Echo", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"$ref": "#/$defs/D0"}}, "$defs": {
+                f"D{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/D{i + 1}"}}}
+                for i in range(400)}}}}]})),
+    "tool_choice": ("/v1/responses", '{"model": "Echo", "input": "hi", "tool_choice": '
+                    + nested_json(950) + "}"),
+    "text.format schema": ("/v1/responses", '{"model": "Echo", "input": "hi", "text": '
+                           '{"format": {"type": "json_schema", "name": "deep", "schema": '
+                           + nested_json(950) + "}}}"),
+}
+
+
+@pytest.mark.parametrize("case", DEEP_BODIES)
+def test_over_deep_json_is_400_before_poe_is_called(api, db, case):
+    path, body = DEEP_BODIES[case]
+    before, calls, count = snapshot(db), CALLS["Echo"], responses_count(db)
+    response = api.post(path, content=body.encode(),
+                        headers={**KEY, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "nested" in str(response.json())
+    assert CALLS["Echo"] == calls and snapshot(db) == before and responses_count(db) == count
