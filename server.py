@@ -3648,6 +3648,9 @@ async def add_conversation_items(request: Request) -> JSONResponse:
     data = await read_json(request)
     await app.state.db.read(get_conversation, conversation_id)
     rows = await item_rows(request, data.get("items"))
+    if not rows:
+        raise HTTPException(400, "items must hold a message, function_call or "
+                                 "function_call_output (reasoning items are not kept)")
     if app.state.replies.busy(conversation_id):
         raise HTTPException(409, "this conversation already has a reply in progress")
     ids, _ = await app.state.db.write(insert_messages, conversation_id, rows)

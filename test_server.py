@@ -4034,3 +4034,14 @@ def test_over_deep_json_is_400_before_poe_is_called(api, db, case):
     assert response.status_code == 400, response.text
     assert "nested" in str(response.json())
     assert CALLS["Echo"] == calls and snapshot(db) == before and responses_count(db) == count
+
+
+def test_adding_only_reasoning_items_is_400_and_changes_nothing(api, db):
+    made = api.post("/v1/conversations", json={"items": [
+        {"type": "message", "role": "user", "content": "hello"}]}).json()
+    before = snapshot(db)
+    response = api.post(f"/v1/conversations/{made['id']}/items",
+                        json={"items": [{"type": "reasoning", "id": "rs_1", "summary": []}]})
+    assert response.status_code == 400, response.text
+    assert "reasoning" in response.json()["error"]["message"]
+    assert snapshot(db) == before
