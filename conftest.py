@@ -185,6 +185,13 @@ async def paint(request):
     yield file("notes.txt", "text/plain")
 
 
+async def nameless_call(request):
+    """A tool call whose function has no name, and no text."""
+    yield tool_chunk({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_0", "type": "function", "function": {"arguments": "{}"}}]})
+    yield tool_chunk({}, "tool_calls")
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -196,7 +203,7 @@ def make_poe_app():
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
-            ScriptBot("Painter", paint)]
+            ScriptBot("Painter", paint), ScriptBot("NamelessCall", nameless_call)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.

@@ -3323,8 +3323,9 @@ def output_text(text: str) -> dict:
 def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[dict]:
     """A reply as output items: its message (unless it is only calls), then each call (in Chat
     Completions' form, as stored) as a function_call item."""
+    named = any(call["function"]["name"] for call in calls)  # a call without one is left out
     items = [{"type": "message", "id": f"msg_{key}", "status": status, "role": "assistant",
-              "content": [output_text(text)]}] if text or not calls else []
+              "content": [output_text(text)]}] if text or not named else []
     return items + [{"type": "function_call", "id": f"fc_{key}_{n}",
                      "call_id": call_id_of(call, key, n), "name": call["function"]["name"],
                      "arguments": call["function"]["arguments"] or "{}", "status": "completed"}

@@ -4045,3 +4045,18 @@ def test_adding_only_reasoning_items_is_400_and_changes_nothing(api, db):
     assert response.status_code == 400, response.text
     assert "reasoning" in response.json()["error"]["message"]
     assert snapshot(db) == before
+
+
+def test_nameless_tool_call_with_a_json_format_is_a_502_not_a_500(api, db):
+    calls = CALLS["NamelessCall"]
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "NamelessCall", "input": "weather?", "tools": [FLAT_WEATHER],
+        "text": {"format": {"type": "json_object"}}})
+    assert CALLS["NamelessCall"] == calls + 1
+    assert response.status_code == 502, response.text
+    assert response.headers["x-should-retry"] == "false"
+    assert "JSON" in response.json()["error"]["message"]
+    # The turn is stored as answered: an empty message, no call without a name.
+    body = json.loads(response_row(db, latest_response(db))["body"])
+    assert [(item["type"], item["content"][0]["text"]) for item in body["output"]] == \
+        [("message", "")]
