@@ -1248,6 +1248,8 @@ class Reply:
                 raise self.failure()
             return whole()
         first = await self.listener.queue.get()
+        while first[0] == "replace" and not first[1]:  # an empty replacement is no output yet
+            first = await self.listener.queue.get()
         if first[0] == "error":
             self.listener.closed = True
             raise self.failure()

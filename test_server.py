@@ -4060,3 +4060,13 @@ def test_nameless_tool_call_with_a_json_format_is_a_502_not_a_500(api, db):
     body = json.loads(response_row(db, latest_response(db))["body"])
     assert [(item["type"], item["content"][0]["text"]) for item in body["output"]] == \
         [("message", "")]
+
+
+def test_empty_replacement_then_error_is_an_error_not_a_broken_stream(api, db):
+    before, count = snapshot(db), responses_count(db)
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "BlankThenFail", "input": "hi", "stream": True}) as response:
+        response.read()
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["message"].startswith("Poe answered with an error")
+    assert snapshot(db) == before and responses_count(db) == count  # no output: no trace
