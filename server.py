@@ -3284,8 +3284,9 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     conversation_id, up_to = target["conversation_id"], target["up_to"]
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
-    elif db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-                    (conversation_id, up_to)).fetchone():
+    elif not target["append"] or db.execute(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+            (conversation_id, up_to)).fetchone():
         if not target["fork"]:
             raise HTTPException(409, "the conversation changed while this turn was prepared; "
                                      "send it again")
@@ -3393,8 +3394,11 @@ async def create_response(request: Request) -> Response:
     api_key = poe_key(request)
     target, stored, names = await app.state.db.read(response_start, spec.previous,
                                                     spec.conversation)
-    with app.state.replies.claim(target["conversation_id"] if spec.store and target["append"]
-                                 else None):
+    claimed = target["conversation_id"] if spec.store and target["append"] else None
+    if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
+        # A turn is being added after the same response: this one forks (insert_response_turn).
+        claimed, target = None, {**target, "append": False}
+    with app.state.replies.claim(claimed):
         query, entries, input_tokens = await response_query(app, api_key, data, spec, stored, names)
         if spec.store:
             conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(

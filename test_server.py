@@ -4070,3 +4070,28 @@ def test_empty_replacement_then_error_is_an_error_not_a_broken_stream(api, db):
     assert response.status_code == 502, response.text
     assert response.json()["error"]["message"].startswith("Poe answered with an error")
     assert snapshot(db) == before and responses_count(db) == count  # no output: no trace
+
+
+def test_parallel_forks_from_one_response_all_succeed_each_in_its_own_conversation(api, db):
+    root = api.post("/v1/responses", headers=KEY, json={"model": "Echo", "input": "root"}).json()
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+    barrier, answers = threading.Barrier(4), [None] * 4
+
+    def branch(n):
+        barrier.wait()
+        answers[n] = api.post("/v1/responses", headers=KEY, json={
+            "model": "Slow", "previous_response_id": root["id"], "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": f"3 0.05 {n}"},
+                                             {"type": "input_image", "image_url": image}]}]})
+    threads = [threading.Thread(target=branch, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    conversations = {a.json()["conversation"]["id"] for a in answers}
+    assert len(conversations) == 4 and root["conversation"]["id"] in conversations
+    for n, answer in enumerate(answers):
+        messages = stored_messages(db, answer.json()["conversation"]["id"])
+        assert [m["content"] for m in messages] == [
+            "root", root["output"][0]["content"][0]["text"], f"3 0.05 {n}", "c0 c1 c2 "]
