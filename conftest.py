@@ -185,6 +185,19 @@ async def paint(request):
     yield file("notes.txt", "text/plain")
 
 
+async def blank_then_fail(request):
+    """An empty replace_response, then an error: no output at all."""
+    yield fp.PartialResponse(text="", is_replace_response=True)
+    yield fp.ErrorResponse(text="the bot broke", allow_retry=True)
+
+
+async def nameless_call(request):
+    """A tool call whose function has no name, and no text."""
+    yield tool_chunk({"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_0", "type": "function", "function": {"arguments": "{}"}}]})
+    yield tool_chunk({}, "tool_calls")
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -196,7 +209,8 @@ def make_poe_app():
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
-            ScriptBot("Painter", paint)]
+            ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
+            ScriptBot("NamelessCall", nameless_call)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.

@@ -451,6 +451,9 @@ INT64 = 2**63
 BODY_STALL_SECONDS = 15.0
 # Input this long is parsed, decoded or walked on a worker thread (off_loop), not on the loop.
 LONG_BYTES, LONG_ITEMS = 2**20, 500
+# JSON nested deeper than this is refused: no client's needs it, and the code that walks it
+# (schemas, tool_choice, the stored response) would hit Python's recursion limit.
+MAX_JSON_DEPTH = 128
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -495,6 +498,14 @@ def parse_json_body(body: bytes) -> dict:
         raise HTTPException(400, "request body must be valid JSON") from None
     if not isinstance(data, dict):
         raise HTTPException(400, "request body must be a JSON object")
+    level = [data]  # the containers one level down, MAX_JSON_DEPTH times
+    for _ in range(MAX_JSON_DEPTH):
+        level = [child for node in level for child in
+                 (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+    if level:
+        raise HTTPException(400, f"request body must not be nested deeper than {MAX_JSON_DEPTH} "
+                                 "levels")
     return data
 
 
@@ -989,6 +1000,7 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     if end.replaces is not None and end.status == "complete":
         # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
+        forget_responses(db, [(end.conversation_id, end.replaces)])
     touch_conversation(db, end.conversation_id)
 
 
@@ -1246,6 +1258,8 @@ class Reply:
                 raise self.failure()
             return whole()
         first = await self.listener.queue.get()
+        while first[0] == "replace" and not first[1]:  # an empty replacement is no output yet
+            first = await self.listener.queue.get()
         if first[0] == "error":
             self.listener.closed = True
             raise self.failure()
@@ -1827,12 +1841,21 @@ async def stop_replies_of(app: Starlette, message_ids: set[int]) -> None:
         await reply.stop()
 
 
+def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) -> None:
+    """Deletes the stored responses whose turn holds one of these (conversation id, message id):
+    a response keeps its reply's text as served, which must not outlive a message deleted."""
+    db.executemany("DELETE FROM responses WHERE conversation_id = ? AND ? BETWEEN "
+                   "first_message_id AND last_message_id", messages)
+
+
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
-    """Deletes messages (of one conversation, if given), touching their conversations; the count."""
+    """Deletes messages (of one conversation, if given) and their responses, touching their
+    conversations; the count."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
-                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id",
+                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
+    forget_responses(db, [tuple(row) for row in deleted])
     for conversation in {row[0] for row in deleted}:
         touch_conversation(db, conversation)
     return len(deleted)
@@ -2655,14 +2678,16 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
     parameters = function.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise HTTPException(400, f"{where}.parameters must be a JSON Schema object")
-    parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
     try:
+        # A chain of $refs, each inlined into the last, can nest deeper than any body may.
+        parameters = inline_refs(parameters) if isinstance(parameters, dict) else {}
         return fp.ToolDefinition(type="function", function={
             "name": name, "description": description,
             "parameters": {**parameters, "type": parameters.get("type") or "object",
                            "properties": parameters.get("properties") or {}}})
-    except ValueError:
-        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object") from None
+    except (ValueError, RecursionError):
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not nested "
+                                 "too deep once its $refs are inlined") from None
 
 
 def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
@@ -3280,8 +3305,9 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     conversation_id, up_to = target["conversation_id"], target["up_to"]
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
-    elif db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-                    (conversation_id, up_to)).fetchone():
+    elif not target["append"] or db.execute(
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
+            (conversation_id, up_to)).fetchone():
         if not target["fork"]:
             raise HTTPException(409, "the conversation changed while this turn was prepared; "
                                      "send it again")
@@ -3321,8 +3347,9 @@ def output_text(text: str) -> dict:
 def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[dict]:
     """A reply as output items: its message (unless it is only calls), then each call (in Chat
     Completions' form, as stored) as a function_call item."""
+    named = any(call["function"]["name"] for call in calls)  # a call without one is left out
     items = [{"type": "message", "id": f"msg_{key}", "status": status, "role": "assistant",
-              "content": [output_text(text)]}] if text or not calls else []
+              "content": [output_text(text)]}] if text or not named else []
     return items + [{"type": "function_call", "id": f"fc_{key}_{n}",
                      "call_id": call_id_of(call, key, n), "name": call["function"]["name"],
                      "arguments": call["function"]["arguments"] or "{}", "status": "completed"}
@@ -3388,8 +3415,11 @@ async def create_response(request: Request) -> Response:
     api_key = poe_key(request)
     target, stored, names = await app.state.db.read(response_start, spec.previous,
                                                     spec.conversation)
-    with app.state.replies.claim(target["conversation_id"] if spec.store and target["append"]
-                                 else None):
+    claimed = target["conversation_id"] if spec.store and target["append"] else None
+    if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
+        # A turn is being added after the same response: this one forks (insert_response_turn).
+        claimed, target = None, {**target, "append": False}
+    with app.state.replies.claim(claimed):
         query, entries, input_tokens = await response_query(app, api_key, data, spec, stored, names)
         if spec.store:
             conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(
@@ -3646,6 +3676,9 @@ async def add_conversation_items(request: Request) -> JSONResponse:
     data = await read_json(request)
     await app.state.db.read(get_conversation, conversation_id)
     rows = await item_rows(request, data.get("items"))
+    if not rows:
+        raise HTTPException(400, "items must hold a message, function_call or "
+                                 "function_call_output (reasoning items are not kept)")
     if app.state.replies.busy(conversation_id):
         raise HTTPException(409, "this conversation already has a reply in progress")
     ids, _ = await app.state.db.write(insert_messages, conversation_id, rows)
@@ -3685,6 +3718,7 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
                        (json.dumps(calls) if calls else None, row["id"]))
         else:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
+        forget_responses(db, [(conversation_id, row["id"])])  # its body holds the call too
         touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
     return await write_answer(request, delete)

@@ -4134,3 +4134,141 @@ def test_an_export_holds_a_page_in_memory_not_the_conversation(fresh, fmt):
         tracemalloc.stop()
     assert peak < 10 * 2**20, peak
     assert size > 24 * 10**6 and numbers == {b"%05d" % i for i in range(6000)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: deleted Responses turns, deep JSON, odd bots, parallel forks
+
+def backup_rows(api, tmp_path, sql, params=()):
+    path = tmp_path / "backup.db"
+    path.write_bytes(api.get("/v1/backup").content)
+    with sqlite3.connect(path) as copy:
+        return copy.execute(sql, params).fetchall()
+
+
+@pytest.mark.parametrize("how", ["item", "path", "batch", "regenerate"])
+def test_deleting_a_responses_turn_deletes_its_text_from_the_response(api, db, tmp_path, how):
+    first = api.post("/v1/responses", headers=KEY, json={"model": "Echo", "input": "kept turn"})
+    secret = f"secret words {how} {random.random()}"
+    second = api.post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": secret, "previous_response_id": first.json()["id"]}).json()
+    assert secret in json.dumps(second["output"])
+    conversation_id = second["conversation"]["id"]
+    reply_id = int(second["output"][0]["id"].removeprefix("msg_"))
+    if how == "item":
+        deleted = api.delete(f"/v1/conversations/{conversation_id}/items/msg_{reply_id}")
+    elif how == "path":
+        deleted = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{reply_id}")
+    elif how == "batch":
+        deleted = api.post("/v1/chat/messages/delete",
+                           json={"message_ids": [reply_id - 1, reply_id]})
+    else:  # the reply replaced by a new one
+        deleted = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY)
+    assert deleted.status_code == 200, deleted.text
+    # The response went with its reply; the earlier turn's response stays.
+    assert api.get(f"/v1/responses/{second['id']}").status_code == 404
+    assert api.get(f"/v1/responses/{first.json()['id']}").status_code == 200
+    assert response_row(db, second["id"]) is None
+    assert db.execute("SELECT count(*) FROM responses WHERE body LIKE ?",
+                      (f"%{secret}%",)).fetchone()[0] == 0
+    assert backup_rows(api, tmp_path, "SELECT id FROM responses WHERE body LIKE ? OR id = ?",
+                       (f"%{secret}%", second["id"])) == []
+
+
+def responses_count(db) -> int:
+    return db.execute("SELECT count(*) FROM responses").fetchone()[0]
+
+
+def nested_json(depth: int) -> str:
+    return '{"a": ' * depth + "{}" + "}" * depth
+
+
+DEEP_BODIES = {
+    "tools $defs": ("/v1/chat/completions", '{"model": "Echo", "messages": [{"role": "user", '
+                    '"content": "hi"}], "tools": [{"type": "function", "function": {"name": '
+                    '"f", "parameters": {"type": "object", "properties": {"x": {"$ref": '
+                    '"#/$defs/D"}}, "$defs": {"D": ' + nested_json(600) + '}}}}]}'),
+    "tools $ref chain": ("/v1/chat/completions", json.dumps({
+        "model": "Echo", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"$ref": "#/$defs/D0"}}, "$defs": {
+                f"D{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/D{i + 1}"}}}
+                for i in range(400)}}}}]})),
+    "tool_choice": ("/v1/responses", '{"model": "Echo", "input": "hi", "tool_choice": '
+                    + nested_json(950) + "}"),
+    "text.format schema": ("/v1/responses", '{"model": "Echo", "input": "hi", "text": '
+                           '{"format": {"type": "json_schema", "name": "deep", "schema": '
+                           + nested_json(950) + "}}}"),
+}
+
+
+@pytest.mark.parametrize("case", DEEP_BODIES)
+def test_over_deep_json_is_400_before_poe_is_called(api, db, case):
+    path, body = DEEP_BODIES[case]
+    before, calls, count = snapshot(db), CALLS["Echo"], responses_count(db)
+    response = api.post(path, content=body.encode(),
+                        headers={**KEY, "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "nested" in str(response.json())
+    assert CALLS["Echo"] == calls and snapshot(db) == before and responses_count(db) == count
+
+
+def test_adding_only_reasoning_items_is_400_and_changes_nothing(api, db):
+    made = api.post("/v1/conversations", json={"items": [
+        {"type": "message", "role": "user", "content": "hello"}]}).json()
+    before = snapshot(db)
+    response = api.post(f"/v1/conversations/{made['id']}/items",
+                        json={"items": [{"type": "reasoning", "id": "rs_1", "summary": []}]})
+    assert response.status_code == 400, response.text
+    assert "reasoning" in response.json()["error"]["message"]
+    assert snapshot(db) == before
+
+
+def test_nameless_tool_call_with_a_json_format_is_a_502_not_a_500(api, db):
+    calls = CALLS["NamelessCall"]
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "NamelessCall", "input": "weather?", "tools": [FLAT_WEATHER],
+        "text": {"format": {"type": "json_object"}}})
+    assert CALLS["NamelessCall"] == calls + 1
+    assert response.status_code == 502, response.text
+    assert response.headers["x-should-retry"] == "false"
+    assert "JSON" in response.json()["error"]["message"]
+    # The turn is stored as answered: an empty message, no call without a name.
+    body = json.loads(response_row(db, latest_response(db))["body"])
+    assert [(item["type"], item["content"][0]["text"]) for item in body["output"]] == \
+        [("message", "")]
+
+
+def test_empty_replacement_then_error_is_an_error_not_a_broken_stream(api, db):
+    before, count = snapshot(db), responses_count(db)
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "BlankThenFail", "input": "hi", "stream": True}) as response:
+        response.read()
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["message"].startswith("Poe answered with an error")
+    assert snapshot(db) == before and responses_count(db) == count  # no output: no trace
+
+
+def test_parallel_forks_from_one_response_all_succeed_each_in_its_own_conversation(api, db):
+    root = api.post("/v1/responses", headers=KEY, json={"model": "Echo", "input": "root"}).json()
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+    barrier, answers = threading.Barrier(4), [None] * 4
+
+    def branch(n):
+        barrier.wait()
+        answers[n] = api.post("/v1/responses", headers=KEY, json={
+            "model": "Slow", "previous_response_id": root["id"], "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": f"3 0.05 {n}"},
+                                             {"type": "input_image", "image_url": image}]}]})
+    threads = [threading.Thread(target=branch, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    conversations = {a.json()["conversation"]["id"] for a in answers}
+    assert len(conversations) == 4 and root["conversation"]["id"] in conversations
+    for n, answer in enumerate(answers):
+        messages = stored_messages(db, answer.json()["conversation"]["id"])
+        assert [m["content"] for m in messages] == [
+            "root", root["output"][0]["content"][0]["text"], f"3 0.05 {n}", "c0 c1 c2 "]
