@@ -185,6 +185,24 @@ async def paint(request):
     yield file("notes.txt", "text/plain")
 
 
+async def hoard(request):
+    """Asks the service to hold much for little: 'calls N' (a call, then a delta at index N),
+    'files N' (N files) or 'name N' (a file whose name is N characters)."""
+    what, size = request.query[-1].content.split()
+    size = int(size)
+    if what == "calls":
+        yield tool_chunk({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": ""}}]})
+        yield tool_chunk({"tool_calls": [{"index": size, "function": {"arguments": "{}"}}]})
+        yield tool_chunk({}, "tool_calls")
+        return
+    yield fp.PartialResponse(text="files: ")
+    for i in range(size if what == "files" else 1):
+        name = f"f{i}.txt" if what == "files" else "n" * size
+        yield fp.PartialResponse(text="", attachment=fp.Attachment(
+            url=f"https://poe.test/{i}", content_type="text/plain", name=name))
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -196,7 +214,7 @@ def make_poe_app():
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
-            ScriptBot("Painter", paint)]
+            ScriptBot("Painter", paint), ScriptBot("Hoard", hoard)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.

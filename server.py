@@ -863,9 +863,9 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                         moved = now
                     if isinstance(event, fp.MetaResponse) or event.is_suggested_reply:
                         continue
-                    if event.attachment is not None:
+                    if event.attachment is not None:  # its name cut to a file name's length
                         yield ("file", {"url": event.attachment.url,
-                                        "name": clean_text(event.attachment.name or ""),
+                                        "name": clean_text(event.attachment.name or "")[:255],
                                         "content_type": event.attachment.content_type or "",
                                         "inline_ref": event.attachment.inline_ref})
                     elif event.tool_calls:
@@ -922,6 +922,9 @@ LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
 # A reply's task, or the response relaying it, yields the event loop after holding it this long.
 TURN_SECONDS = 0.005
+# What a bot may make a reply hold, past its text: past these, the reply fails (502).
+MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
+MAX_REPLY_FILES = 100
 
 
 @dataclass
@@ -1131,12 +1134,16 @@ class Reply:
                     value, self.cut = value[:max(room, 0)], True
             self.chunks.append(value)
         elif kind == "file":
+            if len(self.files) == MAX_REPLY_FILES:
+                raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
             kind, value = "text", file_markdown(value)
             self.chunks.append(value)
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
+                if not 0 <= index < MAX_TOOL_CALLS:  # each index up to it is a call we hold
+                    raise PoeFailure(502, "Poe sent too many tool calls")
                 while len(self.tool_calls) <= index:
                     self.tool_calls.append({"id": "", "type": "function",
                                             "function": {"name": "", "arguments": ""}})

@@ -3957,3 +3957,43 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
             file_part = target.split("#")[0]
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
                                                                 file_part))), (name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: what a bot can make us hold, a stop while a turn is prepared, a reply
+# whose end waits for the database
+
+def assistant_row(db, conversation_id) -> dict:
+    db.row_factory = sqlite3.Row
+    return dict(db.execute("SELECT content, status, attachments, tool_calls FROM messages "
+                           "WHERE conversation_id = ? AND role = 'assistant'",
+                           (conversation_id,)).fetchone())
+
+
+def test_a_tool_call_index_far_past_the_calls_fails_the_reply_and_stores_only_the_calls(api, db):
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "Hoard", "input": "calls 200000", "tools": [FLAT_WEATHER]})
+    assert response.status_code == 502
+    assert response.json()["error"]["message"] == "Poe sent too many tool calls"
+    reply = assistant_row(db, conversation_of(db, latest_response(db)))
+    assert reply["status"] == "interrupted"
+    assert [call["function"]["name"] for call in json.loads(reply["tool_calls"])] == \
+        ["get_weather"]
+
+
+def test_a_bot_sending_too_many_files_fails_the_reply_and_keeps_what_came(api, db):
+    conversation_id = new_conversation(api, model="Hoard")
+    response = say(api, conversation_id, "files 1000")
+    assert response.status_code == 502 and response.json()["detail"] == "Poe sent too many files"
+    reply = assistant_row(db, conversation_id)
+    assert reply["status"] == "interrupted"
+    assert len(json.loads(reply["attachments"])) == server.MAX_REPLY_FILES
+
+
+def test_a_file_name_a_bot_sends_is_cut_to_a_file_names_length(api, db):
+    conversation_id = new_conversation(api, model="Hoard")
+    response = say(api, conversation_id, "name 100000")
+    assert response.status_code == 200
+    assert response.json()["reply"] == "files: [" + "n" * 255 + "](https://poe.test/0)"
+    [attachment] = json.loads(assistant_row(db, conversation_id)["attachments"])
+    assert attachment["name"] == "n" * 255
