@@ -36,6 +36,7 @@ import server
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
+UPLOAD_GATE = threading.Event()  # an upload of b"HOLD-UPLOAD" waits for it
 MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
 RIGHT_KEY = "poe-right-key-0123456789"
 
@@ -234,6 +235,8 @@ def make_poe_app():
         UPLOADS.append({"authorization": request.headers.get("authorization"), "body": body})
         if b"REFUSE-UPLOAD" in body:
             return JSONResponse({"error": "refused"}, 400)
+        if b"HOLD-UPLOAD" in body:
+            await asyncio.to_thread(UPLOAD_GATE.wait, 30)
         return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
                              "mime_type": "application/octet-stream"})
     poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])

@@ -1076,17 +1076,21 @@ class Reply:
         """Calls Poe in a task of its own; with `stream`, events are queued for the caller."""
         self.registry = app.state.replies
         self.listener = Listener() if stream else None
+        if self.conversation_id in self.registry.stopping:
+            query = None  # stopped while it was prepared: it ends at once, calling no one
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
-    async def run(self, app: Starlette, model: str, query: PoeQuery, api_key: str,
+    async def run(self, app: Starlette, model: str, query: PoeQuery | None, api_key: str,
                   tools: list | None) -> None:
         cancelled, self.running, status = False, True, "interrupted"
         try:
-            async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
-                await self.take_all(events)
-            # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
-            status = "interrupted" if self.cut else "complete"
+            if query is not None:
+                async with contextlib.aclosing(relay_poe(app, model, query, api_key,
+                                                         tools)) as events:
+                    await self.take_all(events)
+                # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
+                status = "interrupted" if self.cut else "complete"
         except PoeFailure as exc:
             self.error, self.error_headers = (exc.status, exc.detail), exc.headers
         except asyncio.CancelledError:
@@ -1258,6 +1262,7 @@ class Replies:
         self.by_session: dict[str, Reply] = {}  # every reply, stored or not
         # A conversation whose turn is being prepared (claim); the event is set when it ends.
         self.preparing: dict[str, asyncio.Event] = {}
+        self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
         self.retrying: asyncio.Task | None = None
@@ -1279,6 +1284,7 @@ class Replies:
             yield
         finally:
             del self.preparing[conversation_id]
+            self.stopping.discard(conversation_id)
             released.set()
 
     def add(self, reply: Reply) -> None:
@@ -1299,9 +1305,20 @@ class Replies:
             if (reply := self.by_conversation.get(conversation_id)) is not None:
                 await reply.stop()
             elif (released := self.preparing.get(conversation_id)) is not None:
-                await released.wait()  # a turn being prepared: it starts, or it fails
+                self.stopping.add(conversation_id)
+                await released.wait()  # a turn being prepared: it starts stopped, or it fails
             else:
                 return
+
+    async def stop(self, conversation_id: str) -> bool:
+        """Stops the conversation's turn, if any: one being prepared (uploading, reading its
+        history) goes on to answer as stopped, without calling Poe."""
+        if conversation_id in self.preparing:
+            self.stopping.add(conversation_id)
+            return True
+        if (reply := self.by_conversation.get(conversation_id)) is not None:
+            await reply.stop()
+        return reply is not None
 
     async def save_end(self, end: ReplyEnd) -> None:
         try:
@@ -1797,10 +1814,7 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
 async def stop_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
-    reply = request.app.state.replies.by_conversation.get(conversation_id)
-    if reply is not None:
-        await reply.stop()
-    return JSONResponse({"stopped": reply is not None})
+    return JSONResponse({"stopped": await request.app.state.replies.stop(conversation_id)})
 
 
 async def stop_stream(request: Request) -> JSONResponse:

@@ -23,7 +23,7 @@ import pytest
 
 import server
 from conftest import (CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, TRICKY,
-                      UPLOADS, ServerProcess, history_of, wait_for)
+                      UPLOAD_GATE, UPLOADS, ServerProcess, history_of, wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -3997,3 +3997,28 @@ def test_a_file_name_a_bot_sends_is_cut_to_a_file_names_length(api, db):
     assert response.json()["reply"] == "files: [" + "n" * 255 + "](https://poe.test/0)"
     [attachment] = json.loads(assistant_row(db, conversation_id)["attachments"])
     assert attachment["name"] == "n" * 255
+
+
+def test_stop_while_an_attachment_uploads_ends_the_turn_and_calls_no_one(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    calls, answer = CALLS["Echo"], {}
+    attachment = {"data": base64.b64encode(b"HOLD-UPLOAD").decode(), "name": "a.txt"}
+    turn = threading.Thread(target=lambda: answer.update(turn=say(
+        api, conversation_id, "look", attachments=[attachment])))
+    UPLOAD_GATE.clear()
+    turn.start()
+    try:
+        wait_for(lambda: any(b"HOLD-UPLOAD" in upload["body"] for upload in UPLOADS))
+        stopped = api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+    finally:
+        UPLOAD_GATE.set()
+        turn.join(30)
+    assert stopped.json() == {"stopped": True}
+    assert answer["turn"].status_code == 200
+    assert (answer["turn"].json()["reply"], answer["turn"].json()["status"]) == \
+        ("", "interrupted")
+    assert CALLS["Echo"] == calls
+    assert [(m["role"], m["content"], m["status"]) for m in stored_messages(db, conversation_id)] \
+        == [("user", "look", "complete"), ("assistant", "", "interrupted")]
+    assert say(api, conversation_id, "again").status_code == 200
+    assert CALLS["Echo"] == calls + 1
