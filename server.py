@@ -271,6 +271,7 @@ class Database:
         self.local, self.connections = threading.local(), []
         self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
         self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
+        self.wrote = asyncio.Event()  # set by each write that goes through
 
     def _open(self) -> None:
         self.local.db = connect(self.path, self.timeout)
@@ -289,7 +290,13 @@ class Database:
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
-        return asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
+        future = asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
+        future.add_done_callback(self.written)
+        return future
+
+    def written(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.wrote.set()
 
     async def write(self, fn: Callable, *args: Any) -> Any:
         return await self.submit_write(fn, *args)
@@ -1331,13 +1338,20 @@ class Replies:
 
     async def retry_unsaved(self) -> None:
         delay = RETRY_SECONDS
+        self.db.wrote.clear()
         while self.unsaved:
-            await asyncio.sleep(delay)
+            # Any write that goes through says the database takes writes again: no need to wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.db.wrote.wait()
+            self.db.wrote.clear()
             for message_id, end in list(self.unsaved.items()):
                 try:
                     await self.db.write(save_reply_end, end)
                 except HTTPException:
                     delay = min(delay * 2, 10.0)
+                    log.warning("the end of reply %s still waits to be stored; next try within "
+                                "%g s", message_id, delay)
                     break
                 self.unsaved.pop(message_id, None)
                 log.info("the end of reply %s is stored", message_id)
@@ -1538,8 +1552,26 @@ def message_json(row: sqlite3.Row | dict) -> dict:
     return message
 
 
+def with_unsaved_ends(messages: list[dict], unsaved: dict[int, ReplyEnd]) -> list[dict]:
+    """The messages as they are once the ends SQLite refused so far (Replies.unsaved) are stored."""
+    gone = set()
+    for end in unsaved.values():
+        if end.discard:
+            gone.update([*end.inserted_ids, end.message_id])
+        elif end.replaces is not None and end.status == "complete":
+            gone.add(end.replaces)
+    shown = [message for message in messages if message["id"] not in gone]
+    for message in shown:
+        if (end := unsaved.get(message["id"])) is not None:
+            message["content"] = end.text if end.rewrite else message["content"] + end.text
+            message["status"] = end.status
+            message |= {name: json.loads(value) for name, value in
+                        (("attachments", end.attachments), ("tool_calls", end.tool_calls)) if value}
+    return shown
+
+
 def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | None,
-                  before_id: int | None) -> bytes:
+                  before_id: int | None, unsaved: dict[int, ReplyEnd]) -> bytes:
     """The page as JSON bytes: built here, on a reader thread, however long the history."""
     get_conversation(db, conversation_id)
     body: dict[str, Any] = {"conversation_id": conversation_id}
@@ -1552,13 +1584,16 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
                           "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
         body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
+    if unsaved:
+        body["messages"] = with_unsaved_ends(body["messages"], unsaved)
     return json_bytes(body, "messages")
 
 
 async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
     before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
-    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id)
+    body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id,
+                                           dict(request.app.state.replies.unsaved))
     return Response(body, media_type="application/json")
 
 
@@ -3483,7 +3518,11 @@ async def read_response(request: Request) -> JSONResponse:
                                                    request.path_params["response_id"])
     body, key = row["body"], row["last_message_id"]
     live = live_reply(request.app, row) if message is not None else None
-    if live is not None:  # what has arrived so far
+    end = request.app.state.replies.unsaved.get(key) if message is not None else None
+    if end is not None and end.response is not None and end.response.body is not None:
+        # Ended, its end not stored yet (the database refuses writes): as it will be stored.
+        body = await off_loop(len(end.response.body) >= LONG_BYTES, json.loads, end.response.body)
+    elif live is not None:  # what has arrived so far
         body = {**body, "output": output_items(live.text, live.tool_calls, key, "in_progress")}
     elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.

@@ -4022,3 +4022,50 @@ def test_stop_while_an_attachment_uploads_ends_the_turn_and_calls_no_one(api, db
         == [("user", "look", "complete"), ("assistant", "", "interrupted")]
     assert say(api, conversation_id, "again").status_code == 200
     assert CALLS["Echo"] == calls + 1
+
+
+def test_a_reply_whose_end_waits_shows_its_end_and_is_stored_once_writes_go_through(
+        start_service, caplog):
+    api, db_path = start_service(db_timeout=0.3)
+    conversation_id = new_conversation(api, model="Slow")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with stream_turn(api, conversation_id, "5 0.05") as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith('data: {"content"'))
+            other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+        wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 1)
+        messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
+        assert [(m["content"], m["status"]) for m in messages["messages"]] == \
+            [("5 0.05", "complete"), ("c0 c1 c2 c3 c4 ", "complete")]
+        assert assistant_row(other, conversation_id)["status"] == "streaming"
+        # The retries back off, as long as the database refuses them.
+        wait_for(lambda: "next try within 4 s" in caplog.text, seconds=20)
+    finally:
+        other.execute("ROLLBACK")
+    new_conversation(api)  # a write goes through: the end is tried again at once
+    wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 0, seconds=2)
+    row = assistant_row(other, conversation_id)
+    other.close()
+    assert (row["content"], row["status"]) == ("c0 c1 c2 c3 c4 ", "complete")
+
+
+def test_a_response_whose_end_waits_reads_back_as_it_ended(start_service):
+    api, db_path = start_service(db_timeout=0.3)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with api.stream("POST", "/v1/responses", headers=KEY, json={
+                "model": "Slow", "input": "5 0.05", "stream": True}) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            response_id = json.loads(next(lines)[6:])["response"]["id"]
+            next(line for line in lines if "output_text.delta" in line)
+            other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+            assert "response.completed" in list(lines)[-1]
+        wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 1)
+        body = api.get(f"/v1/responses/{response_id}").json()
+        assert body["status"] == "completed"
+        assert body["output"][0]["content"][0]["text"] == "c0 c1 c2 c3 c4 "
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
