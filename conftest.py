@@ -36,6 +36,7 @@ import server
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
+UPLOAD_GATE = threading.Event()  # an upload of b"HOLD-UPLOAD" waits for it
 MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
 RIGHT_KEY = "poe-right-key-0123456789"
 
@@ -198,6 +199,24 @@ async def nameless_call(request):
     yield tool_chunk({}, "tool_calls")
 
 
+async def hoard(request):
+    """Asks the service to hold much for little: 'calls N' (a call, then a delta at index N),
+    'files N' (N files) or 'name N' (a file whose name is N characters)."""
+    what, size = request.query[-1].content.split()
+    size = int(size)
+    if what == "calls":
+        yield tool_chunk({"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": ""}}]})
+        yield tool_chunk({"tool_calls": [{"index": size, "function": {"arguments": "{}"}}]})
+        yield tool_chunk({}, "tool_calls")
+        return
+    yield fp.PartialResponse(text="files: ")
+    for i in range(size if what == "files" else 1):
+        name = f"f{i}.txt" if what == "files" else "n" * size
+        yield fp.PartialResponse(text="", attachment=fp.Attachment(
+            url=f"https://poe.test/{i}", content_type="text/plain", name=name))
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -210,7 +229,7 @@ def make_poe_app():
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
-            ScriptBot("NamelessCall", nameless_call)]
+            ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries.
@@ -230,6 +249,8 @@ def make_poe_app():
         UPLOADS.append({"authorization": request.headers.get("authorization"), "body": body})
         if b"REFUSE-UPLOAD" in body:
             return JSONResponse({"error": "refused"}, 400)
+        if b"HOLD-UPLOAD" in body:
+            await asyncio.to_thread(UPLOAD_GATE.wait, 30)
         return JSONResponse({"attachment_url": f"https://poe.test/file/{len(UPLOADS)}",
                              "mime_type": "application/octet-stream"})
     poe.add_api_route("/poe_api/file_upload_3RD_PARTY_POST", upload, methods=["POST"])

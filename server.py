@@ -280,6 +280,7 @@ class Database:
         self.writer = ThreadPoolExecutor(1, "db-writer", initializer=self._open)
         self.readers = ThreadPoolExecutor(readers, "db-reader", initializer=self._open)
         self.long_readers = ThreadPoolExecutor(readers, "db-long-reader", initializer=self._open)
+        self.wrote = asyncio.Event()  # set by each write that goes through
 
     def _open(self) -> None:
         self.local.db = connect(self.path, self.timeout)
@@ -298,7 +299,13 @@ class Database:
 
     def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
-        return asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
+        future = asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
+        future.add_done_callback(self.written)
+        return future
+
+    def written(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.wrote.set()
 
     async def write(self, fn: Callable, *args: Any) -> Any:
         return await self.submit_write(fn, *args)
@@ -884,9 +891,9 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                         moved = now
                     if isinstance(event, fp.MetaResponse) or event.is_suggested_reply:
                         continue
-                    if event.attachment is not None:
+                    if event.attachment is not None:  # its name cut to a file name's length
                         yield ("file", {"url": event.attachment.url,
-                                        "name": clean_text(event.attachment.name or ""),
+                                        "name": clean_text(event.attachment.name or "")[:255],
                                         "content_type": event.attachment.content_type or "",
                                         "inline_ref": event.attachment.inline_ref})
                     elif event.tool_calls:
@@ -943,6 +950,9 @@ LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
 # A reply's task, or the response relaying it, yields the event loop after holding it this long.
 TURN_SECONDS = 0.005
+# What a bot may make a reply hold, past its text: past these, the reply fails (502).
+MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
+MAX_REPLY_FILES = 100
 
 
 @dataclass
@@ -1095,17 +1105,21 @@ class Reply:
         """Calls Poe in a task of its own; with `stream`, events are queued for the caller."""
         self.registry = app.state.replies
         self.listener = Listener() if stream else None
+        if self.conversation_id in self.registry.stopping:
+            query = None  # stopped while it was prepared: it ends at once, calling no one
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
-    async def run(self, app: Starlette, model: str, query: PoeQuery, api_key: str,
+    async def run(self, app: Starlette, model: str, query: PoeQuery | None, api_key: str,
                   tools: list | None) -> None:
         cancelled, self.running, status = False, True, "interrupted"
         try:
-            async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools)) as events:
-                await self.take_all(events)
-            # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
-            status = "interrupted" if self.cut else "complete"
+            if query is not None:
+                async with contextlib.aclosing(relay_poe(app, model, query, api_key,
+                                                         tools)) as events:
+                    await self.take_all(events)
+                # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
+                status = "interrupted" if self.cut else "complete"
         except PoeFailure as exc:
             self.error, self.error_headers = (exc.status, exc.detail), exc.headers
         except asyncio.CancelledError:
@@ -1153,12 +1167,16 @@ class Reply:
                     value, self.cut = value[:max(room, 0)], True
             self.chunks.append(value)
         elif kind == "file":
+            if len(self.files) == MAX_REPLY_FILES:
+                raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
             kind, value = "text", file_markdown(value)
             self.chunks.append(value)
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
+                if not 0 <= index < MAX_TOOL_CALLS:  # each index up to it is a call we hold
+                    raise PoeFailure(502, "Poe sent too many tool calls")
                 while len(self.tool_calls) <= index:
                     self.tool_calls.append({"id": "", "type": "function",
                                             "function": {"name": "", "arguments": ""}})
@@ -1275,6 +1293,7 @@ class Replies:
         self.by_session: dict[str, Reply] = {}  # every reply, stored or not
         # A conversation whose turn is being prepared (claim); the event is set when it ends.
         self.preparing: dict[str, asyncio.Event] = {}
+        self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
         self.retrying: asyncio.Task | None = None
@@ -1296,6 +1315,7 @@ class Replies:
             yield
         finally:
             del self.preparing[conversation_id]
+            self.stopping.discard(conversation_id)
             released.set()
 
     def add(self, reply: Reply) -> None:
@@ -1316,9 +1336,20 @@ class Replies:
             if (reply := self.by_conversation.get(conversation_id)) is not None:
                 await reply.stop()
             elif (released := self.preparing.get(conversation_id)) is not None:
-                await released.wait()  # a turn being prepared: it starts, or it fails
+                self.stopping.add(conversation_id)
+                await released.wait()  # a turn being prepared: it starts stopped, or it fails
             else:
                 return
+
+    async def stop(self, conversation_id: str) -> bool:
+        """Stops the conversation's turn, if any: one being prepared (uploading, reading its
+        history) goes on to answer as stopped, without calling Poe."""
+        if conversation_id in self.preparing:
+            self.stopping.add(conversation_id)
+            return True
+        if (reply := self.by_conversation.get(conversation_id)) is not None:
+            await reply.stop()
+        return reply is not None
 
     async def save_end(self, end: ReplyEnd) -> None:
         try:
@@ -1331,13 +1362,20 @@ class Replies:
 
     async def retry_unsaved(self) -> None:
         delay = RETRY_SECONDS
+        self.db.wrote.clear()
         while self.unsaved:
-            await asyncio.sleep(delay)
+            # Any write that goes through says the database takes writes again: no need to wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.db.wrote.wait()
+            self.db.wrote.clear()
             for message_id, end in list(self.unsaved.items()):
                 try:
                     await self.db.write(save_reply_end, end)
                 except HTTPException:
                     delay = min(delay * 2, 10.0)
+                    log.warning("the end of reply %s still waits to be stored; next try within "
+                                "%g s", message_id, delay)
                     break
                 self.unsaved.pop(message_id, None)
                 log.info("the end of reply %s is stored", message_id)
@@ -1542,8 +1580,26 @@ def message_json(row: sqlite3.Row | dict) -> dict:
     return message
 
 
+def with_unsaved_ends(messages: list[dict], unsaved: dict[int, ReplyEnd]) -> list[dict]:
+    """The messages as they are once the ends SQLite refused so far (Replies.unsaved) are stored."""
+    gone = set()
+    for end in unsaved.values():
+        if end.discard:
+            gone.update([*end.inserted_ids, end.message_id])
+        elif end.replaces is not None and end.status == "complete":
+            gone.add(end.replaces)
+    shown = [message for message in messages if message["id"] not in gone]
+    for message in shown:
+        if (end := unsaved.get(message["id"])) is not None:
+            message["content"] = end.text if end.rewrite else message["content"] + end.text
+            message["status"] = end.status
+            message |= {name: json.loads(value) for name, value in
+                        (("attachments", end.attachments), ("tool_calls", end.tool_calls)) if value}
+    return shown
+
+
 def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | None,
-                  before_id: int | None) -> bytes:
+                  before_id: int | None, unsaved: dict[int, ReplyEnd]) -> bytes:
     """The page as JSON bytes: built here, on a reader thread, however long the history."""
     get_conversation(db, conversation_id)
     body: dict[str, Any] = {"conversation_id": conversation_id}
@@ -1556,6 +1612,8 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
                           "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
         body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
+    if unsaved:
+        body["messages"] = with_unsaved_ends(body["messages"], unsaved)
     return json_bytes(body, "messages")
 
 
@@ -1563,6 +1621,7 @@ async def list_messages(request: Request) -> Response:
     conversation_id = request.path_params["conversation_id"]
     before_id, limit = query_int(request, "before_id"), query_limit(request, 10000)
     body = await request.app.state.db.read(messages_page, conversation_id, limit, before_id,
+                                           dict(request.app.state.replies.unsaved),
                                            long=limit is None)
     return Response(body, media_type="application/json")
 
@@ -1819,10 +1878,7 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
 async def stop_conversation(request: Request) -> JSONResponse:
     conversation_id = request.path_params["conversation_id"]
     await request.app.state.db.read(get_conversation, conversation_id)
-    reply = request.app.state.replies.by_conversation.get(conversation_id)
-    if reply is not None:
-        await reply.stop()
-    return JSONResponse({"stopped": reply is not None})
+    return JSONResponse({"stopped": await request.app.state.replies.stop(conversation_id)})
 
 
 async def stop_stream(request: Request) -> JSONResponse:
@@ -3513,7 +3569,11 @@ async def read_response(request: Request) -> JSONResponse:
                                                    request.path_params["response_id"])
     body, key = row["body"], row["last_message_id"]
     live = live_reply(request.app, row) if message is not None else None
-    if live is not None:  # what has arrived so far
+    end = request.app.state.replies.unsaved.get(key) if message is not None else None
+    if end is not None and end.response is not None and end.response.body is not None:
+        # Ended, its end not stored yet (the database refuses writes): as it will be stored.
+        body = await off_loop(len(end.response.body) >= LONG_BYTES, json.loads, end.response.body)
+    elif live is not None:  # what has arrived so far
         body = {**body, "output": output_items(live.text, live.tool_calls, key, "in_progress")}
     elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.

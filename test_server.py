@@ -24,7 +24,7 @@ import pytest
 
 import server
 from conftest import (CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, TRICKY,
-                      UPLOADS, ServerProcess, history_of, wait_for)
+                      UPLOAD_GATE, UPLOADS, ServerProcess, history_of, wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -4272,3 +4272,115 @@ def test_parallel_forks_from_one_response_all_succeed_each_in_its_own_conversati
         messages = stored_messages(db, answer.json()["conversation"]["id"])
         assert [m["content"] for m in messages] == [
             "root", root["output"][0]["content"][0]["text"], f"3 0.05 {n}", "c0 c1 c2 "]
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: what a bot can make us hold, a stop while a turn is prepared, a reply
+# whose end waits for the database
+
+def assistant_row(db, conversation_id) -> dict:
+    db.row_factory = sqlite3.Row
+    return dict(db.execute("SELECT content, status, attachments, tool_calls FROM messages "
+                           "WHERE conversation_id = ? AND role = 'assistant'",
+                           (conversation_id,)).fetchone())
+
+
+def test_a_tool_call_index_far_past_the_calls_fails_the_reply_and_stores_only_the_calls(api, db):
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "Hoard", "input": "calls 200000", "tools": [FLAT_WEATHER]})
+    assert response.status_code == 502
+    assert response.json()["error"]["message"] == "Poe sent too many tool calls"
+    reply = assistant_row(db, conversation_of(db, latest_response(db)))
+    assert reply["status"] == "interrupted"
+    assert [call["function"]["name"] for call in json.loads(reply["tool_calls"])] == \
+        ["get_weather"]
+
+
+def test_a_bot_sending_too_many_files_fails_the_reply_and_keeps_what_came(api, db):
+    conversation_id = new_conversation(api, model="Hoard")
+    response = say(api, conversation_id, "files 1000")
+    assert response.status_code == 502 and response.json()["detail"] == "Poe sent too many files"
+    reply = assistant_row(db, conversation_id)
+    assert reply["status"] == "interrupted"
+    assert len(json.loads(reply["attachments"])) == server.MAX_REPLY_FILES
+
+
+def test_a_file_name_a_bot_sends_is_cut_to_a_file_names_length(api, db):
+    conversation_id = new_conversation(api, model="Hoard")
+    response = say(api, conversation_id, "name 100000")
+    assert response.status_code == 200
+    assert response.json()["reply"] == "files: [" + "n" * 255 + "](https://poe.test/0)"
+    [attachment] = json.loads(assistant_row(db, conversation_id)["attachments"])
+    assert attachment["name"] == "n" * 255
+
+
+def test_stop_while_an_attachment_uploads_ends_the_turn_and_calls_no_one(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    calls, answer = CALLS["Echo"], {}
+    attachment = {"data": base64.b64encode(b"HOLD-UPLOAD").decode(), "name": "a.txt"}
+    turn = threading.Thread(target=lambda: answer.update(turn=say(
+        api, conversation_id, "look", attachments=[attachment])))
+    UPLOAD_GATE.clear()
+    turn.start()
+    try:
+        wait_for(lambda: any(b"HOLD-UPLOAD" in upload["body"] for upload in UPLOADS))
+        stopped = api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+    finally:
+        UPLOAD_GATE.set()
+        turn.join(30)
+    assert stopped.json() == {"stopped": True}
+    assert answer["turn"].status_code == 200
+    assert (answer["turn"].json()["reply"], answer["turn"].json()["status"]) == \
+        ("", "interrupted")
+    assert CALLS["Echo"] == calls
+    assert [(m["role"], m["content"], m["status"]) for m in stored_messages(db, conversation_id)] \
+        == [("user", "look", "complete"), ("assistant", "", "interrupted")]
+    assert say(api, conversation_id, "again").status_code == 200
+    assert CALLS["Echo"] == calls + 1
+
+
+def test_a_reply_whose_end_waits_shows_its_end_and_is_stored_once_writes_go_through(
+        start_service, caplog):
+    api, db_path = start_service(db_timeout=0.3)
+    conversation_id = new_conversation(api, model="Slow")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with stream_turn(api, conversation_id, "5 0.05") as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith('data: {"content"'))
+            other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+        wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 1)
+        messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
+        assert [(m["content"], m["status"]) for m in messages["messages"]] == \
+            [("5 0.05", "complete"), ("c0 c1 c2 c3 c4 ", "complete")]
+        assert assistant_row(other, conversation_id)["status"] == "streaming"
+        # The retries back off, as long as the database refuses them.
+        wait_for(lambda: "next try within 4 s" in caplog.text, seconds=20)
+    finally:
+        other.execute("ROLLBACK")
+    new_conversation(api)  # a write goes through: the end is tried again at once
+    wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 0, seconds=2)
+    row = assistant_row(other, conversation_id)
+    other.close()
+    assert (row["content"], row["status"]) == ("c0 c1 c2 c3 c4 ", "complete")
+
+
+def test_a_response_whose_end_waits_reads_back_as_it_ended(start_service):
+    api, db_path = start_service(db_timeout=0.3)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        with api.stream("POST", "/v1/responses", headers=KEY, json={
+                "model": "Slow", "input": "5 0.05", "stream": True}) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            response_id = json.loads(next(lines)[6:])["response"]["id"]
+            next(line for line in lines if "output_text.delta" in line)
+            other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+            assert "response.completed" in list(lines)[-1]
+        wait_for(lambda: api.get("/health").json()["unsaved_replies"] == 1)
+        body = api.get(f"/v1/responses/{response_id}").json()
+        assert body["status"] == "completed"
+        assert body["output"][0]["content"][0]["text"] == "c0 c1 c2 c3 c4 "
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
