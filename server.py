@@ -333,6 +333,15 @@ def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | Non
     db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
 
 
+def rebuild_search_index(db: sqlite3.Connection) -> None:
+    """Both indexes made again from the stored text, without the replies still streaming, as
+    the triggers keep them: such a reply is indexed when it ends, and must not be twice."""
+    for table in ("messages_fts", "documents_fts"):
+        db.execute(f"INSERT INTO {table} ({table}) VALUES ('rebuild')")
+    db.execute("INSERT INTO messages_fts (messages_fts, rowid, content) "
+               "SELECT 'delete', id, content FROM messages WHERE status = 'streaming'")
+
+
 def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     """Conversations: assistance_role, status, metadata. Messages: updated_at, attachments,
     tool calls, the 'tool' role. Projects: git_work_dir, ai_work_dir. Categories: summary_model.
@@ -391,8 +400,7 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
         for statement in schema_statements():
             db.execute(statement)
         if version:
-            db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-            db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
+            rebuild_search_index(db)
         check_columns(db)
         if (broken := db.execute("PRAGMA foreign_key_check").fetchone()) is not None:
             raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is gone; "

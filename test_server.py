@@ -2023,6 +2023,7 @@ def test_an_upgraded_database_is_searchable(tmp_path, poe_url):
             assert {r["kind"] for r in search(api, "旧的")} == {"message", "document"}
     finally:
         process.stop(signal.SIGTERM)
+    assert fts_in_step(sqlite3.connect(tmp_path / "chat.db"))
 
 
 def test_export_markdown_reads_as_a_conversation(api, db):
@@ -3372,6 +3373,7 @@ def test_a_database_from_the_release_before_is_upgraded_with_everything_in_it(
     assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     assert db.execute("SELECT count(*) FROM plan_documents").fetchone()[0] == 1
+    assert fts_in_step(db)
     # The search index was built for what the old release stored.
     assert (2,) in db.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH '旧的问'"
                               ).fetchall()
@@ -3957,3 +3959,16 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
             file_part = target.split("#")[0]
             assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(path),
                                                                 file_part))), (name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: a damaged search index, upgrades and hand-made databases
+
+def test_an_upgraded_reply_left_streaming_is_indexed_once(start_service, tmp_path):
+    path = tmp_path / "old.db"
+    make_old_database(path)
+    api, _ = start_service(db_path=str(path))
+    db = sqlite3.connect(path)
+    assert fts_in_step(db)
+    assert [r["id"] for r in search(api, "old answer")] == [3]
+    db.close()
