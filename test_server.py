@@ -3964,6 +3964,61 @@ def test_docs_are_in_the_repository_and_every_link_resolves():
 # ---------------------------------------------------------------------------------------------
 # Faults, round three: a damaged search index, upgrades and hand-made databases
 
+def damage_search_index(db) -> None:
+    """Zeroes the index's pages (all but its header and structure), as a torn disk write would:
+    SQLite's own checks still pass, FTS5 finds nothing and fails writes that touch them."""
+    with db:
+        db.execute("UPDATE messages_fts_data SET block = zeroblob(length(block)) WHERE id > 10")
+
+
+def filled_database(path, count=300) -> None:
+    server.prepare_database(str(path))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("INSERT INTO conversations (id, model) VALUES ('kept', 'Echo')")
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                       (("kept", "user", f"zebracorn number {i} " * 20) for i in range(count)))
+    db.close()
+
+
+def turns_and_a_delete_go_through(api, db) -> None:
+    conversation_id = new_conversation(api, model="Echo")
+    statuses = [say(api, conversation_id, f"platypus turn {i}").status_code for i in range(10)]
+    assert statuses == [200] * 10
+    assert {r["id"] for r in search(api, "platypus")} == {
+        row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
+                                     "content LIKE '%platypus%'", (conversation_id,))}
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    assert db.execute("SELECT count(*) FROM messages WHERE conversation_id = ?",
+                      (conversation_id,)).fetchone()[0] == 0
+    assert fts_in_step(db)
+
+
+def test_a_search_index_damaged_before_start_is_rebuilt_at_start(start_service, tmp_path):
+    path = tmp_path / "damaged.db"
+    filled_database(path)
+    db = sqlite3.connect(path, isolation_level=None)  # fts_in_step's INSERT: no open transaction
+    damage_search_index(db)
+    api, _ = start_service(db_path=str(path))
+    assert len(search(api, "zebracorn", limit=100)) == 100
+    turns_and_a_delete_go_through(api, db)
+    db.close()
+
+
+def test_a_search_index_damaged_while_serving_never_stops_turns_or_deletes(
+        start_service, tmp_path):
+    path = tmp_path / "damaged.db"
+    filled_database(path)
+    api, _ = start_service(db_path=str(path))
+    db = sqlite3.connect(path, isolation_level=None)  # fts_in_step's INSERT: no open transaction
+    damage_search_index(db)
+    turns_and_a_delete_go_through(api, db)
+    response = api.delete("/v1/chat/conversations/kept")
+    assert response.status_code == 200, response.text
+    assert search(api, "zebracorn") == [] and fts_in_step(db)
+    db.close()
+
+
 def test_an_upgraded_reply_left_streaming_is_indexed_once(start_service, tmp_path):
     path = tmp_path / "old.db"
     make_old_database(path)
