@@ -408,6 +408,9 @@ def inspect_database(db_path: str) -> int:
         if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                        "name = 'messages'").fetchone():
             version = 1  # the first release did not number its schema
+            with contextlib.suppress(DatabaseUnusable):
+                check_columns(db)
+                version = SCHEMA_VERSION  # today's tables: schema.sql applied by hand
         if version > SCHEMA_VERSION:
             raise DatabaseUnusable(
                 f"{db_path} was made by a newer release (schema {version}; this one knows up "
@@ -453,7 +456,8 @@ def prepare_database(db_path: str) -> None:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
         with contextlib.closing(sqlite3.connect(db_path, isolation_level=None, timeout=30)) as db:
-            if version < SCHEMA_VERSION:
+            # An unnumbered file of today's tables gets its number (and a rebuilt index) too.
+            if version < SCHEMA_VERSION or not db.execute("PRAGMA user_version").fetchone()[0]:
                 upgrade(db, version)
             elif search_index_damaged(db):
                 with transaction(db):

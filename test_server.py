@@ -4027,3 +4027,32 @@ def test_an_upgraded_reply_left_streaming_is_indexed_once(start_service, tmp_pat
     assert fts_in_step(db)
     assert [r["id"] for r in search(api, "old answer")] == [3]
     db.close()
+
+
+def schema_by_hand(path, numbered: bool) -> None:
+    """`sqlite3 chat.db < schema.sql`, with today's file or with one that did not number itself
+    (user_version 0 and today's tables, as yesterday's file made it)."""
+    db = sqlite3.connect(path)
+    db.executescript(open(server.SCHEMA_PATH, encoding="utf-8").read())
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    if not numbered:
+        db.execute("PRAGMA user_version = 0")
+    db.close()
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_a_database_made_by_hand_from_schema_sql_is_served(tmp_path, poe_url, numbered):
+    schema_by_hand(tmp_path / "chat.db", numbered)
+    process = ServerProcess(tmp_path, poe_url)
+    try:
+        with httpx.Client(base_url=process.url) as api:
+            project_id = new_project(api, "by-hand")
+            conversation_id = new_conversation(api, model="Echo", project_id=project_id)
+            assert say(api, conversation_id, "hello").status_code == 200
+    finally:
+        process.stop(signal.SIGTERM)
+    db = sqlite3.connect(tmp_path / "chat.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    assert fts_in_step(db)
+    db.close()
