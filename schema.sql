@@ -1,7 +1,8 @@
 -- The only schema of the service: what a new database is made of. Every statement is safe to
 -- run again (IF NOT EXISTS, INSERT OR IGNORE): after a database from an earlier release has been
 -- upgraded by the steps in server.py (MIGRATIONS), this file runs on it too, to add what is new.
--- PRAGMA user_version records the schema's version (server.py's SCHEMA_VERSION).
+-- PRAGMA user_version records the schema's version (server.py's SCHEMA_VERSION), set at the
+-- end: so `sqlite3 chat.db < schema.sql` makes a database the server opens as it is.
 -- Timestamps are UTC ISO 8601 strings with milliseconds, e.g. 2026-11-24T15:18:43.123Z.
 
 CREATE TABLE IF NOT EXISTS projects (
@@ -170,3 +171,6 @@ VALUES
     (5, '知识库', '{doc}', 'PlanGetRequest', NULL, 1),
     (6, '需求评审', '请评审以下需求文档，指出遗漏、矛盾和不可验证之处，并给出修改建议：' || char(10) || char(10) || '开发环境：{env}' || char(10) || char(10) || '需求内容：' || char(10) || '{doc}', 'PlanGetRequest', 1, 1),
     (7, '方案设计', '请根据以下需求设计技术方案，包括模块划分、接口与数据结构：' || char(10) || char(10) || '开发环境：{env}' || char(10) || char(10) || '需求内容：' || char(10) || '{doc}', 'PlanGetRequest', 2, 1);
+
+-- Equal to server.py's SCHEMA_VERSION (a test checks): raise both together.
+PRAGMA user_version = 2;

@@ -286,11 +286,15 @@ class Database:
         self.local.db = connect(self.path, self.timeout)
         self.connections.append(self.local.db)
 
-    def _run(self, fn: Callable, args: tuple, write: bool) -> Any:
+    def _run(self, fn: Callable, args: tuple, write: bool, repaired: bool = False) -> Any:
         try:
             with transaction(self.local.db) if write else contextlib.nullcontext():
                 return fn(self.local.db, *args)
         except sqlite3.Error as exc:
+            if write and not repaired and search_index_broke(exc):
+                # Only the index is damaged: remade from the text, the write goes through.
+                self._run(repair_search_index, (), True, True)
+                return self._run(fn, args, write, True)
             raise database_failure(exc) from None
 
     async def read(self, fn: Callable, *args: Any, long: bool = False) -> Any:
@@ -350,6 +354,38 @@ def rebuild_table(db: sqlite3.Connection, table: str, fill: dict[str, str] | Non
     db.execute(f"ALTER TABLE {table}_new RENAME TO {table}")
 
 
+def search_index_broke(exc: sqlite3.Error) -> bool:
+    # The FTS5 tables are the only virtual tables the schema has.
+    return getattr(exc, "sqlite_errorcode", 0) == sqlite3.SQLITE_CORRUPT_VTAB
+
+
+def search_index_damaged(db: sqlite3.Connection) -> bool:
+    """FTS5's integrity-check of both indexes against their tables (about 1 s a 100,000
+    messages): a damaged page or a row indexed twice or not at all."""
+    try:
+        for table in ("messages_fts", "documents_fts"):
+            db.execute(f"INSERT INTO {table} ({table}, rank) VALUES ('integrity-check', 1)")
+    except sqlite3.Error as exc:
+        if not search_index_broke(exc):
+            raise
+        return True
+    return False
+
+
+def rebuild_search_index(db: sqlite3.Connection) -> None:
+    """Both indexes made again from the stored text, without the replies still streaming, as
+    the triggers keep them: such a reply is indexed when it ends, and must not be twice."""
+    for table in ("messages_fts", "documents_fts"):
+        db.execute(f"INSERT INTO {table} ({table}) VALUES ('rebuild')")
+    db.execute("INSERT INTO messages_fts (messages_fts, rowid, content) "
+               "SELECT 'delete', id, content FROM messages WHERE status = 'streaming'")
+
+
+def repair_search_index(db: sqlite3.Connection) -> None:
+    log.warning("the search index is damaged: rebuilding it from the stored text")
+    rebuild_search_index(db)
+
+
 def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     """Conversations: assistance_role, status, metadata. Messages: updated_at, attachments,
     tool calls, the 'tool' role. Projects: git_work_dir, ai_work_dir. Categories: summary_model.
@@ -389,6 +425,9 @@ def inspect_database(db_path: str) -> int:
         if version == 0 and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                                        "name = 'messages'").fetchone():
             version = 1  # the first release did not number its schema
+            with contextlib.suppress(DatabaseUnusable):
+                check_columns(db)
+                version = SCHEMA_VERSION  # today's tables: schema.sql applied by hand
         if version > SCHEMA_VERSION:
             raise DatabaseUnusable(
                 f"{db_path} was made by a newer release (schema {version}; this one knows up "
@@ -408,8 +447,7 @@ def upgrade(db: sqlite3.Connection, version: int) -> None:
         for statement in schema_statements():
             db.execute(statement)
         if version:
-            db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-            db.execute("INSERT INTO documents_fts (documents_fts) VALUES ('rebuild')")
+            rebuild_search_index(db)
         check_columns(db)
         if (broken := db.execute("PRAGMA foreign_key_check").fetchone()) is not None:
             raise DatabaseUnusable(f"table {broken[0]} has rows whose {broken[2]} is gone; "
@@ -435,8 +473,12 @@ def prepare_database(db_path: str) -> None:
         exists = os.path.exists(db_path) and os.path.getsize(db_path) > 0
         version = inspect_database(db_path) if exists else 0
         with contextlib.closing(sqlite3.connect(db_path, isolation_level=None, timeout=30)) as db:
-            if version < SCHEMA_VERSION:
+            # An unnumbered file of today's tables gets its number (and a rebuilt index) too.
+            if version < SCHEMA_VERSION or not db.execute("PRAGMA user_version").fetchone()[0]:
                 upgrade(db, version)
+            elif search_index_damaged(db):
+                with transaction(db):
+                    repair_search_index(db)
             db.execute("PRAGMA journal_mode = WAL")
             # A reply still 'streaming' here was cut off by a crash: keep its text, say so.
             db.execute(f"UPDATE messages SET status = 'interrupted', updated_at = {NOW_SQL} "

@@ -2024,6 +2024,7 @@ def test_an_upgraded_database_is_searchable(tmp_path, poe_url):
             assert {r["kind"] for r in search(api, "旧的")} == {"message", "document"}
     finally:
         process.stop(signal.SIGTERM)
+    assert fts_in_step(sqlite3.connect(tmp_path / "chat.db"))
 
 
 def test_export_markdown_reads_as_a_conversation(api, db):
@@ -3373,6 +3374,7 @@ def test_a_database_from_the_release_before_is_upgraded_with_everything_in_it(
     assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     assert db.execute("SELECT count(*) FROM plan_documents").fetchone()[0] == 1
+    assert fts_in_step(db)
     # The search index was built for what the old release stored.
     assert (2,) in db.execute("SELECT rowid FROM messages_fts WHERE messages_fts MATCH '旧的问'"
                               ).fetchall()
@@ -4384,3 +4386,100 @@ def test_a_response_whose_end_waits_reads_back_as_it_ended(start_service):
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: a damaged search index, upgrades and hand-made databases
+
+def damage_search_index(db) -> None:
+    """Zeroes the index's pages (all but its header and structure), as a torn disk write would:
+    SQLite's own checks still pass, FTS5 finds nothing and fails writes that touch them."""
+    with db:
+        db.execute("UPDATE messages_fts_data SET block = zeroblob(length(block)) WHERE id > 10")
+
+
+def filled_database(path, count=300) -> None:
+    server.prepare_database(str(path))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("INSERT INTO conversations (id, model) VALUES ('kept', 'Echo')")
+        db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                       (("kept", "user", f"zebracorn number {i} " * 20) for i in range(count)))
+    db.close()
+
+
+def turns_and_a_delete_go_through(api, db) -> None:
+    conversation_id = new_conversation(api, model="Echo")
+    statuses = [say(api, conversation_id, f"platypus turn {i}").status_code for i in range(10)]
+    assert statuses == [200] * 10
+    assert {r["id"] for r in search(api, "platypus")} == {
+        row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
+                                     "content LIKE '%platypus%'", (conversation_id,))}
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    assert db.execute("SELECT count(*) FROM messages WHERE conversation_id = ?",
+                      (conversation_id,)).fetchone()[0] == 0
+    assert fts_in_step(db)
+
+
+def test_a_search_index_damaged_before_start_is_rebuilt_at_start(start_service, tmp_path):
+    path = tmp_path / "damaged.db"
+    filled_database(path)
+    db = sqlite3.connect(path, isolation_level=None)  # fts_in_step's INSERT: no open transaction
+    damage_search_index(db)
+    api, _ = start_service(db_path=str(path))
+    assert len(search(api, "zebracorn", limit=100)) == 100
+    turns_and_a_delete_go_through(api, db)
+    db.close()
+
+
+def test_a_search_index_damaged_while_serving_never_stops_turns_or_deletes(
+        start_service, tmp_path):
+    path = tmp_path / "damaged.db"
+    filled_database(path)
+    api, _ = start_service(db_path=str(path))
+    db = sqlite3.connect(path, isolation_level=None)  # fts_in_step's INSERT: no open transaction
+    damage_search_index(db)
+    turns_and_a_delete_go_through(api, db)
+    response = api.delete("/v1/chat/conversations/kept")
+    assert response.status_code == 200, response.text
+    assert search(api, "zebracorn") == [] and fts_in_step(db)
+    db.close()
+
+
+def test_an_upgraded_reply_left_streaming_is_indexed_once(start_service, tmp_path):
+    path = tmp_path / "old.db"
+    make_old_database(path)
+    api, _ = start_service(db_path=str(path))
+    db = sqlite3.connect(path)
+    assert fts_in_step(db)
+    assert [r["id"] for r in search(api, "old answer")] == [3]
+    db.close()
+
+
+def schema_by_hand(path, numbered: bool) -> None:
+    """`sqlite3 chat.db < schema.sql`, with today's file or with one that did not number itself
+    (user_version 0 and today's tables, as yesterday's file made it)."""
+    db = sqlite3.connect(path)
+    db.executescript(open(server.SCHEMA_PATH, encoding="utf-8").read())
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    if not numbered:
+        db.execute("PRAGMA user_version = 0")
+    db.close()
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_a_database_made_by_hand_from_schema_sql_is_served(tmp_path, poe_url, numbered):
+    schema_by_hand(tmp_path / "chat.db", numbered)
+    process = ServerProcess(tmp_path, poe_url)
+    try:
+        with httpx.Client(base_url=process.url) as api:
+            project_id = new_project(api, "by-hand")
+            conversation_id = new_conversation(api, model="Echo", project_id=project_id)
+            assert say(api, conversation_id, "hello").status_code == 200
+    finally:
+        process.stop(signal.SIGTERM)
+    db = sqlite3.connect(tmp_path / "chat.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    assert fts_in_step(db)
+    db.close()
