@@ -3585,9 +3585,10 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url, clien
                              ).fetchall()
         assert lengths == [(reply_chars,)] * clients * 3  # every reply stored whole
         # More stuck clients, held by none of them: once the memory the first replies used is
-        # there to reuse, the server hardly grows: by less than 3 MiB a client per 5 MB of
-        # reply (60% of the text; a server that kept the replies would grow by all of it).
-        assert sizes[2] - sizes[1] < clients * 3 * 2**20 * reply_chars / 5000000, sizes
+        # there to reuse, the server hardly grows past the most it held before: by less than
+        # 3 MiB a client per 5 MB of reply (60% of the text; a server that kept the replies would
+        # grow by all of it). RSS itself moves up and down by several MB from round to round.
+        assert sizes[2] - max(sizes[:2]) < clients * 3 * 2**20 * reply_chars / 5000000, sizes
         for sock in stuck:
             sock.close()
     finally:
