@@ -5,7 +5,7 @@ The HTTP contract is API.md, documented for users in docs/API.md. The sections, 
 order, and what each owns:
 
   Settings            Settings (a dataclass), load_settings(): flag > env > .env > default
-  Database            Database (a writer thread, readers, long readers: the loop never calls SQLite),
+  Database            Database (a writer, readers, long readers: the loop never calls SQLite),
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
   Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
@@ -3911,7 +3911,7 @@ def search_index(db: sqlite3.Connection, q: str, project_id: int | None, limit: 
     return dumps({"results": search_results(db, best, terms)}).encode()
 
 
-def search_keys(db: sqlite3.Connection, indexed: bool, params: dict, message_where: list[str],
+def search_keys(db: sqlite3.Connection, indexed: list, params: dict, message_where: list[str],
                 document_where: list[str], documents: bool) -> list[tuple[str, int]]:
     """The (kind, id) of the best matches: ranked, or the newest for short words alone."""
     limit = params["limit"]
@@ -4055,7 +4055,7 @@ async def export_body(db: Database, conversation_id: str, fmt: str, head: bytes,
                       last_id: int) -> AsyncIterator[bytes]:
     """The export a page at a time, each read and encoded on a long reader."""
     yield head
-    after_id, done = 0, 0
+    after_id, done = -1, 0  # 0 is an id too
     while after_id is not None:
         try:
             page, after_id, done = await db.read(export_page, conversation_id, fmt, after_id,

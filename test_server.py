@@ -3903,7 +3903,8 @@ class OfflineService:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join("examples", "echo_poe.py"), "--poe-port", "0",
-             "--port", "0"], cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+             "--port", "0", "--word-seconds", "0"], cwd=workdir, stdout=self.log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "POE_API_KEY": "", "ACCESS_KEYS": ""})
         try:
             self.port = wait_for(self.listening_port, seconds=30)
@@ -4039,7 +4040,8 @@ def threads_inside(function_name: str) -> int:
 
 def while_long_reads_run(api, requests: list, function_name: str) -> list:
     """Sends `requests` (path, params) at once; once each is inside `function_name` on a thread
-    of its own, reads one conversation. Returns the status of each answer begun by then, or False."""
+    of its own, reads one conversation. Returns the status of each answer begun by then, or
+    False."""
     conversation_id = new_conversation(api)
     answered = [False] * len(requests)
 
