@@ -3900,7 +3900,8 @@ class OfflineService:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, os.path.join("examples", "echo_poe.py"), "--poe-port", "0",
-             "--port", "0"], cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+             "--port", "0", "--word-seconds", "0"], cwd=workdir, stdout=self.log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "POE_API_KEY": "", "ACCESS_KEYS": ""})
         try:
             self.port = wait_for(self.listening_port, seconds=30)

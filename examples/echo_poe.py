@@ -51,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 SERVER_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "server.py")
+WORD_SECONDS = 0.02  # the pause between two words of a reply (--word-seconds)
 IMAGE_BOT = re.compile(r"^(flux|dall-e|imagen|playground)|image", re.IGNORECASE)
 FILES: dict[str, tuple[str, str, bytes]] = {}  # id -> (name, content type, bytes), in memory
 MODELS = [  # what GET /v1/models answers: Poe's format, a few with their context window
@@ -140,7 +141,7 @@ class EchoBot(fp.PoeBot):
             text += " Documents: " + ", ".join(documents) + "."  # the service's document marks
         for word in re.findall(r"\S+\s*", text):  # streamed: one text event per word
             yield fp.PartialResponse(text=word)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(WORD_SECONDS)
 
 
 async def upload(request: Request) -> Response:
@@ -184,6 +185,7 @@ def make_app():
 
 
 def main() -> None:
+    global WORD_SECONDS
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="An offline fake Poe, and the service pointed at it.",
         epilog="Other arguments (--port, --host, ...) are passed to server.py.")
@@ -191,7 +193,10 @@ def main() -> None:
                         "(default 8001; 0: a free one)")
     parser.add_argument("--poe-only", action="store_true", help="start only the fake Poe")
     parser.add_argument("--db", default="offline.db", help="the service's database (offline.db)")
+    parser.add_argument("--word-seconds", type=float, default=WORD_SECONDS,
+                        help="the pause between two words of a reply (default 0.02)")
     args, passthrough = parser.parse_known_args()
+    WORD_SECONDS = args.word_seconds
     if args.poe_only and passthrough:
         parser.error(f"--poe-only starts no service: {' '.join(passthrough)} is for none")
 
