@@ -201,6 +201,8 @@ def connect(db_path: str, timeout: float) -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys = ON")
     # In WAL mode NORMAL loses nothing on a process crash (kill -9), only on power loss.
     db.execute("PRAGMA synchronous = NORMAL")
+    # What a user deletes is overwritten, not left in free pages (and in every backup copied).
+    db.execute("PRAGMA secure_delete = ON")
     # A checkpointed WAL is cut back to this size, so it does not keep its largest size forever.
     db.execute("PRAGMA journal_size_limit = 67108864")
     return db
@@ -2742,15 +2744,23 @@ def fold_tool_rounds(history: list[dict]) -> list[dict]:
     return folded
 
 
+MAX_SCHEMA_NODES = 20000  # a tool's parameters with their $refs inlined: far past any real one
+
+
 def inline_refs(schema: dict) -> dict:
     """Local $refs (pydantic's nested models) inlined, recursive ones kept: Poe's tool parameters
-    keep only type, properties and required, which would lose $defs and leave the refs dangling."""
+    keep only type, properties and required, which would lose $defs and leave the refs dangling.
+    ValueError past MAX_SCHEMA_NODES: refs used twice at each level double at each level."""
     defs = {name: spec for key in ("definitions", "$defs") if isinstance(schema.get(key), dict)
             for name, spec in schema[key].items()}
     if not defs:
         return schema
+    budget = [MAX_SCHEMA_NODES]
 
     def resolve(node: Any, path: tuple) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("the schema is too large once its $refs are inlined")
         if isinstance(node, list):
             return [resolve(item, path) for item in node]
         if not isinstance(node, dict):
@@ -2784,8 +2794,8 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
             "parameters": {**parameters, "type": parameters.get("type") or "object",
                            "properties": parameters.get("properties") or {}}})
     except (ValueError, RecursionError):
-        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not nested "
-                                 "too deep once its $refs are inlined") from None
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not too deep "
+                                 "or too large once its $refs are inlined") from None
 
 
 def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:

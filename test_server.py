@@ -4486,3 +4486,38 @@ def test_a_database_made_by_hand_from_schema_sql_is_served(tmp_path, poe_url, nu
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
     assert fts_in_step(db)
     db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults, round three: schemas that explode once inlined, deleted text left in free pages
+
+def test_a_schema_whose_refs_double_at_each_level_is_400_at_once(api):
+    """Thirty levels of a definition naming the next one twice: 2^30 nodes once inlined."""
+    defs = {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"},
+                                                       "b": {"$ref": f"#/$defs/d{i + 1}"}}}
+            for i in range(30)}
+    defs["d30"] = {"type": "string"}
+    calls = CALLS["Echo"]
+    response = api.post("/v1/chat/completions", headers=KEY, timeout=10, json={
+        "model": "Echo", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {
+            "name": "boom", "parameters": {"$ref": "#/$defs/d0", "$defs": defs}}}]})
+    assert response.status_code == 400
+    assert "too large once its $refs are inlined" in response.json()["error"]["message"]
+    assert CALLS["Echo"] == calls
+
+
+def test_deleted_text_is_not_left_in_the_database_file_or_a_backup(start_service):
+    api, db_path = start_service()
+    conversation_id = new_conversation(api, model="Echo")
+    marker = f"ZEBRA-{random.randrange(10**12):012d}-GONE" * 40  # far from any other bytes
+    say(api, conversation_id, marker)
+    message_ids = [m["id"] for m in api.get(
+        f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]]
+    assert api.post("/v1/chat/messages/delete", headers=KEY,
+                    json={"message_ids": message_ids}).status_code == 200
+    backup = api.get("/v1/backup").content
+    assert backup.startswith(b"SQLite format 3") and marker[:26].encode() not in backup
+    with sqlite3.connect(db_path) as direct:  # the file itself, its WAL written back
+        direct.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert marker[:26].encode() not in open(db_path, "rb").read()
