@@ -2794,8 +2794,8 @@ def tool_definition(function: Any, where: str) -> fp.ToolDefinition:
             "parameters": {**parameters, "type": parameters.get("type") or "object",
                            "properties": parameters.get("properties") or {}}})
     except (ValueError, RecursionError):
-        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not too deep "
-                                 "or too large once its $refs are inlined") from None
+        raise HTTPException(400, f"{where}.parameters must be a JSON Schema object, not nested "
+                                 "too deep or too large once its $refs are inlined") from None
 
 
 def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | None, str]:
