@@ -129,10 +129,11 @@ class Settings:
     cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
     db_timeout: float = 5.0
+    header_seconds: float = 10.0  # python server.py only: see GuardedHttpProtocol
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
-                    "max_context_chars": 1, "db_timeout": 0.001}
+                    "max_context_chars": 1, "db_timeout": 0.001, "header_seconds": 0.001}
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
@@ -4399,19 +4400,24 @@ app = create_app()
 # ---------------------------------------------------------------------------------------------
 # Main: uvicorn, with a guard on connections and an orderly shutdown
 
-HEADER_SECONDS, MAX_HEADER_BYTES = 10.0, 65536
+MAX_HEADER_BYTES = 65536
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits uvicorn cannot set (headers are unbounded but in
     h11 mode; its keep-alive timeout is armed only after a first response, so a silent socket
-    stays open forever): each request's headers must arrive whole within HEADER_SECONDS (a
-    connection sending nothing is closed then too), and past MAX_HEADER_BYTES they are 431."""
+    stays open forever): each request's headers must arrive whole within `header_seconds` (the
+    setting HEADER_SECONDS; a connection sending nothing is closed then too), and past
+    MAX_HEADER_BYTES they are 431. main gives uvicorn partial(GuardedHttpProtocol, ...)."""
+
+    def __init__(self, *args: Any, header_seconds: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_seconds = header_seconds
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.expect_headers()
-        self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+        self.header_timer = self.loop.call_later(self.header_seconds, self.drop_slow)
 
     def expect_headers(self) -> None:
         self.reading_headers, self.header_bytes, self.header_tail = True, 0, b""
@@ -4435,7 +4441,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
                 return
             if self.header_timer.cancelled():  # the first bytes of the next request
-                self.header_timer = self.loop.call_later(HEADER_SECONDS, self.drop_slow)
+                self.header_timer = self.loop.call_later(self.header_seconds, self.drop_slow)
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
@@ -4582,7 +4588,9 @@ def main() -> None:
     log.info("%s", start_line(settings, sock.getsockname()[1]))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has stopped
         Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
-                              http=GuardedHttpProtocol, timeout_graceful_shutdown=3)).run([sock])
+                              http=partial(GuardedHttpProtocol,
+                                           header_seconds=settings.header_seconds),
+                              timeout_graceful_shutdown=3)).run([sock])
 
 
 if __name__ == "__main__":
