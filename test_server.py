@@ -4031,34 +4031,36 @@ def threads_inside(function_name: str) -> int:
 
 def while_long_reads_run(api, requests: list, function_name: str) -> list:
     """Sends `requests` (path, params) at once; once each is inside `function_name` on a thread
-    of its own, reads one conversation. Returns the status of each answer begun by then, or
-    False."""
+    of its own, reads one conversation, and checks that each is still inside it once the read
+    is answered (a read queued behind them would be answered only after one ended). Returns the
+    status of each answer begun by then, or False."""
     conversation_id = new_conversation(api)
     answered = [False] * len(requests)
 
     def run(index, path, params):
         with httpx.Client(base_url=api.base_url, timeout=60) as client:
             with client.stream("GET", path, params=params) as response:
+                # The body is left unread: the long read is the server's, before it answers.
                 answered[index] = response.status_code
-                response.read()
 
     threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
     for thread in threads:
         thread.start()
     wait_for(lambda: threads_inside(function_name) == len(requests))
     response = api.get(f"/v1/chat/conversations/{conversation_id}")
-    seen = list(answered)
+    seen, still_inside = list(answered), threads_inside(function_name)
     for thread in threads:
         thread.join(60)
     assert response.status_code == 200 and response.json()["conversation_id"] == conversation_id
+    assert still_inside == len(requests)
     return seen
 
 
 def test_a_one_row_read_is_answered_while_three_backups_run(fresh):
     api, db_path = fresh
-    with sqlite3.connect(db_path) as db:  # 150 MB: each copy takes a while
+    with sqlite3.connect(db_path) as db:  # 150 MB (of zeros: a copy copies pages as they are)
         db.execute("CREATE TABLE ballast (b BLOB)")
-        db.executemany("INSERT INTO ballast VALUES (randomblob(1048576))", [()] * 150)
+        db.executemany("INSERT INTO ballast VALUES (zeroblob(1048576))", [()] * 150)
     assert while_long_reads_run(api, [("/v1/backup", {})] * 3,
                                 "backup_to_temporary") == [False] * 3
 
