@@ -3015,24 +3015,29 @@ def test_responses_survive_the_client_hanging_up_and_can_be_stopped(api, oai, db
 
 def test_a_response_cut_off_by_kill_9_keeps_its_text(tmp_path, poe_url):
     first = ServerProcess(tmp_path, poe_url)
+    db = sqlite3.connect(tmp_path / "chat.db")
     with httpx.Client(base_url=first.url, timeout=30) as client:
         with client.stream("POST", "/v1/responses", headers=KEY, json={
                 "model": "Slow", "input": "400 0.01", "stream": True}) as response:
-            seen = 0
-            for line in response.iter_lines():
-                seen += line.startswith("data: ") and "output_text.delta" in line
-                if line.startswith("data: ") and "response.created" in line:
+            flushed = ""
+            for line in (line for line in response.iter_lines() if line.startswith("data: ")):
+                if "response.created" in line:
                     response_id = json.loads(line[6:])["response"]["id"]
-                if seen > 100:  # past more than one flush interval
+                    continue
+                flushed = flushed_text(db, "SELECT m.content FROM messages m JOIN responses r "
+                                           "ON m.conversation_id = r.conversation_id WHERE "
+                                           "r.id = ? AND m.role = 'assistant'", response_id)
+                if flushed:  # past a flush
                     break
             first.stop(signal.SIGKILL)
+    db.close()
     second = ServerProcess(tmp_path, poe_url)
     with openai.OpenAI(base_url=second.url + "/v1", api_key="k",
                        _strict_response_validation=True) as client:
         kept = client.responses.retrieve(response_id)
     second.stop(signal.SIGTERM)
     assert kept.status == "failed" and kept.output[0].status == "incomplete"
-    assert kept.output_text.startswith("c0 c1 ") and len(kept.output_text.split()) >= 20
+    assert flushed.startswith("c0 c1 ") and kept.output_text.startswith(flushed)
 
 
 def test_langchain_speaks_the_responses_api_to_the_service(service, db):
@@ -3100,10 +3105,19 @@ def test_non_streamed_turn_survives_client_timeout(api, db):
 
 
 
+def flushed_text(db, sql: str, key: str) -> str:
+    """The text the database holds of a reply in progress (`sql` finds its row by `key`): what
+    its last flush wrote."""
+    row = db.execute(sql, (key,)).fetchone()
+    return row[0] if row else ""
+
+
 def read_then_signal(tmp_path, poe_url, sig):
-    """Streams a long reply, reads part of it, sends `sig` to the server; returns what the client
-    received and the database's rows after a restart on the same file."""
+    """Streams a long reply and reads it until the database holds part of it (a flush) and the
+    client has more than that; sends `sig` to the server. Returns what the client received, what
+    was flushed by then, and the database's rows after a restart on the same file."""
     first = ServerProcess(tmp_path, poe_url)
+    db = sqlite3.connect(tmp_path / "chat.db")
     with httpx.Client(base_url=first.url, timeout=30) as api:
         conversation_id = new_conversation(api, model="Slow")
         received = ""
@@ -3111,32 +3125,35 @@ def read_then_signal(tmp_path, poe_url, sig):
             for line in response.iter_lines():
                 if line.startswith("data: {"):
                     received += json.loads(line[6:]).get("content", "")
-                if len(received.split()) >= 60:  # past more than one flush interval
+                flushed = flushed_text(db, "SELECT content FROM messages WHERE role = "
+                                           "'assistant' AND conversation_id = ?", conversation_id)
+                if flushed and len(received) > len(flushed):  # past a flush, and more since
                     break
             first.stop(sig)
+    db.close()
     second = ServerProcess(tmp_path, poe_url)
     with httpx.Client(base_url=second.url) as api:
         messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
     second.stop(signal.SIGTERM)
-    return received, messages["messages"]
+    return received, flushed, messages["messages"]
 
 
 def test_kill_9_keeps_user_message_and_saved_text(tmp_path, poe_url):
-    received, messages = read_then_signal(tmp_path, poe_url, signal.SIGKILL)
+    received, flushed, messages = read_then_signal(tmp_path, poe_url, signal.SIGKILL)
     assert [(m["role"], m["status"]) for m in messages] == [
         ("user", "complete"), ("assistant", "interrupted")]
     assert messages[0]["content"] == "400 0.02"
     saved = messages[1]["content"]
-    assert saved and received.startswith(saved[:len(received)])
-    assert len(saved.split()) >= 20  # all but the last flush interval (0.5 s = 25 chunks)
+    assert received.startswith(saved[:len(received)])
+    assert flushed and saved.startswith(flushed)  # all the flushes wrote before the kill
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_in_flight_text(tmp_path, poe_url, sig):
-    received, messages = read_then_signal(tmp_path, poe_url, sig)
+    received, flushed, messages = read_then_signal(tmp_path, poe_url, sig)
     assert [(m["role"], m["status"]) for m in messages] == [
         ("user", "complete"), ("assistant", "interrupted")]
-    assert messages[1]["content"].startswith(received)
+    assert len(received) > len(flushed) and messages[1]["content"].startswith(received)
 
 
 # ---------------------------------------------------------------------------------------------
