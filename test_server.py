@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -521,15 +522,25 @@ def run_server(tmp_path, *args, **env) -> subprocess.CompletedProcess:
 
 
 def test_start_line_says_address_database_key_mode_and_poe(tmp_path, poe_url):
-    for env, mode in [({"POE_API_KEY": "k"}, "the server's Poe key (POE_API_KEY), no access"),
-                      ({"POE_API_KEY": ""}, "no server key: each caller sends its own"),
-                      ({"POE_API_KEY": "k", "ACCESS_KEYS": "a,b"},
-                       "the server's Poe key, 2 access key(s) required")]:
-        process = ServerProcess(tmp_path, poe_url, **env)
-        process.stop(signal.SIGINT)  # Ctrl-C: an orderly stop, no traceback
+    cases = [({"POE_API_KEY": "k"}, "the server's Poe key (POE_API_KEY), no access"),
+             ({"POE_API_KEY": ""}, "no server key: each caller sends its own"),
+             ({"POE_API_KEY": "k", "ACCESS_KEYS": "a,b"},
+              "the server's Poe key, 2 access key(s) required")]
+    folders = [tmp_path / str(i) for i in range(len(cases))]
+    for folder in folders:
+        folder.mkdir()
+    # Started and stopped together, each in a folder of its own (a start is mostly imports).
+    with ThreadPoolExecutor(len(cases)) as pool:
+        starts = [pool.submit(ServerProcess, folder, poe_url, **env)
+                  for folder, (env, _) in zip(folders, cases)]
+        processes = [start.result() for start in starts if start.exception() is None]
+        # Ctrl-C: an orderly stop, no traceback.
+        list(pool.map(lambda process: process.stop(signal.SIGINT), processes))
+    assert len(processes) == len(cases), [start.exception() for start in starts]
+    for folder, (_, mode), process in zip(folders, cases, processes):
         assert process.process.returncode == 0 and "Traceback" not in process.output()
         line = next(line for line in process.output().splitlines() if "serving http" in line)
-        assert f"serving http://127.0.0.1:{process.port}; database {tmp_path / 'chat.db'}; " \
+        assert f"serving http://127.0.0.1:{process.port}; database {folder / 'chat.db'}; " \
                f"{mode}" in line and line.endswith(f"; Poe at {poe_url}"), line
         assert "Uvicorn running" not in process.output()
 
