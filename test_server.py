@@ -1802,7 +1802,7 @@ def test_random_json_never_breaks_a_plan_route(start_service):
                           max_leaves=4)
     bodies = st.dictionaries(fields, values, max_size=5) | values
 
-    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None,
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(route=st.sampled_from(PLAN_ROUTES), body=bodies)
     def check(route, body):
@@ -3705,7 +3705,7 @@ def test_random_json_never_breaks_a_route(start_service):
                           max_leaves=6)
     bodies = st.dictionaries(fields, values, max_size=5) | values
 
-    @hypothesis.settings(max_examples=600, deadline=None, derandomize=True, database=None,
+    @hypothesis.settings(max_examples=400, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(route=st.sampled_from(ROUTES), body=bodies)
     def check(route, body):
