@@ -2990,13 +2990,13 @@ def test_responses_failing_part_way_keep_the_text(oai, service, db):
 
 def test_responses_survive_the_client_hanging_up_and_can_be_stopped(api, oai, db):
     with api.stream("POST", "/v1/responses", headers=KEY,
-                    json={"model": "Slow", "input": "30 0.03", "stream": True}) as response:
+                    json={"model": "Slow", "input": "10 0.03", "stream": True}) as response:
         lines = response.iter_lines()
         created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
     response_id = created["response"]["id"]
     done = wait_for(lambda: oai.responses.retrieve(response_id).status == "completed")
     assert done and oai.responses.retrieve(response_id).output_text == \
-        "".join(f"c{i} " for i in range(30))
+        "".join(f"c{i} " for i in range(10))
     # While a reply arrives, its conversation takes no other (409); stopped, it keeps its text.
     with api.stream("POST", "/v1/responses", headers=KEY, json={
             "model": "Slow", "input": "300 0.02", "stream": True,
@@ -3092,7 +3092,7 @@ def test_langchain_speaks_the_responses_api_to_the_service(service, db):
 def test_stream_survives_client_disconnect(api, db):
     conversation_id = new_conversation(api, model="Slow")
     calls = CALLS["Slow"]
-    with stream_turn(api, conversation_id, "30 0.03") as response:
+    with stream_turn(api, conversation_id, "10 0.03") as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
     # The client has hung up after one chunk; the reply goes on to its end and is saved whole.
@@ -3100,7 +3100,7 @@ def test_stream_survives_client_disconnect(api, db):
                                    if m["role"] == "assistant" and m["status"] != "streaming"),
                                   None))
     assert reply["status"] == "complete"
-    assert reply["content"] == "".join(f"c{i} " for i in range(30))
+    assert reply["content"] == "".join(f"c{i} " for i in range(10))
     assert CALLS["Slow"] == calls + 1
 
 
@@ -4030,7 +4030,7 @@ def test_a_conversation_moved_out_of_its_project_drops_its_own_references(api, d
 
 def test_deleting_another_conversations_message_stops_nothing(api, db):
     mine, theirs = new_conversation(api, model="Echo"), new_conversation(api, model="Slow")
-    with stream_turn(api, theirs, "20 0.05") as response:
+    with stream_turn(api, theirs, "10 0.05") as response:
         lines = response.iter_lines()
         first = first_frame(lines)
         for message_id in (first["assistant_message_id"], first["user_message_id"]):
@@ -4040,7 +4040,7 @@ def test_deleting_another_conversations_message_stops_nothing(api, db):
                   if line.startswith("data: ") and line != "data: [DONE]"]
     assert "status" not in events[-1]
     reply = stored_messages(db, theirs)[-1]
-    assert (reply["status"], len(reply["content"].split())) == ("complete", 20)
+    assert (reply["status"], len(reply["content"].split())) == ("complete", 10)
 
 
 # ---------------------------------------------------------------------------------------------
