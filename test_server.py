@@ -4381,8 +4381,10 @@ def test_a_reply_whose_end_waits_shows_its_end_and_is_stored_once_writes_go_thro
         assert [(m["content"], m["status"]) for m in messages["messages"]] == \
             [("5 0.05", "complete"), ("c0 c1 c2 c3 c4 ", "complete")]
         assert assistant_row(other, conversation_id)["status"] == "streaming"
-        # The retries back off, as long as the database refuses them.
-        wait_for(lambda: "next try within 4 s" in caplog.text, seconds=20)
+        # The retries back off: the first one (after RETRY_SECONDS), refused, doubles the wait
+        # (one doubling shows it; waiting for the next, "within 4 s", took two more seconds).
+        wait_for(lambda: "next try within 2 s" in caplog.text, seconds=10)
+        assert "next try within 1 s" not in caplog.text
     finally:
         other.execute("ROLLBACK")
     new_conversation(api)  # a write goes through: the end is tried again at once
