@@ -3131,7 +3131,7 @@ def read_then_signal(tmp_path, poe_url, sig):
     db = sqlite3.connect(tmp_path / "chat.db")
     with httpx.Client(base_url=first.url, timeout=30) as api:
         conversation_id = new_conversation(api, model="Slow")
-        received = ""
+        received = flushed = ""
         with stream_turn(api, conversation_id, "400 0.02") as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
