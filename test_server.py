@@ -4136,14 +4136,22 @@ def test_short_words_are_found_in_any_case_in_any_language(api, db):
         assert message_id in {r["id"] for r in search(api, q, project_id=0)}, q
 
 
-@pytest.mark.parametrize("fmt", ["md", "json"])
-def test_an_export_holds_a_page_in_memory_not_the_conversation(fresh, fmt):
-    api, db_path = fresh
+@pytest.fixture(scope="module")
+def big_conversation(start_service):
+    """A service of its own with one conversation of 24 MB: 6,000 numbered messages (stored once
+    for both export formats: indexing them for search takes most of a second)."""
+    api, db_path = start_service()
     conversation_id = new_conversation(api, name="big")
-    with sqlite3.connect(db_path) as db:  # 24 MB of messages
+    with sqlite3.connect(db_path) as db:
         db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
                        [(conversation_id, "user", f"{i:05} " + "word " * 800)
                         for i in range(6000)])
+    return api, conversation_id
+
+
+@pytest.mark.parametrize("fmt", ["md", "json"])
+def test_an_export_holds_a_page_in_memory_not_the_conversation(big_conversation, fmt):
+    api, conversation_id = big_conversation
     size, numbers = 0, set()
     tracemalloc.start()
     try:
