@@ -3615,7 +3615,7 @@ def test_body_over_limit_is_413_when_streamed_without_length(small_bodies):
 
 
 def compressed(coding: str, data: bytes) -> bytes:
-    if coding in ("gzip", "x-gzip", "GZip"):
+    if coding.lower().endswith("gzip"):
         return gzip.compress(data)
     return zstandard.ZstdCompressor().compress(data)
 
@@ -3625,7 +3625,7 @@ def post_compressed(api, path, coding, body: bytes, **headers):
                                                  "Content-Encoding": coding, **KEY, **headers})
 
 
-@pytest.mark.parametrize("coding", ["gzip", "zstd", "x-gzip", "GZip", "identity, zstd"])
+@pytest.mark.parametrize("coding", ["gzip", "zstd", "X-GZip", "identity, ZSTD"])
 def test_compressed_bodies_are_decoded_on_every_route_family(api, db, coding):
     """Codex CLI sends its Responses requests in zstd: native and OpenAI routes take gzip and
     zstd alike (names in any case; identity is no coding)."""
@@ -3802,7 +3802,8 @@ def zstd_frame_claiming(size: int) -> bytes:
     ("zstd", zstd_frame_claiming(10 * 2**30), "Frame requires too much memory"),
     ("zstd", zstd_frame_claiming(2**26), "Frame requires too much memory"),
     ("gzip", gzip.compress(b'{"name": "x"}')[:-8] + b"\0" * 8, "not valid gzip data"),
-])
+], ids=["plain-gzip", "plain-zstd", "cut-gzip", "cut-zstd", "junk-after-gzip", "zstd-10GiB",
+        "zstd-64MiB", "gzip-checksum"])
 def test_corrupt_compressed_bodies_are_400(api, db, coding, body, detail):
     """Not compressed at all, cut short, followed by junk, zstd frames claiming 10 GiB or 64
     MiB (their window is over 8 MiB: refused before anything is allocated), a wrong gzip
