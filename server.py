@@ -8,9 +8,9 @@ order, and what each owns:
   Database            Database (a writer, readers, long readers: the loop never calls SQLite),
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
-  Request helpers     read_json, text_field, int_field, id_list_field, ..., given, query_limit,
-                      the {name:id} path convertor, read_answer/write_answer, row_endpoint,
-                      poe_key
+  Request helpers     read_json (read_body, body_coding, BodyDecoder: compressed bodies),
+                      text_field, int_field, id_list_field, ..., given, query_limit, the
+                      {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure, CutLongTextEvents
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
 import httpx
+import zstandard
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -506,6 +508,19 @@ LONG_BYTES, LONG_ITEMS = 2**20, 500
 # JSON nested deeper than this is refused: no client's needs it, and the code that walks it
 # (schemas, tool_choice, the stored response) would hit Python's recursion limit.
 MAX_JSON_DEPTH = 128
+# A body may come compressed (Content-Encoding): gzip, or zstd (Codex CLI sends zstd). One coding
+# at most: a stack of them is refused (415), as no client sends one, and each layer would need
+# bounds of its own. Names are case-insensitive; x-gzip is gzip's old name; identity is none.
+BODY_CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "zstd": "zstd"}
+# A compressed body is decoded as it arrives, at most this much input at a time, handed on in
+# pieces of about this much, the loop free between pieces; decoding stops past MAX_BODY_BYTES.
+DECODE_INPUT_BYTES, DECODE_PIECE_BYTES = 2**16, 2**18
+# zstd is fed this many bytes at a time (its decompressobj has no max_length): a block yields at
+# most 128 KiB and takes at least 4 bytes, so one step yields at most ~2 MiB, whatever a frame says.
+ZSTD_STEP_BYTES = 64
+# The largest zstd window decoded: the 8 MiB RFC 8878 asks every decoder to support (levels 1-19
+# stay within it). A frame claiming more (a 1 KB frame may claim 10 GB) is 400, nothing allocated.
+ZSTD_MAX_WINDOW = 2**23
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -513,28 +528,124 @@ async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
 
 
 async def read_json(request: Request, empty_ok: bool = False) -> dict:
-    """The body as a JSON object ({} for none if `empty_ok`: every field optional); 413 past
-    MAX_BODY_BYTES without reading the rest, 408 when it stalls; a large body parsed off-loop."""
+    """The body as a JSON object ({} for none if `empty_ok`: every field optional); a large body
+    parsed off-loop. A compressed body (Content-Encoding) is decoded first."""
+    body = await read_body(request)
+    if not body.strip() and empty_ok:
+        return {}
+    return await off_loop(len(body) >= LONG_BYTES, parse_json_body, bytes(body))
+
+
+async def read_body(request: Request) -> bytearray:
+    """The body, decoded as it arrives when compressed; 413 when it (sent or decoded) passes
+    MAX_BODY_BYTES, without reading or decoding the rest; 408 when it stalls."""
     limit = request.app.state.settings.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     length = request.headers.get("content-length")
     if length is not None and is_number(length.strip()) and int(length) > limit:
         raise too_large
-    body = bytearray()
+    try:
+        decoder = BodyDecoder(body_coding(request.headers))
+    except ValueError as exc:
+        raise HTTPException(415, str(exc)) from None
+    body, received = bytearray(), 0
     try:
         async with asyncio.timeout(BODY_STALL_SECONDS) as stall:
             async for chunk in request.stream():
                 stall.reschedule(asyncio.get_running_loop().time() + BODY_STALL_SECONDS)
-                body += chunk
-                if len(body) > limit:
+                received += len(chunk)
+                if received > limit:
                     raise too_large
+                if decoder.coding is None:
+                    body += chunk
+                    continue
+                for piece in decoder.feed(chunk):
+                    if len(body) + len(piece) > limit:
+                        raise too_large
+                    body += piece
+                    await asyncio.sleep(0)  # a big body's decoding does not hold the loop
     except ClientDisconnect:
         raise HTTPException(400, "the request body did not arrive whole") from None
     except TimeoutError:
         raise HTTPException(408, "the request body stalled") from None
-    if not body.strip() and empty_ok:
-        return {}
-    return await off_loop(len(body) >= LONG_BYTES, parse_json_body, bytes(body))
+    if received:
+        decoder.finish()
+    return body
+
+
+def body_coding(headers: Headers) -> str | None:
+    """The content coding the body was sent in (None: as is); ValueError, said for a 415, for
+    a coding not served here or for several."""
+    listed = ",".join(headers.getlist("content-encoding")).split(",")
+    names = [name.strip().lower() for name in listed if name.strip().lower() != "identity"]
+    names = [name for name in names if name]
+    if len(names) > 1:
+        raise ValueError("a body may be sent in one Content-Encoding at most (gzip or zstd), "
+                         f"not {', '.join(names)[:100]}")
+    if names and names[0] not in BODY_CODINGS:
+        raise ValueError(f"Content-Encoding {names[0][:40]!r} is not served here: send the body "
+                         "as is, or in gzip or zstd")
+    return BODY_CODINGS[names[0]] if names else None
+
+
+class BodyDecoder:
+    """One request body's decoder (coding None: the body as is), fed the body as it arrives.
+    A body may hold several gzip members or zstd frames, one after another."""
+
+    def __init__(self, coding: str | None) -> None:
+        self.coding = coding
+        self.stream = self.new_stream() if coding is not None else None
+
+    def new_stream(self) -> Any:
+        if self.coding == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes, a piece at a time: each from at most DECODE_INPUT_BYTES of `data`,
+        of at most about DECODE_PIECE_BYTES (zstd: plus one step's); 400 for corrupt data."""
+        view = memoryview(data)
+        decode = self.gzip_pieces if self.coding == "gzip" else self.zstd_pieces
+        try:
+            for start in range(0, len(view), DECODE_INPUT_BYTES):
+                yield from decode(view[start:start + DECODE_INPUT_BYTES])
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise HTTPException(400, f"the request body is not valid {self.coding} data: {exc}"
+                                ) from None
+
+    def gzip_pieces(self, data: Any) -> Iterator[bytes]:
+        while True:
+            piece = self.stream.decompress(data, DECODE_PIECE_BYTES)
+            yield piece
+            if self.stream.eof:  # a member ended: what follows it is the next member
+                data = self.stream.unused_data
+                if not data:
+                    return
+                self.stream = self.new_stream()
+            elif self.stream.unconsumed_tail:
+                data = self.stream.unconsumed_tail
+            elif len(piece) < DECODE_PIECE_BYTES:
+                return
+            else:  # the output was cut at max_length: zlib may hold more of it
+                data = b""
+
+    def zstd_pieces(self, data: Any) -> Iterator[bytes]:
+        piece, at = bytearray(), 0
+        while at < len(data):
+            if self.stream.eof:  # a frame ended: what follows it is the next frame
+                self.stream = self.new_stream()
+            step = data[at:at + ZSTD_STEP_BYTES]
+            piece += self.stream.decompress(step)
+            at += len(step) - (len(self.stream.unused_data) if self.stream.eof else 0)
+            if len(piece) >= DECODE_PIECE_BYTES:
+                yield bytes(piece)
+                piece = bytearray()
+        yield bytes(piece)
+
+    def finish(self) -> None:
+        """400 when the body ended inside a gzip member or zstd frame."""
+        if self.coding is not None and not self.stream.eof:
+            raise HTTPException(400, f"the request body's {self.coding} data is cut short")
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -2580,7 +2691,8 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant", "tool": "tool"}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       402: "insufficient_quota", 403: "permission_error", 404: "not_found_error",
-                      409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                      409: "conflict_error", 413: "invalid_request_error",
+                      415: "invalid_request_error", 429: "rate_limit_error",
                       500: "server_error", 502: "api_error", 504: "timeout_error"}
 DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
 # One Markdown code fence around a whole reply (bots like to fence the JSON they were asked for).
@@ -4243,7 +4355,8 @@ def host_guard(app: Any, settings: Settings) -> Any:
 
 def access_guard(app: Any, settings: Settings) -> Any:
     """ACCESS_KEYS as Bearer on every route but /health, login and CORS preflights (401); a
-    body must come as JSON (415), so that no web page can post one without a preflight."""
+    body must come as JSON (415), so that no web page can post one without a preflight, and in
+    a Content-Encoding served here (415)."""
 
     async def guard(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
@@ -4258,6 +4371,11 @@ def access_guard(app: Any, settings: Settings) -> Any:
         if has_body and not JSON_TYPE.match(headers.get("content-type", "")):
             detail = "the body must be JSON, sent as 'Content-Type: application/json'"
             return await error_response(scope, 415, detail)(scope, receive, send)
+        try:
+            if has_body:
+                body_coding(headers)
+        except ValueError as exc:
+            return await error_response(scope, 415, str(exc))(scope, receive, send)
         await app(scope, receive, send)
     return guard
 

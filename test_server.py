@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import random
@@ -18,10 +19,12 @@ import sys
 import threading
 import time
 import tracemalloc
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import zstandard
 
 import server
 from conftest import (CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, TRICKY,
@@ -3637,6 +3640,208 @@ def test_body_over_limit_is_413_when_streamed_without_length(small_bodies):
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413")
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM projects").fetchone()[0] == 0
+
+
+def compressed(coding: str, data: bytes) -> bytes:
+    if coding.lower().endswith("gzip"):
+        return gzip.compress(data)
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def post_compressed(api, path, coding, body: bytes, **headers):
+    return api.post(path, content=body, headers={"Content-Type": "application/json",
+                                                 "Content-Encoding": coding, **KEY, **headers})
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd", "X-GZip", "identity, ZSTD"])
+def test_compressed_bodies_are_decoded_on_every_route_family(api, db, coding):
+    """Codex CLI sends its Responses requests in zstd: native and OpenAI routes take gzip and
+    zstd alike (names in any case; identity is no coding)."""
+    codec = coding.split(", ")[-1]
+    name = f"compressed {coding} " + "é" * 300
+    created = post_compressed(api, "/v1/projects", coding,
+                              compressed(codec, json.dumps({"name": name}).encode()))
+    assert created.status_code == 200, created.text
+    assert db.execute("SELECT name FROM projects WHERE id = ?",
+                      (created.json()["id"],)).fetchone()[0] == name
+    question = f"hello in {coding} " + "x" * 5000
+    body = {"model": "Echo", "messages": [{"role": "user", "content": question}]}
+    answer = post_compressed(api, "/v1/chat/completions", coding,
+                             compressed(codec, json.dumps(body).encode()))
+    assert answer.status_code == 200, answer.text
+    assert history_of(LAST_QUERY["Echo"]) == [["user", question]]  # what Poe received
+    body = {"model": "Echo", "input": question, "instructions": "be brief"}
+    response = post_compressed(api, "/v1/responses", coding,
+                               compressed(codec, json.dumps(body).encode()))
+    assert response.status_code == 200, response.text
+    assert history_of(LAST_QUERY["Echo"]) == [["system", "be brief"], ["user", question]]
+    stored = stored_messages(db, conversation_of(db, response.json()["id"]))
+    assert [m["content"] for m in stored][0] == question
+
+
+def test_several_gzip_members_or_zstd_frames_make_one_body(api, db):
+    """A gzip body may hold several members and a zstd body several frames, one after another
+    (here, one per byte of the JSON)."""
+    for coding in ("gzip", "zstd"):
+        raw = json.dumps({"name": f"in {coding} pieces"}).encode()
+        body = b"".join(compressed(coding, raw[i:i + 1]) for i in range(len(raw)))
+        created = post_compressed(api, "/v1/projects", coding, body)
+        assert created.status_code == 200, created.text
+        assert db.execute("SELECT name FROM projects WHERE id = ?",
+                          (created.json()["id"],)).fetchone()[0] == f"in {coding} pieces"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_a_small_body_that_inflates_past_the_limit_is_413(small_bodies, coding):
+    api, db_path = small_bodies
+    body = compressed(coding, json.dumps({"name": "x" * 5000}).encode())
+    assert len(body) < 200  # far under MAX_BODY_BYTES (1000) as sent
+    response = post_compressed(api, "/v1/projects", coding, body)
+    assert response.status_code == 413
+    assert response.json() == {"detail": "request body is larger than 1000 bytes"}
+    openai_route = post_compressed(api, "/v1/chat/completions", coding, compressed(coding, (
+        json.dumps({"model": "Echo", "messages": [{"role": "user", "content": "x" * 5000}]})
+        ).encode()))
+    assert openai_route.status_code == 413
+    assert openai_route.json()["error"]["type"] == "invalid_request_error"
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT count(*) FROM projects WHERE length(name) > 1000").fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    # Under the limit once decoded, the same way in: taken.
+    name = coding + "x" * 900
+    fits = post_compressed(api, "/v1/projects", coding,
+                           compressed(coding, json.dumps({"name": name}).encode()))
+    assert fits.status_code == 200, fits.text
+    assert db.execute("SELECT name FROM projects WHERE id = ?",
+                      (fits.json()["id"],)).fetchone() == (name,)
+
+
+def test_a_compressed_body_streamed_past_the_limit_is_413_before_it_ends(small_bodies):
+    """Decoded as it arrives: the answer comes while the client is still sending."""
+    api, db_path = small_bodies
+    deflater = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    piece = deflater.compress(b'{"name": "' + b"x" * 50000) + deflater.flush(zlib.Z_SYNC_FLUSH)
+    assert len(piece) < 1000
+    with socket.create_connection((api.base_url.host, api.base_url.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip"
+                     b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n" % (len(piece), piece))
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert sqlite3.connect(db_path).execute(
+        "SELECT count(*) FROM projects WHERE name LIKE 'xxx%'").fetchone() == (0,)
+
+
+def peak_rss_since_reset() -> tuple[int, int] | None:
+    """(VmHWM, VmRSS) in bytes, the peak reset to now first (None where Linux will not)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return None
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["VmHWM"].split()[0]) * 1024, int(fields["VmRSS"].split()[0]) * 1024
+
+
+def gzip_bomb(prefix: bytes, copies: int, suffix: bytes) -> bytes:
+    """One gzip member: `prefix`, `copies` x 16 MiB of "x", `suffix`, made in milliseconds (one
+    deflate run of "x" repeated: each starts with a literal, then copies at distance 1). Its
+    trailer's checksum is wrong: a decoder that stops at the limit never gets there."""
+    def run(data: bytes, mode: int) -> bytes:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return deflater.compress(data) + deflater.flush(mode)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + run(prefix, zlib.Z_FULL_FLUSH)
+            + run(b"x" * 2**24, zlib.Z_FULL_FLUSH) * copies + run(suffix, zlib.Z_FINISH)
+            + bytes(8))
+
+
+def zstd_block(kind: int, size: int, content: bytes, last: bool = False) -> bytes:
+    return ((size << 3) | (kind << 1) | last).to_bytes(3, "little") + content
+
+
+def zstd_bomb(prefix: bytes, copies: int, suffix: bytes) -> bytes:
+    """One zstd frame (no content size, a 128 KiB window): `prefix`, `copies` x 16 MiB of "x"
+    in RLE blocks of 128 KiB (4 bytes each), `suffix`."""
+    return (b"\x28\xb5\x2f\xfd\x00" + bytes([7 << 3]) + zstd_block(0, len(prefix), prefix)
+            + zstd_block(1, 2**17, b"x") * (128 * copies)
+            + zstd_block(0, len(suffix), suffix, last=True))
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_a_decompression_bomb_stops_at_the_limit(api, db, coding):
+    """1 GiB of JSON in one gzip member (1 MB) or zstd frame (32 KB) against MAX_BODY_BYTES of
+    32 MiB: 413, nothing stored, and the service (in this process) never held much more than
+    the limit, though a single chunk of what it reads may inflate to 64 MiB."""
+    name = f"bomb {coding} "
+    bomb = (gzip_bomb if coding == "gzip" else zstd_bomb)(
+        b'{"name": "' + name.encode(), 64, b'"}')
+    assert len(bomb) < 2**21
+    # Made right: with 16 MiB of "x", Python's own decoder gets the JSON expected.
+    small = (gzip_bomb if coding == "gzip" else zstd_bomb)(b'{"name": "', 1, b'"}')
+    decoder = (zlib.decompressobj(16 + zlib.MAX_WBITS) if coding == "gzip"
+               else zstandard.ZstdDecompressor().decompressobj())
+    assert decoder.decompress(small[:-8] if coding == "gzip" else small) == \
+        b'{"name": "' + b"x" * 2**24 + b'"}'
+    peak = peak_rss_since_reset()
+    started = time.monotonic()
+    response = post_compressed(api, "/v1/projects", coding, bomb)
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"request body is larger than {2**25} bytes"}
+    assert time.monotonic() - started < 5
+    assert db.execute("SELECT count(*) FROM projects WHERE name LIKE ?",
+                      (name + "%",)).fetchone()[0] == 0
+    if peak is not None:
+        with open("/proc/self/status") as status:
+            hwm = next(int(line.split()[1]) * 1024 for line in status
+                       if line.startswith("VmHWM"))
+        assert hwm - peak[1] < 3 * 2**25, f"RSS grew {(hwm - peak[1]) / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("encoding", ["br", "deflate", "compress", "gzip, zstd", "zstd, zstd"])
+def test_unknown_or_stacked_content_encodings_are_415(api, db, encoding):
+    before = snapshot(db)
+    body = json.dumps({"name": "never"}).encode()
+    native = post_compressed(api, "/v1/projects", encoding, body)
+    assert native.status_code == 415 and "Content-Encoding" in native.json()["detail"]
+    openai_route = post_compressed(api, "/v1/chat/completions", encoding, json.dumps(
+        {"model": "Echo", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert openai_route.status_code == 415
+    assert openai_route.json()["error"]["type"] == "invalid_request_error"
+    assert snapshot(db) == before
+    # A bodiless request's Content-Encoding names nothing: it is not refused.
+    assert api.get("/v1/projects", headers={"Content-Encoding": encoding}).status_code == 200
+
+
+def zstd_frame_claiming(size: int) -> bytes:
+    """A zstd frame whose header says it holds `size` bytes in a single segment (its window
+    then is `size`), followed by one RLE block of 16 bytes."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0b11100000]) + size.to_bytes(8, "little")
+    return header + ((16 << 3) | (1 << 1) | 1).to_bytes(3, "little") + b"{"
+
+
+@pytest.mark.parametrize("coding,body,detail", [
+    ("gzip", b'{"name": "plain"}', "not valid gzip data"),
+    ("zstd", b'{"name": "plain"}', "not valid zstd data"),
+    ("gzip", gzip.compress(b'{"name": "cut"}')[:-6], "gzip data is cut short"),
+    ("zstd", zstandard.ZstdCompressor().compress(b'{"name": "cut"}')[:-3],
+     "zstd data is cut short"),
+    ("gzip", gzip.compress(b'{"name": "trailing"}') + b"junk", "not valid gzip data"),
+    ("zstd", zstd_frame_claiming(10 * 2**30), "Frame requires too much memory"),
+    ("zstd", zstd_frame_claiming(2**26), "Frame requires too much memory"),
+    ("gzip", gzip.compress(b'{"name": "x"}')[:-8] + b"\0" * 8, "not valid gzip data"),
+], ids=["plain-gzip", "plain-zstd", "cut-gzip", "cut-zstd", "junk-after-gzip", "zstd-10GiB",
+        "zstd-64MiB", "gzip-checksum"])
+def test_corrupt_compressed_bodies_are_400(api, db, coding, body, detail):
+    """Not compressed at all, cut short, followed by junk, zstd frames claiming 10 GiB or 64
+    MiB (their window is over 8 MiB: refused before anything is allocated), a wrong gzip
+    checksum."""
+    before = snapshot(db)
+    response = post_compressed(api, "/v1/projects", coding, body)
+    assert response.status_code == 400 and detail in response.json()["detail"], response.text
+    openai_route = post_compressed(api, "/v1/responses", coding, body)
+    assert openai_route.status_code == 400 and detail in openai_route.json()["error"]["message"]
+    assert snapshot(db) == before
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100000, b'{"name": "\\ud800"}', b'{"name": 1e999}',
