@@ -20,6 +20,8 @@ order, and what each owns:
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
+  Source code         /v1/projects/{id}/complete-source-code (SourceText, GitIgnore): a
+                      project's files read as one text, never through a symlink out (open_below)
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
   Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
   OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
@@ -37,10 +39,13 @@ import argparse
 import asyncio
 import base64
 import binascii
+import codecs
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import errno
+import fnmatch
 import gc
 import hmac
 import json
@@ -49,8 +54,10 @@ import math
 import mimetypes
 import os
 import re
+import shutil
 import socket
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -129,6 +136,7 @@ class Settings:
     cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
     db_timeout: float = 5.0
+    write_roots: tuple = ()  # none: /v1/write-source-code writes to projects' ai_work_dirs only
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
@@ -2564,6 +2572,279 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
 
 
 # ---------------------------------------------------------------------------------------------
+# Source code: the original's two routes over a project's files. complete-source-code reads them
+# as teryfly/source-code-concatenator's text; write-source-code carries out a model's plan, in
+# teryfly/CodeFileExecutorLib's step format, and streams its events. Both run on worker threads,
+# through folder descriptors opened one name at a time without following symlinks (O_NOFOLLOW),
+# so that no path leads out of its folder, even one changed while it is read or written.
+
+# Folders never read into a project's text: version control, dependencies, caches, virtual
+# environments (also any folder that holds a pyvenv.cfg), and write-source-code's backups.
+SKIPPED_FOLDERS = frozenset({
+    ".git", ".hg", ".svn", ".bzr", "node_modules", "bower_components", "__pycache__", ".venv",
+    "venv", ".env", ".tox", ".nox", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+    ".ipynb_checkpoints", ".backup"})
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused, being no file).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def within(path: str, root: str) -> bool:
+    """`path` is `root` or below it (both absolute and resolved)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def open_below(fd: int, names: list[str], create: bool = False) -> int:
+    """A new descriptor of the folder `names` below folder `fd`, opened one name at a time
+    without following symlinks (a symlink anywhere: OSError ELOOP); `create` makes the missing."""
+    current = os.dup(fd)
+    try:
+        for name in names:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, dir_fd=current)
+            child = os.open(name, FOLDER_FLAGS, dir_fd=current)
+            os.close(current)
+            current = child
+        return current
+    except BaseException:
+        os.close(current)
+        raise
+
+
+def open_resolved_folder(path: str) -> int:
+    """A descriptor of the folder at `path`, a resolved path (os.path.realpath), walked from /
+    without following symlinks: one that appeared since the path was resolved fails (ELOOP)."""
+    top = os.open("/", FOLDER_FLAGS)
+    try:
+        return open_below(top, [name for name in path.split("/") if name])
+    finally:
+        os.close(top)
+
+
+def read_regular(fd: int, name: str, most: int) -> bytes | None:
+    """Up to `most` bytes of the regular file `name` in folder `fd`; None for anything else
+    there (a symlink, a FIFO, a device...) or a file that cannot be read."""
+    try:
+        with open(os.open(name, READ_FLAGS, dir_fd=fd), "rb") as file:
+            return file.read(most) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+    except OSError:
+        return None
+
+
+def fnmatch_glob(segment: str) -> str:
+    """A .gitignore segment in fnmatch's terms: an escaped `*`, `?` or `[` becomes a class of
+    itself, another escaped character itself, and a class `[^...]` is `[!...]`."""
+    segment = re.sub(r"\\(.)", lambda m: f"[{m[1]}]" if m[1] in "*?[" else m[1], segment)
+    return segment.replace("[^", "[!")
+
+
+def gitignore_rule(line: str) -> tuple[list, bool, bool] | None:
+    """One line of a .gitignore as (segment matchers, negated, folders only), None for a blank
+    line or a comment. A `/` at the start or in the middle anchors the pattern to the root;
+    without one it matches at any depth (a leading `**`, None among the matchers)."""
+    line = re.sub(r"(?<!\\) +$", "", line)
+    if not line or line.startswith("#"):
+        return None
+    negated = line.startswith("!")
+    line = line[1:] if negated else line
+    folders_only, anchored = line.endswith("/"), "/" in line.rstrip("/")
+    names = [name for name in line.split("/") if name]
+    if not names:
+        return None
+    matchers = [None if name == "**" else re.compile(fnmatch.translate(fnmatch_glob(name))).match
+                for name in names]
+    return ([None] if not anchored else []) + matchers, negated, folders_only
+
+
+def segments_match(matchers: list, names: list[str]) -> bool:
+    """Whether the path `names` matches, segment by segment (fnmatch's matching, which does not
+    backtrack without end); None is `**`: any number of segments, at least one when last."""
+    reachable = {0}
+    for index, matcher in enumerate(matchers):
+        if matcher is None:
+            start = min(reachable) + (index == len(matchers) - 1)
+            reachable = set(range(start, len(names) + 1))
+        else:
+            reachable = {at + 1 for at in reachable if at < len(names) and matcher(names[at])}
+        if not reachable:
+            return False
+    return len(names) in reachable
+
+
+class GitIgnore:
+    """The common rules of a .gitignore: comments, blank lines, `!` negation, `\\` escapes, `/`
+    anchoring, a trailing `/` for folders only, `*`, `?`, `[...]` and `**`. The last rule that
+    matches decides; an excluded folder is not walked, so nothing below it comes back (as git)."""
+
+    def __init__(self, text: str = "") -> None:
+        self.rules = [rule for line in text.splitlines() if (rule := gitignore_rule(line))]
+
+    def ignores(self, path: str, is_folder: bool) -> bool:
+        ignored, names = False, path.split("/")
+        for matchers, negated, folders_only in self.rules:
+            if (is_folder or not folders_only) and segments_match(matchers, names):
+                ignored = not negated
+        return ignored
+
+
+class SourceText:
+    """A project's folder as source-code-concatenator's text: "Project Name: <name>", the tree
+    (each folder's folders, then its files, by name in any case, drawn with ├── └── │), then
+    "File: <path>\\n---\\n<text>\\n---" for each text file, in os.walk's order (a folder's files,
+    then its folders'). Left out: SKIPPED_FOLDERS, what the root's .gitignore excludes, and
+    symlinks that lead out of the folder or nowhere. A binary file (a NUL byte, or not UTF-8)
+    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`."""
+
+    def __init__(self, root: str, limit: int) -> None:
+        self.name = os.path.basename(root)
+        self.real_root, self.limit, self.used = os.path.realpath(root), limit, 0
+        self.tree, self.blocks = [self.name + "/"], []
+        self.ignore, self.root_fd = GitIgnore(), -1
+
+    def text(self) -> str:
+        self.root_fd = open_resolved_folder(self.real_root)
+        try:
+            rules = read_regular(self.root_fd, ".gitignore", 2**20) or b""
+            self.ignore = GitIgnore(rules.decode(errors="replace"))
+            self.walk()
+        finally:
+            os.close(self.root_fd)
+        return (f"Project Name: {self.name}\n\nProject Structure:\n" + "\n".join(self.tree)
+                + "\n\nFile Contents:\n\n" + "\n\n".join(self.blocks))
+
+    def charge(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise HTTPException(413, f"the source code under {self.real_root} is larger than "
+                                     f"{self.limit} bytes (MAX_BODY_BYTES)")
+
+    def walk(self) -> None:
+        """The tree, depth first without recursion: a stack of (folder, prefix, entries left)."""
+        stack = [(self.root_fd, "", self.listing(self.root_fd, ""))]
+        try:
+            while stack:
+                fd, prefix, entries = stack[-1]
+                if not entries:
+                    stack.pop()
+                    if fd != self.root_fd:
+                        os.close(fd)
+                    continue
+                name, path, kind = entries.pop()
+                last = not entries
+                line = prefix + ("└── " if last else "├── ") + name
+                self.charge(len(line.encode()) + 1)
+                self.tree.append(line)
+                if kind != "folder":
+                    continue
+                try:
+                    child = os.open(name, FOLDER_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                stack.append((child, prefix + ("    " if last else "│   "), []))
+                stack[-1][2].extend(self.listing(child, path + "/"))
+        finally:
+            for fd, _, _ in stack[1:]:
+                os.close(fd)
+
+    def listing(self, fd: int, folder: str) -> list[tuple[str, str, str]]:
+        """A folder's entries to draw, as (name, path, kind), last first (the walk pops them):
+        folders (and symlinks to folders) first, as the library sorts them. The blocks of its
+        text files are added now, which is os.walk's order."""
+        try:
+            with os.scandir(fd) as found:
+                entries = [(entry.name, folder + entry.name, self.kind(entry, folder))
+                           for entry in found]
+        except OSError:
+            return []
+        drawn = sorted((e for e in entries if e[2] is not None), key=lambda e: (
+            not e[2].startswith("folder"), e[0].lower(), e[0]))
+        for name, path, kind in drawn:
+            text = self.file_text(fd, name, path, kind) if kind in ("file", "link") else None
+            if text is not None:
+                self.charge(len(f"File: {path}\n---\n\n---\n\n".encode()))
+                self.blocks.append(f"File: {path}\n---\n{text}\n---")
+        return drawn[::-1]
+
+    def file_text(self, fd: int, name: str, path: str, kind: str) -> str | None:
+        """A file's text, its line ends made \\n as Python's text mode reads them; None when it
+        is binary or cannot be read. A file too large for what is left of the bound: 413."""
+        room = self.limit - self.used
+        data = (read_regular(fd, name, room + 1) if kind == "file"
+                else self.target_data(path, room + 1))
+        if data is None or b"\0" in data:
+            return None
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) <= room)
+        except UnicodeDecodeError:
+            return None
+        self.charge(len(data))
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def target_data(self, path: str, most: int) -> bytes | None:
+        """The bytes of the file a symlink inside leads to, reached from the root one name at a
+        time without following symlinks (one swapped in since it was resolved is not)."""
+        target = os.path.realpath(os.path.join(self.real_root, path))
+        names = os.path.relpath(target, self.real_root).split("/")
+        try:
+            folder = open_below(self.root_fd, names[:-1])
+        except OSError:
+            return None
+        try:
+            return read_regular(folder, names[-1], most)
+        finally:
+            os.close(folder)
+
+    def kind(self, entry: os.DirEntry, folder: str) -> str | None:
+        """"folder" (walked), "file" (read), "link" (a symlink to a file inside: read there),
+        "folder-link" or "other" (drawn only), or None (left out)."""
+        path = folder + entry.name
+        try:
+            if entry.is_symlink():
+                target = os.path.realpath(os.path.join(self.real_root, path))
+                if not within(target, self.real_root) or not os.path.exists(target):
+                    return None
+                if self.ignore.ignores(path, os.path.isdir(target)):
+                    return None
+                return "link" if os.path.isfile(target) else (
+                    "folder-link" if os.path.isdir(target) else "other")
+            is_folder = entry.is_dir(follow_symlinks=False)
+            if self.ignore.ignores(path, is_folder):
+                return None
+            if is_folder:
+                venv = os.path.exists(os.path.join(self.real_root, path, "pyvenv.cfg"))
+                return None if entry.name in SKIPPED_FOLDERS or venv else "folder"
+            return "file" if entry.is_file(follow_symlinks=False) else "other"
+        except OSError:
+            return None
+
+
+def project_source(ai_work_dir: str, limit: int) -> bytes:
+    """complete-source-code's answer, made on a worker thread (JSON of 32 MB takes a while)."""
+    root = os.path.abspath(ai_work_dir)
+    if not os.path.exists(root):
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} does not exist")
+    if not os.path.isdir(root):
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} is not a folder")
+    try:
+        text = SourceText(root, limit).text()
+    except OSError as exc:
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
+    return dumps({"completeSourceCode": text}).encode()
+
+
+async def complete_source_code(request: Request) -> Response:
+    project = await request.app.state.db.read(get_project, request.path_params["project_id"])
+    if not project["ai_work_dir"]:
+        raise HTTPException(404, f"project {project['id']} has no ai_work_dir")
+    body = await asyncio.to_thread(project_source, project["ai_work_dir"],
+                                   request.app.state.settings.max_body_bytes)
+    return Response(body, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------------------------
 # OpenAI input: what OpenAI's clients send (messages, content parts, tools, options), checked
 # and made into what Poe takes. Used by chat completions and by the Responses API.
 
@@ -4317,6 +4598,8 @@ ENDPOINTS = {
         "DELETE": partial(clear_references, owner="conversation")},
     "/v1/chat/conversations/{conversation_id}/referenced-documents": {
         "GET": row_endpoint(conversation_knowledge)},
+    # Source code
+    "/v1/projects/{project_id:id}/complete-source-code": {"GET": complete_source_code},
     # Chat completions and models
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/models": {"GET": list_models},
@@ -4491,7 +4774,8 @@ def backup(db_path: str, target: str) -> int:
 DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
-                 "allowed_hosts": "this machine's names when HOST is one of them, else any"}
+                 "allowed_hosts": "this machine's names when HOST is one of them, else any",
+                 "write_roots": "unset: projects' ai_work_dirs only"}
 
 
 def settings_help() -> str:

@@ -1815,6 +1815,207 @@ def test_random_json_never_breaks_a_plan_route(start_service):
 
 
 # ---------------------------------------------------------------------------------------------
+# Source code (original): complete-source-code and write-source-code, on trees in tmp_path
+
+def code_project(api, folder, name=None) -> int:
+    """A project whose ai_work_dir is `folder` (a name of its own, unique per folder)."""
+    response = api.post("/v1/projects", json={"name": name or f"code {folder}",
+                                              "ai_work_dir": str(folder)})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def make_tree(root, files: dict) -> None:
+    """`files`: path -> bytes or text (a file), None (a folder), ("link", target), "fifo"."""
+    for path, what in files.items():
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if what is None:
+            target.mkdir(exist_ok=True)
+        elif isinstance(what, tuple):
+            target.symlink_to(what[1])
+        elif what == "fifo":
+            os.mkfifo(target)
+        else:
+            target.write_bytes(what if isinstance(what, bytes) else what.encode())
+
+
+def test_complete_source_code_is_the_concatenators_text(api, tmp_path):
+    """source-code-concatenator's layout (Project Name, the tree drawn folders first, then a
+    "File:" block per text file), with the .gitignore at the root applied; VCS, dependency and
+    cache folders, virtual environments and backups skipped; binary files (by content: not
+    .go or .toml, which the library's extension list drops) drawn without a block; symlinks
+    that leave the folder left out; a FIFO drawn, not opened (it would hang the read)."""
+    outside = tmp_path / "outside"
+    make_tree(outside, {"secret.txt": "not yours"})
+    root = tmp_path / "proj"
+    make_tree(root, {
+        ".gitignore": "# logs\n*.log\n/build/\n!keep.log\nsecret*\n", "a.log": "noise",
+        "keep.log": "kept", "build/out.txt": "built", "secrets.txt": "hidden",
+        "README.md": b"# Demo\r\nline two\r\n", "app.py": "print('hi')\n",
+        "main.go": "package main\n", "Cargo.toml": "[package]\n", "logo.png": b"\x89PNG\x00\x01",
+        "data.csv": b"caf\xe9\n", "src/alpha.py": "A = 1\n", "src/Zeta.py": "Z = 2\n",
+        "src/lib/util.py": "", ".git/config": "[core]", "node_modules/x/index.js": "x",
+        "__pycache__/a.pyc": "x", "venv/bin/python": "x", "env2/pyvenv.cfg": "home = /usr",
+        "env2/lib/site.py": "x", ".backup/app.py.20250101_000000.bak": "old",
+        "link_in.py": ("link", "app.py"), "link_dir": ("link", "src"),
+        "leak.txt": ("link", str(outside / "secret.txt")), "up": ("link", ".."),
+        "dangling": ("link", "nowhere"), "fifo": "fifo"})
+    project_id = code_project(api, root)
+    response = api.get(f"/v1/projects/{project_id}/complete-source-code")
+    assert response.status_code == 200
+    assert response.json() == {"completeSourceCode": """Project Name: proj
+
+Project Structure:
+proj/
+├── link_dir
+├── src
+│   ├── lib
+│   │   └── util.py
+│   ├── alpha.py
+│   └── Zeta.py
+├── .gitignore
+├── app.py
+├── Cargo.toml
+├── data.csv
+├── fifo
+├── keep.log
+├── link_in.py
+├── logo.png
+├── main.go
+└── README.md
+
+File Contents:
+
+File: .gitignore
+---
+# logs
+*.log
+/build/
+!keep.log
+secret*
+
+---
+
+File: app.py
+---
+print('hi')
+
+---
+
+File: Cargo.toml
+---
+[package]
+
+---
+
+File: keep.log
+---
+kept
+---
+
+File: link_in.py
+---
+print('hi')
+
+---
+
+File: main.go
+---
+package main
+
+---
+
+File: README.md
+---
+# Demo
+line two
+
+---
+
+File: src/alpha.py
+---
+A = 1
+
+---
+
+File: src/Zeta.py
+---
+Z = 2
+
+---
+
+File: src/lib/util.py
+---
+
+---"""}
+    # ai-coder's client reads the key, the web and H5 clients too: nothing else is answered.
+    assert list(response.json()) == ["completeSourceCode"]
+
+
+@pytest.mark.parametrize("rules,path,is_folder,ignored", [
+    # Each checked against `git check-ignore --no-index` (git 2.39).
+    ("*.log", "x/a.log", False, True), ("*.log", "a.logx", False, False),
+    ("/build", "x/build", True, False), ("/build", "build", False, True),
+    ("build/", "build", False, False), ("build/", "x/build", True, True),
+    ("doc/*.txt", "doc/x/a.txt", False, False), ("doc/*.txt", "a/doc/a.txt", False, False),
+    ("doc/*.txt", "doc/a.txt", False, True), ("**/foo", "a/b/foo", False, True),
+    ("**/foo/bar", "a/foo/bar", False, True), ("abc/**", "abc/x/y", False, True),
+    ("abc/**", "abc", True, False), ("a/**/b", "a/b", False, True),
+    ("a/**/b", "a/x/y/b", False, True), ("a/**/b", "x/a/b", False, False),
+    ("fo?", "x/fox", False, True), ("fo?", "fooo", False, False),
+    ("[!abc].py", "a.py", False, False), ("[^abc].py", "d.py", False, True),
+    ("[a-c]x", "dx", False, False), ("\\#file", "#file", False, True),
+    ("\\!important", "!important", False, True), ("foo\\ ", "foo ", False, True),
+    ("foo  ", "foo", False, True), ("a*b", "a/b", False, False), ("**", "a/b", False, True),
+    ("*.py[cod]", "a.pyd", False, True), ("\\*star", "xstar", False, False),
+    ("q\\?", "q?", False, True), ("*.log\n!b.log", "b.log", False, False),
+    ("abc/**\n!abc/keep", "abc/keep", False, False), ("# comment\n\n", "# comment", False, False),
+])
+def test_gitignore_rules_match_as_git_matches_them(rules, path, is_folder, ignored):
+    assert server.GitIgnore(rules).ignores(path, is_folder) is ignored
+
+
+def test_a_pathological_gitignore_pattern_is_matched_at_once():
+    """fnmatch's patterns do not backtrack without end: an API caller can write a .gitignore."""
+    started = time.monotonic()
+    assert server.GitIgnore("*a*a*a*a*a*a*a*a*a*a*b").ignores("a" * 250, False) is False
+    assert time.monotonic() - started < 0.5
+
+
+def test_complete_source_code_404s_say_which(api, tmp_path):
+    assert api.get("/v1/projects/424242/complete-source-code").json() == {
+        "detail": "Project not found"}
+    bare = new_project(api, f"no work dir {tmp_path}")
+    response = api.get(f"/v1/projects/{bare}/complete-source-code")
+    assert response.status_code == 404
+    assert response.json()["detail"] == f"project {bare} has no ai_work_dir"
+    gone = code_project(api, tmp_path / "gone")
+    response = api.get(f"/v1/projects/{gone}/complete-source-code")
+    assert (response.status_code, response.json()["detail"]) == (
+        404, f"ai_work_dir {tmp_path / 'gone'} does not exist")
+    (tmp_path / "a-file").write_text("x")
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'a-file')}"
+                       "/complete-source-code")
+    assert (response.status_code, response.json()["detail"]) == (
+        404, f"ai_work_dir {tmp_path / 'a-file'} is not a folder")
+
+
+def test_complete_source_code_is_bounded_by_max_body_bytes(small_bodies, tmp_path):
+    """Text past MAX_BODY_BYTES (1,000 here) is 413; a big binary file counts for nothing."""
+    api, _ = small_bodies
+    make_tree(tmp_path / "big", {"big.txt": "x" * 1500})
+    make_tree(tmp_path / "binary", {"big.bin": b"\x00" * 5000, "small.txt": "ok"})
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'big', 'big')}"
+                       "/complete-source-code")
+    assert response.status_code == 413 and "MAX_BODY_BYTES" in response.json()["detail"]
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'binary', 'bin')}"
+                       "/complete-source-code")
+    assert response.status_code == 200
+    assert response.json()["completeSourceCode"].endswith("File: small.txt\n---\nok\n---")
+
+
+# ---------------------------------------------------------------------------------------------
 # Search, export, backup
 
 def search(api, q, **params):
