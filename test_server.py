@@ -2003,9 +2003,9 @@ def test_complete_source_code_404s_say_which(api, tmp_path):
         404, f"ai_work_dir {tmp_path / 'a-file'} is not a folder")
 
 
-def test_complete_source_code_is_bounded_by_max_body_bytes(small_bodies, tmp_path):
+def test_complete_source_code_is_bounded_by_max_body_bytes(write_roots, tmp_path):
     """Text past MAX_BODY_BYTES (1,000 here) is 413; a big binary file counts for nothing."""
-    api, _ = small_bodies
+    api, _ = write_roots
     make_tree(tmp_path / "big", {"big.txt": "x" * 1500})
     make_tree(tmp_path / "binary", {"big.bin": b"\x00" * 5000, "small.txt": "ok"})
     response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'big', 'big')}"
@@ -2268,10 +2268,9 @@ def test_a_path_swapped_for_a_symlink_is_not_followed(api, tmp_path):
 @pytest.fixture(scope="session")
 def write_roots(start_service, tmp_path_factory):
     """A service whose WRITE_ROOTS is pytest's whole temporary folder (the databases of the
-    services started here are in it too), and that folder."""
+    services started here are in it too), that takes bodies of at most 1,000 bytes."""
     base = tmp_path_factory.getbasetemp()
-    api, db_path = start_service(write_roots=f"{base / 'nowhere'}, {base}")
-    return api, db_path, base
+    return start_service(write_roots=f"{base / 'nowhere'}, {base}", max_body_bytes=1000)
 
 
 def test_root_dir_must_resolve_into_a_work_dir_or_write_roots(api, write_roots, tmp_path):
@@ -2301,14 +2300,14 @@ def test_root_dir_must_resolve_into_a_work_dir_or_write_roots(api, write_roots, 
     response, events = write_code(api, tmp_path / "alias", plan_of(("Create file", "a.txt", "a")))
     assert said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 0, 无效: 0"
     assert (root / "a.txt").read_text() == "a"
-    other, _, _ = write_roots
+    other, _ = write_roots
     response, events = write_code(other, outside, plan_of(("Create file", "w.txt", "w")))
     assert said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 0, 无效: 0"
     assert (outside / "w.txt").read_text() == "w"
 
 
 def test_the_services_own_database_is_never_written(write_roots):
-    api, db_path, _ = write_roots
+    api, db_path = write_roots
     folder = os.path.dirname(db_path)
     response, events = write_code(api, folder, plan_of(
         ("Update file", "chat.db", "x"), ("Delete file", "chat.db-wal"),
@@ -2359,13 +2358,12 @@ def test_backups_are_where_the_library_puts_them(api, tmp_path):
     assert sorted(tree_state(plain)) == ["a.py"] and (plain / "a.py").read_text() == "a2"
 
 
-def test_at_most_max_body_bytes_are_written_per_call(small_bodies, tmp_path):
+def test_at_most_max_body_bytes_are_written_per_call(write_roots, tmp_path):
     """MAX_BODY_BYTES is 1,000 here: backup copies count. The step that would pass the bound
     fails saying why, the steps after it too; what it would have overwritten is untouched."""
-    api, _ = small_bodies
+    api, _ = write_roots
     root = tmp_path / "root"
     make_tree(root, {"a.txt": "a" * 600, "b.txt": "b" * 600})
-    code_project(api, root, "bounded")
     response, events = write_code(api, root, plan_of(
         ("Update file", "a.txt", "A"), ("Update file", "b.txt", "B"), ("Create file", "c", "C")))
     errors = [message for kind, message in said(events) if kind == "error"]
@@ -2379,7 +2377,7 @@ def test_at_most_max_body_bytes_are_written_per_call(small_bodies, tmp_path):
     assert not (root / "c").exists() and said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 2, 无效: 0"
 
 
-def test_write_source_code_refusals_change_nothing(api, guarded, small_bodies, tmp_path):
+def test_write_source_code_refusals_change_nothing(api, guarded, write_roots, tmp_path):
     """401 without the access key (ACCESS_KEYS), 415 for a body not sent as JSON, 413 past
     MAX_BODY_BYTES, 400 for a field of the wrong type: each before anything is written."""
     root = tmp_path / "root"
@@ -2400,7 +2398,7 @@ def test_write_source_code_refusals_change_nothing(api, guarded, small_bodies, t
     response = api.post("/v1/write-source-code", content=json.dumps(body),
                         headers={"Content-Type": "text/plain"})
     assert response.status_code == 415
-    small, _ = small_bodies
+    small, _ = write_roots
     response = small.post("/v1/write-source-code", json={**body, "files_content": "x" * 2000})
     assert response.status_code == 413
     for bad, detail in (({"files_content": plan}, "root_dir is required"),
