@@ -2386,8 +2386,8 @@ def test_write_source_code_refusals_change_nothing(api, guarded, write_roots, tm
     plan = plan_of(("Create file", "x.txt", "x"))
     body = {"root_dir": str(root), "files_content": plan}
     guarded_api, _ = guarded
-    code_project(guarded_api.__class__(base_url=guarded_api.base_url, headers={
-        "Authorization": "Bearer first-access-key"}), root, "guarded code")
+    assert guarded_api.post("/v1/projects", json={"name": "code", "ai_work_dir": str(root)},
+                            headers={"Authorization": "Bearer first-access-key"}).is_success
     response = guarded_api.post("/v1/write-source-code", json=body)
     assert response.status_code == 401
     assert guarded_api.get("/v1/projects/1/complete-source-code").status_code == 401
