@@ -20,6 +20,10 @@ order, and what each owns:
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
+  Source code         /v1/projects/{id}/complete-source-code (SourceText, GitIgnore): a
+                      project's files as one text; open_below (never through a symlink)
+  Source code, writing  /v1/write-source-code (SourceWriter, writable_root): a model's plan of
+                      file steps carried out in a project's folder, confined
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
   Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
   OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
@@ -37,10 +41,13 @@ import argparse
 import asyncio
 import base64
 import binascii
+import codecs
 import contextlib
 import contextvars
 import dataclasses
+import datetime
 import errno
+import fnmatch
 import gc
 import hmac
 import json
@@ -49,8 +56,10 @@ import math
 import mimetypes
 import os
 import re
+import shutil
 import socket
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -132,6 +141,7 @@ class Settings:
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
     db_timeout: float = 5.0
     header_seconds: float = 10.0  # python server.py only: see GuardedHttpProtocol
+    write_roots: tuple = ()  # none: /v1/write-source-code writes to projects' ai_work_dirs only
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
@@ -2676,6 +2686,718 @@ def conversation_knowledge(db: sqlite3.Connection, conversation_id: str) -> dict
 
 
 # ---------------------------------------------------------------------------------------------
+# Source code: the original's two routes over a project's files. complete-source-code reads them
+# as teryfly/source-code-concatenator's text; write-source-code (the next section) carries out a
+# model's plan in teryfly/CodeFileExecutorLib's step format. Both run on worker threads, through
+# folder descriptors opened one name at a time without following symlinks (O_NOFOLLOW), so that
+# no path leads out of its folder, even one changed while it is read or written.
+
+# Folders never read into a project's text: version control, dependencies, caches, virtual
+# environments (also any folder that holds a pyvenv.cfg), and write-source-code's backups.
+SKIPPED_FOLDERS = frozenset({
+    ".git", ".hg", ".svn", ".bzr", "node_modules", "bower_components", "__pycache__", ".venv",
+    "venv", ".env", ".tox", ".nox", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+    ".ipynb_checkpoints", ".backup"})
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused, being no file).
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def within(path: str, root: str) -> bool:
+    """`path` is `root` or below it (both absolute and resolved)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def open_below(fd: int, names: list[str], create: bool = False) -> int:
+    """A new descriptor of the folder `names` below folder `fd`, opened one name at a time
+    without following symlinks (a symlink anywhere: OSError ELOOP, its filename the path to it);
+    `create` makes the missing ones."""
+    current = os.dup(fd)
+    try:
+        for index, name in enumerate(names):
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, dir_fd=current)
+            try:
+                child = os.open(name, FOLDER_FLAGS, dir_fd=current)
+            except NotADirectoryError:  # what O_DIRECTORY says of a symlink, before O_NOFOLLOW
+                if not stat.S_ISLNK(os.stat(name, dir_fd=current, follow_symlinks=False).st_mode):
+                    raise
+                raise OSError(errno.ELOOP, "a symlink, not followed",
+                              "/".join(names[:index + 1])) from None
+            os.close(current)
+            current = child
+        return current
+    except BaseException:
+        os.close(current)
+        raise
+
+
+def open_resolved_folder(path: str) -> int:
+    """A descriptor of the folder at `path`, a resolved path (os.path.realpath), walked from /
+    without following symlinks: one that appeared since the path was resolved fails (ELOOP)."""
+    top = os.open("/", FOLDER_FLAGS)
+    try:
+        return open_below(top, [name for name in path.split("/") if name])
+    finally:
+        os.close(top)
+
+
+def read_regular(fd: int, name: str, most: int) -> bytes | None:
+    """Up to `most` bytes of the regular file `name` in folder `fd`; None for anything else
+    there (a symlink, a FIFO, a device...) or a file that cannot be read."""
+    try:
+        with open(os.open(name, READ_FLAGS, dir_fd=fd), "rb") as file:
+            return file.read(most) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+    except OSError:
+        return None
+
+
+def fnmatch_glob(segment: str) -> str:
+    """A .gitignore segment in fnmatch's terms: an escaped `*`, `?` or `[` becomes a class of
+    itself, another escaped character itself, and a class `[^...]` is `[!...]`."""
+    segment = re.sub(r"\\(.)", lambda m: f"[{m[1]}]" if m[1] in "*?[" else m[1], segment)
+    return segment.replace("[^", "[!")
+
+
+def gitignore_rule(line: str) -> tuple[list, bool, bool] | None:
+    """One line of a .gitignore as (segment matchers, negated, folders only), None for a blank
+    line or a comment. A `/` at the start or in the middle anchors the pattern to the root;
+    without one it matches at any depth (a leading `**`, None among the matchers)."""
+    line = re.sub(r"(?<!\\) +$", "", line)
+    if not line or line.startswith("#"):
+        return None
+    negated = line.startswith("!")
+    line = line[1:] if negated else line
+    folders_only, anchored = line.endswith("/"), "/" in line.rstrip("/")
+    names = [name for name in line.split("/") if name]
+    if not names:
+        return None
+    matchers = [None if name == "**" else re.compile(fnmatch.translate(fnmatch_glob(name))).match
+                for name in names]
+    return ([None] if not anchored else []) + matchers, negated, folders_only
+
+
+def segments_match(matchers: list, names: list[str]) -> bool:
+    """Whether the path `names` matches, segment by segment (fnmatch's matching, which does not
+    backtrack without end); None is `**`: any number of segments, at least one when last."""
+    reachable = {0}
+    for index, matcher in enumerate(matchers):
+        if matcher is None:
+            start = min(reachable) + (index == len(matchers) - 1)
+            reachable = set(range(start, len(names) + 1))
+        else:
+            reachable = {at + 1 for at in reachable if at < len(names) and matcher(names[at])}
+        if not reachable:
+            return False
+    return len(names) in reachable
+
+
+class GitIgnore:
+    """The common rules of a .gitignore: comments, blank lines, `!` negation, `\\` escapes, `/`
+    anchoring, a trailing `/` for folders only, `*`, `?`, `[...]` and `**`. The last rule that
+    matches decides; an excluded folder is not walked, so nothing below it comes back (as git)."""
+
+    def __init__(self, text: str = "") -> None:
+        self.rules = [rule for line in text.splitlines() if (rule := gitignore_rule(line))]
+
+    def ignores(self, path: str, is_folder: bool) -> bool:
+        ignored, names = False, path.split("/")
+        for matchers, negated, folders_only in self.rules:
+            if (is_folder or not folders_only) and segments_match(matchers, names):
+                ignored = not negated
+        return ignored
+
+
+class SourceText:
+    """A project's folder as source-code-concatenator's text: "Project Name: <name>", the tree
+    (each folder's folders, then its files, by name in any case, drawn with ├── └── │), then
+    "File: <path>\\n---\\n<text>\\n---" for each text file, in os.walk's order (a folder's files,
+    then its folders'). Left out: SKIPPED_FOLDERS, what the root's .gitignore excludes, and
+    symlinks that lead out of the folder or nowhere. A binary file (a NUL byte, or not UTF-8)
+    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`."""
+
+    def __init__(self, root: str, limit: int) -> None:
+        self.name = os.path.basename(root)
+        self.real_root, self.limit, self.used = os.path.realpath(root), limit, 0
+        self.tree, self.blocks = [self.name + "/"], []
+        self.ignore, self.root_fd = GitIgnore(), -1
+
+    def text(self) -> str:
+        self.root_fd = open_resolved_folder(self.real_root)
+        try:
+            rules = read_regular(self.root_fd, ".gitignore", 2**20) or b""
+            self.ignore = GitIgnore(rules.decode(errors="replace"))
+            self.walk()
+        finally:
+            os.close(self.root_fd)
+        return (f"Project Name: {self.name}\n\nProject Structure:\n" + "\n".join(self.tree)
+                + "\n\nFile Contents:\n\n" + "\n\n".join(self.blocks))
+
+    def charge(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise HTTPException(413, f"the source code under {self.real_root} is larger than "
+                                     f"{self.limit} bytes (MAX_BODY_BYTES)")
+
+    def walk(self) -> None:
+        """The tree, depth first without recursion: a stack of (folder, prefix, entries left)."""
+        stack = [(self.root_fd, "", self.listing(self.root_fd, ""))]
+        try:
+            while stack:
+                fd, prefix, entries = stack[-1]
+                if not entries:
+                    stack.pop()
+                    if fd != self.root_fd:
+                        os.close(fd)
+                    continue
+                name, path, kind = entries.pop()
+                last = not entries
+                line = prefix + ("└── " if last else "├── ") + name
+                self.charge(len(line.encode()) + 1)
+                self.tree.append(line)
+                if kind != "folder":
+                    continue
+                try:
+                    child = os.open(name, FOLDER_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                stack.append((child, prefix + ("    " if last else "│   "), []))
+                stack[-1][2].extend(self.listing(child, path + "/"))
+        finally:
+            for fd, _, _ in stack[1:]:
+                os.close(fd)
+
+    def listing(self, fd: int, folder: str) -> list[tuple[str, str, str]]:
+        """A folder's entries to draw, as (name, path, kind), last first (the walk pops them):
+        folders (and symlinks to folders) first, as the library sorts them. The blocks of its
+        text files are added now, which is os.walk's order."""
+        try:
+            with os.scandir(fd) as found:
+                entries = [(entry.name, folder + entry.name, self.kind(entry, folder))
+                           for entry in found]
+        except OSError:
+            return []
+        drawn = sorted((e for e in entries if e[2] is not None), key=lambda e: (
+            not e[2].startswith("folder"), e[0].lower(), e[0]))
+        for name, path, kind in drawn:
+            text = self.file_text(fd, name, path, kind) if kind in ("file", "link") else None
+            if text is not None:
+                self.charge(len(f"File: {path}\n---\n\n---\n\n".encode()))
+                self.blocks.append(f"File: {path}\n---\n{text}\n---")
+        return drawn[::-1]
+
+    def file_text(self, fd: int, name: str, path: str, kind: str) -> str | None:
+        """A file's text, its line ends made \\n as Python's text mode reads them; None when it
+        is binary or cannot be read. A file too large for what is left of the bound: 413."""
+        room = self.limit - self.used
+        data = (read_regular(fd, name, room + 1) if kind == "file"
+                else self.target_data(path, room + 1))
+        if data is None or b"\0" in data:
+            return None
+        try:
+            text = codecs.getincrementaldecoder("utf-8")().decode(data, final=len(data) <= room)
+        except UnicodeDecodeError:
+            return None
+        self.charge(len(data))
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def target_data(self, path: str, most: int) -> bytes | None:
+        """The bytes of the file a symlink inside leads to, reached from the root one name at a
+        time without following symlinks (one swapped in since it was resolved is not)."""
+        target = os.path.realpath(os.path.join(self.real_root, path))
+        names = os.path.relpath(target, self.real_root).split("/")
+        try:
+            folder = open_below(self.root_fd, names[:-1])
+        except OSError:
+            return None
+        try:
+            return read_regular(folder, names[-1], most)
+        finally:
+            os.close(folder)
+
+    def kind(self, entry: os.DirEntry, folder: str) -> str | None:
+        """"folder" (walked), "file" (read), "link" (a symlink to a file inside: read there),
+        "folder-link" or "other" (drawn only), or None (left out)."""
+        path = folder + entry.name
+        try:
+            if entry.is_symlink():
+                target = os.path.realpath(os.path.join(self.real_root, path))
+                if not within(target, self.real_root) or not os.path.exists(target):
+                    return None
+                if self.ignore.ignores(path, os.path.isdir(target)):
+                    return None
+                return "link" if os.path.isfile(target) else (
+                    "folder-link" if os.path.isdir(target) else "other")
+            is_folder = entry.is_dir(follow_symlinks=False)
+            if self.ignore.ignores(path, is_folder):
+                return None
+            if is_folder:
+                venv = os.path.exists(os.path.join(self.real_root, path, "pyvenv.cfg"))
+                return None if entry.name in SKIPPED_FOLDERS or venv else "folder"
+            return "file" if entry.is_file(follow_symlinks=False) else "other"
+        except OSError:
+            return None
+
+
+def project_source(ai_work_dir: str, limit: int) -> bytes:
+    """complete-source-code's answer, made on a worker thread (JSON of 32 MB takes a while)."""
+    root = os.path.abspath(ai_work_dir)
+    if not os.path.exists(root):
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} does not exist")
+    if not os.path.isdir(root):
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} is not a folder")
+    try:
+        text = SourceText(root, limit).text()
+    except OSError as exc:
+        raise HTTPException(404, f"ai_work_dir {ai_work_dir} cannot be read: "
+                                 f"{exc.strerror or exc}") from None
+    return dumps({"completeSourceCode": text}).encode()
+
+
+async def complete_source_code(request: Request) -> Response:
+    project = await request.app.state.db.read(get_project, request.path_params["project_id"])
+    if not project["ai_work_dir"]:
+        raise HTTPException(404, f"project {project['id']} has no ai_work_dir")
+    body = await asyncio.to_thread(project_source, project["ai_work_dir"],
+                                   request.app.state.settings.max_body_bytes)
+    return Response(body, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Source code, writing: write-source-code carries out a model's plan in CodeFileExecutorLib's
+# step format: blocks split at "------", each naming its step ("Step [X/Y] - ..."), "Action:
+# ..." and "File Path: ...", the file's text in a ``` fence (the longest, if more). Confined to
+# the projects' ai_work_dirs and WRITE_ROOTS, every name opened with open_below.
+
+GENERIC_PATTERNS = ("Task<", "List<", "Dictionary<", "IEnumerable<")
+CONTENT_ACTIONS = ("create file", "update file")
+MAX_STEP_BYTES, MAX_STEP_PATH = 10 * 1024 * 1024, 260  # the library's bounds
+REFUSED = "路径安全校验失败，跳过: "  # the library's words when a path fails its security check
+
+
+class StepRefused(Exception):
+    """A step not carried out; the argument is its error event's message."""
+
+
+@dataclass
+class Step:
+    """One block of a plan, parsed as CodeFileExecutorLib parses it."""
+    line: str = ""  # the block's last line that begins "Step"
+    action: str = ""
+    path: str = ""
+    content: str = ""
+    fences: int = 0  # code blocks found; the longest is the content
+    error: str | None = None  # why the block is no task
+
+
+def code_blocks(text: str) -> list[str]:
+    """The library's fences: from the line after each ``` up to the next "\\n```" (else the next
+    ```), the search going on three characters past where the block ended."""
+    found, start = [], 0
+    while (fence := text.find("```", start)) >= 0 and (newline := text.find("\n", fence)) >= 0:
+        end = text.find("\n```", newline + 1)
+        if end < 0 and (end := text.find("```", newline + 1)) < 0:
+            break
+        found.append(text[newline + 1:end])
+        start = end + 3
+    return found
+
+
+def parse_step(block: str) -> Step:
+    """The last lines (stripped) that begin "Step", "Action:" and "File Path:", wherever they
+    are, code included, as the library reads them."""
+    lines: dict[str, str] = {}
+    for line in block.splitlines():
+        key = next((k for k in ("Step", "Action:", "File Path:") if line.strip().startswith(k)),
+                   None)
+        if key is not None:
+            lines[key] = line.strip()
+    if len(lines) < 3:
+        return Step(error="无效任务块")
+    codes = code_blocks(block)
+    step = Step(lines["Step"], lines["Action:"].replace("Action:", "").strip(),
+                lines["File Path:"].replace("File Path:", "").strip(),
+                max(codes, key=len) if codes else "", len(codes))
+    if not step.action or not step.path:
+        step.error = "缺少必要的任务组件"
+    return step
+
+
+def integrity_warning(block: str, content: str) -> str | None:
+    """The library's check that no C#-style generic was lost from the chosen code block."""
+    for pattern in GENERIC_PATTERNS:
+        before, after = block.count(pattern), content.count(pattern)
+        if before and not after:
+            return f"关键泛型模式丢失: {pattern}"
+        if before != after:
+            return f"泛型模式数量不匹配: {pattern} (原始:{before}, 提取:{after})"
+    return None
+
+
+def step_names(path: str) -> list[str]:
+    """The names, from root_dir down, that a step's File Path leads to (`\\` read as `/`);
+    StepRefused for a path that could leave root_dir, or whose last name the library refuses."""
+    if len(path) > MAX_STEP_PATH:
+        raise StepRefused("路径长度超过限制，跳过")
+    unix = path.replace("\\", "/")
+    if unix.startswith("/") or re.match(r"[A-Za-z]:/", unix):
+        raise StepRefused(f"{REFUSED}{path} is an absolute path: give one relative to root_dir")
+    names = [name for name in unix.split("/") if name not in ("", ".")]
+    if ".." in names:
+        raise StepRefused(f"{REFUSED}{path} holds '..': a path must stay inside root_dir")
+    if not names:
+        raise StepRefused(f"{REFUSED}{path} names root_dir itself")
+    if ".git" in names:
+        raise StepRefused(f"{REFUSED}{path} is inside .git, whose hooks run programs")
+    if not re.fullmatch(r"[\w.\-]+", names[-1]):
+        raise StepRefused("文件名包含非法字符，跳过")
+    return names
+
+
+def write_event(message: str, kind: str, data: dict | None = None) -> dict:
+    """An event as the library's StreamHandler builds it (local time, to the second)."""
+    return {"message": message, "type": kind,
+            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "data": data}
+
+
+def existing_file(fd: int, names: list[str]) -> os.stat_result | None:
+    """The regular file names[-1] in folder `fd` (the folder names[:-1]), None when nothing is
+    there; StepRefused for anything else (a symlink, a folder, a FIFO, a socket, a device)."""
+    try:
+        found = os.stat(names[-1], dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    path = "/".join(names)
+    if stat.S_ISLNK(found.st_mode):
+        raise StepRefused(f"{REFUSED}{path} is a symlink, which is not followed")
+    if not stat.S_ISREG(found.st_mode):
+        kind = next((word for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                                             (stat.S_ISSOCK, "a socket")) if test(found.st_mode)),
+                    "a device")
+        raise StepRefused(f"{REFUSED}{path} is {kind}, not a regular file")
+    return found
+
+
+def replace_file(fd: int, name: str, data: bytes, mode: int | None) -> None:
+    """`name` in folder `fd` becomes `data`, whole or not at all: written to a new file beside
+    it, flushed to disk, renamed over it. A rename never follows a symlink: whatever `name` has
+    become meanwhile is replaced, never written through. An existing file's mode is kept."""
+    temporary = f".{uuid.uuid4().hex[:16]}.tmp"
+    file = os.open(temporary, NEW_FILE_FLAGS, 0o666, dir_fd=fd)
+    try:
+        with open(file, "wb") as out:
+            out.write(data)
+            if mode is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(mode))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=fd)
+        raise
+
+
+def backup_name(fd: int, name: str, make: Callable[[str], Any]) -> tuple[str, Any]:
+    """A new name in the .backup folder `fd`, <name>.<YYYYmmdd_HHMMSS>.bak as the library names
+    it, and what make(name) returned on creating it (never over another: a second backup of
+    the same file in the same second is <name>.<stamp>-2.bak)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    for attempt in range(1, 100):
+        candidate = f"{name}.{stamp}{f'-{attempt}' if attempt > 1 else ''}.bak"
+        try:
+            return candidate, make(candidate)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "too many backups of this file in one second")
+
+
+class SourceWriter:
+    """Carries out one plan of write-source-code in root_dir (a resolved path), step by step as
+    CodeFileExecutorLib does, on a worker thread (run), handing each event on as it happens.
+    Every name is opened from root_dir's descriptor without following symlinks, so a symlink
+    in a step's path, there before or swapped in since, fails that step: nothing is written
+    outside root_dir. The service's own database is never written. With `backup`, what a step
+    overwrites is first copied, and what it deletes moved, to .backup beside it. At most
+    `limit` bytes (backup copies included) are written; past it the steps fail, saying why."""
+
+    def __init__(self, root: str, plan: str, backup: bool, limit: int, db_path: str) -> None:
+        self.root, self.plan, self.backup, self.limit, self.written = root, plan, backup, limit, 0
+        self.database = [os.path.realpath(db_path) + end for end in ("", "-wal", "-shm",
+                                                                     "-journal")]
+        self.root_fd, self.spent = -1, None  # spent: why the steps left fail (the bound reached)
+        self.stopped = threading.Event()  # the client has gone: stop after the step in hand
+        self.counts = dict.fromkeys(("successful_tasks", "failed_tasks", "invalid_tasks",
+                                     "content_integrity_warnings"), 0)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The events framed as the original frames them (`data: <json>`, a blank line; no
+        [DONE]), each as soon as the worker has it. A client that goes away stops the plan
+        once the step in hand is done: the steps it has not seen are not carried out."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: dict | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: no one listens
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        loop.run_in_executor(None, self.run, emit)  # ends by itself, once stopped
+        try:
+            while (event := await queue.get()) is not None:
+                yield sse(seed_dumps(event))
+        finally:
+            self.stopped.set()
+
+    def run(self, emit: Callable[[dict | None], None]) -> None:
+        started = time.monotonic()
+        blocks = [block.strip() for block in self.plan.split("------") if block.strip()]
+        try:
+            emit(write_event(f"一共{len(blocks)}个待执行任务", "info"))
+            self.root_fd = open_resolved_folder(self.root)
+            try:
+                for number, block in enumerate(blocks, 1):
+                    if self.stopped.is_set():
+                        return
+                    emit(write_event(f"正在解析第【{number}/{len(blocks)}】个任务", "progress"))
+                    for event in self.step(block):
+                        emit(event)
+            finally:
+                os.close(self.root_fd)
+            emit(self.summary(len(blocks), time.monotonic() - started))
+        except Exception as exc:  # as the original: the error as an event, and the stream ends
+            log.error("write-source-code failed: %s: %s", type(exc).__name__, exc)
+            emit({"type": "error", "message": f"Exception: {exc}", "timestamp": "", "data": {}})
+        finally:
+            emit(None)
+
+    def summary(self, total: int, seconds: float) -> dict:
+        done, failed, invalid, warned = self.counts.values()
+        message = f"执行完成 - 成功: {done}, 失败: {failed}, 无效: {invalid}" + (
+            f", 内容警告: {warned}" if warned else "")
+        rate = done / total * 100 if total else 0
+        return write_event(message, "summary", {
+            "total_tasks": total, **self.counts, "success_rate": f"{rate:.1f}%",
+            "execution_time": f"{seconds:.2f}s", "log_file": "N/A"})
+
+    def failed(self, message: str) -> dict:
+        self.counts["failed_tasks"] += 1
+        return write_event(message, "error")
+
+    def step(self, block: str) -> Iterator[dict]:
+        """One block's events, in the library's order of checks and words."""
+        if self.spent is not None:
+            yield self.failed(f"执行任务失败: {self.spent}")
+            return
+        step = parse_step(block)
+        if step.error is not None:
+            self.counts["invalid_tasks"] += 1
+            yield write_event(f"无效任务: {step.error}", "error")
+            return
+        yield write_event(step.line, "info")
+        if step.fences > 1:
+            yield write_event(f"发现{step.fences}个代码块，将使用最大的一个", "warning")
+        action = step.action.lower().strip()
+        if action in CONTENT_ACTIONS and not step.content.strip():
+            yield self.failed(f"内容验证失败: 操作 '{step.action}' 需要提供内容，但内容为空")
+            return
+        if action in CONTENT_ACTIONS and (warning := integrity_warning(block, step.content)):
+            self.counts["content_integrity_warnings"] += 1
+            yield write_event(f"代码提取完整性警告: {warning}", "warning")
+        try:
+            if len(step.content.encode()) > MAX_STEP_BYTES:
+                raise StepRefused("文件内容超过10MB，跳过")
+            names = step_names(step.path)
+            if action not in STEP_ACTIONS:
+                raise StepRefused(f"不支持的操作类型: {action}")
+            target = os.path.join(self.root, *names)
+            if action != "create folder" and any(within(p, target) for p in self.database):
+                raise StepRefused(f"{REFUSED}{step.path} is the service's own database")
+            backup = STEP_ACTIONS[action](self, names, step.content)
+        except StepRefused as refused:
+            yield self.failed(refused.args[0])
+            return
+        except OSError as exc:
+            yield self.failed(f"执行任务失败: {exc.strerror or exc}: {step.path}")
+            return
+        self.counts["successful_tasks"] += 1
+        lines = len(step.content.splitlines()) if action in CONTENT_ACTIONS else 0
+        yield write_event(f"任务执行成功，更新{lines}行代码" + (
+            f" (备份: {backup})" if backup else ""), "success")
+
+    @contextlib.contextmanager
+    def folder(self, names: list[str], create: bool = False) -> Iterator[int | None]:
+        """The folder `names` below root_dir, opened (None if it is missing and not `create`)."""
+        try:
+            fd = open_below(self.root_fd, names, create)
+        except FileNotFoundError:
+            if create:
+                raise
+            fd = None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StepRefused(f"{REFUSED}{exc.filename} is a symlink, which is not followed"
+                              ) from None
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def spend(self, size: int) -> None:
+        """Counts `size` bytes against the call's bound; past it, this step and the rest fail."""
+        if self.written + size > self.limit:
+            self.spent = (f"not carried out: this call has reached its bound of {self.limit} "
+                          "bytes written (MAX_BODY_BYTES)")
+            raise StepRefused(
+                f"执行任务失败: this step would write {size} bytes (backup copy included), past "
+                f"the bound of {self.limit} bytes a call may write (MAX_BODY_BYTES; "
+                f"{self.written} written so far): it and the steps after it are not carried out")
+        self.written += size
+
+    def create_folder(self, names: list[str], content: str) -> None:
+        with self.folder(names, create=True):
+            return None
+
+    def write_file(self, names: list[str], content: str) -> str | None:
+        """Create file and Update file alike: with `backup`, a file there is copied first."""
+        data = content.encode()
+        with self.folder(names[:-1], create=True) as fd:
+            found = existing_file(fd, names)
+            keep = self.backup and found is not None
+            self.spend(len(data) + (found.st_size if keep else 0))
+            backup = self.copy_aside(fd, names, found.st_size) if keep else None
+            replace_file(fd, names[-1], data, found.st_mode if found is not None else None)
+        return backup
+
+    def delete_file(self, names: list[str], content: str) -> str | None:
+        with self.folder(names[:-1]) as fd:
+            if fd is None or existing_file(fd, names) is None:
+                return None  # the library: nothing to delete is no failure
+            if self.backup:
+                return self.move_aside(fd, names, folder=False)
+            os.unlink(names[-1], dir_fd=fd)
+        return None
+
+    def delete_folder(self, names: list[str], content: str) -> str | None:
+        with self.folder(names[:-1]) as fd:
+            try:
+                found = None if fd is None else os.stat(names[-1], dir_fd=fd,
+                                                         follow_symlinks=False)
+            except FileNotFoundError:
+                found = None
+            if found is not None and stat.S_ISLNK(found.st_mode):
+                raise StepRefused(f"{REFUSED}{'/'.join(names)} is a symlink, which is not "
+                                  "followed")
+            if found is None or not stat.S_ISDIR(found.st_mode):
+                return None  # the library: no folder there is no failure
+            if self.backup:
+                return self.move_aside(fd, names, folder=True)
+            shutil.rmtree(names[-1], dir_fd=fd)  # by descriptors: symlinks inside are unlinked
+        return None
+
+    @contextlib.contextmanager
+    def backup_folder(self, fd: int, names: list[str]) -> Iterator[int]:
+        """The .backup folder beside a step's file (made if missing, never through a symlink)."""
+        try:
+            backups = open_below(fd, [".backup"], create=True)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            where = "/".join([*names[:-1], ".backup"])
+            raise StepRefused(f"{REFUSED}{where} is a symlink, which is not followed") from None
+        try:
+            yield backups
+        finally:
+            os.close(backups)
+
+    def backup_path(self, names: list[str], name: str) -> str:
+        return os.path.join(self.root, *names[:-1], ".backup", name)
+
+    def copy_aside(self, fd: int, names: list[str], size: int) -> str:
+        """A copy of the file about to be overwritten (its first `size` bytes, as counted), with
+        its mode and times, as the library's shutil.copy2 makes it."""
+        with open(os.open(names[-1], READ_FLAGS, dir_fd=fd), "rb") as source, \
+                self.backup_folder(fd, names) as backups:
+            found = os.fstat(source.fileno())
+            if not stat.S_ISREG(found.st_mode):
+                raise StepRefused(f"{REFUSED}{'/'.join(names)} is not a regular file")
+            name, copy = backup_name(backups, names[-1], lambda candidate: os.open(
+                candidate, NEW_FILE_FLAGS, 0o600, dir_fd=backups))
+            try:
+                with open(copy, "wb") as target:
+                    while size > 0 and (piece := source.read(min(size, 2**20))):
+                        target.write(piece)
+                        size -= len(piece)
+                    target.flush()
+                    os.fchmod(target.fileno(), stat.S_IMODE(found.st_mode))
+                    os.utime(target.fileno(), ns=(found.st_atime_ns, found.st_mtime_ns))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=backups)
+                raise
+        return self.backup_path(names, name)
+
+    def move_aside(self, fd: int, names: list[str], folder: bool) -> str:
+        """What a delete would remove, renamed into .backup instead (nothing copied): onto a
+        new empty file or folder made for it, so that no other backup is ever replaced."""
+        with self.backup_folder(fd, names) as backups:
+            def make(candidate: str) -> None:
+                if folder:
+                    return os.mkdir(candidate, dir_fd=backups)
+                os.close(os.open(candidate, NEW_FILE_FLAGS, 0o600, dir_fd=backups))
+            name, _ = backup_name(backups, names[-1], make)
+            try:
+                os.rename(names[-1], name, src_dir_fd=fd, dst_dir_fd=backups)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    (os.rmdir if folder else os.unlink)(name, dir_fd=backups)
+                raise
+        return self.backup_path(names, name)
+
+
+STEP_ACTIONS = {"create folder": SourceWriter.create_folder,
+                "delete folder": SourceWriter.delete_folder,
+                "create file": SourceWriter.write_file, "update file": SourceWriter.write_file,
+                "delete file": SourceWriter.delete_file}
+
+
+def writable_root(root_dir: str, work_dirs: list[str], write_roots: tuple) -> str:
+    """root_dir resolved (symlinks included), if it is a project's ai_work_dir, one of
+    WRITE_ROOTS, or below one (each resolved too): else 403, before anything else is looked at.
+    Then the original's checks (400): it exists, is a folder, and may be written."""
+    real = os.path.realpath(root_dir)
+    if not any(within(real, os.path.realpath(allowed)) for allowed in (*work_dirs, *write_roots)
+               if allowed):
+        raise HTTPException(403, f"root_dir {root_dir} is not a project's ai_work_dir, one of "
+                                 "WRITE_ROOTS, or a folder below one: nothing is written there")
+    if not os.path.exists(real):
+        raise HTTPException(400, "root_dir does not exist.")
+    if not os.path.isdir(real):
+        raise HTTPException(400, "root_dir is not a directory.")
+    if not os.access(real, os.W_OK):
+        raise HTTPException(400, "root_dir is not writable.")
+    return real
+
+
+async def write_source_code(request: Request) -> Response:
+    data = await read_json(request)
+    root_dir = text_field(data, "root_dir", required=True, empty_ok=False)
+    plan = text_field(data, "files_content", required=True)
+    text_field(data, "log_level")  # the original's log level: there is no executor log here
+    backup = bool_field(data, "backup_enabled", True)
+    state = request.app.state
+    rows = await state.db.read(fetch_all, "SELECT DISTINCT ai_work_dir FROM projects "
+                                          "WHERE ai_work_dir <> ''")
+    root = await asyncio.to_thread(writable_root, root_dir, [r["ai_work_dir"] for r in rows],
+                                   state.settings.write_roots)
+    writer = SourceWriter(root, plan, backup, state.settings.max_body_bytes,
+                          state.settings.db_path)
+    return EventStream(writer.events(), sep="\n", headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------------------------------------
 # OpenAI input: what OpenAI's clients send (messages, content parts, tools, options), checked
 # and made into what Poe takes. Used by chat completions and by the Responses API.
 
@@ -4436,6 +5158,10 @@ ENDPOINTS = {
         "DELETE": partial(clear_references, owner="conversation")},
     "/v1/chat/conversations/{conversation_id}/referenced-documents": {
         "GET": row_endpoint(conversation_knowledge)},
+    # Source code
+    "/v1/projects/{project_id:id}/complete-source-code": {"GET": complete_source_code},
+    # Source code, writing
+    "/v1/write-source-code": {"POST": write_source_code},
     # Chat completions and models
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/models": {"GET": list_models},
@@ -4615,7 +5341,8 @@ def backup(db_path: str, target: str) -> int:
 DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
-                 "allowed_hosts": "this machine's names when HOST is one of them, else any"}
+                 "allowed_hosts": "this machine's names when HOST is one of them, else any",
+                 "write_roots": "unset: projects' ai_work_dirs only"}
 
 
 def settings_help() -> str:

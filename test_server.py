@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
+import contextlib
 import gzip
 import json
 import os
@@ -1826,6 +1828,626 @@ def test_random_json_never_breaks_a_plan_route(start_service):
         check()
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Source code (original): complete-source-code and write-source-code, on trees in tmp_path
+
+def code_project(api, folder, name=None) -> int:
+    """A project whose ai_work_dir is `folder` (a name of its own, unique per folder)."""
+    response = api.post("/v1/projects", json={"name": name or f"code {folder}",
+                                              "ai_work_dir": str(folder)})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def make_tree(root, files: dict) -> None:
+    """`files`: path -> bytes or text (a file), None (a folder), ("link", target), "fifo"."""
+    for path, what in files.items():
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if what is None:
+            target.mkdir(exist_ok=True)
+        elif isinstance(what, tuple):
+            target.symlink_to(what[1])
+        elif what == "fifo":
+            os.mkfifo(target)
+        else:
+            target.write_bytes(what if isinstance(what, bytes) else what.encode())
+
+
+def test_complete_source_code_is_the_concatenators_text(api, tmp_path):
+    """source-code-concatenator's layout (Project Name, the tree drawn folders first, then a
+    "File:" block per text file), with the .gitignore at the root applied; VCS, dependency and
+    cache folders, virtual environments and backups skipped; binary files (by content: not
+    .go or .toml, which the library's extension list drops) drawn without a block; symlinks
+    that leave the folder left out; a FIFO drawn, not opened (it would hang the read)."""
+    outside = tmp_path / "outside"
+    make_tree(outside, {"secret.txt": "not yours"})
+    root = tmp_path / "proj"
+    make_tree(root, {
+        ".gitignore": "# logs\n*.log\n/build/\n!keep.log\nsecret*\n", "a.log": "noise",
+        "keep.log": "kept", "build/out.txt": "built", "secrets.txt": "hidden",
+        "README.md": b"# Demo\r\nline two\r\n", "app.py": "print('hi')\n",
+        "main.go": "package main\n", "Cargo.toml": "[package]\n", "logo.png": b"\x89PNG\x00\x01",
+        "data.csv": b"caf\xe9\n", "src/alpha.py": "A = 1\n", "src/Zeta.py": "Z = 2\n",
+        "src/lib/util.py": "", ".git/config": "[core]", "node_modules/x/index.js": "x",
+        "__pycache__/a.pyc": "x", "venv/bin/python": "x", "env2/pyvenv.cfg": "home = /usr",
+        "env2/lib/site.py": "x", ".backup/app.py.20250101_000000.bak": "old",
+        "link_in.py": ("link", "app.py"), "link_dir": ("link", "src"),
+        "leak.txt": ("link", str(outside / "secret.txt")), "up": ("link", ".."),
+        "dangling": ("link", "nowhere"), "fifo": "fifo"})
+    project_id = code_project(api, root)
+    response = api.get(f"/v1/projects/{project_id}/complete-source-code")
+    assert response.status_code == 200
+    assert response.json() == {"completeSourceCode": """Project Name: proj
+
+Project Structure:
+proj/
+├── link_dir
+├── src
+│   ├── lib
+│   │   └── util.py
+│   ├── alpha.py
+│   └── Zeta.py
+├── .gitignore
+├── app.py
+├── Cargo.toml
+├── data.csv
+├── fifo
+├── keep.log
+├── link_in.py
+├── logo.png
+├── main.go
+└── README.md
+
+File Contents:
+
+File: .gitignore
+---
+# logs
+*.log
+/build/
+!keep.log
+secret*
+
+---
+
+File: app.py
+---
+print('hi')
+
+---
+
+File: Cargo.toml
+---
+[package]
+
+---
+
+File: keep.log
+---
+kept
+---
+
+File: link_in.py
+---
+print('hi')
+
+---
+
+File: main.go
+---
+package main
+
+---
+
+File: README.md
+---
+# Demo
+line two
+
+---
+
+File: src/alpha.py
+---
+A = 1
+
+---
+
+File: src/Zeta.py
+---
+Z = 2
+
+---
+
+File: src/lib/util.py
+---
+
+---"""}
+    # ai-coder's client reads the key, the web and H5 clients too: nothing else is answered.
+    assert list(response.json()) == ["completeSourceCode"]
+
+
+@pytest.mark.parametrize("rules,path,is_folder,ignored", [
+    # Each checked against `git check-ignore --no-index` (git 2.39).
+    ("*.log", "x/a.log", False, True), ("*.log", "a.logx", False, False),
+    ("/build", "x/build", True, False), ("/build", "build", False, True),
+    ("build/", "build", False, False), ("build/", "x/build", True, True),
+    ("doc/*.txt", "doc/x/a.txt", False, False), ("doc/*.txt", "a/doc/a.txt", False, False),
+    ("doc/*.txt", "doc/a.txt", False, True), ("**/foo", "a/b/foo", False, True),
+    ("**/foo/bar", "a/foo/bar", False, True), ("abc/**", "abc/x/y", False, True),
+    ("abc/**", "abc", True, False), ("a/**/b", "a/b", False, True),
+    ("a/**/b", "a/x/y/b", False, True), ("a/**/b", "x/a/b", False, False),
+    ("fo?", "x/fox", False, True), ("fo?", "fooo", False, False),
+    ("[!abc].py", "a.py", False, False), ("[^abc].py", "d.py", False, True),
+    ("[a-c]x", "dx", False, False), ("\\#file", "#file", False, True),
+    ("\\!important", "!important", False, True), ("foo\\ ", "foo ", False, True),
+    ("foo  ", "foo", False, True), ("a*b", "a/b", False, False), ("**", "a/b", False, True),
+    ("*.py[cod]", "a.pyd", False, True), ("\\*star", "xstar", False, False),
+    ("q\\?", "q?", False, True), ("*.log\n!b.log", "b.log", False, False),
+    ("abc/**\n!abc/keep", "abc/keep", False, False), ("# comment\n\n", "# comment", False, False),
+])
+def test_gitignore_rules_match_as_git_matches_them(rules, path, is_folder, ignored):
+    assert server.GitIgnore(rules).ignores(path, is_folder) is ignored
+
+
+def test_a_pathological_gitignore_pattern_is_matched_at_once():
+    """fnmatch's patterns do not backtrack without end: an API caller can write a .gitignore."""
+    started = time.monotonic()
+    assert server.GitIgnore("*a*a*a*a*a*a*a*a*a*a*b").ignores("a" * 250, False) is False
+    assert time.monotonic() - started < 0.5
+
+
+def test_complete_source_code_404s_say_which(api, tmp_path):
+    assert api.get("/v1/projects/424242/complete-source-code").json() == {
+        "detail": "Project not found"}
+    bare = new_project(api, f"no work dir {tmp_path}")
+    response = api.get(f"/v1/projects/{bare}/complete-source-code")
+    assert response.status_code == 404
+    assert response.json()["detail"] == f"project {bare} has no ai_work_dir"
+    gone = code_project(api, tmp_path / "gone")
+    response = api.get(f"/v1/projects/{gone}/complete-source-code")
+    assert (response.status_code, response.json()["detail"]) == (
+        404, f"ai_work_dir {tmp_path / 'gone'} does not exist")
+    (tmp_path / "a-file").write_text("x")
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'a-file')}"
+                       "/complete-source-code")
+    assert (response.status_code, response.json()["detail"]) == (
+        404, f"ai_work_dir {tmp_path / 'a-file'} is not a folder")
+
+
+def test_complete_source_code_is_bounded_by_max_body_bytes(write_roots, tmp_path):
+    """Text past MAX_BODY_BYTES (1,000 here) is 413; a big binary file counts for nothing."""
+    api, _ = write_roots
+    make_tree(tmp_path / "big", {"big.txt": "x" * 1500})
+    make_tree(tmp_path / "binary", {"big.bin": b"\x00" * 5000, "small.txt": "ok"})
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'big', 'big')}"
+                       "/complete-source-code")
+    assert response.status_code == 413 and "MAX_BODY_BYTES" in response.json()["detail"]
+    response = api.get(f"/v1/projects/{code_project(api, tmp_path / 'binary', 'bin')}"
+                       "/complete-source-code")
+    assert response.status_code == 200
+    assert response.json()["completeSourceCode"].endswith("File: small.txt\n---\nok\n---")
+
+
+def plan_step(number, total, action, path, *codes, title=None) -> str:
+    """One block of the executor's step format: Step line, Action, File Path, code fences."""
+    text = f"Step [{number}/{total}] - {title or action}\nAction: {action}\nFile Path: {path}"
+    return text + "".join(f"\n```\n{code}\n```" for code in codes)
+
+
+def plan_of(*steps) -> str:
+    """Steps numbered in order, each (action, path, *codes), joined by the six dashes."""
+    return "\n------\n".join(plan_step(i, len(steps), *s) for i, s in enumerate(steps, 1))
+
+
+def write_code(api, root_dir, plan, **body):
+    """POST /v1/write-source-code; (response, the events, as JSON)."""
+    response = api.post("/v1/write-source-code", json={
+        "root_dir": str(root_dir), "files_content": plan, **body})
+    events = [json.loads(line[len("data: "):]) for line in response.text.split("\n")
+              if line.startswith("data: ")]
+    return response, events
+
+
+def said(events) -> list[tuple[str, str]]:
+    return [(event["type"], event["message"]) for event in events]
+
+
+def tree_state(folder) -> dict:
+    """Every entry below `folder` (symlinks not followed): mode, mtime, and bytes or target."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        found = path.lstat()
+        what = path.read_bytes() if path.is_file() and not path.is_symlink() else (
+            os.readlink(path) if path.is_symlink() else None)
+        state[str(path.relative_to(folder))] = (found.st_mode, found.st_mtime_ns, what)
+    return state
+
+
+def progress(number, total):
+    return ("progress", f"正在解析第【{number}/{total}】个任务")
+
+
+def test_write_source_code_streams_the_executors_events(api, tmp_path):
+    """CodeFileExecutorLib's step format in, its events out, in its order and words, framed as
+    the original frames them: `data: <json.dumps(event, ensure_ascii=False)>`, a blank line, no
+    [DONE]. The longest code block is the content; a step without content, an action it does
+    not know, a name it refuses and a block that is no step each fail alone."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    code_project(api, root)
+    plan = "\n------\n".join([
+        plan_step(1, 9, "Create folder", "src/app", title="Create the folders"),
+        plan_step(2, 9, "Create file", "src/app/main.py", 'print("hello")'),
+        plan_step(3, 9, "Update file", "src/app/main.py", "short",
+                  'import sys\nprint("bye", sys.argv)'),
+        plan_step(4, 9, "Create file", "src/empty.py"),
+        plan_step(5, 9, "Execute shell command", "run.sh", "rm -rf ~"),
+        plan_step(6, 9, "Create file", "src/bad name.py", "x"),
+        plan_step(7, 9, "Create file", "src/Types.cs", "class A { }",
+                  title="A holder of List<int>"),
+        plan_step(8, 9, "Delete file", "src/app/main.py"),
+        "no step here"])
+    response, events = write_code(api, root, plan, backup_enabled=False)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    frames = response.text.split("\n\n")
+    assert frames[-1] == "" and len(frames) - 1 == len(events)
+    assert frames[:-1] == [f"data: {json.dumps(e, ensure_ascii=False)}" for e in events]
+    assert said(events) == [
+        ("info", "一共9个待执行任务"),
+        progress(1, 9), ("info", "Step [1/9] - Create the folders"),
+        ("success", "任务执行成功，更新0行代码"),
+        progress(2, 9), ("info", "Step [2/9] - Create file"), ("success", "任务执行成功，更新1行代码"),
+        progress(3, 9), ("info", "Step [3/9] - Update file"),
+        ("warning", "发现2个代码块，将使用最大的一个"), ("success", "任务执行成功，更新2行代码"),
+        progress(4, 9), ("info", "Step [4/9] - Create file"),
+        ("error", "内容验证失败: 操作 'Create file' 需要提供内容，但内容为空"),
+        progress(5, 9), ("info", "Step [5/9] - Execute shell command"),
+        ("error", "不支持的操作类型: execute shell command"),
+        progress(6, 9), ("info", "Step [6/9] - Create file"), ("error", "文件名包含非法字符，跳过"),
+        progress(7, 9), ("info", "Step [7/9] - A holder of List<int>"),
+        ("warning", "代码提取完整性警告: 关键泛型模式丢失: List<"),
+        ("success", "任务执行成功，更新1行代码"),
+        progress(8, 9), ("info", "Step [8/9] - Delete file"), ("success", "任务执行成功，更新0行代码"),
+        progress(9, 9), ("error", "无效任务: 无效任务块"),
+        ("summary", "执行完成 - 成功: 5, 失败: 3, 无效: 1, 内容警告: 1")]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", e["timestamp"]) for e in events)
+    assert [e["data"] for e in events[:-1]] == [None] * (len(events) - 1)
+    summary = events[-1]["data"]
+    assert re.fullmatch(r"\d+\.\d\ds", summary.pop("execution_time"))
+    assert summary == {"total_tasks": 9, "successful_tasks": 5, "failed_tasks": 3,
+                       "invalid_tasks": 1, "content_integrity_warnings": 1,
+                       "success_rate": "55.6%", "log_file": "N/A"}
+    assert sorted(tree_state(root)) == ["src", "src/Types.cs", "src/app"]
+    assert (root / "src/Types.cs").read_text() == "class A { }"
+
+
+def test_the_web_clients_reader_reaches_its_done_callback(api, tmp_path):
+    """api/stream.ts writeSourceCode, replayed: its request as it sends it, then its reader:
+    bytes decoded as a stream (TextDecoder), split at \\n, the last piece kept for later,
+    blank lines skipped, `data: ` lines JSON-parsed to onChunk, [DONE] or the body's end to
+    onDone. Fed in 7-byte pieces, so that a character and a line are cut anywhere."""
+    root = tmp_path / "web"
+    root.mkdir()
+    code_project(api, root)
+    plan = plan_of(("Create file", "hello/说明.md", "# 你好\n世界"),
+                   ("Update file", "hello/说明.md", "# 再见"))
+    chunks, done = [], []
+    with api.stream("POST", "/v1/write-source-code", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer sk-test"},
+            content=json.dumps({"root_dir": str(root), "files_content": plan,
+                                "log_level": "INFO", "backup_enabled": True})) as response:
+        assert response.is_success  # `if (!res.body || !res.ok) throw ...`
+        raw = b"".join(response.iter_raw())
+    decoder, buffer = codecs.getincrementaldecoder("utf-8")(), ""
+    for start in range(0, len(raw), 7):
+        buffer += decoder.decode(raw[start:start + 7])
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            if line.startswith("data: "):
+                json_str = line[6:].strip()
+                if json_str == "[DONE]":
+                    done.append("[DONE]")
+                    break
+                chunks.append(json.loads(json_str))
+    if not done:
+        done.append("end of body")
+    assert done == ["end of body"]
+    # WriteSourceCodeModal: a log line per chunk, the summary's counts in its status bar.
+    assert [c["type"] for c in chunks][-1] == "summary"
+    summary = chunks[-1]["data"]
+    assert (summary["total_tasks"], summary["successful_tasks"], summary["failed_tasks"]) == (
+        2, 2, 0)
+    assert re.fullmatch(r"\d+\.\d\ds", summary["execution_time"])
+    assert all(set(c) == {"message", "type", "timestamp", "data"} for c in chunks)
+    assert (root / "hello/说明.md").read_text() == "# 再见"
+    backups = list((root / "hello/.backup").iterdir())
+    assert [b.read_text() for b in backups] == ["# 你好\n世界"]
+    assert chunks[-2]["message"] == ("任务执行成功，更新1行代码 (备份: "
+                                     f"{os.path.realpath(backups[0])})")
+
+
+def escape_setup(tmp_path):
+    """root (a project's ai_work_dir) and, beside it, `outside` with a file in it; in root:
+    symlinks out (a folder, a file, /dev/null, a .backup folder) and a FIFO."""
+    outside = tmp_path / "outside"
+    make_tree(outside, {"target.txt": "original", "sub/keep.txt": "kept"})
+    root = tmp_path / "root"
+    make_tree(root, {"link_out": ("link", str(outside)), "file_link.txt": (
+        "link", str(outside / "target.txt")), "null_link": ("link", "/dev/null"),
+        "pipe": "fifo", "inner/.backup": ("link", str(outside / "sub")),
+        "inner/old.txt": "old", "inner/gone": None})
+    return root, outside
+
+
+ESCAPES = [
+    # (action, path, the start of the error event's message)
+    ("Create file", "../outside/target.txt", "路径安全校验失败，跳过: ../outside/target.txt holds '..'"),
+    ("Update file", "a/../../outside/target.txt", "路径安全校验失败，跳过: a/../../outside"),
+    ("Delete folder", "..", "路径安全校验失败，跳过: .. holds '..'"),
+    ("Update file", "{outside}/target.txt", "路径安全校验失败，跳过: {outside}/target.txt is an "
+                                            "absolute path"),
+    ("Create file", "{root}/inside.txt", "路径安全校验失败，跳过: {root}/inside.txt is an absolute"),
+    ("Update file", "/dev/null", "路径安全校验失败，跳过: /dev/null is an absolute path"),
+    ("Create file", "C:\\Windows\\x.txt", "路径安全校验失败，跳过: C:\\Windows\\x.txt is an absolute"),
+    ("Create file", "link_out/target.txt", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Create file", "link_out/new/x.txt", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Create folder", "link_out/made", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Delete file", "link_out/target.txt", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Delete folder", "link_out/sub", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Delete folder", "link_out", "路径安全校验失败，跳过: link_out is a symlink"),
+    ("Update file", "file_link.txt", "路径安全校验失败，跳过: file_link.txt is a symlink"),
+    ("Create file", "file_link.txt", "路径安全校验失败，跳过: file_link.txt is a symlink"),
+    ("Delete file", "file_link.txt", "路径安全校验失败，跳过: file_link.txt is a symlink"),
+    ("Update file", "null_link", "路径安全校验失败，跳过: null_link is a symlink"),
+    ("Update file", "pipe", "路径安全校验失败，跳过: pipe is a FIFO"),
+    ("Delete file", "pipe", "路径安全校验失败，跳过: pipe is a FIFO"),
+    ("Update file", "inner/old.txt", "路径安全校验失败，跳过: inner/.backup is a symlink"),
+    ("Delete folder", "inner/gone", "路径安全校验失败，跳过: inner/.backup is a symlink"),
+    ("Create file", ".git/hooks/pre-commit", "路径安全校验失败，跳过: .git/hooks/pre-commit is inside"),
+]
+
+
+def test_no_step_writes_outside_root_dir(api, tmp_path):
+    """Every way out, in one plan, with backups on: each such step fails with an error event,
+    the others go on, and nothing outside root_dir changes, nor anything it would have read
+    (a FIFO never blocks the writer: it is refused without being opened)."""
+    root, outside = escape_setup(tmp_path)
+    code_project(api, root)
+    before, inside = tree_state(outside), tree_state(root)
+    steps = [(action, path.format(root=root, outside=outside), "x")
+             for action, path, _ in ESCAPES] + [("Create file", "fine.txt", "fine")]
+    response, events = write_code(api, root, plan_of(*steps))
+    assert response.status_code == 200
+    errors = [message for kind, message in said(events) if kind == "error"]
+    expected = [start.format(root=root, outside=outside) for _, _, start in ESCAPES]
+    assert len(errors) == len(expected)
+    for message, start in zip(errors, expected):
+        assert message.startswith(start), (message, start)
+    assert said(events)[-2:] == [("success", "任务执行成功，更新1行代码"), (
+        "summary", f"执行完成 - 成功: 1, 失败: {len(ESCAPES)}, 无效: 0")]
+    assert tree_state(outside) == before
+    assert {**inside, "fine.txt": tree_state(root)["fine.txt"]} == tree_state(root)
+    assert (root / "fine.txt").read_text() == "fine"
+
+
+def test_a_path_swapped_for_a_symlink_is_not_followed(api, tmp_path):
+    """A path is checked as it is written: every name is opened from root_dir's descriptor
+    with O_NOFOLLOW, and a file is renamed into place (a rename replaces a symlink, never
+    writes through it). Here another thread keeps turning a folder and a file of root_dir into
+    symlinks out and back while a plan writes through them again and again: nothing outside
+    changes, and each step either wrote inside or failed saying why."""
+    outside = tmp_path / "outside"
+    make_tree(outside, {"flip/x.txt": "outside", "file.txt": "outside"})
+    root = tmp_path / "root"
+    make_tree(root, {"flip/x.txt": "inside", "file.txt": "inside"})
+    code_project(api, root)
+    before = tree_state(outside)
+    running = threading.Event()
+    running.set()
+
+    def swap():
+        while running.is_set():
+            for name in ("flip", "file.txt"):
+                with contextlib.suppress(OSError):  # the plan changes these names too
+                    os.rename(root / name, root / f"{name}.aside")
+                    (root / name).symlink_to(outside / name)
+                    (root / name).unlink()
+                    os.rename(root / f"{name}.aside", root / name)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        steps = [step for i in range(100) for step in (
+            ("Update file", "flip/x.txt", f"written {i}"), ("Update file", "file.txt", f"w {i}"),
+            ("Delete file", "flip/x.txt"), ("Create folder", "flip/made"))]
+        response, events = write_code(api, root, plan_of(*steps), backup_enabled=False)
+    finally:
+        running.clear()
+        swapper.join()
+    assert response.status_code == 200
+    outcomes = [kind for kind, _ in said(events) if kind in ("success", "error")]
+    assert len(outcomes) == len(steps)
+    assert all(message.startswith(("路径安全校验失败", "执行任务失败: "))
+               for kind, message in said(events) if kind == "error"), said(events)
+    assert tree_state(outside) == before
+
+
+@pytest.fixture(scope="session")
+def write_roots(start_service, tmp_path_factory):
+    """A service whose WRITE_ROOTS is pytest's whole temporary folder (the databases of the
+    services started here are in it too), that takes bodies of at most 1,000 bytes."""
+    base = tmp_path_factory.getbasetemp()
+    return start_service(write_roots=f"{base / 'nowhere'}, {base}", max_body_bytes=1000)
+
+
+def test_root_dir_must_resolve_into_a_work_dir_or_write_roots(api, write_roots, tmp_path):
+    """403 before anything is looked at or written, for a folder no project has and WRITE_ROOTS
+    does not hold, once resolved: a symlink in an ai_work_dir leading out, `..` climbing out,
+    /dev. Then the original's 400s. WRITE_ROOTS opens its folders, the shared service's none."""
+    root, outside = escape_setup(tmp_path)
+    code_project(api, root)
+    (root / "up").symlink_to(tmp_path)
+    (root / "a-file").write_text("x")
+    before, inside = tree_state(outside), tree_state(root)
+    plan = plan_of(("Create file", "x.txt", "x"), ("Delete folder", "sub"))
+    for root_dir in (outside, root / "link_out", root / "up", f"{root}/../outside", "/dev",
+                     "/etc", tmp_path, "/", "relative/path"):
+        response, events = write_code(api, root_dir, plan)
+        assert (response.status_code, events) == (403, []), root_dir
+        assert response.json() == {"detail": f"root_dir {root_dir} is not a project's "
+                                             "ai_work_dir, one of WRITE_ROOTS, or a folder below "
+                                             "one: nothing is written there"}
+    for root_dir, detail in ((root / "missing", "root_dir does not exist."),
+                             (root / "a-file", "root_dir is not a directory.")):
+        response = write_code(api, root_dir, plan)[0]
+        assert (response.status_code, response.json()) == (400, {"detail": detail})
+    assert tree_state(outside) == before and tree_state(root) == inside
+    # A symlink into the root is the root, resolved; WRITE_ROOTS serves what no project names.
+    (tmp_path / "alias").symlink_to(root)
+    response, events = write_code(api, tmp_path / "alias", plan_of(("Create file", "a.txt", "a")))
+    assert said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 0, 无效: 0"
+    assert (root / "a.txt").read_text() == "a"
+    other, _ = write_roots
+    response, events = write_code(other, outside, plan_of(("Create file", "w.txt", "w")))
+    assert said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 0, 无效: 0"
+    assert (outside / "w.txt").read_text() == "w"
+
+
+def test_the_services_own_database_is_never_written(write_roots):
+    api, db_path = write_roots
+    folder = os.path.dirname(db_path)
+    response, events = write_code(api, folder, plan_of(
+        ("Update file", "chat.db", "x"), ("Delete file", "chat.db-wal"),
+        ("Create file", "beside.txt", "ok")))
+    errors = [message for kind, message in said(events) if kind == "error"]
+    assert errors == ["路径安全校验失败，跳过: chat.db is the service's own database",
+                      "路径安全校验失败，跳过: chat.db-wal is the service's own database"]
+    response, _ = write_code(api, os.path.dirname(folder), plan_of(
+        ("Delete folder", os.path.basename(folder))))
+    assert os.path.exists(db_path)
+    assert api.get("/health").json()["database"] == "ok"
+
+
+def test_backups_are_where_the_library_puts_them(api, tmp_path):
+    """With backup_enabled (the default), what an update or a create overwrites is copied to
+    <dir>/.backup/<name>.<YYYYmmdd_HHMMSS>.bak (mode and times kept), what a delete removes
+    is moved there; a second backup in the same second gets -2, never replacing the first.
+    Without, nothing is kept and no .backup folder is made."""
+    root = tmp_path / "root"
+    make_tree(root, {"a.py": "a1", "lib/b.py": "b1", "lib/c.py": "c1", "old/x.txt": "x1"})
+    os.chmod(root / "a.py", 0o751)
+    os.utime(root / "a.py", ns=(10**18, 10**18))
+    code_project(api, root)
+    response, events = write_code(api, root, plan_of(
+        ("Update file", "a.py", "a2"), ("Create file", "a.py", "a3"),
+        ("Create file", "lib/new.py", "n"), ("Delete file", "lib/b.py"),
+        ("Delete folder", "old"), ("Delete file", "lib/none.py")))
+    assert said(events)[-1][1] == "执行完成 - 成功: 6, 失败: 0, 无效: 0"
+    names = sorted(re.sub(r"\d{8}_\d{6}(-2)?", "T", p.relative_to(root).as_posix())
+                   for p in root.rglob("*.bak"))
+    assert names == [".backup/a.py.T.bak"] * 2 + [".backup/old.T.bak", "lib/.backup/b.py.T.bak"]
+    kept = {p.read_text(): p for p in root.glob(".backup/a.py.*.bak")}
+    assert sorted(kept) == ["a1", "a2"]
+    first = kept["a1"]
+    assert (first.stat().st_mode & 0o777, first.stat().st_mtime_ns) == (0o751, 10**18)
+    assert (root / "a.py").read_text() == "a3" and (root / "a.py").stat().st_mode & 0o777 == 0o751
+    assert next(root.glob(".backup/old.*.bak/x.txt")).read_text() == "x1"
+    assert next(root.glob("lib/.backup/b.py.*.bak")).read_text() == "b1"
+    assert not (root / "old").exists() and not (root / "lib/b.py").exists()
+    messages = [m for kind, m in said(events) if kind == "success"]
+    assert messages[0] == f"任务执行成功，更新1行代码 (备份: {os.path.realpath(first)})"
+    plain = tmp_path / "plain"
+    make_tree(plain, {"a.py": "a1", "d/e.txt": "e"})
+    code_project(api, plain)
+    response, events = write_code(api, plain, plan_of(
+        ("Update file", "a.py", "a2"), ("Delete folder", "d")), backup_enabled=False)
+    assert said(events)[-1][1] == "执行完成 - 成功: 2, 失败: 0, 无效: 0"
+    assert sorted(tree_state(plain)) == ["a.py"] and (plain / "a.py").read_text() == "a2"
+
+
+def test_at_most_max_body_bytes_are_written_per_call(write_roots, tmp_path):
+    """MAX_BODY_BYTES is 1,000 here: backup copies count. The step that would pass the bound
+    fails saying why, the steps after it too; what it would have overwritten is untouched."""
+    api, _ = write_roots
+    root = tmp_path / "root"
+    make_tree(root, {"a.txt": "a" * 600, "b.txt": "b" * 600})
+    response, events = write_code(api, root, plan_of(
+        ("Update file", "a.txt", "A"), ("Update file", "b.txt", "B"), ("Create file", "c", "C")))
+    errors = [message for kind, message in said(events) if kind == "error"]
+    assert errors == [
+        "执行任务失败: this step would write 601 bytes (backup copy included), past the bound "
+        "of 1000 bytes a call may write (MAX_BODY_BYTES; 601 written so far): it and the steps "
+        "after it are not carried out",
+        "执行任务失败: not carried out: this call has reached its bound of 1000 bytes written "
+        "(MAX_BODY_BYTES)"]
+    assert (root / "a.txt").read_text() == "A" and (root / "b.txt").read_text() == "b" * 600
+    assert not (root / "c").exists() and said(events)[-1][1] == "执行完成 - 成功: 1, 失败: 2, 无效: 0"
+
+
+def test_write_source_code_refusals_change_nothing(api, guarded, write_roots, tmp_path):
+    """401 without the access key (ACCESS_KEYS), 415 for a body not sent as JSON, 413 past
+    MAX_BODY_BYTES, 400 for a field of the wrong type: each before anything is written."""
+    root = tmp_path / "root"
+    root.mkdir()
+    code_project(api, root)
+    plan = plan_of(("Create file", "x.txt", "x"))
+    body = {"root_dir": str(root), "files_content": plan}
+    guarded_api, _ = guarded
+    assert guarded_api.post("/v1/projects", json={"name": "code", "ai_work_dir": str(root)},
+                            headers={"Authorization": "Bearer first-access-key"}).is_success
+    response = guarded_api.post("/v1/write-source-code", json=body)
+    assert response.status_code == 401
+    assert guarded_api.get("/v1/projects/1/complete-source-code").status_code == 401
+    response = guarded_api.post("/v1/write-source-code", json=body, headers={
+        "Authorization": "Bearer second-access-key"})
+    assert response.status_code == 200 and (root / "x.txt").read_text() == "x"
+    (root / "x.txt").unlink()
+    response = api.post("/v1/write-source-code", content=json.dumps(body),
+                        headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415
+    small, _ = write_roots
+    response = small.post("/v1/write-source-code", json={**body, "files_content": "x" * 2000})
+    assert response.status_code == 413
+    for bad, detail in (({"files_content": plan}, "root_dir is required"),
+                        ({"root_dir": "", "files_content": plan},
+                         "root_dir must be a non-empty string"),
+                        ({"root_dir": str(root)}, "files_content is required"),
+                        ({**body, "files_content": ["x"]}, "files_content must be a string"),
+                        ({**body, "backup_enabled": "yes"}, "backup_enabled must be true or false"),
+                        ({**body, "log_level": 5}, "log_level must be a string")):
+        response = api.post("/v1/write-source-code", json=bad)
+        assert (response.status_code, response.json()) == (400, {"detail": detail})
+    assert list(root.iterdir()) == []
+
+
+def test_a_client_that_goes_away_stops_the_plan_after_the_step_in_hand(api, tmp_path):
+    """The web dialog's "强制关闭": the steps not yet carried out are not (the one in hand is
+    finished, whole: no file is ever left half written, nor a temporary file beside it)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    code_project(api, root)
+    total = 1500
+    plan = plan_of(*[("Create file", f"f{i:04}.txt", "x" * 100) for i in range(total)])
+    with api.stream("POST", "/v1/write-source-code", json={
+            "root_dir": str(root), "files_content": plan}) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    counts = []
+
+    def settled():
+        counts.append(len(os.listdir(root)))
+        return len(counts) > 5 and len(set(counts[-5:])) == 1
+
+    wait_for(settled, step=0.05)
+    files = sorted(os.listdir(root))
+    assert 0 < len(files) < total and files == [f"f{i:04}.txt" for i in range(len(files))]
+    assert all((root / name).read_text() == "x" * 100 for name in files)
 
 
 # ---------------------------------------------------------------------------------------------
