@@ -4551,7 +4551,7 @@ def raw_post(api, path: str, body: dict) -> socket.socket:
     return sock
 
 
-ROUTES = ["native", "chat", "responses"]
+TURN_ROUTES = ["native", "chat", "responses"]  # where a turn calls Poe
 
 
 def turn_on(api, route: str, model: str, content: str, stream: bool,
@@ -4571,7 +4571,7 @@ def turn_on(api, route: str, model: str, content: str, stream: bool,
     return response
 
 
-@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("route", TURN_ROUTES)
 @pytest.mark.parametrize("bot", ["Busy", "RateLimited"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_poe_rate_limit_either_form_is_429_on_every_route(api, db, route, bot, stream):
@@ -4615,10 +4615,12 @@ def test_a_full_budget_queues_calls_first_come_first_served(start_service):
     whose bot then rate-limits) and then go, in the order they came, once slots free."""
     api, db_path = start_service(poe_rate_limit=3, poe_rate_window=0.75)
     tag = f"fifo-{random.randrange(10**9)}"
-    conversations = [new_conversation(api, model="Say") for _ in range(4)]
+    # The first three take 0.1 s each (Slow: '1 0.1'), so their slots free 0.1 s apart: the
+    # calls let go then reach the bot in that order, not in a race.
+    conversations = [new_conversation(api, model=model) for model in ["Slow"] * 3 + ["Say"]]
     limited = new_conversation(api, model="RateLimited")
     for i in range(3):
-        assert say(api, conversations[i], f"{tag} {i}").json()["reply"] == f"{tag} {i}"
+        assert say(api, conversations[i], f"1 0.1 {tag} {i}").json()["reply"] == "c0 "
     assert budget_of(api) == {"limit": 3, "used": 3, "queued": 0, "oldest_wait_seconds": 0}
     completion: dict = {}
     chat = threading.Thread(target=lambda: completion.update(answer=api.post(
@@ -4644,9 +4646,10 @@ def test_a_full_budget_queues_calls_first_come_first_served(start_service):
     assert completion["answer"].json()["choices"][0]["message"]["content"] == f"{tag} 4"
     assert last_events == [{"error": {"message": last_events[0]["error"]["message"],
                                       "status": 429, "retry_after": 10}}, "[DONE]"]
-    arrivals = [(bot, content, at) for bot, content, at in ARRIVALS if content.startswith(tag)]
+    arrivals = [(bot, content, at) for bot, content, at in ARRIVALS if tag in content]
     assert [(bot, content) for bot, content, _ in arrivals] == [
-        ("Say", f"{tag} {i}") for i in range(5)] + [("RateLimited", f"{tag} 5")]
+        ("Slow", f"1 0.1 {tag} {i}") for i in range(3)] + [
+        ("Say", f"{tag} 3"), ("Say", f"{tag} 4"), ("RateLimited", f"{tag} 5")]
     assert all(at >= arrivals[0][2] + 0.65 for _, _, at in arrivals[3:])  # a slot freed first
     db = sqlite3.connect(db_path)
     assert [m["content"] for m in stored_messages(db, conversations[3])] == [f"{tag} 3"] * 2
@@ -4658,7 +4661,7 @@ def test_a_call_that_waits_past_poe_queue_seconds_is_429_and_leaves_no_trace(sta
     api, db_path = start_service(poe_rate_limit=1, poe_queue_seconds=0.05)
     fill_budget(api)
     db = sqlite3.connect(db_path)
-    for route in ROUTES:
+    for route in TURN_ROUTES:
         for stream in (False, True):
             conversation_id = new_conversation(api, model="Echo") if route == "native" else None
             before, calls = snapshot(db), CALLS["Echo"]
@@ -4700,7 +4703,7 @@ def test_a_client_that_leaves_leaves_the_queue(patient):
         until_waiting(lines)
         assert budget_of(api)["queued"] == 1
     wait_for(lambda: budget_of(api)["queued"] == 0, seconds=1)
-    assert stored_messages(db, conversation_id) == []
+    wait_for(lambda: stored_messages(db, conversation_id) == [], seconds=1)  # then its rows go
     # The OpenAI routes send nothing while they wait: a chat completion stream, a stored
     # Responses turn.
     for path, body in (("/v1/chat/completions", {"model": "Echo", "stream": True, "messages": [
