@@ -97,7 +97,8 @@ def error_type_bot(error_type):
     return script
 
 
-POE_RATE_LIMIT_TEXT = "You have exceeded rate limit to query bot using User API Key. Try again later."
+POE_RATE_LIMIT_TEXT = ("You have exceeded rate limit to query bot using User API Key. "
+                       "Try again later.")
 
 
 async def rate_limited(request):

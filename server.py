@@ -1004,7 +1004,7 @@ HTTP_STATUS_FAILURE = {
 POE_RATE_LIMITED = "Poe is rate-limiting requests; try again later"
 # Poe's error event for a rate limit has no error_type, only its text (fastapi_poe issue 109:
 # "You have exceeded rate limit to query bot using User API Key. Try again later.").
-RATE_LIMIT_TEXT = re.compile(r"rate[ _-]?limit", re.IGNORECASE)
+RATE_LIMIT_TEXT = re.compile(r"\brate[ _-]?limit", re.IGNORECASE)
 # An error event that says the key is not good (Poe's key check answers 401 as a rule).
 KEY_REJECTED_TEXT = re.compile(
     r"\b(invalid|incorrect|wrong|expired|revoked|unauthori[sz]ed)\b[^.]{0,40}\b(api|access)[ _-]?"
@@ -4746,7 +4746,7 @@ DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
                  "allowed_hosts": "this machine's names when HOST is one of them, else any",
-                 "poe_rate_limit": "500 Poe calls a POE_RATE_WINDOW (0: no local limit)"}
+                 "poe_rate_limit": "500 calls a POE_RATE_WINDOW (0: no local limit)"}
 
 
 def settings_help() -> str:

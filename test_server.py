@@ -25,8 +25,9 @@ import httpx
 import pytest
 
 import server
-from conftest import (ARRIVALS, CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, TRICKY,
-                      UPLOAD_GATE, UPLOADS, ServerProcess, history_of, wait_for)
+from conftest import (ARRIVALS, CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS,
+                      RIGHT_KEY, TRICKY, UPLOAD_GATE, UPLOADS, ServerProcess, history_of,
+                      wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
