@@ -61,6 +61,8 @@ class Bench(fp.PoeBot):
         elif words[:1] == ["flood"]:
             for i in range(int(words[1])):
                 yield fp.PartialResponse(text=str(i % 10) * 10000)
+        elif words[:1] == ["stamp"]:
+            yield fp.PartialResponse(text=f"{time.time():.6f}")  # when the call arrived
         else:
             yield fp.PartialResponse(text="ok")
 
@@ -153,12 +155,14 @@ class Process:
         cls.started.clear()
 
 
-def start_service(workdir: str, bot: Process, db_path: str, log_name: str) -> Process:
-    """`python server.py` as users run it, on `db_path`, its Poe the bench's bot."""
+def start_service(workdir: str, bot: Process, db_path: str, log_name: str,
+                  **env: str) -> Process:
+    """`python server.py` as users run it, on `db_path`, its Poe the bench's bot; `env`: more
+    settings."""
     return Process([os.path.join(HERE, "server.py"), "--port", "0", "--db", db_path],
                    os.path.join(workdir, log_name),
                    env={"POE_BASE_URL": bot.url + "/", "POE_API_KEY": KEY,
-                        "DEFAULT_MODEL": "Bench"}).ready()
+                        "DEFAULT_MODEL": "Bench", **env}).ready()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +417,9 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         rows += await bench_faults(quick, workdir, bot)
         # 8. Long reads: a big export, a pathological search, three backups.
         rows += await bench_long_reads(quick, workdir, bot)
+        # 9. The budget of Poe calls: its cost under it, and turns offered at twice it.
+        rows.append(await bench_budget_cost(quick))
+        rows.append(await bench_over_budget(quick, workdir, bot))
     finally:
         bot.stop()
     return rows
@@ -679,6 +686,82 @@ async def bench_backup(client: httpx.AsyncClient, quick: bool) -> tuple[str, str
             "chunks arrive, the 0.5 s before it / during it, max",
             f"{ms(max(before))} / {ms(max(during))} (backup took {ended - began:.1f} s)",
             f"target during ≤ 50 ms; {complete}/{streams} complete")
+
+
+async def bench_budget_cost(quick: bool) -> tuple[str, str, str]:
+    """What PoeBudget.take() costs a call under the budget (every call pays it), in this
+    process: a compare and an append, against awaiting a coroutine that does nothing."""
+    sys.path.insert(0, HERE)
+    import server
+    calls = 20000 if quick else 200000
+    budget = server.PoeBudget(10**9, 60.0, 30.0)  # never full: the path of a call under it
+
+    async def nothing(queued=None) -> None:
+        return None
+
+    timings = {}
+    for name, take in (("nothing", nothing), ("take", budget.take), ("nothing", nothing),
+                       ("take", budget.take)):  # twice each, the second counted: warm
+        started = time.perf_counter()
+        for _ in range(calls):
+            await take()
+        timings[name] = (time.perf_counter() - started) / calls
+    return ("what the budget adds to a Poe call under it (PoeBudget.take, in-process)",
+            f"{timings['take'] * 1e6:.2f} µs a call (awaiting a coroutine that does nothing: "
+            f"{timings['nothing'] * 1e6:.2f} µs)", "target ≤ 20 µs")
+
+
+async def bench_over_budget(quick: bool, workdir: str, bot: Process) -> tuple[str, str, str]:
+    """Turns offered at twice the budget, to a service of their own whose budget is 50 calls a
+    second (POE_RATE_WINDOW=1), each waiting at most 1 s: every turn must be served, the served
+    ones reaching the bot in the order they reached the service, or refused with Retry-After;
+    none failing otherwise; the event loop held no longer than 50 ms."""
+    turns, limit = (200 if quick else 1000), 50
+    service = start_service(workdir, bot, os.path.join(workdir, "budget.db"), "budget.log",
+                            POE_RATE_LIMIT=str(limit), POE_RATE_WINDOW="1",
+                            POE_QUEUE_SECONDS="1")
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000,
+                          keepalive_expiry=2)
+    client = httpx.AsyncClient(base_url=service.url, timeout=60, limits=limits)
+    try:
+        conversation_ids = []
+        for _ in range(turns // 50):  # 50 at a time: a burst of 1,000 would be the stall seen
+            conversation_ids += await new_conversations(client, 50)
+
+        async def offer(index: int) -> tuple[int, httpx.Response]:
+            await asyncio.sleep(index / (2 * limit))  # twice the budget's rate
+            return index, await client.post(
+                f"/v1/chat/conversations/{conversation_ids[index]}/messages",
+                json={"content": f"stamp {index}"})
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(offer(i) for i in range(turns)))
+        took = time.perf_counter() - started
+        # In the order the turns reached the service (their message ids), when each reached Poe.
+        served = sorted((r.json()["user_message_id"], float(r.json()["reply"]))
+                        for _, r in answers if r.status_code == 200)
+        refused = [r for _, r in answers if r.status_code == 429 and
+                   int(r.headers.get("retry-after", "0")) >= 1]
+        failed = turns - len(served) - len(refused)
+        # Calls given slots at the same instant (their turns came together) race to the bot:
+        # which arrives first, by a fraction of a millisecond or a turn of a busy event loop, is
+        # not the queue's order. Disorder past that would be.
+        late = [earlier - later for (_, earlier), (_, later) in zip(served, served[1:])
+                if later < earlier]
+        stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
+        db = sqlite3.connect(os.path.join(workdir, "budget.db"))
+        stored = db.execute("SELECT count(*) FROM messages WHERE role = 'assistant'").fetchone()[0]
+        db.close()
+    finally:
+        await client.aclose()
+        service.stop()
+    return (f"{turns} turns offered at twice the budget ({2 * limit}/s against {limit}/s, "
+            "POE_QUEUE_SECONDS=1), over " f"{took:.1f} s",
+            f"{len(served)} served ({len(late)} reached Poe out of order, by at most "
+            f"{ms(max(late, default=0))}), {len(refused)} refused with "
+            f"Retry-After, {failed} failed otherwise; {stored} replies stored; longest loop "
+            f"stall {stall:.0f} ms",
+            "target: served in order (a race of calls let go together aside: ≤ 5 ms), "
+            "0 failed, stored = served, stall ≤ 50 ms")
 
 
 def download(url: str) -> int:

@@ -35,6 +35,7 @@ import server
 
 CALLS: collections.Counter = collections.Counter()  # bot name -> query requests received
 LAST_QUERY: dict[str, fp.QueryRequest] = {}
+ARRIVALS: list[tuple[str, str, float]] = []  # (bot, last message, time.monotonic()) per query
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
 UPLOAD_GATE = threading.Event()  # an upload of b"HOLD-UPLOAD" waits for it
 MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
@@ -51,6 +52,7 @@ class ScriptBot(fp.PoeBot):
     async def get_response(self, request):
         CALLS[self.name] += 1
         LAST_QUERY[self.name] = request
+        ARRIVALS.append((self.name, request.query[-1].content, time.monotonic()))
         async for event in self.script(request):
             yield event
 
@@ -93,6 +95,20 @@ def error_type_bot(error_type):
         yield fp.ErrorResponse(text=f"refused: {error_type}", allow_retry=False,
                                error_type=error_type)
     return script
+
+
+POE_RATE_LIMIT_TEXT = ("You have exceeded rate limit to query bot using User API Key. "
+                       "Try again later.")
+
+
+async def rate_limited(request):
+    """Poe's rate limit as its bot protocol sends it: an error event, no error_type."""
+    yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
+
+
+async def key_refused(request):
+    """Poe's word, as an error event, that the key it was given is not valid."""
+    yield fp.ErrorResponse(text="Invalid API key", allow_retry=False)
 
 
 async def replace(request):
@@ -229,15 +245,16 @@ def make_poe_app():
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
-            ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard)]
+            ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard),
+            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused)]
     poe = fp.make_app(bots, allow_without_key=True)
 
-    # Failures that only an HTTP status carries.
+    # Failures that only an HTTP status carries; a 429 with Poe's rate-limit headers.
     def status_route(name, status):
         async def route():
             CALLS[name] += 1
             return JSONResponse({"detail": name}, status,
-                                headers={"Retry-After": "7"} if status == 429 else None)
+                                headers=BUSY_HEADERS if status == 429 else None)
         poe.add_api_route(f"/{name}", route, methods=["POST"])
 
     status_route("Busy", 429)
@@ -269,6 +286,9 @@ def make_poe_app():
         poe.add_api_route(f"/{name}", raw_bot, methods=["POST"])
     return poe
 
+
+BUSY_HEADERS = {"Retry-After": "7", "x-ratelimit-limit-requests": "500",
+                "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "7s"}
 
 POE_MODEL_LIST = [
     {"id": "Echo", "object": "model", "created": 1700000000, "owned_by": "Poe Test",
@@ -438,9 +458,11 @@ def start_service(poe_url, tmp_path_factory, monkeypatch_session):
 
     def start(**settings):
         db_path = str(tmp_path_factory.mktemp("db") / "chat.db")
+        # The shared services make more Poe calls a minute than POE_RATE_LIMIT's default: a
+        # budget they never reach, unless the test asks for one.
         settings = {"db_path": db_path, "poe_base_url": poe_url,
                     "poe_upload_url": poe_url + "poe_api/",
-                    "poe_models_url": poe_url + "v1/models", **settings}
+                    "poe_models_url": poe_url + "v1/models", "poe_rate_limit": 100000, **settings}
         live = LiveServer(server.create_app(**settings)).__enter__()
         client = httpx.Client(base_url=live.url, timeout=30)
         stack.append((live, client))

@@ -11,7 +11,9 @@ order, and what each owns:
   Request helpers     read_json (read_body, body_coding, BodyDecoder: compressed bodies),
                       text_field, int_field, id_list_field, ..., given, query_limit, the
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
-  Poe relay           relay_poe (the one call to Poe), PoeFailure, CutLongTextEvents
+  Poe relay           relay_poe (the one call to Poe), PoeBudget (app.state.poe_budget: the
+                      shared rate budget every call takes a slot of), PoeFailure,
+                      CutLongTextEvents
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
                       ReplyEnd, EventStream, SentText (what a streaming client has)
@@ -42,10 +44,12 @@ import asyncio
 import base64
 import binascii
 import codecs
+import collections
 import contextlib
 import contextvars
 import dataclasses
 import datetime
+import email.utils
 import errno
 import fnmatch
 import gc
@@ -142,10 +146,14 @@ class Settings:
     db_timeout: float = 5.0
     header_seconds: float = 10.0  # python server.py only: see GuardedHttpProtocol
     write_roots: tuple = ()  # none: /v1/write-source-code writes to projects' ai_work_dirs only
+    poe_rate_limit: int = 500  # Poe calls per POE_RATE_WINDOW for the whole process; 0: no limit
+    poe_queue_seconds: float = 30.0
+    poe_rate_window: float = 60.0  # Poe counts a minute; shorter only for tests and benchmarks
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
-                    "max_context_chars": 1, "db_timeout": 0.001, "header_seconds": 0.001}
+                    "max_context_chars": 1, "db_timeout": 0.001, "poe_rate_limit": 0,
+                    "poe_queue_seconds": 0, "poe_rate_window": 0.001, "header_seconds": 0.001}
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
@@ -824,8 +832,9 @@ def poe_key(request: Request) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Poe relay: the one place that talks to Poe. One call per reply (num_tries=1, no retry), only
-# text is reply text, every failure becomes a PoeFailure with the status of API.md's table.
+# Poe relay: the one place that talks to Poe. One call per reply (num_tries=1, no retry), each
+# once it has a slot of the shared budget (PoeBudget), only text is reply text, every failure
+# becomes a PoeFailure with the status of API.md's table (Poe's rate limit, either form, a 429).
 
 # With a 502/504 after a Poe call: official SDKs retry 5xx, calling (and paying) Poe again.
 NO_RETRY = {"x-should-retry": "false"}
@@ -837,13 +846,155 @@ class PoeFailure(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
+# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does).
+POE_RETRY_SECONDS = 10
+# A conversation stream waiting for the budget gets an SSE comment line this often.
+BUDGET_COMMENT_SECONDS = 5.0
+BUDGET_COMMENT = b": waiting for Poe's rate limit\n\n"
+
+
+def rate_limited(detail: str, retry_after: int, headers: Any = None) -> PoeFailure:
+    """A 429: Retry-After in seconds, x-should-retry: true (waiting is the cure), and the
+    x-ratelimit-* headers of Poe's answer, if any."""
+    passed = {name: value for name, value in (headers or {}).items()
+              if name.lower().startswith("x-ratelimit-")}
+    return PoeFailure(429, detail, {**passed, "Retry-After": str(retry_after),
+                                    "x-should-retry": "true"})
+
+
+def retry_seconds(raw: str | None) -> int:
+    """Poe's Retry-After (seconds, or an HTTP date) in whole seconds, at least 1; else
+    POE_RETRY_SECONDS."""
+    raw = (raw or "").strip()
+    with contextlib.suppress(ValueError, TypeError, OverflowError):
+        if raw and raw.replace(".", "", 1).isdigit():
+            return max(1, math.ceil(float(raw)))
+        if raw:
+            return max(1, math.ceil(email.utils.parsedate_to_datetime(raw).timestamp()
+                                    - time.time()))
+    return POE_RETRY_SECONDS
+
+
+@dataclass(slots=True)
+class BudgetWaiter:
+    future: asyncio.Future  # its result: the start time of the slot given
+    since: float
+
+
+class PoeBudget:
+    """app.state.poe_budget: at most `limit` Poe calls begin in any `window` seconds, for the whole
+    process (0: no limit), first come first served. A call over it waits up to `queue_seconds`,
+    then is refused (429). Under the limit a call costs a compare and an append; a waiter is
+    woken by one timer, set for when the oldest call leaves the window: nothing polls. It also
+    keeps whether Poe's rejection of the server's key was logged (once a process)."""
+
+    def __init__(self, limit: int, window: float, queue_seconds: float) -> None:
+        self.limit, self.window, self.queue_seconds = limit, window, queue_seconds
+        self.starts: collections.deque[float] = collections.deque()  # calls begun, oldest first
+        self.waiters: collections.deque[BudgetWaiter] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.key_rejection_logged = False
+
+    def used(self, now: float) -> int:
+        starts, since = self.starts, now - self.window
+        while starts and starts[0] <= since:
+            starts.popleft()
+        return len(starts)
+
+    def take_now(self) -> bool:
+        """A slot, if one is free and no call waits: the path of every call under the budget."""
+        now = time.monotonic()
+        if (self.used(now) < self.limit or not self.limit) and not self.waiters:
+            self.starts.append(now)
+            return True
+        return False
+
+    async def take(self, queued: Callable[[bool], None] | None = None) -> None:
+        """Returns once the call has its slot; PoeFailure(429) when none came within
+        queue_seconds. `queued(True)` is called when it begins to wait, `queued(False)` when it
+        stops (its slot given, refused or cancelled)."""
+        if self.take_now():
+            return
+        waiter = BudgetWaiter(asyncio.get_running_loop().create_future(), time.monotonic())
+        self.waiters.append(waiter)
+        self.admit()
+        given = False
+        if queued is not None:
+            queued(True)
+        try:
+            async with asyncio.timeout(self.queue_seconds):
+                await waiter.future
+            given = True
+        except TimeoutError:
+            retry_after = self.seconds_to_slot(waiter)
+            raise rate_limited(f"too many Poe calls: this server's budget ({self.limit} a "
+                               f"{self.window:g} s) stayed full for {self.queue_seconds:g} s",
+                               retry_after) from None
+        finally:
+            if not given:
+                self.withdraw(waiter)
+            if queued is not None:
+                queued(False)
+
+    def seconds_to_slot(self, waiter: BudgetWaiter) -> int:
+        """Whole seconds (at least 1) until a slot frees for a call behind those waiting before
+        `waiter`."""
+        ahead = self.waiters.index(waiter) if waiter in self.waiters else 0
+        if not self.starts:
+            return 1
+        frees = self.starts[min(ahead, len(self.starts) - 1)] + self.window
+        return max(1, math.ceil(frees - time.monotonic()))
+
+    def withdraw(self, waiter: BudgetWaiter) -> None:
+        """A waiter leaves (refused, cancelled): out of the queue, or its slot, if one was
+        given in the meantime, passed on."""
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+        elif waiter.future.done() and not waiter.future.cancelled():
+            with contextlib.suppress(ValueError):
+                self.starts.remove(waiter.future.result())
+        if not waiter.future.done():
+            waiter.future.cancel()
+        self.admit()
+
+    def admit(self) -> None:
+        """Gives free slots to the waiters at the head of the queue, in order; then, while any
+        waits, a timer for when the oldest call leaves the window."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        now = time.monotonic()
+        while self.waiters and self.used(now) < self.limit:
+            waiter = self.waiters.popleft()
+            if waiter.future.done():
+                continue  # cancelled: its task, not yet resumed, will find it gone
+            self.starts.append(now)
+            waiter.future.set_result(now)
+        if self.waiters:
+            delay = max(self.starts[0] + self.window - now, 0.001)
+            self.timer = asyncio.get_running_loop().call_later(delay, self.admit)
+
+    def figures(self) -> dict:
+        """What /health shows."""
+        now = time.monotonic()
+        return {"limit": self.limit, "used": self.used(now), "queued": len(self.waiters),
+                "oldest_wait_seconds": round(now - self.waiters[0].since, 1)
+                if self.waiters else 0}
+
+    def log_key_rejection(self) -> None:
+        if not self.key_rejection_logged:
+            self.key_rejection_logged = True
+            log.error("Poe rejected the server's key (POE_API_KEY): every call fails with 502 "
+                      "until it is replaced (this is logged once)")
+
+
 @dataclass
 class PoeAnswer:
     """What fastapi_poe hides of a task's Poe call: its HTTP status (kept by the shared client's
     response hook), and whether its stream ended without 'done' (told only to on_error)."""
     answered: bool = False
     status: int | None = None
-    retry_after: str | None = None
+    headers: httpx.Headers | None = None  # of Poe's answer: Retry-After, x-ratelimit-*
     no_done: bool = False
 
 
@@ -855,9 +1006,9 @@ async def remember_poe_status(response: httpx.Response) -> None:
     if answer is None or answer.answered:
         return  # only the query's own answer: fastapi_poe's error reports come after it
     answer.answered = True
+    answer.headers = response.headers
     if response.status_code >= 400:
         answer.status = response.status_code
-        answer.retry_after = response.headers.get("retry-after")
 
 
 def on_poe_error(exc: Exception, message: str) -> None:
@@ -969,22 +1120,44 @@ ERROR_TYPE_STATUS = {
     "user_message_too_long": (413, "Poe says the message is too long"),
 }
 HTTP_STATUS_FAILURE = {
-    401: (401, "Poe rejected the API key"),
     402: (402, "Poe says the account is out of compute points"),
     413: (413, "Poe says the message is too long"),
-    429: (429, "Poe is rate-limiting requests; try again later"),
 }
+POE_RATE_LIMITED = "Poe is rate-limiting requests; try again later"
+# Poe's error event for a rate limit has no error_type, only its text (fastapi_poe issue 109:
+# "You have exceeded rate limit to query bot using User API Key. Try again later.").
+RATE_LIMIT_TEXT = re.compile(r"\brate[ _-]?limit", re.IGNORECASE)
+# An error event that says the key is not good (Poe's key check answers 401 as a rule).
+KEY_REJECTED_TEXT = re.compile(
+    r"\b(invalid|incorrect|wrong|expired|revoked|unauthori[sz]ed)\b[^.]{0,40}\b(api|access)[ _-]?"
+    r"key\b|\b(api|access)[ _-]?key\b[^.]{0,40}\b(invalid|incorrect|not valid|expired|revoked)\b",
+    re.IGNORECASE)
 
 
-def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure:
+SERVER_KEY_REJECTED = ("Poe rejected this server's Poe key (POE_API_KEY): the server's operator "
+                       "must replace it; no key of yours was sent to Poe")
+
+
+def key_rejected(server_key: bool) -> PoeFailure:
+    """Poe refused the key: the caller's own (401), or the server's POE_API_KEY, which is the
+    server's fault (502), not the caller's."""
+    return PoeFailure(502, SERVER_KEY_REJECTED) if server_key \
+        else PoeFailure(401, "Poe rejected the API key")
+
+
+def poe_failure(exc: BaseException, model: str, answer: PoeAnswer, server_key: bool) -> PoeFailure:
     if (status := answer.status) is not None:
         if status == 404:
             return PoeFailure(404, f"Poe does not know the model {model!r}")
         if status in (400, 422):
             return PoeFailure(400, f"Poe refused the request (HTTP {status})")
+        if status in (401, 403):
+            return key_rejected(server_key)
+        if status == 429:
+            return rate_limited(POE_RATE_LIMITED, retry_seconds(answer.headers.get("retry-after")),
+                                answer.headers)
         code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
-        retry = code == 429 and answer.retry_after
-        return PoeFailure(code, detail, {"Retry-After": answer.retry_after} if retry else None)
+        return PoeFailure(code, detail)
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if isinstance(cause, httpx.TimeoutException):
         return PoeFailure(504, "Poe did not answer in time")
@@ -996,11 +1169,23 @@ def poe_failure(exc: BaseException, model: str, answer: PoeAnswer) -> PoeFailure
         with contextlib.suppress(TypeError, ValueError):
             event = json.loads(exc.args[0])
         if isinstance(event, dict):
-            text = event.get("text") if isinstance(event.get("text"), str) else ""
-            status, message = ERROR_TYPE_STATUS.get(event.get("error_type"),
-                                                    (502, "Poe answered with an error"))
-            return PoeFailure(status, f"{message}: {clean_text(text)}" if text else message)
+            return error_event_failure(event, answer, server_key)
     return PoeFailure(502, "Poe answered with an error")
+
+
+def error_event_failure(event: dict, answer: PoeAnswer, server_key: bool) -> PoeFailure:
+    text = clean_text(event["text"]) if isinstance(event.get("text"), str) else ""
+    error_type = event.get("error_type")
+    if error_type in ERROR_TYPE_STATUS:
+        status, message = ERROR_TYPE_STATUS[error_type]
+        return PoeFailure(status, f"{message}: {text}" if text else message)
+    if error_type in ("rate_limit", "rate_limit_exceeded") or RATE_LIMIT_TEXT.search(text):
+        return rate_limited(f"{POE_RATE_LIMITED}: {text}" if text else POE_RATE_LIMITED,
+                            POE_RETRY_SECONDS, answer.headers)
+    if KEY_REJECTED_TEXT.search(text):
+        return key_rejected(server_key)
+    return PoeFailure(502, f"Poe answered with an error: {text}" if text
+                      else "Poe answered with an error")
 
 
 def clean_text(text: str) -> str:
@@ -1034,12 +1219,16 @@ def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQu
 
 
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
-                    tools: list | None = None) -> AsyncIterator[tuple]:
+                    tools: list | None = None,
+                    queued: Callable[[bool], None] | None = None) -> AsyncIterator[tuple]:
     """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
-    ("tool_calls", [delta dicts]) from one Poe call. Its consumer must not await anything else
-    between chunks: one deadline on the task (not one per chunk) bounds the wait for each event;
-    moving it is a chunk's dearest step, so it moves at most every `slack` s, to now + timeout +
-    slack: never before `timeout` after the last event, at most `slack` later; first wait exact."""
+    ("tool_calls", [delta dicts]) from one Poe call, once the call has a slot of the budget
+    (PoeBudget.take: `queued` hears when it waits for one). Its consumer must not await anything
+    else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
+    event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
+    timeout + slack: never before `timeout` after the last event, at most `slack` later; first
+    wait exact."""
+    await app.state.poe_budget.take(queued)
     timeout = app.state.settings.poe_timeout
     slack = min(1.0, timeout / 10)
     answer = PoeAnswer()
@@ -1074,7 +1263,11 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     except TimeoutError:
         raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
     except (fp.BotError, httpx.HTTPError) as exc:
-        raise poe_failure(exc, model, answer) from None
+        server_key = bool(app.state.settings.poe_api_key)
+        failure = poe_failure(exc, model, answer, server_key)
+        if failure.detail == SERVER_KEY_REJECTED:
+            app.state.poe_budget.log_key_rejection()
+        raise failure from None
     except (KeyError, ValueError, TypeError) as exc:
         # fastapi_poe lets some malformed events through unwrapped (a tool-call chunk without
         # finish_reason, a delta without arguments): Poe's answer, not ours.
@@ -1181,9 +1374,10 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
 
 
 class Listener:
-    """The reply's events queued for the response that started it: ("text", str), ("replace",
-    str), ("tool_calls", deltas), then ("end", message_id, status) or ("error", status, detail).
-    Past LISTENER_BUFFER_BYTES behind (a client not reading), what waits becomes one error."""
+    """The reply's events queued for the response that started it: ("wait",) while its Poe call
+    waits for the budget, ("text", str), ("replace", str), ("tool_calls", deltas), then ("end",
+    message_id, status) or ("error", status, detail). Past LISTENER_BUFFER_BYTES behind (a
+    client not reading), what waits becomes one error."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -1212,12 +1406,23 @@ class Listener:
                 yield item
                 if item[0] in ("end", "error"):
                     return
+                if item[0] == "wait":
+                    item = await self.next_while_waiting()
+                    continue
                 if loop.time() - turn_began >= TURN_SECONDS:
                     await asyncio.sleep(0)  # a full queue is drained without yielding otherwise
                     turn_began = loop.time()
                 item = await self.queue.get()
         finally:
             self.closed = True
+
+    async def next_while_waiting(self) -> tuple:
+        """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""
+        try:
+            async with asyncio.timeout(BUDGET_COMMENT_SECONDS):
+                return await self.queue.get()
+        except TimeoutError:
+            return ("wait",)
 
 
 @dataclass(eq=False)
@@ -1257,6 +1462,10 @@ class Reply:
     task: asyncio.Task | None = field(default=None, init=False)
     running: bool = field(default=False, init=False)  # the task has taken its first step
     done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    # While its Poe call waits for the budget: the client's ASGI receive, and what watches it.
+    receive: Callable | None = field(default=None, init=False)
+    waiting: bool = field(default=False, init=False)
+    watch: asyncio.Task | None = field(default=None, init=False)
 
     @property
     def text(self) -> str:
@@ -1267,10 +1476,12 @@ class Reply:
         return bool(self.saved_chunks or any(self.chunks) or self.files or self.tool_calls)
 
     def start(self, app: Starlette, model: str, query: PoeQuery, api_key: str, *,
-              stream: bool, tools: list | None = None) -> None:
-        """Calls Poe in a task of its own; with `stream`, events are queued for the caller."""
+              stream: bool, tools: list | None = None, receive: Callable | None = None) -> None:
+        """Calls Poe in a task of its own; with `stream`, events are queued for the caller.
+        `receive` (the request's) tells when the client leaves while the call waits."""
         self.registry = app.state.replies
         self.listener = Listener() if stream else None
+        self.receive = receive
         if self.conversation_id in self.registry.stopping:
             query = None  # stopped while it was prepared: it ends at once, calling no one
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
@@ -1281,8 +1492,8 @@ class Reply:
         cancelled, self.running, status = False, True, "interrupted"
         try:
             if query is not None:
-                async with contextlib.aclosing(relay_poe(app, model, query, api_key,
-                                                         tools)) as events:
+                async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools,
+                                                         self.queued)) as events:
                     await self.take_all(events)
                 # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
                 status = "interrupted" if self.cut else "complete"
@@ -1303,6 +1514,30 @@ class Reply:
             self.done.set()
         if cancelled:
             raise asyncio.CancelledError
+
+    def queued(self, waiting: bool) -> None:
+        """relay_poe's word that the call waits for the budget (True), or no longer does: the
+        listener is told, and the client watched, so that one who leaves leaves the queue."""
+        self.waiting = waiting
+        if waiting:
+            if self.listener is not None:
+                self.listener.publish(("wait",))
+            if self.receive is not None:
+                self.watch = asyncio.create_task(self.watch_client())
+        else:
+            self.receive = None  # the call has its slot or has ended: nothing to watch for
+            if self.watch is not None:
+                self.watch.cancel()
+                self.watch = None
+
+    async def watch_client(self) -> None:
+        """Ends the reply, as a failure before output, once its client is gone (the server
+        learns it at once from the closed socket)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if self.waiting and not self.task.done():
+            self.stop_error = (499, "the client went away while the call waited for the budget")
+            self.task.cancel()
 
     async def take_all(self, events: AsyncIterator[tuple]) -> None:
         loop = asyncio.get_running_loop()
@@ -1432,17 +1667,21 @@ class Reply:
         return HTTPException(status, detail, headers=headers or None)
 
     async def answer(self, stream: bool, whole: Callable[[], Response],
-                     events: Callable[[tuple], AsyncIterator[bytes]]) -> Response:
+                     events: Callable[[tuple], AsyncIterator[bytes]],
+                     begin_waiting: bool = False) -> Response:
         """The caller's answer: whole() once the reply has ended, or the stream of
         events(first), begun only once Poe's first output (or the reply's end) is in hand, so
-        that a failure before it is an ordinary JSON error with its status."""
+        that a failure before it is an ordinary JSON error with its status; or, with
+        `begin_waiting` (the conversation stream), as soon as the call waits for the budget."""
         if not stream:
             await self.done.wait()
             if self.error is not None:
                 raise self.failure()
             return whole()
         first = await self.listener.queue.get()
-        while first[0] == "replace" and not first[1]:  # an empty replacement is no output yet
+        # An empty replacement is no output yet; a wait is none for OpenAI's streams.
+        while (first[0] == "replace" and not first[1]) or (first[0] == "wait"
+                                                           and not begin_waiting):
             first = await self.listener.queue.get()
         if first[0] == "error":
             self.listener.closed = True
@@ -1998,7 +2237,7 @@ async def post_message(request: Request) -> Response:
         reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
         reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
-                    stream=turn.stream)
+                    stream=turn.stream, receive=request.receive)
     return await answer_turn(reply, turn.stream, trimmed)
 
 
@@ -2016,7 +2255,7 @@ async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
             body["context_trimmed"] = trimmed
         return JSONResponse(body)
     return await reply.answer(stream, whole, lambda first: conversation_events(
-        reply, first, {**ids, "session_id": reply.session_id}, trimmed))
+        reply, first, {**ids, "session_id": reply.session_id}, trimmed), begin_waiting=True)
 
 
 async def conversation_events(reply: Reply, first: tuple, ids: dict,
@@ -2025,7 +2264,9 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
     sent = SentText()
     async for item in reply.listener.events(first):
         kind = item[0]
-        if kind in ("text", "replace"):
+        if kind == "wait":  # for the budget: at once, then every BUDGET_COMMENT_SECONDS
+            yield BUDGET_COMMENT
+        elif kind in ("text", "replace"):
             for text, replace in sent.deltas(kind, item[1]):
                 yield sse(seed_dumps({"content": text, "replace": True} if replace
                                      else {"content": text}))
@@ -2037,7 +2278,10 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
                 end["context_trimmed"] = trimmed
             yield sse(seed_dumps(end))
         elif kind == "error":
-            yield sse(seed_dumps({"error": {"message": item[2], "status": item[1]}}))
+            error = {"message": item[2], "status": item[1]}
+            if item[1] == 429 and "Retry-After" in (reply.error_headers or {}):
+                error["retry_after"] = int(reply.error_headers["Retry-After"])
+            yield sse(seed_dumps({"error": error}))
     yield SSE_DONE
 
 
@@ -2135,7 +2379,8 @@ async def regenerate(request: Request) -> Response:
         _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
         reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
                       user_message_id=user_id)
-        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream)
+        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream,
+                    receive=request.receive)
     return await answer_turn(reply, stream, trimmed)
 
 
@@ -3421,9 +3666,13 @@ DATA_URL = re.compile(r"data:([^,;]*)(;[^,]*)?,")
 FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
 
 
+# OpenAI's code where it has a name for it; else the status.
+OPENAI_ERROR_CODES = {429: "rate_limit_exceeded"}
+
+
 def openai_error(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
-                      "code": status}}
+                      "code": OPENAI_ERROR_CODES.get(status, status)}}
 
 
 def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
@@ -3918,7 +4167,8 @@ async def chat_completions(request: Request) -> Response:
         **params, "tool_calls": tool_calls, "tool_results": tool_results})
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
-    reply.start(request.app, model, query, api_key, stream=stream, tools=tools)
+    reply.start(request.app, model, query, api_key, stream=stream, tools=tools,
+                receive=request.receive)
     return await reply.answer(stream, completion.whole, completion.events)
 
 
@@ -4374,7 +4624,8 @@ async def create_response(request: Request) -> Response:
         else:
             turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
             reply = Reply(max_chars=spec.max_chars, ending=turn.end)
-        reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools)
+        reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools,
+                    receive=request.receive)
     return await reply.answer(spec.stream, turn.whole,
                               lambda first: response_events(turn, reply, first))
 
@@ -5007,7 +5258,8 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "database": "ok",
                          "replies_in_progress": len(state.replies.by_session),
                          "unsaved_replies": len(state.replies.unsaved),
-                         "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1)})
+                         "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1),
+                         "poe_budget": state.poe_budget.figures()})
 
 
 def is_access_key(settings: Settings, token: str | None) -> bool:
@@ -5206,6 +5458,8 @@ def lifespan_of(settings: Settings) -> Callable:
         state.settings = settings
         state.db = Database(settings.db_path, settings.db_timeout)
         state.replies = Replies(state.db)
+        state.poe_budget = PoeBudget(settings.poe_rate_limit, settings.poe_rate_window,
+                                     settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
         state.poe = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0)),
@@ -5342,7 +5596,8 @@ DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
                  "allowed_hosts": "this machine's names when HOST is one of them, else any",
-                 "write_roots": "unset: projects' ai_work_dirs only"}
+                 "write_roots": "unset: projects' ai_work_dirs only",
+                 "poe_rate_limit": "500 calls a POE_RATE_WINDOW (0: no local limit)"}
 
 
 def settings_help() -> str:

@@ -10,6 +10,7 @@ import codecs
 import contextlib
 import gzip
 import json
+import logging
 import os
 import random
 import re
@@ -29,8 +30,9 @@ import pytest
 import zstandard
 
 import server
-from conftest import (CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, TRICKY,
-                      UPLOAD_GATE, UPLOADS, ServerProcess, history_of, wait_for)
+from conftest import (ARRIVALS, CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS,
+                      RIGHT_KEY, TRICKY, UPLOAD_GATE, UPLOADS, ServerProcess, history_of,
+                      wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -5381,3 +5383,287 @@ def test_deleted_text_is_not_left_in_the_database_file_or_a_backup(start_service
     with sqlite3.connect(db_path) as direct:  # the file itself, its WAL written back
         direct.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert marker[:26].encode() not in open(db_path, "rb").read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Poe's limits: its rate limit as 429, the shared budget that queues, the right party blamed
+
+def budget_of(api) -> dict:
+    return api.get("/health").json()["poe_budget"]
+
+
+def fill_budget(api) -> None:
+    """Calls Poe until the service's budget is used up (its window outlasts the test)."""
+    while (figures := budget_of(api))["used"] < figures["limit"]:
+        assert say(api, new_conversation(api, model="Echo"), "fill").status_code == 200
+
+
+def until_waiting(lines) -> dict:
+    """A conversation stream's ids frame, read with the comment that says the turn waits."""
+    ids = json.loads(next(lines)[len("data: "):])
+    assert next(line for line in lines if line) == ": waiting for Poe's rate limit"
+    return ids
+
+
+def data_events(lines) -> list:
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in lines if line.startswith("data: ")]
+
+
+def raw_post(api, path: str, body: dict) -> socket.socket:
+    """A request sent on a socket of its own, whose answer nobody reads: close it to leave."""
+    sock = socket.create_connection((api.base_url.host, api.base_url.port), timeout=10)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                 .encode() + data)
+    return sock
+
+
+TURN_ROUTES = ["native", "chat", "responses"]  # where a turn calls Poe
+
+
+def turn_on(api, route: str, model: str, content: str, stream: bool,
+            conversation_id: str | None = None) -> httpx.Response:
+    """One turn on a route, its answer read whole (a stream's body as text)."""
+    if route == "native":
+        path = f"/v1/chat/conversations/{conversation_id or new_conversation(api, model=model)}" \
+               "/messages"
+        body = {"content": content, "stream": stream}
+    elif route == "chat":
+        path, body = "/v1/chat/completions", {"model": model, "stream": stream, "messages": [
+            {"role": "user", "content": content}]}
+    else:
+        path, body = "/v1/responses", {"model": model, "input": content, "stream": stream}
+    with api.stream("POST", path, json=body, headers=KEY) as response:
+        response.read()
+    return response
+
+
+@pytest.mark.parametrize("route", TURN_ROUTES)
+@pytest.mark.parametrize("bot", ["Busy", "RateLimited"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_rate_limit_either_form_is_429_on_every_route(api, db, route, bot, stream):
+    """Poe's HTTP 429 (Retry-After 7, x-ratelimit-* headers) and its error event saying the
+    rate limit was exceeded (no error_type, no Retry-After: the default, 10 s)."""
+    conversation_id = new_conversation(api, model=bot) if route == "native" else None
+    before, calls = snapshot(db), CALLS[bot]
+    responses = db.execute("SELECT count(*) FROM responses").fetchone()[0]
+    response = turn_on(api, route, bot, "hello", stream, conversation_id)
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-should-retry"] == "true"
+    if bot == "Busy":
+        assert response.headers["retry-after"] == "7"
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert response.headers["x-ratelimit-reset-requests"] == "7s"
+    else:
+        assert response.headers["retry-after"] == str(server.POE_RETRY_SECONDS)
+        assert "x-ratelimit-limit-requests" not in response.headers
+    body = response.json()
+    if route == "native":
+        assert "rate-limiting" in body["detail"]
+    else:
+        assert body["error"]["type"] == "rate_limit_error"
+        assert body["error"]["code"] == "rate_limit_exceeded"
+    assert CALLS[bot] == calls + 1
+    assert snapshot(db) == before  # nothing stored: the turn produced no text
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == responses
+
+
+def test_the_sdk_reads_poe_rate_limit_as_rate_limit_error(sdk):
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(model="RateLimited",
+                                    messages=[{"role": "user", "content": "x"}])
+    assert raised.value.response.headers["retry-after"] == "10"
+    assert raised.value.body["code"] == "rate_limit_exceeded"
+
+
+def test_a_full_budget_queues_calls_first_come_first_served(start_service):
+    """A budget of 3 calls in 0.75 s: 3 turns go, 3 wait (a stream, a chat completion, a stream
+    whose bot then rate-limits) and then go, in the order they came, once slots free."""
+    api, db_path = start_service(poe_rate_limit=3, poe_rate_window=0.75)
+    tag = f"fifo-{random.randrange(10**9)}"
+    # The first three take 0.1 s each (Slow: '1 0.1'), so their slots free 0.1 s apart: the
+    # calls let go then reach the bot in that order, not in a race.
+    conversations = [new_conversation(api, model=model) for model in ["Slow"] * 3 + ["Say"]]
+    limited = new_conversation(api, model="RateLimited")
+    for i in range(3):
+        assert say(api, conversations[i], f"1 0.1 {tag} {i}").json()["reply"] == "c0 "
+    assert budget_of(api) == {"limit": 3, "used": 3, "queued": 0, "oldest_wait_seconds": 0}
+    completion: dict = {}
+    chat = threading.Thread(target=lambda: completion.update(answer=api.post(
+        "/v1/chat/completions", headers=KEY, json={
+            "model": "Say", "messages": [{"role": "user", "content": f"{tag} 4"}]})))
+    with contextlib.ExitStack() as streams:
+        # A stream opens as soon as its ids frame comes: at once, the turn waiting.
+        third_lines = streams.enter_context(stream_turn(api, conversations[3], f"{tag} 3")
+                                            ).iter_lines()
+        ids = until_waiting(third_lines)
+        assert budget_of(api)["queued"] == 1
+        chat.start()
+        wait_for(lambda: budget_of(api)["queued"] == 2, seconds=0.5)
+        last_lines = streams.enter_context(stream_turn(api, limited, f"{tag} 5")).iter_lines()
+        last_ids = until_waiting(last_lines)
+        figures = budget_of(api)
+        assert figures["used"] == 3 and figures["queued"] == 3
+        assert 0 <= figures["oldest_wait_seconds"] < 1
+        third_events, last_events = data_events(third_lines), data_events(last_lines)
+    chat.join(10)
+    assert "".join(e.get("content", "") for e in third_events[:-1]) == f"{tag} 3"
+    assert third_events[-2]["finish_reason"] == "stop" and third_events[-1] == "[DONE]"
+    assert completion["answer"].json()["choices"][0]["message"]["content"] == f"{tag} 4"
+    assert last_events == [{"error": {"message": last_events[0]["error"]["message"],
+                                      "status": 429, "retry_after": 10}}, "[DONE]"]
+    arrivals = [(bot, content, at) for bot, content, at in ARRIVALS if tag in content]
+    assert [(bot, content) for bot, content, _ in arrivals] == [
+        ("Slow", f"1 0.1 {tag} {i}") for i in range(3)] + [
+        ("Say", f"{tag} 3"), ("Say", f"{tag} 4"), ("RateLimited", f"{tag} 5")]
+    assert all(at >= arrivals[0][2] + 0.65 for _, _, at in arrivals[3:])  # a slot freed first
+    db = sqlite3.connect(db_path)
+    assert [m["content"] for m in stored_messages(db, conversations[3])] == [f"{tag} 3"] * 2
+    assert stored_messages(db, limited) == []  # Poe's 429 before any text: no trace
+    assert ids["assistant_message_id"] < last_ids["assistant_message_id"]
+
+
+def test_a_call_that_waits_past_poe_queue_seconds_is_429_and_leaves_no_trace(start_service):
+    api, db_path = start_service(poe_rate_limit=1, poe_queue_seconds=0.05)
+    fill_budget(api)
+    db = sqlite3.connect(db_path)
+    for route in TURN_ROUTES:
+        for stream in (False, True):
+            conversation_id = new_conversation(api, model="Echo") if route == "native" else None
+            before, calls = snapshot(db), CALLS["Echo"]
+            response = turn_on(api, route, "Echo", "hello", stream, conversation_id)
+            assert CALLS["Echo"] == calls and snapshot(db) == before, (route, stream)
+            if route == "native" and stream:  # its ids frame went out: the refusal is an event
+                assert response.status_code == 200
+                lines = response.text.split("\n")
+                assert lines[2] == ": waiting for Poe's rate limit"
+                events = data_events(lines)
+                error = events[1]["error"]
+                assert error["status"] == 429 and 50 <= error["retry_after"] <= 60
+                assert "budget" in error["message"] and events[2] == "[DONE]"
+                continue
+            assert response.status_code == 429, (route, stream, response.text)
+            assert 50 <= int(response.headers["retry-after"]) <= 60  # when the slot frees
+            assert response.headers["x-should-retry"] == "true"
+            body = response.json()
+            assert "budget" in (body["detail"] if route == "native" else
+                                body["error"]["message"])
+    assert budget_of(api)["queued"] == 0
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
+
+
+@pytest.fixture(scope="module")
+def patient(start_service):
+    """A budget of one call an hour: once used, every call waits (up to 30 s)."""
+    return start_service(poe_rate_limit=1, poe_rate_window=3600)
+
+
+def test_a_client_that_leaves_leaves_the_queue(patient):
+    api, db_path = patient
+    fill_budget(api)
+    db = sqlite3.connect(db_path)
+    calls, before = CALLS["Echo"], snapshot(db)
+    conversation_id = new_conversation(api, model="Echo")
+    with stream_turn(api, conversation_id, "hello") as response:
+        lines = response.iter_lines()  # kept: one dropped half-read closes the connection
+        until_waiting(lines)
+        assert budget_of(api)["queued"] == 1
+    wait_for(lambda: budget_of(api)["queued"] == 0, seconds=1)
+    wait_for(lambda: stored_messages(db, conversation_id) == [], seconds=1)  # then its rows go
+    # The OpenAI routes send nothing while they wait: a chat completion stream, a stored
+    # Responses turn.
+    for path, body in (("/v1/chat/completions", {"model": "Echo", "stream": True, "messages": [
+            {"role": "user", "content": "hello"}]}), ("/v1/responses", {
+                "model": "Echo", "input": "hello"})):
+        sock = raw_post(api, path, body)
+        wait_for(lambda: budget_of(api)["queued"] == 1, seconds=2)
+        sock.close()
+        wait_for(lambda: budget_of(api)["queued"] == 0, seconds=1)
+    wait_for(lambda: api.get("/health").json()["replies_in_progress"] == 0, seconds=1)
+    assert CALLS["Echo"] == calls
+    api.delete(f"/v1/chat/conversations/{conversation_id}")
+    assert snapshot(db) == before
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
+
+
+def test_stop_and_delete_end_a_turn_that_waits_for_the_budget(patient):
+    """A stopped waiting turn is a reply stopped before any text: the user's message and an
+    empty 'interrupted' reply stay. Deleting the conversation or the message takes it all."""
+    api, db_path = patient
+    fill_budget(api)
+    db = sqlite3.connect(db_path)
+    calls = CALLS["Echo"]
+    stops = {"stop": lambda cid, ids: api.post(f"/v1/chat/conversations/{cid}/stop").json()
+             == {"stopped": True},
+             "stop-stream": lambda cid, ids: api.post("/v1/chat/stop-stream", json={
+                 "session_id": ids["session_id"]}).status_code == 200,
+             "delete conversation": lambda cid, ids: api.delete(
+                 f"/v1/chat/conversations/{cid}").status_code == 200,
+             "delete message": lambda cid, ids: api.delete(
+                 f"/v1/chat/conversations/{cid}/messages/{ids['user_message_id']}"
+             ).status_code == 200}
+    for how, act in stops.items():
+        conversation_id = new_conversation(api, model="Echo")
+        with stream_turn(api, conversation_id, "hello") as response:
+            lines = response.iter_lines()
+            ids = until_waiting(lines)
+            assert act(conversation_id, ids), how
+            events = data_events(lines)
+        assert events[-1] == "[DONE]", how
+        assert budget_of(api)["queued"] == 0, how
+        stored = [(m["role"], m["content"], m["status"])
+                  for m in stored_messages(db, conversation_id)]
+        if how.startswith("stop"):
+            assert events[0] == {"content": "", "finish_reason": "stop", "status": "interrupted",
+                                 "message_id": ids["assistant_message_id"]}
+            assert stored == [("user", "hello", "complete"), ("assistant", "", "interrupted")]
+        elif how == "delete conversation":
+            assert stored == []
+        else:
+            assert stored == [("assistant", "", "interrupted")]
+    assert CALLS["Echo"] == calls
+
+
+def test_health_shows_the_budget_and_zero_turns_it_off(start_service, service):
+    assert budget_of(service[0])["limit"] == 100000  # what conftest sets for shared services
+    api, _ = start_service(poe_rate_limit=0)
+    for _ in range(3):
+        assert say(api, new_conversation(api, model="Echo"), "hi").status_code == 200
+    assert budget_of(api) == {"limit": 0, "used": 3, "queued": 0, "oldest_wait_seconds": 0}
+
+
+@pytest.mark.parametrize("bot", ["Locked", "KeyRefused"])
+def test_poe_rejecting_the_server_key_is_502_and_logged_once(start_service, caplog, bot):
+    """Locked answers HTTP 401 to any key but RIGHT_KEY; KeyRefused sends an error event saying
+    the key is invalid. The caller's token is not the key used: the fault is the server's."""
+    server_key = "server-key-poe-refuses-1234"
+    api, db_path = start_service(poe_api_key=server_key)
+    with caplog.at_level(logging.WARNING):
+        native = say(api, new_conversation(api, model=bot), "hi")
+        chat = api.post("/v1/chat/completions", headers=KEY, json={
+            "model": bot, "messages": [{"role": "user", "content": "hi"}]})
+        responses = api.post("/v1/responses", headers=KEY, json={"model": bot, "input": "hi"})
+    assert native.status_code == chat.status_code == responses.status_code == 502
+    assert native.json()["detail"] == server.SERVER_KEY_REJECTED
+    assert "server's Poe key" in native.json()["detail"]
+    assert chat.json()["error"]["message"] == server.SERVER_KEY_REJECTED
+    assert chat.json()["error"]["type"] == "api_error"
+    assert native.headers["x-should-retry"] == "false"
+    logged = [r.getMessage() for r in caplog.records if "server's key" in r.getMessage()]
+    assert len(logged) == 1
+    assert server_key not in caplog.text and all(server_key not in r.text
+                                                 for r in (native, chat, responses))
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("bot", ["Locked", "KeyRefused"])
+def test_poe_rejecting_the_callers_own_key_is_401(api, bot):
+    native = say(api, new_conversation(api, model=bot), "hi")
+    chat = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": bot, "messages": [{"role": "user", "content": "hi"}]})
+    assert native.status_code == chat.status_code == 401
+    assert native.json()["detail"] == "Poe rejected the API key"
+    assert chat.json()["error"]["type"] == "authentication_error"
