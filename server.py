@@ -13,7 +13,8 @@ order, and what each owns:
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeBudget (app.state.poe_budget: the
                       shared rate budget every call takes a slot of), PoeFailure,
-                      CutLongTextEvents
+                      CutLongTextEvents, PoeQuery (its body), PoeEventReader (Poe's events
+                      read as they arrive), PoeSocket and PoeNetwork (poe_client: app.state.poe)
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
                       ReplyEnd, EventStream, SentText (what a streaming client has)
@@ -76,6 +77,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
+import httpcore
 import httpx
 import zstandard
 from sse_starlette import EventSourceResponse
@@ -832,9 +834,10 @@ def poe_key(request: Request) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Poe relay: the one place that talks to Poe. One call per reply (num_tries=1, no retry), each
-# once it has a slot of the shared budget (PoeBudget), only text is reply text, every failure
-# becomes a PoeFailure with the status of API.md's table (Poe's rate limit, either form, a 429).
+# Poe relay: the one place that talks to Poe. One call per reply (no retry), each once it has a
+# slot of the shared budget (PoeBudget), sent as fastapi_poe's client sends it and read as it
+# arrives by a reader of our own; only text is reply text, every failure becomes a PoeFailure with
+# the status of API.md's table (Poe's rate limit, either form, a 429).
 
 # With a 502/504 after a Poe call: official SDKs retry 5xx, calling (and paying) Poe again.
 NO_RETRY = {"x-should-retry": "false"}
@@ -988,43 +991,18 @@ class PoeBudget:
                       "until it is replaced (this is logged once)")
 
 
-@dataclass
-class PoeAnswer:
-    """What fastapi_poe hides of a task's Poe call: its HTTP status (kept by the shared client's
-    response hook), and whether its stream ended without 'done' (told only to on_error)."""
-    answered: bool = False
-    status: int | None = None
-    headers: httpx.Headers | None = None  # of Poe's answer: Retry-After, x-ratelimit-*
-    no_done: bool = False
-
-
-poe_answer: contextvars.ContextVar[PoeAnswer] = contextvars.ContextVar("poe_answer")
-
-
-async def remember_poe_status(response: httpx.Response) -> None:
-    answer = poe_answer.get(None)
-    if answer is None or answer.answered:
-        return  # only the query's own answer: fastapi_poe's error reports come after it
-    answer.answered = True
-    answer.headers = response.headers
-    if response.status_code >= 400:
-        answer.status = response.status_code
-
-
 def on_poe_error(exc: Exception, message: str) -> None:
-    answer = poe_answer.get(None)
-    if answer is not None and "without sending 'done'" in str(exc):
-        answer.no_done = True
-    # fastapi_poe's default handler prints; messages here never carry the key.
+    """fastapi_poe's error handler (uploads): its default prints; these never carry the key."""
     log.warning("Poe: %s", str(exc)[:200])
 
 
-# fastapi_poe parses each event's JSON twice, on the loop: a 50 MB text event holds it 0.25 s.
-# So a text event's data line past this many bytes is cut, as it arrives and before fastapi_poe
-# sees it, into several text events (splitting no escape, UTF-8 character or surrogate pair).
+# A text event's data line past this many bytes is cut, as it arrives and before it is parsed, into
+# several text events (splitting no escape, UTF-8 character or surrogate pair): one event of 50 MB
+# would hold the loop while it is joined and parsed, and be as large in every step after.
 POE_EVENT_BYTES = 1 << 20
 TEXT_DATA = re.compile(rb'data: ?\{"text": ?"')
 TEXT_CUT = b'"}\n\nevent: text\ndata: {"text": "'
+EVENTS_END = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a read that ends with an event's end
 
 
 def backslashes_before(data: bytes, end: int) -> int:
@@ -1053,26 +1031,23 @@ def cuts_an_escape(tail: bytes) -> bool:
     return False
 
 
-class CutLongTextEvents(httpx.AsyncByteStream):
-    """Poe's event stream, with every long text event cut into pieces of POE_EVENT_BYTES
-    (fastapi_poe has no limit on an event's size, nor a hook before it parses one)."""
+class CutLongTextEvents:
+    """Cuts every long text event of Poe's stream into pieces of `limit` bytes: cut() takes each
+    read's bytes, as they come, and returns them with the cuts made."""
 
-    def __init__(self, stream: Any, limit: int = POE_EVENT_BYTES):
-        self.stream, self.limit = stream, limit
+    def __init__(self, limit: int = POE_EVENT_BYTES):
+        self.limit = limit
         self.event = b""  # the type of the event being read
         self.head = b""  # the first bytes of the line being read
         self.run = 0  # bytes of that line since it began or was last cut
         self.cuttable = True  # no unescaped quote seen: still inside the text string
         self.before = b""  # the line's last bytes before this chunk
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream:
-            yield self.cut(chunk)
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
     def cut(self, chunk: bytes) -> bytes:
+        if chunk.endswith(EVENTS_END):  # most reads: whole events, nothing of a line left
+            if self.run or self.event:
+                self.event, self.head, self.run, self.cuttable, self.before = b"", b"", 0, True, b""
+            return chunk
         last_newline = chunk.rfind(b"\n")
         if last_newline >= 0:
             kind = chunk.rfind(b"event:", 0, last_newline)
@@ -1108,11 +1083,6 @@ class CutLongTextEvents(httpx.AsyncByteStream):
         return chunk
 
 
-async def cut_long_text_events(response: httpx.Response) -> None:
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
-        response.stream = CutLongTextEvents(response.stream)
-
-
 ERROR_TYPE_STATUS = {
     "insufficient_fund": (402, "Poe says the account is out of compute points"),
     "user_caused_error": (400, "Poe refused the request"),
@@ -1145,35 +1115,33 @@ def key_rejected(server_key: bool) -> PoeFailure:
         else PoeFailure(401, "Poe rejected the API key")
 
 
-def poe_failure(exc: BaseException, model: str, answer: PoeAnswer, server_key: bool) -> PoeFailure:
-    if (status := answer.status) is not None:
-        if status == 404:
-            return PoeFailure(404, f"Poe does not know the model {model!r}")
-        if status in (400, 422):
-            return PoeFailure(400, f"Poe refused the request (HTTP {status})")
-        if status in (401, 403):
-            return key_rejected(server_key)
-        if status == 429:
-            return rate_limited(POE_RATE_LIMITED, retry_seconds(answer.headers.get("retry-after")),
-                                answer.headers)
-        code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
-        return PoeFailure(code, detail)
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    if isinstance(cause, httpx.TimeoutException):
+def status_failure(status: int, headers: httpx.Headers, model: str,
+                   server_key: bool) -> PoeFailure:
+    """Poe's answer to the query was not an event stream: what its HTTP status means."""
+    if status == 404:
+        return PoeFailure(404, f"Poe does not know the model {model!r}")
+    if status in (400, 422):
+        return PoeFailure(400, f"Poe refused the request (HTTP {status})")
+    if status in (401, 403):
+        return key_rejected(server_key)
+    if status == 429:
+        return rate_limited(POE_RATE_LIMITED, retry_seconds(headers.get("retry-after")), headers)
+    if status < 300:
+        return PoeFailure(502, "Poe's answer is not an event stream")
+    code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
+    return PoeFailure(code, detail)
+
+
+def transport_failure(exc: httpx.HTTPError) -> PoeFailure:
+    if isinstance(exc, httpx.TimeoutException):
         return PoeFailure(504, "Poe did not answer in time")
-    if isinstance(cause, httpx.TransportError):
+    if isinstance(exc, httpx.TransportError):
         return PoeFailure(502, "Poe is unreachable")
-    if isinstance(exc, fp.BotError) and exc.args:
-        # An error event: its data is JSON with text, allow_retry and error_type.
-        event = None
-        with contextlib.suppress(TypeError, ValueError):
-            event = json.loads(exc.args[0])
-        if isinstance(event, dict):
-            return error_event_failure(event, answer, server_key)
-    return PoeFailure(502, "Poe answered with an error")
+    return PoeFailure(502, "Poe's answer could not be read")  # a broken gzip, say
 
 
-def error_event_failure(event: dict, answer: PoeAnswer, server_key: bool) -> PoeFailure:
+def error_event_failure(event: dict, headers: httpx.Headers, server_key: bool) -> PoeFailure:
+    """An error event (JSON with text, allow_retry and error_type): what it means."""
     text = clean_text(event["text"]) if isinstance(event.get("text"), str) else ""
     error_type = event.get("error_type")
     if error_type in ERROR_TYPE_STATUS:
@@ -1181,7 +1149,7 @@ def error_event_failure(event: dict, answer: PoeAnswer, server_key: bool) -> Poe
         return PoeFailure(status, f"{message}: {text}" if text else message)
     if error_type in ("rate_limit", "rate_limit_exceeded") or RATE_LIMIT_TEXT.search(text):
         return rate_limited(f"{POE_RATE_LIMITED}: {text}" if text else POE_RATE_LIMITED,
-                            POE_RETRY_SECONDS, answer.headers)
+                            POE_RETRY_SECONDS, headers)
     if KEY_REJECTED_TEXT.search(text):
         return key_rejected(server_key)
     return PoeFailure(502, f"Poe answered with an error: {text}" if text
@@ -1196,26 +1164,413 @@ def clean_text(text: str) -> str:
     return re.sub("[\ud800-\udfff]", "\ufffd", text.replace("\x00", ""))
 
 
+# The JSON fastapi_poe's stream_request sends (httpx's json=), and the headers it sends with it
+# (its _BotContext's, as httpx_sse's aconnect_sse amends them).
+POE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def poe_headers(api_key: str) -> dict[str, str]:
+    return {"Accept": "text/event-stream", "Authorization": f"Bearer {api_key}",
+            "Cache-Control": "no-store", "Content-Type": "application/json"}
+
+
 class PoeQuery(fp.QueryRequest):
-    """A query built off the event loop: fastapi_poe calls model_dump() to send it and puts
-    repr() into every message it yields; both walk the whole history (milliseconds to tens of
-    milliseconds on a long chat), so both are computed once, by prepare_query()."""
+    """A query built off the event loop, by prepare_query(), with the JSON it is sent as: both
+    walk the whole history (milliseconds to tens of milliseconds on a long chat)."""
 
     def __repr__(self) -> str:
         return f"PoeQuery({len(self.query)} messages)"
 
-    def model_dump(self, **kwargs: Any) -> dict:
-        payload = self.__pydantic_private__ and self.__pydantic_private__.get("payload")
-        return payload if payload is not None and not kwargs else super().model_dump(**kwargs)
+    def body(self, tools: list | None) -> bytes:
+        """The body fastapi_poe's stream_request would send with these tools (ToolDefinitions),
+        byte for byte: the JSON around the tools was encoded by prepare_query()."""
+        head, own_tools, tail = self.__pydantic_private__["body"]
+        if tools is None:
+            return head + own_tools + tail
+        return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition)
+                                else tool for tool in tools]).encode() + tail
 
 
 def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
-    """Runs on a worker thread: the pydantic work of a long history stays off the loop."""
+    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
+    loop. The payload's keys before and after "tools" are encoded apart, for relay_poe's."""
     query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
                      user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
     payload = fp.QueryRequest.model_dump(query)
-    object.__setattr__(query, "__pydantic_private__", {"payload": payload})
+    keys = list(payload)
+    at = keys.index("tools")
+    head = POE_JSON({key: payload[key] for key in keys[:at]})[:-1] + ',"tools":'
+    tail = POE_JSON({key: payload[key] for key in keys[at + 1:]})
+    tail = "," + tail[1:] if len(tail) > 2 else "}"
+    parts = (head.encode(), POE_JSON(payload["tools"]).encode(), tail.encode())
+    object.__setattr__(query, "__pydantic_private__", {"body": parts})
     return query
+
+
+def sse_event(block: bytes) -> tuple[bytes, bytes | None]:
+    """One server-sent event's type and data (its data lines joined by LF; None: it has none),
+    from its lines, LF-separated; comments, ids and retry times are ignored."""
+    kind, data = b"message", None
+    for line in block.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            data = value if data is None else data + b"\n" + value
+        elif name == b"event":
+            kind = value or b"message"
+    return kind, data
+
+
+def json_object(data: bytes | None) -> dict:
+    try:
+        value = json.loads(data or b"null")
+    except UnicodeDecodeError:  # what the text decoding of fastapi_poe's client made of it
+        value = json.loads(data.decode(errors="replace"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def string_field(event: dict, name: str) -> str:
+    value = event[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is not a string")
+    return value
+
+
+def tool_call_delta(call: Any) -> dict:
+    """One tool call's delta, as fastapi_poe's ToolCallDefinitionDelta takes and dumps it."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise ValueError("a tool call without its function")
+    function = call["function"]
+    delta = {"index": call.get("index", 0), "id": call.get("id"), "type": call.get("type"),
+             "function": {"name": function.get("name"), "arguments": function["arguments"]}}
+    if type(delta["index"]) is not int or not isinstance(function["arguments"], str) or not all(
+            v is None or isinstance(v, str) for v in (delta["id"], delta["type"],
+                                                        function.get("name"))):
+        raise ValueError("a malformed tool call")
+    return delta
+
+
+IGNORED_EVENTS = (b"meta", b"suggested_reply", b"ping")
+
+
+class PoeEventReader:
+    """Poe's server-sent events, read as they arrive: feed() takes each read's bytes and returns
+    relay_poe's items for the events they complete, the texts of one read joined into one (they
+    came together: one step for the reply instead of one each). Each event means what it meant to
+    fastapi_poe's client, which this replaces on the hot path (it parsed each event's JSON twice,
+    into pydantic models, on the loop); what that client reported to the bot is kept in
+    `reports`. Malformed data fails the call (502), an error event as error_event_failure says."""
+
+    def __init__(self, tools: bool, headers: httpx.Headers, server_key: bool) -> None:
+        self.tools, self.headers, self.server_key = tools, headers, server_key
+        self.cutter = CutLongTextEvents()
+        self.rest: list[bytes] = []  # the bytes of an event not yet whole
+        self.after_cr = False  # the last read ended with CR: a LF first in the next is its pair
+        self.done = False
+        self.texts = 0  # text and replace_response events seen
+        self.reports: list[tuple[str, dict]] = []
+
+    def feed(self, chunk: bytes) -> list[tuple]:
+        items: list[tuple] = []
+        texts: list[str] = []
+        for block in self.blocks(self.cutter.cut(chunk)):
+            kind, data = sse_event(block)
+            try:
+                item = self.item(kind, data)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                self.report(f"Invalid {kind.decode(errors='replace')[:100]!r} event: {exc}",
+                            data=(data or b"")[:500].decode(errors="replace"))
+                raise PoeFailure(502, "Poe's answer could not be read") from None
+            if type(item) is str:
+                texts.append(item)
+            elif item is not None:
+                if texts:
+                    items.append(("text", clean_text("".join(texts))))
+                    texts = []
+                items.append(item)
+            if self.done:
+                break
+        if texts and (text := "".join(texts)):
+            items.append(("text", clean_text(text)))
+        return items
+
+    def item(self, kind: bytes, data: bytes | None) -> str | tuple | None:
+        """What one event adds: text (a str), another item, or nothing (None)."""
+        if kind == b"text":
+            self.texts += 1
+            return string_field(json_object(data), "text")
+        if kind == b"replace_response":
+            self.texts += 1
+            return ("replace", clean_text(string_field(json_object(data), "text")))
+        if kind == b"file":
+            event = json_object(data)
+            name, url, content_type = (string_field(event, key) for key in ("name", "url",
+                                                                             "content_type"))
+            inline_ref = event.get("inline_ref")
+            return ("file", {"url": url, "name": clean_text(name)[:255],
+                             "content_type": content_type,
+                             "inline_ref": inline_ref if isinstance(inline_ref, str) else None})
+        if kind == b"json":
+            return self.tool_item(json.loads(data or b"null")) if self.tools else None
+        if kind == b"done":
+            self.done = True
+            if not self.texts and not self.tools:
+                self.report("Bot returned no text in response")
+            return None
+        if kind == b"error":
+            raise error_event_failure(json_object(data), self.headers, self.server_key)
+        if kind not in IGNORED_EVENTS and (data is not None or kind != b"message"):
+            self.report(f"Unknown event type: {kind.decode(errors='replace')[:100]}",
+                        event_data=(data or b"")[:500].decode(errors="replace"))
+        return None
+
+    def tool_item(self, chunk: Any) -> str | tuple | None:
+        """A json event of a call with tools, OpenAI's chunk, as fastapi_poe's client reads it:
+        its first choice's tool call deltas, or text."""
+        if not isinstance(chunk, dict):
+            raise ValueError("not a JSON object")
+        if not chunk.get("choices"):
+            return None
+        choice = chunk["choices"][0]
+        if choice["finish_reason"] is not None:
+            return None
+        delta = choice["delta"]
+        if "tool_calls" in delta:
+            return ("tool_calls", [tool_call_delta(call) for call in delta["tool_calls"]])
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError("content is not a string")
+        return content
+
+    def report(self, message: str, **metadata: str) -> None:
+        self.reports.append((message, {**metadata, "message_id": ""}))
+
+    def blocks(self, chunk: bytes) -> list[bytes]:
+        """The events this read completes, each its lines joined by LF (CRLF and CR endings
+        made LF); the bytes of the event not yet whole are kept for the next."""
+        if self.after_cr:
+            self.after_cr = False
+            if chunk[:1] == b"\n":  # the LF of a CRLF cut between two reads
+                chunk = chunk[1:]
+        if not chunk:
+            return []
+        rest = self.rest
+        # Two line ends in a row (LF LF, CR CR, LF CR; CR LF is one) end an event.
+        ends = b"\n\n" in chunk or b"\r\r" in chunk or b"\n\r" in chunk
+        if rest:
+            rest.append(chunk)
+            if not ends and rest[-2][-1:] + chunk[:1] not in (b"\n\n", b"\r\r", b"\n\r"):
+                return []
+            data, self.rest = b"".join(rest), []
+        elif not ends:
+            self.rest = [chunk]
+            return []
+        else:
+            data = chunk
+        if b"\r" in data:
+            self.after_cr = data[-1:] == b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *whole, tail = data.split(b"\n\n")
+        if tail:
+            self.rest = [tail]
+        return whole
+
+
+# A connection to Poe stops reading past this many bytes unread (and reads again below a fourth).
+POE_READ_BUFFER_BYTES = 1 << 20
+
+
+class PoeSocket(asyncio.Protocol, httpcore.AsyncNetworkStream):
+    """A connection to Poe as httpcore (httpx's transport) reads and writes it, in place of
+    anyio's socket stream, which for every read resumes and pauses the socket's reading and opens
+    a cancel scope with a timer. Here what arrives waits in a buffer (reading paused only past
+    POE_READ_BUFFER_BYTES), and a read finds it there, or waits on one future. TLS is the event
+    loop's own (start_tls): uvloop's is compiled, anyio's is Python code over a memory BIO."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered, self.paused = 0, False
+        self.ended = False  # Poe closed its end, or the connection is lost
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future | None = None  # a read's, while nothing is buffered
+        self.drained: asyncio.Future | None = None  # a write's, while the transport is full
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        if self.buffered > POE_READ_BUFFER_BYTES and not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+            self.waiter = None
+
+    def eof_received(self) -> None:
+        self.connection_lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended, self.error = True, self.error or exc
+        for future in (self.waiter, self.drained):
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if not self.chunks and not self.ended:
+            self.waiter = self.loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.waiter
+            except TimeoutError:
+                raise httpcore.ReadTimeout("Poe sent nothing in time") from None
+        if not self.chunks:
+            if self.error is not None:
+                raise httpcore.ReadError(str(self.error))
+            return b""
+        data = self.chunks.popleft()
+        if len(data) > max_bytes:
+            self.chunks.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        self.buffered -= len(data)
+        if self.paused and self.buffered * 4 <= POE_READ_BUFFER_BYTES:
+            self.transport.resume_reading()
+            self.paused = False
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self.ended or self.transport.is_closing():
+            raise httpcore.WriteError("the connection to Poe is closed")
+        self.transport.write(buffer)
+        if self.drained is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.drained
+            except TimeoutError:
+                raise httpcore.WriteTimeout("Poe took nothing in time") from None
+
+    async def aclose(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            async with asyncio.timeout(timeout):
+                self.transport = await self.loop.start_tls(
+                    self.transport, self, ssl_context, server_hostname=server_hostname)
+        except TimeoutError:
+            await self.aclose()
+            raise httpcore.ConnectTimeout("Poe's TLS handshake took too long") from None
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            await self.aclose()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # for httpcore: an idle connection that is, is gone
+            return self.ended or bool(self.chunks)
+        names = {"client_addr": "sockname", "server_addr": "peername"}
+        return self.transport.get_extra_info(names.get(info, info))
+
+
+class PoeNetwork(httpcore.AsyncNetworkBackend):
+    """httpcore's network for the Poe client: its connections are PoeSockets."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, stream = await loop.create_connection(
+                    PoeSocket, host, port,
+                    local_addr=(local_address, 0) if local_address else None)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"{host}:{port} did not answer in time") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        for option in socket_options or ():
+            stream.transport.get_extra_info("socket").setsockopt(*option)
+        return stream
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("the Poe client does not use Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def poe_client(settings: Settings) -> httpx.AsyncClient:
+    """app.state.poe: httpx's client, its connections PoeSockets (those through a proxy as
+    well); should httpx's insides change, its own network serves, only slower."""
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0)),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+    for transport in (client._transport, *client._mounts.values()):
+        pool = getattr(transport, "_pool", None)
+        if isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"):
+            pool._network_backend = PoeNetwork()
+    return client
+
+
+# After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
+# connection read to its end goes back to the pool, where one left unread is closed (a new
+# connection to Poe is a TLS handshake, a round trip or two).
+POE_DRAIN_SECONDS = 0.5
+
+
+async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> httpx.Response:
+    """Sends the query as fastapi_poe's stream_request would (its URL, headers and JSON); Poe's
+    answer once it is known to be an event stream, else the PoeFailure its status means."""
+    client, settings = app.state.poe, app.state.settings
+    response = await client.send(client.build_request(
+        "POST", settings.poe_base_url + model, content=body, headers=poe_headers(api_key)),
+        stream=True)
+    if response.status_code < 300 and "text/event-stream" in \
+            response.headers.get("content-type", "").partition(";")[0]:
+        return response
+    await response.aclose()
+    raise status_failure(response.status_code, response.headers, model,
+                         bool(settings.poe_api_key))
+
+
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(POE_DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+
+
+async def report_to_poe(app: Starlette, model: str, api_key: str,
+                        reports: list[tuple[str, dict]]) -> None:
+    """Tells the bot what was wrong with its answer, as fastapi_poe's client did (its
+    report_error), and logs it; a report that fails changes nothing."""
+    while reports:
+        message, metadata = reports.pop(0)
+        log.warning("Poe: %s", message[:200])
+        with contextlib.suppress(httpx.HTTPError):
+            await app.state.poe.post(
+                app.state.settings.poe_base_url + model, timeout=app.state.settings.poe_timeout,
+                headers={"Accept": "application/json", "Authorization": f"Bearer {api_key}"},
+                json={"version": PROTOCOL_VERSION, "type": "report_error", "message": message,
+                      "metadata": metadata})
 
 
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
@@ -1227,54 +1582,47 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
     event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
     timeout + slack: never before `timeout` after the last event, at most `slack` later; first
-    wait exact."""
+    wait exact. Every failure is a PoeFailure."""
     await app.state.poe_budget.take(queued)
-    timeout = app.state.settings.poe_timeout
-    slack = min(1.0, timeout / 10)
-    answer = PoeAnswer()
-    token = poe_answer.set(answer)
-    loop = asyncio.get_running_loop()
+    settings, loop = app.state.settings, asyncio.get_running_loop()
+    timeout, slack = settings.poe_timeout, min(1.0, settings.poe_timeout / 10)
     moved = -math.inf  # the first event always moves the deadline
+    response = reader = None
     try:
         async with asyncio.timeout(timeout) as deadline:
-            async with contextlib.aclosing(fp.stream_request(
-                    query, model, api_key, session=app.state.poe, num_tries=1, tools=tools,
-                    on_error=on_poe_error, base_url=app.state.settings.poe_base_url)) as events:
-                async for event in events:
-                    if (now := loop.time()) - moved >= slack:
-                        deadline.reschedule(now + timeout + slack)
-                        moved = now
-                    if isinstance(event, fp.MetaResponse) or event.is_suggested_reply:
-                        continue
-                    if event.attachment is not None:  # its name cut to a file name's length
-                        yield ("file", {"url": event.attachment.url,
-                                        "name": clean_text(event.attachment.name or "")[:255],
-                                        "content_type": event.attachment.content_type or "",
-                                        "inline_ref": event.attachment.inline_ref})
-                    elif event.tool_calls:
-                        yield ("tool_calls", [call.model_dump() for call in event.tool_calls])
-                    elif event.data is None and event.text:
-                        yield ("replace" if event.is_replace_response else "text",
-                               clean_text(event.text))
-                    elif event.is_replace_response:
-                        yield ("replace", "")
-        if answer.no_done:
+            response = await open_poe(app, model, query.body(tools), api_key)
+            reader = PoeEventReader(tools is not None, response.headers,
+                                    bool(settings.poe_api_key))
+            chunks = response.aiter_bytes() if "content-encoding" in response.headers \
+                else response.aiter_raw()
+            async for chunk in chunks:
+                if (now := loop.time()) - moved >= slack:
+                    deadline.reschedule(now + timeout + slack)
+                    moved = now
+                for item in reader.feed(chunk):
+                    yield item
+                if reader.done:
+                    break
+            if reader.done:
+                await drain(chunks)
+            else:
+                reader.report("Bot exited without sending 'done' event")
+            await report_to_poe(app, model, api_key, reader.reports)
+        if not reader.done:
             raise PoeFailure(502, "Poe's answer broke off before its end")
     except TimeoutError:
         raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
-    except (fp.BotError, httpx.HTTPError) as exc:
-        server_key = bool(app.state.settings.poe_api_key)
-        failure = poe_failure(exc, model, answer, server_key)
+    except httpx.HTTPError as exc:
+        raise transport_failure(exc) from None
+    except PoeFailure as failure:
+        if reader is not None:
+            await report_to_poe(app, model, api_key, reader.reports)
         if failure.detail == SERVER_KEY_REJECTED:
             app.state.poe_budget.log_key_rejection()
-        raise failure from None
-    except (KeyError, ValueError, TypeError) as exc:
-        # fastapi_poe lets some malformed events through unwrapped (a tool-call chunk without
-        # finish_reason, a delta without arguments): Poe's answer, not ours.
-        log.warning("Poe: unreadable event: %s", type(exc).__name__)
-        raise PoeFailure(502, "Poe's answer could not be read") from None
+        raise
     finally:
-        poe_answer.reset(token)
+        if response is not None:
+            await response.aclose()
 
 
 def poe_message(role: str, content: str, attachments: list[dict] | None) -> fp.ProtocolMessage:
@@ -5461,10 +5809,7 @@ def lifespan_of(settings: Settings) -> Callable:
         state.poe_budget = PoeBudget(settings.poe_rate_limit, settings.poe_rate_window,
                                      settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
-        state.poe = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0)),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
-            event_hooks={"response": [remember_poe_status, cut_long_text_events]})
+        state.poe = poe_client(settings)
         state.models = ModelList(state.poe, settings.poe_models_url)
         try:
             yield

@@ -3874,7 +3874,7 @@ def test_cutting_text_events_keeps_every_escape_character_and_pair():
         raw = newline.join([b"event: meta", b"data: {}", b"", b"event: text", b"data: " +
                             json.dumps({"text": text}, ensure_ascii=trial % 2 == 0).encode(),
                             b"", b"event: done", b"data: {}", b"", b""])
-        stream, out, at = server.CutLongTextEvents(None, limit=500), b"", 0
+        stream, out, at = server.CutLongTextEvents(limit=500), b"", 0
         while at < len(raw):
             size = rng.randint(1, 700)
             out += stream.cut(raw[at:at + size])
