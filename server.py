@@ -14,7 +14,8 @@ order, and what each owns:
   Poe relay           relay_poe (the one call to Poe), PoeBudget (app.state.poe_budget: the
                       shared rate budget every call takes a slot of), PoeFailure,
                       CutLongTextEvents, PoeQuery (its body), PoeEventReader (Poe's events
-                      read as they arrive), PoeSocket and PoeNetwork (poe_client: app.state.poe)
+                      read as they arrive), PoeTransport and PoeConnection (httpx's transport
+                      of poe_client: app.state.poe)
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
                       ReplyEnd, EventStream, SentText (what a streaming client has)
@@ -68,6 +69,7 @@ import stat
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -77,10 +79,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
-import httpcore
+import httptools
 import httpx
 import zstandard
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.exceptions import HTTPException
@@ -1258,8 +1259,7 @@ IGNORED_EVENTS = (b"meta", b"suggested_reply", b"ping")
 
 class PoeEventReader:
     """Poe's server-sent events, read as they arrive: feed() takes each read's bytes and returns
-    relay_poe's items for the events they complete, the texts of one read joined into one (they
-    came together: one step for the reply instead of one each). Each event means what it meant to
+    relay_poe's items for the events they complete, one each. Each event means what it meant to
     fastapi_poe's client, which this replaces on the hot path (it parsed each event's JSON twice,
     into pydantic models, on the loop); what that client reported to the bot is kept in
     `reports`. Malformed data fails the call (502), an error event as error_event_failure says."""
@@ -1275,7 +1275,6 @@ class PoeEventReader:
 
     def feed(self, chunk: bytes) -> list[tuple]:
         items: list[tuple] = []
-        texts: list[str] = []
         for block in self.blocks(self.cutter.cut(chunk)):
             kind, data = sse_event(block)
             try:
@@ -1284,24 +1283,18 @@ class PoeEventReader:
                 self.report(f"Invalid {kind.decode(errors='replace')[:100]!r} event: {exc}",
                             data=(data or b"")[:500].decode(errors="replace"))
                 raise PoeFailure(502, "Poe's answer could not be read") from None
-            if type(item) is str:
-                texts.append(item)
-            elif item is not None:
-                if texts:
-                    items.append(("text", clean_text("".join(texts))))
-                    texts = []
+            if item is not None:
                 items.append(item)
             if self.done:
                 break
-        if texts and (text := "".join(texts)):
-            items.append(("text", clean_text(text)))
         return items
 
-    def item(self, kind: bytes, data: bytes | None) -> str | tuple | None:
-        """What one event adds: text (a str), another item, or nothing (None)."""
+    def item(self, kind: bytes, data: bytes | None) -> tuple | None:
+        """What one event adds to the reply, if anything."""
         if kind == b"text":
             self.texts += 1
-            return string_field(json_object(data), "text")
+            text = string_field(json_object(data), "text")
+            return ("text", clean_text(text)) if text else None
         if kind == b"replace_response":
             self.texts += 1
             return ("replace", clean_text(string_field(json_object(data), "text")))
@@ -1327,7 +1320,7 @@ class PoeEventReader:
                         event_data=(data or b"")[:500].decode(errors="replace"))
         return None
 
-    def tool_item(self, chunk: Any) -> str | tuple | None:
+    def tool_item(self, chunk: Any) -> tuple | None:
         """A json event of a call with tools, OpenAI's chunk, as fastapi_poe's client reads it:
         its first choice's tool call deltas, or text."""
         if not isinstance(chunk, dict):
@@ -1343,7 +1336,7 @@ class PoeEventReader:
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
             raise ValueError("content is not a string")
-        return content
+        return ("text", clean_text(content)) if content else None
 
     def report(self, message: str, **metadata: str) -> None:
         self.reports.append((message, {**metadata, "message_id": ""}))
@@ -1383,45 +1376,77 @@ class PoeEventReader:
 POE_READ_BUFFER_BYTES = 1 << 20
 
 
-class PoeSocket(asyncio.Protocol, httpcore.AsyncNetworkStream):
-    """A connection to Poe as httpcore (httpx's transport) reads and writes it, in place of
-    anyio's socket stream, which for every read resumes and pauses the socket's reading and opens
-    a cancel scope with a timer. Here what arrives waits in a buffer (reading paused only past
-    POE_READ_BUFFER_BYTES), and a read finds it there, or waits on one future. TLS is the event
-    loop's own (start_tls): uvloop's is compiled, anyio's is Python code over a memory BIO."""
+class PoeConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to Poe (PoeTransport's): httptools, uvicorn's C parser, reads what
+    arrives as it arrives; the body waits in `body` for the response's reader, which a future
+    wakes. Reading pauses past POE_READ_BUFFER_BYTES unread."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, origin: tuple) -> None:
+        self.origin, self.loop = origin, asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered, self.paused = 0, False
-        self.ended = False  # Poe closed its end, or the connection is lost
-        self.error: Exception | None = None
-        self.waiter: asyncio.Future | None = None  # a read's, while nothing is buffered
-        self.drained: asyncio.Future | None = None  # a write's, while the transport is full
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed, self.error = False, None  # error: why it closed before the answer's end
+        self.waiter: asyncio.Future | None = None  # the reader's, while nothing has come
+        self.drained: asyncio.Future | None = None  # the writer's, while the transport is full
+        self.paused, self.buffered, self.idle_since = False, 0, 0.0
+        self.busy = True  # a request's, not idle in the pool
+        self.begin()
+
+    def begin(self) -> None:
+        """Ready for a response (the next one, on a connection kept alive)."""
+        self.status, self.headers, self.head_done, self.complete = 0, [], False, False
+        self.sized = self.started = False  # the body has a length (or chunks); a byte came
+        self.body: collections.deque[bytes] = collections.deque()
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.buffered += len(data)
+        if not self.busy:  # nothing is asked of an idle connection: it is no longer usable
+            self.transport.close()
+            return
+        self.started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
+            self.transport.close()
+        self.wake()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.sized = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.head_done = self.status >= 200  # a 1xx answer: the real one follows
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
         if self.buffered > POE_READ_BUFFER_BYTES and not self.paused:
             self.transport.pause_reading()
             self.paused = True
-        if self.waiter is not None:
-            if not self.waiter.done():
-                self.waiter.set_result(None)
-            self.waiter = None
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+        else:
+            self.begin()
 
     def eof_received(self) -> None:
+        if self.head_done and not self.sized:
+            self.complete = True  # a body that ends with the connection
         self.connection_lost(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ended, self.error = True, self.error or exc
-        for future in (self.waiter, self.drained):
-            if future is not None and not future.done():
-                future.set_result(None)
+        self.closed = True
+        if not self.complete and self.error is None:
+            self.error = httpx.ReadError(str(exc)) if exc is not None else \
+                httpx.RemoteProtocolError("Poe closed the connection before its answer's end")
+        self.wake()
+        self.resume_writing()
 
     def pause_writing(self) -> None:
         self.drained = self.loop.create_future()
@@ -1431,103 +1456,211 @@ class PoeSocket(asyncio.Protocol, httpcore.AsyncNetworkStream):
             self.drained.set_result(None)
         self.drained = None
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if not self.chunks and not self.ended:
-            self.waiter = self.loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.waiter
-            except TimeoutError:
-                raise httpcore.ReadTimeout("Poe sent nothing in time") from None
-        if not self.chunks:
-            if self.error is not None:
-                raise httpcore.ReadError(str(self.error))
-            return b""
-        data = self.chunks.popleft()
-        if len(data) > max_bytes:
-            self.chunks.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
-        self.buffered -= len(data)
-        if self.paused and self.buffered * 4 <= POE_READ_BUFFER_BYTES:
+    def wake(self) -> None:
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+            self.waiter = None
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until more of the answer has come, or the connection is lost."""
+        self.waiter = self.loop.create_future()
+        if timeout is None:
+            await self.waiter
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.waiter
+        except TimeoutError:
+            raise httpx.ReadTimeout("Poe sent nothing in time") from None
+
+    def take(self) -> bytes:
+        """All of the body that has come."""
+        data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        if self.paused:
             self.transport.resume_reading()
             self.paused = False
         return data
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if self.ended or self.transport.is_closing():
-            raise httpcore.WriteError("the connection to Poe is closed")
-        self.transport.write(buffer)
+    async def send(self, request: httpx.Request, timeout: float | None) -> None:
+        """The request's head and body (chunked if its headers say so)."""
+        if self.closed:
+            raise httpx.WriteError("the connection to Poe is closed")
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+        head += [b"%s: %s\r\n" % pair for pair in request.headers.raw]
+        self.transport.write(b"".join(head) + b"\r\n")
+        chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+        async for part in request.stream:
+            if part:
+                self.transport.write(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+        if chunked:
+            self.transport.write(b"0\r\n\r\n")
         if self.drained is not None:
             try:
                 async with asyncio.timeout(timeout):
                     await self.drained
             except TimeoutError:
-                raise httpcore.WriteTimeout("Poe took nothing in time") from None
+                raise httpx.WriteTimeout("Poe took the request too slowly") from None
+
+
+class PoeBody(httpx.AsyncByteStream):
+    """A response's body, as it arrives: what has come at each read, at once. The reads of what
+    has come do not yield the loop: a burst Poe had already sent (thousands of events) would hold
+    it, and every other client with it; so after TURN_SECONDS of them, one does."""
+
+    def __init__(self, pool: PoeTransport, connection: PoeConnection, timeout: float | None):
+        self.pool, self.connection, self.timeout = pool, connection, timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        connection, loop = self.connection, asyncio.get_running_loop()
+        turn_began = loop.time()
+        while True:
+            if connection.body:
+                if loop.time() - turn_began >= TURN_SECONDS:
+                    await asyncio.sleep(0)
+                    turn_began = loop.time()
+                yield connection.take()
+            elif connection.complete:
+                return
+            elif connection.error is not None:
+                raise connection.error
+            else:
+                await connection.wait(self.timeout)
+                turn_began = loop.time()
 
     async def aclose(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.pool.release(self.connection)
 
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+
+class PoeTransport(httpx.AsyncBaseTransport):
+    """app.state.poe's transport: HTTP/1.1 over PoeConnections, kept alive and reused (at most
+    `limits`), TLS by the event loop's own (uvloop's is compiled). httpcore's, which it replaces,
+    cost as much per chunk relayed as everything else together: h11's parse in Python, six layers
+    of async generators, anyio's cancel scope and timer per read."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self.limits, self.ssl = limits, httpx.create_ssl_context()
+        self.idle: dict[tuple, list[PoeConnection]] = {}
+        self.open: set[PoeConnection] = set()
+        self.slots = asyncio.Semaphore(limits.max_connections or 1 << 30)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        for attempt in (1, 2):
+            connection, reused = self.idle_connection(origin), True
+            if connection is None:
+                connection, reused = await self.connect(origin, timeouts), False
+            try:
+                await connection.send(request, timeouts.get("write"))
+                while not connection.head_done and connection.error is None:
+                    await connection.wait(timeouts.get("read"))
+            except BaseException:
+                self.close(connection)
+                raise
+            if connection.head_done:
+                return httpx.Response(connection.status, headers=connection.headers,
+                                      stream=PoeBody(self, connection, timeouts.get("read")),
+                                      extensions={"http_version": b"HTTP/1.1"})
+            self.close(connection)
+            if not reused or connection.started or attempt == 2:
+                raise connection.error
+            # Poe closed a kept-alive connection as it was reused: it saw nothing; once more.
+
+    async def connect(self, origin: tuple, timeouts: dict) -> PoeConnection:
+        scheme, host, port = origin
         try:
-            async with asyncio.timeout(timeout):
-                self.transport = await self.loop.start_tls(
-                    self.transport, self, ssl_context, server_hostname=server_hostname)
+            async with asyncio.timeout(timeouts.get("pool")):
+                await self.slots.acquire()
         except TimeoutError:
-            await self.aclose()
-            raise httpcore.ConnectTimeout("Poe's TLS handshake took too long") from None
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            await self.aclose()
-            raise httpcore.ConnectError(str(exc)) from exc
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":  # for httpcore: an idle connection that is, is gone
-            return self.ended or bool(self.chunks)
-        names = {"client_addr": "sockname", "server_addr": "peername"}
-        return self.transport.get_extra_info(names.get(info, info))
-
-
-class PoeNetwork(httpcore.AsyncNetworkBackend):
-    """httpcore's network for the Poe client: its connections are PoeSockets."""
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
+            raise httpx.PoolTimeout("too many connections to Poe at once") from None
         try:
-            async with asyncio.timeout(timeout):
-                _, stream = await loop.create_connection(
-                    PoeSocket, host, port,
-                    local_addr=(local_address, 0) if local_address else None)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"{host}:{port} did not answer in time") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        for option in socket_options or ():
-            stream.transport.get_extra_info("socket").setsockopt(*option)
-        return stream
+            async with asyncio.timeout(timeouts.get("connect")):
+                _, connection = await asyncio.get_running_loop().create_connection(
+                    lambda: PoeConnection(origin), host, port,
+                    ssl=self.ssl if scheme == "https" else None,
+                    server_hostname=host if scheme == "https" else None)
+        except BaseException as exc:
+            self.slots.release()
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout(f"{host}:{port} did not answer in time") from None
+            if isinstance(exc, OSError):  # ssl.SSLError is one
+                raise httpx.ConnectError(str(exc)) from exc
+            raise
+        self.open.add(connection)
+        return connection
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("the Poe client does not use Unix sockets")
+    def idle_connection(self, origin: tuple) -> PoeConnection | None:
+        idle, now = self.idle.get(origin), time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < \
+                    (self.limits.keepalive_expiry or 0):
+                connection.busy = True
+                connection.begin()
+                return connection
+            self.close(connection)
+        return None
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    def release(self, connection: PoeConnection) -> None:
+        """A response is done with its connection: kept for the next if its answer was read
+        whole and both ends keep it, else closed."""
+        if connection not in self.open:
+            return
+        if not (connection.complete and not connection.closed and not connection.body
+                and connection.parser.should_keep_alive()):
+            self.close(connection)
+            return
+        idle = self.idle.setdefault(connection.origin, [])
+        if connection in idle:
+            return
+        connection.idle_since, connection.busy = time.monotonic(), False
+        idle.append(connection)
+        if len(idle) > (self.limits.max_keepalive_connections or 0):
+            self.close(idle.pop(0))
+
+    def close(self, connection: PoeConnection) -> None:
+        if connection in self.open:
+            self.open.discard(connection)
+            self.slots.release()
+        if connection in self.idle.get(connection.origin, ()):
+            self.idle[connection.origin].remove(connection)
+        if connection.transport is not None:
+            connection.transport.close()
+
+    async def aclose(self) -> None:
+        for connection in list(self.open):
+            self.close(connection)
+
+
+def proxy_mounts() -> dict[str, httpx.AsyncBaseTransport | None]:
+    """What httpx does with HTTP(S)_PROXY, ALL_PROXY and NO_PROXY (given a transport of one's
+    own, it does nothing): Poe through a proxy is httpx's own transport's affair."""
+    proxies = urllib.request.getproxies()
+    mounts: dict[str, httpx.AsyncBaseTransport | None] = {
+        f"{scheme}://": httpx.AsyncHTTPTransport(proxy=url if "://" in url else f"http://{url}")
+        for scheme in ("http", "https", "all") if (url := proxies.get(scheme))}
+    for host in (h.strip() for h in proxies.get("no", "").split(",")):
+        if host == "*":
+            return {}
+        if host:
+            direct = "://" in host or host == "localhost" or host.replace(".", "").isdigit()
+            mounts[host if "://" in host else f"all://{host}" if direct else
+                   f"all://[{host}]" if ":" in host else f"all://*{host}"] = None
+    return mounts
 
 
 def poe_client(settings: Settings) -> httpx.AsyncClient:
-    """app.state.poe: httpx's client, its connections PoeSockets (those through a proxy as
-    well); should httpx's insides change, its own network serves, only slower."""
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0)),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
-    for transport in (client._transport, *client._mounts.values()):
-        pool = getattr(transport, "_pool", None)
-        if isinstance(pool, httpcore.AsyncConnectionPool) and hasattr(pool, "_network_backend"):
-            pool._network_backend = PoeNetwork()
-    return client
+    """app.state.poe: httpx's client over PoeTransport. No read timeout: relay_poe's deadline
+    bounds each wait for Poe (a timer per read costs)."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    return httpx.AsyncClient(
+        transport=PoeTransport(limits), mounts=proxy_mounts(),
+        timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0),
+                              read=None))
 
 
 # After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
@@ -1725,26 +1858,39 @@ class Listener:
     """The reply's events queued for the response that started it: ("wait",) while its Poe call
     waits for the budget, ("text", str), ("replace", str), ("tool_calls", deltas), then ("end",
     message_id, status) or ("error", status, detail). Past LISTENER_BUFFER_BYTES behind (a
-    client not reading), what waits becomes one error."""
+    client not reading), what waits becomes one error. A deque and one future for the reader
+    waiting, if any: asyncio.Queue's getters and putters cost more than they give here."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: collections.deque[tuple] = collections.deque()
+        self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
 
     def publish(self, item: tuple) -> None:
         if self.closed:
             return
-        if self.queued_bytes > LISTENER_BUFFER_BYTES and not self.queue.empty():
-            self.queue = asyncio.Queue()
-            self.queue.put_nowait(("error", 503, "this client fell too far behind the reply; "
-                                   "it goes on and is stored whole"))
+        if self.queued_bytes > LISTENER_BUFFER_BYTES and self.items:
+            self.items.clear()
+            item = ("error", 503, "this client fell too far behind the reply; it goes on and is "
+                    "stored whole")
             self.queued_bytes = 0
-            return
-        self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
-        self.queue.put_nowait(item)
+        else:
+            self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
+        self.items.append(item)
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+            self.waiter = None
+
+    async def next(self) -> tuple:
+        """The next event, once there is one."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.items.popleft()
 
     async def events(self, item: tuple) -> AsyncIterator[tuple]:
-        """From `item` (already dequeued) to the end or error event, inclusive."""
+        """From `item` (already taken) to the end or error event, inclusive."""
         loop = asyncio.get_running_loop()
         turn_began = loop.time()
         try:
@@ -1757,10 +1903,14 @@ class Listener:
                 if item[0] == "wait":
                     item = await self.next_while_waiting()
                     continue
-                if loop.time() - turn_began >= TURN_SECONDS:
-                    await asyncio.sleep(0)  # a full queue is drained without yielding otherwise
+                if not self.items:
+                    item = await self.next()
                     turn_began = loop.time()
-                item = await self.queue.get()
+                    continue
+                if loop.time() - turn_began >= TURN_SECONDS:
+                    await asyncio.sleep(0)  # a long queue is drained without yielding otherwise
+                    turn_began = loop.time()
+                item = self.items.popleft()
         finally:
             self.closed = True
 
@@ -1768,7 +1918,7 @@ class Listener:
         """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""
         try:
             async with asyncio.timeout(BUDGET_COMMENT_SECONDS):
-                return await self.queue.get()
+                return await self.next()
         except TimeoutError:
             return ("wait",)
 
@@ -1888,8 +2038,8 @@ class Reply:
             self.task.cancel()
 
     async def take_all(self, events: AsyncIterator[tuple]) -> None:
+        """Takes relay_poe's events (which yields the loop in a burst: PoeSocket.read)."""
         loop = asyncio.get_running_loop()
-        turn_began = loop.time()
         async for kind, value in events:
             item = self.take(kind, value)
             if self.message_id is not None and self.flush is None:
@@ -1899,10 +2049,6 @@ class Reply:
                 self.listener.publish(item)
             if self.cut:
                 break  # max_tokens: the Poe call ends here
-            if loop.time() - turn_began >= TURN_SECONDS:
-                # Awaiting events Poe already sent does not yield: a burst would hold the loop.
-                await asyncio.sleep(0)
-                turn_began = loop.time()
 
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
@@ -2026,15 +2172,16 @@ class Reply:
             if self.error is not None:
                 raise self.failure()
             return whole()
-        first = await self.listener.queue.get()
+        first = await self.listener.next()
         # An empty replacement is no output yet; a wait is none for OpenAI's streams.
         while (first[0] == "replace" and not first[1]) or (first[0] == "wait"
                                                            and not begin_waiting):
-            first = await self.listener.queue.get()
+            first = await self.listener.next()
         if first[0] == "error":
             self.listener.closed = True
             raise self.failure()
-        return EventStream(events(first), sep="\n")
+        listener = self.listener
+        return EventStream(events(first), ready=lambda: bool(listener.items))
 
 
 class Replies:
@@ -2146,14 +2293,64 @@ class Replies:
                 await self.db.write(save_reply_end, end)
 
 
-class EventStream(EventSourceResponse):
-    """sse-starlette's response without the anyio cancel scope it opens per event even with no
-    send timeout (ours): a measurable share of CPU per relayed chunk, and no switch turns it off."""
+# The ASGI scope's key for the server's own send, which EventStream writes its events with: the
+# middlewares' wrappers of send (Starlette's error and exception handlers', CORS', the timing's)
+# act on the response's start only, and cost a call each for every event past it.
+RAW_SEND = "poe_proxy.send"
+# EventStream writes the events ready at once together, up to this many bytes a write.
+STREAM_WRITE_BYTES = 1 << 18
 
-    async def _send_with_timeout(self, send: Any, message: dict) -> None:
-        if self.send_timeout is not None:
-            return await super()._send_with_timeout(send, message)
-        await send(message)
+
+class EventStream(Response):
+    """Server-sent events: the bytes of `content` written as they come, those ready together in
+    one write (`ready()` says whether more are: the events queued for it), until it ends or the
+    client goes (then `content` is closed). Headers as sse-starlette's, whose response this
+    replaced: it ran four tasks a stream and a lock and two calls an event."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
+        self.body_iterator, self.ready = content, ready
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-store", "Connection": "keep-alive",
+                           "X-Accel-Buffering": "no", **(headers or {})})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        writing = asyncio.ensure_future(self.write(scope.get(RAW_SEND, send)))
+        leaving = asyncio.ensure_future(client_leaves(receive))
+        try:
+            await asyncio.wait([writing, leaving], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (writing, leaving):
+                task.cancel()
+            await asyncio.wait([writing, leaving])
+        if not writing.cancelled():
+            writing.result()  # its failure, if any
+
+    async def write(self, send: Callable) -> None:
+        waiting, size = [], 0
+        async with contextlib.aclosing(self.body_iterator) as events:
+            async for data in events:
+                if self.ready is not None and self.ready() and size < STREAM_WRITE_BYTES:
+                    waiting.append(data)
+                    size += len(data)
+                    continue
+                if waiting:
+                    waiting.append(data)
+                    data, waiting, size = b"".join(waiting), [], 0
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        if waiting:
+            await send({"type": "http.response.body", "body": b"".join(waiting),
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def client_leaves(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -3987,7 +4184,7 @@ async def write_source_code(request: Request) -> Response:
                                    state.settings.write_roots)
     writer = SourceWriter(root, plan, backup, state.settings.max_body_bytes,
                           state.settings.db_path)
-    return EventStream(writer.events(), sep="\n", headers={"Cache-Control": "no-cache"})
+    return EventStream(writer.events(), headers={"Cache-Control": "no-cache"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5823,6 +6020,15 @@ def lifespan_of(settings: Settings) -> Callable:
     return lifespan
 
 
+class App(Starlette):
+    """The Starlette app, which hands the server's own send to the responses that stream (in the
+    scope, as RAW_SEND: see EventStream)."""
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
     """The ASGI app. Keyword arguments override the environment (lower-case names of the
     settings table in docs/API.md: db_path, poe_base_url, poe_api_key, access_keys, ...)."""
@@ -5833,8 +6039,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
                   Middleware(JSONCORSMiddleware, allow_methods=["*"], allow_headers=["*"],
                              max_age=600, **cors),
                   Middleware(access_guard, settings=settings)]
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan_of(settings),
-                     exception_handlers={HTTPException: http_error, Exception: server_error})
+    return App(routes=routes, middleware=middleware, lifespan=lifespan_of(settings),
+               exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 app = create_app()
