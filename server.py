@@ -1211,6 +1211,10 @@ def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQu
 def sse_event(block: bytes) -> tuple[bytes, bytes | None]:
     """One server-sent event's type and data (its data lines joined by LF; None: it has none),
     from its lines, LF-separated; comments, ids and retry times are ignored."""
+    if block.startswith(b"event: ") and block.count(b"\n") == 1:  # the common shape, at once
+        head, _, line = block.partition(b"\n")
+        if line.startswith(b"data: "):
+            return head[7:] or b"message", line[6:]
     kind, data = b"message", None
     for line in block.split(b"\n"):
         name, _, value = line.partition(b":")
@@ -1231,6 +1235,18 @@ def json_object(data: bytes | None) -> dict:
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
+
+
+def event_text(data: bytes | None) -> str:
+    """A text event's text: {"text": "..."} read with the JSON decoder's own string scanner (a
+    third of what parsing it whole costs); any other shape parsed whole."""
+    if data is not None and data.startswith(b'{"text": "') and data.endswith(b'"}'):
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
+            string = data.decode()
+            text, end = json.decoder.scanstring(string, 10)
+            if end == len(string) - 1:
+                return text
+    return string_field(json_object(data), "text")
 
 
 def string_field(event: dict, name: str) -> str:
@@ -1293,11 +1309,11 @@ class PoeEventReader:
         """What one event adds to the reply, if anything."""
         if kind == b"text":
             self.texts += 1
-            text = string_field(json_object(data), "text")
+            text = event_text(data)
             return ("text", clean_text(text)) if text else None
         if kind == b"replace_response":
             self.texts += 1
-            return ("replace", clean_text(string_field(json_object(data), "text")))
+            return ("replace", clean_text(event_text(data)))
         if kind == b"file":
             event = json_object(data)
             name, url, content_type = (string_field(event, key) for key in ("name", "url",
@@ -1350,6 +1366,13 @@ class PoeEventReader:
                 chunk = chunk[1:]
         if not chunk:
             return []
+        if not self.rest and chunk.endswith(EVENTS_END):  # whole events: most reads
+            if b"\r" in chunk:
+                self.after_cr = chunk[-1:] == b"\r"
+                chunk = chunk.replace(b"\r\n", b"\n")
+                if b"\r" in chunk:
+                    chunk = chunk.replace(b"\r", b"\n")
+            return chunk[:-2].split(b"\n\n")
         rest = self.rest
         # Two line ends in a row (LF LF, CR CR, LF CR; CR LF is one) end an event.
         ends = b"\n\n" in chunk or b"\r\r" in chunk or b"\n\r" in chunk
@@ -1365,7 +1388,9 @@ class PoeEventReader:
             data = chunk
         if b"\r" in data:
             self.after_cr = data[-1:] == b"\r"
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            data = data.replace(b"\r\n", b"\n")
+            if b"\r" in data:
+                data = data.replace(b"\r", b"\n")
         *whole, tail = data.split(b"\n\n")
         if tail:
             self.rest = [tail]
@@ -1829,6 +1854,11 @@ def save_reply_text(db: sqlite3.Connection, message_id: int, text: str, rewrite:
                    "WHERE id = ?", (text, message_id))
 
 
+def save_reply_texts(db: sqlite3.Connection, texts: list[tuple[int, str, bool]]) -> None:
+    for message_id, text, rewrite in texts:
+        save_reply_text(db, message_id, text, rewrite)
+
+
 def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     response = end.response
     if end.discard:
@@ -1926,7 +1956,8 @@ class Listener:
 @dataclass(eq=False)
 class Reply:
     """One Poe reply in progress. Its fields change only in its own methods: start() and run()
-    relay Poe's events into it, write_text() and end() save it, its Listener is told of each."""
+    relay Poe's events into it, the registry's flushes and end() save it, its Listener is told
+    of each."""
     # Where it is stored; a stateless reply (OpenAI routes without store) has no message_id.
     conversation_id: str | None = None
     message_id: int | None = None
@@ -1939,6 +1970,7 @@ class Reply:
     ending: Callable[[Reply], ResponseRecord] | None = None
     # What Poe sent.
     chunks: list[str] = field(default_factory=list, init=False)
+    chars: int = field(default=0, init=False)  # their length
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
     cut: bool = field(default=False, init=False)  # at max_chars
@@ -1947,7 +1979,7 @@ class Reply:
     saved_chunks: int = field(default=0, init=False)
     rewrite: bool = field(default=False, init=False)
     generation: int = field(default=0, init=False)
-    flush: asyncio.TimerHandle | None = field(default=None, init=False)  # next write of text
+    pending: bool = field(default=False, init=False)  # has new text for the next flush
     writing: asyncio.Future | None = field(default=None, init=False)  # the write in flight
     # Who listens, and how it ends.
     listener: Listener | None = field(default=None, init=False)
@@ -2038,13 +2070,11 @@ class Reply:
             self.task.cancel()
 
     async def take_all(self, events: AsyncIterator[tuple]) -> None:
-        """Takes relay_poe's events (which yields the loop in a burst: PoeSocket.read)."""
-        loop = asyncio.get_running_loop()
+        """Takes relay_poe's events (which yields the loop in a burst: PoeBody)."""
         async for kind, value in events:
             item = self.take(kind, value)
-            if self.message_id is not None and self.flush is None:
-                # Written within FLUSH_SECONDS even if Poe pauses; at most once per FLUSH_SECONDS.
-                self.flush = loop.call_later(FLUSH_SECONDS, self.write_text)
+            if self.message_id is not None and not self.pending:
+                self.registry.save_later(self)
             if self.listener is not None:
                 self.listener.publish(item)
             if self.cut:
@@ -2053,20 +2083,20 @@ class Reply:
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
         if kind == "replace":
-            self.chunks, self.saved_chunks = [value], 0
+            self.chunks, self.saved_chunks, self.chars = [value], 0, len(value)
             self.rewrite, self.generation = True, self.generation + 1
         elif kind == "text":
-            if self.max_chars is not None:
-                room = self.max_chars - sum(map(len, self.chunks))
-                if len(value) >= room:
-                    value, self.cut = value[:max(room, 0)], True
+            if self.max_chars is not None and len(value) >= self.max_chars - self.chars:
+                value, self.cut = value[:max(self.max_chars - self.chars, 0)], True
             self.chunks.append(value)
+            self.chars += len(value)
         elif kind == "file":
             if len(self.files) == MAX_REPLY_FILES:
                 raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
             kind, value = "text", file_markdown(value)
             self.chunks.append(value)
+            self.chars += len(value)
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
@@ -2082,34 +2112,25 @@ class Reply:
                 call["function"]["arguments"] += function.get("arguments") or ""
         return kind, value
 
-    def write_text(self) -> None:
-        self.flush = None
-        if self.writing is not None or self.message_id is None or self.status != "streaming":
-            return
-        count, generation, rewrite = len(self.chunks), self.generation, self.rewrite
+    def unsaved(self) -> tuple[int, str, bool, int, int]:
+        """(message_id, text, rewrite) for the next flush, and (count, generation) to tell
+        written() what that write held."""
+        count, rewrite = len(self.chunks), self.rewrite
         text = "".join(self.chunks[0 if rewrite else self.saved_chunks:count])
-        self.writing = self.registry.db.submit_write(save_reply_text, self.message_id, text,
-                                                     rewrite)
+        return self.message_id, text, rewrite, count, self.generation
 
-        def written(future: asyncio.Future) -> None:
-            self.writing = None
-            if future.cancelled() or future.exception() is not None:
-                if self.status == "streaming":
-                    self.flush = asyncio.get_running_loop().call_later(RETRY_SECONDS,
-                                                                       self.write_text)
-                return
-            if self.generation == generation:
-                self.saved_chunks = count
-                self.rewrite = self.rewrite and not rewrite
-        self.writing.add_done_callback(written)
+    def written(self, failed: bool, rewrite: bool, count: int, generation: int) -> None:
+        """A flush of this reply's text is done: what it held is stored, unless it failed or a
+        replacement came meanwhile (the next flush writes the text whole)."""
+        self.writing = None
+        if not failed and self.generation == generation:
+            self.saved_chunks = count
+            self.rewrite = self.rewrite and not rewrite
 
     async def end(self, status: str) -> None:
         """Stores the reply's end (once the write in flight is done), then tells the listener,
         whatever the database says: a refused write is retried by the registry."""
-        self.status = status
-        if self.flush is not None:
-            self.flush.cancel()
-            self.flush = None
+        self.status = status  # a flush to come leaves it be: its end writes its text
         if self.error is not None and self.has_output:
             # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
             self.error = (self.error[0] if self.error[0] in (503, 504) else 502, self.error[1])
@@ -2196,7 +2217,48 @@ class Replies:
         self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
+        self.dirty: list[Reply] = []  # replies with text for the next flush
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.retrying: asyncio.Task | None = None
+
+    def save_later(self, reply: Reply, delay: float = FLUSH_SECONDS) -> None:
+        """The reply's new text goes in the next flush, within `delay` (FLUSH_SECONDS)."""
+        if not reply.pending:
+            reply.pending = True
+            self.dirty.append(reply)
+        if self.flush_timer is None:
+            self.flush_timer = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        """Writes the new text of every reply that has some, in one transaction: a reply's text
+        is stored within FLUSH_SECONDS of its arrival, at most once per FLUSH_SECONDS, and 500
+        streams cost two writes a second, not a thousand. One refused is tried again after
+        RETRY_SECONDS, from memory; a reply whose write is still in flight waits for the next."""
+        self.flush_timer = None
+        dirty, self.dirty, batch = self.dirty, [], []
+        for reply in dirty:
+            if reply.status == "streaming" and reply.writing is not None:
+                self.dirty.append(reply)
+            else:
+                reply.pending = False
+                if reply.status == "streaming":  # an ended one's end writes its text
+                    batch.append(reply)
+        if self.dirty:
+            self.flush_timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+        if not batch:
+            return
+        marks = [reply.unsaved() for reply in batch]
+        future = self.db.submit_write(save_reply_texts, [mark[:3] for mark in marks])
+        for reply in batch:
+            reply.writing = future
+
+        def written(future: asyncio.Future) -> None:
+            failed = future.cancelled() or future.exception() is not None
+            for reply, mark in zip(batch, marks):
+                reply.written(failed, *mark[2:])
+                if failed and reply.status == "streaming":
+                    self.save_later(reply, RETRY_SECONDS)
+        future.add_done_callback(written)
 
     def busy(self, conversation_id: str) -> bool:
         return conversation_id in self.preparing or conversation_id in self.by_conversation
@@ -2286,6 +2348,8 @@ class Replies:
     async def close(self) -> None:
         """At shutdown: running replies cut off (kept 'interrupted'); refused ends retried once."""
         await self.stop_all(503, "the server is shutting down")
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
         if self.retrying is not None:
             self.retrying.cancel()
         for end in list(self.unsaved.values()):
@@ -2361,9 +2425,16 @@ SSE_PIECE_CHARS = SENT_TEXT_CHARS = 65536
 
 
 def sse(data: str) -> bytes:
-    """One server-sent event, encoded once: JSON has no raw newlines, so one data line does, and
-    sse-starlette passes bytes through untouched."""
+    """One server-sent event, encoded once: JSON has no raw newlines, so one data line does."""
     return b"data: " + data.encode() + b"\n\n"
+
+
+json_string = json.encoder.encode_basestring  # a str as JSON (non-ASCII kept), in C
+
+
+def content_event(text: str) -> bytes:
+    """sse(seed_dumps({"content": text})), without the encoder's setup for each chunk."""
+    return b'data: {"content": ' + json_string(text).encode() + b"}\n\n"
 
 
 SSE_DONE = sse("[DONE]")
@@ -2813,8 +2884,8 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
             yield BUDGET_COMMENT
         elif kind in ("text", "replace"):
             for text, replace in sent.deltas(kind, item[1]):
-                yield sse(seed_dumps({"content": text, "replace": True} if replace
-                                     else {"content": text}))
+                yield sse(seed_dumps({"content": text, "replace": True})) if replace \
+                    else content_event(text)
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
@@ -4661,6 +4732,10 @@ class Completion:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return sse(f'{head},"choices":[{dumps(choice)}]}}')
 
+        # A text chunk, as chunk() makes it, without the encoder's setup for each.
+        text_head = f'data: {head},"choices":[{{"index":0,"delta":{{"content":'.encode()
+        text_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
         sent = SentText()
         try:
             yield chunk({"role": "assistant", "content": ""})
@@ -4669,7 +4744,8 @@ class Completion:
                 if kind in ("text", "replace"):
                     # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
                     for text, replace in sent.deltas(kind, item[1]):
-                        yield chunk({"content": text, **({"replace": True} if replace else {})})
+                        yield chunk({"content": text, "replace": True}) if replace \
+                            else text_head + json_string(text).encode() + text_tail
                 elif kind in ("tool_calls", "end"):
                     for delta in self.tool_calls.deltas(ended=kind == "end"):
                         yield chunk({"tool_calls": [delta]})  # at the end, '{}' for no arguments
