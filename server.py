@@ -11,14 +11,19 @@ order, and what each owns:
   Request helpers     read_json (read_body, body_coding, BodyDecoder: compressed bodies),
                       text_field, int_field, id_list_field, ..., given, query_limit, the
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
-  Poe relay           relay_poe (the one call to Poe), PoeBudget (app.state.poe_budget: the
-                      shared rate budget every call takes a slot of), PoeFailure,
-                      CutLongTextEvents, PoeQuery (its body), PoeEventReader (Poe's events
-                      read as they arrive), PoeTransport and PoeConnection (httpx's transport
-                      of poe_client: app.state.poe)
+  Poe relay           relay_poe (the one call to Poe), PoeFailure and what Poe's statuses and
+                      error events mean, PoeQuery and prepare_query (the body, built off the
+                      loop), open_poe, report_to_poe
+  Poe's budget        PoeBudget (app.state.poe_budget: the shared rate budget every call takes a
+                      slot of)
+  Poe's events        PoeEventReader (Poe's server-sent events read as they arrive),
+                      CutLongTextEvents
+  Poe's connections   PoeTransport, PoeConnection, PoeBody (httpx's transport of poe_client:
+                      app.state.poe)
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
-                      Replies (app.state.replies: the registry, claim(), the unsaved ends),
-                      ReplyEnd, EventStream, SentText (what a streaming client has)
+                      Replies (app.state.replies: the registry, claim(), the flushes, the
+                      unsaved ends), ReplyEnd
+  Reply streams       Listener, EventStream, SentText (what a streaming client has), sse()
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
   Projects            /v1/projects...
@@ -36,7 +41,7 @@ order, and what each owns:
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
                       the middleware guarding Host, access keys and JSON bodies
   The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
-                      create_app()
+                      App and RequestTiming (the Server-Timing header), create_app()
   Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown
 """
 from __future__ import annotations
@@ -850,6 +855,274 @@ class PoeFailure(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
+def on_poe_error(exc: Exception, message: str) -> None:
+    """fastapi_poe's error handler (uploads): its default prints; these never carry the key."""
+    log.warning("Poe: %s", str(exc)[:200])
+
+
+ERROR_TYPE_STATUS = {
+    "insufficient_fund": (402, "Poe says the account is out of compute points"),
+    "user_caused_error": (400, "Poe refused the request"),
+    "privacy_authorization_error": (403, "Poe refused the request for privacy authorization"),
+    "user_message_too_long": (413, "Poe says the message is too long"),
+}
+HTTP_STATUS_FAILURE = {
+    402: (402, "Poe says the account is out of compute points"),
+    413: (413, "Poe says the message is too long"),
+}
+POE_RATE_LIMITED = "Poe is rate-limiting requests; try again later"
+# Poe's error event for a rate limit has no error_type, only its text (fastapi_poe issue 109:
+# "You have exceeded rate limit to query bot using User API Key. Try again later.").
+RATE_LIMIT_TEXT = re.compile(r"\brate[ _-]?limit", re.IGNORECASE)
+# An error event that says the key is not good (Poe's key check answers 401 as a rule).
+KEY_REJECTED_TEXT = re.compile(
+    r"\b(invalid|incorrect|wrong|expired|revoked|unauthori[sz]ed)\b[^.]{0,40}\b(api|access)[ _-]?"
+    r"key\b|\b(api|access)[ _-]?key\b[^.]{0,40}\b(invalid|incorrect|not valid|expired|revoked)\b",
+    re.IGNORECASE)
+
+
+SERVER_KEY_REJECTED = ("Poe rejected this server's Poe key (POE_API_KEY): the server's operator "
+                       "must replace it; no key of yours was sent to Poe")
+
+
+def key_rejected(server_key: bool) -> PoeFailure:
+    """Poe refused the key: the caller's own (401), or the server's POE_API_KEY, which is the
+    server's fault (502), not the caller's."""
+    return PoeFailure(502, SERVER_KEY_REJECTED) if server_key \
+        else PoeFailure(401, "Poe rejected the API key")
+
+
+def status_failure(status: int, headers: httpx.Headers, model: str,
+                   server_key: bool) -> PoeFailure:
+    """Poe's answer to the query was not an event stream: what its HTTP status means."""
+    if status == 404:
+        return PoeFailure(404, f"Poe does not know the model {model!r}")
+    if status in (400, 422):
+        return PoeFailure(400, f"Poe refused the request (HTTP {status})")
+    if status in (401, 403):
+        return key_rejected(server_key)
+    if status == 429:
+        return rate_limited(POE_RATE_LIMITED, retry_seconds(headers.get("retry-after")), headers)
+    if status < 300:
+        return PoeFailure(502, "Poe's answer is not an event stream")
+    code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
+    return PoeFailure(code, detail)
+
+
+def transport_failure(exc: httpx.HTTPError) -> PoeFailure:
+    if isinstance(exc, httpx.TimeoutException):
+        return PoeFailure(504, "Poe did not answer in time")
+    if isinstance(exc, httpx.TransportError):
+        return PoeFailure(502, "Poe is unreachable")
+    return PoeFailure(502, "Poe's answer could not be read")  # a broken gzip, say
+
+
+def error_event_failure(event: dict, headers: httpx.Headers, server_key: bool) -> PoeFailure:
+    """An error event (JSON with text, allow_retry and error_type): what it means."""
+    text = clean_text(event["text"]) if isinstance(event.get("text"), str) else ""
+    error_type = event.get("error_type")
+    if error_type in ERROR_TYPE_STATUS:
+        status, message = ERROR_TYPE_STATUS[error_type]
+        return PoeFailure(status, f"{message}: {text}" if text else message)
+    if error_type in ("rate_limit", "rate_limit_exceeded") or RATE_LIMIT_TEXT.search(text):
+        return rate_limited(f"{POE_RATE_LIMITED}: {text}" if text else POE_RATE_LIMITED,
+                            POE_RETRY_SECONDS, headers)
+    if KEY_REJECTED_TEXT.search(text):
+        return key_rejected(server_key)
+    return PoeFailure(502, f"Poe answered with an error: {text}" if text
+                      else "Poe answered with an error")
+
+
+def clean_text(text: str) -> str:
+    """Text that SQLite and a socket can take: NUL removed, lone surrogates (half an emoji from
+    a broken encoder) replaced by U+FFFD."""
+    if text.isascii():
+        return text.replace("\x00", "") if "\x00" in text else text
+    return re.sub("[\ud800-\udfff]", "\ufffd", text.replace("\x00", ""))
+
+
+# The JSON fastapi_poe's stream_request sends (httpx's json=), and the headers it sends with it
+# (its _BotContext's, as httpx_sse's aconnect_sse amends them).
+POE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def poe_headers(api_key: str) -> dict[str, str]:
+    return {"Accept": "text/event-stream", "Authorization": f"Bearer {api_key}",
+            "Cache-Control": "no-store", "Content-Type": "application/json"}
+
+
+class PoeQuery(fp.QueryRequest):
+    """A query built off the event loop, by prepare_query(), with the JSON it is sent as: both
+    walk the whole history (milliseconds to tens of milliseconds on a long chat)."""
+
+    def __repr__(self) -> str:
+        return f"PoeQuery({len(self.query)} messages)"
+
+    def body(self, tools: list | None) -> bytes:
+        """The body fastapi_poe's stream_request would send with these tools (ToolDefinitions),
+        byte for byte: the JSON around the tools was encoded by prepare_query()."""
+        head, own_tools, tail = self.__pydantic_private__["body"]
+        if tools is None:
+            return head + own_tools + tail
+        return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition)
+                                else tool for tool in tools]).encode() + tail
+
+
+def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
+    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
+    loop. The payload's keys before and after "tools" are encoded apart, for relay_poe's."""
+    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
+                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
+    payload = fp.QueryRequest.model_dump(query)
+    keys = list(payload)
+    at = keys.index("tools")
+    head = POE_JSON({key: payload[key] for key in keys[:at]})[:-1] + ',"tools":'
+    tail = POE_JSON({key: payload[key] for key in keys[at + 1:]})
+    tail = "," + tail[1:] if len(tail) > 2 else "}"
+    parts = (head.encode(), POE_JSON(payload["tools"]).encode(), tail.encode())
+    object.__setattr__(query, "__pydantic_private__", {"body": parts})
+    return query
+
+
+# After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
+# connection read to its end goes back to the pool, where one left unread is closed (a new
+# connection to Poe is a TLS handshake, a round trip or two).
+POE_DRAIN_SECONDS = 0.5
+
+
+async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> httpx.Response:
+    """Sends the query as fastapi_poe's stream_request would (its URL, headers and JSON); Poe's
+    answer once it is known to be an event stream, else the PoeFailure its status means."""
+    client, settings = app.state.poe, app.state.settings
+    response = await client.send(client.build_request(
+        "POST", settings.poe_base_url + model, content=body, headers=poe_headers(api_key)),
+        stream=True)
+    if response.status_code < 300 and "text/event-stream" in \
+            response.headers.get("content-type", "").partition(";")[0]:
+        return response
+    await response.aclose()
+    raise status_failure(response.status_code, response.headers, model,
+                         bool(settings.poe_api_key))
+
+
+async def drain(chunks: AsyncIterator[bytes]) -> None:
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(POE_DRAIN_SECONDS):
+            async for _ in chunks:
+                pass
+
+
+async def report_to_poe(app: Starlette, model: str, api_key: str,
+                        reports: list[tuple[str, dict]]) -> None:
+    """Tells the bot what was wrong with its answer, as fastapi_poe's client did (its
+    report_error), and logs it; a report that fails changes nothing."""
+    while reports:
+        message, metadata = reports.pop(0)
+        log.warning("Poe: %s", message[:200])
+        with contextlib.suppress(httpx.HTTPError):
+            await app.state.poe.post(
+                app.state.settings.poe_base_url + model, timeout=app.state.settings.poe_timeout,
+                headers={"Accept": "application/json", "Authorization": f"Bearer {api_key}"},
+                json={"version": PROTOCOL_VERSION, "type": "report_error", "message": message,
+                      "metadata": metadata})
+
+
+async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
+                    tools: list | None = None,
+                    queued: Callable[[bool], None] | None = None) -> AsyncIterator[tuple]:
+    """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
+    ("tool_calls", [delta dicts]) from one Poe call, once the call has a slot of the budget
+    (PoeBudget.take: `queued` hears when it waits for one). Its consumer must not await anything
+    else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
+    event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
+    timeout + slack: never before `timeout` after the last event, at most `slack` later; first
+    wait exact. Every failure is a PoeFailure. The request's RequestTiming hears of the wait
+    for the budget and of Poe's times."""
+    timing = request_timing.get(None) or RequestTiming()
+    await timing.wait_for_budget(app.state.poe_budget, queued)
+    settings, loop = app.state.settings, asyncio.get_running_loop()
+    timeout, slack = settings.poe_timeout, min(1.0, settings.poe_timeout / 10)
+    moved = -math.inf  # the first event always moves the deadline
+    response = reader = None
+    timing.poe_call(began=True)
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            response = await open_poe(app, model, query.body(tools), api_key)
+            reader = PoeEventReader(tools is not None, response.headers,
+                                    bool(settings.poe_api_key))
+            # The body as it comes: PoeTransport's own stream, under none of httpx's layers
+            # (response.aclose() closes it), unless it must be decoded (gzip, say).
+            chunks = aiter(response.aiter_bytes() if "content-encoding" in response.headers
+                           else response.extensions.get("poe_body") or response.aiter_raw())
+            async for chunk in chunks:
+                if (now := loop.time()) - moved >= slack:
+                    if moved < 0:
+                        timing.poe_event()
+                    deadline.reschedule(now + timeout + slack)
+                    moved = now
+                items = reader.feed(chunk)
+                if items and timing.poe_output is None:
+                    timing.poe_output = time.perf_counter()
+                for item in items:
+                    yield item
+                if reader.done:
+                    break
+            if reader.done:
+                await drain(chunks)
+            else:
+                reader.report("Bot exited without sending 'done' event")
+            await report_to_poe(app, model, api_key, reader.reports)
+        if not reader.done:
+            raise PoeFailure(502, "Poe's answer broke off before its end")
+    except (TimeoutError, httpx.HTTPError, PoeFailure) as exc:
+        raise await failure_of(app, model, api_key, exc, reader) from None
+    finally:
+        timing.poe_call(began=False)
+        if response is not None:
+            await response.aclose()
+
+
+async def failure_of(app: Starlette, model: str, api_key: str, exc: Exception,
+                     reader: PoeEventReader | None) -> PoeFailure:
+    """relay_poe's failure: Poe's silence (504), the network's, or Poe's own, told to the bot
+    if fastapi_poe's client would have told it, and logged once if it is the server's key."""
+    if isinstance(exc, TimeoutError):
+        return PoeFailure(504, f"Poe did not answer within {app.state.settings.poe_timeout:g} s")
+    if isinstance(exc, httpx.HTTPError):
+        return transport_failure(exc)
+    if reader is not None:
+        await report_to_poe(app, model, api_key, reader.reports)
+    if exc.detail == SERVER_KEY_REJECTED:
+        app.state.poe_budget.log_key_rejection()
+    return exc
+
+
+def poe_message(role: str, content: str, attachments: list[dict] | None) -> fp.ProtocolMessage:
+    files = [fp.Attachment(url=a["url"], name=a.get("name") or "file",
+                           content_type=a.get("content_type") or "application/octet-stream")
+             for a in attachments or []]
+    return fp.ProtocolMessage(role="bot" if role == "assistant" else role, content=content,
+                              attachments=files)
+
+
+def file_markdown(attachment: dict) -> str:
+    """A file a bot sent, as Markdown in the reply text."""
+    name = (attachment.get("name") or "file").replace("]", "")
+    url = attachment["url"].replace(")", "%29").replace(" ", "%20")
+    if attachment.get("inline_ref"):
+        # The bot's text shows it where it wants, as ![alt][ref]: a reference definition (on
+        # a line of its own, after a blank one) resolves that, wherever it arrives.
+        ref = re.sub(r"[\]\s]", "", attachment["inline_ref"])
+        return f"\n\n[{ref}]: {url}\n\n"
+    if attachment.get("content_type", "").startswith("image/"):
+        return f"![{name}]({url})"
+    return f"[{name}]({url})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Poe's budget: at most POE_RATE_LIMIT calls begin in any POE_RATE_WINDOW seconds, for the whole
+# process, first come first served; a call over it waits up to POE_QUEUE_SECONDS, then is 429.
+
 # Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does).
 POE_RETRY_SECONDS = 10
 # A conversation stream waiting for the budget gets an SSE comment line this often.
@@ -992,10 +1265,10 @@ class PoeBudget:
                       "until it is replaced (this is logged once)")
 
 
-def on_poe_error(exc: Exception, message: str) -> None:
-    """fastapi_poe's error handler (uploads): its default prints; these never carry the key."""
-    log.warning("Poe: %s", str(exc)[:200])
-
+# ---------------------------------------------------------------------------------------------
+# Poe's events: the server-sent events of Poe's answer, read from the bytes of each read as they
+# come (PoeEventReader), each meaning what it meant to fastapi_poe's client; long text events cut
+# before they are parsed (CutLongTextEvents).
 
 # A text event's data line past this many bytes is cut, as it arrives and before it is parsed, into
 # several text events (splitting no escape, UTF-8 character or surrogate pair): one event of 50 MB
@@ -1084,130 +1357,6 @@ class CutLongTextEvents:
         return chunk
 
 
-ERROR_TYPE_STATUS = {
-    "insufficient_fund": (402, "Poe says the account is out of compute points"),
-    "user_caused_error": (400, "Poe refused the request"),
-    "privacy_authorization_error": (403, "Poe refused the request for privacy authorization"),
-    "user_message_too_long": (413, "Poe says the message is too long"),
-}
-HTTP_STATUS_FAILURE = {
-    402: (402, "Poe says the account is out of compute points"),
-    413: (413, "Poe says the message is too long"),
-}
-POE_RATE_LIMITED = "Poe is rate-limiting requests; try again later"
-# Poe's error event for a rate limit has no error_type, only its text (fastapi_poe issue 109:
-# "You have exceeded rate limit to query bot using User API Key. Try again later.").
-RATE_LIMIT_TEXT = re.compile(r"\brate[ _-]?limit", re.IGNORECASE)
-# An error event that says the key is not good (Poe's key check answers 401 as a rule).
-KEY_REJECTED_TEXT = re.compile(
-    r"\b(invalid|incorrect|wrong|expired|revoked|unauthori[sz]ed)\b[^.]{0,40}\b(api|access)[ _-]?"
-    r"key\b|\b(api|access)[ _-]?key\b[^.]{0,40}\b(invalid|incorrect|not valid|expired|revoked)\b",
-    re.IGNORECASE)
-
-
-SERVER_KEY_REJECTED = ("Poe rejected this server's Poe key (POE_API_KEY): the server's operator "
-                       "must replace it; no key of yours was sent to Poe")
-
-
-def key_rejected(server_key: bool) -> PoeFailure:
-    """Poe refused the key: the caller's own (401), or the server's POE_API_KEY, which is the
-    server's fault (502), not the caller's."""
-    return PoeFailure(502, SERVER_KEY_REJECTED) if server_key \
-        else PoeFailure(401, "Poe rejected the API key")
-
-
-def status_failure(status: int, headers: httpx.Headers, model: str,
-                   server_key: bool) -> PoeFailure:
-    """Poe's answer to the query was not an event stream: what its HTTP status means."""
-    if status == 404:
-        return PoeFailure(404, f"Poe does not know the model {model!r}")
-    if status in (400, 422):
-        return PoeFailure(400, f"Poe refused the request (HTTP {status})")
-    if status in (401, 403):
-        return key_rejected(server_key)
-    if status == 429:
-        return rate_limited(POE_RATE_LIMITED, retry_seconds(headers.get("retry-after")), headers)
-    if status < 300:
-        return PoeFailure(502, "Poe's answer is not an event stream")
-    code, detail = HTTP_STATUS_FAILURE.get(status, (502, f"Poe answered with HTTP {status}"))
-    return PoeFailure(code, detail)
-
-
-def transport_failure(exc: httpx.HTTPError) -> PoeFailure:
-    if isinstance(exc, httpx.TimeoutException):
-        return PoeFailure(504, "Poe did not answer in time")
-    if isinstance(exc, httpx.TransportError):
-        return PoeFailure(502, "Poe is unreachable")
-    return PoeFailure(502, "Poe's answer could not be read")  # a broken gzip, say
-
-
-def error_event_failure(event: dict, headers: httpx.Headers, server_key: bool) -> PoeFailure:
-    """An error event (JSON with text, allow_retry and error_type): what it means."""
-    text = clean_text(event["text"]) if isinstance(event.get("text"), str) else ""
-    error_type = event.get("error_type")
-    if error_type in ERROR_TYPE_STATUS:
-        status, message = ERROR_TYPE_STATUS[error_type]
-        return PoeFailure(status, f"{message}: {text}" if text else message)
-    if error_type in ("rate_limit", "rate_limit_exceeded") or RATE_LIMIT_TEXT.search(text):
-        return rate_limited(f"{POE_RATE_LIMITED}: {text}" if text else POE_RATE_LIMITED,
-                            POE_RETRY_SECONDS, headers)
-    if KEY_REJECTED_TEXT.search(text):
-        return key_rejected(server_key)
-    return PoeFailure(502, f"Poe answered with an error: {text}" if text
-                      else "Poe answered with an error")
-
-
-def clean_text(text: str) -> str:
-    """Text that SQLite and a socket can take: NUL removed, lone surrogates (half an emoji from
-    a broken encoder) replaced by U+FFFD."""
-    if text.isascii():
-        return text.replace("\x00", "") if "\x00" in text else text
-    return re.sub("[\ud800-\udfff]", "\ufffd", text.replace("\x00", ""))
-
-
-# The JSON fastapi_poe's stream_request sends (httpx's json=), and the headers it sends with it
-# (its _BotContext's, as httpx_sse's aconnect_sse amends them).
-POE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-
-
-def poe_headers(api_key: str) -> dict[str, str]:
-    return {"Accept": "text/event-stream", "Authorization": f"Bearer {api_key}",
-            "Cache-Control": "no-store", "Content-Type": "application/json"}
-
-
-class PoeQuery(fp.QueryRequest):
-    """A query built off the event loop, by prepare_query(), with the JSON it is sent as: both
-    walk the whole history (milliseconds to tens of milliseconds on a long chat)."""
-
-    def __repr__(self) -> str:
-        return f"PoeQuery({len(self.query)} messages)"
-
-    def body(self, tools: list | None) -> bytes:
-        """The body fastapi_poe's stream_request would send with these tools (ToolDefinitions),
-        byte for byte: the JSON around the tools was encoded by prepare_query()."""
-        head, own_tools, tail = self.__pydantic_private__["body"]
-        if tools is None:
-            return head + own_tools + tail
-        return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition)
-                                else tool for tool in tools]).encode() + tail
-
-
-def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
-    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
-    loop. The payload's keys before and after "tools" are encoded apart, for relay_poe's."""
-    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
-                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
-    payload = fp.QueryRequest.model_dump(query)
-    keys = list(payload)
-    at = keys.index("tools")
-    head = POE_JSON({key: payload[key] for key in keys[:at]})[:-1] + ',"tools":'
-    tail = POE_JSON({key: payload[key] for key in keys[at + 1:]})
-    tail = "," + tail[1:] if len(tail) > 2 else "}"
-    parts = (head.encode(), POE_JSON(payload["tools"]).encode(), tail.encode())
-    object.__setattr__(query, "__pydantic_private__", {"body": parts})
-    return query
-
-
 def sse_event(block: bytes) -> tuple[bytes, bytes | None]:
     """One server-sent event's type and data (its data lines joined by LF; None: it has none),
     from its lines, LF-separated; comments, ids and retry times are ignored."""
@@ -1241,11 +1390,13 @@ def event_text(data: bytes | None) -> str:
     """A text event's text: {"text": "..."} read with the JSON decoder's own string scanner (a
     third of what parsing it whole costs); any other shape parsed whole."""
     if data is not None and data.startswith(b'{"text": "') and data.endswith(b'"}'):
-        with contextlib.suppress(ValueError):  # UnicodeDecodeError is one
+        try:
             string = data.decode()
             text, end = json.decoder.scanstring(string, 10)
             if end == len(string) - 1:
                 return text
+        except ValueError:  # UnicodeDecodeError is one
+            pass
     return string_field(json_object(data), "text")
 
 
@@ -1396,6 +1547,10 @@ class PoeEventReader:
             self.rest = [tail]
         return whole
 
+
+# ---------------------------------------------------------------------------------------------
+# Poe's connections: HTTP/1.1 to Poe for httpx's client (app.state.poe), parsed by httptools in C,
+# kept alive and reused (PoeTransport, PoeConnection, PoeBody).
 
 # A connection to Poe stops reading past this many bytes unread (and reads again below a fourth).
 POE_READ_BUFFER_BYTES = 1 << 20
@@ -1587,9 +1742,9 @@ class PoeTransport(httpx.AsyncBaseTransport):
                 self.close(connection)
                 raise
             if connection.head_done:
-                return httpx.Response(connection.status, headers=connection.headers,
-                                      stream=PoeBody(self, connection, timeouts.get("read")),
-                                      extensions={"http_version": b"HTTP/1.1"})
+                body = PoeBody(self, connection, timeouts.get("read"))
+                return httpx.Response(connection.status, headers=connection.headers, stream=body,
+                                      extensions={"http_version": b"HTTP/1.1", "poe_body": body})
             self.close(connection)
             if not reused or connection.started or attempt == 2:
                 raise connection.error
@@ -1688,130 +1843,11 @@ def poe_client(settings: Settings) -> httpx.AsyncClient:
                               read=None))
 
 
-# After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
-# connection read to its end goes back to the pool, where one left unread is closed (a new
-# connection to Poe is a TLS handshake, a round trip or two).
-POE_DRAIN_SECONDS = 0.5
-
-
-async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> httpx.Response:
-    """Sends the query as fastapi_poe's stream_request would (its URL, headers and JSON); Poe's
-    answer once it is known to be an event stream, else the PoeFailure its status means."""
-    client, settings = app.state.poe, app.state.settings
-    response = await client.send(client.build_request(
-        "POST", settings.poe_base_url + model, content=body, headers=poe_headers(api_key)),
-        stream=True)
-    if response.status_code < 300 and "text/event-stream" in \
-            response.headers.get("content-type", "").partition(";")[0]:
-        return response
-    await response.aclose()
-    raise status_failure(response.status_code, response.headers, model,
-                         bool(settings.poe_api_key))
-
-
-async def drain(chunks: AsyncIterator[bytes]) -> None:
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
-        async with asyncio.timeout(POE_DRAIN_SECONDS):
-            async for _ in chunks:
-                pass
-
-
-async def report_to_poe(app: Starlette, model: str, api_key: str,
-                        reports: list[tuple[str, dict]]) -> None:
-    """Tells the bot what was wrong with its answer, as fastapi_poe's client did (its
-    report_error), and logs it; a report that fails changes nothing."""
-    while reports:
-        message, metadata = reports.pop(0)
-        log.warning("Poe: %s", message[:200])
-        with contextlib.suppress(httpx.HTTPError):
-            await app.state.poe.post(
-                app.state.settings.poe_base_url + model, timeout=app.state.settings.poe_timeout,
-                headers={"Accept": "application/json", "Authorization": f"Bearer {api_key}"},
-                json={"version": PROTOCOL_VERSION, "type": "report_error", "message": message,
-                      "metadata": metadata})
-
-
-async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
-                    tools: list | None = None,
-                    queued: Callable[[bool], None] | None = None) -> AsyncIterator[tuple]:
-    """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
-    ("tool_calls", [delta dicts]) from one Poe call, once the call has a slot of the budget
-    (PoeBudget.take: `queued` hears when it waits for one). Its consumer must not await anything
-    else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
-    event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
-    timeout + slack: never before `timeout` after the last event, at most `slack` later; first
-    wait exact. Every failure is a PoeFailure."""
-    await app.state.poe_budget.take(queued)
-    settings, loop = app.state.settings, asyncio.get_running_loop()
-    timeout, slack = settings.poe_timeout, min(1.0, settings.poe_timeout / 10)
-    moved = -math.inf  # the first event always moves the deadline
-    response = reader = None
-    try:
-        async with asyncio.timeout(timeout) as deadline:
-            response = await open_poe(app, model, query.body(tools), api_key)
-            reader = PoeEventReader(tools is not None, response.headers,
-                                    bool(settings.poe_api_key))
-            chunks = response.aiter_bytes() if "content-encoding" in response.headers \
-                else response.aiter_raw()
-            async for chunk in chunks:
-                if (now := loop.time()) - moved >= slack:
-                    deadline.reschedule(now + timeout + slack)
-                    moved = now
-                for item in reader.feed(chunk):
-                    yield item
-                if reader.done:
-                    break
-            if reader.done:
-                await drain(chunks)
-            else:
-                reader.report("Bot exited without sending 'done' event")
-            await report_to_poe(app, model, api_key, reader.reports)
-        if not reader.done:
-            raise PoeFailure(502, "Poe's answer broke off before its end")
-    except TimeoutError:
-        raise PoeFailure(504, f"Poe did not answer within {timeout:g} s") from None
-    except httpx.HTTPError as exc:
-        raise transport_failure(exc) from None
-    except PoeFailure as failure:
-        if reader is not None:
-            await report_to_poe(app, model, api_key, reader.reports)
-        if failure.detail == SERVER_KEY_REJECTED:
-            app.state.poe_budget.log_key_rejection()
-        raise
-    finally:
-        if response is not None:
-            await response.aclose()
-
-
-def poe_message(role: str, content: str, attachments: list[dict] | None) -> fp.ProtocolMessage:
-    files = [fp.Attachment(url=a["url"], name=a.get("name") or "file",
-                           content_type=a.get("content_type") or "application/octet-stream")
-             for a in attachments or []]
-    return fp.ProtocolMessage(role="bot" if role == "assistant" else role, content=content,
-                              attachments=files)
-
-
-def file_markdown(attachment: dict) -> str:
-    """A file a bot sent, as Markdown in the reply text."""
-    name = (attachment.get("name") or "file").replace("]", "")
-    url = attachment["url"].replace(")", "%29").replace(" ", "%20")
-    if attachment.get("inline_ref"):
-        # The bot's text shows it where it wants, as ![alt][ref]: a reference definition (on
-        # a line of its own, after a blank one) resolves that, wherever it arrives.
-        ref = re.sub(r"[\]\s]", "", attachment["inline_ref"])
-        return f"\n\n[{ref}]: {url}\n\n"
-    if attachment.get("content_type", "").startswith("image/"):
-        return f"![{name}]({url})"
-    return f"[{name}]({url})"
-
-
 # ---------------------------------------------------------------------------------------------
 # Replies: each reply is read to its end by its own task (Reply.run), so a client leaving changes
 # nothing; the response that started it only listens (Listener). Its text is written at most each
 # FLUSH_SECONDS, its end once, a refused write retried from memory: the relay never waits on SQLite.
 
-# A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
-LISTENER_BUFFER_BYTES = 2**20
 RETRY_SECONDS = 1.0
 # A reply's task, or the response relaying it, yields the event loop after holding it this long.
 TURN_SECONDS = 0.005
@@ -1882,75 +1918,6 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
         forget_responses(db, [(end.conversation_id, end.replaces)])
     touch_conversation(db, end.conversation_id)
-
-
-class Listener:
-    """The reply's events queued for the response that started it: ("wait",) while its Poe call
-    waits for the budget, ("text", str), ("replace", str), ("tool_calls", deltas), then ("end",
-    message_id, status) or ("error", status, detail). Past LISTENER_BUFFER_BYTES behind (a
-    client not reading), what waits becomes one error. A deque and one future for the reader
-    waiting, if any: asyncio.Queue's getters and putters cost more than they give here."""
-
-    def __init__(self) -> None:
-        self.items: collections.deque[tuple] = collections.deque()
-        self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
-        self.queued_bytes, self.closed = 0, False  # closed: its response has ended
-
-    def publish(self, item: tuple) -> None:
-        if self.closed:
-            return
-        if self.queued_bytes > LISTENER_BUFFER_BYTES and self.items:
-            self.items.clear()
-            item = ("error", 503, "this client fell too far behind the reply; it goes on and is "
-                    "stored whole")
-            self.queued_bytes = 0
-        else:
-            self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
-        self.items.append(item)
-        if self.waiter is not None:
-            if not self.waiter.done():
-                self.waiter.set_result(None)
-            self.waiter = None
-
-    async def next(self) -> tuple:
-        """The next event, once there is one."""
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        return self.items.popleft()
-
-    async def events(self, item: tuple) -> AsyncIterator[tuple]:
-        """From `item` (already taken) to the end or error event, inclusive."""
-        loop = asyncio.get_running_loop()
-        turn_began = loop.time()
-        try:
-            while True:
-                if item[0] in ("text", "replace"):
-                    self.queued_bytes -= len(item[1])
-                yield item
-                if item[0] in ("end", "error"):
-                    return
-                if item[0] == "wait":
-                    item = await self.next_while_waiting()
-                    continue
-                if not self.items:
-                    item = await self.next()
-                    turn_began = loop.time()
-                    continue
-                if loop.time() - turn_began >= TURN_SECONDS:
-                    await asyncio.sleep(0)  # a long queue is drained without yielding otherwise
-                    turn_began = loop.time()
-                item = self.items.popleft()
-        finally:
-            self.closed = True
-
-    async def next_while_waiting(self) -> tuple:
-        """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""
-        try:
-            async with asyncio.timeout(BUDGET_COMMENT_SECONDS):
-                return await self.next()
-        except TimeoutError:
-            return ("wait",)
 
 
 @dataclass(eq=False)
@@ -2357,6 +2324,84 @@ class Replies:
                 await self.db.write(save_reply_end, end)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reply streams: what a streaming response is told of its reply (Listener, a bounded queue), and
+# how it writes it (EventStream: the events ready at once in one write; SentText, sse()).
+
+# A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
+LISTENER_BUFFER_BYTES = 2**20
+
+
+class Listener:
+    """The reply's events queued for the response that started it: ("wait",) while its Poe call
+    waits for the budget, ("text", str), ("replace", str), ("tool_calls", deltas), then ("end",
+    message_id, status) or ("error", status, detail). Past LISTENER_BUFFER_BYTES behind (a
+    client not reading), what waits becomes one error. A deque and one future for the reader
+    waiting, if any: asyncio.Queue's getters and putters cost more than they give here."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.items: collections.deque[tuple] = collections.deque()
+        self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
+        self.queued_bytes, self.closed = 0, False  # closed: its response has ended
+
+    def publish(self, item: tuple) -> None:
+        if self.closed:
+            return
+        if self.queued_bytes > LISTENER_BUFFER_BYTES and self.items:
+            self.items.clear()
+            item = ("error", 503, "this client fell too far behind the reply; it goes on and is "
+                    "stored whole")
+            self.queued_bytes = 0
+        else:
+            self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
+        self.items.append(item)
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+            self.waiter = None
+
+    async def next(self) -> tuple:
+        """The next event, once there is one."""
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.items.popleft()
+
+    async def events(self, item: tuple) -> AsyncIterator[tuple]:
+        """From `item` (already taken) to the end or error event, inclusive."""
+        loop = asyncio.get_running_loop()
+        turn_began = loop.time()
+        try:
+            while True:
+                if item[0] in ("text", "replace"):
+                    self.queued_bytes -= len(item[1])
+                yield item
+                if item[0] in ("end", "error"):
+                    return
+                if item[0] == "wait":
+                    item = await self.next_while_waiting()
+                    continue
+                if not self.items:
+                    item = await self.next()
+                    turn_began = loop.time()
+                    continue
+                if loop.time() - turn_began >= TURN_SECONDS:
+                    await asyncio.sleep(0)  # a long queue is drained without yielding otherwise
+                    turn_began = loop.time()
+                item = self.items.popleft()
+        finally:
+            self.closed = True
+
+    async def next_while_waiting(self) -> tuple:
+        """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""
+        try:
+            async with asyncio.timeout(BUDGET_COMMENT_SECONDS):
+                return await self.next()
+        except TimeoutError:
+            return ("wait",)
+
+
 # The ASGI scope's key for the server's own send, which EventStream writes its events with: the
 # middlewares' wrappers of send (Starlette's error and exception handlers', CORS', the timing's)
 # act on the response's start only, and cost a call each for every event past it.
@@ -2727,9 +2772,11 @@ async def upload_attachments(app: Starlette, api_key: str, attachments: list[dic
             name = name or "file" + (mimetypes.guess_extension(content_type or "") or "")
             try:
                 async with asyncio.timeout(app.state.settings.poe_timeout):
-                    result = await fp.upload_file(
-                        file=attachment["data"], file_name=name, api_key=api_key, num_tries=1,
-                        on_error=on_poe_error, base_url=app.state.settings.poe_upload_url)
+                    with (request_timing.get() or RequestTiming()).on_poe():
+                        result = await fp.upload_file(
+                            file=attachment["data"], file_name=name, api_key=api_key,
+                            num_tries=1, on_error=on_poe_error,
+                            base_url=app.state.settings.poe_upload_url)
             except TimeoutError:
                 raise HTTPException(504, "Poe's file upload did not answer in time",
                                     headers=NO_RETRY) from None
@@ -6096,13 +6143,91 @@ def lifespan_of(settings: Settings) -> Callable:
     return lifespan
 
 
+@dataclass(slots=True)
+class RequestTiming:
+    """What one request's Server-Timing header says (docs/API.md "Server-Timing"): the
+    service's own time until the answer began (proxy), less its waits for Poe (calls, uploads)
+    and for the budget; Poe's time to its first event; Poe's whole time, when its calls ended
+    before the answer began; the wait for the budget. relay_poe records into the request's own
+    (request_timing, which the reply's task inherits)."""
+    began: float = field(default_factory=time.perf_counter)
+    budget: float = 0.0  # seconds waited for a slot of the budget
+    budget_since: float | None = None  # waiting for one now, since
+    poe: float = 0.0  # seconds of Poe calls (and uploads) ended
+    poe_since: float | None = None  # a call in progress, since
+    poe_output: float | None = None  # ... and when it gave its first output
+    first_event: float | None = None  # the latest call's seconds to its first event
+
+    async def wait_for_budget(self, budget: PoeBudget, queued: Callable | None) -> None:
+        if budget.take_now():  # a slot at once: no wait to tell
+            return
+        self.budget_since = time.perf_counter()
+        try:
+            await budget.take(queued)
+        finally:
+            self.budget += time.perf_counter() - self.budget_since
+            self.budget_since = None
+
+    def poe_call(self, began: bool) -> None:
+        now = time.perf_counter()
+        if began:
+            self.poe_since, self.poe_output, self.first_event = now, None, None
+        elif self.poe_since is not None:
+            self.poe, self.poe_since = self.poe + now - self.poe_since, None
+
+    def poe_event(self) -> None:
+        self.first_event = time.perf_counter() - self.poe_since
+
+    @contextlib.contextmanager
+    def on_poe(self) -> Iterator[None]:
+        """Time spent waiting for Poe outside a call (an upload)."""
+        since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.poe += time.perf_counter() - since
+
+    def header(self) -> bytes:
+        now = time.perf_counter()
+        budget = self.budget + (now - self.budget_since if self.budget_since is not None else 0)
+        poe = self.poe  # a call going on (a stream's): Poe's part is up to its first output
+        if self.poe_since is not None:
+            poe += (self.poe_output or now) - self.poe_since
+        metrics = [("proxy", max(0.0, now - self.began - poe - budget))]
+        if self.first_event is not None:
+            metrics.append(("poe-first-event", self.first_event))
+        if self.poe and self.poe_since is None:
+            metrics.append(("poe-total", self.poe))
+        if budget:
+            metrics.append(("poe-queue", budget))
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in metrics).encode()
+
+
+request_timing: contextvars.ContextVar[RequestTiming | None] = contextvars.ContextVar(
+    "request_timing", default=None)
+
+
 class App(Starlette):
-    """The Starlette app, which hands the server's own send to the responses that stream (in the
-    scope, as RAW_SEND: see EventStream)."""
+    """The Starlette app. Every HTTP answer gets a Server-Timing header (RequestTiming), and
+    the responses that stream get the server's own send (in the scope, as RAW_SEND: see
+    EventStream)."""
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
         scope[RAW_SEND] = send
-        await super().__call__(scope, receive, send)
+        timing = RequestTiming()
+        token = request_timing.set(timing)
+
+        async def send_timed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"server-timing", timing.header())]}
+            await send(message)
+        try:
+            await super().__call__(scope, receive, send_timed)
+        finally:
+            request_timing.reset(token)
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Starlette:
