@@ -338,19 +338,62 @@ async def tricky(query):
     yield event("done", "{}")
 
 
+# A stream as an odd server frames it: CR LF or CR alone as line ends, comments, an id and a
+# retry time, one event's JSON over two data lines, a ping and an event of an unknown type; each
+# element a write of its own, cut anywhere (inside a line, between a CR and its LF). Its text is
+# FRAMED_TEXT.
+FRAMED = {
+    "crlf": [b": a comment\r\nevent: meta\r\nid: 7\r\nretry: 10", b"00\r\ndata: {}\r\n\r",
+             b"\nevent: te", b"xt\r\ndata: {\"text\": \"one \"}\r",
+             b"\n\r\nevent: text\r\ndata: {\"text\":\r\ndata:  \"two \"}\r\n\r\n",
+             b"event: ping\r\ndata: {}\r\n\r\nevent: novel\r\ndata: {\"what\": 1}\r\n\r\n",
+             b"event: text\r\ndata: {\"text\": \"th", b"ree\"}\r\n", b"\r\nevent: done\r\ndata: {}\r\n\r\n"],
+    "cr": [b"event: text\rdata: {\"text\": \"one \"}\r\r: comment\r", b"\revent: text\r",
+           b"data: {\"text\": \"two \"}\r\revent: novel\rdata: {}\r\r",
+           b"event: text\rdata: {\"text\": \"three\"}\r", b"\revent: done\rdata: {}\r\r"],
+}
+FRAMED_TEXT = "one two three"
+
+
+async def framed(query):
+    for piece in FRAMED[query["query"][-1]["content"]]:
+        yield piece
+        await asyncio.sleep(0.01)  # a write, and as a rule a read, of its own
+
+
+async def peer_port(query, request):
+    """Replies with the port the service's connection to it comes from."""
+    yield event("text", json.dumps({"text": f"port {request.client.port}"}))
+    yield event("done", "{}")
+
+
+SEEN_REQUESTS: list[tuple[dict, bytes]] = []  # the headers and body of each query to Record
+
+
+async def record(query, request):
+    """Keeps the query's headers and body as they came (SEEN_REQUESTS)."""
+    yield event("text", '{"text": "recorded"}')
+    yield event("done", "{}")
+
+
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
-            "Tricky": tricky}
+            "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 
 async def raw_bot(request: Request):
     name = request.url.path.strip("/")
-    query = await request.json()
+    body = await request.body()
+    query = json.loads(body)
     if query.get("type") == "report_error":
         REPORTS.append(query)
         return JSONResponse({"detail": "no such thing"}, 404)  # must not read as "no model"
     CALLS[name] += 1
-    return StreamingResponse(RAW_BOTS[name](query), media_type="text/event-stream")
+    if name == "Record":
+        SEEN_REQUESTS.append((dict(request.headers), body))
+    script = RAW_BOTS[name]
+    events = script(query, request) if name in ("Port", "Record") else script(query)
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,14 +412,16 @@ def wait_for(condition, seconds=10.0, step=0.02):
 
 
 class LiveServer:
-    """An ASGI app under uvicorn in a thread, on a free port of 127.0.0.1."""
+    """An ASGI app under uvicorn in a thread, on a free port of 127.0.0.1; `config`: more of
+    uvicorn's settings (ssl_certfile and ssl_keyfile: HTTPS)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        scheme = "https" if "ssl_certfile" in config else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=1))
+                                                    timeout_graceful_shutdown=1, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
 

@@ -1575,6 +1575,7 @@ class PoeConnection(asyncio.Protocol):
     def begin(self) -> None:
         """Ready for a response (the next one, on a connection kept alive)."""
         self.status, self.headers, self.head_done, self.complete = 0, [], False, False
+        self.keep_alive = False
         self.sized = self.started = False  # the body has a length (or chunks); a byte came
         self.body: collections.deque[bytes] = collections.deque()
 
@@ -1601,6 +1602,7 @@ class PoeConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.head_done = self.status >= 200  # a 1xx answer: the real one follows
+        self.keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it at the end)
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -1790,8 +1792,8 @@ class PoeTransport(httpx.AsyncBaseTransport):
         whole and both ends keep it, else closed."""
         if connection not in self.open:
             return
-        if not (connection.complete and not connection.closed and not connection.body
-                and connection.parser.should_keep_alive()):
+        if not (connection.complete and connection.keep_alive and not connection.closed
+                and not connection.body):
             self.close(connection)
             return
         idle = self.idle.setdefault(connection.origin, [])

@@ -30,9 +30,9 @@ import pytest
 import zstandard
 
 import server
-from conftest import (ARRIVALS, CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS,
-                      RIGHT_KEY, TRICKY, UPLOAD_GATE, UPLOADS, ServerProcess, history_of,
-                      wait_for)
+from conftest import (ARRIVALS, CALLS, FRAMED, FRAMED_TEXT, LAST_QUERY, MODEL_LISTS,
+                      POE_MODEL_LIST, REPORTS, RIGHT_KEY, SEEN_REQUESTS, TRICKY, UPLOAD_GATE,
+                      UPLOADS, LiveServer, ServerProcess, history_of, make_poe_app, wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -3884,6 +3884,234 @@ def test_cutting_text_events_keeps_every_escape_character_and_pair():
         assert all(t.encode("utf-8") for t in texts)  # no piece holds half a surrogate pair
         cuts += len(texts) - 1
     assert cuts > 1000
+
+
+def reference_events(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The events of a whole stream by the letter of the SSE spec: lines end with CR LF, LF or
+    CR; a blank line dispatches the event if it has data; comments and other fields ignored."""
+    events, kind, data = [], b"message", None
+    for line in re.split(rb"\r\n|\n|\r", raw)[:-1]:
+        if not line:
+            if data is not None:
+                events.append((kind, data))
+            kind, data = b"message", None
+            continue
+        name, _, value = line.partition(b":")
+        value = value[1:] if value[:1] == b" " else value
+        if name == b"data":
+            data = value if data is None else data + b"\n" + value
+        elif name == b"event":
+            kind = value or b"message"
+    return events
+
+
+def test_the_event_reader_reads_any_framing_cut_anywhere():
+    """The relay's reader of Poe's events against the spec's reading of the whole stream: random
+    events (comments, ids, several data lines, empty events) with LF, CR LF or CR line ends,
+    mixed, cut into reads at random places (between a CR and its LF too)."""
+    rng = random.Random(24)
+    for trial in range(300):
+        lines = []
+        for _ in range(rng.randint(1, 8)):
+            lines += rng.sample([b": note", b"id: 3", b"retry: 5", b"event: text"], rng.randint(0, 2))
+            lines += [b"data: " + json.dumps({"text": f"t{trial}"}).encode()[:rng.randint(0, 30)]
+                      for _ in range(rng.randint(0, 3))]
+            lines.append(b"")
+        raw = b"".join(line + rng.choice([b"\n", b"\r\n", b"\r"]) for line in lines)
+        reader, seen, at = server.PoeEventReader(False, httpx.Headers(), False), [], 0
+        while at < len(raw):
+            size = rng.randint(1, 40)
+            blocks = reader.blocks(raw[at:at + size])
+            seen += [event for event in map(server.sse_event, blocks) if event[1] is not None]
+            at += size
+        # A CR at the very end may yet be half of a CR LF: the spec's reading waits too.
+        expected = reference_events(raw)
+        assert seen == expected or (raw.endswith(b"\r") and seen == expected[:-1])
+
+
+@pytest.mark.parametrize("framing", sorted(FRAMED))
+def test_odd_framings_from_poe_are_read_as_the_spec_says(api, db, framing):
+    """CR LF or CR line ends, comments, an id and a retry time, an event over two data lines, a
+    ping, an event of a type nobody knows (reported to the bot, as fastapi_poe's client did), each
+    in writes of its own cut inside lines and between a CR and its LF."""
+    reports = len(REPORTS)
+    conversation_id = new_conversation(api, model="Framed")
+    with stream_turn(api, conversation_id, framing) as response:
+        events = sse_data(response)
+    assert "".join(e.get("content", "") for e in events[:-1]) == FRAMED_TEXT
+    assert stored_messages(db, conversation_id)[-1]["content"] == FRAMED_TEXT
+    assert [r["message"] for r in REPORTS[reports:]] == ["Unknown event type: novel"]
+
+
+def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
+    """The query the relay sends (URL, headers, JSON body, byte for byte) is the one fastapi_poe's
+    own stream_request sends for the same request; with tools too."""
+    import fastapi_poe as fp
+    SEEN_REQUESTS.clear()
+    assert say(api, new_conversation(api, model="Record"), 'héllo 😀 "quoted"').status_code == 200
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "city": {"type": "string"}}}}}
+    answer = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": "Record", "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [tool]})
+    assert answer.status_code == 200, answer.text
+    ours = list(SEEN_REQUESTS)
+
+    async def direct(body: bytes) -> None:
+        query = json.loads(body)
+        tools = [fp.ToolDefinition(**t) for t in query["tools"]] if query["tools"] else None
+        async with httpx.AsyncClient() as session:
+            async for _ in fp.stream_request(fp.QueryRequest(**query), "Record",
+                                             KEY["Authorization"][len("Bearer "):], tools=tools,
+                                             session=session, num_tries=1, base_url=poe_url):
+                pass
+    for _, body in ours:
+        asyncio.run(direct(body))
+    theirs = SEEN_REQUESTS[len(ours):]
+    assert [body for _, body in ours] == [body for _, body in theirs]
+    for (our_headers, _), (their_headers, _) in zip(ours, theirs):
+        assert our_headers == their_headers
+        assert our_headers["authorization"] == KEY["Authorization"]
+
+
+def test_the_relay_keeps_its_connection_to_poe_alive(api):
+    """Poe's answer is read to its end after 'done', so that the next call reuses the connection
+    (a new one to Poe is a TLS handshake): two turns, one connection, as the bot saw it."""
+    conversation_id = new_conversation(api, model="Port")
+    ports = [say(api, conversation_id, "x").json()["reply"] for _ in range(2)]
+    assert ports[0] == ports[1] and ports[0].startswith("port ")
+
+
+class ForgetfulPoe:
+    """A Poe that answers one query per connection (keeping it alive, as HTTP/1.1 says it may)
+    and closes a connection when a second one comes on it, unanswered: what a server's
+    keep-alive timeout does to a connection reused at that moment. Counts the queries."""
+
+    ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+              b"transfer-encoding: chunked\r\n\r\n")
+    EVENTS = b'event: text\ndata: {"text": "ok"}\n\nevent: done\ndata: {}\n\n'
+
+    def __init__(self):
+        self.queries = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection):
+        with connection:
+            for answered in (False, True):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    if not (more := connection.recv(65536)):
+                        return
+                    data += more
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])
+                while len(body) < length:
+                    body += connection.recv(65536)
+                self.queries += 1
+                if answered:
+                    return  # closed, unanswered
+                connection.sendall(self.ANSWER + b"%x\r\n%s\r\n0\r\n\r\n" % (
+                    len(self.EVENTS), self.EVENTS))
+
+
+def test_a_connection_poe_closes_as_it_is_reused_is_tried_once_more(start_service):
+    """A kept-alive connection that Poe closes as a query arrives on it (Poe answered nothing):
+    the query goes again on a new connection, and the turn is answered."""
+    poe = ForgetfulPoe()
+    try:
+        api, _ = start_service(poe_base_url=poe.url)
+        conversation_id = new_conversation(api, model="Any")
+        for _ in range(3):
+            assert say(api, conversation_id, "x").json()["reply"] == "ok"
+        assert poe.queries == 5  # 1; then 1 refused and 1 answered, twice
+    finally:
+        poe.sock.close()
+
+
+@pytest.fixture(scope="module")
+def https_poe(tmp_path_factory):
+    """The local Poe over HTTPS, with a certificate of its own (openssl's), and the file that
+    makes it trusted."""
+    folder = tmp_path_factory.mktemp("tls")
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                       check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("openssl cannot make a certificate here")
+    with LiveServer(make_poe_app(), ssl_certfile=str(folder / "cert.pem"),
+                    ssl_keyfile=str(folder / "key.pem")) as poe:
+        yield poe.url + "/", str(folder / "cert.pem")
+
+
+def test_the_relay_speaks_tls_to_poe(start_service, https_poe, monkeypatch):
+    """Poe is HTTPS: replies, streamed or not, large ones (3 MB in 10 kB events) too; a server
+    whose certificate is not trusted is refused (502), not used."""
+    url, certificate = https_poe
+    api, _ = start_service(poe_base_url=url)  # SSL_CERT_FILE unset: not trusted
+    refused = say(api, new_conversation(api, model="Echo"), "hello")
+    assert refused.status_code == 502, refused.text
+    monkeypatch.setenv("SSL_CERT_FILE", certificate)
+    api, _ = start_service(poe_base_url=url)
+    conversation_id = new_conversation(api, model="Echo")
+    assert json.loads(say(api, conversation_id, "hello").json()["reply"]) == [["user", "hello"]]
+    with stream_turn(api, conversation_id, "again") as response:
+        assert "".join(e.get("content", "") for e in sse_data(response)[:-1]).startswith("[[")
+    flood = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": "Flood", "messages": [{"role": "user", "content": "300"}]})
+    assert flood.json()["choices"][0]["message"]["content"] == "".join(
+        f"{i % 10}" * 10000 for i in range(300))
+
+
+def server_timing(response) -> dict[str, float]:
+    """The Server-Timing header's metrics: name -> milliseconds."""
+    metrics = {}
+    for metric in response.headers["server-timing"].split(","):
+        name, duration = metric.strip().split(";dur=")
+        metrics[name] = float(duration)
+        assert metrics[name] >= 0
+    return metrics
+
+
+def test_every_answer_says_its_server_timing(api):
+    """proxy (the service's own time) on every answer; for an answer that called Poe, Poe's time
+    to its first event, and its whole time when the call ended before the answer began (not a
+    stream's): these are Poe's, not the service's."""
+    conversation_id = new_conversation(api, model="Slow")
+    started = time.monotonic()
+    turn = say(api, conversation_id, "3 0.1")  # the bot takes at least 0.3 s
+    elapsed = (time.monotonic() - started) * 1000
+    timing = server_timing(turn)
+    assert set(timing) == {"proxy", "poe-first-event", "poe-total"}
+    assert timing["poe-total"] >= 300 and timing["poe-first-event"] <= timing["poe-total"]
+    assert timing["proxy"] + timing["poe-total"] <= elapsed
+    with stream_turn(api, conversation_id, "2 0.1") as streamed:
+        timing = server_timing(streamed)  # sent at the start: Poe's whole time is not known
+        assert set(timing) == {"proxy", "poe-first-event"}
+    completion = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": "Slow", "messages": [{"role": "user", "content": "2 0.1"}]})
+    assert set(server_timing(completion)) == {"proxy", "poe-first-event", "poe-total"}
+    assert server_timing(completion)["poe-total"] >= 200
+    for answer in (api.get("/v1/chat/conversations"), api.get("/v1/chat/conversations/none"),
+                   api.post("/v1/chat/conversations", content=b"{}"),  # no JSON type: 415
+                   api.get("/v1/nowhere"), api.get("/health")):
+        assert set(server_timing(answer)) == {"proxy"}, answer.status_code
+    refused = say(api, new_conversation(api, model="Poor"), "x")
+    assert refused.status_code == 402
+    assert set(server_timing(refused)) == {"proxy", "poe-first-event", "poe-total"}
 
 
 def test_a_locked_database_freezes_no_one_and_loses_nothing(lockable):
