@@ -4039,6 +4039,42 @@ def test_a_connection_poe_closes_as_it_is_reused_is_tried_once_more(start_servic
         poe.sock.close()
 
 
+class ScriptedPoe(ForgetfulPoe):
+    """A Poe whose answers are raw HTTP, given: each query gets the next, and its connection is
+    closed after it."""
+
+    def __init__(self, answers: list[bytes]):
+        self.answers = list(answers)
+        super().__init__()
+
+    def answer(self, connection):
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            self.queries += 1
+            connection.sendall(self.answers.pop(0))
+
+
+def test_poe_answers_in_other_http_shapes_are_read(start_service):
+    """Poe's answer gzip-compressed, or with neither a length nor chunks (its end is the
+    connection's), or with a 100 Continue before it: each is read whole."""
+    events = b'event: text\r\ndata: {"text": "fine"}\r\n\r\nevent: done\r\ndata: {}\r\n\r\n'
+    squeezed = gzip.compress(events)
+    poe = ScriptedPoe([
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(squeezed), squeezed),
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + events,
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(events), events)])
+    try:
+        api, _ = start_service(poe_base_url=poe.url)
+        conversation_id = new_conversation(api, model="Any")
+        assert [say(api, conversation_id, "x").json()["reply"] for _ in range(3)] == ["fine"] * 3
+    finally:
+        poe.sock.close()
+
+
 @pytest.fixture(scope="module")
 def https_poe(tmp_path_factory):
     """The local Poe over HTTPS, with a certificate of its own (openssl's), and the file that
