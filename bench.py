@@ -6,7 +6,7 @@ a bare Starlette JSON route served the same way. This process is the client. Eve
 from the same run, so the ratios hold on a noisy machine.
 
     python bench.py            # the full table, a few minutes (a 200k-message database is built)
-    python bench.py --quick    # a small version in about ten seconds (the test suite runs it)
+    python bench.py --quick    # a small version in about fifteen seconds (the test suite runs it)
 """
 from __future__ import annotations
 
