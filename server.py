@@ -12,8 +12,8 @@ order, and what each owns:
                       text_field, int_field, id_list_field, ..., given, query_limit, the
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure and what Poe's statuses and
-                      error events mean, PoeQuery and prepare_query (the body, built off the
-                      loop), open_poe, report_to_poe
+                      error events mean, PoeQuery, prepare_query and query_body (the body,
+                      built off the loop), open_poe, report_to_poe
   Poe's budget        PoeBudget (app.state.poe_budget: the shared rate budget every call takes a
                       slot of)
   Poe's events        PoeEventReader (Poe's server-sent events read as they arrive),
@@ -960,30 +960,37 @@ class PoeQuery(fp.QueryRequest):
     def __repr__(self) -> str:
         return f"PoeQuery({len(self.query)} messages)"
 
-    def body(self, tools: list | None) -> bytes:
-        """The body fastapi_poe's stream_request would send with these tools (ToolDefinitions),
-        byte for byte: the JSON around the tools was encoded by prepare_query()."""
-        head, own_tools, tail = self.__pydantic_private__["body"]
-        if tools is None:
-            return head + own_tools + tail
-        return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition)
-                                else tool for tool in tools]).encode() + tail
 
-
-def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
-    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
-    loop. The payload's keys before and after "tools" are encoded apart, for relay_poe's."""
-    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
-                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
+def query_json(query: fp.QueryRequest) -> tuple[bytes, bytes, bytes]:
+    """The JSON of the query's payload (fastapi_poe's model_dump) in three parts: before the
+    value of "tools", that value, and after it."""
     payload = fp.QueryRequest.model_dump(query)
     keys = list(payload)
     at = keys.index("tools")
     head = POE_JSON({key: payload[key] for key in keys[:at]})[:-1] + ',"tools":'
     tail = POE_JSON({key: payload[key] for key in keys[at + 1:]})
     tail = "," + tail[1:] if len(tail) > 2 else "}"
-    parts = (head.encode(), POE_JSON(payload["tools"]).encode(), tail.encode())
-    object.__setattr__(query, "__pydantic_private__", {"body": parts})
+    return head.encode(), POE_JSON(payload["tools"]).encode(), tail.encode()
+
+
+def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
+    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
+    loop (query_json's parts are kept with the query, for query_body)."""
+    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
+                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
+    object.__setattr__(query, "__pydantic_private__", {"json": query_json(query)})
     return query
+
+
+def query_body(query: fp.QueryRequest, tools: list | None) -> bytes:
+    """The body fastapi_poe's stream_request would send for the query with these tools
+    (ToolDefinitions, or their dicts), byte for byte: the payload's JSON is prepare_query's (a
+    query built otherwise is encoded now), the tools' put in at their key."""
+    head, own_tools, tail = (query.__pydantic_private__ or {}).get("json") or query_json(query)
+    if tools is None:
+        return head + own_tools + tail
+    return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition) else tool
+                            for tool in tools]).encode() + tail
 
 
 # After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
@@ -1049,7 +1056,7 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     timing.poe_call(began=True)
     try:
         async with asyncio.timeout(timeout) as deadline:
-            response = await open_poe(app, model, query.body(tools), api_key)
+            response = await open_poe(app, model, query_body(query, tools), api_key)
             reader = PoeEventReader(tools is not None, response.headers,
                                     bool(settings.poe_api_key))
             # The body as it comes: PoeTransport's own stream, under none of httpx's layers
