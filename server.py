@@ -17,6 +17,8 @@ order, and what each owns:
                       ReplyEnd, EventStream, SentText (what a streaming client has)
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
+  Memory              estimate_tokens, Budget (a model's window), compaction (plan_cut,
+                      summary_transcript, summarise, insert_summary), SummaryCovers, .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
@@ -1109,14 +1111,15 @@ class Reply:
     user_message_id: int | None = None
     replaces: int | None = None  # a reply this one regenerates: deleted once this is whole
     updated_at: str | None = None  # the conversation's, before this turn
-    max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
+    max_tokens: int | None = None  # the reply ends there (estimate_tokens), finish 'length'
     # A Responses turn: what its end stores with the reply's (ResponseTurn.end).
     ending: Callable[[Reply], ResponseRecord] | None = None
     # What Poe sent.
     chunks: list[str] = field(default_factory=list, init=False)
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
-    cut: bool = field(default=False, init=False)  # at max_chars
+    cut: bool = field(default=False, init=False)  # at max_tokens
+    counted: tuple[int, int] = field(default=(0, 0), init=False)  # the text's char_counts
     # Saving: chunks[:saved_chunks] are stored, unless `rewrite` (after a replace_response) asks
     # for the stored text whole; `generation` counts replacements, so a late write undoes none.
     saved_chunks: int = field(default=0, init=False)
@@ -1204,18 +1207,16 @@ class Reply:
         if kind == "replace":
             self.chunks, self.saved_chunks = [value], 0
             self.rewrite, self.generation = True, self.generation + 1
+            self.counted = char_counts(value)
         elif kind == "text":
-            if self.max_chars is not None:
-                room = self.max_chars - sum(map(len, self.chunks))
-                if len(value) >= room:
-                    value, self.cut = value[:max(room, 0)], True
-            self.chunks.append(value)
+            self.append_text(value)
+            value = self.chunks[-1]
         elif kind == "file":
             if len(self.files) == MAX_REPLY_FILES:
                 raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
-            kind, value = "text", file_markdown(value)
-            self.chunks.append(value)
+            self.append_text(file_markdown(value))
+            kind, value = "text", self.chunks[-1]
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
@@ -1230,6 +1231,29 @@ class Reply:
                 call["function"]["name"] += function.get("name") or ""
                 call["function"]["arguments"] += function.get("arguments") or ""
         return kind, value
+
+    def append_text(self, value: str) -> None:
+        """Appends text; at max_tokens (estimate_tokens of the whole reply), only the part that
+        fits, and the reply is cut."""
+        ascii_chars, other_chars = char_counts(value)
+        total = (self.counted[0] + ascii_chars, self.counted[1] + other_chars)
+        # Full: over it, or at it with no room for one more character.
+        if self.max_tokens is not None and (tokens_of(*total) > self.max_tokens or (
+                tokens_of(*total) == self.max_tokens and total[0] % 4 == 0)):
+            self.cut = True
+            low, high = 0, len(value)  # the longest prefix that fits: a binary search
+            while low < high:
+                middle = (low + high + 1) // 2
+                ascii_chars, other_chars = char_counts(value[:middle])
+                if tokens_of(self.counted[0] + ascii_chars,
+                             self.counted[1] + other_chars) <= self.max_tokens:
+                    low = middle
+                else:
+                    high = middle - 1
+            value = value[:low]
+            total = tuple(map(sum, zip(self.counted, char_counts(value))))
+        self.chunks.append(value)
+        self.counted = total
 
     def write_text(self) -> None:
         self.flush = None
@@ -2015,6 +2039,29 @@ async def regenerate(request: Request) -> Response:
                       user_message_id=user_id)
         reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream)
     return await answer_turn(reply, stream, trimmed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one token estimate, each model's window, and compaction: what no longer fits a turn is
+# summarised by one Poe call, the summary stored as a message of its own; nothing is dropped.
+
+def char_counts(text: str) -> tuple[int, int]:
+    """(ASCII characters, other characters), at C speed."""
+    if text.isascii():
+        return len(text), 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return ascii_chars, len(text) - ascii_chars
+
+
+def tokens_of(ascii_chars: int, other_chars: int) -> int:
+    return (ascii_chars + 3) // 4 + other_chars
+
+
+def estimate_tokens(text: str) -> int:
+    """The one estimate (Poe reports no token counts): four ASCII characters a token (OpenAI's
+    rule of thumb for English), each other character a token of its own (CJK, emoji...). Never
+    less than the text's UTF-8 bytes / 4: a character takes at most 4 bytes."""
+    return tokens_of(*char_counts(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2885,11 +2932,11 @@ def openai_params(data: dict) -> dict:
     return params
 
 
-def max_reply_chars(data: dict) -> int | None:
-    """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
+def max_reply_tokens(data: dict) -> int | None:
+    """max_tokens / max_completion_tokens (the smaller), as estimate_tokens counts them."""
     limits = [int_field(data, name, minimum=1) for name in ("max_tokens", "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
-    return min(limits) * 4 if limits else None
+    return min(limits) if limits else None
 
 
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
@@ -2921,11 +2968,6 @@ def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
         raise HTTPException(400, "there is nothing to send: every message is empty")
     tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
     return prepare_query(poe_messages, params), tokens
-
-
-def estimate_tokens(text: str) -> int:
-    # Poe reports no token counts; about four characters a token is OpenAI's own rule of thumb.
-    return (len(text) + 3) // 4
 
 
 def usage(prompt_tokens: int, reply_text: str) -> dict:
@@ -3075,7 +3117,7 @@ async def chat_completions(request: Request) -> Response:
     stream = bool_field(data, "stream", False)
     options = data.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    reply = Reply(max_chars=max_reply_chars(data))
+    reply = Reply(max_tokens=max_reply_tokens(data))
     parallel = bool_field(data, "parallel_tool_calls", True)
     entries = await poe_history(request.app, api_key, history,
                                 [tool_instruction, format_instruction])
@@ -3292,7 +3334,7 @@ class ResponseSpec:
     instructions: list[str]  # what the bot is told: instructions, tool_choice, text.format
     json: bool
     params: dict
-    max_chars: int | None
+    max_tokens: int | None
 
 
 def response_spec(data: dict) -> ResponseSpec:
@@ -3338,7 +3380,7 @@ def response_spec(data: dict) -> ResponseSpec:
         stream=bool_field(data, "stream", False), store=base["store"], tools=tools,
         instructions=[base["instructions"], instruction, json_instruction(response_format)],
         json=response_format is not None and response_format.get("type") != "text",
-        params=params, max_chars=limit * 4 if limit else None)
+        params=params, max_tokens=limit)
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -3535,10 +3577,10 @@ async def create_response(request: Request) -> Response:
             turn = ResponseTurn(spec, base, message_id, input_tokens,
                                 conversation_id != target["conversation_id"])
             reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
-                          max_chars=spec.max_chars, ending=turn.end)
+                          max_tokens=spec.max_tokens, ending=turn.end)
         else:
             turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
-            reply = Reply(max_chars=spec.max_chars, ending=turn.end)
+            reply = Reply(max_tokens=spec.max_tokens, ending=turn.end)
         reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools)
     return await reply.answer(spec.stream, turn.whole,
                               lambda first: response_events(turn, reply, first))

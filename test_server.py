@@ -4512,3 +4512,23 @@ def test_deleted_text_is_not_left_in_the_database_file_or_a_backup(start_service
     with sqlite3.connect(db_path) as direct:  # the file itself, its WAL written back
         direct.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert marker[:26].encode() not in open(db_path, "rb").read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one token estimate, each model's window, compaction that keeps every message
+
+def test_the_token_estimate_counts_ascii_by_four_and_every_other_character_as_one(sdk):
+    assert [server.estimate_tokens(t) for t in ("", "a", "abcd", "abcde", "中文", "ab中😀")] == \
+        [0, 1, 1, 2, 2, 3]
+    rng = random.Random(7)
+    for _ in range(200):
+        text = "".join(rng.choice("aZ 9中é😀\n") for _ in range(rng.randrange(40)))
+        assert server.estimate_tokens(text) * 4 >= len(text.encode())
+    completion = sdk.chat.completions.create(model="Echo", messages=user("一二三abcde"))
+    assert completion.usage.prompt_tokens == 3 + 2
+    # max_tokens cuts by the same estimate: three CJK characters are three tokens.
+    answer = sdk.chat.completions.create(model="Say", messages=user("一二三四五六七八"),
+                                         max_tokens=3)
+    assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == \
+        ("一二三", "length")
+    assert answer.usage.completion_tokens == 3
