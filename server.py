@@ -17,13 +17,14 @@ order, and what each owns:
                       ReplyEnd, EventStream, SentText (what a streaming client has)
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
-  Memory              estimate_tokens, Budget (a model's window), compaction (plan_cut,
+  Memory              estimate_tokens, Budget (model_budget: a model's window), compaction (plan_cut,
                       summary_transcript, summarise, insert_summary), SummaryCovers, .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
-  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
+  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList:
+                      Poe's list, each model's context window)
   OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
   OpenAI Conversations  /v1/conversations..., messages as items
   Search, export, backup  /v1/search, .../export, /v1/backup
@@ -127,6 +128,7 @@ class Settings:
     poe_timeout: float = 120.0
     max_body_bytes: int = 33554432
     max_context_chars: int = 400000
+    context_tokens: int = 128000  # a model's window when Poe's list gives none
     continue_prompts: tuple = ()  # none: ORIGINAL_CONTINUE_PROMPTS
     cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
@@ -134,7 +136,7 @@ class Settings:
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
-                    "max_context_chars": 1, "db_timeout": 0.001}
+                    "max_context_chars": 1, "context_tokens": 1, "db_timeout": 0.001}
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
@@ -1806,20 +1808,24 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], keep: int, new: int, max_chars: int) -> tuple[list[dict], int]:
-    """The history less its oldest messages till all fit `max_chars` (MAX_CONTEXT_CHARS), never
-    the first `keep` (the system prompt) nor the last `new` (this request's); and how many went."""
-    total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
-    while total > max_chars and start < end:
-        total -= len(history[start]["content"])
+def fit_history(history: list[dict], keep: int, new: int, budget: Budget
+                ) -> tuple[list[dict], int]:
+    """The history less its oldest messages till all fit the budget (tokens and characters),
+    never the first `keep` (the system prompt) nor the last `new` (this request's); and how many
+    went."""
+    costs = [cost_of(entry["content"]) for entry in history]
+    tokens, chars = map(sum, zip(*costs)) if costs else (0, 0)
+    start, end = keep, len(history) - new
+    while not budget.fits((tokens, chars)) and start < end:
+        tokens, chars = tokens - costs[start][0], chars - costs[start][1]
         start += 1
     return history[:keep] + history[start:], start - keep
 
 
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
-              before_id: int | None, max_chars: int) -> tuple[PoeQuery, int]:
+              before_id: int | None, budget: Budget) -> tuple[PoeQuery, int]:
     """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
-    then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
+    then `new_message`), and how many old messages were left out to fit the budget."""
     rows = db.execute("SELECT id, role, content, attachments FROM messages "
                       "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
                       (conversation_id, INT64 - 1 if before_id is None else before_id)).fetchall()
@@ -1840,7 +1846,7 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_mess
         else:
             history.append(dict(entry))
     kept, left_out = fit_history(history, int(bool(system)),
-                                 int(len(history) > bool(system)), max_chars)
+                                 int(len(history) > bool(system)), budget)
     return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
                           for e in kept], {}), left_out
 
@@ -1890,17 +1896,18 @@ async def post_message(request: Request) -> Response:
     api_key = poe_key(request)
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
+    model = turn_model(settings, turn.model, conversation)
     with app.state.replies.claim(conversation_id):
+        budget = await model_budget(app, model)
         attachments = await upload_attachments(app, api_key, turn.attachments)
         new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
         query, trimmed = await db.read(load_turn, conversation_id, turn, new_message, None,
-                                       settings.max_context_chars)
+                                       budget)
         inserted_ids, message_id, updated_at = await db.write(
             insert_turn, conversation_id, [] if continues else message_rows([new_message]))
         reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
-        reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
-                    stream=turn.stream)
+        reply.start(app, model, query, api_key, stream=turn.stream)
     return await answer_turn(reply, turn.stream, trimmed)
 
 
@@ -2029,15 +2036,16 @@ async def regenerate(request: Request) -> Response:
     model, stream = optional_model(data), bool_field(data, "stream", False)
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
+    model = turn_model(settings, model, conversation)
     with app.state.replies.claim(conversation_id):
         replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
         query, trimmed = await db.read(load_turn, conversation_id, turn, None, replaced,
-                                       settings.max_context_chars)
+                                       await model_budget(app, model))
         _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
         reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
                       user_message_id=user_id)
-        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream)
+        reply.start(app, model, query, api_key, stream=stream)
     return await answer_turn(reply, stream, trimmed)
 
 
@@ -2062,6 +2070,49 @@ def estimate_tokens(text: str) -> int:
     rule of thumb for English), each other character a token of its own (CJK, emoji...). Never
     less than the text's UTF-8 bytes / 4: a character takes at most 4 bytes."""
     return tokens_of(*char_counts(text))
+
+
+Cost = tuple[int, int]  # what a text costs a turn: (estimated tokens, characters)
+
+
+def cost_of(text: str) -> Cost:
+    return estimate_tokens(text), len(text)
+
+
+def context_window(entry: dict) -> int | None:
+    """A model's window in tokens, from its entry in Poe's list: `context_window` (an integer,
+    or Poe's object holding `context_length`), `context_length`, or `top_provider`'s."""
+    provider = entry.get("top_provider")
+    for value in (entry.get("context_window"), entry.get("context_length"),
+                  provider.get("context_length") if isinstance(provider, dict) else None):
+        if isinstance(value, dict):
+            value = value.get("context_length")
+        if type(value) is int and 0 < value < INT64:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one Poe call may be sent: `tokens` (the model's window less the room kept for the
+    reply) and `chars` (MAX_CONTEXT_CHARS); whichever is smaller applies."""
+    model: str
+    window: int
+    tokens: int
+    chars: int
+
+    def fits(self, cost: Cost, share: float = 1.0) -> bool:
+        """Whether `cost` is within the budget (or within `share` of it: 0.5, half)."""
+        return cost[0] <= self.tokens * share and cost[1] <= self.chars * share
+
+
+async def model_budget(app: Starlette, model: str, reply_tokens: int | None = None) -> Budget:
+    """A call's budget: the model's window (Poe's list, else CONTEXT_TOKENS) less the reply's
+    room: `reply_tokens` (max_tokens, max_output_tokens) when given, else a quarter of it."""
+    settings = app.state.settings
+    window = await app.state.models.window(model, settings.context_tokens)
+    room = window // 4 if reply_tokens is None else reply_tokens
+    return Budget(model, window, max(window - room, 0), settings.max_context_chars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3137,7 +3188,8 @@ def model_entries(body: Any) -> list[dict] | None:
     models = [{**entry, "object": "model",
                "created": entry["created"] if isinstance(entry.get("created"), int)
                else MODELS_CREATED,
-               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe"}
+               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe",
+               **({"context_window": window} if (window := context_window(entry)) else {})}
               for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)
               and entry["id"]]
     return models or None
@@ -3150,6 +3202,7 @@ class ModelList:
     def __init__(self, poe: httpx.AsyncClient, url: str) -> None:
         self.poe, self.url = poe, url
         self.models: list[dict] | None = None
+        self.windows: dict[str, int] = {}  # model id -> context window, where the list gives one
         self.fetched = self.failed = -math.inf
         self.lock = asyncio.Lock()  # one fetch for every request that finds the list stale
 
@@ -3164,6 +3217,12 @@ class ModelList:
                     await self.fetch()
         return self.models or [{"id": model, "object": "model", "created": MODELS_CREATED,
                                 "owned_by": "poe"} for model in MODELS]
+
+    async def window(self, model: str, default: int) -> int:
+        """The model's context window in tokens, from the list (fetched as get() does), else
+        `default` (CONTEXT_TOKENS)."""
+        await self.get()
+        return self.windows.get(model, default)
 
     async def fetch(self) -> None:
         models, why = None, "not a model list"
@@ -3182,6 +3241,8 @@ class ModelList:
             self.failed = time.monotonic()
         else:
             self.models, self.fetched = models, time.monotonic()
+            self.windows = {entry["id"]: entry["context_window"] for entry in models
+                            if "context_window" in entry and type(entry["context_window"]) is int}
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -3480,9 +3541,9 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
                              lambda: openai_entries(input_messages(items, names), "input"))
     entries = await upload_entries(app, api_key, entries)
     prompt = int(bool(stored) and stored[0]["role"] == "system")
+    budget = await model_budget(app, spec.model, spec.max_tokens)
     history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
-                                stored + entries, prompt, len(entries),
-                                app.state.settings.max_context_chars)
+                                stored + entries, prompt, len(entries), budget)
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {

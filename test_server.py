@@ -2594,7 +2594,11 @@ def test_logit_bias_and_user_reach_poe_and_other_fields_are_accepted(sdk):
 def test_sdk_models_are_poes_live_list_with_its_metadata(sdk):
     models = sdk.models.list()
     fetches = MODEL_LISTS["/v1/models"]
-    assert [m.to_dict() for m in models.data] == POE_MODEL_LIST
+    # Each window Poe's list gives, in any of its forms, is an integer context_window.
+    windows = {"Echo": 8000, "Small": 2000, "Summarizer": 4000, "Say": 100000, "Replace": 50000}
+    assert [m.to_dict() for m in models.data] == [
+        {**entry, **({"context_window": windows[entry["id"]]} if entry["id"] in windows else {})}
+        for entry in POE_MODEL_LIST]
     assert sdk.models.retrieve("ToolBot").architecture["input_modalities"] == ["text"]
     assert MODEL_LISTS["/v1/models"] == fetches  # kept, not fetched again
     with pytest.raises(openai.NotFoundError) as raised:
@@ -4532,3 +4536,20 @@ def test_the_token_estimate_counts_ascii_by_four_and_every_other_character_as_on
     assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == \
         ("一二三", "length")
     assert answer.usage.completion_tokens == 3
+
+
+def test_each_model_has_its_window_from_poes_list_else_context_tokens(start_service):
+    api, db_path = start_service(context_tokens=1000)
+    db = sqlite3.connect(db_path)
+    history = [("user" if i % 2 == 0 else "assistant", f"{i:02d}" + "w" * 398) for i in range(20)]
+    sent = {}
+    for model in ("Count", "Echo"):  # Count is not in Poe's list: CONTEXT_TOKENS; Echo is, 8000
+        conversation_id = new_conversation(api, model=model)
+        for role, text in history:
+            store_message(db, conversation_id, text, role)
+        body = say(api, conversation_id, "now").json()
+        sent[model] = [m.content for m in LAST_QUERY[model].query]
+        assert sent[model][-1] == "now"
+        assert sum(server.estimate_tokens(text) for text in sent[model]) <= 1000 * 3 // 4 \
+            if model == "Count" else len(sent[model]) == 21
+        assert ("context_trimmed" in body or "compacted" in body) == (model == "Count")
