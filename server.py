@@ -403,9 +403,20 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
 
 
+def m003_summaries(db: sqlite3.Connection) -> None:
+    """Messages: kind, covers_first, covers_last (compaction's summaries), unless m002 just
+    made the table with them. The summaries' index and server_secrets come from schema.sql."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    for column in ("kind TEXT CHECK (kind IS NULL OR kind = 'summary')",
+                   "covers_first INTEGER", "covers_last INTEGER"):
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+
+
 # In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
-SCHEMA_VERSION = 2
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search}
+SCHEMA_VERSION = 3
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search,
+                                                               3: m003_summaries}
 
 
 def check_columns(db: sqlite3.Connection) -> None:

@@ -4553,3 +4553,194 @@ def test_each_model_has_its_window_from_poes_list_else_context_tokens(start_serv
         assert sum(server.estimate_tokens(text) for text in sent[model]) <= 1000 * 3 // 4 \
             if model == "Count" else len(sent[model]) == 21
         assert ("context_trimmed" in body or "compacted" in body) == (model == "Count")
+
+
+# schema.sql of the release before (schema version 2, branch issue-20), comments and seed left out.
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS projects (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                TEXT    NOT NULL UNIQUE CHECK (length(name) > 0),
+    dev_environment     TEXT    NOT NULL DEFAULT '',
+    grpc_server_address TEXT    NOT NULL DEFAULT '',
+    llm_model           TEXT,
+    llm_url             TEXT,
+    git_work_dir        TEXT,
+    ai_work_dir         TEXT,
+    created_time        TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_time        TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id              TEXT    PRIMARY KEY,
+    system_prompt   TEXT,
+    project_id      INTEGER REFERENCES projects(id) ON DELETE SET NULL,
+    name            TEXT,
+    model           TEXT,
+    assistance_role TEXT,
+    status          INTEGER NOT NULL DEFAULT 0 CHECK (status IN (0, 1)),
+    metadata        TEXT,
+    created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS conversations_by_project ON conversations(project_id);
+CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations(updated_at);
+CREATE TABLE IF NOT EXISTS messages (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT    NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role            TEXT    NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content         TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'complete'
+                            CHECK (status IN ('complete', 'streaming', 'interrupted')),
+    attachments     TEXT,
+    tool_calls      TEXT,
+    tool_call_id    TEXT,
+    created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+CREATE TABLE IF NOT EXISTS plan_categories (
+    id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                  TEXT    NOT NULL UNIQUE CHECK (length(name) > 0),
+    prompt_template       TEXT    NOT NULL,
+    message_method        TEXT    NOT NULL,
+    auto_save_category_id INTEGER REFERENCES plan_categories(id) ON DELETE SET NULL,
+    is_builtin            INTEGER NOT NULL DEFAULT 0 CHECK (is_builtin IN (0, 1)),
+    summary_model         TEXT,
+    created_time          TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS plan_documents (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id     INTEGER NOT NULL REFERENCES projects(id) ON DELETE RESTRICT,
+    category_id    INTEGER NOT NULL REFERENCES plan_categories(id) ON DELETE RESTRICT,
+    filename       TEXT    NOT NULL CHECK (length(filename) > 0),
+    content        TEXT    NOT NULL,
+    version        INTEGER NOT NULL CHECK (version >= 1),
+    source         TEXT    NOT NULL DEFAULT 'user' CHECK (source IN ('user', 'server', 'chat')),
+    related_log_id INTEGER,
+    created_time   TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (project_id, category_id, filename, version)
+);
+CREATE INDEX IF NOT EXISTS plan_documents_by_category ON plan_documents(category_id);
+CREATE TABLE IF NOT EXISTS document_tags (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    document_id  INTEGER NOT NULL REFERENCES plan_documents(id) ON DELETE CASCADE,
+    tag_name     TEXT    NOT NULL CHECK (length(tag_name) > 0),
+    created_time TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (document_id, tag_name)
+);
+CREATE INDEX IF NOT EXISTS document_tags_by_name ON document_tags(tag_name);
+CREATE TABLE IF NOT EXISTS document_references (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id      INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    conversation_id TEXT    REFERENCES conversations(id) ON DELETE CASCADE,
+    document_id     INTEGER NOT NULL REFERENCES plan_documents(id) ON DELETE CASCADE,
+    reference_type  TEXT    NOT NULL CHECK (reference_type IN ('project', 'conversation')),
+    created_time    TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS project_references_once
+    ON document_references(project_id, document_id) WHERE conversation_id IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS conversation_references_once
+    ON document_references(conversation_id, document_id) WHERE conversation_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS document_references_by_document ON document_references(document_id);
+CREATE TABLE IF NOT EXISTS responses (
+    id               TEXT    PRIMARY KEY,
+    conversation_id  TEXT    NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    first_message_id INTEGER,
+    last_message_id  INTEGER,
+    body             TEXT    NOT NULL,
+    created_at       TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS responses_by_conversation ON responses(conversation_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts
+    USING fts5(content, content='messages', content_rowid='id', tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages
+    WHEN new.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
+    WHEN old.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_update_old AFTER UPDATE OF content, status ON messages
+    WHEN old.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_update_new AFTER UPDATE OF content, status ON messages
+    WHEN new.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts
+    USING fts5(filename, content, content='plan_documents', content_rowid='id',
+               tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS documents_fts_insert AFTER INSERT ON plan_documents BEGIN
+    INSERT INTO documents_fts (rowid, filename, content)
+    VALUES (new.id, new.filename, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS documents_fts_delete AFTER DELETE ON plan_documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, filename, content)
+    VALUES ('delete', old.id, old.filename, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS documents_fts_update AFTER UPDATE OF filename, content
+    ON plan_documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, filename, content)
+    VALUES ('delete', old.id, old.filename, old.content);
+    INSERT INTO documents_fts (rowid, filename, content)
+    VALUES (new.id, new.filename, new.content);
+END;
+INSERT INTO plan_categories (id, name, prompt_template, message_method, is_builtin)
+    VALUES (5, '知识库', '{doc}', 'PlanGetRequest', 1);
+PRAGMA user_version = 2;
+"""
+
+
+def make_v2_database(path) -> None:
+    """A database as the release before (schema 2) left it: a conversation with a system prompt,
+    a turn, a tool round (Responses' stored turn) and a document."""
+    db = sqlite3.connect(path)
+    db.executescript(V2_SCHEMA)
+    db.executescript("""
+        INSERT INTO projects (id, name) VALUES (1, 'v2 project');
+        INSERT INTO conversations (id, system_prompt, project_id, name, model)
+            VALUES ('c-v2', 'be brief', 1, 'v2 chat', 'Echo');
+        INSERT INTO messages (conversation_id, role, content) VALUES
+            ('c-v2', 'system', 'be brief'), ('c-v2', 'user', 'first question 第一'),
+            ('c-v2', 'assistant', 'first answer');
+        INSERT INTO messages (conversation_id, role, content, tool_calls) VALUES ('c-v2',
+            'assistant', '', '[{"id": "call_1", "type": "function", "function": {"name": "f",
+            "arguments": "{}"}}]');
+        INSERT INTO messages (conversation_id, role, content, tool_call_id)
+            VALUES ('c-v2', 'tool', 'sunny', 'call_1');
+        INSERT INTO messages (conversation_id, role, content) VALUES
+            ('c-v2', 'assistant', 'it is sunny'), ('c-v2', 'user', 'second question'),
+            ('c-v2', 'assistant', 'second answer');
+        INSERT INTO plan_documents (project_id, category_id, filename, content, version)
+            VALUES (1, 5, 'kb.md', 'knowledge', 1);
+    """)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+
+
+def test_a_database_of_schema_2_is_upgraded_to_3_with_everything_in_it(start_service, tmp_path):
+    path = tmp_path / "v2.db"
+    make_v2_database(path)
+    before = sqlite3.connect(path).execute(
+        "SELECT id, role, content, tool_calls, tool_call_id FROM messages ORDER BY id").fetchall()
+    api, _ = start_service(db_path=str(path))
+    listed = api.get("/v1/chat/conversations/c-v2/messages").json()["messages"]
+    assert [(m["id"], m["role"], m["content"]) for m in listed] == \
+        [row[:3] for row in before]
+    assert all("kind" not in m and "summarized_by" not in m for m in listed)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION == 3
+    assert db.execute("SELECT id, role, content, tool_calls, tool_call_id FROM messages "
+                      "ORDER BY id").fetchall() == before
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    assert {"kind", "covers_first", "covers_last"} <= columns
+    assert db.execute("SELECT count(*) FROM messages WHERE kind IS NOT NULL").fetchone()[0] == 0
+    assert db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages_summaries'"
+                      ).fetchone()[0].endswith("WHERE kind = 'summary'")
+    assert db.execute("SELECT count(*) FROM server_secrets").fetchone()[0] == 0
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert fts_in_step(db)
+    db.close()
+    assert [r["id"] for r in search(api, "第一 question")] == [2]
+    assert say(api, "c-v2", "third question").status_code == 200
