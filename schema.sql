@@ -144,13 +144,13 @@ CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
     WHEN old.status != 'streaming' BEGIN
     INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
 END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_update_old AFTER UPDATE OF content, status ON messages
-    WHEN old.status != 'streaming' BEGIN
-    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_update_new AFTER UPDATE OF content, status ON messages
-    WHEN new.status != 'streaming' BEGIN
-    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+-- One trigger, its two steps in this order: SQLite runs several triggers of an event newest
+-- first, and the old text's removal after the new text's insertion damages the index.
+CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF content, status ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content)
+    SELECT 'delete', old.id, old.content WHERE old.status != 'streaming';
+    INSERT INTO messages_fts (rowid, content)
+    SELECT new.id, new.content WHERE new.status != 'streaming';
 END;
 
 CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts
