@@ -3382,16 +3382,21 @@ async def poe_history(app: Starlette, api_key: str, history: list[dict],
     return await upload_entries(app, api_key, history)
 
 
-def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
-    """The query and its tokens as usage counts them, on a worker thread (200,000 messages are
-    seconds of pydantic work). Nothing to send is the caller's 400, not a paid call."""
+def poe_query(entries: list[dict], params: dict, tools: list | None = None
+              ) -> tuple[PoeQuery, int]:
+    """The query and its tokens as usage counts them: everything Poe is sent (the messages,
+    the last round's tool calls and results, the tools' definitions as JSON). On a worker
+    thread (200,000 messages are seconds of pydantic work). Nothing to send is the caller's
+    400, not a paid call."""
     poe_messages = [poe_message(entry["role"], entry["content"], entry["attachments"])
                     for entry in entries if entry["content"] or entry["attachments"]]
     tool_results = params.get("tool_results") or []
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
-    tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
-    return prepare_query(poe_messages, params), tokens
+    sent = [m.content for m in [*poe_messages, *tool_results]] + [
+        json.dumps([item.model_dump() for item in items], ensure_ascii=False)
+        for items in (params.get("tool_calls"), tools) if items]
+    return prepare_query(poe_messages, params), sum(map(estimate_tokens, sent))
 
 
 def usage(prompt_tokens: int, reply_text: str) -> dict:
@@ -3546,7 +3551,7 @@ async def chat_completions(request: Request) -> Response:
     entries = await poe_history(request.app, api_key, history,
                                 [tool_instruction, format_instruction])
     query, prompt_tokens = await asyncio.to_thread(poe_query, entries, {
-        **params, "tool_calls": tool_calls, "tool_results": tool_results})
+        **params, "tool_calls": tool_calls, "tool_results": tool_results}, tools)
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
     reply.start(request.app, model, query, api_key, stream=stream, tools=tools)
@@ -3913,7 +3918,7 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
                          stored: list[dict], names: dict[str, str]
                          ) -> tuple[PoeQuery, list[dict], int]:
     """The query for Poe (the stored history, then this input), this input's entries to
-    store, and the input's tokens as usage counts them."""
+    store, and the tokens of all it sends (usage's input_tokens)."""
     items = data.get("input")
     entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
                              lambda: openai_entries(input_messages(items, names), "input"))
@@ -3925,7 +3930,7 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
-        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results})
+        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results}, spec.tools)
     return query, entries, tokens
 
 

@@ -5050,6 +5050,39 @@ def test_a_regeneration_compacts_too_and_keeps_its_last_turn(compacting):
     db.close()
 
 
+def test_usage_counts_everything_sent_to_poe_summary_and_tools_included(compacting, sdk):
+    completion = sdk.chat.completions.create(
+        model="ToolBot", messages=user("weather? 天气"), tools=[WEATHER])
+    query = LAST_QUERY["ToolBot"]
+    tools = json.dumps([tool.model_dump() for tool in query.tools], ensure_ascii=False)
+    assert completion.usage.prompt_tokens == sent_tokens(query) + server.estimate_tokens(tools)
+    # The round of calls and results sent back counts too.
+    call = completion.choices[0].message.tool_calls[0]
+    answered = sdk.chat.completions.create(model="ToolBot", tools=[WEATHER], messages=[
+        *user("weather? 天气"), {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "晴 sunny"}])
+    query = LAST_QUERY["ToolBot"]
+    calls = json.dumps([c.model_dump() for c in query.tool_calls], ensure_ascii=False)
+    assert answered.usage.prompt_tokens == sent_tokens(query) + server.estimate_tokens(tools) + \
+        server.estimate_tokens(calls) + server.estimate_tokens("晴 sunny")
+    # A Responses turn on a compacted conversation: its summary is part of what was sent.
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Echo", system_prompt="S")
+    store_turns(db, conversation_id, 3)
+    summary = compact(api, conversation_id, keep_last=2).json()
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": "more", "conversation": conversation_id,
+        "instructions": "be brief"}).json()
+    query = LAST_QUERY["Echo"]
+    assert history_of(query)[0] == [
+        "system", f"S\n\n{server.SUMMARY_HEADER}\n{summary['content']}\n\nbe brief"]
+    assert [m.content for m in query.query[1:]] == \
+        ["said 2 " + "y" * 20, "said 2 " + "y" * 20, "more"]
+    assert response["usage"]["input_tokens"] == sent_tokens(query)
+    db.close()
+
+
 def test_search_finds_summaries_and_exports_mark_what_they_cover(compacting):
     api, db_path = compacting
     db = sqlite3.connect(db_path)
