@@ -4830,6 +4830,8 @@ def test_a_small_window_conversation_grows_past_it_and_every_turn_answers(compac
     assert second_transcript.startswith(f"summary: {first_text}\n\nuser: turn ")
     # Every message is still there; the covered ones say which summary covers them.
     assert len(user_ids) == 23  # 24 turns, one a continue prompt
+    reference = open(os.path.join(server.HERE, "docs", "API.md"), encoding="utf-8").read()
+    assert server.SUMMARY_PROMPT in reference and server.SUMMARY_HEADER in reference
     for message in messages:
         covering = [s for s in summaries if s[0]["covers"][0] <= message["id"]
                     <= s[0]["covers"][1]]
