@@ -3838,9 +3838,10 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
         conversation_id, up_to = row["conversation_id"], row["last_message_id"]
     elif conversation_id is not None:
         get_conversation(db, conversation_id)
-    last = 0 if conversation_id is None else db.execute(
-        "SELECT coalesce(max(id), 0) FROM messages WHERE conversation_id = ? AND kind IS NULL",
-        (conversation_id,)).fetchone()[0]
+    newest = None if conversation_id is None else db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND kind IS NULL ORDER BY id DESC "
+        "LIMIT 1", (conversation_id,)).fetchone()
+    last = 0 if newest is None else newest[0]
     # A summary /compact added after the latest message is no message to fork before.
     append = conversation_id is not None and (up_to is None or up_to >= last)
     history, names = response_history(db, conversation_id, None if append else up_to)
