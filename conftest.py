@@ -233,6 +233,23 @@ async def hoard(request):
             url=f"https://poe.test/{i}", content_type="text/plain", name=name))
 
 
+async def small(request):
+    """A bot with a small window (2,000 tokens in the model list): a short fixed reply."""
+    yield fp.PartialResponse(text=f"small got {len(request.query)} messages")
+
+
+async def summarize(request):
+    """A summariser: a short summary that says what it was given (a transcript as the user
+    message, after the summarising prompt)."""
+    transcript = request.query[-1].content
+    yield fp.PartialResponse(text=f"SUMMARY of {transcript.count(chr(10) * 2) + 1} blocks, "
+                                  f"{len(transcript)} chars")
+
+
+async def empty_reply(request):
+    yield fp.PartialResponse(text="", is_replace_response=True)
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -246,7 +263,9 @@ def make_poe_app():
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
             ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard),
-            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused)]
+            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused),
+            ScriptBot("Small", small), ScriptBot("Summarizer", summarize),
+            ScriptBot("Blank", empty_reply)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries; a 429 with Poe's rate-limit headers.
@@ -296,6 +315,15 @@ POE_MODEL_LIST = [
     {"id": "ToolBot", "object": "model", "created": 1700000001, "owned_by": "Poe Test",
      "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}},
     {"id": "GPT-4o", "object": "model", "created": 1700000002, "owned_by": "OpenAI"},
+    # Windows as Poe gives them (an object), or as other lists do (integers, top_provider).
+    {"id": "Small", "object": "model", "created": 1700000003, "owned_by": "Poe Test",
+     "context_window": {"context_length": 2000, "max_output_tokens": 500}},
+    {"id": "Summarizer", "object": "model", "created": 1700000004, "owned_by": "Poe Test",
+     "context_window": 4000},
+    {"id": "Say", "object": "model", "created": 1700000005, "owned_by": "Poe Test",
+     "context_length": 100000},
+    {"id": "Replace", "object": "model", "created": 1700000006, "owned_by": "Poe Test",
+     "top_provider": {"context_length": 50000}},
 ]
 
 

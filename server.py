@@ -18,7 +18,10 @@ order, and what each owns:
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
                       ReplyEnd, EventStream, SentText (what a streaming client has)
   Conversations       /v1/chat/conversations...
-  Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
+  Messages and turns  .../messages, stop, regenerate, delete; load_turn, poe_entries, fit_history
+  Memory              estimate_tokens, Budget (model_budget: a model's window), stored_context,
+                      compaction (plan_turn, fit_turn, summary_transcript, summarise,
+                      insert_summary), SummaryCovers (summarized_by), .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
@@ -27,7 +30,8 @@ order, and what each owns:
   Source code, writing  /v1/write-source-code (SourceWriter, writable_root): a model's plan of
                       file steps carried out in a project's folder, confined
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
-  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
+  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList:
+                      Poe's list, each model's context window)
   OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
   OpenAI Conversations  /v1/conversations..., messages as items
   Search, export, backup  /v1/search, .../export, /v1/backup
@@ -43,6 +47,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import codecs
 import collections
 import contextlib
@@ -140,6 +145,8 @@ class Settings:
     poe_timeout: float = 120.0
     max_body_bytes: int = 33554432
     max_context_chars: int = 400000
+    context_tokens: int = 128000  # a model's window when Poe's list gives none
+    compact_model: str | None = None  # none: the turn's own model writes its summaries
     continue_prompts: tuple = ()  # none: ORIGINAL_CONTINUE_PROMPTS
     cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
@@ -152,8 +159,9 @@ class Settings:
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
-                    "max_context_chars": 1, "db_timeout": 0.001, "poe_rate_limit": 0,
-                    "poe_queue_seconds": 0, "poe_rate_window": 0.001, "header_seconds": 0.001}
+                    "max_context_chars": 1, "context_tokens": 1, "db_timeout": 0.001,
+                    "poe_rate_limit": 0, "poe_queue_seconds": 0, "poe_rate_window": 0.001,
+                    "header_seconds": 0.001}
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
@@ -185,6 +193,8 @@ def load_settings(**overrides: Any) -> Settings:
         if raw not in (None, ""):
             values[spec.name] = setting(spec.name, spec.type.split(" ")[0], raw)
     settings = Settings(**values)
+    if settings.compact_model is not None and not MODEL_NAME.fullmatch(settings.compact_model):
+        raise SystemExit(f"COMPACT_MODEL must be a Poe bot name, got {settings.compact_model!r}")
     for name in ("poe_base_url", "poe_upload_url"):
         values[name] = getattr(settings, name).removesuffix("/") + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
@@ -420,9 +430,24 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
 
 
+def m003_summaries(db: sqlite3.Connection) -> None:
+    """Messages: kind, covers_first, covers_last (compaction's summaries), unless m002 just
+    made the table with them. The two triggers that kept the search index on an update become
+    one (schema.sql: as two, SQLite ran them in the wrong order and an edit damaged the index;
+    upgrade() rebuilds it). The summaries' index and server_secrets come from schema.sql."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    for column in ("kind TEXT CHECK (kind IS NULL OR kind = 'summary')",
+                   "covers_first INTEGER", "covers_last INTEGER"):
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    db.execute("DROP TRIGGER IF EXISTS messages_fts_update_old")
+    db.execute("DROP TRIGGER IF EXISTS messages_fts_update_new")
+
+
 # In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
-SCHEMA_VERSION = 2
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search}
+SCHEMA_VERSION = 3
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search,
+                                                               3: m003_summaries}
 
 
 def check_columns(db: sqlite3.Connection) -> None:
@@ -1145,6 +1170,12 @@ def key_rejected(server_key: bool) -> PoeFailure:
         else PoeFailure(401, "Poe rejected the API key")
 
 
+def poe_http_error(status: int, detail: str, headers: dict | None) -> HTTPException:
+    """A Poe call's failure as the caller's error: a 502 or 504 says not to retry (paid twice)."""
+    headers = {**(headers or {}), **(NO_RETRY if status in (502, 504) else {})}
+    return HTTPException(status, detail, headers=headers or None)
+
+
 def poe_failure(exc: BaseException, model: str, answer: PoeAnswer, server_key: bool) -> PoeFailure:
     if (status := answer.status) is not None:
         if status == 404:
@@ -1436,14 +1467,15 @@ class Reply:
     user_message_id: int | None = None
     replaces: int | None = None  # a reply this one regenerates: deleted once this is whole
     updated_at: str | None = None  # the conversation's, before this turn
-    max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
+    max_tokens: int | None = None  # the reply ends there (estimate_tokens), finish 'length'
     # A Responses turn: what its end stores with the reply's (ResponseTurn.end).
     ending: Callable[[Reply], ResponseRecord] | None = None
     # What Poe sent.
     chunks: list[str] = field(default_factory=list, init=False)
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
-    cut: bool = field(default=False, init=False)  # at max_chars
+    cut: bool = field(default=False, init=False)  # at max_tokens
+    counted: tuple[int, int] = field(default=(0, 0), init=False)  # the text's char_counts
     # Saving: chunks[:saved_chunks] are stored, unless `rewrite` (after a replace_response) asks
     # for the stored text whole; `generation` counts replacements, so a late write undoes none.
     saved_chunks: int = field(default=0, init=False)
@@ -1561,18 +1593,16 @@ class Reply:
         if kind == "replace":
             self.chunks, self.saved_chunks = [value], 0
             self.rewrite, self.generation = True, self.generation + 1
+            self.counted = char_counts(value)
         elif kind == "text":
-            if self.max_chars is not None:
-                room = self.max_chars - sum(map(len, self.chunks))
-                if len(value) >= room:
-                    value, self.cut = value[:max(room, 0)], True
-            self.chunks.append(value)
+            self.append_text(value)
+            value = self.chunks[-1]
         elif kind == "file":
             if len(self.files) == MAX_REPLY_FILES:
                 raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
-            kind, value = "text", file_markdown(value)
-            self.chunks.append(value)
+            self.append_text(file_markdown(value))
+            kind, value = "text", self.chunks[-1]
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
@@ -1587,6 +1617,20 @@ class Reply:
                 call["function"]["name"] += function.get("name") or ""
                 call["function"]["arguments"] += function.get("arguments") or ""
         return kind, value
+
+    def append_text(self, value: str) -> None:
+        """Appends text; at max_tokens (estimate_tokens of the whole reply), only the part that
+        fits, and the reply is cut."""
+        ascii_chars, other_chars = char_counts(value)
+        total = (self.counted[0] + ascii_chars, self.counted[1] + other_chars)
+        # Full: over it, or at it with no room for one more character.
+        if self.max_tokens is not None and (tokens_of(*total) > self.max_tokens or (
+                tokens_of(*total) == self.max_tokens and total[0] % 4 == 0)):
+            self.cut = True
+            value = prefix_within(value, self.max_tokens, counted=self.counted)
+            total = tuple(map(sum, zip(self.counted, char_counts(value))))
+        self.chunks.append(value)
+        self.counted = total
 
     def write_text(self) -> None:
         self.flush = None
@@ -1662,9 +1706,7 @@ class Reply:
             self.task.cancel()
 
     def failure(self) -> HTTPException:
-        status, detail = self.error
-        headers = {**(self.error_headers or {}), **(NO_RETRY if status in (502, 504) else {})}
-        return HTTPException(status, detail, headers=headers or None)
+        return poe_http_error(*self.error, self.error_headers)
 
     async def answer(self, stream: bool, whole: Callable[[], Response],
                      events: Callable[[tuple], AsyncIterator[bytes]],
@@ -1963,7 +2005,7 @@ async def remove_conversation(app: Starlette, conversation_id: str) -> None:
 # Messages and turns: a turn stores the caller's message and Poe's reply to the history.
 
 MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attachments, "
-               "tool_calls, tool_call_id FROM messages")
+               "tool_calls, tool_call_id, kind, covers_first, covers_last FROM messages")
 
 
 def json_bytes(body: dict, long_list: str) -> bytes:
@@ -1976,13 +2018,14 @@ def json_bytes(body: dict, long_list: str) -> bytes:
     return b"".join([head, b',"', long_list.encode(), b'":[', b",".join(parts), b"]}"])
 
 
-def message_json(row: sqlite3.Row | dict) -> dict:
+def message_json(row: sqlite3.Row | dict, covers: SummaryCovers | None = None) -> dict:
+    """A message as listed; a summary, or a message one covers, says so (memory_fields)."""
     message = {key: row[key] for key in
                ("id", "role", "content", "status", "created_at", "updated_at")}
     message |= {name: json.loads(row[name]) for name in ("attachments", "tool_calls") if row[name]}
     if row["tool_call_id"]:
         message["tool_call_id"] = row["tool_call_id"]
-    return message
+    return message | memory_fields(row, covers)
 
 
 def with_unsaved_ends(messages: list[dict], unsaved: dict[int, ReplyEnd]) -> list[dict]:
@@ -2008,14 +2051,15 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
     """The page as JSON bytes: built here, on a reader thread, however long the history."""
     get_conversation(db, conversation_id)
     body: dict[str, Any] = {"conversation_id": conversation_id}
+    covers = conversation_covers(db, conversation_id)
     if limit is None:
-        body["messages"] = [message_json(row) for row in db.execute(
+        body["messages"] = [message_json(row, covers) for row in db.execute(
             MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
     else:
         before = INT64 - 1 if before_id is None else before_id
         rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? ORDER BY id DESC "
                           "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
-        body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
+        body["messages"] = [message_json(row, covers) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
     if unsaved:
         body["messages"] = with_unsaved_ends(body["messages"], unsaved)
@@ -2143,43 +2187,52 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], keep: int, new: int, max_chars: int) -> tuple[list[dict], int]:
-    """The history less its oldest messages till all fit `max_chars` (MAX_CONTEXT_CHARS), never
-    the first `keep` (the system prompt) nor the last `new` (this request's); and how many went."""
-    total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
-    while total > max_chars and start < end:
-        total -= len(history[start]["content"])
+def fit_history(history: list[dict], keep: int, new: int, budget: Budget
+                ) -> tuple[list[dict], int]:
+    """The history less its oldest messages till all fit the budget (tokens and characters),
+    never the first `keep` (the system prompt) nor the last `new` (this request's); and how many
+    went."""
+    costs = [cost_of(entry["content"]) for entry in history]
+    tokens, chars = map(sum, zip(*costs)) if costs else (0, 0)
+    start, end = keep, len(history) - new
+    while not budget.fits((tokens, chars)) and start < end:
+        tokens, chars = tokens - costs[start][0], chars - costs[start][1]
         start += 1
     return history[:keep] + history[start:], start - keep
 
 
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
-              before_id: int | None, max_chars: int) -> tuple[PoeQuery, int]:
-    """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
-    then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
-    rows = db.execute("SELECT id, role, content, attachments FROM messages "
-                      "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
-                      (conversation_id, INT64 - 1 if before_id is None else before_id)).fetchall()
-    system_prompt = ""
-    if rows and rows[0]["role"] == "system":
-        system_prompt, rows = rows[0]["content"], rows[1:]
-    system = system_parts(db, system_prompt, turn.system_prompt_append, turn.documents)
-    history = [{"role": "system", "content": system, "attachments": None}] if system else []
-    for entry in [*({"role": r["role"], "content": r["content"], "attachments":
-                     json.loads(r["attachments"]) if r["attachments"] else None}
-                    for r in rows), *([new_message] if new_message else [])]:
-        if not entry["content"] and not entry["attachments"]:
-            continue  # a reply stopped before any text: nothing to send, nothing to merge
-        last = history[-1] if history else None
-        if entry["role"] == "assistant" and last is not None and last["role"] == "assistant":
-            last["content"] += "\n---\n" + entry["content"]  # Poe wants turns that alternate
-            last["attachments"] = (last["attachments"] or []) + (entry["attachments"] or [])
+              before_id: int | None, budget: Budget) -> TurnPlan:
+    """On a reader thread: the turn's plan (plan_turn) over the history before `before_id`, then
+    `new_message` (this very dict: its attachments are filled in once uploaded). A
+    regeneration, with no new message, keeps the last turn whole instead."""
+    context = stored_context(db, conversation_id, before_id)
+    system = system_parts(db, context.system_prompt, turn.system_prompt_append, turn.documents)
+    rows = context.rows + ([new_message] if new_message is not None else [])
+    fixed = len(context.rows) if new_message is not None else turn_starts(rows, len(rows))[-1]
+    return plan_turn(system, context.summary, rows, fixed, budget)
+
+
+def poe_entries(rows: list[dict], fixed: int) -> tuple[list[dict], int]:
+    """Stored rows as a conversation turn sends them: tool messages left out (their calls and
+    results are the Responses API's), empty ones too (a reply stopped before any text),
+    consecutive assistant messages merged with "---" on a line between (Poe wants turns that
+    alternate); and how many of the last hold rows[fixed:] (this turn's: never left out)."""
+    entries: list[dict] = []
+    first_new = None
+    for index, row in enumerate(rows):
+        if row["role"] == "tool" or not (row["content"] or row["attachments"]):
+            continue
+        last = entries[-1] if entries else None
+        if row["role"] == "assistant" and last is not None and last["role"] == "assistant":
+            last["content"] += "\n---\n" + row["content"]
+            last["attachments"] = (last["attachments"] or []) + (row["attachments"] or [])
         else:
-            history.append(dict(entry))
-    kept, left_out = fit_history(history, int(bool(system)),
-                                 int(len(history) > bool(system)), max_chars)
-    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
-                          for e in kept], {}), left_out
+            entries.append({"role": row["role"], "content": row["content"],
+                            "attachments": row["attachments"]})
+        if index >= fixed and first_new is None:
+            first_new = len(entries) - 1
+    return entries, 0 if first_new is None else len(entries) - first_new
 
 
 def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple]
@@ -2190,6 +2243,15 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
     reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
                           "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
     return ids, reply_id, updated_at
+
+
+def insert_compacted_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple],
+                          summary: dict | None) -> tuple[int | None, list[int], int, str]:
+    """insert_turn, after the summary its history's compaction made (if any), in one write: so
+    the summary's id is below the turn's. Returns the summary's id first."""
+    summary_id = None if summary is None else \
+        insert_summary(db, conversation_id, summary["content"], summary["covers"])
+    return summary_id, *insert_turn(db, conversation_id, messages)
 
 
 def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
@@ -2227,22 +2289,32 @@ async def post_message(request: Request) -> Response:
     api_key = poe_key(request)
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
+    model = turn_model(settings, turn.model, conversation)
     with app.state.replies.claim(conversation_id):
-        attachments = await upload_attachments(app, api_key, turn.attachments)
-        new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
-        query, trimmed = await db.read(load_turn, conversation_id, turn, new_message, None,
-                                       settings.max_context_chars)
-        inserted_ids, message_id, updated_at = await db.write(
-            insert_turn, conversation_id, [] if continues else message_rows([new_message]))
-        reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
+        new_message = {"role": turn.role, "content": turn.content, "attachments": []}
+        plan = await db.read(load_turn, conversation_id, turn, new_message, None,
+                             await model_budget(app, model))
+        new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
+        query, answered, summary = await fit_turn(app, api_key, plan)
+        summary_id, inserted_ids, message_id, updated_at = await db.write(
+            insert_compacted_turn, conversation_id,
+            [] if continues else message_rows([new_message]), summary)
+        reply = Reply(conversation_id, message_id, ([] if summary_id is None else [summary_id])
+                      + inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
-        reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
-                    stream=turn.stream, receive=request.receive)
-    return await answer_turn(reply, turn.stream, trimmed)
+        reply.start(app, model, query, api_key, stream=turn.stream, receive=request.receive)
+    return await answer_turn(reply, turn.stream, answered | compacted(summary_id, summary))
 
 
-async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
-    """The answer to a stored turn, streamed or not (API.md "Messages")."""
+def compacted(summary_id: int | None, summary: dict | None) -> dict:
+    """The answer's word on a compaction its turn made (none: {})."""
+    return {} if summary_id is None else {
+        "compacted": {"summary_message_id": summary_id, "covers": summary["covers"]}}
+
+
+async def answer_turn(reply: Reply, stream: bool, memory: dict) -> Response:
+    """The answer to a stored turn, streamed or not (API.md "Messages"); `memory` says what
+    its history's fitting did: context_trimmed, compacted."""
     ids = {"conversation_id": reply.conversation_id, "user_message_id": reply.user_message_id,
            "assistant_message_id": reply.message_id}
 
@@ -2251,15 +2323,13 @@ async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
                 "message_id": reply.message_id, **ids}
         if reply.status != "complete":
             body["status"] = reply.status
-        if trimmed:
-            body["context_trimmed"] = trimmed
-        return JSONResponse(body)
+        return JSONResponse(body | memory)
     return await reply.answer(stream, whole, lambda first: conversation_events(
-        reply, first, {**ids, "session_id": reply.session_id}, trimmed), begin_waiting=True)
+        reply, first, {**ids, "session_id": reply.session_id}, memory), begin_waiting=True)
 
 
 async def conversation_events(reply: Reply, first: tuple, ids: dict,
-                              trimmed: int) -> AsyncIterator[bytes]:
+                              memory: dict) -> AsyncIterator[bytes]:
     yield sse(seed_dumps(ids))
     sent = SentText()
     async for item in reply.listener.events(first):
@@ -2274,9 +2344,7 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
                 end["status"] = item[2]
-            if trimmed:
-                end["context_trimmed"] = trimmed
-            yield sse(seed_dumps(end))
+            yield sse(seed_dumps(end | memory))
         elif kind == "error":
             error = {"message": item[2], "status": item[1]}
             if item[1] == 429 and "Retry-After" in (reply.error_headers or {}):
@@ -2355,7 +2423,7 @@ def regeneration(db: sqlite3.Connection, conversation_id: str) -> tuple[int | No
     if not db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND role != 'system'",
                       (conversation_id,)).fetchone():
         raise HTTPException(400, "the conversation has no message to reply to")
-    last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
+    last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? AND kind IS NULL "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
     replaced = last["id"] if last["role"] == "assistant" else None
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
@@ -2371,17 +2439,420 @@ async def regenerate(request: Request) -> Response:
     model, stream = optional_model(data), bool_field(data, "stream", False)
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
+    model = turn_model(settings, model, conversation)
     with app.state.replies.claim(conversation_id):
         replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
-        query, trimmed = await db.read(load_turn, conversation_id, turn, None, replaced,
-                                       settings.max_context_chars)
-        _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
-        reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
-                      user_message_id=user_id)
-        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream,
-                    receive=request.receive)
-    return await answer_turn(reply, stream, trimmed)
+        plan = await db.read(load_turn, conversation_id, turn, None, replaced,
+                             await model_budget(app, model))
+        query, answered, summary = await fit_turn(app, api_key, plan)
+        summary_id, _, message_id, updated_at = await db.write(
+            insert_compacted_turn, conversation_id, [], summary)
+        reply = Reply(conversation_id, message_id, [] if summary_id is None else [summary_id],
+                      updated_at=updated_at, replaces=replaced, user_message_id=user_id)
+        reply.start(app, model, query, api_key, stream=stream, receive=request.receive)
+    return await answer_turn(reply, stream, answered | compacted(summary_id, summary))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one token estimate, each model's window, and compaction: what no longer fits a turn is
+# summarised by one Poe call, the summary stored as a message of its own; nothing is dropped.
+
+def char_counts(text: str) -> tuple[int, int]:
+    """(ASCII characters, other characters), at C speed."""
+    if text.isascii():
+        return len(text), 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return ascii_chars, len(text) - ascii_chars
+
+
+def tokens_of(ascii_chars: int, other_chars: int) -> int:
+    return (ascii_chars + 3) // 4 + other_chars
+
+
+def estimate_tokens(text: str) -> int:
+    """The one estimate (Poe reports no token counts): four ASCII characters a token (OpenAI's
+    rule of thumb for English), each other character a token of its own (CJK, emoji...). Never
+    less than the text's UTF-8 bytes / 4: a character takes at most 4 bytes."""
+    return tokens_of(*char_counts(text))
+
+
+Cost = tuple[int, int]  # what a text costs a turn: (estimated tokens, characters)
+
+
+def cost_of(text: str) -> Cost:
+    return estimate_tokens(text), len(text)
+
+
+def context_window(entry: dict) -> int | None:
+    """A model's window in tokens, from its entry in Poe's list: `context_window` (an integer,
+    or Poe's object holding `context_length`), `context_length`, or `top_provider`'s."""
+    provider = entry.get("top_provider")
+    for value in (entry.get("context_window"), entry.get("context_length"),
+                  provider.get("context_length") if isinstance(provider, dict) else None):
+        if isinstance(value, dict):
+            value = value.get("context_length")
+        if type(value) is int and 0 < value < INT64:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one Poe call may be sent: `tokens` (the model's window less the room kept for the
+    reply) and `chars` (MAX_CONTEXT_CHARS); whichever is smaller applies."""
+    model: str
+    window: int
+    tokens: int
+    chars: int
+
+    def fits(self, cost: Cost, share: float = 1.0) -> bool:
+        """Whether `cost` is within the budget (or within `share` of it: 0.5, half)."""
+        return cost[0] <= self.tokens * share and cost[1] <= self.chars * share
+
+
+async def model_budget(app: Starlette, model: str, reply_tokens: int | None = None) -> Budget:
+    """A call's budget: the model's window (Poe's list, else CONTEXT_TOKENS) less the reply's
+    room: `reply_tokens` (max_tokens, max_output_tokens) when given, else a quarter of it."""
+    settings = app.state.settings
+    window = await app.state.models.window(model, settings.context_tokens)
+    room = window // 4 if reply_tokens is None else reply_tokens
+    return Budget(model, window, max(window - room, 0), settings.max_context_chars)
+
+
+def prefix_within(text: str, tokens: int, chars: int = INT64, counted: Cost = (0, 0)) -> str:
+    """The longest beginning of `text` within `tokens` (estimated, after `counted`: the
+    char_counts of what comes before it) and `chars`; a binary search, each step at C speed."""
+    low, high = 0, min(len(text), max(chars, 0))
+    while low < high:
+        middle = (low + high + 1) // 2
+        ascii_chars, other_chars = char_counts(text[:middle])
+        if tokens_of(counted[0] + ascii_chars, counted[1] + other_chars) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+# The summariser's system message: a fixed prompt (docs/API.md quotes it), the transcript after.
+SUMMARY_PROMPT = (
+    "You keep the memory of a long conversation. The user message is a transcript of its "
+    "earlier part, one block a message (\"role: text\"); it may begin with a summary of what "
+    "came before it. Write a summary that lets the conversation go on without the transcript: "
+    "the user's goals, requests and preferences; facts, names, numbers, decisions and "
+    "conclusions; code, files and commands that matter (quote short ones exactly); what was "
+    "being done last and what is still open. Write in the conversation's language, as compact "
+    "notes, with no preamble. Do not answer or continue the conversation.")
+# What the system message says before the summary, on every turn after a compaction.
+SUMMARY_HEADER = "Summary of the earlier conversation (stored, not sent in full):"
+COMPACT_KEEP_LAST = 4
+CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
+               "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
+# A summary (one made by hand without its range is none).
+IS_SUMMARY = "kind = 'summary' AND covers_first IS NOT NULL AND covers_last IS NOT NULL"
+
+
+@dataclass
+class StoredContext:
+    """A conversation as a turn sends it: its system prompt, its current summary (the newest:
+    {id, content, covers_first, covers_last}) and the messages after that summary's range, in
+    id order, summaries left out (each {id, role, content, attachments, tool_calls,
+    tool_call_id}, attachments parsed)."""
+    system_prompt: str
+    summary: dict | None
+    rows: list[dict]
+
+
+def stored_context(db: sqlite3.Connection, conversation_id: str,
+                   before_id: int | None = None) -> StoredContext:
+    """On a reader thread, the rows before `before_id` that a turn sends: a compacted history of
+    100,000 messages costs the few after its summary."""
+    before = INT64 - 1 if before_id is None else before_id
+    first = fetch_one(db, "SELECT id, role, content, kind FROM messages WHERE conversation_id = ? "
+                          "ORDER BY id LIMIT 1", (conversation_id,))
+    prompt = first if first is not None and first["role"] == "system" and \
+        first["kind"] is None and first["id"] < before else None
+    summary = fetch_one(db, f"SELECT id, content, covers_first, covers_last FROM messages WHERE "
+                            f"conversation_id = ? AND {IS_SUMMARY} AND id < ? "
+                            "ORDER BY id DESC LIMIT 1", (conversation_id, before))
+    after = max(-1 if prompt is None else prompt["id"],
+                -1 if summary is None else summary["covers_last"])
+    rows = fetch_all(db, CONTEXT_SQL, (conversation_id, after, before))
+    for row in rows:
+        row["attachments"] = json.loads(row["attachments"]) if row["attachments"] else None
+    return StoredContext("" if prompt is None else prompt["content"], summary, rows)
+
+
+def summary_system(system: str, summary: str | None) -> str:
+    """The one system message: the system prompt's parts, then the summary under its header."""
+    return "\n\n".join(filter(None, [system, summary and f"{SUMMARY_HEADER}\n{summary}"]))
+
+
+def turn_starts(rows: list[dict], end: int) -> list[int]:
+    """Where the turns of rows[:end] begin: at each user message (an assistant's tool calls and
+    their results are never apart), and at 0."""
+    return [0] + [i for i in range(1, end) if rows[i]["role"] == "user"]
+
+
+def plan_cut(costs: list[Cost], starts: list[int], end: int, fixed: Cost, budget: Budget,
+             share: float = 0.5) -> int:
+    """How many of the first rows to summarise: all of rows[:end] but the newest whole turns
+    (from `starts`) that, with `fixed` (what is always sent), fit `share` of the budget."""
+    kept, cut = fixed, end
+    for start in reversed([s for s in starts if s < end]):
+        turn = tuple(map(sum, zip(*costs[start:cut]))) or (0, 0)
+        total = (kept[0] + turn[0], kept[1] + turn[1])
+        if not budget.fits(total, share):
+            break
+        kept, cut = total, start
+    return cut
+
+
+def summary_covers(previous: dict | None, covered: list[dict]) -> list[int]:
+    """[first id, last id]: from the previous summary's first (a chain), else the first row's."""
+    return [covered[0]["id"] if previous is None else previous["covers_first"],
+            covered[-1]["id"]]
+
+
+def transcript_block(row: dict) -> str:
+    """A message as the summariser reads it: `role: text`, its tool calls and files named."""
+    role = f"tool ({row['tool_call_id']})" if row["role"] == "tool" else row["role"]
+    lines = [row["content"]]
+    for call in json.loads(row["tool_calls"]) if row.get("tool_calls") else []:
+        function = call.get("function") or {}
+        lines.append(f"[tool call {call.get('id', '')}: {function.get('name', '')}"
+                     f"({function.get('arguments', '')})]")
+    lines += [f"[file: {a.get('name') or a.get('url')}]" for a in row.get("attachments") or []]
+    return f"{role}: " + "\n".join(filter(None, lines))
+
+
+def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget) -> str:
+    """The summariser's user message: the previous summary, then a block a message. Past the
+    summariser's budget (less its prompt), the newest blocks that fit, after a line saying how
+    many earlier messages were left out (the newest alone cut to its end if it is over)."""
+    prompt = cost_of(SUMMARY_PROMPT)
+    room = (budget.tokens - prompt[0] - 64, budget.chars - prompt[1] - 256)  # 64: the note
+    head = []
+    if previous is not None:  # at most half the room (its beginning): the messages need some
+        head = [prefix_within(f"summary: {previous['content']}", room[0] // 2, room[1] // 2)]
+        room = (room[0] - estimate_tokens(head[0]), room[1] - len(head[0]))
+    blocks: list[str] = []
+    for row in reversed(rows):
+        block = transcript_block(row)
+        tokens, chars = cost_of(block + "\n\n")
+        if tokens > room[0] or chars > room[1]:
+            if not blocks:  # the newest message alone is over: its end
+                blocks.append(prefix_within(block[::-1], room[0], room[1])[::-1])
+            break
+        blocks.append(block)
+        room = (room[0] - tokens, room[1] - chars)
+    left_out = len(rows) - len(blocks)
+    note = [f"[{left_out} earlier messages are left out of this transcript]"] if left_out else []
+    return "\n\n".join(head + note + blocks[::-1])
+
+
+async def summarise(app: Starlette, api_key: str, model: str, transcript: str) -> str:
+    """One Poe call to `model` (relay_poe: num_tries=1, POE_TIMEOUT): SUMMARY_PROMPT, then the
+    transcript; its whole text. PoeFailure when it fails or says nothing."""
+    query = await off_loop(len(transcript) >= LONG_BYTES, prepare_query, [
+        poe_message("system", SUMMARY_PROMPT, None), poe_message("user", transcript, None)], {})
+    chunks: list[str] = []
+    async with contextlib.aclosing(relay_poe(app, model, query, api_key)) as events:
+        async for kind, value in events:
+            if kind == "text":
+                chunks.append(value)
+            elif kind == "replace":
+                chunks = [value]
+    if not (text := "".join(chunks).strip()):
+        raise PoeFailure(502, f"the summary from {model} was empty")
+    return text
+
+
+def insert_summary(db: sqlite3.Connection, conversation_id: str, content: str,
+                   covers: list[int]) -> int:
+    return db.execute("INSERT INTO messages (conversation_id, role, content, kind, covers_first, "
+                      "covers_last) VALUES (?, 'system', ?, 'summary', ?, ?)",
+                      (conversation_id, content, *covers)).lastrowid
+
+
+def store_summary(db: sqlite3.Connection, conversation_id: str, content: str,
+                  covers: list[int]) -> int:
+    """A summary made by /compact: at the end of the conversation, which it touches."""
+    summary_id = insert_summary(db, conversation_id, content, covers)
+    touch_conversation(db, conversation_id)
+    return summary_id
+
+
+@dataclass
+class TurnPlan:
+    """A stored turn before its Poe call (plan_turn, on a reader thread): its system message's
+    parts, the current summary, the rows after it then this turn's input (rows[fixed:]: never
+    summarised nor left out), the budget, and rows[:cut] to summarise first (0: none)."""
+    system: str
+    summary: dict | None
+    rows: list[dict]
+    fixed: int
+    budget: Budget
+    cut: int
+
+
+def sent_cost(row: dict) -> Cost:
+    """What a row costs a conversation turn: tool messages and empty ones are not sent."""
+    return (0, 0) if row["role"] == "tool" else cost_of(row["content"])
+
+
+def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
+              budget: Budget) -> TurnPlan:
+    """The turn as it goes: whole when it fits; else its oldest turns summarised, the rest under
+    half the budget. 413 when the system message and this turn's input alone do not fit."""
+    costs = [sent_cost(row) for row in rows]
+    alone = tuple(map(sum, zip(cost_of(system), *costs[fixed:])))
+    if not budget.fits(alone):
+        raise HTTPException(413, f"this turn does not fit the context window of {budget.model}: "
+                                 f"the system message and the new message come to about "
+                                 f"{alone[0]} tokens ({alone[1]} characters), and of its "
+                                 f"{budget.window} tokens {budget.tokens} may be sent (the rest "
+                                 f"is kept for the reply; MAX_CONTEXT_CHARS is {budget.chars})")
+    whole = tuple(map(sum, zip(alone, cost_of(summary_system("", (summary or {}).get(
+        "content"))), *costs[:fixed])))
+    cut = 0 if budget.fits(whole) else plan_cut(costs, turn_starts(rows, fixed), fixed, alone,
+                                                 budget)
+    return TurnPlan(system, summary, rows, fixed, budget, cut)
+
+
+async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
+                   ) -> tuple[PoeQuery, dict, dict | None]:
+    """The turn's query, its history made to fit: compacted first when planned (one summary
+    call to COMPACT_MODEL), else, or when that call fails, trimmed. Returns the query, the
+    answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made."""
+    summary, start, made = (plan.summary or {}).get("content"), 0, None
+    if plan.cut:
+        model = app.state.settings.compact_model or plan.budget.model
+        covered = plan.rows[:plan.cut]
+        try:
+            transcript = await asyncio.to_thread(summary_transcript, plan.summary, covered,
+                                                 await model_budget(app, model))
+            summary = await summarise(app, api_key, model, transcript)
+            made = {"content": summary, "covers": summary_covers(plan.summary, covered)}
+            start = plan.cut
+        except PoeFailure as exc:
+            log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
+                        "left out instead", model, exc.status, exc.detail)
+    # Off the loop, as load_turn was: pydantic's work on a long history takes milliseconds.
+    query, trimmed = await asyncio.to_thread(turn_query, plan, summary, start)
+    return query, {"context_trimmed": trimmed} if trimmed else {}, made
+
+
+def turn_query(plan: TurnPlan, summary: str | None, start: int) -> tuple[PoeQuery, int]:
+    """The query: the system message (with `summary`), then rows[start:] as Poe's messages; the
+    oldest left out while over the budget, then the summary cut if it still is; how many went."""
+    entries, new = poe_entries(plan.rows[start:], plan.fixed - start)
+    system = summary_system(plan.system, summary)
+    history = ([{"role": "system", "content": system, "attachments": None}] if system else []) \
+        + entries
+    kept, left_out = fit_history(history, int(bool(system)), new, plan.budget)
+    if summary:  # kept[0] is the system message
+        rest = tuple(map(sum, zip(cost_of(summary_system(plan.system, " ")),
+                                  *(cost_of(e["content"]) for e in kept[1:]))))
+        if not plan.budget.fits((rest[0] + estimate_tokens(summary), rest[1] + len(summary))):
+            # Over what is left even alone: its beginning goes, the rest of it is left out.
+            cut = prefix_within(summary, plan.budget.tokens - rest[0],
+                                plan.budget.chars - rest[1])
+            kept[0] = {**kept[0], "content": summary_system(plan.system, cut)}
+    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
+                          for e in kept if e["content"] or e["attachments"]], {}), left_out
+
+
+class SummaryCovers:
+    """Which summary covers each message, worked out at read time from the conversation's few
+    summaries: the newest (highest id) whose covers hold the message's id. So deleting a summary
+    undoes it, and the one before it covers again."""
+
+    def __init__(self, summaries: list[tuple[int, int, int]]) -> None:  # (id, first, last)
+        self.points = sorted({point for _, first, last in summaries for point in (first, last + 1)})
+        # From each point to the next: the newest summary whose range holds it.
+        self.newest = [max((s for s, first, last in summaries if first <= point <= last),
+                           default=None) for point in self.points]
+
+    def of(self, message_id: int) -> int | None:
+        at = bisect.bisect_right(self.points, message_id) - 1
+        return self.newest[at] if at >= 0 else None
+
+
+def conversation_covers(db: sqlite3.Connection, conversation_id: str) -> SummaryCovers:
+    return SummaryCovers(db.execute(f"SELECT id, covers_first, covers_last FROM messages WHERE "
+                                    f"conversation_id = ? AND {IS_SUMMARY}",
+                                    (conversation_id,)).fetchall())
+
+
+def memory_fields(row: sqlite3.Row | dict, covers: SummaryCovers | None) -> dict:
+    """What a listed message (or item) says of compaction: a summary's kind and covers, and
+    the summary that covers it; nothing for a message no summary touches."""
+    fields: dict[str, Any] = {}
+    if row["kind"] == "summary":
+        fields = {"kind": "summary", "covers": [row["covers_first"], row["covers_last"]]}
+        if None in fields["covers"]:
+            fields["covers"] = None
+    if covers is not None and (summary_id := covers.of(row["id"])) is not None:
+        fields["summarized_by"] = summary_id
+    return fields
+
+
+def remap_covers(db: sqlite3.Connection, source_id: str, copy_id: str, up_to: int) -> None:
+    """The covers of summaries copied with a history (fork_conversation), from the source's
+    message ids to the copy's: the messages were copied in id order, one for one."""
+    summaries = fetch_all(db, f"SELECT id, covers_first, covers_last FROM messages WHERE "
+                              f"conversation_id = ? AND {IS_SUMMARY}", (copy_id,))
+    if not summaries:
+        return
+    old = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
+                                        "id <= ? ORDER BY id", (source_id, up_to))]
+    new = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                        "ORDER BY id", (copy_id,))]
+    for summary in summaries:
+        first = bisect.bisect_left(old, summary["covers_first"])
+        last = bisect.bisect_right(old, summary["covers_last"]) - 1
+        first_id = new[first] if first < len(new) else new[-1] + 1
+        db.execute("UPDATE messages SET covers_first = ?, covers_last = ? WHERE id = ?",
+                   (first_id, new[last] if last >= 0 else first_id - 1, summary["id"]))
+
+
+def keep_cut(rows: list[dict], keep_last: int) -> int:
+    """How many of the first rows /compact summarises: all but at least the last `keep_last`,
+    its boundary moved back to a turn's start."""
+    boundary = len(rows) - keep_last
+    return max(start for start in [*turn_starts(rows, len(rows)), len(rows)]
+               if start <= max(boundary, 0))
+
+
+async def compact_conversation(request: Request) -> JSONResponse:
+    """POST .../compact: summarises now all but the last keep_last messages not yet covered."""
+    app, db, settings = request.app, request.app.state.db, request.app.state.settings
+    conversation_id = request.path_params["conversation_id"]
+    data = await read_json(request, empty_ok=True)
+    conversation = await db.read(get_conversation, conversation_id)
+    with app.state.replies.claim(conversation_id):  # 409 first: the history may be changing
+        keep_last = int_field(data, "keep_last")
+        keep_last = COMPACT_KEEP_LAST if keep_last in (MISSING, None) else keep_last
+        model = optional_model(data) or settings.compact_model or \
+            turn_model(settings, None, conversation)
+        api_key = poe_key(request)
+        context = await db.read(stored_context, conversation_id, long=True)
+        if (cut := keep_cut(context.rows, keep_last)) == 0:
+            raise HTTPException(400, f"nothing to compact: the conversation has no message "
+                                     f"before its last {keep_last} that a summary does not "
+                                     "cover already")
+        covered = context.rows[:cut]
+        transcript = await asyncio.to_thread(summary_transcript, context.summary, covered,
+                                             await model_budget(app, model))
+        try:
+            summary = await summarise(app, api_key, model, transcript)
+        except PoeFailure as exc:
+            raise poe_http_error(exc.status, exc.detail, exc.headers) from None
+        covers = summary_covers(context.summary, covered)
+        summary_id = await db.write(store_summary, conversation_id, summary, covers)
+    return JSONResponse({"summary_message_id": summary_id, "covers": covers,
+                         "content": summary})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3969,11 +4440,11 @@ def openai_params(data: dict) -> dict:
     return params
 
 
-def max_reply_chars(data: dict) -> int | None:
-    """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
+def max_reply_tokens(data: dict) -> int | None:
+    """max_tokens / max_completion_tokens (the smaller), as estimate_tokens counts them."""
     limits = [int_field(data, name, minimum=1) for name in ("max_tokens", "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
-    return min(limits) * 4 if limits else None
+    return min(limits) if limits else None
 
 
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
@@ -3995,21 +4466,21 @@ async def poe_history(app: Starlette, api_key: str, history: list[dict],
     return await upload_entries(app, api_key, history)
 
 
-def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
-    """The query and its tokens as usage counts them, on a worker thread (200,000 messages are
-    seconds of pydantic work). Nothing to send is the caller's 400, not a paid call."""
+def poe_query(entries: list[dict], params: dict, tools: list | None = None
+              ) -> tuple[PoeQuery, int]:
+    """The query and its tokens as usage counts them: everything Poe is sent (the messages,
+    the last round's tool calls and results, the tools' definitions as JSON). On a worker
+    thread (200,000 messages are seconds of pydantic work). Nothing to send is the caller's
+    400, not a paid call."""
     poe_messages = [poe_message(entry["role"], entry["content"], entry["attachments"])
                     for entry in entries if entry["content"] or entry["attachments"]]
     tool_results = params.get("tool_results") or []
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
-    tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
-    return prepare_query(poe_messages, params), tokens
-
-
-def estimate_tokens(text: str) -> int:
-    # Poe reports no token counts; about four characters a token is OpenAI's own rule of thumb.
-    return (len(text) + 3) // 4
+    sent = [m.content for m in [*poe_messages, *tool_results]] + [
+        json.dumps([item.model_dump() for item in items], ensure_ascii=False)
+        for items in (params.get("tool_calls"), tools) if items]
+    return prepare_query(poe_messages, params), sum(map(estimate_tokens, sent))
 
 
 def usage(prompt_tokens: int, reply_text: str) -> dict:
@@ -4159,12 +4630,12 @@ async def chat_completions(request: Request) -> Response:
     stream = bool_field(data, "stream", False)
     options = data.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    reply = Reply(max_chars=max_reply_chars(data))
+    reply = Reply(max_tokens=max_reply_tokens(data))
     parallel = bool_field(data, "parallel_tool_calls", True)
     entries = await poe_history(request.app, api_key, history,
                                 [tool_instruction, format_instruction])
     query, prompt_tokens = await asyncio.to_thread(poe_query, entries, {
-        **params, "tool_calls": tool_calls, "tool_results": tool_results})
+        **params, "tool_calls": tool_calls, "tool_results": tool_results}, tools)
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
     reply.start(request.app, model, query, api_key, stream=stream, tools=tools,
@@ -4180,7 +4651,8 @@ def model_entries(body: Any) -> list[dict] | None:
     models = [{**entry, "object": "model",
                "created": entry["created"] if isinstance(entry.get("created"), int)
                else MODELS_CREATED,
-               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe"}
+               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe",
+               **({"context_window": window} if (window := context_window(entry)) else {})}
               for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)
               and entry["id"]]
     return models or None
@@ -4193,6 +4665,7 @@ class ModelList:
     def __init__(self, poe: httpx.AsyncClient, url: str) -> None:
         self.poe, self.url = poe, url
         self.models: list[dict] | None = None
+        self.windows: dict[str, int] = {}  # model id -> context window, where the list gives one
         self.fetched = self.failed = -math.inf
         self.lock = asyncio.Lock()  # one fetch for every request that finds the list stale
 
@@ -4207,6 +4680,12 @@ class ModelList:
                     await self.fetch()
         return self.models or [{"id": model, "object": "model", "created": MODELS_CREATED,
                                 "owned_by": "poe"} for model in MODELS]
+
+    async def window(self, model: str, default: int) -> int:
+        """The model's context window in tokens, from the list (fetched as get() does), else
+        `default` (CONTEXT_TOKENS)."""
+        await self.get()
+        return self.windows.get(model, default)
 
     async def fetch(self) -> None:
         models, why = None, "not a model list"
@@ -4225,6 +4704,8 @@ class ModelList:
             self.failed = time.monotonic()
         else:
             self.models, self.fetched = models, time.monotonic()
+            self.windows = {entry["id"]: entry["context_window"] for entry in models
+                            if "context_window" in entry and type(entry["context_window"]) is int}
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -4377,7 +4858,7 @@ class ResponseSpec:
     instructions: list[str]  # what the bot is told: instructions, tool_choice, text.format
     json: bool
     params: dict
-    max_chars: int | None
+    max_tokens: int | None
 
 
 def response_spec(data: dict) -> ResponseSpec:
@@ -4423,7 +4904,7 @@ def response_spec(data: dict) -> ResponseSpec:
         stream=bool_field(data, "stream", False), store=base["store"], tools=tools,
         instructions=[base["instructions"], instruction, json_instruction(response_format)],
         json=response_format is not None and response_format.get("type") != "text",
-        params=params, max_chars=limit * 4 if limit else None)
+        params=params, max_tokens=limit)
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -4442,27 +4923,31 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
         conversation_id, up_to = row["conversation_id"], row["last_message_id"]
     elif conversation_id is not None:
         get_conversation(db, conversation_id)
-    history, names, last = response_history(db, conversation_id, up_to)
-    append = conversation_id is not None and not db.execute(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-        (conversation_id, up_to or last)).fetchone()
-    return ({"conversation_id": conversation_id, "up_to": up_to or last,
+    newest = None if conversation_id is None else db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND kind IS NULL ORDER BY id DESC "
+        "LIMIT 1", (conversation_id,)).fetchone()
+    last = 0 if newest is None else newest[0]
+    # A summary /compact added after the latest message is no message to fork before.
+    append = conversation_id is not None and (up_to is None or up_to >= last)
+    history, names = response_history(db, conversation_id, None if append else up_to)
+    return ({"conversation_id": conversation_id, "up_to": last if up_to is None else up_to,
              "fork": previous is not None, "append": append}, history, names)
 
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
-                     up_to: int | None) -> tuple[list[dict], dict[str, str], int]:
+                     up_to: int | None) -> tuple[list[dict], dict[str, str]]:
     """A conversation's messages (to `up_to`, if given) as openai_entries makes a request's,
-    tool calls and results included; each call's function name; the last message's id."""
+    tool calls and results included, after one system message: the system prompt and the
+    current summary (stored_context); and each call's function name."""
     if conversation_id is None:
-        return [], {}, 0
-    rows = db.execute("SELECT id, role, content, attachments, tool_calls, tool_call_id "
-                      "FROM messages WHERE conversation_id = ? AND id <= ? ORDER BY id",
-                      (conversation_id, INT64 - 1 if up_to is None else up_to)).fetchall()
-    history, names = [], {}
-    for row in rows:
+        return [], {}
+    context = stored_context(db, conversation_id, None if up_to is None else up_to + 1)
+    system = summary_system(context.system_prompt, (context.summary or {}).get("content"))
+    history = [{"role": "system", "content": system, "attachments": []}] if system else []
+    names: dict[str, str] = {}
+    for row in context.rows:
         entry = {"role": row["role"], "content": row["content"],
-                 "attachments": json.loads(row["attachments"]) if row["attachments"] else []}
+                 "attachments": row["attachments"] or []}
         if row["tool_calls"]:
             entry["tool_calls"] = [fp.ToolCallDefinition(
                 id=call_id_of(call, row["id"], n), type="function",
@@ -4473,7 +4958,7 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
             entry["tool_call_id"] = row["tool_call_id"] or ""
             entry["name"] = names.get(entry["tool_call_id"], "tool")
         history.append(entry)
-    return history, names, rows[-1]["id"] if rows else 0
+    return history, names
 
 
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
@@ -4483,11 +4968,13 @@ def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) 
     db.execute(f"INSERT INTO conversations (id, {columns}) SELECT ?, {columns} "
                "FROM conversations WHERE id = ?", (new_id, conversation_id))
     db.execute("INSERT INTO messages (conversation_id, role, content, status, attachments, "
-               "tool_calls, tool_call_id, created_at, updated_at) SELECT ?, role, content, "
-               "CASE status WHEN 'streaming' THEN 'interrupted' ELSE status END, attachments, "
-               "tool_calls, tool_call_id, created_at, updated_at FROM messages "
+               "tool_calls, tool_call_id, created_at, updated_at, kind, covers_first, "
+               "covers_last) SELECT ?, role, content, CASE status WHEN 'streaming' THEN "
+               "'interrupted' ELSE status END, attachments, tool_calls, tool_call_id, "
+               "created_at, updated_at, kind, covers_first, covers_last FROM messages "
                "WHERE conversation_id = ? AND id <= ? ORDER BY id",
                (new_id, conversation_id, up_to))
+    remap_covers(db, conversation_id, new_id, up_to)  # summaries cover the copies
     return new_id
 
 
@@ -4499,8 +4986,8 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
     elif not target["append"] or db.execute(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-            (conversation_id, up_to)).fetchone():
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? AND kind IS NULL "
+            "LIMIT 1", (conversation_id, up_to)).fetchone():
         if not target["fork"]:
             raise HTTPException(409, "the conversation changed while this turn was prepared; "
                                      "send it again")
@@ -4517,19 +5004,19 @@ async def response_query(app: Starlette, api_key: str, data: dict, spec: Respons
                          stored: list[dict], names: dict[str, str]
                          ) -> tuple[PoeQuery, list[dict], int]:
     """The query for Poe (the stored history, then this input), this input's entries to
-    store, and the input's tokens as usage counts them."""
+    store, and the tokens of all it sends (usage's input_tokens)."""
     items = data.get("input")
     entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
                              lambda: openai_entries(input_messages(items, names), "input"))
     entries = await upload_entries(app, api_key, entries)
     prompt = int(bool(stored) and stored[0]["role"] == "system")
+    budget = await model_budget(app, spec.model, spec.max_tokens)
     history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
-                                stored + entries, prompt, len(entries),
-                                app.state.settings.max_context_chars)
+                                stored + entries, prompt, len(entries), budget)
     folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
     entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
     query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
-        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results})
+        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results}, spec.tools)
     return query, entries, tokens
 
 
@@ -4620,10 +5107,10 @@ async def create_response(request: Request) -> Response:
             turn = ResponseTurn(spec, base, message_id, input_tokens,
                                 conversation_id != target["conversation_id"])
             reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
-                          max_chars=spec.max_chars, ending=turn.end)
+                          max_tokens=spec.max_tokens, ending=turn.end)
         else:
             turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
-            reply = Reply(max_chars=spec.max_chars, ending=turn.end)
+            reply = Reply(max_tokens=spec.max_tokens, ending=turn.end)
         reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools,
                     receive=request.receive)
     return await reply.answer(spec.stream, turn.whole,
@@ -4748,9 +5235,15 @@ async def list_input_items(request: Request) -> JSONResponse:
 # OpenAI Conversations: OpenAI's view of the conversations of /v1/chat/conversations, their
 # messages as items (also the input items of a stored response)
 
-def message_items(row: dict) -> list[dict]:
-    """A stored message as OpenAI's items: a tool message is a function_call_output, an
-    assistant's tool calls are function_call items after its message (if it has text)."""
+def message_items(row: dict, covers: SummaryCovers | None = None) -> list[dict]:
+    """A stored message as OpenAI's items, each with its memory_fields: a tool message is a
+    function_call_output, an assistant's tool calls are function_call items after its message
+    (if it has text)."""
+    memory = memory_fields(row, covers)
+    return [item | memory for item in plain_items(row)] if memory else plain_items(row)
+
+
+def plain_items(row: dict) -> list[dict]:
     key, status = row["id"], ITEM_STATUS[row["status"]]
     if row["role"] == "tool":
         return [{"type": "function_call_output", "id": f"msg_{key}",
@@ -4793,8 +5286,9 @@ def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int
     rows = fetch_all(db, MESSAGE_SQL + " WHERE conversation_id = ? AND id BETWEEN ? AND ? "
                      f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
                      (conversation_id, low, high, page["limit"] + 2))
-    items = [item for row in rows for item in
-             (reversed(message_items(row)) if desc else message_items(row))]
+    covers = conversation_covers(db, conversation_id)
+    items = [item for row in rows for item in (reversed(message_items(row, covers)) if desc
+                                               else message_items(row, covers))]
     if after is not None:
         items = [item for item in items if (item_key(item["id"]) < after) == desc
                  and item_key(item["id"]) != after]
@@ -4889,7 +5383,8 @@ def find_item(db: sqlite3.Connection, conversation_id: str, item_id: str) -> dic
     match = ITEM_ID.fullmatch(item_id)
     row = match and fetch_one(db, MESSAGE_SQL + " WHERE id = ? AND conversation_id = ?",
                               (int(match[2]), conversation_id))
-    item = next((i for i in message_items(row) if i["id"] == item_id), None) if row else None
+    item = next((i for i in message_items(row, conversation_covers(db, conversation_id))
+                 if i["id"] == item_id), None) if row else None
     if item is None:
         raise HTTPException(404, f"Item not found: {item_id}")
     return {"row": row, "item": item}
@@ -5091,8 +5586,16 @@ def markdown_head(conversation: dict, count: int) -> str:
 def message_markdown(number: int, message: dict) -> str:
     """One message under its heading, with its attachments and tool calls."""
     status = "" if message["status"] == "complete" else f" ({message['status']})"
-    heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
+    role = "Summary" if message.get("kind") == "summary" else message["role"].capitalize()
+    heading = f"## {number}. {role} · {message['created_at']}{status}"
     lines = ["", "---", "", heading, ""]
+    if message.get("kind") == "summary":
+        first, last = message["covers"]
+        lines += [f"*Message {message['id']}: the summary of messages {first} to {last}, which "
+                  "stay stored and in this export; later turns send it instead of them.*", ""]
+    if message.get("summarized_by") is not None:
+        lines += [f"*Message {message['id']}, summarized by message "
+                  f"{message['summarized_by']}*", ""]
     if message.get("tool_call_id"):
         lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
     lines.append(message["content"])
@@ -5131,10 +5634,11 @@ def export_page(db: sqlite3.Connection, conversation_id: str, fmt: str, after_id
     about EXPORT_PAGE_CHARS, encoded; the last id read (None: the export is complete), and how
     many are sent with them."""
     messages, chars = [], 0
+    covers = conversation_covers(db, conversation_id)
     for row in db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id > ? AND id <= ? "
                           "ORDER BY id LIMIT ?", (conversation_id, after_id, last_id,
                                                   EXPORT_PAGE_ROWS)):
-        messages.append(message_json(row))
+        messages.append(message_json(row, covers))
         chars += len(row["content"])
         if chars >= EXPORT_PAGE_CHARS:
             break
@@ -5375,6 +5879,8 @@ ENDPOINTS = {
     "/v1/chat/conversations/{conversation_id}/regenerate": {"POST": regenerate},
     "/v1/chat/stop-stream": {"POST": stop_stream},
     "/v1/chat/messages/delete": {"POST": delete_messages},
+    # Memory
+    "/v1/chat/conversations/{conversation_id}/compact": {"POST": compact_conversation},
     # Projects
     "/v1/projects": {"GET": list_projects, "POST": create_project},
     "/v1/projects/{project_id:id}": {"GET": row_endpoint(get_project), "PUT": update_project,
@@ -5594,6 +6100,7 @@ def backup(db_path: str, target: str) -> int:
 # --help's defaults for the settings whose dataclass default (empty) stands for a rule.
 DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
+                 "compact_model": "unset: the turn's own model",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
                  "allowed_hosts": "this machine's names when HOST is one of them, else any",
                  "write_roots": "unset: projects' ai_work_dirs only",

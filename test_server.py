@@ -1018,8 +1018,9 @@ def test_continue_prompt_is_sent_but_not_stored(api, db):
         ["user", "assistant", "assistant"]
 
 
-def test_long_history_is_trimmed_oldest_first(start_service):
-    api, db_path = start_service(max_context_chars=60)
+def test_long_history_is_trimmed_oldest_first_when_its_summary_fails(start_service):
+    api, db_path = start_service(max_context_chars=60, compact_model="Fail")
+    fails = CALLS["Fail"]
     conversation_id = new_conversation(api, model="Echo", system_prompt="S" * 30)
     db = sqlite3.connect(db_path)
     db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
@@ -1031,10 +1032,12 @@ def test_long_history_is_trimmed_oldest_first(start_service):
     sent = history_of(LAST_QUERY["Echo"])
     assert sent[0] == ["system", "S" * 30] and sent[-1] == ["user", "e" * 10]
     assert [c for _, c in sent[1:-1]] == ["c" * 10, "d" * 10]  # 30 + 3 * 10 fits in 60
-    assert body["context_trimmed"] == 2
+    assert body["context_trimmed"] == 2 and "compacted" not in body
+    assert CALLS["Fail"] == fails + 1  # the summary was asked for, and failed
     with stream_turn(api, conversation_id, "f" * 10) as response:
         events = sse_data(response)
     assert events[-2]["context_trimmed"] >= 1
+    assert db.execute("SELECT count(*) FROM messages WHERE kind = 'summary'").fetchone()[0] == 0
 
 
 def test_attachments_are_uploaded_stored_and_sent_again(api, db):
@@ -3232,7 +3235,11 @@ def test_logit_bias_and_user_reach_poe_and_other_fields_are_accepted(sdk):
 def test_sdk_models_are_poes_live_list_with_its_metadata(sdk):
     models = sdk.models.list()
     fetches = MODEL_LISTS["/v1/models"]
-    assert [m.to_dict() for m in models.data] == POE_MODEL_LIST
+    # Each window Poe's list gives, in any of its forms, is an integer context_window.
+    windows = {"Echo": 8000, "Small": 2000, "Summarizer": 4000, "Say": 100000, "Replace": 50000}
+    assert [m.to_dict() for m in models.data] == [
+        {**entry, **({"context_window": windows[entry["id"]]} if entry["id"] in windows else {})}
+        for entry in POE_MODEL_LIST]
     assert sdk.models.retrieve("ToolBot").architecture["input_modalities"] == ["text"]
     assert MODEL_LISTS["/v1/models"] == fetches  # kept, not fetched again
     with pytest.raises(openai.NotFoundError) as raised:
@@ -3951,11 +3958,14 @@ def test_a_long_history_is_read_and_sent(start_service, size, max_context_chars)
     whole = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
     assert [m["content"] for m in whole["messages"]] == [f"m{i}" for i in range(size)]
     body = say(api, conversation_id, "last").json()
-    # MAX_CONTEXT_CHARS left the oldest out; the rest went, newest last.
-    assert body["context_trimmed"] > 0
-    assert body["reply"] == f"{size + 1 - body['context_trimmed']} messages"
-    assert LAST_QUERY["Count"].query[-1].content == "last"
-    assert LAST_QUERY["Count"].query[-2].content == f"m{size - 1}"
+    # Over MAX_CONTEXT_CHARS (or the window): the oldest were summarised (by Count itself, the
+    # turn's model), the rest went, newest last, after the summary.
+    query = LAST_QUERY["Count"].query
+    assert "context_trimmed" not in body and body["compacted"]["covers"][0] == \
+        whole["messages"][0]["id"]
+    assert body["reply"] == f"{len(query)} messages" and len(query) < size
+    assert query[0].role == "system" and query[0].content.startswith(server.SUMMARY_HEADER)
+    assert query[-1].content == "last" and query[-2].content == f"m{size - 1}"
 
 
 OLD_SCHEMA = """
@@ -5277,7 +5287,7 @@ def turns_and_a_delete_go_through(api, db) -> None:
     conversation_id = new_conversation(api, model="Say")
     statuses = [say(api, conversation_id, f"platypus turn {i}").status_code for i in range(10)]
     assert statuses == [200] * 10
-    assert {r["id"] for r in search(api, "platypus")} == {
+    assert {r["id"] for r in search(api, "platypus", limit=100)} == {  # summaries too
         row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
                                      "content LIKE '%platypus%'", (conversation_id,))}
     assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
@@ -5667,3 +5677,657 @@ def test_poe_rejecting_the_callers_own_key_is_401(api, bot):
     assert native.status_code == chat.status_code == 401
     assert native.json()["detail"] == "Poe rejected the API key"
     assert chat.json()["error"]["type"] == "authentication_error"
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one token estimate, each model's window, compaction that keeps every message
+
+def test_the_token_estimate_counts_ascii_by_four_and_every_other_character_as_one(sdk):
+    assert [server.estimate_tokens(t) for t in ("", "a", "abcd", "abcde", "中文", "ab中😀")] == \
+        [0, 1, 1, 2, 2, 3]
+    rng = random.Random(7)
+    for _ in range(200):
+        text = "".join(rng.choice("aZ 9中é😀\n") for _ in range(rng.randrange(40)))
+        assert server.estimate_tokens(text) * 4 >= len(text.encode())
+    completion = sdk.chat.completions.create(model="Echo", messages=user("一二三abcde"))
+    assert completion.usage.prompt_tokens == 3 + 2
+    # max_tokens cuts by the same estimate: three CJK characters are three tokens.
+    answer = sdk.chat.completions.create(model="Say", messages=user("一二三四五六七八"),
+                                         max_tokens=3)
+    assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == \
+        ("一二三", "length")
+    assert answer.usage.completion_tokens == 3
+
+
+def test_each_model_has_its_window_from_poes_list_else_context_tokens(start_service):
+    api, db_path = start_service(context_tokens=1000)
+    db = sqlite3.connect(db_path)
+    history = [("user" if i % 2 == 0 else "assistant", f"{i:02d}" + "w" * 398) for i in range(20)]
+    sent = {}
+    for model in ("Count", "Echo"):  # Count is not in Poe's list: CONTEXT_TOKENS; Echo is, 8000
+        conversation_id = new_conversation(api, model=model)
+        for role, text in history:
+            store_message(db, conversation_id, text, role)
+        body = say(api, conversation_id, "now").json()
+        sent[model] = [m.content for m in LAST_QUERY[model].query]
+        assert sent[model][-1] == "now"
+        assert sum(server.estimate_tokens(text) for text in sent[model]) <= 1000 * 3 // 4 \
+            if model == "Count" else len(sent[model]) == 21
+        assert ("context_trimmed" in body or "compacted" in body) == (model == "Count")
+
+
+# schema.sql of the release before (schema version 2, branch issue-20), comments and seed left out.
+V2_SCHEMA = """
+CREATE TABLE IF NOT EXISTS projects (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                TEXT    NOT NULL UNIQUE CHECK (length(name) > 0),
+    dev_environment     TEXT    NOT NULL DEFAULT '',
+    grpc_server_address TEXT    NOT NULL DEFAULT '',
+    llm_model           TEXT,
+    llm_url             TEXT,
+    git_work_dir        TEXT,
+    ai_work_dir         TEXT,
+    created_time        TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_time        TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id              TEXT    PRIMARY KEY,
+    system_prompt   TEXT,
+    project_id      INTEGER REFERENCES projects(id) ON DELETE SET NULL,
+    name            TEXT,
+    model           TEXT,
+    assistance_role TEXT,
+    status          INTEGER NOT NULL DEFAULT 0 CHECK (status IN (0, 1)),
+    metadata        TEXT,
+    created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS conversations_by_project ON conversations(project_id);
+CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations(updated_at);
+CREATE TABLE IF NOT EXISTS messages (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT    NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role            TEXT    NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content         TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'complete'
+                            CHECK (status IN ('complete', 'streaming', 'interrupted')),
+    attachments     TEXT,
+    tool_calls      TEXT,
+    tool_call_id    TEXT,
+    created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+CREATE TABLE IF NOT EXISTS plan_categories (
+    id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+    name                  TEXT    NOT NULL UNIQUE CHECK (length(name) > 0),
+    prompt_template       TEXT    NOT NULL,
+    message_method        TEXT    NOT NULL,
+    auto_save_category_id INTEGER REFERENCES plan_categories(id) ON DELETE SET NULL,
+    is_builtin            INTEGER NOT NULL DEFAULT 0 CHECK (is_builtin IN (0, 1)),
+    summary_model         TEXT,
+    created_time          TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE IF NOT EXISTS plan_documents (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id     INTEGER NOT NULL REFERENCES projects(id) ON DELETE RESTRICT,
+    category_id    INTEGER NOT NULL REFERENCES plan_categories(id) ON DELETE RESTRICT,
+    filename       TEXT    NOT NULL CHECK (length(filename) > 0),
+    content        TEXT    NOT NULL,
+    version        INTEGER NOT NULL CHECK (version >= 1),
+    source         TEXT    NOT NULL DEFAULT 'user' CHECK (source IN ('user', 'server', 'chat')),
+    related_log_id INTEGER,
+    created_time   TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (project_id, category_id, filename, version)
+);
+CREATE INDEX IF NOT EXISTS plan_documents_by_category ON plan_documents(category_id);
+CREATE TABLE IF NOT EXISTS document_tags (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    document_id  INTEGER NOT NULL REFERENCES plan_documents(id) ON DELETE CASCADE,
+    tag_name     TEXT    NOT NULL CHECK (length(tag_name) > 0),
+    created_time TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (document_id, tag_name)
+);
+CREATE INDEX IF NOT EXISTS document_tags_by_name ON document_tags(tag_name);
+CREATE TABLE IF NOT EXISTS document_references (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id      INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    conversation_id TEXT    REFERENCES conversations(id) ON DELETE CASCADE,
+    document_id     INTEGER NOT NULL REFERENCES plan_documents(id) ON DELETE CASCADE,
+    reference_type  TEXT    NOT NULL CHECK (reference_type IN ('project', 'conversation')),
+    created_time    TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS project_references_once
+    ON document_references(project_id, document_id) WHERE conversation_id IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS conversation_references_once
+    ON document_references(conversation_id, document_id) WHERE conversation_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS document_references_by_document ON document_references(document_id);
+CREATE TABLE IF NOT EXISTS responses (
+    id               TEXT    PRIMARY KEY,
+    conversation_id  TEXT    NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    first_message_id INTEGER,
+    last_message_id  INTEGER,
+    body             TEXT    NOT NULL,
+    created_at       TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS responses_by_conversation ON responses(conversation_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts
+    USING fts5(content, content='messages', content_rowid='id', tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages
+    WHEN new.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
+    WHEN old.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_update_old AFTER UPDATE OF content, status ON messages
+    WHEN old.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_fts_update_new AFTER UPDATE OF content, status ON messages
+    WHEN new.status != 'streaming' BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts
+    USING fts5(filename, content, content='plan_documents', content_rowid='id',
+               tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS documents_fts_insert AFTER INSERT ON plan_documents BEGIN
+    INSERT INTO documents_fts (rowid, filename, content)
+    VALUES (new.id, new.filename, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS documents_fts_delete AFTER DELETE ON plan_documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, filename, content)
+    VALUES ('delete', old.id, old.filename, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS documents_fts_update AFTER UPDATE OF filename, content
+    ON plan_documents BEGIN
+    INSERT INTO documents_fts (documents_fts, rowid, filename, content)
+    VALUES ('delete', old.id, old.filename, old.content);
+    INSERT INTO documents_fts (rowid, filename, content)
+    VALUES (new.id, new.filename, new.content);
+END;
+INSERT INTO plan_categories (id, name, prompt_template, message_method, is_builtin)
+    VALUES (5, '知识库', '{doc}', 'PlanGetRequest', 1);
+PRAGMA user_version = 2;
+"""
+
+
+def make_v2_database(path) -> None:
+    """A database as the release before (schema 2) left it: a conversation with a system prompt,
+    a turn, a tool round (Responses' stored turn) and a document."""
+    db = sqlite3.connect(path)
+    db.executescript(V2_SCHEMA)
+    db.executescript("""
+        INSERT INTO projects (id, name) VALUES (1, 'v2 project');
+        INSERT INTO conversations (id, system_prompt, project_id, name, model)
+            VALUES ('c-v2', 'be brief', 1, 'v2 chat', 'Echo');
+        INSERT INTO messages (conversation_id, role, content) VALUES
+            ('c-v2', 'system', 'be brief'), ('c-v2', 'user', 'first question 第一'),
+            ('c-v2', 'assistant', 'first answer');
+        INSERT INTO messages (conversation_id, role, content, tool_calls) VALUES ('c-v2',
+            'assistant', '', '[{"id": "call_1", "type": "function", "function": {"name": "f",
+            "arguments": "{}"}}]');
+        INSERT INTO messages (conversation_id, role, content, tool_call_id)
+            VALUES ('c-v2', 'tool', 'sunny', 'call_1');
+        INSERT INTO messages (conversation_id, role, content) VALUES
+            ('c-v2', 'assistant', 'it is sunny'), ('c-v2', 'user', 'second question'),
+            ('c-v2', 'assistant', 'second answer');
+        INSERT INTO plan_documents (project_id, category_id, filename, content, version)
+            VALUES (1, 5, 'kb.md', 'knowledge', 1);
+    """)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.close()
+
+
+def test_a_database_of_schema_2_is_upgraded_to_3_with_everything_in_it(start_service, tmp_path):
+    path = tmp_path / "v2.db"
+    make_v2_database(path)
+    before = sqlite3.connect(path).execute(
+        "SELECT id, role, content, tool_calls, tool_call_id FROM messages ORDER BY id").fetchall()
+    api, _ = start_service(db_path=str(path))
+    messages = api.get("/v1/chat/conversations/c-v2/messages").json()["messages"]
+    assert [(m["id"], m["role"], m["content"]) for m in messages] == \
+        [row[:3] for row in before]
+    assert all("kind" not in m and "summarized_by" not in m for m in messages)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == server.SCHEMA_VERSION == 3
+    assert db.execute("SELECT id, role, content, tool_calls, tool_call_id FROM messages "
+                      "ORDER BY id").fetchall() == before
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    assert {"kind", "covers_first", "covers_last"} <= columns
+    assert db.execute("SELECT count(*) FROM messages WHERE kind IS NOT NULL").fetchone()[0] == 0
+    assert db.execute("SELECT sql FROM sqlite_master WHERE name = 'messages_summaries'"
+                      ).fetchone()[0].endswith("WHERE kind = 'summary'")
+    assert db.execute("SELECT count(*) FROM server_secrets").fetchone()[0] == 0
+    assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    triggers = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE "
+                                             "type = 'trigger' AND tbl_name = 'messages'")}
+    assert triggers == {"messages_fts_insert", "messages_fts_delete", "messages_fts_update"}
+    with db:  # an edit keeps the index whole (two triggers ran in the wrong order)
+        db.execute("UPDATE messages SET content = 'second question, edited' WHERE id = 7")
+    assert fts_in_step(db)
+    db.close()
+    assert [r["id"] for r in search(api, "第一 question")] == [2]
+    assert [r["id"] for r in search(api, "edited")] == [7]
+    # Summaries work on it: the tool round goes whole into the summary's range.
+    summary = compact(api, "c-v2", keep_last=2).json()
+    assert summary["covers"] == [2, 6]
+    listed_now = listed(api, "c-v2")
+    assert [m.get("summarized_by") for m in listed_now] == \
+        [None] + [summary["summary_message_id"]] * 5 + [None] * 3
+    assert listed_now[-1]["kind"] == "summary"
+    assert say(api, "c-v2", "third question").status_code == 200
+    assert history_of(LAST_QUERY["Echo"])[:2] == [
+        ["system", f"be brief\n\n{server.SUMMARY_HEADER}\n{summary['content']}"],
+        ["user", "second question, edited"]]
+
+
+@pytest.fixture(scope="session")
+def compacting(start_service):
+    """A service whose summaries are written by the Summarizer bot (COMPACT_MODEL)."""
+    return start_service(compact_model="Summarizer")
+
+
+def listed(api, conversation_id) -> list[dict]:
+    return api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()["messages"]
+
+
+def sent_tokens(query) -> int:
+    return sum(server.estimate_tokens(m.content) for m in query.query)
+
+
+def compact(api, conversation_id, **body):
+    return api.post(f"/v1/chat/conversations/{conversation_id}/compact", json=body, headers=KEY)
+
+
+def test_a_small_window_conversation_grows_past_it_and_every_turn_answers(compacting):
+    api, db_path = compacting
+    conversation_id = new_conversation(api, model="Small", system_prompt="Be terse.")
+    summaries = []
+    for i in range(24):
+        calls = (CALLS["Small"], CALLS["Summarizer"])
+        content = "continue" if i == 10 else f"turn {i}: " + "x" * 590
+        body = say(api, conversation_id, content).json()
+        assert body["reply"].startswith("small got")
+        query = LAST_QUERY["Small"]
+        assert sent_tokens(query) <= 2000 * 3 // 4 and "context_trimmed" not in body
+        assert query.query[-1].content == content
+        if "compacted" not in body:
+            assert (CALLS["Small"], CALLS["Summarizer"]) == (calls[0] + 1, calls[1])
+            continue
+        # Exactly two Poe calls: the summary's, then the turn's.
+        assert (CALLS["Small"], CALLS["Summarizer"]) == (calls[0] + 1, calls[1] + 1)
+        summary = LAST_QUERY["Summarizer"].query
+        assert [m.role for m in summary] == ["system", "user"]
+        assert summary[0].content == server.SUMMARY_PROMPT
+        summaries.append((body["compacted"], summary[1].content))
+        stored = {m["id"]: m for m in listed(api, conversation_id)}
+        made = stored[body["compacted"]["summary_message_id"]]
+        assert (made["role"], made["kind"], made["covers"]) == \
+            ("system", "summary", body["compacted"]["covers"])
+        assert made["id"] < body["assistant_message_id"]
+        assert body["user_message_id"] is None or made["id"] < body["user_message_id"]
+        # The turn got: the system prompt and the summary, then what follows its range.
+        assert query.query[0].content == \
+            f"Be terse.\n\n{server.SUMMARY_HEADER}\n{made['content']}"
+        kept = [m for m in stored.values() if made["covers"][1] < m["id"] < made["id"]]
+        assert kept[0]["role"] == "user" and query.query[1].content == kept[0]["content"]
+        assert [m.content for m in query.query[1:-1]] == [m["content"] for m in kept]
+    assert len(summaries) >= 2
+    (first, first_transcript), (second, second_transcript) = summaries[:2]
+    messages = listed(api, conversation_id)
+    user_ids = [m["id"] for m in messages if m["role"] == "user"]
+    assert first["covers"][0] == user_ids[0] and second["covers"][0] == first["covers"][0]
+    assert first_transcript.startswith("user: turn 0: xxx")
+    first_text = next(m["content"] for m in messages
+                      if m["id"] == first["summary_message_id"])
+    assert second_transcript.startswith(f"summary: {first_text}\n\nuser: turn ")
+    # Every message is still there; the covered ones say which summary covers them.
+    assert len(user_ids) == 23  # 24 turns, one a continue prompt
+    reference = open(os.path.join(server.HERE, "docs", "API.md"), encoding="utf-8").read()
+    assert server.SUMMARY_PROMPT in reference and server.SUMMARY_HEADER in reference
+    for message in messages:
+        covering = [s for s in summaries if s[0]["covers"][0] <= message["id"]
+                    <= s[0]["covers"][1]]
+        expected = max((s[0]["summary_message_id"] for s in covering), default=None)
+        assert message.get("summarized_by") == expected
+
+
+def store_turns(db, conversation_id, count, size=20, start=0) -> list[int]:
+    """`count` user/assistant pairs written straight into the database; their ids."""
+    with db:
+        return [db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                           "(?, ?, ?)", (conversation_id, role, f"said {i} " + "y" * size)
+                           ).lastrowid
+                for i in range(start, start + count) for role in ("user", "assistant")]
+
+
+def test_compact_summarises_all_but_the_last_messages_and_says_what_it_covers(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", system_prompt="S")
+    ids = store_turns(db, conversation_id, 5)
+    calls = CALLS["Summarizer"]
+    response = compact(api, conversation_id, keep_last=3)  # rounded to whole turns: 4 kept
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert CALLS["Summarizer"] == calls + 1
+    transcript = LAST_QUERY["Summarizer"].query[-1].content
+    assert transcript == "\n\n".join(f"{r}: said {i} " + "y" * 20 for i in range(3)
+                                     for r in ("user", "assistant"))
+    assert body["covers"] == [ids[0], ids[5]] and body["content"] == "SUMMARY of 6 blocks, " \
+        f"{len(transcript)} chars"
+    messages = listed(api, conversation_id)
+    assert messages[-1] == {**messages[-1], "id": body["summary_message_id"], "role": "system",
+                            "kind": "summary", "covers": body["covers"],
+                            "content": body["content"], "status": "complete"}
+    assert [m.get("summarized_by") for m in messages] == \
+        [None] + [body["summary_message_id"]] * 6 + [None] * 5
+    # OpenAI's items say the same.
+    items = api.get(f"/v1/conversations/{conversation_id}/items",
+                    params={"order": "asc", "limit": 100}).json()["data"]
+    assert items[-1] == {**items[-1], "id": f"msg_{body['summary_message_id']}",
+                         "role": "system", "kind": "summary", "covers": body["covers"]}
+    assert [item.get("summarized_by") for item in items] == \
+        [m.get("summarized_by") for m in messages]
+    # Nothing before the last four that a summary does not cover: 400; keep_last 0 takes all.
+    again = compact(api, conversation_id)
+    assert again.status_code == 400 and "nothing to compact" in again.json()["detail"]
+    chained = compact(api, conversation_id, keep_last=0).json()
+    assert chained["covers"] == [ids[0], ids[-1]]
+    assert LAST_QUERY["Summarizer"].query[-1].content.startswith(
+        f"summary: {body['content']}\n\nuser: said 3 ")
+    # The next turn sends the system prompt, the newest summary, then the new message.
+    say(api, conversation_id, "next")
+    assert history_of(LAST_QUERY["Small"]) == [
+        ["system", f"S\n\n{server.SUMMARY_HEADER}\n{chained['content']}"], ["user", "next"]]
+    db.close()
+
+
+def test_compact_refuses_what_it_cannot_do_and_changes_nothing(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    assert compact(api, "no-such-conversation").status_code == 404
+    conversation_id = new_conversation(api, model="Slow")
+    store_turns(db, conversation_id, 4)
+    before = snapshot(db)
+    for body, needle in [({"keep_last": -1}, "keep_last"), ({"keep_last": "2"}, "keep_last"),
+                         ({"keep_last": 1.5}, "keep_last"), ({"model": "no/such"}, "model")]:
+        response = compact(api, conversation_id, **body)
+        assert response.status_code == 400 and needle in response.json()["detail"]
+    # Poe failing: its status, not retried, nothing stored; an empty summary is a failure too.
+    for model, status in (("Fail", 502), ("Blank", 502), ("Poor", 402)):
+        response = compact(api, conversation_id, model=model)
+        assert response.status_code == status
+        assert (response.headers.get("x-should-retry") == "false") == (status == 502)
+    assert snapshot(db) == before
+    # A reply in progress: 409, checked before anything else.
+    with stream_turn(api, conversation_id, "3 0.2") as response:
+        next(response.iter_lines())
+        for body in ({}, {"keep_last": -1}, {"keep_last": 100}):
+            refused = compact(api, conversation_id, **body)
+            assert refused.status_code == 409, refused.text
+    wait_for(lambda: db.execute("SELECT status FROM messages WHERE conversation_id = ? ORDER BY "
+                                "id DESC LIMIT 1", (conversation_id,)).fetchone()[0] == "complete")
+    assert db.execute("SELECT count(*) FROM messages WHERE conversation_id = ? AND kind IS NOT "
+                      "NULL", (conversation_id,)).fetchone()[0] == 0
+    db.close()
+
+
+def test_the_summariser_is_the_request_s_model_else_compact_model_else_the_conversation_s(
+        api, compacting):
+    for service, body, model in ((compacting[0], {"model": "Count"}, "Count"),
+                                 (compacting[0], {}, "Summarizer"), (api, {}, "Say")):
+        conversation_id = new_conversation(service, model="Say")
+        for i in range(3):
+            say(service, conversation_id, f"question {i}")
+        calls = CALLS[model]
+        response = compact(service, conversation_id, keep_last=2, **body)
+        assert response.status_code == 200 and CALLS[model] == calls + 1
+        assert LAST_QUERY[model].query[0].content == server.SUMMARY_PROMPT
+
+
+def test_a_transcript_past_the_summariser_s_window_sends_its_newest_part(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Say")
+    store_turns(db, conversation_id, 20, size=600)
+    assert compact(api, conversation_id, model="Small", keep_last=2).status_code == 200
+    query = LAST_QUERY["Small"]
+    transcript = query.query[-1].content
+    assert sent_tokens(query) <= 1500
+    left_out = int(re.match(r"\[(\d+) earlier messages are left out of this transcript\]",
+                            transcript)[1])
+    assert 0 < left_out < 38 and transcript.endswith("assistant: said 18 " + "y" * 600)
+    assert transcript.count("\n\nuser: ") + transcript.count("\n\nassistant: ") == \
+        38 - left_out
+    db.close()
+
+
+def test_deleting_a_summary_undoes_it_and_the_one_before_is_current_again(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", system_prompt="S")
+    ids = store_turns(db, conversation_id, 3)
+    first = compact(api, conversation_id, keep_last=2).json()
+    ids += store_turns(db, conversation_id, 2, start=3)
+    second = compact(api, conversation_id, keep_last=2).json()
+    assert second["covers"] == [ids[0], ids[7]]
+    say(api, conversation_id, "a")
+    assert history_of(LAST_QUERY["Small"])[0][1].endswith(second["content"])
+    # Deleting the newest: the one before is current, and covers what it covered.
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}/messages/"
+                      f"{second['summary_message_id']}").status_code == 200
+    say(api, conversation_id, "b")
+    sent = history_of(LAST_QUERY["Small"])
+    assert sent[0] == ["system", f"S\n\n{server.SUMMARY_HEADER}\n{first['content']}"]
+    assert sent[1] == ["user", "said 2 " + "y" * 20] and sent[-1] == ["user", "b"]
+    assert [m.get("summarized_by") for m in listed(api, conversation_id) if m["id"] in ids] == \
+        [first["summary_message_id"]] * 4 + [None] * 6
+    # Deleting that one too: the whole history is sent again, nothing covered.
+    assert api.post("/v1/chat/messages/delete", json={
+        "message_ids": [first["summary_message_id"]]}).status_code == 200
+    say(api, conversation_id, "c")
+    sent = history_of(LAST_QUERY["Small"])
+    assert sent[0] == ["system", "S"] and sent[1] == ["user", "said 0 " + "y" * 20]
+    assert all("summarized_by" not in m and "kind" not in m
+               for m in listed(api, conversation_id))
+    db.close()
+
+
+def store_tool_turn(db, conversation_id, i, size=600) -> list[int]:
+    """A turn with a tool round, as a Responses turn stores it: the question, the assistant's
+    call, the tool's result, the answer."""
+    calls = json.dumps([{"id": f"call_{i}", "type": "function",
+                         "function": {"name": "lookup", "arguments": f'{{"n": {i}}}'}}])
+    rows = [("user", f"ask {i} " + "q" * size, None, None), ("assistant", "", calls, None),
+            ("tool", f"result {i}", None, f"call_{i}"), ("assistant", f"answer {i}", None, None)]
+    with db:
+        return [db.execute("INSERT INTO messages (conversation_id, role, content, tool_calls, "
+                           "tool_call_id) VALUES (?, ?, ?, ?, ?)", (conversation_id, *row)
+                           ).lastrowid for row in rows]
+
+
+def test_a_tool_call_is_never_summarised_apart_from_its_result(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    turns = [store_tool_turn(db, conversation_id, i) for i in range(11)]
+    body = say(api, conversation_id, "now").json()
+    first, last = body["compacted"]["covers"]
+    # The boundary is between two turns: a question starts what is kept.
+    assert first == turns[0][0] and any(last == turn[-1] for turn in turns)
+    transcript = LAST_QUERY["Summarizer"].query[-1].content
+    assert "assistant: [tool call call_0: lookup({\"n\": 0})]\n\ntool (call_0): result 0" in \
+        transcript
+    kept = [turn for turn in turns if turn[0] > last]
+    assert kept and history_of(LAST_QUERY["Small"])[1] == ["user", "ask %d " % turns.index(
+        kept[0]) + "q" * 600]
+    # /compact's boundary goes back to a turn's start too: the last three messages are the
+    # reply, "now" and the end of the last tool turn, which is kept whole.
+    response = compact(api, conversation_id, keep_last=3).json()
+    assert response["covers"] == [first, turns[-2][-1]]
+    db.close()
+
+
+def test_a_lone_message_over_the_window_is_413_with_no_poe_call_and_nothing_stored(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", system_prompt="S" * 400)
+    store_turns(db, conversation_id, 2)
+    before, calls, uploads = snapshot(db), dict(CALLS), len(UPLOADS)
+    response = say(api, conversation_id, "z" * 5700, attachments=[
+        {"data": base64.b64encode(b"file").decode(), "name": "f.txt"}])
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert "Small" in detail and "about 1525 tokens" in detail and "2000 tokens" in detail
+    assert snapshot(db) == before and CALLS == calls and len(UPLOADS) == uploads
+    # One that fits with the system prompt alone is answered, its history compacted.
+    assert "compacted" in say(api, conversation_id, "z" * 5500).json()
+    assert sent_tokens(LAST_QUERY["Small"]) <= 1500  # the summary cut to the room left
+    db.close()
+
+
+def test_a_regeneration_compacts_too_and_keeps_its_last_turn(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 12, size=600)
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY,
+                        json={})
+    body = response.json()
+    assert response.status_code == 200 and body["compacted"]["covers"][0] == ids[0]
+    sent = history_of(LAST_QUERY["Small"])
+    assert sent[-1] == ["user", "said 11 " + "y" * 600] and sent_tokens(LAST_QUERY["Small"]) \
+        <= 1500
+    messages = listed(api, conversation_id)
+    assert ids[-1] not in [m["id"] for m in messages]  # replaced by the new reply
+    assert messages[-1]["id"] == body["assistant_message_id"]
+    db.close()
+
+
+def test_usage_counts_everything_sent_to_poe_summary_and_tools_included(compacting, sdk):
+    completion = sdk.chat.completions.create(
+        model="ToolBot", messages=user("weather? 天气"), tools=[WEATHER])
+    query = LAST_QUERY["ToolBot"]
+    tools = json.dumps([tool.model_dump() for tool in query.tools], ensure_ascii=False)
+    assert completion.usage.prompt_tokens == sent_tokens(query) + server.estimate_tokens(tools)
+    # The round of calls and results sent back counts too.
+    call = completion.choices[0].message.tool_calls[0]
+    answered = sdk.chat.completions.create(model="ToolBot", tools=[WEATHER], messages=[
+        *user("weather? 天气"), {"role": "assistant", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "晴 sunny"}])
+    query = LAST_QUERY["ToolBot"]
+    calls = json.dumps([c.model_dump() for c in query.tool_calls], ensure_ascii=False)
+    assert answered.usage.prompt_tokens == sent_tokens(query) + server.estimate_tokens(tools) + \
+        server.estimate_tokens(calls) + server.estimate_tokens("晴 sunny")
+    # A Responses turn on a compacted conversation: its summary is part of what was sent.
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Echo", system_prompt="S")
+    store_turns(db, conversation_id, 3)
+    summary = compact(api, conversation_id, keep_last=2).json()
+    response = api.post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": "more", "conversation": conversation_id,
+        "instructions": "be brief"}).json()
+    query = LAST_QUERY["Echo"]
+    assert history_of(query)[0] == [
+        "system", f"S\n\n{server.SUMMARY_HEADER}\n{summary['content']}\n\nbe brief"]
+    assert [m.content for m in query.query[1:]] == \
+        ["said 2 " + "y" * 20, "said 2 " + "y" * 20, "more"]
+    assert response["usage"]["input_tokens"] == sent_tokens(query)
+    db.close()
+
+
+def test_search_finds_summaries_and_exports_mark_what_they_cover(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", name="memory")
+    ids = store_turns(db, conversation_id, 3, size=5)
+    with db:
+        db.execute("UPDATE messages SET content = 'quokkasaid' WHERE id = ?", (ids[0],))
+    summary = compact(api, conversation_id, keep_last=2).json()
+    assert summary["content"].startswith("SUMMARY of 4 blocks")
+    found = search(api, summary["content"], limit=100)
+    assert summary["summary_message_id"] in [r["id"] for r in found]
+    assert [r["id"] for r in search(api, "quokkasaid")] == [ids[0]]  # covered, still found
+    db.close()
+    exported = api.get(f"/v1/chat/conversations/{conversation_id}/export",
+                       params={"format": "json"}).json()
+    assert exported["messages"] == listed(api, conversation_id)
+    assert exported["messages"][-1]["covers"] == summary["covers"]
+    assert [m.get("summarized_by") for m in exported["messages"]] == \
+        [summary["summary_message_id"]] * 4 + [None] * 3
+    text = api.get(f"/v1/chat/conversations/{conversation_id}/export").text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[-1].startswith("## 7. Summary · ")
+    assert f"*Message {summary['summary_message_id']}: the summary of messages {ids[0]} to " \
+        f"{ids[3]}, which stay stored" in text
+    assert f"*Message {ids[0]}, summarized by message {summary['summary_message_id']}*" in text
+    assert f"*Message {ids[4]}," not in text
+
+
+def test_a_response_fork_copies_summaries_with_their_covers_remapped(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    first = api.post("/v1/responses", headers=KEY, json={
+        "model": "Say", "input": "one", "instructions": "x"}).json()
+    conversation_id = first["conversation"]["id"]
+    previous = first["id"]
+    for word in ("two", "three"):
+        previous = api.post("/v1/responses", headers=KEY, json={
+            "model": "Say", "input": word, "previous_response_id": previous}).json()["id"]
+    summary = compact(api, conversation_id, keep_last=2).json()
+    # After /compact, the latest response is still the latest: the next turn appends.
+    fourth = api.post("/v1/responses", headers=KEY, json={
+        "model": "Say", "input": "four", "previous_response_id": previous}).json()
+    assert fourth["conversation"]["id"] == conversation_id
+    assert history_of(LAST_QUERY["Say"])[0] == [
+        "system", f"{server.SUMMARY_HEADER}\n{summary['content']}"]
+    api.post("/v1/responses", headers=KEY, json={
+        "model": "Say", "input": "five", "previous_response_id": fourth["id"]})
+    fork = api.post("/v1/responses", headers=KEY, json={
+        "model": "Say", "input": "five again", "previous_response_id": fourth["id"]}).json()
+    copy_id = fork["conversation"]["id"]
+    assert copy_id != conversation_id
+    original, copy = listed(api, conversation_id), listed(api, copy_id)
+    copied = next(m for m in copy if m.get("kind") == "summary")
+    position = {m["id"]: n for n, m in enumerate(original)}
+    assert [copy[n]["id"] for n in (position[summary["covers"][0]],
+                                    position[summary["covers"][1]])] == copied["covers"]
+    assert [m.get("summarized_by") is not None for m in copy] == \
+        [m.get("summarized_by") is not None for m in original[:len(copy) - 2]] + [False] * 2
+    assert history_of(LAST_QUERY["Say"])[0][1].endswith(summary["content"])
+    db.close()
+
+
+def test_a_streamed_turn_says_it_compacted_in_its_final_frame(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 12, size=600)
+    first: list = []
+    with stream_turn(api, conversation_id, "streamed") as response:
+        events = sse_data(response, first)
+    end = events[-2]
+    summary_id = end["compacted"]["summary_message_id"]
+    assert end["compacted"]["covers"][0] == ids[0] and "context_trimmed" not in end
+    assert summary_id < first[0]["user_message_id"] < first[0]["assistant_message_id"]
+    assert db.execute("SELECT kind FROM messages WHERE id = ?", (summary_id,)).fetchone() == \
+        ("summary",)
+    db.close()
+
+
+def test_a_turn_that_fails_before_any_text_takes_its_summary_with_it(start_service):
+    api, db_path = start_service(compact_model="Summarizer", context_tokens=1000)
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    store_turns(db, conversation_id, 12, size=200)
+    with db:
+        db.execute("UPDATE conversations SET model = 'Fail' WHERE id = ?", (conversation_id,))
+    before, calls = snapshot(db), CALLS["Summarizer"]
+    # Fail has no window in the list: CONTEXT_TOKENS 1,000 makes it compact.
+    response = say(api, conversation_id, "go")
+    assert response.status_code == 502 and CALLS["Summarizer"] == calls + 1
+    assert snapshot(db) == before
+    db.close()
