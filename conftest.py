@@ -233,8 +233,12 @@ async def hoard(request):
             url=f"https://poe.test/{i}", content_type="text/plain", name=name))
 
 
+SMALL_QUERIES: list[fp.QueryRequest] = []  # every request the Small bot gets
+
+
 async def small(request):
     """A bot with a small window (2,000 tokens in the model list): a short fixed reply."""
+    SMALL_QUERIES.append(request)
     yield fp.PartialResponse(text=f"small got {len(request.query)} messages")
 
 

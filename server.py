@@ -32,7 +32,10 @@ order, and what each owns:
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
   Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList:
                       Poe's list, each model's context window)
-  OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
+  OpenAI Responses    /v1/responses... (ResponseSpec, StoredHistory, ResponseTurn)
+  Responses memory    truncation and context_management (plan_response, fit_response,
+                      response_query), compaction items (CompactionSeal: app.state.seal),
+                      compaction_trigger, /v1/responses/compact
   OpenAI Conversations  /v1/conversations..., messages as items
   Search, export, backup  /v1/search, .../export, /v1/backup
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
@@ -65,6 +68,7 @@ import math
 import mimetypes
 import os
 import re
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -77,7 +81,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
@@ -2240,9 +2244,13 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
     """The turn's input messages and an empty 'streaming' reply, before Poe is called; and
     the conversation's updated_at before them, put back if the turn leaves no trace."""
     ids, updated_at = insert_messages(db, conversation_id, messages)
-    reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
-                          "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
-    return ids, reply_id, updated_at
+    return ids, insert_reply(db, conversation_id), updated_at
+
+
+def insert_reply(db: sqlite3.Connection, conversation_id: str) -> int:
+    """The empty 'streaming' reply a turn's Poe call fills."""
+    return db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
+                      "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
 
 
 def insert_compacted_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple],
@@ -2615,10 +2623,13 @@ def summary_covers(previous: dict | None, covered: list[dict]) -> list[int]:
 
 
 def transcript_block(row: dict) -> str:
-    """A message as the summariser reads it: `role: text`, its tool calls and files named."""
+    """A message as the summariser reads it: `role: text`, its tool calls and files named. A
+    stored row (tool_calls as JSON) or an entry of a Responses turn (ToolCallDefinitions)."""
     role = f"tool ({row['tool_call_id']})" if row["role"] == "tool" else row["role"]
     lines = [row["content"]]
-    for call in json.loads(row["tool_calls"]) if row.get("tool_calls") else []:
+    calls = row.get("tool_calls") or []
+    for call in json.loads(calls) if isinstance(calls, str) else calls:
+        call = call if isinstance(call, dict) else call.model_dump()
         function = call.get("function") or {}
         lines.append(f"[tool call {call.get('id', '')}: {function.get('name', '')}"
                      f"({function.get('arguments', '')})]")
@@ -2649,6 +2660,22 @@ def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget) 
     left_out = len(rows) - len(blocks)
     note = [f"[{left_out} earlier messages are left out of this transcript]"] if left_out else []
     return "\n\n".join(head + note + blocks[::-1])
+
+
+def summariser(app: Starlette, model: str) -> str:
+    """Who writes a turn's summaries: COMPACT_MODEL, else the turn's own model."""
+    return app.state.settings.compact_model or model
+
+
+async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
+                     covered: list[dict]) -> tuple[str, int]:
+    """The summary of `covered` (after `previous`, the summary they follow) by `model`: the
+    transcript (summary_transcript, within the summariser's window), one call (summarise);
+    and the tokens that call was sent. PoeFailure when it fails or says nothing."""
+    transcript = await asyncio.to_thread(summary_transcript, previous, covered,
+                                         await model_budget(app, model))
+    summary = await summarise(app, api_key, model, transcript)
+    return summary, estimate_tokens(SUMMARY_PROMPT) + estimate_tokens(transcript)
 
 
 async def summarise(app: Starlette, api_key: str, model: str, transcript: str) -> str:
@@ -2727,12 +2754,10 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
     answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made."""
     summary, start, made = (plan.summary or {}).get("content"), 0, None
     if plan.cut:
-        model = app.state.settings.compact_model or plan.budget.model
+        model = summariser(app, plan.budget.model)
         covered = plan.rows[:plan.cut]
         try:
-            transcript = await asyncio.to_thread(summary_transcript, plan.summary, covered,
-                                                 await model_budget(app, model))
-            summary = await summarise(app, api_key, model, transcript)
+            summary, _ = await summary_of(app, api_key, model, plan.summary, covered)
             made = {"content": summary, "covers": summary_covers(plan.summary, covered)}
             start = plan.cut
         except PoeFailure as exc:
@@ -2805,16 +2830,24 @@ def remap_covers(db: sqlite3.Connection, source_id: str, copy_id: str, up_to: in
                               f"conversation_id = ? AND {IS_SUMMARY}", (copy_id,))
     if not summaries:
         return
-    old = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
-                                        "id <= ? ORDER BY id", (source_id, up_to))]
-    new = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
-                                        "ORDER BY id", (copy_id,))]
+    old, new = copied_ids(db, source_id, copy_id, up_to)
     for summary in summaries:
         first = bisect.bisect_left(old, summary["covers_first"])
         last = bisect.bisect_right(old, summary["covers_last"]) - 1
         first_id = new[first] if first < len(new) else new[-1] + 1
         db.execute("UPDATE messages SET covers_first = ?, covers_last = ? WHERE id = ?",
                    (first_id, new[last] if last >= 0 else first_id - 1, summary["id"]))
+
+
+def copied_ids(db: sqlite3.Connection, source_id: str, copy_id: str, up_to: int
+               ) -> tuple[list[int], list[int]]:
+    """The ids of a history copied by fork_conversation, in the source and in the copy: the
+    n-th of one is the n-th of the other."""
+    old = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
+                                        "id <= ? ORDER BY id", (source_id, up_to))]
+    new = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                        "ORDER BY id", (copy_id,))]
+    return old, new
 
 
 def keep_cut(rows: list[dict], keep_last: int) -> int:
@@ -2843,10 +2876,8 @@ async def compact_conversation(request: Request) -> JSONResponse:
                                      f"before its last {keep_last} that a summary does not "
                                      "cover already")
         covered = context.rows[:cut]
-        transcript = await asyncio.to_thread(summary_transcript, context.summary, covered,
-                                             await model_budget(app, model))
         try:
-            summary = await summarise(app, api_key, model, transcript)
+            summary, _ = await summary_of(app, api_key, model, context.summary, covered)
         except PoeFailure as exc:
             raise poe_http_error(exc.status, exc.detail, exc.headers) from None
         covers = summary_covers(context.summary, covered)
@@ -4141,9 +4172,19 @@ FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
 OPENAI_ERROR_CODES = {429: "rate_limit_exceeded"}
 
 
-def openai_error(status: int, message: str) -> dict:
+def openai_error(status: int, message: str, fields: dict | None = None) -> dict:
+    """OpenAI's error body; `fields` (an OpenAIRefusal's code and param) go in it."""
     return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
-                      "code": OPENAI_ERROR_CODES.get(status, status)}}
+                      "code": OPENAI_ERROR_CODES.get(status, status), **(fields or {})}}
+
+
+class OpenAIRefusal(HTTPException):
+    """A 400 OpenAI has a code of its own for (context_length_exceeded): the code and the field
+    it is about (param) go in the error's body."""
+
+    def __init__(self, detail: str, code: str, param: str) -> None:
+        super().__init__(400, detail)
+        self.fields = {"param": param, "code": code}
 
 
 def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
@@ -4478,9 +4519,13 @@ def poe_query(entries: list[dict], params: dict, tools: list | None = None
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
     sent = [m.content for m in [*poe_messages, *tool_results]] + [
-        json.dumps([item.model_dump() for item in items], ensure_ascii=False)
-        for items in (params.get("tool_calls"), tools) if items]
+        definitions_json(items) for items in (params.get("tool_calls"), tools) if items]
     return prepare_query(poe_messages, params), sum(map(estimate_tokens, sent))
+
+
+def definitions_json(items: list) -> str:
+    """Tools, or tool calls, as Poe is sent them (and usage counts them)."""
+    return json.dumps([item.model_dump() for item in items], ensure_ascii=False)
 
 
 def usage(prompt_tokens: int, reply_text: str) -> dict:
@@ -4767,9 +4812,12 @@ def input_content(content: Any, where: str) -> Any:
     return content  # a string, or what openai_content refuses with a clear message
 
 
-def input_messages(items: Any, names: dict[str, str], place: str = "input") -> list[dict]:
+def input_messages(items: Any, names: dict[str, str], place: str = "input",
+                   marks: list | None = None) -> list[dict]:
     """Responses items as Chat messages for openai_entries: a function_call joins the assistant
-    message before it (one round), an output is a tool message named by `names` (call id: name)."""
+    message before it (one round), an output is a tool message named by `names` (call id: name).
+    With `marks` (a turn's input), compaction and compaction_trigger items are no messages: each
+    is noted there as (how many messages came before it, the item, its place)."""
     if isinstance(items, str) and place == "input":
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -4803,9 +4851,12 @@ def input_messages(items: Any, names: dict[str, str], place: str = "input") -> l
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "name": names.get(call_id, "tool"),
                              "content": input_content(item.get("output"), f"{where}.output")})
+        elif marks is not None and kind in ("compaction", "compaction_trigger"):
+            marks.append((len(messages), item, where))
         elif kind != "reasoning":  # never sent by us: a client's own reasoning is no use to Poe
-            raise HTTPException(400, f"{where}.type must be message, function_call or "
-                                     "function_call_output" +
+            memory = ", compaction, compaction_trigger" if marks is not None else ""
+            raise HTTPException(400, f"{where}.type must be message, function_call, "
+                                     f"function_call_output{memory}" +
                                 (f", not {kind!r}" if isinstance(kind, str) else ""))
     return messages
 
@@ -4859,6 +4910,8 @@ class ResponseSpec:
     json: bool
     params: dict
     max_tokens: int | None
+    truncation: str  # "auto": the oldest items left out to fit; "disabled": 400 instead
+    compact_threshold: int | None  # context_management's (INT64: none given); None: none asked
 
 
 def response_spec(data: dict) -> ResponseSpec:
@@ -4897,14 +4950,15 @@ def response_spec(data: dict) -> ResponseSpec:
             "tools": [{"type": "function", "name": t["name"],
                        **{k: t.get(k) for k in ("description", "parameters", "strict")}}
                       for t in data.get("tools") or [] if t.get("type") == "function"],
-            "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
+            "top_p": 1.0, "truncation": truncation_field(data), "usage": None, "user": None,
             "metadata": metadata_field(data) or {}}
     return ResponseSpec(
         base=base, model=model, conversation=conversation, previous=previous,
         stream=bool_field(data, "stream", False), store=base["store"], tools=tools,
         instructions=[base["instructions"], instruction, json_instruction(response_format)],
         json=response_format is not None and response_format.get("type") != "text",
-        params=params, max_tokens=limit)
+        params=params, max_tokens=limit, truncation=base["truncation"],
+        compact_threshold=compact_threshold(data))
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -4913,7 +4967,7 @@ def call_id_of(call: dict, key: Any, n: int) -> str:
 
 
 def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
-                   ) -> tuple[dict, list[dict], dict[str, str]]:
+                   ) -> tuple[dict, StoredHistory]:
     """On a reader thread: where a turn goes, and its history (response_history). After the
     previous response (appended if that is the latest message, else in a copy of the history up
     to it), at a conversation's end, or in a new one; `up_to` is the history's last message."""
@@ -4929,25 +4983,33 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
     last = 0 if newest is None else newest[0]
     # A summary /compact added after the latest message is no message to fork before.
     append = conversation_id is not None and (up_to is None or up_to >= last)
-    history, names = response_history(db, conversation_id, None if append else up_to)
+    history = response_history(db, conversation_id, None if append else up_to)
     return ({"conversation_id": conversation_id, "up_to": last if up_to is None else up_to,
-             "fork": previous is not None, "append": append}, history, names)
+             "fork": previous is not None, "append": append}, history)
+
+
+@dataclass
+class StoredHistory:
+    """What a Responses turn inherits (stored_context): the system prompt, the current summary,
+    the messages after it as openai_entries makes a request's (tool calls and results included,
+    each with its "ref": ("id", message id)), and each call's function name."""
+    system_prompt: str = ""
+    summary: dict | None = None
+    entries: list[dict] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
-                     up_to: int | None) -> tuple[list[dict], dict[str, str]]:
-    """A conversation's messages (to `up_to`, if given) as openai_entries makes a request's,
-    tool calls and results included, after one system message: the system prompt and the
-    current summary (stored_context); and each call's function name."""
+                     up_to: int | None) -> StoredHistory:
+    """A conversation's history (to `up_to`, if given) as a Responses turn sends it."""
     if conversation_id is None:
-        return [], {}
+        return StoredHistory()
     context = stored_context(db, conversation_id, None if up_to is None else up_to + 1)
-    system = summary_system(context.system_prompt, (context.summary or {}).get("content"))
-    history = [{"role": "system", "content": system, "attachments": []}] if system else []
-    names: dict[str, str] = {}
+    history = StoredHistory(context.system_prompt, context.summary)
+    names = history.names
     for row in context.rows:
         entry = {"role": row["role"], "content": row["content"],
-                 "attachments": row["attachments"] or []}
+                 "attachments": row["attachments"] or [], "ref": ("id", row["id"])}
         if row["tool_calls"]:
             entry["tool_calls"] = [fp.ToolCallDefinition(
                 id=call_id_of(call, row["id"], n), type="function",
@@ -4957,8 +5019,8 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
         if row["role"] == "tool":
             entry["tool_call_id"] = row["tool_call_id"] or ""
             entry["name"] = names.get(entry["tool_call_id"], "tool")
-        history.append(entry)
-    return history, names
+        history.entries.append(entry)
+    return history
 
 
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
@@ -4979,10 +5041,14 @@ def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) 
 
 
 def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows: list[tuple],
-                         base: dict) -> tuple[str, list[int], int, str, dict]:
+                         base: dict, kept: KeptSummary | None = None, reply: bool = True
+                         ) -> tuple[str, list[int], int | None, str, dict]:
     """On the writer: the turn's conversation (decided again here, where nobody can add to it
-    meanwhile), its rows (insert_turn) and the response's; returns `base` in that conversation."""
-    conversation_id, up_to = target["conversation_id"], target["up_to"]
+    meanwhile), its rows, then the summary it keeps (if any: KeptSummary, whose compaction item
+    a made one puts in the output), then its reply (none for a compaction_trigger: the summary
+    ends the turn), and the response's row; returns `base` in that conversation. The ids
+    returned with the rows' include the summary's, which goes with them if the turn fails."""
+    conversation_id, up_to, copied = target["conversation_id"], target["up_to"], None
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
     elif not target["append"] or db.execute(
@@ -4991,33 +5057,21 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
         if not target["fork"]:
             raise HTTPException(409, "the conversation changed while this turn was prepared; "
                                      "send it again")
-        conversation_id = fork_conversation(db, conversation_id, up_to)
-    ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
+        source, conversation_id = conversation_id, fork_conversation(db, conversation_id, up_to)
+        copied = copied_ids(db, source, conversation_id, up_to) if kept is not None else None
+    ids, updated_at = insert_messages(db, conversation_id, rows)
+    if kept is not None and (covers := kept.covers(ids, copied)) is not None:
+        summary_id = insert_summary(db, conversation_id, kept.content, covers)
+        if kept.seal is not None:
+            base = {**base, "output": [compaction_item(kept.seal, kept.content, conversation_id,
+                                                       summary_id)]}
+        ids = [*ids, summary_id]
+    last_id = insert_reply(db, conversation_id) if reply else ids[-1]
     base = {**base, "conversation": {"id": conversation_id}}
     db.execute("INSERT INTO responses (id, conversation_id, first_message_id, last_message_id, "
                "body) VALUES (?, ?, ?, ?, ?)",
-               (base["id"], conversation_id, ids[0] if ids else reply_id, reply_id, dumps(base)))
-    return conversation_id, ids, reply_id, updated_at, base
-
-
-async def response_query(app: Starlette, api_key: str, data: dict, spec: ResponseSpec,
-                         stored: list[dict], names: dict[str, str]
-                         ) -> tuple[PoeQuery, list[dict], int]:
-    """The query for Poe (the stored history, then this input), this input's entries to
-    store, and the tokens of all it sends (usage's input_tokens)."""
-    items = data.get("input")
-    entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
-                             lambda: openai_entries(input_messages(items, names), "input"))
-    entries = await upload_entries(app, api_key, entries)
-    prompt = int(bool(stored) and stored[0]["role"] == "system")
-    budget = await model_budget(app, spec.model, spec.max_tokens)
-    history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
-                                stored + entries, prompt, len(entries), budget)
-    folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
-    entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
-    query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
-        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results}, spec.tools)
-    return query, entries, tokens
+               (base["id"], conversation_id, ids[0] if ids else last_id, last_id, dumps(base)))
+    return conversation_id, ids, last_id if reply else None, updated_at, base
 
 
 def output_text(text: str) -> dict:
@@ -5036,34 +5090,40 @@ def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[di
                     for n, call in enumerate(calls) if call["function"]["name"]]
 
 
+def response_usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
 def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
                    input_tokens: int, error: str | None = None) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
-    (cut off part way) or cancelled (stopped). Usage is estimated as chat completions' is: the
-    text and the calls' arguments."""
+    (cut off part way) or cancelled (stopped); its output after base's (a compaction item the
+    turn made). Usage is estimated as chat completions' is: the text and the calls' arguments."""
     output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
     output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
                                             else item["content"][0]["text"] for item in output))
-    usage = {"input_tokens": input_tokens,
-             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-             "total_tokens": input_tokens + output_tokens}
     return {**base, "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
             "error": {"code": "server_error", "message": error} if status == "failed" else None,
-            "output": output, "usage": usage}
+            "output": [*base["output"], *output], "usage": response_usage(input_tokens,
+                                                                          output_tokens)}
 
 
 class ResponseTurn:
     """A Responses turn, from its reply's start to its end: the response object it becomes
-    (`body`, made by end(), which the reply calls as it ends)."""
+    (`body`, made by end(), which the reply calls as it ends). Its output begins with base's
+    (`leading`: the compaction item of a turn that compacted), the reply's items after them."""
 
     def __init__(self, spec: ResponseSpec, base: dict, key: Any, input_tokens: int,
                  new_conversation: bool) -> None:
         self.spec, self.base, self.key = spec, base, key  # key: its items' ids, msg_<key>
         self.input_tokens, self.new_conversation = input_tokens, new_conversation
+        self.leading: list[dict] = base["output"]
         self.body: dict | None = None
 
     def end(self, reply: Reply) -> ResponseRecord:
@@ -5093,23 +5153,28 @@ async def create_response(request: Request) -> Response:
     data = await read_json(request)
     spec = response_spec(data)
     api_key = poe_key(request)
-    target, stored, names = await app.state.db.read(response_start, spec.previous,
-                                                    spec.conversation)
+    target, stored = await app.state.db.read(response_start, spec.previous, spec.conversation)
     claimed = target["conversation_id"] if spec.store and target["append"] else None
     if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
         # A turn is being added after the same response: this one forks (insert_response_turn).
         claimed, target = None, {**target, "append": False}
     with app.state.replies.claim(claimed):
-        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored, names)
+        given = await response_input(app, api_key, data.get("input"), stored.names)
+        if given.trigger:
+            return await compaction_trigger(app, api_key, spec, target, stored, given)
+        query, input_tokens, kept = await response_query(app, api_key, spec, stored, given)
         if spec.store:
             conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(
-                insert_response_turn, target, spec.model, message_rows(entries), spec.base)
+                insert_response_turn, target, spec.model, message_rows(given.entries),
+                spec.base, kept)
             turn = ResponseTurn(spec, base, message_id, input_tokens,
                                 conversation_id != target["conversation_id"])
             reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
                           max_tokens=spec.max_tokens, ending=turn.end)
         else:
-            turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
+            made = [compaction_item(kept.seal, kept.content)] if kept and kept.seal else []
+            turn = ResponseTurn(spec, {**spec.base, "output": made}, uuid.uuid4().hex[:24],
+                                input_tokens, False)
             reply = Reply(max_tokens=spec.max_tokens, ending=turn.end)
         reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools,
                     receive=request.receive)
@@ -5118,18 +5183,15 @@ async def create_response(request: Request) -> Response:
 
 
 async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> AsyncIterator[bytes]:
-    """OpenAI's events: created, in_progress, the text as it comes; once the reply ends, the calls
-    and every done event (response_output_events), then the terminal event."""
-    text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
-    opened, sent, sequence = False, SentText(), iter(range(2**62))
-
-    def event(kind: str, **fields: Any) -> bytes:
-        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
-        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
-
+    """OpenAI's events: created, in_progress, the leading items (a compaction item), the text as
+    it comes; once the reply ends, the calls and every done event (response_output_events), then
+    the terminal event."""
+    text_at = {"item_id": f"msg_{turn.key}", "output_index": len(turn.leading),
+               "content_index": 0}
+    opened, sent, event = False, SentText(), response_event()
     try:
-        yield event("response.created", response=turn.base)
-        yield event("response.in_progress", response=turn.base)
+        for frame in leading_events(turn.base, event):
+            yield frame
         async for item in reply.listener.events(first):
             if item[0] not in ("text", "replace") or not item[1]:
                 continue
@@ -5138,9 +5200,10 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                     continue
                 if not opened:
                     opened = True
-                    yield event("response.output_item.added", output_index=0, item={
-                        "type": "message", "id": f"msg_{turn.key}", "status": "in_progress",
-                        "role": "assistant", "content": []})
+                    yield event("response.output_item.added",
+                                output_index=text_at["output_index"], item={
+                                    "type": "message", "id": text_at["item_id"],
+                                    "status": "in_progress", "role": "assistant", "content": []})
                     yield event("response.content_part.added", **text_at, part=output_text(""))
                 # Responses' deltas only append: a non-extending replacement goes whole, flagged.
                 yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
@@ -5153,10 +5216,33 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
         reply.drop_if_unstored()
 
 
+def response_event() -> Callable[..., bytes]:
+    """A response stream's event maker: event(type, **fields), numbered from 0."""
+    sequence = iter(range(2**62))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
+        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
+    return event
+
+
+def leading_events(base: dict, event: Callable) -> Iterator[bytes]:
+    """created and in_progress (their output empty, as OpenAI's), then an added and a done event
+    for each item the output begins with (a compaction item), in place."""
+    yield event("response.created", response={**base, "output": []})
+    yield event("response.in_progress", response={**base, "output": []})
+    for index, item in enumerate(base["output"]):
+        yield event("response.output_item.added", output_index=index, item=item)
+        yield event("response.output_item.done", output_index=index, item=item)
+
+
 def response_output_events(body: dict, event: Callable, text_at: dict,
                            opened: bool) -> Iterator[bytes]:
-    """The done events of a response's output items, once it has ended."""
+    """The done events of a response's output items, once it has ended (its leading compaction
+    item was sent at the start)."""
     for index, output in enumerate(body["output"]):
+        if output["type"] == "compaction":
+            continue
         if output["type"] == "message":
             if not opened:
                 yield event("response.output_item.added", output_index=index,
@@ -5199,7 +5285,8 @@ async def read_response(request: Request) -> JSONResponse:
         # Ended, its end not stored yet (the database refuses writes): as it will be stored.
         body = await off_loop(len(end.response.body) >= LONG_BYTES, json.loads, end.response.body)
     elif live is not None:  # what has arrived so far
-        body = {**body, "output": output_items(live.text, live.tool_calls, key, "in_progress")}
+        body = {**body, "output": [*body["output"], *output_items(live.text, live.tool_calls,
+                                                                  key, "in_progress")]}
     elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.
         calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
@@ -5222,13 +5309,412 @@ async def delete_response(request: Request) -> JSONResponse:
 def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> dict:
     row, _ = stored_response(db, response_id)
     return items_page(db, row["conversation_id"], row["first_message_id"],
-                      row["last_message_id"] - 1, page)
+                      row["last_message_id"] - 1, page, summaries=False)
 
 
 async def list_input_items(request: Request) -> JSONResponse:
-    """The response's own input (not what it inherited from earlier turns)."""
+    """The response's own input (not what it inherited from earlier turns, nor a summary it
+    kept: a compaction item is never input)."""
     return await read_answer(request, input_items_page, request.path_params["response_id"],
                              list_query(request))
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses memory: what the Responses API asks of the Memory section. truncation ("auto" leaves
+# out the oldest whole items, "disabled" answers 400 context_length_exceeded), context_management
+# (the Memory section's compaction, its summary returned as a compaction item), compaction items
+# sent back as input (CompactionSeal: the summary itself, sealed with a key kept in the
+# database), compaction_trigger items, and /v1/responses/compact.
+
+COMPACTION_REFUSED = "the compaction item's encrypted_content is not one this server made"
+SEAL_KEY = "compaction_seal"  # its name in server_secrets
+
+
+def server_secret(db: sqlite3.Connection, name: str) -> bytes:
+    """On the writer: the server's secret `name`, made (32 random bytes) the first time."""
+    db.execute("INSERT OR IGNORE INTO server_secrets (name, value) VALUES (?, ?)",
+               (name, secrets.token_bytes(32)))
+    return bytes(db.execute("SELECT value FROM server_secrets WHERE name = ?",
+                            (name,)).fetchone()[0])
+
+
+def base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class CompactionSeal:
+    """app.state.seal: a compaction item's encrypted_content, opaque to clients, is
+    base64url(JSON {"v": 1, "summary", "conversation"?, "summary_id"?}) "." base64url(its
+    HMAC-SHA256 under a key made once and kept in server_secrets, read once): it carries the
+    summary itself, so a stateless client's item needs nothing stored, and cannot be altered."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.key = db, None
+
+    async def ready(self) -> CompactionSeal:
+        if self.key is None:
+            self.key = await self.db.write(server_secret, SEAL_KEY)
+        return self
+
+    def mac(self, body: str) -> str:
+        return base64url(hmac.new(self.key, body.encode(), "sha256").digest())
+
+    def seal(self, summary: str, conversation_id: str | None = None,
+             summary_id: int | None = None) -> str:
+        stored = {} if summary_id is None else {"conversation": conversation_id,
+                                                "summary_id": summary_id}
+        body = base64url(dumps({"v": 1, "summary": summary, **stored}).encode())
+        return f"{body}.{self.mac(body)}"
+
+    def open(self, token: str) -> str:
+        """The summary a token carries; 400 for one this server did not seal as it is."""
+        body, _, mac = token.partition(".")
+        try:
+            if not hmac.compare_digest(mac.encode(), self.mac(body).encode()):
+                raise ValueError
+            payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            if payload.get("v") != 1 or not isinstance(payload.get("summary"), str):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise HTTPException(400, COMPACTION_REFUSED) from None
+        return payload["summary"]
+
+
+def compaction_item(seal: CompactionSeal, summary: str, conversation_id: str | None = None,
+                    summary_id: int | None = None) -> dict:
+    """A summary as OpenAI's compaction item: cmp_<summary message id> when stored."""
+    key = uuid.uuid4().hex if summary_id is None else summary_id
+    return {"type": "compaction", "id": f"cmp_{key}",
+            "encrypted_content": seal.seal(summary, conversation_id, summary_id)}
+
+
+def truncation_field(data: dict) -> str:
+    value = data.get("truncation")
+    if value not in (None, "auto", "disabled"):
+        raise HTTPException(400, "truncation must be auto or disabled")
+    return value or "disabled"
+
+
+def compact_threshold(data: dict) -> int | None:
+    """context_management's compaction threshold (the smallest, if several); INT64 for an entry
+    without one (compaction then only when the turn is over the window); None: not asked."""
+    thresholds = []
+    for where, entry in objects_at(data.get("context_management"), "context_management"):
+        if entry.get("type") != "compaction":
+            raise HTTPException(400, f"{where}.type must be compaction")
+        value = int_field({f"{where}.compact_threshold": entry.get("compact_threshold")},
+                          f"{where}.compact_threshold", minimum=1)
+        thresholds.append(INT64 if value is None else value)
+    return min(thresholds) if thresholds else None
+
+
+@dataclass
+class ResponseInput:
+    """A turn's input (response_input): its entries (openai_entries, attachments uploaded), each
+    with its "ref" ("input", n); how many of them come before its last compaction item
+    (`before`), whose summary stands for them and for the stored history (`summary`); and
+    whether it holds a compaction_trigger."""
+    entries: list[dict] = field(default_factory=list)
+    before: int = 0
+    summary: str | None = None
+    trigger: bool = False
+
+
+async def response_input(app: Starlette, api_key: str, items: Any,
+                         names: dict[str, str]) -> ResponseInput:
+    marks: list[tuple[int, dict, str]] = []
+    entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS, lambda: (
+        openai_entries(input_messages(items, names, "input", marks), "input")))
+    given = ResponseInput(trigger=any(m[1].get("type") == "compaction_trigger" for m in marks))
+    if compactions := [m for m in marks if m[1].get("type") == "compaction"]:
+        given.before, item, where = compactions[-1]
+        token = string_at(item.get("encrypted_content"), f"{where}.encrypted_content")
+        seal = await app.state.seal.ready()
+        given.summary = await off_loop(len(token) >= LONG_BYTES, seal.open, token)
+    entries = await upload_entries(app, api_key, entries)
+    given.entries = [{**entry, "ref": ("input", n)} for n, entry in enumerate(entries)]
+    return given
+
+
+def total_cost(costs: Iterable[Cost]) -> Cost:
+    tokens = chars = 0
+    for cost in costs:
+        tokens, chars = tokens + cost[0], chars + cost[1]
+    return tokens, chars
+
+
+def entry_cost(entry: dict) -> Cost:
+    """What an entry costs a Responses turn, at most: its text, each tool call as JSON, a tool
+    result's header (poe_query counts the last round as JSON, fold_tool_rounds others as text)."""
+    extra = [definitions_json(entry.get("tool_calls") or [])] if entry.get("tool_calls") else []
+    if entry["role"] == "tool":
+        extra.append(f"[tool result {entry['tool_call_id']} ({entry['name']})]\n\n")
+    return total_cost(map(cost_of, [entry["content"] or "", *extra]))
+
+
+def turn_rows(stored: StoredHistory, given: ResponseInput
+              ) -> tuple[list[dict], dict | None, tuple | None, tuple | None]:
+    """What a turn may send, in order: the stored history's entries, then the input's; of those
+    before the input's compaction item, only system (and developer) messages: its summary stands
+    for the rest. Returns them, the summary in effect ({"content", ...}), the ref a summary the
+    turn keeps covers from (the stored summary's first, else the first row's), and the last ref
+    the item's summary stands for (None: no item, or nothing before it)."""
+    everything = stored.entries + given.entries
+    first = ("id", stored.summary["covers_first"]) if stored.summary is not None else \
+        everything[0]["ref"] if everything else None
+    if given.summary is None:
+        return everything, stored.summary, first, None
+    before = len(stored.entries) + given.before
+    rows = [entry for entry in everything[:before] if entry["role"] == "system"]
+    return rows + everything[before:], {"content": given.summary}, first, \
+        everything[before - 1]["ref"] if before else None
+
+
+@dataclass
+class ResponsePlan:
+    """A Responses turn before its call (plan_response): the rows it may send (turn_rows) and
+    their costs; rows[fixed:] are the newest input, from its last user message (never left out
+    nor summarised); the summary in effect; what is always sent besides (system prompt,
+    instructions, tools); and rows[:cut] to summarise first (context_management; 0: none).
+    `first` and `last`: what a summary the turn keeps covers (KeptSummary)."""
+    spec: ResponseSpec
+    budget: Budget
+    system_prompt: str
+    rows: list[dict]
+    costs: list[Cost]
+    fixed: int
+    summary: dict | None
+    always: Cost
+    cut: int
+    first: tuple | None
+    last: tuple | None
+
+
+def too_long(budget: Budget, cost: Cost, what: str) -> OpenAIRefusal:
+    return OpenAIRefusal(
+        f"{what} come to about {cost[0]} tokens ({cost[1]} characters): more than "
+        f"{budget.model}'s context window allows (of its {budget.window} tokens {budget.tokens} "
+        f"may be sent, the rest is kept for the reply; MAX_CONTEXT_CHARS is {budget.chars}). "
+        "Send less, or set truncation to auto or context_management to fit it",
+        "context_length_exceeded", "input")
+
+
+def plan_response(spec: ResponseSpec, stored: StoredHistory, given: ResponseInput,
+                  budget: Budget) -> ResponsePlan:
+    """What the turn's context comes to, and what fits: 400 context_length_exceeded when the
+    always-sent parts and the newest input alone do not fit (whatever truncation says), or
+    when all of it does not, with truncation disabled and no context_management; a compaction
+    planned when it passes compact_threshold (or the window), to under half of that."""
+    rows, summary, first, last = turn_rows(stored, given)
+    costs = [entry_cost(row) for row in rows]
+    users = [i for i, row in enumerate(rows) if row["role"] == "user"]
+    fixed = users[-1] if users else next(
+        (i for i, row in enumerate(rows) if row["ref"][0] == "input"), len(rows))
+    system = "\n\n".join(filter(None, [stored.system_prompt, *spec.instructions]))
+    always = total_cost([cost_of(system), cost_of(definitions_json(spec.tools or []))])
+    alone = total_cost([always, *costs[fixed:]])
+    if not budget.fits(alone):
+        raise too_long(budget, alone, "the instructions, tools and the newest input alone")
+    summary_cost = cost_of(summary_system("", (summary or {}).get("content")))
+    whole = total_cost([alone, summary_cost, *costs[:fixed]])
+    cut, threshold = 0, spec.compact_threshold
+    if threshold is not None and (whole[0] > threshold or not budget.fits(whole)):
+        cut = plan_cut(costs, turn_starts(rows, fixed), fixed, alone,
+                       dataclasses.replace(budget, tokens=min(threshold, budget.tokens)))
+    elif threshold is None and spec.truncation == "disabled" and not budget.fits(whole):
+        raise too_long(budget, whole, "the history and the new input")
+    return ResponsePlan(spec, budget, stored.system_prompt, rows, costs, fixed, summary, always,
+                        cut, first, last)
+
+
+def leave_out_oldest(plan: ResponsePlan, rows: list[dict], costs: list[Cost], fixed: int,
+                     cost: Cost) -> tuple[list[dict], Cost]:
+    """truncation auto: rows less their oldest whole items till `cost` fits the budget: never a
+    system message nor rows[fixed:], a function call never without its outputs (nor these
+    without it). Returns the rows kept, and their cost."""
+    gone: set[int] = set()
+    start = 0
+    while start < fixed and not plan.budget.fits(cost):
+        end = start + 1
+        if rows[start].get("tool_calls"):
+            while end < len(rows) and rows[end]["role"] == "tool":
+                end += 1
+        if end > fixed:  # its outputs are the newest input's
+            break
+        if rows[start]["role"] != "system":
+            gone.update(range(start, end))
+            cost = tuple(a - b for a, b in zip(cost, total_cost(costs[start:end])))
+        start = end
+    return [row for i, row in enumerate(rows) if i not in gone], cost
+
+
+def fit_response(plan: ResponsePlan, made: str | None, failure: PoeFailure | None
+                 ) -> tuple[list[dict], str | None]:
+    """The rows sent and the summary: after the summary `made` of rows[:cut], if any; then,
+    while over the budget, the oldest items left out (truncation auto), then the summary cut to
+    the room left. Still over: the summary call's failure, if it failed, else 400."""
+    start = plan.cut if made is not None else 0
+    summary = made if made is not None else (plan.summary or {}).get("content")
+    rows, costs, fixed = plan.rows[start:], plan.costs[start:], plan.fixed - start
+    rest = total_cost([plan.always, *costs])
+    if plan.spec.truncation == "auto" and not plan.budget.fits(
+            total_cost([rest, cost_of(summary_system("", summary))])):
+        rows, rest = leave_out_oldest(plan, rows, costs, fixed, rest)
+    if summary and not plan.budget.fits(total_cost([rest, cost_of(summary_system("", summary))])):
+        header = cost_of(summary_system("", " "))
+        summary = prefix_within(summary, plan.budget.tokens - rest[0] - header[0],
+                                plan.budget.chars - rest[1] - header[1])
+    cost = total_cost([rest, cost_of(summary_system("", summary))])
+    if not plan.budget.fits(cost):
+        if failure is not None:
+            raise poe_http_error(failure.status, failure.detail, failure.headers)
+        raise too_long(plan.budget, cost, "the history and the new input")
+    return rows, summary
+
+
+@dataclass
+class KeptSummary:
+    """A summary a stored Responses turn keeps (insert_response_turn): its text, and what it
+    covers, from `first` to `last`, each a row's "ref" (("id", message id), or ("input", n): the
+    turn's n-th input row, its id known once stored). `seal` when the turn made it (context
+    management, compaction_trigger): its compaction item then leads the output."""
+    content: str
+    first: tuple | None
+    last: tuple | None
+    seal: CompactionSeal | None = None
+
+    def covers(self, ids: list[int], copied: tuple[list[int], list[int]] | None
+               ) -> list[int] | None:
+        """[first id, last id] once the turn's rows have `ids` (and its history, forked, the
+        copies `copied`: copied_ids); None when it stands for nothing stored."""
+        if self.first is None or self.last is None:
+            return None
+
+        def resolve(ref: tuple) -> int:
+            kind, key = ref
+            if kind == "input":
+                return ids[key]
+            return key if copied is None else copied[1][bisect.bisect_left(copied[0], key)]
+        return [resolve(self.first), resolve(self.last)]
+
+
+async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
+                         stored: StoredHistory, given: ResponseInput
+                         ) -> tuple[PoeQuery, int, KeptSummary | None]:
+    """The turn's query (plan_response, a summary made if planned, fit_response), the tokens of
+    all it sends (usage's input_tokens), and the summary a stored turn keeps: the one made, else
+    the input compaction item's."""
+    budget = await model_budget(app, spec.model, spec.max_tokens)
+    long = len(stored.entries) + len(given.entries) >= LONG_ITEMS
+    plan = await off_loop(long, plan_response, spec, stored, given, budget)
+    made, failure, kept = None, None, None
+    if plan.cut:
+        model = summariser(app, spec.model)
+        try:
+            made, _ = await summary_of(app, api_key, model, plan.summary, plan.rows[:plan.cut])
+            kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
+                               await app.state.seal.ready())
+        except PoeFailure as exc:
+            failure = exc
+            log.warning("compacting a Responses history with %s failed (%s: %s)", model,
+                        exc.status, exc.detail)
+    if kept is None and given.summary is not None:
+        kept = KeptSummary(given.summary, plan.first, plan.last)
+    rows, summary = await off_loop(long, fit_response, plan, made, failure)
+    system = summary_system(plan.system_prompt, summary)
+    history = ([{"role": "system", "content": system, "attachments": []}] if system else []) + rows
+    folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
+    entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
+    query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
+        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results}, spec.tools)
+    return query, tokens, kept
+
+
+async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHistory,
+                      given: ResponseInput) -> tuple[str, list[dict], int, tuple | None]:
+    """One summary of everything a turn would send (turn_rows), by COMPACT_MODEL or `model`:
+    the summary, the rows it covers, the tokens its call was sent, and the ref its range starts
+    at. 400 when there is nothing but system messages; Poe's status when the call fails."""
+    rows, summary, first, _ = turn_rows(stored, given)
+    if all(row["role"] == "system" for row in rows):
+        raise HTTPException(400, "nothing to compact: there is no message (but system ones) "
+                                 "that a summary does not stand for already")
+    try:
+        made, tokens = await summary_of(app, api_key, summariser(app, model), summary, rows)
+    except PoeFailure as exc:
+        raise poe_http_error(exc.status, exc.detail, exc.headers) from None
+    return made, rows, tokens, first
+
+
+async def compaction_trigger(app: Starlette, api_key: str, spec: ResponseSpec, target: dict,
+                             stored: StoredHistory, given: ResponseInput) -> Response:
+    """A turn whose input holds a compaction_trigger (Codex's remote compaction): one summary
+    call and no turn call; stored, the input and the summary are kept in its conversation (the
+    chain continues compacted). The response's output is exactly one compaction item."""
+    summary, rows, tokens, first = await compact_all(app, api_key, spec.model, stored, given)
+    seal = await app.state.seal.ready()
+    body = {**spec.base, "status": "completed", "completed_at": int(time.time()),
+            "usage": response_usage(tokens, estimate_tokens(summary)),
+            "output": [compaction_item(seal, summary)]}
+    if spec.store:
+        kept = KeptSummary(summary, first, rows[-1]["ref"], seal)
+        *_, body = await app.state.db.write(insert_response_turn, target, spec.model,
+                                            message_rows(given.entries), body, kept, False)
+    if not spec.stream:
+        return JSONResponse(body)
+
+    async def events() -> AsyncIterator[bytes]:
+        event = response_event()
+        for frame in leading_events({**body, "status": "in_progress", "completed_at": None,
+                                     "usage": None}, event):
+            yield frame
+        yield event("response.completed", response=body)
+    return EventStream(events(), sep="\n")
+
+
+def user_item(entry: dict) -> dict:
+    """A user message of what /v1/responses/compact compacted, as an item (msg_<id> stored)."""
+    kind, key = entry["ref"]
+    return plain_items({"id": key if kind == "id" else uuid.uuid4().hex[:24],
+                        "status": "complete", "role": "user", "content": entry["content"],
+                        "attachments": json.dumps(entry["attachments"]) if entry["attachments"]
+                        else None, "tool_calls": None, "tool_call_id": None})[0]
+
+
+async def compact_responses(request: Request) -> JSONResponse:
+    """POST /v1/responses/compact: everything (the chain of previous_response_id, then the
+    input) summarised by one call -> the user messages, then one compaction item. With
+    previous_response_id, the summary is also stored, covering the stored messages, when that
+    response is its conversation's latest turn."""
+    app = request.app
+    data = await read_json(request)
+    model = model_field(data)
+    if not isinstance(model, str):
+        raise HTTPException(400, "model is required: the name of a Poe bot")
+    previous = text_field(data, "previous_response_id", empty_ok=False)
+    previous = previous if isinstance(previous, str) else None
+    text_field(data, "instructions")  # checked; a turn's instructions are not summarised
+    if previous is None and data.get("input") is None:
+        raise HTTPException(400, "input or previous_response_id is required")
+    api_key = poe_key(request)
+    target, stored = await app.state.db.read(response_start, previous, None)
+    given = ResponseInput() if data.get("input") is None else \
+        await response_input(app, api_key, data["input"], stored.names)
+    claimed = target["conversation_id"] if previous is not None and target["append"] else None
+    with app.state.replies.claim(claimed):
+        summary, _, tokens, first = await compact_all(app, api_key, model, stored, given)
+        seal, summary_id = await app.state.seal.ready(), None
+        covers = KeptSummary(summary, first, stored.entries[-1]["ref"] if stored.entries
+                             else None).covers([], None)
+        if claimed is not None and covers is not None:
+            summary_id = await app.state.db.write(store_summary, claimed, summary, covers)
+    users = [user_item(entry) for entry in stored.entries + given.entries
+             if entry["role"] == "user"]
+    return JSONResponse({
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [*users, compaction_item(seal, summary, claimed, summary_id)],
+        "usage": response_usage(tokens, estimate_tokens(summary))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5277,13 +5763,15 @@ def list_query(request: Request) -> dict:
 
 
 def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
-               page: dict) -> dict:
-    """A page of the items of messages low..high, on a reader thread. A message is at least one
-    item, so limit + 2 messages (the cursor's, limit, one more) are enough to say has_more."""
+               page: dict, summaries: bool = True) -> dict:
+    """A page of the items of messages low..high (summaries left out unless `summaries`), on a
+    reader thread. A message is at least one item, so limit + 2 messages (the cursor's, limit,
+    one more) are enough to say has_more."""
     desc, after = page["order"] == "desc", page["after"]
     if after is not None:
         low, high = (low, min(high, after[0])) if desc else (max(low, after[0]), high)
     rows = fetch_all(db, MESSAGE_SQL + " WHERE conversation_id = ? AND id BETWEEN ? AND ? "
+                     f"{'' if summaries else 'AND kind IS NULL '}"
                      f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
                      (conversation_id, low, high, page["limit"] + 2))
     covers = conversation_covers(db, conversation_id)
@@ -5783,18 +6271,19 @@ async def login(request: Request) -> JSONResponse:
     return JSONResponse({"name": user, "user": user})
 
 
-def error_response(scope: dict, status: int, detail: str,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(scope: dict, status: int, detail: str, headers: dict | None = None,
+                   fields: dict | None = None) -> JSONResponse:
     """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
     path = scope.get("path", "")
     openai = path.startswith(OPENAI_PREFIXES) or path.startswith("/v1/") and (
         "endpoint" not in scope and all(route.matches(scope)[0] == Match.NONE for route in routes))
-    body = openai_error(status, detail) if openai else {"detail": detail}
+    body = openai_error(status, detail, fields) if openai else {"detail": detail}
     return JSONResponse(body, status, headers=headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(request.scope, exc.status_code, exc.detail, exc.headers)
+    return error_response(request.scope, exc.status_code, exc.detail, exc.headers,
+                          getattr(exc, "fields", None))
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -5926,6 +6415,7 @@ ENDPOINTS = {
     "/v1/models/{model_id:path}": {"GET": read_model},
     # OpenAI Responses
     "/v1/responses": {"POST": create_response},
+    "/v1/responses/compact": {"POST": compact_responses},
     "/v1/responses/{response_id}": {"GET": read_response, "DELETE": delete_response},
     "/v1/responses/{response_id}/input_items": {"GET": list_input_items},
     # OpenAI Conversations
@@ -5964,6 +6454,7 @@ def lifespan_of(settings: Settings) -> Callable:
         state.settings = settings
         state.db = Database(settings.db_path, settings.db_timeout)
         state.replies = Replies(state.db)
+        state.seal = CompactionSeal(state.db)
         state.poe_budget = PoeBudget(settings.poe_rate_limit, settings.poe_rate_window,
                                      settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
