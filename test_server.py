@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -6618,3 +6619,47 @@ def test_a_200_turn_response_chain_compacts_and_keeps_every_message(compacting, 
                       "'summary'", (conversation_id,)).fetchone()[0] == \
         CALLS["Summarizer"] - summaries
     db.close()
+
+
+@pytest.mark.slow
+def test_codex_cli_runs_turns_through_the_service_and_compacts(start_service, tmp_path):
+    """Codex CLI (npm's @openai/codex, fetched into a temporary folder now) with a provider at
+    the service (wire_api = "responses", its key from the environment) and a small window: four
+    `codex exec` turns of one session, each answered by the Say bot, past the window Codex's own
+    compaction (a summarising turn through /v1/responses) among them."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip("npm is not installed: Codex CLI cannot be fetched")
+    installed = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix",
+                                str(tmp_path / "npm"), "@openai/codex"],
+                               capture_output=True, text=True, timeout=600)
+    codex = tmp_path / "npm" / "node_modules" / ".bin" / "codex"
+    if installed.returncode != 0 or not codex.exists():
+        pytest.skip(f"npm could not fetch @openai/codex: {installed.stderr[-500:]}")
+    api, _ = start_service()
+    home, work = tmp_path / "codex-home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "config.toml").write_text(f"""
+model = "Say"
+model_provider = "poe-proxy"
+model_context_window = 9000
+model_auto_compact_token_limit = 5000
+
+[model_providers.poe-proxy]
+name = "Poe proxy with memory"
+base_url = "{api.base_url}/v1"
+env_key = "POE_PROXY_KEY"
+wire_api = "responses"
+""")
+    env = {**os.environ, "CODEX_HOME": str(home), "POE_PROXY_KEY": "poe-test-key"}
+    calls, said = CALLS["Say"], []
+    for n, prompt in enumerate(["say hello", "first turn", "second turn", "third turn"]):
+        resume = ["resume", "--last"] if n else []
+        result = subprocess.run([str(codex), "exec", "--skip-git-repo-check", *resume, prompt],
+                                cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert prompt in result.stdout  # Say answers with the last message: the prompt
+        said.append(result.stdout + result.stderr)
+    assert CALLS["Say"] > calls + 4 and any("context compacted" in out for out in said)
