@@ -79,11 +79,23 @@ def bare_app():
     return Starlette(routes=[Route("/v1/chat/conversations", create, methods=["POST"])])
 
 
+# The bot server's model list (POE_MODELS_URL): Small, the same bot, has a window of 2,000 tokens.
+MODEL_LIST = {"object": "list", "data": [
+    {"id": "Bench", "object": "model", "created": 0, "owned_by": "bench"},
+    {"id": "Small", "object": "model", "created": 0, "owned_by": "bench",
+     "context_window": {"context_length": 2000}}]}
+
+
+def bot_app():
+    app = fp.make_app([Bench(path="/Bench"), Bench(path="/Small")], allow_without_key=True)
+    app.add_api_route("/v1/models", lambda: MODEL_LIST, methods=["GET"])
+    return app
+
+
 def serve(role: str, port: int) -> None:
     import uvicorn
 
-    app = fp.make_app(Bench(path="/Bench"), allow_without_key=True) if role == "bot" \
-        else bare_app()
+    app = bot_app() if role == "bot" else bare_app()
     # The same uvicorn settings as `python server.py` (access log on, uvloop and httptools).
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
@@ -420,6 +432,8 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         # 9. The budget of Poe calls: its cost under it, and turns offered at twice it.
         rows.append(await bench_budget_cost(quick))
         rows.append(await bench_over_budget(quick, workdir, bot))
+        # 10. Compaction: what it adds to a turn, a compacted long history, the loop meanwhile.
+        rows += await bench_compaction(quick, workdir, bot)
     finally:
         bot.stop()
     return rows
@@ -762,6 +776,88 @@ async def bench_over_budget(quick: bool, workdir: str, bot: Process) -> tuple[st
             f"stall {stall:.0f} ms",
             "target: served in order (a race of calls let go together aside: ≤ 5 ms), "
             "0 failed, stored = served, stall ≤ 50 ms")
+
+
+async def bench_compaction(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:
+    """In a fresh service whose Small bot has a window of 2,000 tokens: the loop's longest stall
+    while the first turn on a 100,000-message conversation (5,000 with --quick) compacts it;
+    turns on it, compacted, against turns on a 100-message one, compacted too; and what a
+    compacting turn adds beyond its summary call (compaction_cost)."""
+    sys.path.insert(0, HERE)
+    import server
+    size, repeats = (5000, 5) if quick else (100000, 15)
+    db_path = os.path.join(workdir, "compaction.db")
+    server.prepare_database(db_path)
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO conversations (id, model) VALUES ('long', 'Small'), "
+               "('hundred', 'Small')")
+    fill_history(db, "long", size)
+    fill_history(db, "hundred", 100)
+    fresh = [f"small{i}" for i in range(repeats)]
+    db.executemany("INSERT INTO conversations (id, model) VALUES (?, 'Small')",
+                   [(c,) for c in fresh])
+    for conversation_id in fresh:
+        history = fill_history(db, conversation_id, 60)
+    db.commit()
+    db.close()
+    service = start_service(workdir, bot, db_path, "compaction.log",
+                            POE_MODELS_URL=bot.url + "/v1/models")
+    client = httpx.AsyncClient(base_url=service.url, timeout=600)
+
+    async def turn(conversation_id: str) -> tuple[float, dict]:
+        started = time.perf_counter()
+        response = await client.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                                     json={"content": "short"})
+        assert response.status_code == 200, response.text[:200]
+        return time.perf_counter() - started, response.json()
+
+    try:
+        took, body = await turn("long")
+        assert "compacted" in body, body
+        stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
+        rows = [(f"longest loop stall while a turn compacts a {size}-message conversation",
+                 f"{stall:.0f} ms (the turn took {ms(took)})", "target ≤ 50 ms")]
+        assert "compacted" in (await turn("hundred"))[1]
+        long, hundred = [], []
+        for _ in range(repeats):
+            long.append((await turn("long"))[0])
+            hundred.append((await turn("hundred"))[0])
+        ratio = statistics.median(long) / statistics.median(hundred)
+        rows.append((f"a turn on a compacted {size}-message conversation against one on 100 "
+                     "(compacted too): median", f"{ms(statistics.median(long))} against "
+                     f"{ms(statistics.median(hundred))}", f"ratio {ratio:.2f}; target ≤ 1.5"))
+        rows.append(await compaction_cost(turn, fresh, history, bot.url + "/", server))
+    finally:
+        await client.aclose()
+        service.stop()
+    return rows
+
+
+async def compaction_cost(turn: Callable, fresh: list[str], history: list[tuple],
+                          bot_url: str, server) -> tuple[str, str, str]:
+    """On each of `fresh` (60 messages, past Small's window): its first turn, which compacts,
+    its second, which sends as much (the summary, what was kept) and does not, and a direct call
+    to the bot with what a summary call sends. The first less the other two is compaction's own
+    work: planning, the transcript, storing the summary."""
+    compacting, plain, summary = [], [], []
+    transcript = "\n\n".join(f"{role}: {content}" for role, content in history[:48])
+    summary_query = query(transcript, [fp.ProtocolMessage(role="system",
+                                                         content=server.SUMMARY_PROMPT)])
+    async with httpx.AsyncClient(timeout=600) as session:
+        for conversation_id in fresh:
+            took, body = await turn(conversation_id)
+            assert "compacted" in body, body
+            compacting.append(took)
+            took, body = await turn(conversation_id)
+            assert "compacted" not in body, body
+            plain.append(took)
+            started = time.perf_counter()
+            await direct_reply(session, bot_url, summary_query)
+            summary.append(time.perf_counter() - started)
+    c50, p50, s50 = (statistics.median(t) for t in (compacting, plain, summary))
+    return ("what compacting adds to a turn beyond its summary call: a turn that compacts, the "
+            "next (as much sent, no compaction), the summary call alone (direct): median",
+            f"{ms(c50)}; {ms(p50)}; {ms(s50)}", f"adds {ms(c50 - p50 - s50)}; target ≤ 5 ms")
 
 
 def download(url: str) -> int:

@@ -6506,6 +6506,19 @@ def test_responses_compact_and_its_item_sent_back_stand_for_what_came_before(
     assert sent == [["system", f"{server.SUMMARY_HEADER}\nSUMMARY of 4 blocks, "
                                f"{len(summary.query[-1].content)} chars"],
                     ["user", "what do I drink?"]]
+    # Sent back in a stored turn: the input is stored, and the summary after it, covering what
+    # it stands for; the chain goes on from there.
+    stored = memory_sdk.responses.create(model="Small", input=[
+        *sent_back, {"role": "user", "content": "and now?"}])
+    messages = listed(api, stored.conversation.id)
+    assert [(m["role"], m.get("kind")) for m in messages] == [
+        ("user", None), ("user", None), ("user", None), ("system", "summary"),
+        ("assistant", None)]
+    assert messages[3]["covers"] == [messages[0]["id"], messages[1]["id"]]
+    assert messages[3]["content"] == sent[0][1].split("\n", 1)[1]
+    memory_sdk.responses.create(model="Small", input="more", previous_response_id=stored.id)
+    assert history_of(LAST_QUERY["Small"]) == [
+        sent[0], ["user", "and now?"], ["bot", messages[4]["content"]], ["user", "more"]]
     # With previous_response_id, the summary is stored too: the chain goes on compacted.
     first = memory_sdk.responses.create(model="Say", input="one " + "o" * 50)
     second = memory_sdk.responses.create(model="Say", input="two", previous_response_id=first.id)
@@ -6522,6 +6535,28 @@ def test_responses_compact_and_its_item_sent_back_stand_for_what_came_before(
                          ({"model": "Say", "input": [{"role": "system", "content": "x"}]}, 400),
                          ({"model": "Say"}, 400), ({"input": "x"}, 400)):
         assert api.post("/v1/responses/compact", headers=KEY, json=body).status_code == status
+
+
+def test_a_forked_turn_that_compacts_keeps_its_summary_in_the_copy(compacting, memory_sdk):
+    api, _ = compacting
+    responses, previous = [], None
+    for i in range(6):
+        previous = memory_sdk.responses.create(model="Small", input=f"turn {i} " + "f" * 400,
+                                               previous_response_id=previous).id
+        responses.append(previous)
+    original = memory_sdk.responses.retrieve(responses[-1]).conversation.id
+    # After the fourth response, which is not the latest: a copy of the history up to it.
+    fork = memory_sdk.responses.create(
+        model="Small", input="fork", previous_response_id=responses[3],
+        context_management=[{"type": "compaction", "compact_threshold": 400}])
+    assert fork.conversation.id != original and fork.output[0].type == "compaction"
+    copy = listed(api, fork.conversation.id)
+    summary = next(m for m in copy if m.get("kind") == "summary")
+    assert summary["id"] == int(fork.output[0].id.removeprefix("cmp_"))
+    covered = [m for m in copy if m.get("summarized_by") == summary["id"]]
+    assert summary["covers"] == [copy[0]["id"], covered[-1]["id"]] and len(covered) >= 2
+    assert [m["content"] for m in covered] == [m["content"] for m in copy[:len(covered)]]
+    assert all("kind" not in m and "summarized_by" not in m for m in listed(api, original))
 
 
 def forged(token: str, how: str) -> str:
