@@ -5432,6 +5432,8 @@ class ResponseInput:
 
 async def response_input(app: Starlette, api_key: str, items: Any,
                          names: dict[str, str]) -> ResponseInput:
+    """The input as a turn uses it; a compaction item's summary taken from its token (400 for
+    one this server did not make)."""
     marks: list[tuple[int, dict, str]] = []
     entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS, lambda: (
         openai_entries(input_messages(items, names, "input", marks), "input")))
@@ -5537,14 +5539,14 @@ def plan_response(spec: ResponseSpec, stored: StoredHistory, given: ResponseInpu
                         cut, first, last)
 
 
-def leave_out_oldest(plan: ResponsePlan, rows: list[dict], costs: list[Cost], fixed: int,
+def leave_out_oldest(budget: Budget, rows: list[dict], costs: list[Cost], fixed: int,
                      cost: Cost) -> tuple[list[dict], Cost]:
     """truncation auto: rows less their oldest whole items till `cost` fits the budget: never a
     system message nor rows[fixed:], a function call never without its outputs (nor these
     without it). Returns the rows kept, and their cost."""
     gone: set[int] = set()
     start = 0
-    while start < fixed and not plan.budget.fits(cost):
+    while start < fixed and not budget.fits(cost):
         end = start + 1
         if rows[start].get("tool_calls"):
             while end < len(rows) and rows[end]["role"] == "tool":
@@ -5569,7 +5571,7 @@ def fit_response(plan: ResponsePlan, made: str | None, failure: PoeFailure | Non
     rest = total_cost([plan.always, *costs])
     if plan.spec.truncation == "auto" and not plan.budget.fits(
             total_cost([rest, cost_of(summary_system("", summary))])):
-        rows, rest = leave_out_oldest(plan, rows, costs, fixed, rest)
+        rows, rest = leave_out_oldest(plan.budget, rows, costs, fixed, rest)
     if summary and not plan.budget.fits(total_cost([rest, cost_of(summary_system("", summary))])):
         header = cost_of(summary_system("", " "))
         summary = prefix_within(summary, plan.budget.tokens - rest[0] - header[0],

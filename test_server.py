@@ -6462,6 +6462,7 @@ def test_context_management_compacts_and_the_output_begins_with_the_item(
     sent = history_of(LAST_QUERY["Small"])
     assert sent[0] == ["system", f"S\n\n{server.SUMMARY_HEADER}\n{summary[1]}"]
     assert sent_tokens(LAST_QUERY["Small"]) < 1000 and sent[-1] == ["user", "now"]
+    assert response.usage.input_tokens == sent_tokens(LAST_QUERY["Small"])  # the summary too
     assert item.encrypted_content != summary[1] and summary[1] not in item.encrypted_content
     stored = memory_sdk.responses.retrieve(response.id)
     assert stored.output[0].model_dump() == item.model_dump()
