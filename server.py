@@ -539,6 +539,10 @@ ZSTD_STEP_BYTES = 64
 # The largest zstd window decoded: the 8 MiB RFC 8878 asks every decoder to support (levels 1-19
 # stay within it). A frame claiming more (a 1 KB frame may claim 10 GB) is 400, nothing allocated.
 ZSTD_MAX_WINDOW = 2**23
+# The most gzip members or zstd frames one body may hold (400 past it). Clients send one; each
+# costs a decoder's setup, so a body of a million empty 9-byte frames would hold the loop for
+# seconds: this bounds the work per byte as the other bounds do.
+MAX_BODY_FRAMES = 4096
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -611,13 +615,22 @@ class BodyDecoder:
     A body may hold several gzip members or zstd frames, one after another."""
 
     def __init__(self, coding: str | None) -> None:
-        self.coding = coding
+        self.coding, self.frames = coding, 0
+        # One zstd context per body (its setup is the dear part), reset for each frame.
+        self.zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW) \
+            if coding == "zstd" else None
         self.stream = self.new_stream() if coding is not None else None
 
     def new_stream(self) -> Any:
+        """The decoder of the body's next gzip member or zstd frame; 400 past MAX_BODY_FRAMES."""
+        self.frames += 1
+        if self.frames > MAX_BODY_FRAMES:
+            kind = "gzip members" if self.coding == "gzip" else "zstd frames"
+            raise HTTPException(400, f"the request body holds more than {MAX_BODY_FRAMES} "
+                                     f"{kind}: send it as one")
         if self.coding == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+        return self.zstd.decompressobj()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The decoded bytes, a piece at a time: each from at most DECODE_INPUT_BYTES of `data`,
