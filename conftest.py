@@ -106,6 +106,13 @@ async def rate_limited(request):
     yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
 
 
+async def part_then_rate_limited(request):
+    """Some text, then Poe's rate limit: a reply cut off part way by it."""
+    yield fp.PartialResponse(text="partial text ")
+    await asyncio.sleep(0.05)  # the text is relayed (a stream has begun) before the error
+    yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
+
+
 async def key_refused(request):
     """Poe's word, as an error event, that the key it was given is not valid."""
     yield fp.ErrorResponse(text="Invalid API key", allow_retry=False)
@@ -246,7 +253,8 @@ def make_poe_app():
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
             ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard),
-            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused)]
+            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused),
+            ScriptBot("PartRateLimited", part_then_rate_limited)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries; a 429 with Poe's rate-limit headers.

@@ -1325,6 +1325,9 @@ TURN_SECONDS = 0.005
 # What a bot may make a reply hold, past its text: past these, the reply fails (502).
 MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
 MAX_REPLY_FILES = 100
+# A failure after some output is 502 (the reply cut off), but for these, which say more: Poe's
+# rate limit (429: waiting is the cure, API.md says never 502) and Poe's silence (504).
+CUT_OFF_KEPT = (429, 504)
 
 
 @dataclass
@@ -1629,9 +1632,10 @@ class Reply:
         if self.flush is not None:
             self.flush.cancel()
             self.flush = None
-        if self.error is not None and self.has_output:
-            # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
-            self.error = (self.error[0] if self.error[0] in (503, 504) else 502, self.error[1])
+        if self.error is not None and self.has_output and self.error is not self.stop_error \
+                and self.error[0] not in CUT_OFF_KEPT:
+            # Cut off part way: what arrived is kept; the caller hears 502 (a stop, its reason).
+            self.error = (502, self.error[1])
         record = self.ending(self) if self.ending is not None else None
         if self.message_id is not None:
             while self.writing is not None:
@@ -1675,9 +1679,12 @@ class Reply:
             self.task.cancel()
 
     def failure(self) -> HTTPException:
+        """The caller's error: a 429 with its Retry-After and x-should-retry: true; a 502 or
+        504 (Poe was called) with x-should-retry: false, never a Retry-After."""
         status, detail = self.error
-        headers = {**(self.error_headers or {}), **(NO_RETRY if status in (502, 504) else {})}
-        return HTTPException(status, detail, headers=headers or None)
+        headers = self.error_headers if status == 429 else NO_RETRY if status in (502, 504) \
+            else None
+        return HTTPException(status, detail, headers=headers)
 
     async def answer(self, stream: bool, whole: Callable[[], Response],
                      events: Callable[[tuple], AsyncIterator[bytes]],
@@ -4563,10 +4570,11 @@ def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[di
 
 
 def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
-                   input_tokens: int, error: str | None = None) -> dict:
+                   input_tokens: int, error: str | None = None, error_status: int = 502) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
-    (cut off part way) or cancelled (stopped). Usage is estimated as chat completions' is: the
-    text and the calls' arguments."""
+    (cut off part way: its error's code OpenAI's, rate_limit_exceeded for a 429, else
+    server_error) or cancelled (stopped). Usage is estimated as chat completions' is: the text
+    and the calls' arguments."""
     output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
     output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
                                             else item["content"][0]["text"] for item in output))
@@ -4578,7 +4586,8 @@ def ended_response(base: dict, status: str, text: str, calls: list[dict], key: A
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
-            "error": {"code": "server_error", "message": error} if status == "failed" else None,
+            "error": {"code": OPENAI_ERROR_CODES.get(error_status, "server_error"),
+                      "message": error} if status == "failed" else None,
             "output": output, "usage": usage}
 
 
@@ -4603,8 +4612,9 @@ class ResponseTurn:
                 text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
         status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
             else "failed" if reply.error is not None else "cancelled"
+        error_status, error = reply.error if reply.error is not None else (502, None)
         self.body = ended_response(self.base, status, text, calls, self.key, self.input_tokens,
-                                   reply.error[1] if reply.error else None)
+                                   error, error_status)
         return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
 
     def whole(self) -> JSONResponse:

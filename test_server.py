@@ -5502,6 +5502,58 @@ def test_the_sdk_reads_poe_rate_limit_as_rate_limit_error(sdk):
     assert raised.value.body["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize("route", TURN_ROUTES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_rate_limit_after_some_text_is_429_and_keeps_the_text(api, db, route, stream):
+    """PartRateLimited sends "partial text ", then Poe's rate-limit error event: a reply cut
+    off part way, whose text is kept 'interrupted', as any; but the caller hears a 429 (never
+    502), with Retry-After and x-should-retry: true, streamed or not."""
+    conversation_id = new_conversation(api, model="PartRateLimited") if route == "native" \
+        else None
+    response = turn_on(api, route, "PartRateLimited", "hello", stream, conversation_id)
+    if not stream:
+        assert response.status_code == 429, response.text
+        assert response.headers["retry-after"] == str(server.POE_RETRY_SECONDS)
+        assert response.headers["x-should-retry"] == "true"
+        error = response.json() if route == "native" else response.json()["error"]
+        if route != "native":
+            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert "rate-limiting" in (error["detail"] if route == "native" else error["message"])
+    else:  # the stream had begun with the text: the error is its last event
+        assert response.status_code == 200 and "x-should-retry" not in response.headers
+        lines = response.text.split("\n")
+        events = data_events(lines)
+        assert route == "responses" or events[-1] == "[DONE]"  # Responses have no [DONE]
+        if route == "native":
+            assert events[1] == {"content": "partial text "}
+            assert events[2] == {"error": {"message": events[2]["error"]["message"],
+                                           "status": 429,
+                                           "retry_after": server.POE_RETRY_SECONDS}}
+        elif route == "chat":
+            assert events[1]["choices"][0]["delta"] == {"content": "partial text "}
+            assert events[2]["error"]["type"] == "rate_limit_error"
+            assert events[2]["error"]["code"] == "rate_limit_exceeded"
+        else:
+            failed = json.loads(lines[lines.index("event: response.failed") + 1][6:])
+            assert failed["response"]["error"]["code"] == "rate_limit_exceeded"
+            assert failed["response"]["output"][0]["content"][0]["text"] == "partial text "
+    if route == "responses":
+        conversation_id = conversation_of(db, latest_response(db))
+    if route != "chat":  # chat completions store nothing
+        assert [(m["role"], m["content"], m["status"])
+                for m in stored_messages(db, conversation_id)] == [
+            ("user", "hello", "complete"), ("assistant", "partial text ", "interrupted")]
+
+
+def test_a_cut_off_reply_is_502_without_retry_after(api, db):
+    """A 502 or 504 never carries Retry-After, a 429 never x-should-retry: false."""
+    response = say(api, new_conversation(api, model="FailPartWay"), "x")
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in response.headers
+    limited = say(api, new_conversation(api, model="PartRateLimited"), "x")
+    assert limited.status_code == 429 and limited.headers["x-should-retry"] == "true"
+
+
 def test_a_full_budget_queues_calls_first_come_first_served(start_service):
     """A budget of 3 calls in 0.75 s: 3 turns go, 3 wait (a stream, a chat completion, a stream
     whose bot then rate-limits) and then go, in the order they came, once slots free."""
