@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import json
 import os
 import re
@@ -267,6 +268,15 @@ def make_poe_app():
 
     status_route("Busy", 429)
     status_route("Crash", 500)
+
+    # A 429 whose Retry-After is the last message's text ('date N': an HTTP date N s ahead).
+    async def busy_for(request: Request):
+        CALLS["BusyFor"] += 1
+        said = (await request.json())["query"][-1]["content"]
+        if said.startswith("date "):
+            said = email.utils.formatdate(time.time() + float(said[5:]), usegmt=True)
+        return JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": said})
+    poe.add_api_route("/BusyFor", busy_for, methods=["POST"])
 
     # fastapi_poe's upload_file posts here (POE_UPLOAD_URL = this server + /poe_api/).
     async def upload(request: Request):

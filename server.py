@@ -859,8 +859,9 @@ class PoeFailure(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does).
-POE_RETRY_SECONDS = 10
+# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does),
+# or says it in a form HTTP does not have; and the longest passed on (Poe counts by the minute).
+POE_RETRY_SECONDS, POE_RETRY_MAX_SECONDS = 10, 3600
 # A conversation stream waiting for the budget gets an SSE comment line this often.
 BUDGET_COMMENT_SECONDS = 5.0
 BUDGET_COMMENT = b": waiting for Poe's rate limit\n\n"
@@ -876,15 +877,18 @@ def rate_limited(detail: str, retry_after: int, headers: Any = None) -> PoeFailu
 
 
 def retry_seconds(raw: str | None) -> int:
-    """Poe's Retry-After (seconds, or an HTTP date) in whole seconds, at least 1; else
-    POE_RETRY_SECONDS."""
+    """Poe's Retry-After as HTTP has it (whole seconds, or an HTTP date), from 1 to
+    POE_RETRY_MAX_SECONDS (a longer wait is said as that); anything else (a fraction, a negative
+    number, junk) POE_RETRY_SECONDS."""
     raw = (raw or "").strip()
-    with contextlib.suppress(ValueError, TypeError, OverflowError):
-        if raw and raw.replace(".", "", 1).isdigit():
-            return max(1, math.ceil(float(raw)))
-        if raw:
-            return max(1, math.ceil(email.utils.parsedate_to_datetime(raw).timestamp()
-                                    - time.time()))
+    if raw.isascii() and raw.isdigit():
+        return POE_RETRY_MAX_SECONDS if len(raw) > 9 else \
+            min(max(1, int(raw)), POE_RETRY_MAX_SECONDS)
+    with contextlib.suppress(ValueError, TypeError, OverflowError, IndexError):
+        when = email.utils.parsedate_to_datetime(raw)
+        if when.tzinfo is None:  # "-0000": an HTTP date is in GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return min(max(1, math.ceil(when.timestamp() - time.time())), POE_RETRY_MAX_SECONDS)
     return POE_RETRY_SECONDS
 
 

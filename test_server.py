@@ -5545,6 +5545,23 @@ def test_poe_rate_limit_after_some_text_is_429_and_keeps_the_text(api, db, route
             ("user", "hello", "complete"), ("assistant", "partial text ", "interrupted")]
 
 
+@pytest.mark.parametrize("said,expected", [
+    ("7", (7, 7)), ("0", (1, 1)), ("99999999999999999999999", (3600, 3600)),
+    ("86400", (3600, 3600)), ("date 120", (119, 121)), ("date 100000", (3600, 3600)),
+    ("date -50", (1, 1)), ("1.5", (10, 10)), ("-3", (10, 10)), ("soon", (10, 10)),
+])
+def test_poes_retry_after_is_read_strictly_and_capped(api, said, expected):
+    """BusyFor answers HTTP 429 with `Retry-After: <the message>`: whole seconds or an HTTP
+    date, passed on as whole seconds from 1 to POE_RETRY_MAX_SECONDS (an hour); a form HTTP
+    does not have is the default, POE_RETRY_SECONDS."""
+    response = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": "BusyFor", "messages": [{"role": "user", "content": said}]})
+    assert response.status_code == 429
+    assert re.fullmatch(r"[0-9]+", response.headers["retry-after"])
+    assert expected[0] <= int(response.headers["retry-after"]) <= expected[1]
+    assert response.headers["x-should-retry"] == "true"
+
+
 def test_a_cut_off_reply_is_502_without_retry_after(api, db):
     """A 502 or 504 never carries Retry-After, a 429 never x-should-retry: false."""
     response = say(api, new_conversation(api, model="FailPartWay"), "x")
