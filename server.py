@@ -1730,6 +1730,10 @@ class Replies:
     def busy(self, conversation_id: str) -> bool:
         return conversation_id in self.preparing or conversation_id in self.by_conversation
 
+    def sending(self) -> int:
+        """The replies Poe is sending now (/health): a turn waiting for the budget is not one."""
+        return sum(not reply.waiting for reply in self.by_session.values())
+
     @contextlib.contextmanager
     def claim(self, conversation_id: str | None) -> Iterator[None]:
         """Holds the conversation for one turn while it is prepared (409 for any other), until
@@ -5283,7 +5287,7 @@ async def health(request: Request) -> JSONResponse:
     except (HTTPException, TimeoutError):
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
-                         "replies_in_progress": len(state.replies.by_session),
+                         "replies_in_progress": state.replies.sending(),
                          "unsaved_replies": len(state.replies.unsaved),
                          "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1),
                          "poe_budget": state.poe_budget.figures()})

@@ -5681,6 +5681,22 @@ def test_a_client_that_leaves_leaves_the_queue(patient):
     assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
 
 
+def test_health_counts_a_waiting_turn_as_queued_not_in_progress(patient):
+    """replies_in_progress counts the replies Poe is sending now (docs/API.md): a turn that
+    waits for the budget is counted in poe_budget.queued instead."""
+    api, _ = patient
+    fill_budget(api)
+    conversation_id = new_conversation(api, model="Echo")
+    with stream_turn(api, conversation_id, "hello") as response:
+        lines = response.iter_lines()
+        until_waiting(lines)
+        health = api.get("/health").json()
+        assert (health["replies_in_progress"], health["poe_budget"]["queued"]) == (0, 1)
+        stopped = api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+        assert stopped.json() == {"stopped": True}
+        assert data_events(lines)[-1] == "[DONE]"
+
+
 def test_stop_and_delete_end_a_turn_that_waits_for_the_budget(patient):
     """A stopped waiting turn is a reply stopped before any text: the user's message and an
     empty 'interrupted' reply stay. Deleting the conversation or the message takes it all."""
