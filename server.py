@@ -1503,7 +1503,10 @@ class Reply:
         self.listener = Listener() if stream else None
         self.receive = receive
         if self.conversation_id in self.registry.stopping:
-            query = None  # stopped while it was prepared: it ends at once, calling no one
+            # Stopped while it was prepared: it ends at once, calling no one (with the stop's
+            # error, if it had one: its conversation deleted).
+            query = None
+            self.stop_error = self.error = self.registry.stopping[self.conversation_id]
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
@@ -1722,7 +1725,8 @@ class Replies:
         self.by_session: dict[str, Reply] = {}  # every reply, stored or not
         # A conversation whose turn is being prepared (claim); the event is set when it ends.
         self.preparing: dict[str, asyncio.Event] = {}
-        self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
+        # Of those, the ones stopped meanwhile, with the error their caller hears (None: none).
+        self.stopping: dict[str, tuple[int, str] | None] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
         self.retrying: asyncio.Task | None = None
@@ -1748,7 +1752,7 @@ class Replies:
             yield
         finally:
             del self.preparing[conversation_id]
-            self.stopping.discard(conversation_id)
+            self.stopping.pop(conversation_id, None)
             released.set()
 
     def add(self, reply: Reply) -> None:
@@ -1763,13 +1767,14 @@ class Replies:
             del self.by_conversation[reply.conversation_id]
         self.by_session.pop(reply.session_id, None)
 
-    async def settle(self, conversation_id: str) -> None:
-        """Stops the conversation's reply in progress, and any that starts meanwhile."""
+    async def settle(self, conversation_id: str, error: tuple[int, str] | None = None) -> None:
+        """Stops the conversation's reply in progress, and any that starts meanwhile; their
+        callers hear `error`, if given."""
         while True:
             if (reply := self.by_conversation.get(conversation_id)) is not None:
-                await reply.stop()
+                await reply.stop(error)
             elif (released := self.preparing.get(conversation_id)) is not None:
-                self.stopping.add(conversation_id)
+                self.stopping[conversation_id] = error
                 await released.wait()  # a turn being prepared: it starts stopped, or it fails
             else:
                 return
@@ -1778,7 +1783,7 @@ class Replies:
         """Stops the conversation's turn, if any: one being prepared (uploading, reading its
         history) goes on to answer as stopped, without calling Poe."""
         if conversation_id in self.preparing:
-            self.stopping.add(conversation_id)
+            self.stopping.setdefault(conversation_id, None)
             return True
         if (reply := self.by_conversation.get(conversation_id)) is not None:
             await reply.stop()
@@ -1979,10 +1984,17 @@ async def delete_conversation(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Conversation deleted"})
 
 
+# What the caller of a turn hears when its conversation is deleted meanwhile (waiting for the
+# budget, or part way through the reply): what any request to it would hear from then on.
+CONVERSATION_DELETED = (404, "Conversation not found: it was deleted while this turn was in "
+                             "progress")
+
+
 async def remove_conversation(app: Starlette, conversation_id: str) -> None:
-    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped."""
+    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped
+    (its caller hears CONVERSATION_DELETED)."""
     await app.state.db.read(get_conversation, conversation_id)
-    await app.state.replies.settle(conversation_id)
+    await app.state.replies.settle(conversation_id, CONVERSATION_DELETED)
     await app.state.db.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?",
                                                    (conversation_id,)))
 

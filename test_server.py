@@ -4721,15 +4721,34 @@ def test_stream_lines_look_as_api_md_shows_them(api):
 
 
 def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
+    """The stream ends with the error event: 404, its conversation is gone (so are the ids
+    its first frame named)."""
     conversation_id = new_conversation(api, model="Slow")
     with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
+        next(line for line in lines if line.startswith('data: {"content"'))
         assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
-        rest = [line for line in lines if line.startswith("data: ")]
-    assert rest[-1] == "data: [DONE]"
+        rest = data_events(lines)
+    assert rest[-2:] == [{"error": {"message": server.CONVERSATION_DELETED[1], "status": 404}},
+                         "[DONE]"]
     assert stored_messages(db, conversation_id) == []
     assert api.get("/health").json()["replies_in_progress"] == 0
+
+
+def test_deleting_a_conversation_mid_reply_answers_its_waiting_caller_404(api, db):
+    """Not streamed: the caller hears 404 Conversation not found, as any request to the
+    conversation would from then on, and no ids of messages that are gone."""
+    conversation_id = new_conversation(api, model="Slow")
+    answer: dict = {}
+    turn = threading.Thread(target=lambda: answer.update(
+        response=say(api, conversation_id, "200 0.05")))
+    turn.start()
+    wait_for(lambda: any(m["content"] for m in stored_messages(db, conversation_id)))
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    turn.join(10)
+    assert answer["response"].status_code == 404
+    assert answer["response"].json() == {"detail": server.CONVERSATION_DELETED[1]}
+    assert stored_messages(db, conversation_id) == []
 
 
 def test_text_before_a_pause_is_saved_during_the_pause(api, db):
@@ -5681,6 +5700,26 @@ def test_a_client_that_leaves_leaves_the_queue(patient):
     assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
 
 
+def test_deleting_the_conversation_of_a_waiting_turn_answers_404(patient):
+    """Not streamed, waiting for the budget: the caller hears 404, as when the conversation is
+    deleted mid-reply, not a 200 'interrupted' naming messages that are gone; no Poe call."""
+    api, db_path = patient
+    fill_budget(api)
+    db, calls = sqlite3.connect(db_path), CALLS["Echo"]
+    conversation_id = new_conversation(api, model="Echo")
+    answer: dict = {}
+    turn = threading.Thread(target=lambda: answer.update(
+        response=say(api, conversation_id, "hello")))
+    turn.start()
+    wait_for(lambda: budget_of(api)["queued"] == 1, seconds=2)
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    turn.join(5)
+    assert answer["response"].status_code == 404
+    assert answer["response"].json() == {"detail": server.CONVERSATION_DELETED[1]}
+    assert stored_messages(db, conversation_id) == [] and budget_of(api)["queued"] == 0
+    assert CALLS["Echo"] == calls
+
+
 def test_health_counts_a_waiting_turn_as_queued_not_in_progress(patient):
     """replies_in_progress counts the replies Poe is sending now (docs/API.md): a turn that
     waits for the budget is counted in poe_budget.queued instead."""
@@ -5728,7 +5767,9 @@ def test_stop_and_delete_end_a_turn_that_waits_for_the_budget(patient):
             assert events[0] == {"content": "", "finish_reason": "stop", "status": "interrupted",
                                  "message_id": ids["assistant_message_id"]}
             assert stored == [("user", "hello", "complete"), ("assistant", "", "interrupted")]
-        elif how == "delete conversation":
+        elif how == "delete conversation":  # as mid-reply: 404, the ids it named are gone
+            assert events == [{"error": {"message": server.CONVERSATION_DELETED[1],
+                                         "status": 404}}, "[DONE]"]
             assert stored == []
         else:
             assert stored == [("assistant", "", "interrupted")]
