@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import json
 import os
 import re
@@ -103,6 +104,13 @@ POE_RATE_LIMIT_TEXT = ("You have exceeded rate limit to query bot using User API
 
 async def rate_limited(request):
     """Poe's rate limit as its bot protocol sends it: an error event, no error_type."""
+    yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
+
+
+async def part_then_rate_limited(request):
+    """Some text, then Poe's rate limit: a reply cut off part way by it."""
+    yield fp.PartialResponse(text="partial text ")
+    await asyncio.sleep(0.05)  # the text is relayed (a stream has begun) before the error
     yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
 
 
@@ -269,7 +277,8 @@ def make_poe_app():
             ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard),
             ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused),
             ScriptBot("Small", small), ScriptBot("Summarizer", summarize),
-            ScriptBot("Blank", empty_reply)]
+            ScriptBot("Blank", empty_reply),
+            ScriptBot("PartRateLimited", part_then_rate_limited)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries; a 429 with Poe's rate-limit headers.
@@ -282,6 +291,15 @@ def make_poe_app():
 
     status_route("Busy", 429)
     status_route("Crash", 500)
+
+    # A 429 whose Retry-After is the last message's text ('date N': an HTTP date N s ahead).
+    async def busy_for(request: Request):
+        CALLS["BusyFor"] += 1
+        said = (await request.json())["query"][-1]["content"]
+        if said.startswith("date "):
+            said = email.utils.formatdate(time.time() + float(said[5:]), usegmt=True)
+        return JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": said})
+    poe.add_api_route("/BusyFor", busy_for, methods=["POST"])
 
     # fastapi_poe's upload_file posts here (POE_UPLOAD_URL = this server + /poe_api/).
     async def upload(request: Request):

@@ -568,6 +568,10 @@ ZSTD_STEP_BYTES = 64
 # The largest zstd window decoded: the 8 MiB RFC 8878 asks every decoder to support (levels 1-19
 # stay within it). A frame claiming more (a 1 KB frame may claim 10 GB) is 400, nothing allocated.
 ZSTD_MAX_WINDOW = 2**23
+# The most gzip members or zstd frames one body may hold (400 past it). Clients send one; each
+# costs a decoder's setup, so a body of a million empty 9-byte frames would hold the loop for
+# seconds: this bounds the work per byte as the other bounds do.
+MAX_BODY_FRAMES = 4096
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -640,13 +644,22 @@ class BodyDecoder:
     A body may hold several gzip members or zstd frames, one after another."""
 
     def __init__(self, coding: str | None) -> None:
-        self.coding = coding
+        self.coding, self.frames = coding, 0
+        # One zstd context per body (its setup is the dear part), reset for each frame.
+        self.zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW) \
+            if coding == "zstd" else None
         self.stream = self.new_stream() if coding is not None else None
 
     def new_stream(self) -> Any:
+        """The decoder of the body's next gzip member or zstd frame; 400 past MAX_BODY_FRAMES."""
+        self.frames += 1
+        if self.frames > MAX_BODY_FRAMES:
+            kind = "gzip members" if self.coding == "gzip" else "zstd frames"
+            raise HTTPException(400, f"the request body holds more than {MAX_BODY_FRAMES} "
+                                     f"{kind}: send it as one")
         if self.coding == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+        return self.zstd.decompressobj()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The decoded bytes, a piece at a time: each from at most DECODE_INPUT_BYTES of `data`,
@@ -875,8 +888,9 @@ class PoeFailure(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does).
-POE_RETRY_SECONDS = 10
+# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does),
+# or says it in a form HTTP does not have; and the longest passed on (Poe counts by the minute).
+POE_RETRY_SECONDS, POE_RETRY_MAX_SECONDS = 10, 3600
 # A conversation stream waiting for the budget gets an SSE comment line this often.
 BUDGET_COMMENT_SECONDS = 5.0
 BUDGET_COMMENT = b": waiting for Poe's rate limit\n\n"
@@ -892,15 +906,18 @@ def rate_limited(detail: str, retry_after: int, headers: Any = None) -> PoeFailu
 
 
 def retry_seconds(raw: str | None) -> int:
-    """Poe's Retry-After (seconds, or an HTTP date) in whole seconds, at least 1; else
-    POE_RETRY_SECONDS."""
+    """Poe's Retry-After as HTTP has it (whole seconds, or an HTTP date), from 1 to
+    POE_RETRY_MAX_SECONDS (a longer wait is said as that); anything else (a fraction, a negative
+    number, junk) POE_RETRY_SECONDS."""
     raw = (raw or "").strip()
-    with contextlib.suppress(ValueError, TypeError, OverflowError):
-        if raw and raw.replace(".", "", 1).isdigit():
-            return max(1, math.ceil(float(raw)))
-        if raw:
-            return max(1, math.ceil(email.utils.parsedate_to_datetime(raw).timestamp()
-                                    - time.time()))
+    if raw.isascii() and raw.isdigit():
+        return POE_RETRY_MAX_SECONDS if len(raw) > 9 else \
+            min(max(1, int(raw)), POE_RETRY_MAX_SECONDS)
+    with contextlib.suppress(ValueError, TypeError, OverflowError, IndexError):
+        when = email.utils.parsedate_to_datetime(raw)
+        if when.tzinfo is None:  # "-0000": an HTTP date is in GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return min(max(1, math.ceil(when.timestamp() - time.time())), POE_RETRY_MAX_SECONDS)
     return POE_RETRY_SECONDS
 
 
@@ -1175,8 +1192,9 @@ def key_rejected(server_key: bool) -> PoeFailure:
 
 
 def poe_http_error(status: int, detail: str, headers: dict | None) -> HTTPException:
-    """A Poe call's failure as the caller's error: a 502 or 504 says not to retry (paid twice)."""
-    headers = {**(headers or {}), **(NO_RETRY if status in (502, 504) else {})}
+    """A Poe call's failure as the caller's error: a 429 with its Retry-After and x-should-retry:
+    true; a 502 or 504 (Poe was called) with x-should-retry: false, never a Retry-After."""
+    headers = headers if status == 429 else NO_RETRY if status in (502, 504) else None
     return HTTPException(status, detail, headers=headers or None)
 
 
@@ -1347,6 +1365,9 @@ TURN_SECONDS = 0.005
 # What a bot may make a reply hold, past its text: past these, the reply fails (502).
 MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
 MAX_REPLY_FILES = 100
+# A failure after some output is 502 (the reply cut off), but for these, which say more: Poe's
+# rate limit (429: waiting is the cure, API.md says never 502) and Poe's silence (504).
+CUT_OFF_KEPT = (429, 504)
 
 
 @dataclass
@@ -1519,7 +1540,10 @@ class Reply:
         self.listener = Listener() if stream else None
         self.receive = receive
         if self.conversation_id in self.registry.stopping:
-            query = None  # stopped while it was prepared: it ends at once, calling no one
+            # Stopped while it was prepared: it ends at once, calling no one (with the stop's
+            # error, if it had one: its conversation deleted).
+            query = None
+            self.stop_error = self.error = self.registry.stopping[self.conversation_id]
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
@@ -1664,9 +1688,10 @@ class Reply:
         if self.flush is not None:
             self.flush.cancel()
             self.flush = None
-        if self.error is not None and self.has_output:
-            # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
-            self.error = (self.error[0] if self.error[0] in (503, 504) else 502, self.error[1])
+        if self.error is not None and self.has_output and self.error is not self.stop_error \
+                and self.error[0] not in CUT_OFF_KEPT:
+            # Cut off part way: what arrived is kept; the caller hears 502 (a stop, its reason).
+            self.error = (502, self.error[1])
         record = self.ending(self) if self.ending is not None else None
         if self.message_id is not None:
             while self.writing is not None:
@@ -1744,13 +1769,18 @@ class Replies:
         self.by_session: dict[str, Reply] = {}  # every reply, stored or not
         # A conversation whose turn is being prepared (claim); the event is set when it ends.
         self.preparing: dict[str, asyncio.Event] = {}
-        self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
+        # Of those, the ones stopped meanwhile, with the error their caller hears (None: none).
+        self.stopping: dict[str, tuple[int, str] | None] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
         self.retrying: asyncio.Task | None = None
 
     def busy(self, conversation_id: str) -> bool:
         return conversation_id in self.preparing or conversation_id in self.by_conversation
+
+    def sending(self) -> int:
+        """The replies Poe is sending now (/health): a turn waiting for the budget is not one."""
+        return sum(not reply.waiting for reply in self.by_session.values())
 
     @contextlib.contextmanager
     def claim(self, conversation_id: str | None) -> Iterator[None]:
@@ -1766,7 +1796,7 @@ class Replies:
             yield
         finally:
             del self.preparing[conversation_id]
-            self.stopping.discard(conversation_id)
+            self.stopping.pop(conversation_id, None)
             released.set()
 
     def add(self, reply: Reply) -> None:
@@ -1781,13 +1811,14 @@ class Replies:
             del self.by_conversation[reply.conversation_id]
         self.by_session.pop(reply.session_id, None)
 
-    async def settle(self, conversation_id: str) -> None:
-        """Stops the conversation's reply in progress, and any that starts meanwhile."""
+    async def settle(self, conversation_id: str, error: tuple[int, str] | None = None) -> None:
+        """Stops the conversation's reply in progress, and any that starts meanwhile; their
+        callers hear `error`, if given."""
         while True:
             if (reply := self.by_conversation.get(conversation_id)) is not None:
-                await reply.stop()
+                await reply.stop(error)
             elif (released := self.preparing.get(conversation_id)) is not None:
-                self.stopping.add(conversation_id)
+                self.stopping[conversation_id] = error
                 await released.wait()  # a turn being prepared: it starts stopped, or it fails
             else:
                 return
@@ -1796,7 +1827,7 @@ class Replies:
         """Stops the conversation's turn, if any: one being prepared (uploading, reading its
         history) goes on to answer as stopped, without calling Poe."""
         if conversation_id in self.preparing:
-            self.stopping.add(conversation_id)
+            self.stopping.setdefault(conversation_id, None)
             return True
         if (reply := self.by_conversation.get(conversation_id)) is not None:
             await reply.stop()
@@ -1997,10 +2028,17 @@ async def delete_conversation(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Conversation deleted"})
 
 
+# What the caller of a turn hears when its conversation is deleted meanwhile (waiting for the
+# budget, or part way through the reply): what any request to it would hear from then on.
+CONVERSATION_DELETED = (404, "Conversation not found: it was deleted while this turn was in "
+                             "progress")
+
+
 async def remove_conversation(app: Starlette, conversation_id: str) -> None:
-    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped."""
+    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped
+    (its caller hears CONVERSATION_DELETED)."""
     await app.state.db.read(get_conversation, conversation_id)
-    await app.state.replies.settle(conversation_id)
+    await app.state.replies.settle(conversation_id, CONVERSATION_DELETED)
     await app.state.db.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?",
                                                    (conversation_id,)))
 
@@ -5108,10 +5146,11 @@ def response_usage(input_tokens: int, output_tokens: int) -> dict:
 
 
 def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
-                   input_tokens: int, error: str | None = None) -> dict:
+                   input_tokens: int, error: str | None = None, error_status: int = 502) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
-    (cut off part way) or cancelled (stopped); its output after base's (a compaction item the
-    turn made). Usage is estimated as chat completions' is: the text and the calls' arguments."""
+    (cut off part way: its error's code OpenAI's, rate_limit_exceeded for a 429, else
+    server_error) or cancelled (stopped); its output after base's (a compaction item the turn
+    made). Usage is estimated as chat completions' is: the text and the calls' arguments."""
     output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
     output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
                                             else item["content"][0]["text"] for item in output))
@@ -5119,7 +5158,8 @@ def ended_response(base: dict, status: str, text: str, calls: list[dict], key: A
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
-            "error": {"code": "server_error", "message": error} if status == "failed" else None,
+            "error": {"code": OPENAI_ERROR_CODES.get(error_status, "server_error"),
+                      "message": error} if status == "failed" else None,
             "output": [*base["output"], *output], "usage": response_usage(input_tokens,
                                                                           output_tokens)}
 
@@ -5147,8 +5187,9 @@ class ResponseTurn:
                 text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
         status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
             else "failed" if reply.error is not None else "cancelled"
+        error_status, error = reply.error if reply.error is not None else (502, None)
         self.body = ended_response(self.base, status, text, calls, self.key, self.input_tokens,
-                                   reply.error[1] if reply.error else None)
+                                   error, error_status)
         return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
 
     def whole(self) -> JSONResponse:
@@ -6261,7 +6302,7 @@ async def health(request: Request) -> JSONResponse:
     except (HTTPException, TimeoutError):
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
-                         "replies_in_progress": len(state.replies.by_session),
+                         "replies_in_progress": state.replies.sending(),
                          "unsaved_replies": len(state.replies.unsaved),
                          "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1),
                          "poe_budget": state.poe_budget.figures()})

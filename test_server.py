@@ -4327,6 +4327,29 @@ def test_several_gzip_members_or_zstd_frames_make_one_body(api, db):
 
 
 @pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_a_body_of_too_many_gzip_members_or_zstd_frames_is_400(api, db, coding):
+    """Each member or frame costs a decoder's setup: a body of a million empty ones (9 bytes
+    each in zstd) held the event loop for seconds. MAX_BODY_FRAMES of them are still one body;
+    one more is 400, and decoding stops there (the rest of the body is never decoded)."""
+    empty = compressed(coding, b"")
+    name = f"framed {coding} {random.randrange(10**9)}"
+    head = compressed(coding, json.dumps({"name": name}).encode())
+    before = snapshot(db)
+    refused = post_compressed(api, "/v1/projects", coding,
+                              head + empty * server.MAX_BODY_FRAMES + b"\0" * 1000)
+    assert refused.status_code == 400, refused.text
+    kind = "gzip members" if coding == "gzip" else "zstd frames"
+    assert refused.json() == {"detail": f"the request body holds more than "
+                                        f"{server.MAX_BODY_FRAMES} {kind}: send it as one"}
+    assert snapshot(db) == before
+    taken = post_compressed(api, "/v1/projects", coding,
+                            head + empty * (server.MAX_BODY_FRAMES - 1))
+    assert taken.status_code == 200, taken.text
+    assert db.execute("SELECT name FROM projects WHERE id = ?",
+                      (taken.json()["id"],)).fetchone()[0] == name
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
 def test_a_small_body_that_inflates_past_the_limit_is_413(small_bodies, coding):
     api, db_path = small_bodies
     body = compressed(coding, json.dumps({"name": "x" * 5000}).encode())
@@ -4709,15 +4732,34 @@ def test_stream_lines_look_as_api_md_shows_them(api):
 
 
 def test_deleting_a_conversation_mid_stream_stops_the_reply(api, db):
+    """The stream ends with the error event: 404, its conversation is gone (so are the ids
+    its first frame named)."""
     conversation_id = new_conversation(api, model="Slow")
     with stream_turn(api, conversation_id, "200 0.05") as response:
         lines = response.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
+        next(line for line in lines if line.startswith('data: {"content"'))
         assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
-        rest = [line for line in lines if line.startswith("data: ")]
-    assert rest[-1] == "data: [DONE]"
+        rest = data_events(lines)
+    assert rest[-2:] == [{"error": {"message": server.CONVERSATION_DELETED[1], "status": 404}},
+                         "[DONE]"]
     assert stored_messages(db, conversation_id) == []
     assert api.get("/health").json()["replies_in_progress"] == 0
+
+
+def test_deleting_a_conversation_mid_reply_answers_its_waiting_caller_404(api, db):
+    """Not streamed: the caller hears 404 Conversation not found, as any request to the
+    conversation would from then on, and no ids of messages that are gone."""
+    conversation_id = new_conversation(api, model="Slow")
+    answer: dict = {}
+    turn = threading.Thread(target=lambda: answer.update(
+        response=say(api, conversation_id, "200 0.05")))
+    turn.start()
+    wait_for(lambda: any(m["content"] for m in stored_messages(db, conversation_id)))
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    turn.join(10)
+    assert answer["response"].status_code == 404
+    assert answer["response"].json() == {"detail": server.CONVERSATION_DELETED[1]}
+    assert stored_messages(db, conversation_id) == []
 
 
 def test_text_before_a_pause_is_saved_during_the_pause(api, db):
@@ -5490,6 +5532,75 @@ def test_the_sdk_reads_poe_rate_limit_as_rate_limit_error(sdk):
     assert raised.value.body["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize("route", TURN_ROUTES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_rate_limit_after_some_text_is_429_and_keeps_the_text(api, db, route, stream):
+    """PartRateLimited sends "partial text ", then Poe's rate-limit error event: a reply cut
+    off part way, whose text is kept 'interrupted', as any; but the caller hears a 429 (never
+    502), with Retry-After and x-should-retry: true, streamed or not."""
+    conversation_id = new_conversation(api, model="PartRateLimited") if route == "native" \
+        else None
+    response = turn_on(api, route, "PartRateLimited", "hello", stream, conversation_id)
+    if not stream:
+        assert response.status_code == 429, response.text
+        assert response.headers["retry-after"] == str(server.POE_RETRY_SECONDS)
+        assert response.headers["x-should-retry"] == "true"
+        error = response.json() if route == "native" else response.json()["error"]
+        if route != "native":
+            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert "rate-limiting" in (error["detail"] if route == "native" else error["message"])
+    else:  # the stream had begun with the text: the error is its last event
+        assert response.status_code == 200 and "x-should-retry" not in response.headers
+        lines = response.text.split("\n")
+        events = data_events(lines)
+        assert route == "responses" or events[-1] == "[DONE]"  # Responses have no [DONE]
+        if route == "native":
+            assert events[1] == {"content": "partial text "}
+            assert events[2] == {"error": {"message": events[2]["error"]["message"],
+                                           "status": 429,
+                                           "retry_after": server.POE_RETRY_SECONDS}}
+        elif route == "chat":
+            assert events[1]["choices"][0]["delta"] == {"content": "partial text "}
+            assert events[2]["error"]["type"] == "rate_limit_error"
+            assert events[2]["error"]["code"] == "rate_limit_exceeded"
+        else:
+            failed = json.loads(lines[lines.index("event: response.failed") + 1][6:])
+            assert failed["response"]["error"]["code"] == "rate_limit_exceeded"
+            assert failed["response"]["output"][0]["content"][0]["text"] == "partial text "
+    if route == "responses":
+        conversation_id = conversation_of(db, latest_response(db))
+    if route != "chat":  # chat completions store nothing
+        assert [(m["role"], m["content"], m["status"])
+                for m in stored_messages(db, conversation_id)] == [
+            ("user", "hello", "complete"), ("assistant", "partial text ", "interrupted")]
+
+
+@pytest.mark.parametrize("said,expected", [
+    ("7", (7, 7)), ("0", (1, 1)), ("99999999999999999999999", (3600, 3600)),
+    ("86400", (3600, 3600)), ("date 120", (119, 121)), ("date 100000", (3600, 3600)),
+    ("date -50", (1, 1)), ("1.5", (10, 10)), ("-3", (10, 10)), ("soon", (10, 10)),
+])
+def test_poes_retry_after_is_read_strictly_and_capped(api, said, expected):
+    """BusyFor answers HTTP 429 with `Retry-After: <the message>`: whole seconds or an HTTP
+    date, passed on as whole seconds from 1 to POE_RETRY_MAX_SECONDS (an hour); a form HTTP
+    does not have is the default, POE_RETRY_SECONDS."""
+    response = api.post("/v1/chat/completions", headers=KEY, json={
+        "model": "BusyFor", "messages": [{"role": "user", "content": said}]})
+    assert response.status_code == 429
+    assert re.fullmatch(r"[0-9]+", response.headers["retry-after"])
+    assert expected[0] <= int(response.headers["retry-after"]) <= expected[1]
+    assert response.headers["x-should-retry"] == "true"
+
+
+def test_a_cut_off_reply_is_502_without_retry_after(api, db):
+    """A 502 or 504 never carries Retry-After, a 429 never x-should-retry: false."""
+    response = say(api, new_conversation(api, model="FailPartWay"), "x")
+    assert response.status_code == 502 and response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in response.headers
+    limited = say(api, new_conversation(api, model="PartRateLimited"), "x")
+    assert limited.status_code == 429 and limited.headers["x-should-retry"] == "true"
+
+
 def test_a_full_budget_queues_calls_first_come_first_served(start_service):
     """A budget of 3 calls in 0.75 s: 3 turns go, 3 wait (a stream, a chat completion, a stream
     whose bot then rate-limits) and then go, in the order they came, once slots free."""
@@ -5600,6 +5711,42 @@ def test_a_client_that_leaves_leaves_the_queue(patient):
     assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
 
 
+def test_deleting_the_conversation_of_a_waiting_turn_answers_404(patient):
+    """Not streamed, waiting for the budget: the caller hears 404, as when the conversation is
+    deleted mid-reply, not a 200 'interrupted' naming messages that are gone; no Poe call."""
+    api, db_path = patient
+    fill_budget(api)
+    db, calls = sqlite3.connect(db_path), CALLS["Echo"]
+    conversation_id = new_conversation(api, model="Echo")
+    answer: dict = {}
+    turn = threading.Thread(target=lambda: answer.update(
+        response=say(api, conversation_id, "hello")))
+    turn.start()
+    wait_for(lambda: budget_of(api)["queued"] == 1, seconds=2)
+    assert api.delete(f"/v1/chat/conversations/{conversation_id}").status_code == 200
+    turn.join(5)
+    assert answer["response"].status_code == 404
+    assert answer["response"].json() == {"detail": server.CONVERSATION_DELETED[1]}
+    assert stored_messages(db, conversation_id) == [] and budget_of(api)["queued"] == 0
+    assert CALLS["Echo"] == calls
+
+
+def test_health_counts_a_waiting_turn_as_queued_not_in_progress(patient):
+    """replies_in_progress counts the replies Poe is sending now (docs/API.md): a turn that
+    waits for the budget is counted in poe_budget.queued instead."""
+    api, _ = patient
+    fill_budget(api)
+    conversation_id = new_conversation(api, model="Echo")
+    with stream_turn(api, conversation_id, "hello") as response:
+        lines = response.iter_lines()
+        until_waiting(lines)
+        health = api.get("/health").json()
+        assert (health["replies_in_progress"], health["poe_budget"]["queued"]) == (0, 1)
+        stopped = api.post(f"/v1/chat/conversations/{conversation_id}/stop")
+        assert stopped.json() == {"stopped": True}
+        assert data_events(lines)[-1] == "[DONE]"
+
+
 def test_stop_and_delete_end_a_turn_that_waits_for_the_budget(patient):
     """A stopped waiting turn is a reply stopped before any text: the user's message and an
     empty 'interrupted' reply stay. Deleting the conversation or the message takes it all."""
@@ -5631,7 +5778,9 @@ def test_stop_and_delete_end_a_turn_that_waits_for_the_budget(patient):
             assert events[0] == {"content": "", "finish_reason": "stop", "status": "interrupted",
                                  "message_id": ids["assistant_message_id"]}
             assert stored == [("user", "hello", "complete"), ("assistant", "", "interrupted")]
-        elif how == "delete conversation":
+        elif how == "delete conversation":  # as mid-reply: 404, the ids it named are gone
+            assert events == [{"error": {"message": server.CONVERSATION_DELETED[1],
+                                         "status": 404}}, "[DONE]"]
             assert stored == []
         else:
             assert stored == [("assistant", "", "interrupted")]
