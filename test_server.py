@@ -2638,12 +2638,11 @@ def test_a_client_that_stops_reading_holds_the_plan_and_leaving_ends_it(tmp_path
 def test_the_event_pipe_bounds_what_waits_and_hands_it_all_on_at_each_wake_up():
     """EventPipe, between a worker thread and the loop: the worker waits once PIPE_BYTES wait;
     the loop, woken once, takes all of them in one piece; closing lets a waiting worker go."""
-    size = 100
-    events = [b"%0100d" % i for i in range(1000)]
-    held = -(-server.PIPE_BYTES // size)  # puts that succeed before one waits
+    events = [b"%0100d" % i for i in range(1000)]  # 100 bytes each
+    held = -(-server.PIPE_BYTES // 100)  # the puts that succeed before one waits
 
-    async def main():
-        pipe, done = server.EventPipe(asyncio.get_running_loop()), []
+    def start(pipe) -> tuple[threading.Thread, list]:
+        done = []
 
         def worker():
             for event in events:
@@ -2654,18 +2653,19 @@ def test_the_event_pipe_bounds_what_waits_and_hands_it_all_on_at_each_wake_up():
 
         thread = threading.Thread(target=worker, daemon=True)
         thread.start()
+        return thread, done
+
+    async def main():
+        pipe = server.EventPipe(asyncio.get_running_loop())
+        thread, done = start(pipe)
         await asyncio.to_thread(wait_for, lambda: len(done) == held and waits_for_the_client(
             thread))
-        assert pipe.size == held * size
+        assert pipe.size == held * 100
         batches = pipe.batches()
         assert await anext(batches) == b"".join(events[:held])
-        rest = [batch async for batch in batches]
-        assert b"".join(rest) == b"".join(events[held:]) and len(rest) < len(events) - held
-        thread.join(10)
-        closing, done = server.EventPipe(asyncio.get_running_loop()), []
-        pipe = closing
-        thread = threading.Thread(target=worker, daemon=True)
-        thread.start()
+        assert b"".join([batch async for batch in batches]) == b"".join(events[held:])
+        closing = server.EventPipe(asyncio.get_running_loop())
+        thread, done = start(closing)
         await asyncio.to_thread(wait_for, lambda: waits_for_the_client(thread))
         closing.close()
         await asyncio.to_thread(thread.join, 10)
