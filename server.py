@@ -26,9 +26,11 @@ order, and what each owns:
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
   Source code         /v1/projects/{id}/complete-source-code (SourceText, GitIgnore): a
-                      project's files as one text; open_below (never through a symlink)
-  Source code, writing  /v1/write-source-code (SourceWriter, writable_root): a model's plan of
-                      file steps carried out in a project's folder, confined
+                      project's files as one text; open_below (never through a symlink),
+                      shown (a name that is not UTF-8, as text)
+  Source code, writing  /v1/write-source-code (SourceWriter, writable_root, plan_blocks): a
+                      model's plan of file steps carried out in a project's folder, confined;
+                      EventPipe (its events to the stream, bounded: the worker waits)
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
   Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList:
                       Poe's list, each model's context window)
@@ -62,6 +64,7 @@ import errno
 import fnmatch
 import gc
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -199,6 +202,9 @@ def load_settings(**overrides: Any) -> Settings:
     settings = Settings(**values)
     if settings.compact_model is not None and not MODEL_NAME.fullmatch(settings.compact_model):
         raise SystemExit(f"COMPACT_MODEL must be a Poe bot name, got {settings.compact_model!r}")
+    relative = [root for root in settings.write_roots if not os.path.isabs(root)]
+    if relative:  # it would hang on the folder the service happens to start in
+        raise SystemExit(f"WRITE_ROOTS must hold absolute paths, got {relative[0]!r}")
     for name in ("poe_base_url", "poe_upload_url"):
         values[name] = getattr(settings, name).removesuffix("/") + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
@@ -3499,6 +3505,16 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def shown(text: str) -> str:
+    """Text made with names from the filesystem, as it is shown: a name's bytes that are not
+    UTF-8 (held by Python as lone surrogates, "surrogateescape") each become U+FFFD. The name
+    itself, kept apart, still opens the file: only what is drawn or said is changed."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate no byte stands for: none comes from a name
+        return text.encode("utf-8", "replace").decode()
+
+
 def within(path: str, root: str) -> bool:
     """`path` is `root` or below it (both absolute and resolved)."""
     return path == root or path.startswith(root.rstrip("/") + "/")
@@ -3611,10 +3627,11 @@ class SourceText:
     "File: <path>\\n---\\n<text>\\n---" for each text file, in os.walk's order (a folder's files,
     then its folders'). Left out: SKIPPED_FOLDERS, what the root's .gitignore excludes, and
     symlinks that lead out of the folder or nowhere. A binary file (a NUL byte, or not UTF-8)
-    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`."""
+    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`.
+    A name that is not UTF-8 is drawn, matched and said as shown() makes it."""
 
     def __init__(self, root: str, limit: int) -> None:
-        self.name = os.path.basename(root)
+        self.name = shown(os.path.basename(root))
         self.real_root, self.limit, self.used = os.path.realpath(root), limit, 0
         self.tree, self.blocks = [self.name + "/"], []
         self.ignore, self.root_fd = GitIgnore(), -1
@@ -3633,8 +3650,8 @@ class SourceText:
     def charge(self, size: int) -> None:
         self.used += size
         if self.used > self.limit:
-            raise HTTPException(413, f"the source code under {self.real_root} is larger than "
-                                     f"{self.limit} bytes (MAX_BODY_BYTES)")
+            raise HTTPException(413, f"the source code under {shown(self.real_root)} is larger "
+                                     f"than {self.limit} bytes (MAX_BODY_BYTES)")
 
     def walk(self) -> None:
         """The tree, depth first without recursion: a stack of (folder, prefix, entries left)."""
@@ -3649,7 +3666,7 @@ class SourceText:
                     continue
                 name, path, kind = entries.pop()
                 last = not entries
-                line = prefix + ("└── " if last else "├── ") + name
+                line = prefix + ("└── " if last else "├── ") + shown(name)
                 self.charge(len(line.encode()) + 1)
                 self.tree.append(line)
                 if kind != "folder":
@@ -3675,12 +3692,12 @@ class SourceText:
         except OSError:
             return []
         drawn = sorted((e for e in entries if e[2] is not None), key=lambda e: (
-            not e[2].startswith("folder"), e[0].lower(), e[0]))
+            not e[2].startswith("folder"), shown(e[0]).lower(), e[0]))
         for name, path, kind in drawn:
             text = self.file_text(fd, name, path, kind) if kind in ("file", "link") else None
             if text is not None:
-                self.charge(len(f"File: {path}\n---\n\n---\n\n".encode()))
-                self.blocks.append(f"File: {path}\n---\n{text}\n---")
+                self.charge(len(f"File: {shown(path)}\n---\n\n---\n\n".encode()))
+                self.blocks.append(f"File: {shown(path)}\n---\n{text}\n---")
         return drawn[::-1]
 
     def file_text(self, fd: int, name: str, path: str, kind: str) -> str | None:
@@ -3721,12 +3738,12 @@ class SourceText:
                 target = os.path.realpath(os.path.join(self.real_root, path))
                 if not within(target, self.real_root) or not os.path.exists(target):
                     return None
-                if self.ignore.ignores(path, os.path.isdir(target)):
+                if self.ignore.ignores(shown(path), os.path.isdir(target)):
                     return None
                 return "link" if os.path.isfile(target) else (
                     "folder-link" if os.path.isdir(target) else "other")
             is_folder = entry.is_dir(follow_symlinks=False)
-            if self.ignore.ignores(path, is_folder):
+            if self.ignore.ignores(shown(path), is_folder):
                 return None
             if is_folder:
                 venv = os.path.exists(os.path.join(self.real_root, path, "pyvenv.cfg"))
@@ -3769,6 +3786,12 @@ async def complete_source_code(request: Request) -> Response:
 GENERIC_PATTERNS = ("Task<", "List<", "Dictionary<", "IEnumerable<")
 CONTENT_ACTIONS = ("create file", "update file")
 MAX_STEP_BYTES, MAX_STEP_PATH = 10 * 1024 * 1024, 260  # the library's bounds
+# Ours: the steps one plan may hold (a plan of millions of tiny blocks is no model's answer, and
+# its events, a few per step, would take minutes to send), and the events waiting between the
+# worker and the client (the worker waits while they fill this: it never runs further ahead).
+MAX_PLAN_STEPS, PIPE_BYTES = 10000, 65536
+# A divider and the blank blocks after it, as str.split("------") finds dividers (leftmost first).
+PLAN_DIVIDERS = re.compile(r"------(?:\s*------)*")
 REFUSED = "路径安全校验失败，跳过: "  # the library's words when a path fails its security check
 
 
@@ -3851,6 +3874,19 @@ def step_names(path: str) -> list[str]:
     return names
 
 
+def plan_blocks(plan: str) -> list[str]:
+    """The plan's blocks as the library splits them (at every "------", each stripped, blank
+    ones left out); 413 past MAX_PLAN_STEPS, found without splitting a plan of millions."""
+    dividers = sum(1 for _ in itertools.islice(PLAN_DIVIDERS.finditer(plan), MAX_PLAN_STEPS + 2))
+    # Between two dividers found here there is always a block that is not blank.
+    blocks = [] if dividers > MAX_PLAN_STEPS + 1 else [
+        block.strip() for block in PLAN_DIVIDERS.split(plan) if block.strip()]
+    if dividers > MAX_PLAN_STEPS + 1 or len(blocks) > MAX_PLAN_STEPS:
+        raise HTTPException(413, f"files_content holds more than {MAX_PLAN_STEPS} steps (blocks "
+                                 "between ------): nothing is carried out")
+    return blocks
+
+
 def write_event(message: str, kind: str, data: dict | None = None) -> dict:
     """An event as the library's StreamHandler builds it (local time, to the second)."""
     return {"message": message, "type": kind,
@@ -3909,6 +3945,80 @@ def backup_name(fd: int, name: str, make: Callable[[str], Any]) -> tuple[str, An
     raise FileExistsError(errno.EEXIST, "too many backups of this file in one second")
 
 
+def event_bytes(event: dict) -> bytes:
+    """An event framed as the original frames it (`data: <json>`, a blank line), its JSON with
+    the seed's spacing; a name from the filesystem in it (a backup's path, an error's) shown."""
+    text = seed_dumps(event)
+    try:
+        return sse(text)
+    except UnicodeEncodeError:
+        return sse(shown(text))
+
+
+class EventPipe:
+    """A worker thread's events on their way to the event loop. At most PIPE_BYTES (and one
+    event) wait in between: the worker waits while they do, so it never runs further ahead of
+    a client that reads slowly or not at all. The loop takes all that wait at each wake-up,
+    which the worker asks for once, not once per event: a plan's events never flood the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.ready = loop, threading.Condition(), asyncio.Event()
+        self.waiting: list[bytes] = []
+        self.size = 0  # the bytes in self.waiting
+        self.asked = False  # a wake-up is on its way to the loop
+        self.ended = False  # the worker has put its last event
+        self.closed = False  # the reader has gone: nothing more is taken
+
+    def put(self, data: bytes) -> bool:
+        """Worker: hands `data` on, waiting while the pipe is full; False once the reader has
+        gone (nothing is handed on then)."""
+        with self.lock:
+            while self.size >= PIPE_BYTES and not self.closed:
+                self.lock.wait()
+            if self.closed:
+                return False
+            self.waiting.append(data)
+            self.size += len(data)
+            self.wake()
+        return True
+
+    def end(self) -> None:
+        """Worker: there is nothing more."""
+        with self.lock:
+            self.ended = True
+            self.wake()
+
+    def wake(self) -> None:
+        """The loop is asked to take what waits, unless it already has been (lock held)."""
+        if not self.asked and not self.closed:
+            self.asked = True
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop has closed: no one will ever read
+                self.closed = True
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """Loop: what waits, joined, at each wake-up, until the worker's end."""
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            with self.lock:
+                batch, ended = self.waiting, self.ended
+                self.waiting, self.size, self.asked = [], 0, False
+                self.lock.notify_all()
+            if batch:
+                yield b"".join(batch)
+            if ended:
+                return
+
+    def close(self) -> None:
+        """Loop: the reader has gone; a worker waiting is let go, and what it puts is dropped."""
+        with self.lock:
+            self.closed = True
+            self.waiting, self.size = [], 0
+            self.lock.notify_all()
+
+
 class SourceWriter:
     """Carries out one plan of write-source-code in root_dir (a resolved path), step by step as
     CodeFileExecutorLib does, on a worker thread (run), handing each event on as it happens.
@@ -3918,53 +4028,58 @@ class SourceWriter:
     overwrites is first copied, and what it deletes moved, to .backup beside it. At most
     `limit` bytes (backup copies included) are written; past it the steps fail, saying why."""
 
-    def __init__(self, root: str, plan: str, backup: bool, limit: int, db_path: str) -> None:
-        self.root, self.plan, self.backup, self.limit, self.written = root, plan, backup, limit, 0
+    def __init__(self, root: str, blocks: list[str], backup: bool, limit: int,
+                 db_path: str) -> None:
+        self.root, self.blocks, self.backup, self.limit = root, blocks, backup, limit
         self.database = [os.path.realpath(db_path) + end for end in ("", "-wal", "-shm",
                                                                      "-journal")]
-        self.root_fd, self.spent = -1, None  # spent: why the steps left fail (the bound reached)
-        self.stopped = threading.Event()  # the client has gone: stop after the step in hand
+        self.root_fd, self.written = -1, 0
+        self.spent: str | None = None  # why the steps left fail (the bound reached)
+        self.pipe: EventPipe | None = None  # the events on their way to the client
         self.counts = dict.fromkeys(("successful_tasks", "failed_tasks", "invalid_tasks",
                                      "content_integrity_warnings"), 0)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """The events framed as the original frames them (`data: <json>`, a blank line; no
-        [DONE]), each as soon as the worker has it. A client that goes away stops the plan
-        once the step in hand is done: the steps it has not seen are not carried out."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event: dict | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: no one listens
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        loop.run_in_executor(None, self.run, emit)  # ends by itself, once stopped
+        """The events, framed (event_bytes; no [DONE]), as soon as the worker has them, many
+        in one piece when they come faster than the client reads. The worker, a thread of its
+        own (it may wait long on a client), never runs more than the pipe ahead. A client that
+        goes away (sse-starlette hears http.disconnect and cancels this) closes the pipe: the
+        step in hand is finished, no other begun."""
+        self.pipe = EventPipe(asyncio.get_running_loop())
+        threading.Thread(target=self.run, name=f"write-source-code {self.root}",
+                         daemon=True).start()
         try:
-            while (event := await queue.get()) is not None:
-                yield sse(seed_dumps(event))
+            async with contextlib.aclosing(self.pipe.batches()) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
-            self.stopped.set()
+            self.pipe.close()
 
-    def run(self, emit: Callable[[dict | None], None]) -> None:
-        started = time.monotonic()
-        blocks = [block.strip() for block in self.plan.split("------") if block.strip()]
+    def send(self, event: dict) -> bool:
+        """Worker: hands an event on; False once the client has gone."""
+        return self.pipe.put(event_bytes(event))
+
+    def run(self) -> None:
+        started, total = time.monotonic(), len(self.blocks)
         try:
-            emit(write_event(f"一共{len(blocks)}个待执行任务", "info"))
+            self.send(write_event(f"一共{total}个待执行任务", "info"))
             self.root_fd = open_resolved_folder(self.root)
             try:
-                for number, block in enumerate(blocks, 1):
-                    if self.stopped.is_set():
-                        return
-                    emit(write_event(f"正在解析第【{number}/{len(blocks)}】个任务", "progress"))
+                for number, block in enumerate(self.blocks, 1):
+                    if not self.send(write_event(f"正在解析第【{number}/{total}】个任务",
+                                                 "progress")):
+                        return  # the client has gone: no step is begun after the one in hand
                     for event in self.step(block):
-                        emit(event)
+                        self.send(event)  # the step in hand is finished, told or not
             finally:
                 os.close(self.root_fd)
-            emit(self.summary(len(blocks), time.monotonic() - started))
+            self.send(self.summary(total, time.monotonic() - started))
         except Exception as exc:  # as the original: the error as an event, and the stream ends
             log.error("write-source-code failed: %s: %s", type(exc).__name__, exc)
-            emit({"type": "error", "message": f"Exception: {exc}", "timestamp": "", "data": {}})
+            self.send({"type": "error", "message": f"Exception: {exc}", "timestamp": "",
+                       "data": {}})
         finally:
-            emit(None)
+            self.pipe.end()
 
     def summary(self, total: int, seconds: float) -> dict:
         done, failed, invalid, warned = self.counts.values()
@@ -4005,6 +4120,9 @@ class SourceWriter:
             names = step_names(step.path)
             if action not in STEP_ACTIONS:
                 raise StepRefused(f"不支持的操作类型: {action}")
+            if action.endswith(" file") and re.search(r"[/\\]\.?$", step.path):
+                raise StepRefused(f"执行任务失败: {step.path} is a folder's path (it ends in '/'): "
+                                  f"'{step.action}' needs the path of a file")
             target = os.path.join(self.root, *names)
             if action != "create folder" and any(within(p, target) for p in self.database):
                 raise StepRefused(f"{REFUSED}{step.path} is the service's own database")
@@ -4187,7 +4305,8 @@ async def write_source_code(request: Request) -> Response:
                                           "WHERE ai_work_dir <> ''")
     root = await asyncio.to_thread(writable_root, root_dir, [r["ai_work_dir"] for r in rows],
                                    state.settings.write_roots)
-    writer = SourceWriter(root, plan, backup, state.settings.max_body_bytes,
+    blocks = await asyncio.to_thread(plan_blocks, plan)
+    writer = SourceWriter(root, blocks, backup, state.settings.max_body_bytes,
                           state.settings.db_path)
     return EventStream(writer.events(), sep="\n", headers={"Cache-Control": "no-cache"})
 

@@ -2037,6 +2037,57 @@ def test_complete_source_code_is_bounded_by_max_body_bytes(write_roots, tmp_path
     assert response.json()["completeSourceCode"].endswith("File: small.txt\n---\nok\n---")
 
 
+def test_names_that_are_not_utf8_are_shown_and_their_files_still_read(api, tmp_path):
+    """A file or folder name whose bytes are not UTF-8 (another system's encoding) is drawn
+    and named with U+FFFD for those bytes, its file read by its real bytes (a symlink to it
+    too), the .gitignore applied to it as shown: never a 500."""
+    root = tmp_path / "latin"
+    make_tree(root, {".gitignore": "*.log\n", "ok.py": "ok\n"})
+    base = os.fsencode(root)
+    os.mkdir(base + b"/caf\xe9")
+    for name, data in ((b"/caf\xe9/men\xfc.txt", b"du jour\n"), (b"/\xff.log", b"noise")):
+        with open(base + name, "wb") as file:
+            file.write(data)
+    os.symlink(b"caf\xe9/men\xfc.txt", base + b"/link\xfe")
+    response = api.get(f"/v1/projects/{code_project(api, root)}/complete-source-code")
+    assert response.status_code == 200, response.text
+    assert response.json()["completeSourceCode"] == """Project Name: latin
+
+Project Structure:
+latin/
+├── caf\ufffd
+│   └── men\ufffd.txt
+├── .gitignore
+├── link\ufffd
+└── ok.py
+
+File Contents:
+
+File: .gitignore
+---
+*.log
+
+---
+
+File: link\ufffd
+---
+du jour
+
+---
+
+File: ok.py
+---
+ok
+
+---
+
+File: caf\ufffd/men\ufffd.txt
+---
+du jour
+
+---"""
+
+
 def plan_step(number, total, action, path, *codes, title=None) -> str:
     """One block of the executor's step format: Step line, Action, File Path, code fences."""
     text = f"Step [{number}/{total}] - {title or action}\nAction: {action}\nFile Path: {path}"
@@ -2433,9 +2484,76 @@ def test_write_source_code_refusals_change_nothing(api, guarded, write_roots, tm
     assert list(root.iterdir()) == []
 
 
+def test_names_that_are_not_utf8_on_disk_do_not_break_a_plan(api, tmp_path):
+    """A root_dir whose real path is not UTF-8 (the project's ai_work_dir is a symlink to it),
+    holding such names: backups are made and said (U+FFFD for those bytes), folders holding
+    such names are deleted or moved aside, and the project's text is read after."""
+    real = os.fsencode(tmp_path) + b"/w\xe9rk"
+    os.makedirs(real + b"/junk/\xfe")
+    os.makedirs(real + b"/gone")
+    for name in (b"/a.txt", b"/junk/\xff.txt", b"/junk/\xfe/x", b"/gone/\xfd", b"/caf\xe9.py"):
+        with open(real + name, "wb") as file:
+            file.write(b"old\n")
+    (tmp_path / "work").symlink_to(os.fsdecode(real))
+    project_id = code_project(api, tmp_path / "work")
+    response, events = write_code(api, tmp_path / "work", plan_of(
+        ("Update file", "a.txt", "new"), ("Delete folder", "junk")))
+    shown = f"{tmp_path}/w\ufffdrk/.backup/"
+    assert [re.sub(r"\d{8}_\d{6}", "STAMP", m) for k, m in said(events) if k == "success"] == [
+        f"任务执行成功，更新1行代码 (备份: {shown}a.txt.STAMP.bak)",
+        f"任务执行成功，更新0行代码 (备份: {shown}junk.STAMP.bak)"]
+    assert said(events)[-1] == ("summary", "执行完成 - 成功: 2, 失败: 0, 无效: 0")
+    backups = sorted(os.listdir(real + b"/.backup"))
+    assert [name.split(b".")[0] for name in backups] == [b"a", b"junk"]
+    assert sorted(os.listdir(real + b"/.backup/" + backups[1])) == [b"\xfe", b"\xff.txt"]
+    response, events = write_code(api, tmp_path / "work", plan_of(("Delete folder", "gone")),
+                                  backup_enabled=False)
+    assert said(events)[-2:] == [("success", "任务执行成功，更新0行代码"),
+                                 ("summary", "执行完成 - 成功: 1, 失败: 0, 无效: 0")]
+    assert sorted(os.listdir(real)) == [b".backup", b"a.txt", b"caf\xe9.py"]
+    response = api.get(f"/v1/projects/{project_id}/complete-source-code")
+    assert response.json()["completeSourceCode"].endswith(
+        "└── caf\ufffd.py\n\nFile Contents:\n\nFile: a.txt\n---\nnew\n---\n\n"
+        "File: caf\ufffd.py\n---\nold\n\n---")
+
+
+def test_a_file_step_whose_path_ends_in_a_slash_fails(api, tmp_path):
+    """`File Path: dir/` names a folder: a file step there fails saying so (the library would
+    write a file named `dir`); a folder step takes it as the folder."""
+    root = tmp_path / "root"
+    root.mkdir()
+    code_project(api, root)
+    response, events = write_code(api, root, plan_of(
+        ("Create file", "dir/", "x"), ("Update file", "sub\\", "x"), ("Delete file", "made/."),
+        ("Create folder", "made/")))
+    assert [m for k, m in said(events) if k == "error"] == [
+        f"执行任务失败: {path} is a folder's path (it ends in '/'): '{action}' needs the path "
+        "of a file" for action, path in (("Create file", "dir/"), ("Update file", "sub\\"),
+                                         ("Delete file", "made/."))]
+    assert said(events)[-1] == ("summary", "执行完成 - 成功: 1, 失败: 3, 无效: 0")
+    assert [p.name for p in root.iterdir()] == ["made"] and (root / "made").is_dir()
+
+
+def test_write_roots_must_be_absolute_paths():
+    """A relative WRITE_ROOTS would hang on the folder the service starts in: refused at
+    start, in one line, as other bad settings are."""
+    with pytest.raises(SystemExit, match=r"^WRITE_ROOTS must hold absolute paths, got "
+                                         r"'relative/dir'$"):
+        server.load_settings(write_roots="/tmp, relative/dir")
+    assert server.load_settings(write_roots="/tmp, /srv").write_roots == ("/tmp", "/srv")
+
+
+def writer_thread(root) -> threading.Thread | None:
+    """The worker thread carrying out a plan in `root` (the service runs in this process)."""
+    name = f"write-source-code {os.path.realpath(root)}"
+    return next((t for t in threading.enumerate() if t.name == name), None)
+
+
 def test_a_client_that_goes_away_stops_the_plan_after_the_step_in_hand(api, tmp_path):
-    """The web dialog's "强制关闭": the steps not yet carried out are not (the one in hand is
-    finished, whole: no file is ever left half written, nor a temporary file beside it)."""
+    """The web dialog's "强制关闭": the client reads up to the first step's progress event and
+    closes the connection. The server hears it (http.disconnect), the worker finishes the step
+    in hand, whole (no file half written, no temporary file left beside it), begins no other,
+    and ends."""
     root = tmp_path / "root"
     root.mkdir()
     code_project(api, root)
@@ -2443,17 +2561,150 @@ def test_a_client_that_goes_away_stops_the_plan_after_the_step_in_hand(api, tmp_
     plan = plan_of(*[("Create file", f"f{i:04}.txt", "x" * 100) for i in range(total)])
     with api.stream("POST", "/v1/write-source-code", json={
             "root_dir": str(root), "files_content": plan}) as response:
-        assert next(response.iter_lines()).startswith("data: ")
-    counts = []
-
-    def settled():
-        counts.append(len(os.listdir(root)))
-        return len(counts) > 5 and len(set(counts[-5:])) == 1
-
-    wait_for(settled, step=0.05)
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "progress":
+                break
+    wait_for(lambda: writer_thread(root) is None)
     files = sorted(os.listdir(root))
     assert 0 < len(files) < total and files == [f"f{i:04}.txt" for i in range(len(files))]
     assert all((root / name).read_text() == "x" * 100 for name in files)
+
+
+def asgi_request(path: str, body: bytes) -> dict:
+    """The scope of a JSON POST, as uvicorn hands it to the app."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80), "headers": [
+                (b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode())]}
+
+
+def waits_for_the_client(thread: threading.Thread) -> bool:
+    """Whether `thread` is held in EventPipe.put, waiting for room (the pipe is full)."""
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == "wait" and \
+        frame.f_back is not None and frame.f_back.f_code is server.EventPipe.put.__code__
+
+
+def test_a_client_that_stops_reading_holds_the_plan_and_leaving_ends_it(tmp_path):
+    """The app driven as uvicorn drives it, by a client that takes the stream's first piece
+    and then reads no more (no network between, whose buffers would hold megabytes): the
+    worker runs at most the pipe (PIPE_BYTES of events) ahead, then waits, holding no more
+    (the reviewer's client that did not read made the server hold 700 MB). When the client
+    goes (http.disconnect), the step in hand is finished, no other begun, and the worker ends."""
+    root = tmp_path / "root"
+    root.mkdir()
+    total = 2000
+    plan = plan_of(*[("Create folder", f"d{i:04}") for i in range(total)])
+    body = json.dumps({"root_dir": str(root), "files_content": plan}).encode()
+    app = server.create_app(db_path=str(tmp_path / "chat.db"), write_roots=str(root))
+    sent, request = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def client() -> int:
+        gone, first = asyncio.Event(), asyncio.Event()
+
+        async def receive():
+            if request:
+                return request.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message.get("body"):
+                first.set()
+                await asyncio.Event().wait()  # reads no more
+
+        async with app.router.lifespan_context(app):
+            call = asyncio.create_task(app(asgi_request("/v1/write-source-code", body),
+                                           receive, send))
+            await first.wait()
+            worker = writer_thread(root)
+            await asyncio.to_thread(wait_for, lambda: waits_for_the_client(worker))
+            ahead = len(os.listdir(root))
+            gone.set()
+            await call
+            await asyncio.to_thread(worker.join, 10)
+            assert not worker.is_alive()
+        return ahead
+
+    ahead = asyncio.run(client())
+    assert sent[0]["status"] == 200 and len(sent) == 2  # the start, and one piece of events
+    # A step's events (progress, info, success) are over 300 bytes; besides the piece sent,
+    # the pipe holds at most PIPE_BYTES and one event (of 200 bytes at most).
+    assert 0 < ahead <= (len(sent[1]["body"]) + server.PIPE_BYTES + 200) // 300 + 1
+    folders = sorted(os.listdir(root))
+    assert folders == [f"d{i:04}" for i in range(len(folders))]
+    assert ahead <= len(folders) <= ahead + 1
+
+
+def test_the_event_pipe_bounds_what_waits_and_hands_it_all_on_at_each_wake_up():
+    """EventPipe, between a worker thread and the loop: the worker waits once PIPE_BYTES wait;
+    the loop, woken once, takes all of them in one piece; closing lets a waiting worker go."""
+    events = [b"%0100d" % i for i in range(1000)]  # 100 bytes each
+    held = -(-server.PIPE_BYTES // 100)  # the puts that succeed before one waits
+
+    def start(pipe) -> tuple[threading.Thread, list]:
+        done = []
+
+        def worker():
+            for event in events:
+                if not pipe.put(event):
+                    return
+                done.append(event)
+            pipe.end()
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        return thread, done
+
+    async def main():
+        pipe = server.EventPipe(asyncio.get_running_loop())
+        thread, done = start(pipe)
+        await asyncio.to_thread(wait_for, lambda: len(done) == held and waits_for_the_client(
+            thread))
+        assert pipe.size == held * 100
+        batches = pipe.batches()
+        assert await anext(batches) == b"".join(events[:held])
+        assert b"".join([batch async for batch in batches]) == b"".join(events[held:])
+        closing = server.EventPipe(asyncio.get_running_loop())
+        thread, done = start(closing)
+        await asyncio.to_thread(wait_for, lambda: waits_for_the_client(thread))
+        closing.close()
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive() and len(done) == held and closing.waiting == []
+
+    asyncio.run(main())
+
+
+def test_a_plan_of_more_than_max_plan_steps_is_413_before_anything_is_written(api, tmp_path):
+    """The reviewer's 2.7 MB plan of 300,000 one-letter blocks (600,002 events, which froze the
+    service for seconds) is refused whole; blank blocks are no steps and do not count."""
+    root = tmp_path / "root"
+    root.mkdir()
+    code_project(api, root)
+    refused = (413, {"detail": f"files_content holds more than {server.MAX_PLAN_STEPS} steps "
+                               "(blocks between ------): nothing is carried out"})
+    for plan in ("x\n------\n" * 300000, plan_of(*[("Create folder", f"d{i}")
+                                                   for i in range(server.MAX_PLAN_STEPS + 1)])):
+        response, _ = write_code(api, root, plan)
+        assert (response.status_code, response.json()) == refused
+    assert list(root.iterdir()) == []
+    plan = "------\n \u3000\n" * 200000 + plan_of(("Create folder", "a"), ("Create folder",
+                                                                          "b")) + "\n------" * 9
+    response, events = write_code(api, root, plan)
+    assert response.status_code == 200 and said(events)[0] == ("info", "一共2个待执行任务")
+    assert events[-1]["data"]["successful_tasks"] == 2 and sorted(os.listdir(root)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("plan", [
+    "a------b", "-------x-------", "------", "\n------\n  ------ \t------x\u3000------\u3000\n",
+    " a ------\n\n------ b ------------c", "x\n------\n" * server.MAX_PLAN_STEPS],
+    ids=["a", "7 dashes", "one divider", "blank blocks", "dozen dashes", "the most steps"])
+def test_plan_blocks_are_the_librarys_split(plan):
+    """The steps found without splitting a huge plan are str.split's, up to MAX_PLAN_STEPS."""
+    assert server.plan_blocks(plan) == [b.strip() for b in plan.split("------") if b.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
