@@ -2740,10 +2740,16 @@ async def summarise(app: Starlette, api_key: str, model: str, transcript: str) -
 
 
 def insert_summary(db: sqlite3.Connection, conversation_id: str, content: str,
-                   covers: list[int]) -> int:
-    return db.execute("INSERT INTO messages (conversation_id, role, content, kind, covers_first, "
-                      "covers_last) VALUES (?, 'system', ?, 'summary', ?, ?)",
-                      (conversation_id, content, *covers)).lastrowid
+                   covers: list[int] | None) -> int:
+    """A summary message; covers None: it stands for nothing stored (a compaction item at the
+    start of a new conversation's input), so it covers itself alone: [its id, its id]."""
+    summary_id = db.execute("INSERT INTO messages (conversation_id, role, content, kind, "
+                            "covers_first, covers_last) VALUES (?, 'system', ?, 'summary', ?, ?)",
+                            (conversation_id, content, *(covers or [0, 0]))).lastrowid
+    if covers is None:
+        db.execute("UPDATE messages SET covers_first = ?, covers_last = ? WHERE id = ?",
+                   (summary_id, summary_id, summary_id))
+    return summary_id
 
 
 def store_summary(db: sqlite3.Connection, conversation_id: str, content: str,
@@ -2872,7 +2878,7 @@ def memory_fields(row: sqlite3.Row | dict, covers: SummaryCovers | None) -> dict
         fields = {"kind": "summary", "covers": [row["covers_first"], row["covers_last"]]}
         if None in fields["covers"]:
             fields["covers"] = None
-    if covers is not None and (summary_id := covers.of(row["id"])) is not None:
+    if covers is not None and (summary_id := covers.of(row["id"])) not in (None, row["id"]):
         fields["summarized_by"] = summary_id
     return fields
 
@@ -5226,8 +5232,12 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
                                      "send it again")
         source, conversation_id = conversation_id, fork_conversation(db, conversation_id, up_to)
         copied = copied_ids(db, source, conversation_id, up_to) if kept is not None else None
+    # A summary standing for nothing stored goes first, covering itself: later turns send it.
+    leading = [] if kept is None or kept.last is not None else \
+        [insert_summary(db, conversation_id, kept.content, None)]
     ids, updated_at = insert_messages(db, conversation_id, rows)
-    if kept is not None and (covers := kept.covers(ids, copied)) is not None:
+    ids = [*leading, *ids]
+    if kept is not None and (covers := kept.covers(ids[len(leading):], copied)) is not None:
         summary_id = insert_summary(db, conversation_id, kept.content, covers)
         if kept.seal is not None:
             base = {**base, "output": [compaction_item(kept.seal, kept.content, conversation_id,
@@ -5630,7 +5640,8 @@ def turn_rows(stored: StoredHistory, given: ResponseInput
     before the input's compaction item, only system (and developer) messages: its summary stands
     for the rest. Returns them, the summary in effect ({"content", ...}), the ref a summary the
     turn keeps covers from (the stored summary's first, else the first row's), and the last ref
-    the item's summary stands for (None: no item, or nothing before it)."""
+    the item's summary stands for (the stored summary's last when no message is before it; None:
+    no item, or nothing stored before it: insert_response_turn stores it first, covering itself)."""
     everything = stored.entries + given.entries
     first = ("id", stored.summary["covers_first"]) if stored.summary is not None else \
         everything[0]["ref"] if everything else None
@@ -5638,8 +5649,9 @@ def turn_rows(stored: StoredHistory, given: ResponseInput
         return everything, stored.summary, first, None
     before = len(stored.entries) + given.before
     rows = [entry for entry in everything[:before] if entry["role"] == "system"]
-    return rows + everything[before:], {"content": given.summary}, first, \
-        everything[before - 1]["ref"] if before else None
+    last = everything[before - 1]["ref"] if before else None if stored.summary is None else \
+        ("id", stored.summary["covers_last"])  # it stands for the stored summary's range
+    return rows + everything[before:], {"content": given.summary}, first, last
 
 
 @dataclass

@@ -6938,6 +6938,27 @@ def test_responses_compact_and_its_item_sent_back_stand_for_what_came_before(
         assert api.post("/v1/responses/compact", headers=KEY, json=body).status_code == status
 
 
+def test_a_compaction_item_opening_a_stored_input_is_stored_and_the_next_turn_sends_it(
+        compacting, memory_sdk):
+    api, _ = compacting
+    item = api.post("/v1/responses/compact", headers=KEY,
+                    json={"model": "Small", "input": "I am Ada"}).json()["output"][-1]
+    first = memory_sdk.responses.create(model="Small", input=[
+        item, {"role": "user", "content": "stored with item"}])
+    header = history_of(LAST_QUERY["Small"])[0]
+    assert header[0] == "system" and header[1].startswith(server.SUMMARY_HEADER)
+    messages = listed(api, first.conversation.id)
+    assert [(m["role"], m.get("kind")) for m in messages] == [
+        ("system", "summary"), ("user", None), ("assistant", None)]
+    assert messages[0]["content"] == header[1].split("\n", 1)[1]
+    assert messages[0]["covers"] == [messages[0]["id"]] * 2
+    assert all("summarized_by" not in m for m in messages)
+    assert [i.type for i in memory_sdk.responses.input_items.list(first.id).data] == ["message"]
+    memory_sdk.responses.create(model="Small", input="more", previous_response_id=first.id)
+    assert history_of(LAST_QUERY["Small"]) == [
+        header, ["user", "stored with item"], ["bot", messages[2]["content"]], ["user", "more"]]
+
+
 def test_a_forked_turn_that_compacts_keeps_its_summary_in_the_copy(compacting, memory_sdk):
     api, _ = compacting
     responses, previous = [], None
