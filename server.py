@@ -2598,6 +2598,9 @@ SUMMARY_PROMPT = (
 # What the system message says before the summary, on every turn after a compaction.
 SUMMARY_HEADER = "Summary of the earlier conversation (stored, not sent in full):"
 COMPACT_KEEP_LAST = 4
+# The most summary calls one compaction without a turn makes (/compact, /v1/responses/compact,
+# compaction_trigger) when what it summarises is longer than the summariser reads at once.
+COMPACT_PASSES = 8
 CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
                "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
 # A summary (one made by hand without its range is none).
@@ -2681,29 +2684,32 @@ def transcript_block(row: dict) -> str:
     return f"{role}: " + "\n".join(filter(None, lines))
 
 
-def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget) -> str:
-    """The summariser's user message: the previous summary, then a block a message. Past the
-    summariser's budget (less its prompt), the newest blocks that fit, after a line saying how
-    many earlier messages were left out (the newest alone cut to its end if it is over)."""
+def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
+                       ) -> tuple[str, int]:
+    """The summariser's user message, and how many of `rows` it holds (all a summary of it may
+    cover): the previous summary (its beginning: at most half the room), then a block a
+    message, oldest first, whole turns while they fit the summariser's budget (less its
+    prompt); the first turn always, its blocks cut to their beginnings if it is over."""
     prompt = cost_of(SUMMARY_PROMPT)
-    room = (budget.tokens - prompt[0] - 64, budget.chars - prompt[1] - 256)  # 64: the note
+    room = [budget.tokens - prompt[0], budget.chars - prompt[1]]
     head = []
     if previous is not None:  # at most half the room (its beginning): the messages need some
         head = [prefix_within(f"summary: {previous['content']}", room[0] // 2, room[1] // 2)]
-        room = (room[0] - estimate_tokens(head[0]), room[1] - len(head[0]))
+        room = [room[0] - estimate_tokens(head[0]), room[1] - len(head[0])]
+    starts = [*turn_starts(rows, len(rows)), len(rows)]
     blocks: list[str] = []
-    for row in reversed(rows):
-        block = transcript_block(row)
-        tokens, chars = cost_of(block + "\n\n")
-        if tokens > room[0] or chars > room[1]:
-            if not blocks:  # the newest message alone is over: its end
-                blocks.append(prefix_within(block[::-1], room[0], room[1])[::-1])
-            break
-        blocks.append(block)
-        room = (room[0] - tokens, room[1] - chars)
-    left_out = len(rows) - len(blocks)
-    note = [f"[{left_out} earlier messages are left out of this transcript]"] if left_out else []
-    return "\n\n".join(head + note + blocks[::-1])
+    for start, end in zip(starts, starts[1:]):
+        turn = [transcript_block(row) for row in rows[start:end]]
+        costs = [cost_of(block + "\n\n") for block in turn]
+        if sum(c[0] for c in costs) > room[0] or sum(c[1] for c in costs) > room[1]:
+            if start > 0:
+                return "\n\n".join(head + blocks), start
+            turn = [prefix_within(block, room[0] // len(turn) - 1, room[1] // len(turn) - 2)
+                    for block in turn]  # the first turn alone is over: each its beginning
+            costs = [cost_of(block + "\n\n") for block in turn]
+        blocks += turn
+        room = [room[0] - sum(c[0] for c in costs), room[1] - sum(c[1] for c in costs)]
+    return "\n\n".join(head + blocks), len(rows)
 
 
 def summariser(app: Starlette, model: str) -> str:
@@ -2712,14 +2718,22 @@ def summariser(app: Starlette, model: str) -> str:
 
 
 async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
-                     covered: list[dict]) -> tuple[str, int]:
+                     covered: list[dict], passes: int = 1) -> tuple[str, int, int]:
     """The summary of `covered` (after `previous`, the summary they follow) by `model`: the
     transcript (summary_transcript, within the summariser's window), one call (summarise);
-    and the tokens that call was sent. PoeFailure when it fails or says nothing."""
-    transcript = await asyncio.to_thread(summary_transcript, previous, covered,
-                                         await model_budget(app, model))
-    summary = await summarise(app, api_key, model, transcript)
-    return summary, estimate_tokens(SUMMARY_PROMPT) + estimate_tokens(transcript)
+    while some of `covered` did not fit it, up to `passes` calls in all, each reading the
+    summary so far and the next part. Returns the summary, the tokens the calls were sent, and
+    how many of `covered` it covers (its first whole turns). PoeFailure when a call fails."""
+    budget, summary, tokens, seen = await model_budget(app, model), "", 0, 0
+    for _ in range(passes):
+        transcript, count = await asyncio.to_thread(summary_transcript, previous,
+                                                    covered[seen:], budget)
+        summary = await summarise(app, api_key, model, transcript)
+        tokens += estimate_tokens(SUMMARY_PROMPT) + estimate_tokens(transcript)
+        seen, previous = seen + count, {"content": summary}
+        if seen == len(covered):
+            break
+    return summary, tokens, seen
 
 
 async def summarise(app: Starlette, api_key: str, model: str, transcript: str) -> str:
@@ -2806,12 +2820,12 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
     summary, start, made = (plan.summary or {}).get("content"), 0, None
     if plan.cut:
         model = summariser(app, plan.budget.model)
-        covers = summary_covers(plan.summary, plan.rows[:plan.cut])
         try:
-            summary, _ = await summary_of(app, api_key, model, plan.summary,
-                                          plan.rows[:plan.cut])
-            made = {"content": summary, "covers": covers}
-            start = plan.cut
+            summary, _, start = await summary_of(app, api_key, model, plan.summary,
+                                                 plan.rows[:plan.cut])
+            # It covers what the summariser read; what did not fit goes on (trimmed if over).
+            made = {"content": summary,
+                    "covers": summary_covers(plan.summary, plan.rows[:start])}
         except PoeFailure as exc:
             log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
                         "left out instead", model, exc.status, exc.detail)
@@ -2935,12 +2949,12 @@ async def compact_conversation(request: Request) -> JSONResponse:
             raise HTTPException(400, f"nothing to compact: the conversation has no message "
                                      f"before its last {keep_last} that a summary does not "
                                      "cover already")
-        covered = context.rows[:cut]
         try:
-            summary, _ = await summary_of(app, api_key, model, context.summary, covered)
+            summary, _, cut = await summary_of(app, api_key, model, context.summary,
+                                               context.rows[:cut], COMPACT_PASSES)
         except PoeFailure as exc:
             raise poe_http_error(exc.status, exc.detail, exc.headers) from None
-        covers = summary_covers(context.summary, covered)
+        covers = summary_covers(context.summary, context.rows[:cut])
         summary_id = await db.write(store_summary, conversation_id, summary, covers)
     return JSONResponse({"summary_message_id": summary_id, "covers": covers,
                          "content": summary})
@@ -5795,7 +5809,9 @@ async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
     if plan.cut:
         model = summariser(app, spec.model)
         try:
-            made, _ = await summary_of(app, api_key, model, plan.summary, plan.rows[:plan.cut])
+            made, _, seen = await summary_of(app, api_key, model, plan.summary,
+                                             plan.rows[:plan.cut])
+            plan = dataclasses.replace(plan, cut=seen)  # what the summariser read, no more
             kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
                                await app.state.seal.ready())
         except PoeFailure as exc:
@@ -5825,10 +5841,11 @@ async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHi
         raise HTTPException(400, "nothing to compact: there is no message (but system ones) "
                                  "that a summary does not stand for already")
     try:
-        made, tokens = await summary_of(app, api_key, summariser(app, model), summary, rows)
+        made, tokens, seen = await summary_of(app, api_key, summariser(app, model), summary,
+                                              rows, COMPACT_PASSES)
     except PoeFailure as exc:
         raise poe_http_error(exc.status, exc.detail, exc.headers) from None
-    return made, rows, tokens, first
+    return made, rows[:seen], tokens, first
 
 
 async def compaction_trigger(app: Starlette, api_key: str, spec: ResponseSpec, target: dict,
@@ -5887,10 +5904,12 @@ async def compact_responses(request: Request) -> JSONResponse:
         await response_input(app, api_key, data["input"], stored.names)
     claimed = target["conversation_id"] if previous is not None and target["append"] else None
     with app.state.replies.claim(claimed):
-        summary, _, tokens, first = await compact_all(app, api_key, model, stored, given)
+        summary, covered, tokens, first = await compact_all(app, api_key, model, stored, given)
         seal, summary_id = await app.state.seal.ready(), None
-        covers = KeptSummary(summary, first, stored.entries[-1]["ref"] if stored.entries
-                             else None).covers([], None)
+        last = covered[-1]["ref"]  # the stored part it read: all of it when it reached input
+        if last[0] == "input":
+            last = stored.entries[-1]["ref"] if stored.entries else None
+        covers = KeptSummary(summary, first, last).covers([], None)
         if claimed is not None and covers is not None:
             summary_id = await app.state.db.write(store_summary, claimed, summary, covers)
     users = [user_item(entry) for entry in stored.entries + given.entries

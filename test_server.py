@@ -6488,20 +6488,54 @@ def test_the_summariser_is_the_request_s_model_else_compact_model_else_the_conve
         assert LAST_QUERY[model].query[0].content == server.SUMMARY_PROMPT
 
 
-def test_a_transcript_past_the_summariser_s_window_sends_its_newest_part(compacting):
+def test_compact_past_the_summariser_s_window_reads_it_all_in_bounded_passes(compacting):
     api, db_path = compacting
     db = sqlite3.connect(db_path)
     conversation_id = new_conversation(api, model="Say")
-    store_turns(db, conversation_id, 20, size=600)
-    assert compact(api, conversation_id, model="Small", keep_last=2).status_code == 200
-    query = LAST_QUERY["Small"]
-    transcript = query.query[-1].content
-    assert sent_tokens(query) <= 1500
-    left_out = int(re.match(r"\[(\d+) earlier messages are left out of this transcript\]",
-                            transcript)[1])
-    assert 0 < left_out < 38 and transcript.endswith("assistant: said 18 " + "y" * 600)
-    assert transcript.count("\n\nuser: ") + transcript.count("\n\nassistant: ") == \
-        38 - left_out
+    ids = store_turns(db, conversation_id, 20, size=600)
+    calls, seen = CALLS["Small"], []
+    SMALL_QUERIES.clear()
+    body = compact(api, conversation_id, model="Small", keep_last=2).json()
+    passes = CALLS["Small"] - calls
+    assert 1 < passes <= server.COMPACT_PASSES
+    transcripts = [query.query[-1].content for query in SMALL_QUERIES]
+    assert all(sent_tokens(query) <= 1500 for query in SMALL_QUERIES)
+    assert transcripts[0].startswith("user: said 0 ") and "left out" not in transcripts[0]
+    for transcript in transcripts[1:]:  # each pass reads the summary so far, then what follows
+        assert transcript.startswith("summary: small got 2 messages\n\nuser: said ")
+    for transcript in transcripts:
+        seen += re.findall(r"(?:user|assistant): said (\d+) ", transcript)
+    assert seen == [str(i // 2) for i in range(38)]  # every message read, once, in order
+    assert body["covers"] == [ids[0], ids[37]]
+    db.close()
+
+
+def test_a_turn_s_summary_covers_only_what_the_summariser_read(start_service):
+    # The turn's model reads 8,000 characters; the summariser (Small) about 5,400 at once.
+    api, db_path = start_service(compact_model="Small", max_context_chars=8000)
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Count")
+    ids = store_turns(db, conversation_id, 30, size=300)
+    calls = (CALLS["Count"], CALLS["Small"])
+    body = say(api, conversation_id, "now").json()
+    assert (CALLS["Count"], CALLS["Small"]) == (calls[0] + 1, calls[1] + 1)
+    transcript = LAST_QUERY["Small"].query[-1].content
+    read = [int(i) for i in re.findall(r"(?:user|assistant): said (\d+) ", transcript)]
+    assert "left out" not in transcript and read == [i // 2 for i in range(len(read))]
+    assert 0 < len(read) < 40 and len(read) % 2 == 0
+    # It covers what it read; the rest, over the budget still, is left out and said to be.
+    assert body["compacted"]["covers"] == [ids[0], ids[len(read) - 1]]
+    assert body["context_trimmed"] > 0
+    sent = history_of(LAST_QUERY["Count"])
+    assert sent[0][0] == "system" and sent[-1] == ["user", "now"]
+    assert sum(len(m[1]) for m in sent) <= 8000
+    # The next turn compacts again from there: its summary reads the one before, then the
+    # messages this turn left out, and covers from the first message.
+    second = say(api, conversation_id, "again").json()
+    assert LAST_QUERY["Small"].query[-1].content.startswith(
+        "summary: small got 2 messages\n\n") and f"said {len(read) // 2} " in \
+        LAST_QUERY["Small"].query[-1].content
+    assert second["compacted"]["covers"][0] == ids[0]
     db.close()
 
 
