@@ -2586,7 +2586,8 @@ def prefix_within(text: str, tokens: int, chars: int = INT64, counted: Cost = (0
     return text[:low]
 
 
-# The summariser's system message: a fixed prompt (docs/API.md quotes it), the transcript after.
+# The summariser's system message: a fixed prompt (docs/API.md quotes it, with N for {words}:
+# summary_words), the transcript after.
 SUMMARY_PROMPT = (
     "You keep the memory of a long conversation. The user message is a transcript of its "
     "earlier part, one block a message (\"role: text\"); it may begin with a summary of what "
@@ -2594,7 +2595,8 @@ SUMMARY_PROMPT = (
     "the user's goals, requests and preferences; facts, names, numbers, decisions and "
     "conclusions; code, files and commands that matter (quote short ones exactly); what was "
     "being done last and what is still open. Write in the conversation's language, as compact "
-    "notes, with no preamble. Do not answer or continue the conversation.")
+    "notes of at most {words} words, with no preamble. Do not answer or continue the "
+    "conversation.")
 # What the system message says before the summary, on every turn after a compaction.
 SUMMARY_HEADER = "Summary of the earlier conversation (stored, not sent in full):"
 COMPACT_KEEP_LAST = 4
@@ -2636,6 +2638,17 @@ def stored_context(db: sqlite3.Connection, conversation_id: str,
     for row in rows:
         row["attachments"] = json.loads(row["attachments"]) if row["attachments"] else None
     return StoredContext("" if prompt is None else prompt["content"], summary, rows)
+
+
+def summary_words(budget: Budget) -> int:
+    """How long a summary may be, in words, for a turn within `budget`: a quarter of it (in
+    tokens, or characters / 4, whichever is smaller), at about 4/3 tokens a word; at least 50."""
+    return max(50, min(budget.tokens, budget.chars // 4) // 4 * 3 // 4)
+
+
+def summary_prompt(budget: Budget) -> str:
+    """SUMMARY_PROMPT for a summary that goes to a turn within `budget`."""
+    return SUMMARY_PROMPT.format(words=summary_words(budget))
 
 
 def summary_system(system: str, summary: str | None) -> str:
@@ -2690,8 +2703,8 @@ def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
     cover): the previous summary (its beginning: at most half the room), then a block a
     message, oldest first, whole turns while they fit the summariser's budget (less its
     prompt); the first turn always, its blocks cut to their beginnings if it is over."""
-    prompt = cost_of(SUMMARY_PROMPT)
-    room = [budget.tokens - prompt[0], budget.chars - prompt[1]]
+    prompt = cost_of(SUMMARY_PROMPT)  # its number aside: 8 characters spare for it
+    room = [budget.tokens - prompt[0] - 2, budget.chars - prompt[1] - 8]
     head = []
     if previous is not None:  # at most half the room (its beginning): the messages need some
         head = [prefix_within(f"summary: {previous['content']}", room[0] // 2, room[1] // 2)]
@@ -2718,9 +2731,11 @@ def summariser(app: Starlette, model: str) -> str:
 
 
 async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
-                     covered: list[dict], passes: int = 1) -> tuple[str, int, int]:
-    """The summary of `covered` (after `previous`, the summary they follow) by `model`: the
-    transcript (summary_transcript, within the summariser's window), one call (summarise);
+                     covered: list[dict], turn: Budget, passes: int = 1
+                     ) -> tuple[str, int, int]:
+    """The summary of `covered` (after `previous`, the summary they follow) by `model`, for
+    turns within `turn` (summary_prompt): the transcript (summary_transcript, within the
+    summariser's window), one call (summarise);
     while some of `covered` did not fit it, up to `passes` calls in all, each reading the
     summary so far and the next part. Returns the summary, the tokens the calls were sent, and
     how many of `covered` it covers (its first whole turns). PoeFailure when a call fails."""
@@ -2728,19 +2743,20 @@ async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | 
     for _ in range(passes):
         transcript, count = await asyncio.to_thread(summary_transcript, previous,
                                                     covered[seen:], budget)
-        summary = await summarise(app, api_key, model, transcript)
-        tokens += estimate_tokens(SUMMARY_PROMPT) + estimate_tokens(transcript)
+        summary = await summarise(app, api_key, model, summary_prompt(turn), transcript)
+        tokens += estimate_tokens(summary_prompt(turn)) + estimate_tokens(transcript)
         seen, previous = seen + count, {"content": summary}
         if seen == len(covered):
             break
     return summary, tokens, seen
 
 
-async def summarise(app: Starlette, api_key: str, model: str, transcript: str) -> str:
-    """One Poe call to `model` (relay_poe: num_tries=1, POE_TIMEOUT): SUMMARY_PROMPT, then the
-    transcript; its whole text. PoeFailure when it fails or says nothing."""
+async def summarise(app: Starlette, api_key: str, model: str, prompt: str,
+                    transcript: str) -> str:
+    """One Poe call to `model` (relay_poe: num_tries=1, POE_TIMEOUT): the prompt (summary_prompt),
+    then the transcript; its whole text. PoeFailure when it fails or says nothing."""
     query = await off_loop(len(transcript) >= LONG_BYTES, prepare_query, [
-        poe_message("system", SUMMARY_PROMPT, None), poe_message("user", transcript, None)], {})
+        poe_message("system", prompt, None), poe_message("user", transcript, None)], {})
     chunks: list[str] = []
     async with contextlib.aclosing(relay_poe(app, model, query, api_key)) as events:
         async for kind, value in events:
@@ -2794,8 +2810,9 @@ def sent_cost(row: dict) -> Cost:
 
 def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
               budget: Budget) -> TurnPlan:
-    """The turn as it goes: whole when it fits; else its oldest turns summarised, the rest under
-    half the budget. 413 when the system message and this turn's input alone do not fit."""
+    """The turn as it goes: whole when it fits; else its oldest turns summarised (with the
+    current summary), the rest and that summary under half the budget. 413 when the system
+    message and this turn's input alone do not fit."""
     costs = [sent_cost(row) for row in rows]
     alone = tuple(map(sum, zip(cost_of(system), *costs[fixed:])))
     if not budget.fits(alone):
@@ -2804,9 +2821,10 @@ def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
                                  f"{alone[0]} tokens ({alone[1]} characters), and of its "
                                  f"{budget.window} tokens {budget.tokens} may be sent (the rest "
                                  f"is kept for the reply; MAX_CONTEXT_CHARS is {budget.chars})")
-    whole = tuple(map(sum, zip(alone, cost_of(summary_system("", (summary or {}).get(
-        "content"))), *costs[:fixed])))
-    cut = 0 if budget.fits(whole) else plan_cut(costs, turn_starts(rows, fixed), fixed, alone,
+    held = tuple(map(sum, zip(alone, cost_of(summary_system("", (summary or {}).get(
+        "content"))))))  # the current summary counts: too long, it is summarised again
+    whole = tuple(map(sum, zip(held, *costs[:fixed])))
+    cut = 0 if budget.fits(whole) else plan_cut(costs, turn_starts(rows, fixed), fixed, held,
                                                  budget)
     return TurnPlan(system, summary, rows, fixed, budget, cut)
 
@@ -2822,7 +2840,7 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
         model = summariser(app, plan.budget.model)
         try:
             summary, _, start = await summary_of(app, api_key, model, plan.summary,
-                                                 plan.rows[:plan.cut])
+                                                 plan.rows[:plan.cut], plan.budget)
             # It covers what the summariser read; what did not fit goes on (trimmed if over).
             made = {"content": summary,
                     "covers": summary_covers(plan.summary, plan.rows[:start])}
@@ -2941,9 +2959,10 @@ async def compact_conversation(request: Request) -> JSONResponse:
     with app.state.replies.claim(conversation_id):  # 409 first: the history may be changing
         keep_last = int_field(data, "keep_last")
         keep_last = COMPACT_KEEP_LAST if keep_last in (MISSING, None) else keep_last
-        model = optional_model(data) or settings.compact_model or \
-            turn_model(settings, None, conversation)
+        own = turn_model(settings, None, conversation)
+        model = optional_model(data) or settings.compact_model or own
         api_key = poe_key(request)
+        turn = await model_budget(app, own)
         context = await db.read(stored_context, conversation_id, long=True)
         if (cut := keep_cut(context.rows, keep_last)) == 0:
             raise HTTPException(400, f"nothing to compact: the conversation has no message "
@@ -2951,7 +2970,7 @@ async def compact_conversation(request: Request) -> JSONResponse:
                                      "cover already")
         try:
             summary, _, cut = await summary_of(app, api_key, model, context.summary,
-                                               context.rows[:cut], COMPACT_PASSES)
+                                               context.rows[:cut], turn, COMPACT_PASSES)
         except PoeFailure as exc:
             raise poe_http_error(exc.status, exc.detail, exc.headers) from None
         covers = summary_covers(context.summary, context.rows[:cut])
@@ -5717,7 +5736,7 @@ def plan_response(spec: ResponseSpec, stored: StoredHistory, given: ResponseInpu
     whole = total_cost([alone, summary_cost, *costs[:fixed]])
     cut, threshold = 0, spec.compact_threshold
     if threshold is not None and (whole[0] > threshold or not budget.fits(whole)):
-        cut = plan_cut(costs, turn_starts(rows, fixed), fixed, alone,
+        cut = plan_cut(costs, turn_starts(rows, fixed), fixed, total_cost([alone, summary_cost]),
                        dataclasses.replace(budget, tokens=min(threshold, budget.tokens)))
     elif threshold is None and spec.truncation == "disabled" and not budget.fits(whole):
         raise too_long(budget, whole, "the history and the new input")
@@ -5810,7 +5829,7 @@ async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
         model = summariser(app, spec.model)
         try:
             made, _, seen = await summary_of(app, api_key, model, plan.summary,
-                                             plan.rows[:plan.cut])
+                                             plan.rows[:plan.cut], budget)
             plan = dataclasses.replace(plan, cut=seen)  # what the summariser read, no more
             kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
                                await app.state.seal.ready())
@@ -5842,7 +5861,8 @@ async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHi
                                  "that a summary does not stand for already")
     try:
         made, tokens, seen = await summary_of(app, api_key, summariser(app, model), summary,
-                                              rows, COMPACT_PASSES)
+                                              rows, await model_budget(app, model),
+                                              COMPACT_PASSES)
     except PoeFailure as exc:
         raise poe_http_error(exc.status, exc.detail, exc.headers) from None
     return made, rows[:seen], tokens, first

@@ -6360,7 +6360,7 @@ def test_a_small_window_conversation_grows_past_it_and_every_turn_answers(compac
         assert (CALLS["Small"], CALLS["Summarizer"]) == (calls[0] + 1, calls[1] + 1)
         summary = LAST_QUERY["Summarizer"].query
         assert [m.role for m in summary] == ["system", "user"]
-        assert summary[0].content == server.SUMMARY_PROMPT
+        assert summary[0].content == server.SUMMARY_PROMPT.format(words=281)  # of Small's 1,500
         summaries.append((body["compacted"], summary[1].content))
         stored = {m["id"]: m for m in listed(api, conversation_id)}
         made = stored[body["compacted"]["summary_message_id"]]
@@ -6386,7 +6386,8 @@ def test_a_small_window_conversation_grows_past_it_and_every_turn_answers(compac
     # Every message is still there; the covered ones say which summary covers them.
     assert len(user_ids) == 23  # 24 turns, one a continue prompt
     reference = open(os.path.join(server.HERE, "docs", "API.md"), encoding="utf-8").read()
-    assert server.SUMMARY_PROMPT in reference and server.SUMMARY_HEADER in reference
+    assert server.SUMMARY_PROMPT.format(words="N") in reference
+    assert server.SUMMARY_HEADER in reference
     for message in messages:
         covering = [s for s in summaries if s[0]["covers"][0] <= message["id"]
                     <= s[0]["covers"][1]]
@@ -6485,7 +6486,8 @@ def test_the_summariser_is_the_request_s_model_else_compact_model_else_the_conve
         calls = CALLS[model]
         response = compact(service, conversation_id, keep_last=2, **body)
         assert response.status_code == 200 and CALLS[model] == calls + 1
-        assert LAST_QUERY[model].query[0].content == server.SUMMARY_PROMPT
+        # At most a quarter of Say's budget (75,000 tokens), in words.
+        assert LAST_QUERY[model].query[0].content == server.SUMMARY_PROMPT.format(words=14062)
 
 
 def test_compact_past_the_summariser_s_window_reads_it_all_in_bounded_passes(compacting):
@@ -6536,6 +6538,31 @@ def test_a_turn_s_summary_covers_only_what_the_summariser_read(start_service):
         "summary: small got 2 messages\n\n") and f"said {len(read) // 2} " in \
         LAST_QUERY["Small"].query[-1].content
     assert second["compacted"]["covers"][0] == ids[0]
+    db.close()
+
+
+def test_a_current_summary_too_long_is_summarised_again_not_trimmed(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    store_turns(db, conversation_id, 6, size=280)
+    long = compact(api, conversation_id, model="Say", keep_last=0).json()  # Say says it back
+    assert len(long["content"]) > 3000  # ~900 tokens: more than half of Small's 1,500
+    bodies = []
+    for i in range(6):
+        calls = CALLS["Summarizer"]
+        bodies.append(say(api, conversation_id, f"q {i} " + "z" * 600).json())
+        if "compacted" in bodies[-1]:
+            break
+    assert all("context_trimmed" not in body for body in bodies), bodies
+    assert "compacted" in bodies[-1] and CALLS["Summarizer"] == calls + 1
+    transcript = LAST_QUERY["Summarizer"].query[-1].content
+    assert transcript.startswith(f"summary: {long['content'][:200]}")
+    assert "user: q 0 zzz" in transcript  # with the messages after it
+    assert bodies[-1]["compacted"]["covers"][0] == long["covers"][0]
+    made = next(m for m in listed(api, conversation_id)
+                if m["id"] == bodies[-1]["compacted"]["summary_message_id"])
+    assert history_of(LAST_QUERY["Small"])[0][1].endswith(made["content"])  # in full
     db.close()
 
 
