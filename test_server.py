@@ -4210,11 +4210,14 @@ def test_a_long_history_is_read_and_sent(start_service, size, max_context_chars)
     whole = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
     assert [m["content"] for m in whole["messages"]] == [f"m{i}" for i in range(size)]
     body = say(api, conversation_id, "last").json()
-    # Over MAX_CONTEXT_CHARS (or the window): the oldest were summarised (by Count itself, the
-    # turn's model), the rest went, newest last, after the summary.
+    # Over MAX_CONTEXT_CHARS (or the window): the oldest the summariser (Count itself, the
+    # turn's model) could read were summarised, the rest went, newest last, after the summary;
+    # what was still over is left out, and said to be.
     query = LAST_QUERY["Count"].query
-    assert "context_trimmed" not in body and body["compacted"]["covers"][0] == \
-        whole["messages"][0]["id"]
+    covers = body["compacted"]["covers"]
+    assert covers[0] == whole["messages"][0]["id"]
+    after = [m for m in whole["messages"] if m["id"] > covers[1]]
+    assert body.get("context_trimmed", 0) == len(after) - (len(query) - 2)
     assert body["reply"] == f"{len(query)} messages" and len(query) < size
     assert query[0].role == "system" and query[0].content.startswith(server.SUMMARY_HEADER)
     assert query[-1].content == "last" and query[-2].content == f"m{size - 1}"
