@@ -763,8 +763,10 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
         if required:
             raise HTTPException(400, f"{name} is required")
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT64:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise HTTPException(400, f"{name} must be an integer >= {minimum}")
+    if value >= INT64:
+        raise HTTPException(400, f"{name} must be an integer from {minimum} to {INT64 - 1}")
     return value
 
 
@@ -5856,9 +5858,10 @@ async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHi
     the summary, the rows it covers, the tokens its call was sent, and the ref its range starts
     at. 400 when there is nothing but system messages; Poe's status when the call fails."""
     rows, summary, first, _ = turn_rows(stored, given)
-    if all(row["role"] == "system" for row in rows):
-        raise HTTPException(400, "nothing to compact: there is no message (but system ones) "
-                                 "that a summary does not stand for already")
+    if all(row["role"] == "system" or not (row["content"] or row["attachments"] or
+                                           row.get("tool_calls")) for row in rows):
+        raise HTTPException(400, "nothing to compact: there is no message (but system and "
+                                 "empty ones) that a summary does not stand for already")
     try:
         made, tokens, seen = await summary_of(app, api_key, summariser(app, model), summary,
                                               rows, await model_budget(app, model),

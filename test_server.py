@@ -6456,6 +6456,9 @@ def test_compact_refuses_what_it_cannot_do_and_changes_nothing(compacting):
     conversation_id = new_conversation(api, model="Slow")
     store_turns(db, conversation_id, 4)
     before = snapshot(db)
+    huge = compact(api, conversation_id, keep_last=10 ** 30)
+    assert huge.status_code == 400 and huge.json()["detail"] == \
+        f"keep_last must be an integer from 0 to {2 ** 63 - 1}"
     for body, needle in [({"keep_last": -1}, "keep_last"), ({"keep_last": "2"}, "keep_last"),
                          ({"keep_last": 1.5}, "keep_last"), ({"model": "no/such"}, "model")]:
         response = compact(api, conversation_id, **body)
@@ -6998,8 +7001,12 @@ def test_responses_compact_and_its_item_sent_back_stand_for_what_came_before(
         ["system", f"{server.SUMMARY_HEADER}\n{messages[-1]['content']}"], ["user", "three"]]
     for body, status in (({"model": "Say", "previous_response_id": "resp_none"}, 404),
                          ({"model": "Say", "input": [{"role": "system", "content": "x"}]}, 400),
-                         ({"model": "Say"}, 400), ({"input": "x"}, 400)):
+                         ({"model": "Say"}, 400), ({"input": "x"}, 400),
+                         ({"model": "Say", "input": ""}, 400),
+                         ({"model": "Say", "input": [{"role": "user", "content": ""}]}, 400)):
+        calls = dict(CALLS)
         assert api.post("/v1/responses/compact", headers=KEY, json=body).status_code == status
+        assert CALLS == calls
 
 
 def test_a_compaction_item_opening_a_stored_input_is_stored_and_the_next_turn_sends_it(
