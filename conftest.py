@@ -39,6 +39,8 @@ LAST_QUERY: dict[str, fp.QueryRequest] = {}
 ARRIVALS: list[tuple[str, str, float]] = []  # (bot, last message, time.monotonic()) per query
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
 UPLOAD_GATE = threading.Event()  # an upload of b"HOLD-UPLOAD" waits for it
+# While HOLD_SUMMARIES is set, the Summarizer sets SUMMARY_HELD and waits for SUMMARY_GATE.
+HOLD_SUMMARIES, SUMMARY_HELD, SUMMARY_GATE = threading.Event(), threading.Event(), threading.Event()
 MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
 RIGHT_KEY = "poe-right-key-0123456789"
 
@@ -254,6 +256,9 @@ async def summarize(request):
     """A summariser: a short summary that says what it was given (a transcript as the user
     message, after the summarising prompt)."""
     transcript = request.query[-1].content
+    if HOLD_SUMMARIES.is_set():  # a slow summary call: the test acts meanwhile
+        SUMMARY_HELD.set()
+        await asyncio.to_thread(SUMMARY_GATE.wait, 30)
     yield fp.PartialResponse(text=f"SUMMARY of {transcript.count(chr(10) * 2) + 1} blocks, "
                                   f"{len(transcript)} chars")
 

@@ -2256,7 +2256,7 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_mess
     """On a reader thread: the turn's plan (plan_turn) over the history before `before_id`, then
     `new_message` (this very dict: its attachments are filled in once uploaded). A
     regeneration, with no new message, keeps the last turn whole instead."""
-    context = stored_context(db, conversation_id, before_id)
+    context = stored_context(db, conversation_id, before_id, by_covers=True)
     system = system_parts(db, context.system_prompt, turn.system_prompt_append, turn.documents)
     rows = context.rows + ([new_message] if new_message is not None else [])
     fixed = len(context.rows) if new_message is not None else turn_starts(rows, len(rows))[-1]
@@ -2303,8 +2303,10 @@ def insert_compacted_turn(db: sqlite3.Connection, conversation_id: str, messages
                           summary: dict | None) -> tuple[int | None, list[int], int, str]:
     """insert_turn, after the summary its history's compaction made (if any), in one write: so
     the summary's id is below the turn's. Returns the summary's id first."""
-    summary_id = None if summary is None else \
-        insert_summary(db, conversation_id, summary["content"], summary["covers"])
+    summary_id = None
+    if summary is not None:
+        require_read_intact(db, conversation_id, summary["read"])
+        summary_id = insert_summary(db, conversation_id, summary["content"], summary["covers"])
     return summary_id, *insert_turn(db, conversation_id, messages)
 
 
@@ -2480,6 +2482,13 @@ def regeneration(db: sqlite3.Connection, conversation_id: str) -> tuple[int | No
     last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? AND kind IS NULL "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
     replaced = last["id"] if last["role"] == "assistant" else None
+    if replaced is not None and (covering := db.execute(
+            f"SELECT id FROM messages WHERE conversation_id = ? AND {IS_SUMMARY} AND "
+            "covers_first <= ? AND covers_last >= ? ORDER BY id DESC LIMIT 1",
+            (conversation_id, replaced, replaced)).fetchone()):
+        raise HTTPException(409, f"the reply to regenerate is covered by summary {covering[0]}, "
+                                 "which would keep its text: delete that summary first (it "
+                                 "undoes the compaction), then regenerate")
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
                       "role = 'user' ORDER BY id DESC LIMIT 1",
                       (conversation_id, INT64 - 1 if replaced is None else replaced)).fetchone()
@@ -2607,6 +2616,8 @@ COMPACT_KEEP_LAST = 4
 COMPACT_PASSES = 8
 CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
                "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
+# A message a summariser read was deleted during its call: the summary is not stored.
+CHANGED_WHILE_SUMMARISED = "the conversation changed while it was being summarised: try again"
 # A summary (one made by hand without its range is none).
 IS_SUMMARY = "kind = 'summary' AND covers_first IS NOT NULL AND covers_last IS NOT NULL"
 
@@ -2622,17 +2633,20 @@ class StoredContext:
     rows: list[dict]
 
 
-def stored_context(db: sqlite3.Connection, conversation_id: str,
-                   before_id: int | None = None) -> StoredContext:
+def stored_context(db: sqlite3.Connection, conversation_id: str, before_id: int | None = None,
+                   by_covers: bool = False) -> StoredContext:
     """On a reader thread, the rows before `before_id` that a turn sends: a compacted history of
-    100,000 messages costs the few after its summary."""
+    100,000 messages costs the few after its summary. Its summary: the newest made before
+    `before_id`; `by_covers` (a regeneration), the newest whose range ends before it, made
+    before or after (a /compact after the reply it replaces)."""
     before = INT64 - 1 if before_id is None else before_id
+    made_before = "covers_last < ?" if by_covers else "id < ?"
     first = fetch_one(db, "SELECT id, role, content, kind FROM messages WHERE conversation_id = ? "
                           "ORDER BY id LIMIT 1", (conversation_id,))
     prompt = first if first is not None and first["role"] == "system" and \
         first["kind"] is None and first["id"] < before else None
     summary = fetch_one(db, f"SELECT id, content, covers_first, covers_last FROM messages WHERE "
-                            f"conversation_id = ? AND {IS_SUMMARY} AND id < ? "
+                            f"conversation_id = ? AND {IS_SUMMARY} AND {made_before} "
                             "ORDER BY id DESC LIMIT 1", (conversation_id, before))
     after = max(-1 if prompt is None else prompt["id"],
                 -1 if summary is None else summary["covers_last"])
@@ -2784,9 +2798,31 @@ def insert_summary(db: sqlite3.Connection, conversation_id: str, content: str,
     return summary_id
 
 
+def read_range(rows: list[dict]) -> tuple[int, int, int]:
+    """(first id, last id, count) of the stored rows a summariser read (stored_context's: in
+    id order, all the conversation's non-summary messages between the two)."""
+    return rows[0]["id"], rows[-1]["id"], len(rows)
+
+
+def require_read_intact(db: sqlite3.Connection, conversation_id: str,
+                        read: tuple[int, int, int]) -> None:
+    """On the writer, before a summary is stored: 409 if a message the summariser read was
+    deleted during its call (ids only grow: a range can lose messages, never gain them), so a
+    summary never holds deleted text."""
+    first, last, count = read
+    (now,) = db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND "
+                        "kind IS NULL AND id BETWEEN ? AND ?",
+                        (conversation_id, first, last)).fetchone()
+    if now != count:
+        raise HTTPException(409, CHANGED_WHILE_SUMMARISED)
+
+
 def store_summary(db: sqlite3.Connection, conversation_id: str, content: str,
-                  covers: list[int]) -> int:
-    """A summary made by /compact: at the end of the conversation, which it touches."""
+                  covers: list[int], read: tuple[int, int, int] | None) -> int:
+    """A summary made by /compact: at the end of the conversation, which it touches (409 if
+    what it read changed meanwhile: require_read_intact)."""
+    if read is not None:
+        require_read_intact(db, conversation_id, read)
     summary_id = insert_summary(db, conversation_id, content, covers)
     touch_conversation(db, conversation_id)
     return summary_id
@@ -2844,7 +2880,7 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
             summary, _, start = await summary_of(app, api_key, model, plan.summary,
                                                  plan.rows[:plan.cut], plan.budget)
             # It covers what the summariser read; what did not fit goes on (trimmed if over).
-            made = {"content": summary,
+            made = {"content": summary, "read": read_range(plan.rows[:start]),
                     "covers": summary_covers(plan.summary, plan.rows[:start])}
         except PoeFailure as exc:
             log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
@@ -2976,7 +3012,8 @@ async def compact_conversation(request: Request) -> JSONResponse:
         except PoeFailure as exc:
             raise poe_http_error(exc.status, exc.detail, exc.headers) from None
         covers = summary_covers(context.summary, context.rows[:cut])
-        summary_id = await db.write(store_summary, conversation_id, summary, covers)
+        summary_id = await db.write(store_summary, conversation_id, summary, covers,
+                                    read_range(context.rows[:cut]))
     return JSONResponse({"summary_message_id": summary_id, "covers": covers,
                          "content": summary})
 
@@ -5934,7 +5971,8 @@ async def compact_responses(request: Request) -> JSONResponse:
             last = stored.entries[-1]["ref"] if stored.entries else None
         covers = KeptSummary(summary, first, last).covers([], None)
         if claimed is not None and covers is not None:
-            summary_id = await app.state.db.write(store_summary, claimed, summary, covers)
+            summary_id = await app.state.db.write(store_summary, claimed, summary, covers,
+                                                  None)
     users = [user_item(entry) for entry in stored.entries + given.entries
              if entry["role"] == "user"]
     return JSONResponse({

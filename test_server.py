@@ -32,8 +32,8 @@ import zstandard
 
 import server
 from conftest import (ARRIVALS, CALLS, LAST_QUERY, MODEL_LISTS, POE_MODEL_LIST, REPORTS,
-                      RIGHT_KEY, SMALL_QUERIES, TRICKY, UPLOAD_GATE, UPLOADS, ServerProcess,
-                      history_of, wait_for)
+                      HOLD_SUMMARIES, RIGHT_KEY, SMALL_QUERIES, SUMMARY_GATE, SUMMARY_HELD,
+                      TRICKY, UPLOAD_GATE, UPLOADS, ServerProcess, history_of, wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -6671,6 +6671,94 @@ def test_a_regeneration_compacts_too_and_keeps_its_last_turn(compacting):
     messages = listed(api, conversation_id)
     assert ids[-1] not in [m["id"] for m in messages]  # replaced by the new reply
     assert messages[-1]["id"] == body["assistant_message_id"]
+    db.close()
+
+
+@contextlib.contextmanager
+def held_summary(request):
+    """Runs `request` (no arguments) in a thread while the Summarizer holds its call; yields
+    once the call has arrived, with a future of the request's response; releases it after."""
+    SUMMARY_HELD.clear(), SUMMARY_GATE.clear(), HOLD_SUMMARIES.set()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            answer = pool.submit(request)
+            assert SUMMARY_HELD.wait(10)
+            yield answer
+        finally:
+            HOLD_SUMMARIES.clear(), SUMMARY_GATE.set()
+
+
+def summaries_in(db, conversation_id) -> list[str]:
+    return [row[0] for row in db.execute("SELECT content FROM messages WHERE conversation_id = ? "
+                                         "AND kind = 'summary'", (conversation_id,))]
+
+
+@pytest.mark.parametrize("how", ["compact", "turn"])
+def test_a_message_deleted_while_it_is_summarised_is_in_no_stored_summary(compacting, how):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 12, size=600)
+    before, small_calls = snapshot(db), CALLS["Small"]
+    request = (lambda: compact(api, conversation_id)) if how == "compact" else \
+        (lambda: say(api, conversation_id, "next"))
+    with held_summary(request) as answer:
+        assert "user: said 0 " in LAST_QUERY["Summarizer"].query[-1].content  # it read the message
+        deleted = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{ids[0]}")
+        assert deleted.status_code == 200
+    response = answer.result(10)
+    assert response.status_code == 409 and response.json()["detail"] == \
+        "the conversation changed while it was being summarised: try again"
+    # Nothing stored but the deletion: no summary, no new message, and no turn call.
+    assert summaries_in(db, conversation_id) == [] and CALLS["Small"] == small_calls
+    assert [m["id"] for m in listed(api, conversation_id)] == ids[1:]
+    assert snapshot(db) != before and all("summarized_by" not in m
+                                          for m in listed(api, conversation_id))
+    # Tried again, it works, and its summary never read the deleted message.
+    assert (compact(api, conversation_id) if how == "compact" else
+            say(api, conversation_id, "next")).status_code == 200
+    assert "user: said 0 " not in LAST_QUERY["Summarizer"].query[-1].content
+    db.close()
+
+
+def test_a_regeneration_after_compact_sends_the_summary_made_after_its_reply(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 3)
+    summary = compact(api, conversation_id, keep_last=2).json()  # made after the last reply
+    assert summary["covers"] == [ids[0], ids[3]] and summary["summary_message_id"] > ids[-1]
+    regenerated = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate",
+                           headers=KEY, json={})
+    assert regenerated.status_code == 200, regenerated.text
+    assert history_of(LAST_QUERY["Small"]) == [
+        ["system", f"{server.SUMMARY_HEADER}\n{summary['content']}"],
+        ["user", "said 2 " + "y" * 20]]  # the summary, then only what follows its range
+    new_id = regenerated.json()["assistant_message_id"]
+    messages = listed(api, conversation_id)
+    assert [m["id"] for m in messages] == [*ids[:5], summary["summary_message_id"], new_id]
+    assert [m.get("summarized_by") for m in messages] == \
+        [summary["summary_message_id"]] * 4 + [None] * 3
+    # The next turn sends the same summary, then the new reply in place of the old one.
+    say(api, conversation_id, "after")
+    assert [m[0] for m in history_of(LAST_QUERY["Small"])] == \
+        ["system", "user", "bot", "user"]
+    assert history_of(LAST_QUERY["Small"])[2][1] == messages[-1]["content"]
+    # keep_last 0 covers the reply itself: regenerating it would leave its text in the
+    # summary, so it is 409 (nothing called, nothing changed) until that summary is deleted.
+    everything = compact(api, conversation_id, keep_last=0).json()
+    before, calls = snapshot(db), CALLS["Small"]
+    refused = api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY,
+                       json={})
+    assert refused.status_code == 409 and \
+        f"covered by summary {everything['summary_message_id']}" in refused.json()["detail"]
+    assert snapshot(db) == before and CALLS["Small"] == calls
+    api.delete(f"/v1/chat/conversations/{conversation_id}/messages/"
+               f"{everything['summary_message_id']}")
+    assert api.post(f"/v1/chat/conversations/{conversation_id}/regenerate", headers=KEY,
+                    json={}).status_code == 200
+    assert history_of(LAST_QUERY["Small"])[0] == \
+        ["system", f"{server.SUMMARY_HEADER}\n{summary['content']}"]
     db.close()
 
 
