@@ -21,7 +21,8 @@ order, and what each owns:
   Messages and turns  .../messages, stop, regenerate, delete; load_turn, poe_entries, fit_history
   Memory              estimate_tokens, Budget (model_budget: a model's window), stored_context,
                       compaction (plan_turn, fit_turn, summary_transcript, summarise,
-                      insert_summary), SummaryCovers (summarized_by), .../compact
+                      insert_summary, require_read_intact: nothing deleted meanwhile),
+                      SummaryCovers (summarized_by), .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
