@@ -1434,7 +1434,7 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     if end.replaces is not None and end.status == "complete":
         # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
-        forget_responses(db, [(end.conversation_id, end.replaces)])
+        forget_message(db, [(end.conversation_id, end.replaces, None)])
     touch_conversation(db, end.conversation_id)
 
 
@@ -2439,14 +2439,24 @@ def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) ->
                    "first_message_id AND last_message_id", messages)
 
 
+def forget_message(db: sqlite3.Connection, deleted: list[tuple[str, int, str | None]]) -> None:
+    """What a deleted (or cut) message leaves elsewhere, given (conversation id, message id,
+    kind): the summaries covering it (forget_summaries_covering; a summary deleted is only
+    undone) and the stored responses holding any of them. What a user deleted is gone."""
+    summaries = forget_summaries_covering(db, [(conversation_id, message_id) for
+                                               conversation_id, message_id, kind in deleted
+                                               if kind is None])
+    forget_responses(db, [(row[0], row[1]) for row in deleted] + summaries)
+
+
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
-    """Deletes messages (of one conversation, if given) and their responses, touching their
-    conversations; the count."""
+    """Deletes messages (of one conversation, if given), the summaries covering them and their
+    responses (forget_message), touching their conversations; the count asked for and found."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
-                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id",
+                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id, kind",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
-    forget_responses(db, [tuple(row) for row in deleted])
+    forget_message(db, [tuple(row) for row in deleted])
     for conversation in {row[0] for row in deleted}:
         touch_conversation(db, conversation)
     return len(deleted)
@@ -2799,22 +2809,25 @@ def insert_summary(db: sqlite3.Connection, conversation_id: str, content: str,
     return summary_id
 
 
-def read_range(rows: list[dict]) -> tuple[int, int, int]:
-    """(first id, last id, count) of the stored rows a summariser read (stored_context's: in
-    id order, all the conversation's non-summary messages between the two)."""
-    return rows[0]["id"], rows[-1]["id"], len(rows)
+def read_range(rows: list[dict], summary: dict | None) -> tuple[int, int, int, int | None]:
+    """(first id, last id, count, summary id) of what a summariser read: the stored rows
+    (stored_context's: in id order, all the conversation's non-summary messages between the
+    two) and the current summary, if any."""
+    return rows[0]["id"], rows[-1]["id"], len(rows), None if summary is None else summary["id"]
 
 
 def require_read_intact(db: sqlite3.Connection, conversation_id: str,
-                        read: tuple[int, int, int]) -> None:
+                        read: tuple[int, int, int, int | None]) -> None:
     """On the writer, before a summary is stored: 409 if a message the summariser read was
-    deleted during its call (ids only grow: a range can lose messages, never gain them), so a
+    deleted during its call (ids only grow: a range can lose messages, never gain them), or the
+    summary it read (deleted with a message it covered: forget_summaries_covering), so a
     summary never holds deleted text."""
-    first, last, count = read
+    first, last, count, summary_id = read
     (now,) = db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND "
                         "kind IS NULL AND id BETWEEN ? AND ?",
                         (conversation_id, first, last)).fetchone()
-    if now != count:
+    if now != count or summary_id is not None and not db.execute(
+            "SELECT 1 FROM messages WHERE id = ?", (summary_id,)).fetchone():
         raise HTTPException(409, CHANGED_WHILE_SUMMARISED)
 
 
@@ -2881,7 +2894,7 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
             summary, _, start = await summary_of(app, api_key, model, plan.summary,
                                                  plan.rows[:plan.cut], plan.budget)
             # It covers what the summariser read; what did not fit goes on (trimmed if over).
-            made = {"content": summary, "read": read_range(plan.rows[:start]),
+            made = {"content": summary, "read": read_range(plan.rows[:start], plan.summary),
                     "covers": summary_covers(plan.summary, plan.rows[:start])}
         except PoeFailure as exc:
             log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
@@ -2933,6 +2946,21 @@ class SummaryCovers:
     def of(self, message_id: int) -> int | None:
         at = bisect.bisect_right(self.points, message_id) - 1
         return self.newest[at] if at >= 0 else None
+
+
+def forget_summaries_covering(db: sqlite3.Connection, messages: list[tuple[str, int]]
+                              ) -> list[tuple[str, int]]:
+    """On the writer: deletes every summary whose range holds one of these (conversation id,
+    message id), deleted: a summary is derived text, and a later one carries the earlier's, so
+    each goes. What they covered is uncovered; a later turn compacts it again. -> the
+    (conversation id, summary id) deleted."""
+    if not messages:
+        return []
+    return [tuple(row) for row in db.execute(
+        "DELETE FROM messages WHERE id IN (SELECT s.id FROM json_each(?) AS m JOIN messages AS s "
+        "ON s.conversation_id = m.value ->> 0 AND s.kind = 'summary' AND m.value ->> 1 "
+        "BETWEEN s.covers_first AND s.covers_last) RETURNING conversation_id, id",
+        (json.dumps(messages),)).fetchall()]
 
 
 def conversation_covers(db: sqlite3.Connection, conversation_id: str) -> SummaryCovers:
@@ -3014,7 +3042,7 @@ async def compact_conversation(request: Request) -> JSONResponse:
             raise poe_http_error(exc.status, exc.detail, exc.headers) from None
         covers = summary_covers(context.summary, context.rows[:cut])
         summary_id = await db.write(store_summary, conversation_id, summary, covers,
-                                    read_range(context.rows[:cut]))
+                                    read_range(context.rows[:cut], context.summary))
     return JSONResponse({"summary_message_id": summary_id, "covers": covers,
                          "content": summary})
 
@@ -6165,7 +6193,8 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
                        (json.dumps(calls) if calls else None, row["id"]))
         else:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
-        forget_responses(db, [(conversation_id, row["id"])])  # its body holds the call too
+        # A summary or a response may hold the call too.
+        forget_message(db, [(conversation_id, row["id"], row["kind"])])
         touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
     return await write_answer(request, delete)

@@ -6721,6 +6721,92 @@ def test_a_message_deleted_while_it_is_summarised_is_in_no_stored_summary(compac
     db.close()
 
 
+def delete_by(api, how, conversation_id, message_id):
+    """Deletes a message by its path, by the batch route, or as an OpenAI Conversations item."""
+    if how == "path":
+        return api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{message_id}")
+    if how == "batch":
+        return api.post("/v1/chat/messages/delete", json={"message_ids": [message_id]})
+    return api.delete(f"/v1/conversations/{conversation_id}/items/msg_{message_id}")
+
+
+@pytest.mark.parametrize("how", ["path", "batch", "item"])
+def test_deleting_a_covered_message_deletes_every_summary_that_holds_it(compacting, how):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 12, size=600)
+    with db:
+        db.execute("UPDATE messages SET content = 'the secret word is 眼镜蛇' WHERE id = ?",
+                   (ids[1],))
+    first = compact(api, conversation_id, keep_last=16).json()
+    second = compact(api, conversation_id, keep_last=8).json()  # chained: it holds the first
+    assert first["covers"] == [ids[0], ids[7]] and second["covers"] == [ids[0], ids[15]]
+    # A message no summary covers: the summaries stay.
+    assert delete_by(api, how, conversation_id, ids[-1]).status_code == 200
+    assert len(summaries_in(db, conversation_id)) == 2
+    assert {m.get("summarized_by") for m in listed(api, conversation_id)
+            if m["id"] in ids[:16]} == {second["summary_message_id"]}
+    # A covered one: every summary whose range holds it goes, in the same write.
+    assert delete_by(api, how, conversation_id, ids[1]).status_code == 200
+    assert summaries_in(db, conversation_id) == []
+    messages = listed(api, conversation_id)
+    assert [m["id"] for m in messages] == ids[:1] + ids[2:-1]
+    assert all("summarized_by" not in m and "kind" not in m for m in messages)
+    assert search(api, "眼镜蛇") == []
+    # The next turn, over the window, compacts again: without the deleted text.
+    summarizer_calls = CALLS["Summarizer"]
+    response = say(api, conversation_id, "next")
+    assert response.status_code == 200 and "compacted" in response.json(), response.text
+    assert CALLS["Summarizer"] == summarizer_calls + 1
+    transcript = LAST_QUERY["Summarizer"].query[-1].content
+    assert "user: said 0 " in transcript and "眼镜蛇" not in transcript
+    assert len(summaries_in(db, conversation_id)) == 1
+    db.close()
+
+
+def test_deleting_a_covered_message_forgets_the_response_holding_its_summary(
+        compacting, memory_sdk):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", system_prompt="S")
+    ids = store_turns(db, conversation_id, 8, size=300)
+    made = memory_sdk.responses.create(
+        model="Small", input="now", conversation=conversation_id,
+        context_management=[{"type": "compaction", "compact_threshold": 1000}])
+    later = memory_sdk.responses.create(model="Small", input="later",
+                                        conversation=conversation_id)
+    assert made.output[0].type == "compaction"
+    summary_id = int(made.output[0].id.removeprefix("cmp_"))
+    assert delete_by(api, "path", conversation_id, ids[0]).status_code == 200
+    assert summaries_in(db, conversation_id) == []
+    # The response whose output carried the summary (its compaction item) is gone; the later
+    # one, holding none of it, stays.
+    assert api.get(f"/v1/responses/{made.id}").status_code == 404
+    assert api.get(f"/v1/responses/{later.id}").status_code == 200
+    assert db.execute("SELECT count(*) FROM messages WHERE id = ?", (summary_id,)
+                      ).fetchone()[0] == 0
+    db.close()
+
+
+def test_a_summary_deleted_while_a_compaction_reads_it_is_in_no_stored_summary(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 6)
+    first = compact(api, conversation_id, keep_last=4).json()
+    with held_summary(lambda: compact(api, conversation_id, keep_last=0)) as answer:
+        assert LAST_QUERY["Summarizer"].query[-1].content.startswith(
+            f"summary: {first['content']}")  # it read the first summary, not ids[0]
+        assert api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{ids[0]}"
+                          ).status_code == 200
+    response = answer.result(10)
+    assert response.status_code == 409 and response.json()["detail"] == \
+        "the conversation changed while it was being summarised: try again"
+    assert summaries_in(db, conversation_id) == []
+    db.close()
+
+
 def test_a_regeneration_after_compact_sends_the_summary_made_after_its_reply(compacting):
     api, db_path = compacting
     db = sqlite3.connect(db_path)
