@@ -6789,6 +6789,32 @@ def test_deleting_a_covered_message_forgets_the_response_holding_its_summary(
     db.close()
 
 
+def test_deleting_one_tool_call_a_summary_covers_deletes_that_summary(compacting):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    calls = json.dumps([{"id": f"call_{n}", "type": "function", "function": {
+        "name": "lookup", "arguments": f'{{"code": "cobra-{n}"}}'}} for n in range(2)])
+    with db:
+        asked = db.execute("INSERT INTO messages (conversation_id, role, content, tool_calls) "
+                           "VALUES (?, 'assistant', 'looking', ?)", (conversation_id, calls)
+                           ).lastrowid
+        db.executemany("INSERT INTO messages (conversation_id, role, content, tool_call_id) "
+                       "VALUES (?, 'tool', 'found', ?)",
+                       [(conversation_id, f"call_{n}") for n in range(2)])
+    ids = [asked, asked + 1, asked + 2] + store_turns(db, conversation_id, 3)
+    summary = compact(api, conversation_id, keep_last=2).json()
+    assert "cobra-1" in LAST_QUERY["Summarizer"].query[-1].content
+    assert summary["covers"][0] == asked
+    deleted = api.delete(f"/v1/conversations/{conversation_id}/items/fc_{asked}_1")
+    assert deleted.status_code == 200
+    assert summaries_in(db, conversation_id) == []  # the message stays, without that call
+    assert "cobra-1" not in db.execute("SELECT tool_calls FROM messages WHERE id = ?",
+                                       (asked,)).fetchone()[0]
+    assert [m["id"] for m in listed(api, conversation_id)] == ids
+    db.close()
+
+
 def test_a_summary_deleted_while_a_compaction_reads_it_is_in_no_stored_summary(compacting):
     api, db_path = compacting
     db = sqlite3.connect(db_path)
