@@ -18,11 +18,12 @@ order, and what each owns:
                       Replies (app.state.replies: the registry, claim(), the unsaved ends),
                       ReplyEnd, EventStream, SentText (what a streaming client has)
   Conversations       /v1/chat/conversations...
-  Messages and turns  .../messages, stop, regenerate, delete; load_turn, poe_entries, fit_history
+  Messages and turns  .../messages, stop, regenerate, delete (forget_message: what a deleted
+                      message leaves elsewhere); load_turn, poe_entries, fit_history
   Memory              estimate_tokens, Budget (model_budget: a model's window), stored_context,
                       compaction (plan_turn, fit_turn, summary_transcript, summarise,
                       insert_summary, require_read_intact: nothing deleted meanwhile),
-                      SummaryCovers (summarized_by), .../compact
+                      SummaryCovers (summarized_by), forget_summaries_covering, .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
