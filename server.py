@@ -2453,7 +2453,7 @@ def forget_message(db: sqlite3.Connection, deleted: list[tuple[str, int, str | N
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
     """Deletes messages (of one conversation, if given), the summaries covering them and their
-    responses (forget_message), touching their conversations; the count asked for and found."""
+    responses (forget_message), touching their conversations; the count."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
                          "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id, kind",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
