@@ -95,15 +95,24 @@ async def raw_paced(request):
             yield b'event: text\r\ndata: {"text": "%.6f "}\r\n\r\n' % time.time()
         yield b"event: done\r\ndata: {}\r\n\r\n"
     return StreamingResponse(events(), media_type="text/event-stream")
+# The bot server's model list (POE_MODELS_URL): Small, the same bot, has a window of 2,000 tokens.
+MODEL_LIST = {"object": "list", "data": [
+    {"id": "Bench", "object": "model", "created": 0, "owned_by": "bench"},
+    {"id": "Small", "object": "model", "created": 0, "owned_by": "bench",
+     "context_window": {"context_length": 2000}}]}
+
+
+def bot_app():
+    app = fp.make_app([Bench(path="/Bench"), Bench(path="/Small")], allow_without_key=True)
+    app.add_api_route("/v1/models", lambda: MODEL_LIST, methods=["GET"])
+    app.add_route("/Raw", raw_paced, methods=["POST"])
+    return app
 
 
 def serve(role: str, port: int) -> None:
     import uvicorn
 
-    app = bare_app()
-    if role == "bot":
-        app = fp.make_app(Bench(path="/Bench"), allow_without_key=True)
-        app.add_route("/Raw", raw_paced, methods=["POST"])
+    app = bot_app() if role == "bot" else bare_app()
     # The same uvicorn settings as `python server.py` (access log on, uvloop and httptools).
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
 
@@ -486,6 +495,8 @@ async def bench(quick: bool, workdir: str) -> list[tuple[str, str, str]]:
         # 10. Hundreds of streams.
         if not quick:
             rows += await bench_many_streams(workdir, bot, 500, 200)
+        # 11. Compaction: what it adds to a turn, a compacted long history, the loop meanwhile.
+        rows += await bench_compaction(quick, workdir, bot)
     finally:
         bot.stop()
     return rows
@@ -914,6 +925,89 @@ async def sse_reply(port: int, path: str, payload: dict, key: str) -> tuple[str,
         with contextlib.suppress(ValueError):  # a paced chunk is its send time
             delays.append(reads[bisect.bisect_left(ends, where)][0] - float(text))
     return "".join(texts), delays
+async def bench_compaction(quick: bool, workdir: str, bot: Process) -> list[tuple[str, str, str]]:
+    """In a fresh service whose Small bot has a window of 2,000 tokens: the loop's longest stall
+    while the first turn on a 100,000-message conversation (5,000 with --quick) compacts it;
+    turns on it, compacted, against turns on a 100-message one, compacted too; and what a
+    compacting turn adds beyond its summary call (compaction_cost)."""
+    sys.path.insert(0, HERE)
+    import server
+    size, repeats = (5000, 5) if quick else (100000, 15)
+    db_path = os.path.join(workdir, "compaction.db")
+    server.prepare_database(db_path)
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO conversations (id, model) VALUES ('long', 'Small'), "
+               "('hundred', 'Small')")
+    fill_history(db, "long", size)
+    fill_history(db, "hundred", 100)
+    fresh = [f"small{i}" for i in range(repeats)]
+    db.executemany("INSERT INTO conversations (id, model) VALUES (?, 'Small')",
+                   [(c,) for c in fresh])
+    for conversation_id in fresh:
+        history = fill_history(db, conversation_id, 60)
+    db.commit()
+    db.close()
+    service = start_service(workdir, bot, db_path, "compaction.log",
+                            POE_MODELS_URL=bot.url + "/v1/models")
+    client = httpx.AsyncClient(base_url=service.url, timeout=600)
+
+    async def turn(conversation_id: str) -> tuple[float, dict]:
+        started = time.perf_counter()
+        response = await client.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                                     json={"content": "short"})
+        assert response.status_code == 200, response.text[:200]
+        return time.perf_counter() - started, response.json()
+
+    try:
+        took, body = await turn("long")
+        assert "compacted" in body, body
+        stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
+        rows = [(f"longest loop stall while a turn compacts a {size}-message conversation",
+                 f"{stall:.0f} ms (the turn took {ms(took)})", "target ≤ 50 ms")]
+        assert "compacted" in (await turn("hundred"))[1]
+        long, hundred = [], []
+        for _ in range(repeats):
+            long.append((await turn("long"))[0])
+            hundred.append((await turn("hundred"))[0])
+        ratio = statistics.median(long) / statistics.median(hundred)
+        rows.append((f"a turn on a compacted {size}-message conversation against one on 100 "
+                     "(compacted too): median", f"{ms(statistics.median(long))} against "
+                     f"{ms(statistics.median(hundred))}", f"ratio {ratio:.2f}; target ≤ 1.5"))
+        rows.append(await compaction_cost(turn, fresh, history, bot.url + "/", server))
+    finally:
+        await client.aclose()
+        service.stop()
+    return rows
+
+
+async def compaction_cost(turn: Callable, fresh: list[str], history: list[tuple],
+                          bot_url: str, server) -> tuple[str, str, str]:
+    """On each of `fresh` (60 messages, past Small's window): its first turn, which compacts,
+    its second, which sends as much (the summary, what was kept) and does not, and a direct call
+    to the bot with what a summary call sends. The first less the other two is compaction's own
+    work: planning, the transcript, storing the summary."""
+    compacting, plain, summary = [], [], []
+    # The prompt as the service fills it for Small (a window of 2,000 tokens, a quarter for the
+    # reply), as model_budget makes it.
+    budget = server.Budget("Small", 2000, 1500, server.Settings().max_context_chars)
+    transcript = "\n\n".join(f"{role}: {content}" for role, content in history[:48])
+    summary_query = query(transcript, [fp.ProtocolMessage(role="system",
+                                                         content=server.summary_prompt(budget))])
+    async with httpx.AsyncClient(timeout=600) as session:
+        for conversation_id in fresh:
+            took, body = await turn(conversation_id)
+            assert "compacted" in body, body
+            compacting.append(took)
+            took, body = await turn(conversation_id)
+            assert "compacted" not in body, body
+            plain.append(took)
+            started = time.perf_counter()
+            await direct_reply(session, bot_url, summary_query)
+            summary.append(time.perf_counter() - started)
+    c50, p50, s50 = (statistics.median(t) for t in (compacting, plain, summary))
+    return ("what compacting adds to a turn beyond its summary call: a turn that compacts, the "
+            "next (as much sent, no compaction), the summary call alone (direct): median",
+            f"{ms(c50)}; {ms(p50)}; {ms(s50)}", f"adds {ms(c50 - p50 - s50)}; target ≤ 5 ms")
 
 
 def download(url: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import email.utils
 import json
 import os
 import re
@@ -38,6 +39,8 @@ LAST_QUERY: dict[str, fp.QueryRequest] = {}
 ARRIVALS: list[tuple[str, str, float]] = []  # (bot, last message, time.monotonic()) per query
 UPLOADS: list[dict] = []  # what the fake upload endpoint received
 UPLOAD_GATE = threading.Event()  # an upload of b"HOLD-UPLOAD" waits for it
+# While HOLD_SUMMARIES is set, the Summarizer sets SUMMARY_HELD and waits for SUMMARY_GATE.
+HOLD_SUMMARIES, SUMMARY_HELD, SUMMARY_GATE = threading.Event(), threading.Event(), threading.Event()
 MODEL_LISTS: collections.Counter = collections.Counter()  # model list route -> fetches
 RIGHT_KEY = "poe-right-key-0123456789"
 
@@ -103,6 +106,13 @@ POE_RATE_LIMIT_TEXT = ("You have exceeded rate limit to query bot using User API
 
 async def rate_limited(request):
     """Poe's rate limit as its bot protocol sends it: an error event, no error_type."""
+    yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
+
+
+async def part_then_rate_limited(request):
+    """Some text, then Poe's rate limit: a reply cut off part way by it."""
+    yield fp.PartialResponse(text="partial text ")
+    await asyncio.sleep(0.05)  # the text is relayed (a stream has begun) before the error
     yield fp.ErrorResponse(text=POE_RATE_LIMIT_TEXT, allow_retry=True)
 
 
@@ -233,6 +243,30 @@ async def hoard(request):
             url=f"https://poe.test/{i}", content_type="text/plain", name=name))
 
 
+SMALL_QUERIES: list[fp.QueryRequest] = []  # every request the Small bot gets
+
+
+async def small(request):
+    """A bot with a small window (2,000 tokens in the model list): a short fixed reply."""
+    SMALL_QUERIES.append(request)
+    yield fp.PartialResponse(text=f"small got {len(request.query)} messages")
+
+
+async def summarize(request):
+    """A summariser: a short summary that says what it was given (a transcript as the user
+    message, after the summarising prompt)."""
+    transcript = request.query[-1].content
+    if HOLD_SUMMARIES.is_set():  # a slow summary call: the test acts meanwhile
+        SUMMARY_HELD.set()
+        await asyncio.to_thread(SUMMARY_GATE.wait, 30)
+    yield fp.PartialResponse(text=f"SUMMARY of {transcript.count(chr(10) * 2) + 1} blocks, "
+                                  f"{len(transcript)} chars")
+
+
+async def empty_reply(request):
+    yield fp.PartialResponse(text="", is_replace_response=True)
+
+
 def make_poe_app():
     bots = [ScriptBot("Echo", echo), ScriptBot("GPT-4o", echo), ScriptBot("Slow", slow),
             ScriptBot("Fail", fail_at_once), ScriptBot("FailPartWay", fail_part_way),
@@ -246,7 +280,10 @@ def make_poe_app():
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),
             ScriptBot("Painter", paint), ScriptBot("BlankThenFail", blank_then_fail),
             ScriptBot("NamelessCall", nameless_call), ScriptBot("Hoard", hoard),
-            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused)]
+            ScriptBot("RateLimited", rate_limited), ScriptBot("KeyRefused", key_refused),
+            ScriptBot("Small", small), ScriptBot("Summarizer", summarize),
+            ScriptBot("Blank", empty_reply),
+            ScriptBot("PartRateLimited", part_then_rate_limited)]
     poe = fp.make_app(bots, allow_without_key=True)
 
     # Failures that only an HTTP status carries; a 429 with Poe's rate-limit headers.
@@ -259,6 +296,15 @@ def make_poe_app():
 
     status_route("Busy", 429)
     status_route("Crash", 500)
+
+    # A 429 whose Retry-After is the last message's text ('date N': an HTTP date N s ahead).
+    async def busy_for(request: Request):
+        CALLS["BusyFor"] += 1
+        said = (await request.json())["query"][-1]["content"]
+        if said.startswith("date "):
+            said = email.utils.formatdate(time.time() + float(said[5:]), usegmt=True)
+        return JSONResponse({"detail": "busy"}, 429, headers={"Retry-After": said})
+    poe.add_api_route("/BusyFor", busy_for, methods=["POST"])
 
     # fastapi_poe's upload_file posts here (POE_UPLOAD_URL = this server + /poe_api/).
     async def upload(request: Request):
@@ -296,6 +342,15 @@ POE_MODEL_LIST = [
     {"id": "ToolBot", "object": "model", "created": 1700000001, "owned_by": "Poe Test",
      "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}},
     {"id": "GPT-4o", "object": "model", "created": 1700000002, "owned_by": "OpenAI"},
+    # Windows as Poe gives them (an object), or as other lists do (integers, top_provider).
+    {"id": "Small", "object": "model", "created": 1700000003, "owned_by": "Poe Test",
+     "context_window": {"context_length": 2000, "max_output_tokens": 500}},
+    {"id": "Summarizer", "object": "model", "created": 1700000004, "owned_by": "Poe Test",
+     "context_window": 4000},
+    {"id": "Say", "object": "model", "created": 1700000005, "owned_by": "Poe Test",
+     "context_length": 100000},
+    {"id": "Replace", "object": "model", "created": 1700000006, "owned_by": "Poe Test",
+     "top_provider": {"context_length": 50000}},
 ]
 
 

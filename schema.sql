@@ -37,6 +37,8 @@ CREATE INDEX IF NOT EXISTS conversations_by_update ON conversations(updated_at);
 
 -- attachments: a JSON array of {url, name, content_type}; tool_calls: a JSON array of OpenAI
 -- tool calls made by an assistant message; tool_call_id: what a 'tool' message answers.
+-- kind 'summary': a compaction's summary (role 'system'), standing for the messages with ids
+-- covers_first..covers_last of its conversation, which stay stored; NULL for every other message.
 CREATE TABLE IF NOT EXISTS messages (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id TEXT    NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
@@ -48,9 +50,15 @@ CREATE TABLE IF NOT EXISTS messages (
     tool_calls      TEXT,
     tool_call_id    TEXT,
     created_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    updated_at      TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    kind            TEXT    CHECK (kind IS NULL OR kind = 'summary'),
+    covers_first    INTEGER,
+    covers_last     INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+-- A conversation's summaries, the newest first, without a walk over its messages.
+CREATE INDEX IF NOT EXISTS messages_summaries ON messages(conversation_id, id)
+    WHERE kind = 'summary';
 
 CREATE TABLE IF NOT EXISTS plan_categories (
     id                    INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -117,6 +125,12 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_conversation ON responses(conversation_id);
 
+-- Keys the server makes for itself and keeps (the one that seals compaction items, say).
+CREATE TABLE IF NOT EXISTS server_secrets (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+
 -- Full-text search (trigram: any language, Chinese without spaces included). External-content
 -- tables kept in step by triggers. A reply is indexed once it stops streaming, so that the
 -- appends of a streaming reply do not re-index its growing text twice a second.
@@ -130,13 +144,13 @@ CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages
     WHEN old.status != 'streaming' BEGIN
     INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
 END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_update_old AFTER UPDATE OF content, status ON messages
-    WHEN old.status != 'streaming' BEGIN
-    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_update_new AFTER UPDATE OF content, status ON messages
-    WHEN new.status != 'streaming' BEGIN
-    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+-- One trigger, its two steps in this order: SQLite runs several triggers of an event newest
+-- first, and the old text's removal after the new text's insertion damages the index.
+CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF content, status ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content)
+    SELECT 'delete', old.id, old.content WHERE old.status != 'streaming';
+    INSERT INTO messages_fts (rowid, content)
+    SELECT new.id, new.content WHERE new.status != 'streaming';
 END;
 
 CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts
@@ -173,4 +187,4 @@ VALUES
     (7, '方案设计', '请根据以下需求设计技术方案，包括模块划分、接口与数据结构：' || char(10) || char(10) || '开发环境：{env}' || char(10) || char(10) || '需求内容：' || char(10) || '{doc}', 'PlanGetRequest', 2, 1);
 
 -- Equal to server.py's SCHEMA_VERSION (a test checks): raise both together.
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

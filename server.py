@@ -25,17 +25,28 @@ order, and what each owns:
                       unsaved ends), ReplyEnd
   Reply streams       Listener, EventStream, SentText (what a streaming client has), sse()
   Conversations       /v1/chat/conversations...
-  Messages and turns  .../messages, stop, regenerate, delete; load_turn, fit_history
+  Messages and turns  .../messages, stop, regenerate, delete (forget_message: what a deleted
+                      message leaves elsewhere); load_turn, poe_entries, fit_history
+  Memory              estimate_tokens, Budget (model_budget: a model's window), stored_context,
+                      compaction (plan_turn, fit_turn, summary_transcript, summarise,
+                      insert_summary, require_read_intact: nothing deleted meanwhile),
+                      SummaryCovers (summarized_by), forget_summaries_covering, .../compact
   Projects            /v1/projects...
   Plan                /v1/plan/categories..., /v1/plan/documents... (versions, tags, merge)
   Knowledge           document references of projects and conversations
   Source code         /v1/projects/{id}/complete-source-code (SourceText, GitIgnore): a
-                      project's files as one text; open_below (never through a symlink)
-  Source code, writing  /v1/write-source-code (SourceWriter, writable_root): a model's plan of
-                      file steps carried out in a project's folder, confined
+                      project's files as one text; open_below (never through a symlink),
+                      shown (a name that is not UTF-8, as text)
+  Source code, writing  /v1/write-source-code (SourceWriter, writable_root, plan_blocks): a
+                      model's plan of file steps carried out in a project's folder, confined;
+                      EventPipe (its events to the stream, bounded: the worker waits)
   OpenAI input        OpenAI's messages, content parts, tools and options, checked for Poe
-  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList)
-  OpenAI Responses    /v1/responses... (ResponseSpec, ResponseTurn)
+  Chat completions    /v1/chat/completions (Completion, ClientToolCalls), /v1/models (ModelList:
+                      Poe's list, each model's context window)
+  OpenAI Responses    /v1/responses... (ResponseSpec, StoredHistory, ResponseTurn)
+  Responses memory    truncation and context_management (plan_response, fit_response,
+                      response_query), compaction items (CompactionSeal: app.state.seal),
+                      compaction_trigger, /v1/responses/compact
   OpenAI Conversations  /v1/conversations..., messages as items
   Search, export, backup  /v1/search, .../export, /v1/backup
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
@@ -50,6 +61,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import codecs
 import collections
 import contextlib
@@ -61,12 +73,14 @@ import errno
 import fnmatch
 import gc
 import hmac
+import itertools
 import json
 import logging
 import math
 import mimetypes
 import os
 import re
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -80,7 +94,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
@@ -148,6 +162,8 @@ class Settings:
     poe_timeout: float = 120.0
     max_body_bytes: int = 33554432
     max_context_chars: int = 400000
+    context_tokens: int = 128000  # a model's window when Poe's list gives none
+    compact_model: str | None = None  # none: the turn's own model writes its summaries
     continue_prompts: tuple = ()  # none: ORIGINAL_CONTINUE_PROMPTS
     cors_origins: tuple = ()  # none: pages of this machine (LOOPBACK_ORIGINS)
     allowed_hosts: tuple = ()  # none: this machine's names when HOST is one of them, else any
@@ -160,8 +176,9 @@ class Settings:
 
 
 SETTING_MINIMUMS = {"port": 0, "poe_timeout": 0.001, "max_body_bytes": 1,
-                    "max_context_chars": 1, "db_timeout": 0.001, "poe_rate_limit": 0,
-                    "poe_queue_seconds": 0, "poe_rate_window": 0.001, "header_seconds": 0.001}
+                    "max_context_chars": 1, "context_tokens": 1, "db_timeout": 0.001,
+                    "poe_rate_limit": 0, "poe_queue_seconds": 0, "poe_rate_window": 0.001,
+                    "header_seconds": 0.001}
 
 
 def setting(name: str, kind: str, raw: Any) -> Any:
@@ -193,6 +210,11 @@ def load_settings(**overrides: Any) -> Settings:
         if raw not in (None, ""):
             values[spec.name] = setting(spec.name, spec.type.split(" ")[0], raw)
     settings = Settings(**values)
+    if settings.compact_model is not None and not MODEL_NAME.fullmatch(settings.compact_model):
+        raise SystemExit(f"COMPACT_MODEL must be a Poe bot name, got {settings.compact_model!r}")
+    relative = [root for root in settings.write_roots if not os.path.isabs(root)]
+    if relative:  # it would hang on the folder the service happens to start in
+        raise SystemExit(f"WRITE_ROOTS must hold absolute paths, got {relative[0]!r}")
     for name in ("poe_base_url", "poe_upload_url"):
         values[name] = getattr(settings, name).removesuffix("/") + "/"
     values["continue_prompts"] = tuple(p.casefold() for p in settings.continue_prompts
@@ -428,9 +450,24 @@ def m002_clients_tools_search(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE plan_categories ADD COLUMN summary_model TEXT")
 
 
+def m003_summaries(db: sqlite3.Connection) -> None:
+    """Messages: kind, covers_first, covers_last (compaction's summaries), unless m002 just
+    made the table with them. The two triggers that kept the search index on an update become
+    one (schema.sql: as two, SQLite ran them in the wrong order and an edit damaged the index;
+    upgrade() rebuilds it). The summaries' index and server_secrets come from schema.sql."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    for column in ("kind TEXT CHECK (kind IS NULL OR kind = 'summary')",
+                   "covers_first INTEGER", "covers_last INTEGER"):
+        if column.split()[0] not in have:
+            db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    db.execute("DROP TRIGGER IF EXISTS messages_fts_update_old")
+    db.execute("DROP TRIGGER IF EXISTS messages_fts_update_new")
+
+
 # In PRAGMA user_version (the first release, version 1, left it 0); step N upgrades from N - 1.
-SCHEMA_VERSION = 2
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search}
+SCHEMA_VERSION = 3
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: m002_clients_tools_search,
+                                                               3: m003_summaries}
 
 
 def check_columns(db: sqlite3.Connection) -> None:
@@ -547,6 +584,10 @@ ZSTD_STEP_BYTES = 64
 # The largest zstd window decoded: the 8 MiB RFC 8878 asks every decoder to support (levels 1-19
 # stay within it). A frame claiming more (a 1 KB frame may claim 10 GB) is 400, nothing allocated.
 ZSTD_MAX_WINDOW = 2**23
+# The most gzip members or zstd frames one body may hold (400 past it). Clients send one; each
+# costs a decoder's setup, so a body of a million empty 9-byte frames would hold the loop for
+# seconds: this bounds the work per byte as the other bounds do.
+MAX_BODY_FRAMES = 4096
 
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
@@ -619,13 +660,22 @@ class BodyDecoder:
     A body may hold several gzip members or zstd frames, one after another."""
 
     def __init__(self, coding: str | None) -> None:
-        self.coding = coding
+        self.coding, self.frames = coding, 0
+        # One zstd context per body (its setup is the dear part), reset for each frame.
+        self.zstd = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW) \
+            if coding == "zstd" else None
         self.stream = self.new_stream() if coding is not None else None
 
     def new_stream(self) -> Any:
+        """The decoder of the body's next gzip member or zstd frame; 400 past MAX_BODY_FRAMES."""
+        self.frames += 1
+        if self.frames > MAX_BODY_FRAMES:
+            kind = "gzip members" if self.coding == "gzip" else "zstd frames"
+            raise HTTPException(400, f"the request body holds more than {MAX_BODY_FRAMES} "
+                                     f"{kind}: send it as one")
         if self.coding == "gzip":
             return zlib.decompressobj(16 + zlib.MAX_WBITS)
-        return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+        return self.zstd.decompressobj()
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The decoded bytes, a piece at a time: each from at most DECODE_INPUT_BYTES of `data`,
@@ -725,8 +775,10 @@ def int_field(data: dict, name: str, *, required: bool = False, minimum: int = 0
         if required:
             raise HTTPException(400, f"{name} is required")
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < INT64:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise HTTPException(400, f"{name} must be an integer >= {minimum}")
+    if value >= INT64:
+        raise HTTPException(400, f"{name} must be an integer from {minimum} to {INT64 - 1}")
     return value
 
 
@@ -892,6 +944,13 @@ def key_rejected(server_key: bool) -> PoeFailure:
     server's fault (502), not the caller's."""
     return PoeFailure(502, SERVER_KEY_REJECTED) if server_key \
         else PoeFailure(401, "Poe rejected the API key")
+
+
+def poe_http_error(status: int, detail: str, headers: dict | None) -> HTTPException:
+    """A Poe call's failure as the caller's error: a 429 with its Retry-After and x-should-retry:
+    true; a 502 or 504 (Poe was called) with x-should-retry: false, never a Retry-After."""
+    headers = headers if status == 429 else NO_RETRY if status in (502, 504) else None
+    return HTTPException(status, detail, headers=headers or None)
 
 
 def status_failure(status: int, headers: httpx.Headers, model: str,
@@ -1132,8 +1191,9 @@ def file_markdown(attachment: dict) -> str:
 # Poe's budget: at most POE_RATE_LIMIT calls begin in any POE_RATE_WINDOW seconds, for the whole
 # process, first come first served; a call over it waits up to POE_QUEUE_SECONDS, then is 429.
 
-# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does).
-POE_RETRY_SECONDS = 10
+# Retry-After, in seconds, when Poe rate-limits without saying when (its error event never does),
+# or says it in a form HTTP does not have; and the longest passed on (Poe counts by the minute).
+POE_RETRY_SECONDS, POE_RETRY_MAX_SECONDS = 10, 3600
 # A conversation stream waiting for the budget gets an SSE comment line this often.
 BUDGET_COMMENT_SECONDS = 5.0
 BUDGET_COMMENT = b": waiting for Poe's rate limit\n\n"
@@ -1149,15 +1209,18 @@ def rate_limited(detail: str, retry_after: int, headers: Any = None) -> PoeFailu
 
 
 def retry_seconds(raw: str | None) -> int:
-    """Poe's Retry-After (seconds, or an HTTP date) in whole seconds, at least 1; else
-    POE_RETRY_SECONDS."""
+    """Poe's Retry-After as HTTP has it (whole seconds, or an HTTP date), from 1 to
+    POE_RETRY_MAX_SECONDS (a longer wait is said as that); anything else (a fraction, a negative
+    number, junk) POE_RETRY_SECONDS."""
     raw = (raw or "").strip()
-    with contextlib.suppress(ValueError, TypeError, OverflowError):
-        if raw and raw.replace(".", "", 1).isdigit():
-            return max(1, math.ceil(float(raw)))
-        if raw:
-            return max(1, math.ceil(email.utils.parsedate_to_datetime(raw).timestamp()
-                                    - time.time()))
+    if raw.isascii() and raw.isdigit():
+        return POE_RETRY_MAX_SECONDS if len(raw) > 9 else \
+            min(max(1, int(raw)), POE_RETRY_MAX_SECONDS)
+    with contextlib.suppress(ValueError, TypeError, OverflowError, IndexError):
+        when = email.utils.parsedate_to_datetime(raw)
+        if when.tzinfo is None:  # "-0000": an HTTP date is in GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return min(max(1, math.ceil(when.timestamp() - time.time())), POE_RETRY_MAX_SECONDS)
     return POE_RETRY_SECONDS
 
 
@@ -1865,6 +1928,9 @@ TURN_SECONDS = 0.005
 # What a bot may make a reply hold, past its text: past these, the reply fails (502).
 MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
 MAX_REPLY_FILES = 100
+# A failure after some output is 502 (the reply cut off), but for these, which say more: Poe's
+# rate limit (429: waiting is the cure, API.md says never 502) and Poe's silence (504).
+CUT_OFF_KEPT = (429, 504)
 
 
 @dataclass
@@ -1927,7 +1993,7 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     if end.replaces is not None and end.status == "complete":
         # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
-        forget_responses(db, [(end.conversation_id, end.replaces)])
+        forget_message(db, [(end.conversation_id, end.replaces, None)])
     touch_conversation(db, end.conversation_id)
 
 
@@ -1943,15 +2009,15 @@ class Reply:
     user_message_id: int | None = None
     replaces: int | None = None  # a reply this one regenerates: deleted once this is whole
     updated_at: str | None = None  # the conversation's, before this turn
-    max_chars: int | None = None  # max_tokens: the reply ends there, finish_reason 'length'
+    max_tokens: int | None = None  # the reply ends there (estimate_tokens), finish 'length'
     # A Responses turn: what its end stores with the reply's (ResponseTurn.end).
     ending: Callable[[Reply], ResponseRecord] | None = None
     # What Poe sent.
     chunks: list[str] = field(default_factory=list, init=False)
-    chars: int = field(default=0, init=False)  # their length
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
-    cut: bool = field(default=False, init=False)  # at max_chars
+    cut: bool = field(default=False, init=False)  # at max_tokens
+    counted: tuple[int, int] = field(default=(0, 0), init=False)  # the text's char_counts
     # Saving: chunks[:saved_chunks] are stored, unless `rewrite` (after a replace_response) asks
     # for the stored text whole; `generation` counts replacements, so a late write undoes none.
     saved_chunks: int = field(default=0, init=False)
@@ -1991,7 +2057,10 @@ class Reply:
         self.listener = Listener() if stream else None
         self.receive = receive
         if self.conversation_id in self.registry.stopping:
-            query = None  # stopped while it was prepared: it ends at once, calling no one
+            # Stopped while it was prepared: it ends at once, calling no one (with the stop's
+            # error, if it had one: its conversation deleted).
+            query = None
+            self.stop_error = self.error = self.registry.stopping[self.conversation_id]
         self.task = asyncio.create_task(self.run(app, model, query, api_key, tools))
         self.registry.add(self)
 
@@ -2061,20 +2130,18 @@ class Reply:
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
         if kind == "replace":
-            self.chunks, self.saved_chunks, self.chars = [value], 0, len(value)
+            self.chunks, self.saved_chunks = [value], 0
             self.rewrite, self.generation = True, self.generation + 1
+            self.counted = char_counts(value)
         elif kind == "text":
-            if self.max_chars is not None and len(value) >= self.max_chars - self.chars:
-                value, self.cut = value[:max(self.max_chars - self.chars, 0)], True
-            self.chunks.append(value)
-            self.chars += len(value)
+            self.append_text(value)
+            value = self.chunks[-1]
         elif kind == "file":
             if len(self.files) == MAX_REPLY_FILES:
                 raise PoeFailure(502, "Poe sent too many files")
             self.files.append(value)
-            kind, value = "text", file_markdown(value)
-            self.chunks.append(value)
-            self.chars += len(value)
+            self.append_text(file_markdown(value))
+            kind, value = "text", self.chunks[-1]
         else:  # "tool_calls": OpenAI call deltas, merged into self.tool_calls by index
             for delta in value:
                 index = delta.get("index") or 0
@@ -2089,6 +2156,20 @@ class Reply:
                 call["function"]["name"] += function.get("name") or ""
                 call["function"]["arguments"] += function.get("arguments") or ""
         return kind, value
+
+    def append_text(self, value: str) -> None:
+        """Appends text; at max_tokens (estimate_tokens of the whole reply), only the part that
+        fits, and the reply is cut."""
+        ascii_chars, other_chars = char_counts(value)
+        total = (self.counted[0] + ascii_chars, self.counted[1] + other_chars)
+        # Full: over it, or at it with no room for one more character.
+        if self.max_tokens is not None and (tokens_of(*total) > self.max_tokens or (
+                tokens_of(*total) == self.max_tokens and total[0] % 4 == 0)):
+            self.cut = True
+            value = prefix_within(value, self.max_tokens, counted=self.counted)
+            total = tuple(map(sum, zip(self.counted, char_counts(value))))
+        self.chunks.append(value)
+        self.counted = total
 
     def unsaved(self) -> tuple[int, str, bool, int, int]:
         """(message_id, text, rewrite) for the next flush, and (count, generation) to tell
@@ -2109,9 +2190,10 @@ class Reply:
         """Stores the reply's end (once the write in flight is done), then tells the listener,
         whatever the database says: a refused write is retried by the registry."""
         self.status = status  # a flush to come leaves it be: its end writes its text
-        if self.error is not None and self.has_output:
-            # Cut off part way: what arrived is kept; the caller hears 502 (504 on a timeout).
-            self.error = (self.error[0] if self.error[0] in (503, 504) else 502, self.error[1])
+        if self.error is not None and self.has_output and self.error is not self.stop_error \
+                and self.error[0] not in CUT_OFF_KEPT:
+            # Cut off part way: what arrived is kept; the caller hears 502 (a stop, its reason).
+            self.error = (502, self.error[1])
         record = self.ending(self) if self.ending is not None else None
         if self.message_id is not None:
             while self.writing is not None:
@@ -2155,9 +2237,7 @@ class Reply:
             self.task.cancel()
 
     def failure(self) -> HTTPException:
-        status, detail = self.error
-        headers = {**(self.error_headers or {}), **(NO_RETRY if status in (502, 504) else {})}
-        return HTTPException(status, detail, headers=headers or None)
+        return poe_http_error(*self.error, self.error_headers)
 
     async def answer(self, stream: bool, whole: Callable[[], Response],
                      events: Callable[[tuple], AsyncIterator[bytes]],
@@ -2192,7 +2272,8 @@ class Replies:
         self.by_session: dict[str, Reply] = {}  # every reply, stored or not
         # A conversation whose turn is being prepared (claim); the event is set when it ends.
         self.preparing: dict[str, asyncio.Event] = {}
-        self.stopping: set[str] = set()  # of those, the ones stopped meanwhile
+        # Of those, the ones stopped meanwhile, with the error their caller hears (None: none).
+        self.stopping: dict[str, tuple[int, str] | None] = {}
         self.tasks: set[asyncio.Task] = set()
         self.unsaved: dict[int, ReplyEnd] = {}  # message id -> an end SQLite refused
         self.dirty: list[Reply] = []  # replies with text for the next flush
@@ -2241,6 +2322,10 @@ class Replies:
     def busy(self, conversation_id: str) -> bool:
         return conversation_id in self.preparing or conversation_id in self.by_conversation
 
+    def sending(self) -> int:
+        """The replies Poe is sending now (/health): a turn waiting for the budget is not one."""
+        return sum(not reply.waiting for reply in self.by_session.values())
+
     @contextlib.contextmanager
     def claim(self, conversation_id: str | None) -> Iterator[None]:
         """Holds the conversation for one turn while it is prepared (409 for any other), until
@@ -2255,7 +2340,7 @@ class Replies:
             yield
         finally:
             del self.preparing[conversation_id]
-            self.stopping.discard(conversation_id)
+            self.stopping.pop(conversation_id, None)
             released.set()
 
     def add(self, reply: Reply) -> None:
@@ -2270,13 +2355,14 @@ class Replies:
             del self.by_conversation[reply.conversation_id]
         self.by_session.pop(reply.session_id, None)
 
-    async def settle(self, conversation_id: str) -> None:
-        """Stops the conversation's reply in progress, and any that starts meanwhile."""
+    async def settle(self, conversation_id: str, error: tuple[int, str] | None = None) -> None:
+        """Stops the conversation's reply in progress, and any that starts meanwhile; their
+        callers hear `error`, if given."""
         while True:
             if (reply := self.by_conversation.get(conversation_id)) is not None:
-                await reply.stop()
+                await reply.stop(error)
             elif (released := self.preparing.get(conversation_id)) is not None:
-                self.stopping.add(conversation_id)
+                self.stopping[conversation_id] = error
                 await released.wait()  # a turn being prepared: it starts stopped, or it fails
             else:
                 return
@@ -2285,7 +2371,7 @@ class Replies:
         """Stops the conversation's turn, if any: one being prepared (uploading, reading its
         history) goes on to answer as stopped, without calling Poe."""
         if conversation_id in self.preparing:
-            self.stopping.add(conversation_id)
+            self.stopping.setdefault(conversation_id, None)
             return True
         if (reply := self.by_conversation.get(conversation_id)) is not None:
             await reply.stop()
@@ -2623,10 +2709,17 @@ async def delete_conversation(request: Request) -> JSONResponse:
     return JSONResponse({"message": "Conversation deleted"})
 
 
+# What the caller of a turn hears when its conversation is deleted meanwhile (waiting for the
+# budget, or part way through the reply): what any request to it would hear from then on.
+CONVERSATION_DELETED = (404, "Conversation not found: it was deleted while this turn was in "
+                             "progress")
+
+
 async def remove_conversation(app: Starlette, conversation_id: str) -> None:
-    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped."""
+    """Deletes it (404 if none) with all it holds, once any reply in progress there has stopped
+    (its caller hears CONVERSATION_DELETED)."""
     await app.state.db.read(get_conversation, conversation_id)
-    await app.state.replies.settle(conversation_id)
+    await app.state.replies.settle(conversation_id, CONVERSATION_DELETED)
     await app.state.db.write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?",
                                                    (conversation_id,)))
 
@@ -2635,7 +2728,7 @@ async def remove_conversation(app: Starlette, conversation_id: str) -> None:
 # Messages and turns: a turn stores the caller's message and Poe's reply to the history.
 
 MESSAGE_SQL = ("SELECT id, role, content, status, created_at, updated_at, attachments, "
-               "tool_calls, tool_call_id FROM messages")
+               "tool_calls, tool_call_id, kind, covers_first, covers_last FROM messages")
 
 
 def json_bytes(body: dict, long_list: str) -> bytes:
@@ -2648,13 +2741,14 @@ def json_bytes(body: dict, long_list: str) -> bytes:
     return b"".join([head, b',"', long_list.encode(), b'":[', b",".join(parts), b"]}"])
 
 
-def message_json(row: sqlite3.Row | dict) -> dict:
+def message_json(row: sqlite3.Row | dict, covers: SummaryCovers | None = None) -> dict:
+    """A message as listed; a summary, or a message one covers, says so (memory_fields)."""
     message = {key: row[key] for key in
                ("id", "role", "content", "status", "created_at", "updated_at")}
     message |= {name: json.loads(row[name]) for name in ("attachments", "tool_calls") if row[name]}
     if row["tool_call_id"]:
         message["tool_call_id"] = row["tool_call_id"]
-    return message
+    return message | memory_fields(row, covers)
 
 
 def with_unsaved_ends(messages: list[dict], unsaved: dict[int, ReplyEnd]) -> list[dict]:
@@ -2680,14 +2774,15 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
     """The page as JSON bytes: built here, on a reader thread, however long the history."""
     get_conversation(db, conversation_id)
     body: dict[str, Any] = {"conversation_id": conversation_id}
+    covers = conversation_covers(db, conversation_id)
     if limit is None:
-        body["messages"] = [message_json(row) for row in db.execute(
+        body["messages"] = [message_json(row, covers) for row in db.execute(
             MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
     else:
         before = INT64 - 1 if before_id is None else before_id
         rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? ORDER BY id DESC "
                           "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
-        body["messages"] = [message_json(row) for row in reversed(rows[:limit])]
+        body["messages"] = [message_json(row, covers) for row in reversed(rows[:limit])]
         body["has_more"] = len(rows) > limit
     if unsaved:
         body["messages"] = with_unsaved_ends(body["messages"], unsaved)
@@ -2817,69 +2912,52 @@ def system_parts(db: sqlite3.Connection, system_prompt: str, append: str,
     return "\n\n".join(part for part in parts if part)
 
 
-def fit_history(history: list[dict], keep: int, new: int, max_chars: int) -> tuple[list[dict], int]:
-    """The history less its oldest messages till all fit `max_chars` (MAX_CONTEXT_CHARS), never
-    the first `keep` (the system prompt) nor the last `new` (this request's); and how many went."""
-    total, start, end = sum(len(entry["content"]) for entry in history), keep, len(history) - new
-    while total > max_chars and start < end:
-        total -= len(history[start]["content"])
+def fit_history(history: list[dict], keep: int, new: int, budget: Budget
+                ) -> tuple[list[dict], int]:
+    """The history less its oldest messages till all fit the budget (tokens and characters),
+    never the first `keep` (the system prompt) nor the last `new` (this request's); and how many
+    went."""
+    costs = [cost_of(entry["content"]) for entry in history]
+    tokens, chars = map(sum, zip(*costs)) if costs else (0, 0)
+    start, end = keep, len(history) - new
+    while not budget.fits((tokens, chars)) and start < end:
+        tokens, chars = tokens - costs[start][0], chars - costs[start][1]
         start += 1
     return history[:keep] + history[start:], start - keep
 
 
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
-              before_id: int | None, max_chars: int) -> tuple[PoeQuery, int]:
-    """Runs on a reader thread: the history as Poe gets it for this turn (up to before_id,
-    then `new_message`), and how many old messages were left out to fit MAX_CONTEXT_CHARS."""
-    rows = db.execute("SELECT id, role, content, attachments FROM messages "
-                      "WHERE conversation_id = ? AND id < ? AND role != 'tool' ORDER BY id",
-                      (conversation_id, INT64 - 1 if before_id is None else before_id)).fetchall()
-    system_prompt = ""
-    if rows and rows[0]["role"] == "system":
-        system_prompt, rows = rows[0]["content"], rows[1:]
-    system = system_parts(db, system_prompt, turn.system_prompt_append, turn.documents)
-    history = [{"role": "system", "content": system, "attachments": None}] if system else []
-    for entry in [*({"role": r["role"], "content": r["content"], "attachments":
-                     json.loads(r["attachments"]) if r["attachments"] else None}
-                    for r in rows), *([new_message] if new_message else [])]:
-        if not entry["content"] and not entry["attachments"]:
-            continue  # a reply stopped before any text: nothing to send, nothing to merge
-        last = history[-1] if history else None
-        if entry["role"] == "assistant" and last is not None and last["role"] == "assistant":
-            last["content"] += "\n---\n" + entry["content"]  # Poe wants turns that alternate
-            last["attachments"] = (last["attachments"] or []) + (entry["attachments"] or [])
+              before_id: int | None, budget: Budget) -> TurnPlan:
+    """On a reader thread: the turn's plan (plan_turn) over the history before `before_id`, then
+    `new_message` (this very dict: its attachments are filled in once uploaded). A
+    regeneration, with no new message, keeps the last turn whole instead."""
+    context = stored_context(db, conversation_id, before_id, by_covers=True)
+    system = system_parts(db, context.system_prompt, turn.system_prompt_append, turn.documents)
+    rows = context.rows + ([new_message] if new_message is not None else [])
+    fixed = len(context.rows) if new_message is not None else turn_starts(rows, len(rows))[-1]
+    return plan_turn(system, context.summary, rows, fixed, budget)
+
+
+def poe_entries(rows: list[dict], fixed: int) -> tuple[list[dict], int]:
+    """Stored rows as a conversation turn sends them: tool messages left out (their calls and
+    results are the Responses API's), empty ones too (a reply stopped before any text),
+    consecutive assistant messages merged with "---" on a line between (Poe wants turns that
+    alternate); and how many of the last hold rows[fixed:] (this turn's: never left out)."""
+    entries: list[dict] = []
+    first_new = None
+    for index, row in enumerate(rows):
+        if row["role"] == "tool" or not (row["content"] or row["attachments"]):
+            continue
+        last = entries[-1] if entries else None
+        if row["role"] == "assistant" and last is not None and last["role"] == "assistant":
+            last["content"] += "\n---\n" + row["content"]
+            last["attachments"] = (last["attachments"] or []) + (row["attachments"] or [])
         else:
-            history.append(dict(entry))
-    kept, left_out = fit_history(history, int(bool(system)),
-                                 int(len(history) > bool(system)), max_chars)
-    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
-                          for e in kept], {}), left_out
-
-
-def conversation_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn,
-                      new_message: dict, max_chars: int) -> tuple[dict, PoeQuery, int]:
-    """The conversation (404) and load_turn's query for a new message, in one read."""
-    conversation = get_conversation(db, conversation_id)
-    return conversation, *load_turn(db, conversation_id, turn, new_message, None, max_chars)
-
-
-# A conversation this short has its turn begun in one write (begin_short_turn).
-SHORT_TURN_MESSAGES = 50
-
-
-def begin_short_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict,
-                     rows: list[tuple], max_chars: int) -> tuple | None:
-    """Runs on the writer: a turn on a conversation of at most SHORT_TURN_MESSAGES messages
-    begun in one transaction, one thread hop where there were two (each costs a few hundred
-    microseconds): the conversation (404), its query (load_turn), its rows (insert_turn). None,
-    having done nothing, for a longer one: the writer serves every write, so a long history is
-    read by a reader."""
-    conversation = get_conversation(db, conversation_id)
-    if db.execute("SELECT 1 FROM messages WHERE conversation_id = ? LIMIT 1 OFFSET ?",
-                  (conversation_id, SHORT_TURN_MESSAGES)).fetchone():
-        return None
-    return (conversation, *load_turn(db, conversation_id, turn, new_message, None, max_chars),
-            *insert_turn(db, conversation_id, rows))
+            entries.append({"role": row["role"], "content": row["content"],
+                            "attachments": row["attachments"]})
+        if index >= fixed and first_new is None:
+            first_new = len(entries) - 1
+    return entries, 0 if first_new is None else len(entries) - first_new
 
 
 def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple]
@@ -2887,9 +2965,24 @@ def insert_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tup
     """The turn's input messages and an empty 'streaming' reply, before Poe is called; and
     the conversation's updated_at before them, put back if the turn leaves no trace."""
     ids, updated_at = insert_messages(db, conversation_id, messages)
-    reply_id = db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
-                          "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
-    return ids, reply_id, updated_at
+    return ids, insert_reply(db, conversation_id), updated_at
+
+
+def insert_reply(db: sqlite3.Connection, conversation_id: str) -> int:
+    """The empty 'streaming' reply a turn's Poe call fills."""
+    return db.execute("INSERT INTO messages (conversation_id, role, content, status) VALUES "
+                      "(?, 'assistant', '', 'streaming')", (conversation_id,)).lastrowid
+
+
+def insert_compacted_turn(db: sqlite3.Connection, conversation_id: str, messages: list[tuple],
+                          summary: dict | None) -> tuple[int | None, list[int], int, str]:
+    """insert_turn, after the summary its history's compaction made (if any), in one write: so
+    the summary's id is below the turn's. Returns the summary's id first."""
+    summary_id = None
+    if summary is not None:
+        require_read_intact(db, conversation_id, summary["read"])
+        summary_id = insert_summary(db, conversation_id, summary["content"], summary["covers"])
+    return summary_id, *insert_turn(db, conversation_id, messages)
 
 
 def insert_messages(db: sqlite3.Connection, conversation_id: str, rows: list[tuple]
@@ -2923,31 +3016,36 @@ async def post_message(request: Request) -> Response:
     app, db, settings = request.app, request.app.state.db, request.app.state.settings
     conversation_id = request.path_params["conversation_id"]
     turn = turn_fields(await read_json(request))
-    if turn.attachments:  # uploaded first: never for a conversation that is not there
-        await db.read(get_conversation, conversation_id)
+    conversation = await db.read(get_conversation, conversation_id)
+    api_key = poe_key(request)
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
-    api_key = poe_key(request)
+    model = turn_model(settings, turn.model, conversation)
     with app.state.replies.claim(conversation_id):
-        attachments = await upload_attachments(app, api_key, turn.attachments)
-        new_message = {"role": turn.role, "content": turn.content, "attachments": attachments}
-        rows = [] if continues else message_rows([new_message])
-        begun = await db.write(begin_short_turn, conversation_id, turn, new_message, rows,
-                               settings.max_context_chars)
-        if begun is None:  # a long conversation: its history is read by a reader
-            begun = (*await db.read(conversation_turn, conversation_id, turn, new_message,
-                                    settings.max_context_chars),
-                     *await db.write(insert_turn, conversation_id, rows))
-        conversation, query, trimmed, inserted_ids, message_id, updated_at = begun
-        reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
+        new_message = {"role": turn.role, "content": turn.content, "attachments": []}
+        plan = await db.read(load_turn, conversation_id, turn, new_message, None,
+                             await model_budget(app, model))
+        new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
+        query, answered, summary = await fit_turn(app, api_key, plan)
+        summary_id, inserted_ids, message_id, updated_at = await db.write(
+            insert_compacted_turn, conversation_id,
+            [] if continues else message_rows([new_message]), summary)
+        reply = Reply(conversation_id, message_id, ([] if summary_id is None else [summary_id])
+                      + inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
-        reply.start(app, turn_model(settings, turn.model, conversation), query, api_key,
-                    stream=turn.stream, receive=request.receive)
-    return await answer_turn(reply, turn.stream, trimmed)
+        reply.start(app, model, query, api_key, stream=turn.stream, receive=request.receive)
+    return await answer_turn(reply, turn.stream, answered | compacted(summary_id, summary))
 
 
-async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
-    """The answer to a stored turn, streamed or not (API.md "Messages")."""
+def compacted(summary_id: int | None, summary: dict | None) -> dict:
+    """The answer's word on a compaction its turn made (none: {})."""
+    return {} if summary_id is None else {
+        "compacted": {"summary_message_id": summary_id, "covers": summary["covers"]}}
+
+
+async def answer_turn(reply: Reply, stream: bool, memory: dict) -> Response:
+    """The answer to a stored turn, streamed or not (API.md "Messages"); `memory` says what
+    its history's fitting did: context_trimmed, compacted."""
     ids = {"conversation_id": reply.conversation_id, "user_message_id": reply.user_message_id,
            "assistant_message_id": reply.message_id}
 
@@ -2956,15 +3054,13 @@ async def answer_turn(reply: Reply, stream: bool, trimmed: int) -> Response:
                 "message_id": reply.message_id, **ids}
         if reply.status != "complete":
             body["status"] = reply.status
-        if trimmed:
-            body["context_trimmed"] = trimmed
-        return JSONResponse(body)
+        return JSONResponse(body | memory)
     return await reply.answer(stream, whole, lambda first: conversation_events(
-        reply, first, {**ids, "session_id": reply.session_id}, trimmed), begin_waiting=True)
+        reply, first, {**ids, "session_id": reply.session_id}, memory), begin_waiting=True)
 
 
 async def conversation_events(reply: Reply, first: tuple, ids: dict,
-                              trimmed: int) -> AsyncIterator[bytes]:
+                              memory: dict) -> AsyncIterator[bytes]:
     yield sse(seed_dumps(ids))
     sent = SentText()
     async for item in reply.listener.events(first):
@@ -2979,9 +3075,7 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
                 end["status"] = item[2]
-            if trimmed:
-                end["context_trimmed"] = trimmed
-            yield sse(seed_dumps(end))
+            yield sse(seed_dumps(end | memory))
         elif kind == "error":
             error = {"message": item[2], "status": item[1]}
             if item[1] == 429 and "Retry-After" in (reply.error_headers or {}):
@@ -3019,14 +3113,24 @@ def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) ->
                    "first_message_id AND last_message_id", messages)
 
 
+def forget_message(db: sqlite3.Connection, deleted: list[tuple[str, int, str | None]]) -> None:
+    """What a deleted (or cut) message leaves elsewhere, given (conversation id, message id,
+    kind): the summaries covering it (forget_summaries_covering; a summary deleted is only
+    undone) and the stored responses holding any of them. What a user deleted is gone."""
+    summaries = forget_summaries_covering(db, [(conversation_id, message_id) for
+                                               conversation_id, message_id, kind in deleted
+                                               if kind is None])
+    forget_responses(db, [(row[0], row[1]) for row in deleted] + summaries)
+
+
 def delete_message_rows(db: sqlite3.Connection, ids: list[int],
                         conversation_id: str | None = None) -> int:
-    """Deletes messages (of one conversation, if given) and their responses, touching their
-    conversations; the count."""
+    """Deletes messages (of one conversation, if given), the summaries covering them and their
+    responses (forget_message), touching their conversations; the count."""
     deleted = db.execute("DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) AND "
-                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id",
+                         "(? IS NULL OR conversation_id = ?) RETURNING conversation_id, id, kind",
                          (json.dumps(ids), conversation_id, conversation_id)).fetchall()
-    forget_responses(db, [tuple(row) for row in deleted])
+    forget_message(db, [tuple(row) for row in deleted])
     for conversation in {row[0] for row in deleted}:
         touch_conversation(db, conversation)
     return len(deleted)
@@ -3060,9 +3164,16 @@ def regeneration(db: sqlite3.Connection, conversation_id: str) -> tuple[int | No
     if not db.execute("SELECT 1 FROM messages WHERE conversation_id = ? AND role != 'system'",
                       (conversation_id,)).fetchone():
         raise HTTPException(400, "the conversation has no message to reply to")
-    last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? "
+    last = db.execute("SELECT id, role FROM messages WHERE conversation_id = ? AND kind IS NULL "
                       "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
     replaced = last["id"] if last["role"] == "assistant" else None
+    if replaced is not None and (covering := db.execute(
+            f"SELECT id FROM messages WHERE conversation_id = ? AND {IS_SUMMARY} AND "
+            "covers_first <= ? AND covers_last >= ? ORDER BY id DESC LIMIT 1",
+            (conversation_id, replaced, replaced)).fetchone()):
+        raise HTTPException(409, f"the reply to regenerate is covered by summary {covering[0]}, "
+                                 "which would keep its text: delete that summary first (it "
+                                 "undoes the compaction), then regenerate")
     user = db.execute("SELECT id FROM messages WHERE conversation_id = ? AND id < ? AND "
                       "role = 'user' ORDER BY id DESC LIMIT 1",
                       (conversation_id, INT64 - 1 if replaced is None else replaced)).fetchone()
@@ -3076,17 +3187,538 @@ async def regenerate(request: Request) -> Response:
     model, stream = optional_model(data), bool_field(data, "stream", False)
     conversation = await db.read(get_conversation, conversation_id)
     api_key = poe_key(request)
+    model = turn_model(settings, model, conversation)
     with app.state.replies.claim(conversation_id):
         replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
-        query, trimmed = await db.read(load_turn, conversation_id, turn, None, replaced,
-                                       settings.max_context_chars)
-        _, message_id, updated_at = await db.write(insert_turn, conversation_id, [])
-        reply = Reply(conversation_id, message_id, updated_at=updated_at, replaces=replaced,
-                      user_message_id=user_id)
-        reply.start(app, turn_model(settings, model, conversation), query, api_key, stream=stream,
-                    receive=request.receive)
-    return await answer_turn(reply, stream, trimmed)
+        plan = await db.read(load_turn, conversation_id, turn, None, replaced,
+                             await model_budget(app, model))
+        query, answered, summary = await fit_turn(app, api_key, plan)
+        summary_id, _, message_id, updated_at = await db.write(
+            insert_compacted_turn, conversation_id, [], summary)
+        reply = Reply(conversation_id, message_id, [] if summary_id is None else [summary_id],
+                      updated_at=updated_at, replaces=replaced, user_message_id=user_id)
+        reply.start(app, model, query, api_key, stream=stream, receive=request.receive)
+    return await answer_turn(reply, stream, answered | compacted(summary_id, summary))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one token estimate, each model's window, and compaction: what no longer fits a turn is
+# summarised by one Poe call, the summary stored as a message of its own; nothing is dropped.
+
+def char_counts(text: str) -> tuple[int, int]:
+    """(ASCII characters, other characters), at C speed."""
+    if text.isascii():
+        return len(text), 0
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return ascii_chars, len(text) - ascii_chars
+
+
+def tokens_of(ascii_chars: int, other_chars: int) -> int:
+    return (ascii_chars + 3) // 4 + other_chars
+
+
+def estimate_tokens(text: str) -> int:
+    """The one estimate (Poe reports no token counts): four ASCII characters a token (OpenAI's
+    rule of thumb for English), each other character a token of its own (CJK, emoji...). Never
+    less than the text's UTF-8 bytes / 4: a character takes at most 4 bytes."""
+    return tokens_of(*char_counts(text))
+
+
+Cost = tuple[int, int]  # what a text costs a turn: (estimated tokens, characters)
+
+
+def cost_of(text: str) -> Cost:
+    return estimate_tokens(text), len(text)
+
+
+def context_window(entry: dict) -> int | None:
+    """A model's window in tokens, from its entry in Poe's list: `context_window` (an integer,
+    or Poe's object holding `context_length`), `context_length`, or `top_provider`'s."""
+    provider = entry.get("top_provider")
+    for value in (entry.get("context_window"), entry.get("context_length"),
+                  provider.get("context_length") if isinstance(provider, dict) else None):
+        if isinstance(value, dict):
+            value = value.get("context_length")
+        if type(value) is int and 0 < value < INT64:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one Poe call may be sent: `tokens` (the model's window less the room kept for the
+    reply) and `chars` (MAX_CONTEXT_CHARS); whichever is smaller applies."""
+    model: str
+    window: int
+    tokens: int
+    chars: int
+
+    def fits(self, cost: Cost, share: float = 1.0) -> bool:
+        """Whether `cost` is within the budget (or within `share` of it: 0.5, half)."""
+        return cost[0] <= self.tokens * share and cost[1] <= self.chars * share
+
+
+async def model_budget(app: Starlette, model: str, reply_tokens: int | None = None) -> Budget:
+    """A call's budget: the model's window (Poe's list, else CONTEXT_TOKENS) less the reply's
+    room: `reply_tokens` (max_tokens, max_output_tokens) when given, else a quarter of it."""
+    settings = app.state.settings
+    window = await app.state.models.window(model, settings.context_tokens)
+    room = window // 4 if reply_tokens is None else reply_tokens
+    return Budget(model, window, max(window - room, 0), settings.max_context_chars)
+
+
+def prefix_within(text: str, tokens: int, chars: int = INT64, counted: Cost = (0, 0)) -> str:
+    """The longest beginning of `text` within `tokens` (estimated, after `counted`: the
+    char_counts of what comes before it) and `chars`; a binary search, each step at C speed."""
+    low, high = 0, min(len(text), max(chars, 0))
+    while low < high:
+        middle = (low + high + 1) // 2
+        ascii_chars, other_chars = char_counts(text[:middle])
+        if tokens_of(counted[0] + ascii_chars, counted[1] + other_chars) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+# The summariser's system message: a fixed prompt (docs/API.md quotes it, with N for {words}:
+# summary_words), the transcript after.
+SUMMARY_PROMPT = (
+    "You keep the memory of a long conversation. The user message is a transcript of its "
+    "earlier part, one block a message (\"role: text\"); it may begin with a summary of what "
+    "came before it. Write a summary that lets the conversation go on without the transcript: "
+    "the user's goals, requests and preferences; facts, names, numbers, decisions and "
+    "conclusions; code, files and commands that matter (quote short ones exactly); what was "
+    "being done last and what is still open. Write in the conversation's language, as compact "
+    "notes of at most {words} words, with no preamble. Do not answer or continue the "
+    "conversation.")
+# What the system message says before the summary, on every turn after a compaction.
+SUMMARY_HEADER = "Summary of the earlier conversation (stored, not sent in full):"
+COMPACT_KEEP_LAST = 4
+# The most summary calls one compaction without a turn makes (/compact, /v1/responses/compact,
+# compaction_trigger) when what it summarises is longer than the summariser reads at once.
+COMPACT_PASSES = 8
+CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
+               "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
+# A message a summariser read was deleted during its call: the summary is not stored.
+CHANGED_WHILE_SUMMARISED = "the conversation changed while it was being summarised: try again"
+# A summary (one made by hand without its range is none).
+IS_SUMMARY = "kind = 'summary' AND covers_first IS NOT NULL AND covers_last IS NOT NULL"
+
+
+@dataclass
+class StoredContext:
+    """A conversation as a turn sends it: its system prompt, its current summary (the newest:
+    {id, content, covers_first, covers_last}) and the messages after that summary's range, in
+    id order, summaries left out (each {id, role, content, attachments, tool_calls,
+    tool_call_id}, attachments parsed)."""
+    system_prompt: str
+    summary: dict | None
+    rows: list[dict]
+
+
+def stored_context(db: sqlite3.Connection, conversation_id: str, before_id: int | None = None,
+                   by_covers: bool = False) -> StoredContext:
+    """On a reader thread, the rows before `before_id` that a turn sends: a compacted history of
+    100,000 messages costs the few after its summary. Its summary: the newest made before
+    `before_id`; `by_covers` (a regeneration), the newest whose range ends before it, made
+    before or after (a /compact after the reply it replaces)."""
+    before = INT64 - 1 if before_id is None else before_id
+    made_before = "covers_last < ?" if by_covers else "id < ?"
+    first = fetch_one(db, "SELECT id, role, content, kind FROM messages WHERE conversation_id = ? "
+                          "ORDER BY id LIMIT 1", (conversation_id,))
+    prompt = first if first is not None and first["role"] == "system" and \
+        first["kind"] is None and first["id"] < before else None
+    summary = fetch_one(db, f"SELECT id, content, covers_first, covers_last FROM messages WHERE "
+                            f"conversation_id = ? AND {IS_SUMMARY} AND {made_before} "
+                            "ORDER BY id DESC LIMIT 1", (conversation_id, before))
+    after = max(-1 if prompt is None else prompt["id"],
+                -1 if summary is None else summary["covers_last"])
+    rows = fetch_all(db, CONTEXT_SQL, (conversation_id, after, before))
+    for row in rows:
+        row["attachments"] = json.loads(row["attachments"]) if row["attachments"] else None
+    return StoredContext("" if prompt is None else prompt["content"], summary, rows)
+
+
+def summary_words(budget: Budget) -> int:
+    """How long a summary may be, in words, for a turn within `budget`: a quarter of it (in
+    tokens, or characters / 4, whichever is smaller), at about 4/3 tokens a word; at least 50."""
+    return max(50, min(budget.tokens, budget.chars // 4) // 4 * 3 // 4)
+
+
+def summary_prompt(budget: Budget) -> str:
+    """SUMMARY_PROMPT for a summary that goes to a turn within `budget`."""
+    return SUMMARY_PROMPT.format(words=summary_words(budget))
+
+
+def summary_system(system: str, summary: str | None) -> str:
+    """The one system message: the system prompt's parts, then the summary under its header."""
+    return "\n\n".join(filter(None, [system, summary and f"{SUMMARY_HEADER}\n{summary}"]))
+
+
+def turn_starts(rows: list[dict], end: int) -> list[int]:
+    """Where the turns of rows[:end] begin: at each user message (an assistant's tool calls and
+    their results are never apart), and at 0."""
+    return [0] + [i for i in range(1, end) if rows[i]["role"] == "user"]
+
+
+def plan_cut(costs: list[Cost], starts: list[int], end: int, fixed: Cost, budget: Budget,
+             share: float = 0.5) -> int:
+    """How many of the first rows to summarise: all of rows[:end] but the newest whole turns
+    (from `starts`) that, with `fixed` (what is always sent), fit `share` of the budget."""
+    kept, cut = fixed, end
+    for start in reversed([s for s in starts if s < end]):
+        turn = tuple(map(sum, zip(*costs[start:cut]))) or (0, 0)
+        total = (kept[0] + turn[0], kept[1] + turn[1])
+        if not budget.fits(total, share):
+            break
+        kept, cut = total, start
+    return cut
+
+
+def summary_covers(previous: dict | None, covered: list[dict]) -> list[int]:
+    """[first id, last id]: from the previous summary's first (a chain), else the first row's."""
+    return [covered[0]["id"] if previous is None else previous["covers_first"],
+            covered[-1]["id"]]
+
+
+def transcript_block(row: dict) -> str:
+    """A message as the summariser reads it: `role: text`, its tool calls and files named. A
+    stored row (tool_calls as JSON) or an entry of a Responses turn (ToolCallDefinitions)."""
+    role = f"tool ({row['tool_call_id']})" if row["role"] == "tool" else row["role"]
+    lines = [row["content"]]
+    calls = row.get("tool_calls") or []
+    for call in json.loads(calls) if isinstance(calls, str) else calls:
+        call = call if isinstance(call, dict) else call.model_dump()
+        function = call.get("function") or {}
+        lines.append(f"[tool call {call.get('id', '')}: {function.get('name', '')}"
+                     f"({function.get('arguments', '')})]")
+    lines += [f"[file: {a.get('name') or a.get('url')}]" for a in row.get("attachments") or []]
+    return f"{role}: " + "\n".join(filter(None, lines))
+
+
+def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
+                       ) -> tuple[str, int]:
+    """The summariser's user message, and how many of `rows` it holds (all a summary of it may
+    cover): the previous summary (its beginning: at most half the room), then a block a
+    message, oldest first, whole turns while they fit the summariser's budget (less its
+    prompt); the first turn always, its blocks cut to their beginnings if it is over."""
+    prompt = cost_of(SUMMARY_PROMPT)  # its number aside: 8 characters spare for it
+    room = [budget.tokens - prompt[0] - 2, budget.chars - prompt[1] - 8]
+    head = []
+    if previous is not None:  # at most half the room (its beginning): the messages need some
+        head = [prefix_within(f"summary: {previous['content']}", room[0] // 2, room[1] // 2)]
+        room = [room[0] - estimate_tokens(head[0]), room[1] - len(head[0])]
+    starts = [*turn_starts(rows, len(rows)), len(rows)]
+    blocks: list[str] = []
+    for start, end in zip(starts, starts[1:]):
+        turn = [transcript_block(row) for row in rows[start:end]]
+        costs = [cost_of(block + "\n\n") for block in turn]
+        if sum(c[0] for c in costs) > room[0] or sum(c[1] for c in costs) > room[1]:
+            if start > 0:
+                return "\n\n".join(head + blocks), start
+            turn = [prefix_within(block, room[0] // len(turn) - 1, room[1] // len(turn) - 2)
+                    for block in turn]  # the first turn alone is over: each its beginning
+            costs = [cost_of(block + "\n\n") for block in turn]
+        blocks += turn
+        room = [room[0] - sum(c[0] for c in costs), room[1] - sum(c[1] for c in costs)]
+    return "\n\n".join(head + blocks), len(rows)
+
+
+def summariser(app: Starlette, model: str) -> str:
+    """Who writes a turn's summaries: COMPACT_MODEL, else the turn's own model."""
+    return app.state.settings.compact_model or model
+
+
+async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
+                     covered: list[dict], turn: Budget, passes: int = 1
+                     ) -> tuple[str, int, int]:
+    """The summary of `covered` (after `previous`, the summary they follow) by `model`, for
+    turns within `turn` (summary_prompt): the transcript (summary_transcript, within the
+    summariser's window), one call (summarise);
+    while some of `covered` did not fit it, up to `passes` calls in all, each reading the
+    summary so far and the next part. Returns the summary, the tokens the calls were sent, and
+    how many of `covered` it covers (its first whole turns). PoeFailure when a call fails."""
+    budget, summary, tokens, seen = await model_budget(app, model), "", 0, 0
+    for _ in range(passes):
+        transcript, count = await asyncio.to_thread(summary_transcript, previous,
+                                                    covered[seen:], budget)
+        summary = await summarise(app, api_key, model, summary_prompt(turn), transcript)
+        tokens += estimate_tokens(summary_prompt(turn)) + estimate_tokens(transcript)
+        seen, previous = seen + count, {"content": summary}
+        if seen == len(covered):
+            break
+    return summary, tokens, seen
+
+
+async def summarise(app: Starlette, api_key: str, model: str, prompt: str,
+                    transcript: str) -> str:
+    """One Poe call to `model` (relay_poe: num_tries=1, POE_TIMEOUT): the prompt (summary_prompt),
+    then the transcript; its whole text. PoeFailure when it fails or says nothing."""
+    query = await off_loop(len(transcript) >= LONG_BYTES, prepare_query, [
+        poe_message("system", prompt, None), poe_message("user", transcript, None)], {})
+    chunks: list[str] = []
+    async with contextlib.aclosing(relay_poe(app, model, query, api_key)) as events:
+        async for kind, value in events:
+            if kind == "text":
+                chunks.append(value)
+            elif kind == "replace":
+                chunks = [value]
+    if not (text := "".join(chunks).strip()):
+        raise PoeFailure(502, f"the summary from {model} was empty")
+    return text
+
+
+def insert_summary(db: sqlite3.Connection, conversation_id: str, content: str,
+                   covers: list[int] | None) -> int:
+    """A summary message; covers None: it stands for nothing stored (a compaction item at the
+    start of a new conversation's input), so it covers itself alone: [its id, its id]."""
+    summary_id = db.execute("INSERT INTO messages (conversation_id, role, content, kind, "
+                            "covers_first, covers_last) VALUES (?, 'system', ?, 'summary', ?, ?)",
+                            (conversation_id, content, *(covers or [0, 0]))).lastrowid
+    if covers is None:
+        db.execute("UPDATE messages SET covers_first = ?, covers_last = ? WHERE id = ?",
+                   (summary_id, summary_id, summary_id))
+    return summary_id
+
+
+def read_range(rows: list[dict], summary: dict | None) -> tuple[int, int, int, int | None]:
+    """(first id, last id, count, summary id) of what a summariser read: the stored rows
+    (stored_context's: in id order, all the conversation's non-summary messages between the
+    two) and the current summary, if any."""
+    return rows[0]["id"], rows[-1]["id"], len(rows), None if summary is None else summary["id"]
+
+
+def require_read_intact(db: sqlite3.Connection, conversation_id: str,
+                        read: tuple[int, int, int, int | None]) -> None:
+    """On the writer, before a summary is stored: 409 if a message the summariser read was
+    deleted during its call (ids only grow: a range can lose messages, never gain them), or the
+    summary it read (deleted with a message it covered: forget_summaries_covering), so a
+    summary never holds deleted text."""
+    first, last, count, summary_id = read
+    (now,) = db.execute("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND "
+                        "kind IS NULL AND id BETWEEN ? AND ?",
+                        (conversation_id, first, last)).fetchone()
+    if now != count or summary_id is not None and not db.execute(
+            "SELECT 1 FROM messages WHERE id = ?", (summary_id,)).fetchone():
+        raise HTTPException(409, CHANGED_WHILE_SUMMARISED)
+
+
+def store_summary(db: sqlite3.Connection, conversation_id: str, content: str,
+                  covers: list[int], read: tuple[int, int, int] | None) -> int:
+    """A summary made by /compact: at the end of the conversation, which it touches (409 if
+    what it read changed meanwhile: require_read_intact)."""
+    if read is not None:
+        require_read_intact(db, conversation_id, read)
+    summary_id = insert_summary(db, conversation_id, content, covers)
+    touch_conversation(db, conversation_id)
+    return summary_id
+
+
+@dataclass
+class TurnPlan:
+    """A stored turn before its Poe call (plan_turn, on a reader thread): its system message's
+    parts, the current summary, the rows after it then this turn's input (rows[fixed:]: never
+    summarised nor left out), the budget, and rows[:cut] to summarise first (0: none)."""
+    system: str
+    summary: dict | None
+    rows: list[dict]
+    fixed: int
+    budget: Budget
+    cut: int
+
+
+def sent_cost(row: dict) -> Cost:
+    """What a row costs a conversation turn: tool messages and empty ones are not sent."""
+    return (0, 0) if row["role"] == "tool" else cost_of(row["content"])
+
+
+def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
+              budget: Budget) -> TurnPlan:
+    """The turn as it goes: whole when it fits; else its oldest turns summarised (with the
+    current summary), the rest and that summary under half the budget. 413 when the system
+    message and this turn's input alone do not fit."""
+    costs = [sent_cost(row) for row in rows]
+    alone = tuple(map(sum, zip(cost_of(system), *costs[fixed:])))
+    if not budget.fits(alone):
+        raise HTTPException(413, f"this turn does not fit the context window of {budget.model}: "
+                                 f"the system message and the new message come to about "
+                                 f"{alone[0]} tokens ({alone[1]} characters), and of its "
+                                 f"{budget.window} tokens {budget.tokens} may be sent (the rest "
+                                 f"is kept for the reply; MAX_CONTEXT_CHARS is {budget.chars})")
+    held = tuple(map(sum, zip(alone, cost_of(summary_system("", (summary or {}).get(
+        "content"))))))  # the current summary counts: too long, it is summarised again
+    whole = tuple(map(sum, zip(held, *costs[:fixed])))
+    cut = 0 if budget.fits(whole) else plan_cut(costs, turn_starts(rows, fixed), fixed, held,
+                                                 budget)
+    return TurnPlan(system, summary, rows, fixed, budget, cut)
+
+
+async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
+                   ) -> tuple[PoeQuery, dict, dict | None]:
+    """The turn's query, its history made to fit: compacted first when planned (one summary
+    call to COMPACT_MODEL), else, or when that call fails, trimmed. Returns the query, the
+    answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made;
+    the plan's rows are let go of (let_go)."""
+    summary, start, made = (plan.summary or {}).get("content"), 0, None
+    if plan.cut:
+        model = summariser(app, plan.budget.model)
+        try:
+            summary, _, start = await summary_of(app, api_key, model, plan.summary,
+                                                 plan.rows[:plan.cut], plan.budget)
+            # It covers what the summariser read; what did not fit goes on (trimmed if over).
+            made = {"content": summary, "read": read_range(plan.rows[:start], plan.summary),
+                    "covers": summary_covers(plan.summary, plan.rows[:start])}
+        except PoeFailure as exc:
+            log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
+                        "left out instead", model, exc.status, exc.detail)
+    # Off the loop, as load_turn was: pydantic's work on a long history takes milliseconds.
+    query, trimmed = await asyncio.to_thread(turn_query, plan, summary, start)
+    await let_go(plan.rows)
+    return query, {"context_trimmed": trimmed} if trimmed else {}, made
+
+
+async def let_go(*lists: list) -> None:
+    """Empties lists that are all that holds a long history's rows, on a worker thread: the rows
+    are freed there, not on the loop (100,000 of them take ~50 ms to free)."""
+    if sum(map(len, lists)) >= LONG_ITEMS:
+        await asyncio.to_thread(lambda: [held.clear() for held in lists])
+
+
+def turn_query(plan: TurnPlan, summary: str | None, start: int) -> tuple[PoeQuery, int]:
+    """The query: the system message (with `summary`), then rows[start:] as Poe's messages; the
+    oldest left out while over the budget, then the summary cut if it still is; how many went."""
+    entries, new = poe_entries(plan.rows[start:], plan.fixed - start)
+    system = summary_system(plan.system, summary)
+    history = ([{"role": "system", "content": system, "attachments": None}] if system else []) \
+        + entries
+    kept, left_out = fit_history(history, int(bool(system)), new, plan.budget)
+    if summary:  # kept[0] is the system message
+        rest = tuple(map(sum, zip(cost_of(summary_system(plan.system, " ")),
+                                  *(cost_of(e["content"]) for e in kept[1:]))))
+        if not plan.budget.fits((rest[0] + estimate_tokens(summary), rest[1] + len(summary))):
+            # Over what is left even alone: its beginning goes, the rest of it is left out.
+            cut = prefix_within(summary, plan.budget.tokens - rest[0],
+                                plan.budget.chars - rest[1])
+            kept[0] = {**kept[0], "content": summary_system(plan.system, cut)}
+    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
+                          for e in kept if e["content"] or e["attachments"]], {}), left_out
+
+
+class SummaryCovers:
+    """Which summary covers each message, worked out at read time from the conversation's few
+    summaries: the newest (highest id) whose covers hold the message's id. So deleting a summary
+    undoes it, and the one before it covers again."""
+
+    def __init__(self, summaries: list[tuple[int, int, int]]) -> None:  # (id, first, last)
+        self.points = sorted({point for _, first, last in summaries for point in (first, last + 1)})
+        # From each point to the next: the newest summary whose range holds it.
+        self.newest = [max((s for s, first, last in summaries if first <= point <= last),
+                           default=None) for point in self.points]
+
+    def of(self, message_id: int) -> int | None:
+        at = bisect.bisect_right(self.points, message_id) - 1
+        return self.newest[at] if at >= 0 else None
+
+
+def forget_summaries_covering(db: sqlite3.Connection, messages: list[tuple[str, int]]
+                              ) -> list[tuple[str, int]]:
+    """On the writer: deletes every summary whose range holds one of these (conversation id,
+    message id), deleted: a summary is derived text, and a later one carries the earlier's, so
+    each goes. What they covered is uncovered; a later turn compacts it again. -> the
+    (conversation id, summary id) deleted."""
+    if not messages:
+        return []
+    return [tuple(row) for row in db.execute(
+        "DELETE FROM messages WHERE id IN (SELECT s.id FROM json_each(?) AS m JOIN messages AS s "
+        "ON s.conversation_id = m.value ->> 0 AND s.kind = 'summary' AND m.value ->> 1 "
+        "BETWEEN s.covers_first AND s.covers_last) RETURNING conversation_id, id",
+        (json.dumps(messages),)).fetchall()]
+
+
+def conversation_covers(db: sqlite3.Connection, conversation_id: str) -> SummaryCovers:
+    return SummaryCovers(db.execute(f"SELECT id, covers_first, covers_last FROM messages WHERE "
+                                    f"conversation_id = ? AND {IS_SUMMARY}",
+                                    (conversation_id,)).fetchall())
+
+
+def memory_fields(row: sqlite3.Row | dict, covers: SummaryCovers | None) -> dict:
+    """What a listed message (or item) says of compaction: a summary's kind and covers, and
+    the summary that covers it; nothing for a message no summary touches."""
+    fields: dict[str, Any] = {}
+    if row["kind"] == "summary":
+        fields = {"kind": "summary", "covers": [row["covers_first"], row["covers_last"]]}
+        if None in fields["covers"]:
+            fields["covers"] = None
+    if covers is not None and (summary_id := covers.of(row["id"])) not in (None, row["id"]):
+        fields["summarized_by"] = summary_id
+    return fields
+
+
+def remap_covers(db: sqlite3.Connection, source_id: str, copy_id: str, up_to: int) -> None:
+    """The covers of summaries copied with a history (fork_conversation), from the source's
+    message ids to the copy's: the messages were copied in id order, one for one."""
+    summaries = fetch_all(db, f"SELECT id, covers_first, covers_last FROM messages WHERE "
+                              f"conversation_id = ? AND {IS_SUMMARY}", (copy_id,))
+    if not summaries:
+        return
+    old, new = copied_ids(db, source_id, copy_id, up_to)
+    for summary in summaries:
+        first = bisect.bisect_left(old, summary["covers_first"])
+        last = bisect.bisect_right(old, summary["covers_last"]) - 1
+        first_id = new[first] if first < len(new) else new[-1] + 1
+        db.execute("UPDATE messages SET covers_first = ?, covers_last = ? WHERE id = ?",
+                   (first_id, new[last] if last >= 0 else first_id - 1, summary["id"]))
+
+
+def copied_ids(db: sqlite3.Connection, source_id: str, copy_id: str, up_to: int
+               ) -> tuple[list[int], list[int]]:
+    """The ids of a history copied by fork_conversation, in the source and in the copy: the
+    n-th of one is the n-th of the other."""
+    old = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? AND "
+                                        "id <= ? ORDER BY id", (source_id, up_to))]
+    new = [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                        "ORDER BY id", (copy_id,))]
+    return old, new
+
+
+def keep_cut(rows: list[dict], keep_last: int) -> int:
+    """How many of the first rows /compact summarises: all but at least the last `keep_last`,
+    its boundary moved back to a turn's start."""
+    boundary = len(rows) - keep_last
+    return max(start for start in [*turn_starts(rows, len(rows)), len(rows)]
+               if start <= max(boundary, 0))
+
+
+async def compact_conversation(request: Request) -> JSONResponse:
+    """POST .../compact: summarises now all but the last keep_last messages not yet covered."""
+    app, db, settings = request.app, request.app.state.db, request.app.state.settings
+    conversation_id = request.path_params["conversation_id"]
+    data = await read_json(request, empty_ok=True)
+    conversation = await db.read(get_conversation, conversation_id)
+    with app.state.replies.claim(conversation_id):  # 409 first: the history may be changing
+        keep_last = int_field(data, "keep_last")
+        keep_last = COMPACT_KEEP_LAST if keep_last in (MISSING, None) else keep_last
+        own = turn_model(settings, None, conversation)
+        model = optional_model(data) or settings.compact_model or own
+        api_key = poe_key(request)
+        turn = await model_budget(app, own)
+        context = await db.read(stored_context, conversation_id, long=True)
+        if (cut := keep_cut(context.rows, keep_last)) == 0:
+            raise HTTPException(400, f"nothing to compact: the conversation has no message "
+                                     f"before its last {keep_last} that a summary does not "
+                                     "cover already")
+        try:
+            summary, _, cut = await summary_of(app, api_key, model, context.summary,
+                                               context.rows[:cut], turn, COMPACT_PASSES)
+        except PoeFailure as exc:
+            raise poe_http_error(exc.status, exc.detail, exc.headers) from None
+        covers = summary_covers(context.summary, context.rows[:cut])
+        summary_id = await db.write(store_summary, conversation_id, summary, covers,
+                                    read_range(context.rows[:cut], context.summary))
+    return JSONResponse({"summary_message_id": summary_id, "covers": covers,
+                         "content": summary})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3654,6 +4286,16 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def shown(text: str) -> str:
+    """Text made with names from the filesystem, as it is shown: a name's bytes that are not
+    UTF-8 (held by Python as lone surrogates, "surrogateescape") each become U+FFFD. The name
+    itself, kept apart, still opens the file: only what is drawn or said is changed."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate no byte stands for: none comes from a name
+        return text.encode("utf-8", "replace").decode()
+
+
 def within(path: str, root: str) -> bool:
     """`path` is `root` or below it (both absolute and resolved)."""
     return path == root or path.startswith(root.rstrip("/") + "/")
@@ -3766,10 +4408,11 @@ class SourceText:
     "File: <path>\\n---\\n<text>\\n---" for each text file, in os.walk's order (a folder's files,
     then its folders'). Left out: SKIPPED_FOLDERS, what the root's .gitignore excludes, and
     symlinks that lead out of the folder or nowhere. A binary file (a NUL byte, or not UTF-8)
-    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`."""
+    and a symlink to a folder inside stay in the tree without a block. Bounded by `limit`.
+    A name that is not UTF-8 is drawn, matched and said as shown() makes it."""
 
     def __init__(self, root: str, limit: int) -> None:
-        self.name = os.path.basename(root)
+        self.name = shown(os.path.basename(root))
         self.real_root, self.limit, self.used = os.path.realpath(root), limit, 0
         self.tree, self.blocks = [self.name + "/"], []
         self.ignore, self.root_fd = GitIgnore(), -1
@@ -3788,8 +4431,8 @@ class SourceText:
     def charge(self, size: int) -> None:
         self.used += size
         if self.used > self.limit:
-            raise HTTPException(413, f"the source code under {self.real_root} is larger than "
-                                     f"{self.limit} bytes (MAX_BODY_BYTES)")
+            raise HTTPException(413, f"the source code under {shown(self.real_root)} is larger "
+                                     f"than {self.limit} bytes (MAX_BODY_BYTES)")
 
     def walk(self) -> None:
         """The tree, depth first without recursion: a stack of (folder, prefix, entries left)."""
@@ -3804,7 +4447,7 @@ class SourceText:
                     continue
                 name, path, kind = entries.pop()
                 last = not entries
-                line = prefix + ("└── " if last else "├── ") + name
+                line = prefix + ("└── " if last else "├── ") + shown(name)
                 self.charge(len(line.encode()) + 1)
                 self.tree.append(line)
                 if kind != "folder":
@@ -3830,12 +4473,12 @@ class SourceText:
         except OSError:
             return []
         drawn = sorted((e for e in entries if e[2] is not None), key=lambda e: (
-            not e[2].startswith("folder"), e[0].lower(), e[0]))
+            not e[2].startswith("folder"), shown(e[0]).lower(), e[0]))
         for name, path, kind in drawn:
             text = self.file_text(fd, name, path, kind) if kind in ("file", "link") else None
             if text is not None:
-                self.charge(len(f"File: {path}\n---\n\n---\n\n".encode()))
-                self.blocks.append(f"File: {path}\n---\n{text}\n---")
+                self.charge(len(f"File: {shown(path)}\n---\n\n---\n\n".encode()))
+                self.blocks.append(f"File: {shown(path)}\n---\n{text}\n---")
         return drawn[::-1]
 
     def file_text(self, fd: int, name: str, path: str, kind: str) -> str | None:
@@ -3876,12 +4519,12 @@ class SourceText:
                 target = os.path.realpath(os.path.join(self.real_root, path))
                 if not within(target, self.real_root) or not os.path.exists(target):
                     return None
-                if self.ignore.ignores(path, os.path.isdir(target)):
+                if self.ignore.ignores(shown(path), os.path.isdir(target)):
                     return None
                 return "link" if os.path.isfile(target) else (
                     "folder-link" if os.path.isdir(target) else "other")
             is_folder = entry.is_dir(follow_symlinks=False)
-            if self.ignore.ignores(path, is_folder):
+            if self.ignore.ignores(shown(path), is_folder):
                 return None
             if is_folder:
                 venv = os.path.exists(os.path.join(self.real_root, path, "pyvenv.cfg"))
@@ -3924,6 +4567,12 @@ async def complete_source_code(request: Request) -> Response:
 GENERIC_PATTERNS = ("Task<", "List<", "Dictionary<", "IEnumerable<")
 CONTENT_ACTIONS = ("create file", "update file")
 MAX_STEP_BYTES, MAX_STEP_PATH = 10 * 1024 * 1024, 260  # the library's bounds
+# Ours: the steps one plan may hold (a plan of millions of tiny blocks is no model's answer, and
+# its events, a few per step, would take minutes to send), and the events waiting between the
+# worker and the client (the worker waits while they fill this: it never runs further ahead).
+MAX_PLAN_STEPS, PIPE_BYTES = 10000, 65536
+# A divider and the blank blocks after it, as str.split("------") finds dividers (leftmost first).
+PLAN_DIVIDERS = re.compile(r"------(?:\s*------)*")
 REFUSED = "路径安全校验失败，跳过: "  # the library's words when a path fails its security check
 
 
@@ -4006,6 +4655,19 @@ def step_names(path: str) -> list[str]:
     return names
 
 
+def plan_blocks(plan: str) -> list[str]:
+    """The plan's blocks as the library splits them (at every "------", each stripped, blank
+    ones left out); 413 past MAX_PLAN_STEPS, found without splitting a plan of millions."""
+    dividers = sum(1 for _ in itertools.islice(PLAN_DIVIDERS.finditer(plan), MAX_PLAN_STEPS + 2))
+    # Between two dividers found here there is always a block that is not blank.
+    blocks = [] if dividers > MAX_PLAN_STEPS + 1 else [
+        block.strip() for block in PLAN_DIVIDERS.split(plan) if block.strip()]
+    if dividers > MAX_PLAN_STEPS + 1 or len(blocks) > MAX_PLAN_STEPS:
+        raise HTTPException(413, f"files_content holds more than {MAX_PLAN_STEPS} steps (blocks "
+                                 "between ------): nothing is carried out")
+    return blocks
+
+
 def write_event(message: str, kind: str, data: dict | None = None) -> dict:
     """An event as the library's StreamHandler builds it (local time, to the second)."""
     return {"message": message, "type": kind,
@@ -4064,6 +4726,80 @@ def backup_name(fd: int, name: str, make: Callable[[str], Any]) -> tuple[str, An
     raise FileExistsError(errno.EEXIST, "too many backups of this file in one second")
 
 
+def event_bytes(event: dict) -> bytes:
+    """An event framed as the original frames it (`data: <json>`, a blank line), its JSON with
+    the seed's spacing; a name from the filesystem in it (a backup's path, an error's) shown."""
+    text = seed_dumps(event)
+    try:
+        return sse(text)
+    except UnicodeEncodeError:
+        return sse(shown(text))
+
+
+class EventPipe:
+    """A worker thread's events on their way to the event loop. At most PIPE_BYTES (and one
+    event) wait in between: the worker waits while they do, so it never runs further ahead of
+    a client that reads slowly or not at all. The loop takes all that wait at each wake-up,
+    which the worker asks for once, not once per event: a plan's events never flood the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.ready = loop, threading.Condition(), asyncio.Event()
+        self.waiting: list[bytes] = []
+        self.size = 0  # the bytes in self.waiting
+        self.asked = False  # a wake-up is on its way to the loop
+        self.ended = False  # the worker has put its last event
+        self.closed = False  # the reader has gone: nothing more is taken
+
+    def put(self, data: bytes) -> bool:
+        """Worker: hands `data` on, waiting while the pipe is full; False once the reader has
+        gone (nothing is handed on then)."""
+        with self.lock:
+            while self.size >= PIPE_BYTES and not self.closed:
+                self.lock.wait()
+            if self.closed:
+                return False
+            self.waiting.append(data)
+            self.size += len(data)
+            self.wake()
+        return True
+
+    def end(self) -> None:
+        """Worker: there is nothing more."""
+        with self.lock:
+            self.ended = True
+            self.wake()
+
+    def wake(self) -> None:
+        """The loop is asked to take what waits, unless it already has been (lock held)."""
+        if not self.asked and not self.closed:
+            self.asked = True
+            try:
+                self.loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:  # the loop has closed: no one will ever read
+                self.closed = True
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """Loop: what waits, joined, at each wake-up, until the worker's end."""
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            with self.lock:
+                batch, ended = self.waiting, self.ended
+                self.waiting, self.size, self.asked = [], 0, False
+                self.lock.notify_all()
+            if batch:
+                yield b"".join(batch)
+            if ended:
+                return
+
+    def close(self) -> None:
+        """Loop: the reader has gone; a worker waiting is let go, and what it puts is dropped."""
+        with self.lock:
+            self.closed = True
+            self.waiting, self.size = [], 0
+            self.lock.notify_all()
+
+
 class SourceWriter:
     """Carries out one plan of write-source-code in root_dir (a resolved path), step by step as
     CodeFileExecutorLib does, on a worker thread (run), handing each event on as it happens.
@@ -4073,53 +4809,58 @@ class SourceWriter:
     overwrites is first copied, and what it deletes moved, to .backup beside it. At most
     `limit` bytes (backup copies included) are written; past it the steps fail, saying why."""
 
-    def __init__(self, root: str, plan: str, backup: bool, limit: int, db_path: str) -> None:
-        self.root, self.plan, self.backup, self.limit, self.written = root, plan, backup, limit, 0
+    def __init__(self, root: str, blocks: list[str], backup: bool, limit: int,
+                 db_path: str) -> None:
+        self.root, self.blocks, self.backup, self.limit = root, blocks, backup, limit
         self.database = [os.path.realpath(db_path) + end for end in ("", "-wal", "-shm",
                                                                      "-journal")]
-        self.root_fd, self.spent = -1, None  # spent: why the steps left fail (the bound reached)
-        self.stopped = threading.Event()  # the client has gone: stop after the step in hand
+        self.root_fd, self.written = -1, 0
+        self.spent: str | None = None  # why the steps left fail (the bound reached)
+        self.pipe: EventPipe | None = None  # the events on their way to the client
         self.counts = dict.fromkeys(("successful_tasks", "failed_tasks", "invalid_tasks",
                                      "content_integrity_warnings"), 0)
 
     async def events(self) -> AsyncIterator[bytes]:
-        """The events framed as the original frames them (`data: <json>`, a blank line; no
-        [DONE]), each as soon as the worker has it. A client that goes away stops the plan
-        once the step in hand is done: the steps it has not seen are not carried out."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event: dict | None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: no one listens
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        loop.run_in_executor(None, self.run, emit)  # ends by itself, once stopped
+        """The events, framed (event_bytes; no [DONE]), as soon as the worker has them, many
+        in one piece when they come faster than the client reads. The worker, a thread of its
+        own (it may wait long on a client), never runs more than the pipe ahead. A client that
+        goes away (sse-starlette hears http.disconnect and cancels this) closes the pipe: the
+        step in hand is finished, no other begun."""
+        self.pipe = EventPipe(asyncio.get_running_loop())
+        threading.Thread(target=self.run, name=f"write-source-code {self.root}",
+                         daemon=True).start()
         try:
-            while (event := await queue.get()) is not None:
-                yield sse(seed_dumps(event))
+            async with contextlib.aclosing(self.pipe.batches()) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
-            self.stopped.set()
+            self.pipe.close()
 
-    def run(self, emit: Callable[[dict | None], None]) -> None:
-        started = time.monotonic()
-        blocks = [block.strip() for block in self.plan.split("------") if block.strip()]
+    def send(self, event: dict) -> bool:
+        """Worker: hands an event on; False once the client has gone."""
+        return self.pipe.put(event_bytes(event))
+
+    def run(self) -> None:
+        started, total = time.monotonic(), len(self.blocks)
         try:
-            emit(write_event(f"一共{len(blocks)}个待执行任务", "info"))
+            self.send(write_event(f"一共{total}个待执行任务", "info"))
             self.root_fd = open_resolved_folder(self.root)
             try:
-                for number, block in enumerate(blocks, 1):
-                    if self.stopped.is_set():
-                        return
-                    emit(write_event(f"正在解析第【{number}/{len(blocks)}】个任务", "progress"))
+                for number, block in enumerate(self.blocks, 1):
+                    if not self.send(write_event(f"正在解析第【{number}/{total}】个任务",
+                                                 "progress")):
+                        return  # the client has gone: no step is begun after the one in hand
                     for event in self.step(block):
-                        emit(event)
+                        self.send(event)  # the step in hand is finished, told or not
             finally:
                 os.close(self.root_fd)
-            emit(self.summary(len(blocks), time.monotonic() - started))
+            self.send(self.summary(total, time.monotonic() - started))
         except Exception as exc:  # as the original: the error as an event, and the stream ends
             log.error("write-source-code failed: %s: %s", type(exc).__name__, exc)
-            emit({"type": "error", "message": f"Exception: {exc}", "timestamp": "", "data": {}})
+            self.send({"type": "error", "message": f"Exception: {exc}", "timestamp": "",
+                       "data": {}})
         finally:
-            emit(None)
+            self.pipe.end()
 
     def summary(self, total: int, seconds: float) -> dict:
         done, failed, invalid, warned = self.counts.values()
@@ -4160,6 +4901,9 @@ class SourceWriter:
             names = step_names(step.path)
             if action not in STEP_ACTIONS:
                 raise StepRefused(f"不支持的操作类型: {action}")
+            if action.endswith(" file") and re.search(r"[/\\]\.?$", step.path):
+                raise StepRefused(f"执行任务失败: {step.path} is a folder's path (it ends in '/'): "
+                                  f"'{step.action}' needs the path of a file")
             target = os.path.join(self.root, *names)
             if action != "create folder" and any(within(p, target) for p in self.database):
                 raise StepRefused(f"{REFUSED}{step.path} is the service's own database")
@@ -4342,7 +5086,8 @@ async def write_source_code(request: Request) -> Response:
                                           "WHERE ai_work_dir <> ''")
     root = await asyncio.to_thread(writable_root, root_dir, [r["ai_work_dir"] for r in rows],
                                    state.settings.write_roots)
-    writer = SourceWriter(root, plan, backup, state.settings.max_body_bytes,
+    blocks = await asyncio.to_thread(plan_blocks, plan)
+    writer = SourceWriter(root, blocks, backup, state.settings.max_body_bytes,
                           state.settings.db_path)
     return EventStream(writer.events(), headers={"Cache-Control": "no-cache"})
 
@@ -4375,9 +5120,19 @@ FENCED = re.compile(r"\s*```[^\n`]*\n(.*?)\n?[ \t]*```\s*", re.DOTALL)
 OPENAI_ERROR_CODES = {429: "rate_limit_exceeded"}
 
 
-def openai_error(status: int, message: str) -> dict:
+def openai_error(status: int, message: str, fields: dict | None = None) -> dict:
+    """OpenAI's error body; `fields` (an OpenAIRefusal's code and param) go in it."""
     return {"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "api_error"),
-                      "code": OPENAI_ERROR_CODES.get(status, status)}}
+                      "code": OPENAI_ERROR_CODES.get(status, status), **(fields or {})}}
+
+
+class OpenAIRefusal(HTTPException):
+    """A 400 OpenAI has a code of its own for (context_length_exceeded): the code and the field
+    it is about (param) go in the error's body."""
+
+    def __init__(self, detail: str, code: str, param: str) -> None:
+        super().__init__(400, detail)
+        self.fields = {"param": param, "code": code}
 
 
 def string_at(value: Any, where: str, empty_ok: bool = False) -> str:
@@ -4674,11 +5429,11 @@ def openai_params(data: dict) -> dict:
     return params
 
 
-def max_reply_chars(data: dict) -> int | None:
-    """max_tokens / max_completion_tokens (the smaller) in characters, 4 a token as usage counts."""
+def max_reply_tokens(data: dict) -> int | None:
+    """max_tokens / max_completion_tokens (the smaller), as estimate_tokens counts them."""
     limits = [int_field(data, name, minimum=1) for name in ("max_tokens", "max_completion_tokens")]
     limits = [limit for limit in limits if isinstance(limit, int)]
-    return min(limits) * 4 if limits else None
+    return min(limits) if limits else None
 
 
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
@@ -4700,21 +5455,25 @@ async def poe_history(app: Starlette, api_key: str, history: list[dict],
     return await upload_entries(app, api_key, history)
 
 
-def poe_query(entries: list[dict], params: dict) -> tuple[PoeQuery, int]:
-    """The query and its tokens as usage counts them, on a worker thread (200,000 messages are
-    seconds of pydantic work). Nothing to send is the caller's 400, not a paid call."""
+def poe_query(entries: list[dict], params: dict, tools: list | None = None
+              ) -> tuple[PoeQuery, int]:
+    """The query and its tokens as usage counts them: everything Poe is sent (the messages,
+    the last round's tool calls and results, the tools' definitions as JSON). On a worker
+    thread (200,000 messages are seconds of pydantic work). Nothing to send is the caller's
+    400, not a paid call."""
     poe_messages = [poe_message(entry["role"], entry["content"], entry["attachments"])
                     for entry in entries if entry["content"] or entry["attachments"]]
     tool_results = params.get("tool_results") or []
     if not poe_messages and not tool_results:
         raise HTTPException(400, "there is nothing to send: every message is empty")
-    tokens = sum(estimate_tokens(m.content) for m in [*poe_messages, *tool_results])
-    return prepare_query(poe_messages, params), tokens
+    sent = [m.content for m in [*poe_messages, *tool_results]] + [
+        definitions_json(items) for items in (params.get("tool_calls"), tools) if items]
+    return prepare_query(poe_messages, params), sum(map(estimate_tokens, sent))
 
 
-def estimate_tokens(text: str) -> int:
-    # Poe reports no token counts; about four characters a token is OpenAI's own rule of thumb.
-    return (len(text) + 3) // 4
+def definitions_json(items: list) -> str:
+    """Tools, or tool calls, as Poe is sent them (and usage counts them)."""
+    return json.dumps([item.model_dump() for item in items], ensure_ascii=False)
 
 
 def usage(prompt_tokens: int, reply_text: str) -> dict:
@@ -4869,12 +5628,12 @@ async def chat_completions(request: Request) -> Response:
     stream = bool_field(data, "stream", False)
     options = data.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    reply = Reply(max_chars=max_reply_chars(data))
+    reply = Reply(max_tokens=max_reply_tokens(data))
     parallel = bool_field(data, "parallel_tool_calls", True)
     entries = await poe_history(request.app, api_key, history,
                                 [tool_instruction, format_instruction])
     query, prompt_tokens = await asyncio.to_thread(poe_query, entries, {
-        **params, "tool_calls": tool_calls, "tool_results": tool_results})
+        **params, "tool_calls": tool_calls, "tool_results": tool_results}, tools)
     completion = Completion(reply, model, prompt_tokens, bool(format_instruction),
                             include_usage, ClientToolCalls(reply, parallel))
     reply.start(request.app, model, query, api_key, stream=stream, tools=tools,
@@ -4890,7 +5649,8 @@ def model_entries(body: Any) -> list[dict] | None:
     models = [{**entry, "object": "model",
                "created": entry["created"] if isinstance(entry.get("created"), int)
                else MODELS_CREATED,
-               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe"}
+               "owned_by": entry["owned_by"] if isinstance(entry.get("owned_by"), str) else "poe",
+               **({"context_window": window} if (window := context_window(entry)) else {})}
               for entry in data if isinstance(entry, dict) and isinstance(entry.get("id"), str)
               and entry["id"]]
     return models or None
@@ -4903,6 +5663,7 @@ class ModelList:
     def __init__(self, poe: httpx.AsyncClient, url: str) -> None:
         self.poe, self.url = poe, url
         self.models: list[dict] | None = None
+        self.windows: dict[str, int] = {}  # model id -> context window, where the list gives one
         self.fetched = self.failed = -math.inf
         self.lock = asyncio.Lock()  # one fetch for every request that finds the list stale
 
@@ -4917,6 +5678,12 @@ class ModelList:
                     await self.fetch()
         return self.models or [{"id": model, "object": "model", "created": MODELS_CREATED,
                                 "owned_by": "poe"} for model in MODELS]
+
+    async def window(self, model: str, default: int) -> int:
+        """The model's context window in tokens, from the list (fetched as get() does), else
+        `default` (CONTEXT_TOKENS)."""
+        await self.get()
+        return self.windows.get(model, default)
 
     async def fetch(self) -> None:
         models, why = None, "not a model list"
@@ -4935,6 +5702,8 @@ class ModelList:
             self.failed = time.monotonic()
         else:
             self.models, self.fetched = models, time.monotonic()
+            self.windows = {entry["id"]: entry["context_window"] for entry in models
+                            if "context_window" in entry and type(entry["context_window"]) is int}
 
 
 async def list_models(request: Request) -> JSONResponse:
@@ -4996,9 +5765,12 @@ def input_content(content: Any, where: str) -> Any:
     return content  # a string, or what openai_content refuses with a clear message
 
 
-def input_messages(items: Any, names: dict[str, str], place: str = "input") -> list[dict]:
+def input_messages(items: Any, names: dict[str, str], place: str = "input",
+                   marks: list | None = None) -> list[dict]:
     """Responses items as Chat messages for openai_entries: a function_call joins the assistant
-    message before it (one round), an output is a tool message named by `names` (call id: name)."""
+    message before it (one round), an output is a tool message named by `names` (call id: name).
+    With `marks` (a turn's input), compaction and compaction_trigger items are no messages: each
+    is noted there as (how many messages came before it, the item, its place)."""
     if isinstance(items, str) and place == "input":
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
@@ -5032,9 +5804,12 @@ def input_messages(items: Any, names: dict[str, str], place: str = "input") -> l
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "name": names.get(call_id, "tool"),
                              "content": input_content(item.get("output"), f"{where}.output")})
+        elif marks is not None and kind in ("compaction", "compaction_trigger"):
+            marks.append((len(messages), item, where))
         elif kind != "reasoning":  # never sent by us: a client's own reasoning is no use to Poe
-            raise HTTPException(400, f"{where}.type must be message, function_call or "
-                                     "function_call_output" +
+            memory = ", compaction, compaction_trigger" if marks is not None else ""
+            raise HTTPException(400, f"{where}.type must be message, function_call, "
+                                     f"function_call_output{memory}" +
                                 (f", not {kind!r}" if isinstance(kind, str) else ""))
     return messages
 
@@ -5087,7 +5862,9 @@ class ResponseSpec:
     instructions: list[str]  # what the bot is told: instructions, tool_choice, text.format
     json: bool
     params: dict
-    max_chars: int | None
+    max_tokens: int | None
+    truncation: str  # "auto": the oldest items left out to fit; "disabled": 400 instead
+    compact_threshold: int | None  # context_management's (INT64: none given); None: none asked
 
 
 def response_spec(data: dict) -> ResponseSpec:
@@ -5126,14 +5903,15 @@ def response_spec(data: dict) -> ResponseSpec:
             "tools": [{"type": "function", "name": t["name"],
                        **{k: t.get(k) for k in ("description", "parameters", "strict")}}
                       for t in data.get("tools") or [] if t.get("type") == "function"],
-            "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
+            "top_p": 1.0, "truncation": truncation_field(data), "usage": None, "user": None,
             "metadata": metadata_field(data) or {}}
     return ResponseSpec(
         base=base, model=model, conversation=conversation, previous=previous,
         stream=bool_field(data, "stream", False), store=base["store"], tools=tools,
         instructions=[base["instructions"], instruction, json_instruction(response_format)],
         json=response_format is not None and response_format.get("type") != "text",
-        params=params, max_chars=limit * 4 if limit else None)
+        params=params, max_tokens=limit, truncation=base["truncation"],
+        compact_threshold=compact_threshold(data))
 
 
 def call_id_of(call: dict, key: Any, n: int) -> str:
@@ -5142,7 +5920,7 @@ def call_id_of(call: dict, key: Any, n: int) -> str:
 
 
 def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
-                   ) -> tuple[dict, list[dict], dict[str, str]]:
+                   ) -> tuple[dict, StoredHistory]:
     """On a reader thread: where a turn goes, and its history (response_history). After the
     previous response (appended if that is the latest message, else in a copy of the history up
     to it), at a conversation's end, or in a new one; `up_to` is the history's last message."""
@@ -5152,27 +5930,39 @@ def response_start(db: sqlite3.Connection, previous: str | None, conversation_id
         conversation_id, up_to = row["conversation_id"], row["last_message_id"]
     elif conversation_id is not None:
         get_conversation(db, conversation_id)
-    history, names, last = response_history(db, conversation_id, up_to)
-    append = conversation_id is not None and not db.execute(
-        "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-        (conversation_id, up_to or last)).fetchone()
-    return ({"conversation_id": conversation_id, "up_to": up_to or last,
-             "fork": previous is not None, "append": append}, history, names)
+    newest = None if conversation_id is None else db.execute(
+        "SELECT id FROM messages WHERE conversation_id = ? AND kind IS NULL ORDER BY id DESC "
+        "LIMIT 1", (conversation_id,)).fetchone()
+    last = 0 if newest is None else newest[0]
+    # A summary /compact added after the latest message is no message to fork before.
+    append = conversation_id is not None and (up_to is None or up_to >= last)
+    history = response_history(db, conversation_id, None if append else up_to)
+    return ({"conversation_id": conversation_id, "up_to": last if up_to is None else up_to,
+             "fork": previous is not None, "append": append}, history)
+
+
+@dataclass
+class StoredHistory:
+    """What a Responses turn inherits (stored_context): the system prompt, the current summary,
+    the messages after it as openai_entries makes a request's (tool calls and results included,
+    each with its "ref": ("id", message id)), and each call's function name."""
+    system_prompt: str = ""
+    summary: dict | None = None
+    entries: list[dict] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 def response_history(db: sqlite3.Connection, conversation_id: str | None,
-                     up_to: int | None) -> tuple[list[dict], dict[str, str], int]:
-    """A conversation's messages (to `up_to`, if given) as openai_entries makes a request's,
-    tool calls and results included; each call's function name; the last message's id."""
+                     up_to: int | None) -> StoredHistory:
+    """A conversation's history (to `up_to`, if given) as a Responses turn sends it."""
     if conversation_id is None:
-        return [], {}, 0
-    rows = db.execute("SELECT id, role, content, attachments, tool_calls, tool_call_id "
-                      "FROM messages WHERE conversation_id = ? AND id <= ? ORDER BY id",
-                      (conversation_id, INT64 - 1 if up_to is None else up_to)).fetchall()
-    history, names = [], {}
-    for row in rows:
+        return StoredHistory()
+    context = stored_context(db, conversation_id, None if up_to is None else up_to + 1)
+    history = StoredHistory(context.system_prompt, context.summary)
+    names = history.names
+    for row in context.rows:
         entry = {"role": row["role"], "content": row["content"],
-                 "attachments": json.loads(row["attachments"]) if row["attachments"] else []}
+                 "attachments": row["attachments"] or [], "ref": ("id", row["id"])}
         if row["tool_calls"]:
             entry["tool_calls"] = [fp.ToolCallDefinition(
                 id=call_id_of(call, row["id"], n), type="function",
@@ -5182,8 +5972,8 @@ def response_history(db: sqlite3.Connection, conversation_id: str | None,
         if row["role"] == "tool":
             entry["tool_call_id"] = row["tool_call_id"] or ""
             entry["name"] = names.get(entry["tool_call_id"], "tool")
-        history.append(entry)
-    return history, names, rows[-1]["id"] if rows else 0
+        history.entries.append(entry)
+    return history
 
 
 def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) -> str:
@@ -5193,54 +5983,52 @@ def fork_conversation(db: sqlite3.Connection, conversation_id: str, up_to: int) 
     db.execute(f"INSERT INTO conversations (id, {columns}) SELECT ?, {columns} "
                "FROM conversations WHERE id = ?", (new_id, conversation_id))
     db.execute("INSERT INTO messages (conversation_id, role, content, status, attachments, "
-               "tool_calls, tool_call_id, created_at, updated_at) SELECT ?, role, content, "
-               "CASE status WHEN 'streaming' THEN 'interrupted' ELSE status END, attachments, "
-               "tool_calls, tool_call_id, created_at, updated_at FROM messages "
+               "tool_calls, tool_call_id, created_at, updated_at, kind, covers_first, "
+               "covers_last) SELECT ?, role, content, CASE status WHEN 'streaming' THEN "
+               "'interrupted' ELSE status END, attachments, tool_calls, tool_call_id, "
+               "created_at, updated_at, kind, covers_first, covers_last FROM messages "
                "WHERE conversation_id = ? AND id <= ? ORDER BY id",
                (new_id, conversation_id, up_to))
+    remap_covers(db, conversation_id, new_id, up_to)  # summaries cover the copies
     return new_id
 
 
 def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows: list[tuple],
-                         base: dict) -> tuple[str, list[int], int, str, dict]:
+                         base: dict, kept: KeptSummary | None = None, reply: bool = True
+                         ) -> tuple[str, list[int], int | None, str, dict]:
     """On the writer: the turn's conversation (decided again here, where nobody can add to it
-    meanwhile), its rows (insert_turn) and the response's; returns `base` in that conversation."""
-    conversation_id, up_to = target["conversation_id"], target["up_to"]
+    meanwhile), its rows, then the summary it keeps (if any: KeptSummary, whose compaction item
+    a made one puts in the output), then its reply (none for a compaction_trigger: the summary
+    ends the turn), and the response's row; returns `base` in that conversation. The ids
+    returned with the rows' include the summary's, which goes with them if the turn fails."""
+    conversation_id, up_to, copied = target["conversation_id"], target["up_to"], None
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
     elif not target["append"] or db.execute(
-            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? LIMIT 1",
-            (conversation_id, up_to)).fetchone():
+            "SELECT 1 FROM messages WHERE conversation_id = ? AND id > ? AND kind IS NULL "
+            "LIMIT 1", (conversation_id, up_to)).fetchone():
         if not target["fork"]:
             raise HTTPException(409, "the conversation changed while this turn was prepared; "
                                      "send it again")
-        conversation_id = fork_conversation(db, conversation_id, up_to)
-    ids, reply_id, updated_at = insert_turn(db, conversation_id, rows)
+        source, conversation_id = conversation_id, fork_conversation(db, conversation_id, up_to)
+        copied = copied_ids(db, source, conversation_id, up_to) if kept is not None else None
+    # A summary standing for nothing stored goes first, covering itself: later turns send it.
+    leading = [] if kept is None or kept.last is not None else \
+        [insert_summary(db, conversation_id, kept.content, None)]
+    ids, updated_at = insert_messages(db, conversation_id, rows)
+    ids = [*leading, *ids]
+    if kept is not None and (covers := kept.covers(ids[len(leading):], copied)) is not None:
+        summary_id = insert_summary(db, conversation_id, kept.content, covers)
+        if kept.seal is not None:
+            base = {**base, "output": [compaction_item(kept.seal, kept.content, conversation_id,
+                                                       summary_id)]}
+        ids = [*ids, summary_id]
+    last_id = insert_reply(db, conversation_id) if reply else ids[-1]
     base = {**base, "conversation": {"id": conversation_id}}
     db.execute("INSERT INTO responses (id, conversation_id, first_message_id, last_message_id, "
                "body) VALUES (?, ?, ?, ?, ?)",
-               (base["id"], conversation_id, ids[0] if ids else reply_id, reply_id, dumps(base)))
-    return conversation_id, ids, reply_id, updated_at, base
-
-
-async def response_query(app: Starlette, api_key: str, data: dict, spec: ResponseSpec,
-                         stored: list[dict], names: dict[str, str]
-                         ) -> tuple[PoeQuery, list[dict], int]:
-    """The query for Poe (the stored history, then this input), this input's entries to
-    store, and the input's tokens as usage counts them."""
-    items = data.get("input")
-    entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS,
-                             lambda: openai_entries(input_messages(items, names), "input"))
-    entries = await upload_entries(app, api_key, entries)
-    prompt = int(bool(stored) and stored[0]["role"] == "system")
-    history, _ = await off_loop(len(stored) + len(entries) >= LONG_ITEMS, fit_history,
-                                stored + entries, prompt, len(entries),
-                                app.state.settings.max_context_chars)
-    folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
-    entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
-    query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
-        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results})
-    return query, entries, tokens
+               (base["id"], conversation_id, ids[0] if ids else last_id, last_id, dumps(base)))
+    return conversation_id, ids, last_id if reply else None, updated_at, base
 
 
 def output_text(text: str) -> dict:
@@ -5259,34 +6047,42 @@ def output_items(text: str, calls: list[dict], key: Any, status: str) -> list[di
                     for n, call in enumerate(calls) if call["function"]["name"]]
 
 
+def response_usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
 def ended_response(base: dict, status: str, text: str, calls: list[dict], key: Any,
-                   input_tokens: int, error: str | None = None) -> dict:
+                   input_tokens: int, error: str | None = None, error_status: int = 502) -> dict:
     """The response object at its end: completed, incomplete (max_output_tokens), failed
-    (cut off part way) or cancelled (stopped). Usage is estimated as chat completions' is: the
-    text and the calls' arguments."""
+    (cut off part way: its error's code OpenAI's, rate_limit_exceeded for a 429, else
+    server_error) or cancelled (stopped); its output after base's (a compaction item the turn
+    made). Usage is estimated as chat completions' is: the text and the calls' arguments."""
     output = output_items(text, calls, key, "completed" if status == "completed" else "incomplete")
     output_tokens = estimate_tokens("".join(item["arguments"] if item["type"] == "function_call"
                                             else item["content"][0]["text"] for item in output))
-    usage = {"input_tokens": input_tokens,
-             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-             "total_tokens": input_tokens + output_tokens}
     return {**base, "status": status,
             "completed_at": int(time.time()) if status == "completed" else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
-            "error": {"code": "server_error", "message": error} if status == "failed" else None,
-            "output": output, "usage": usage}
+            "error": {"code": OPENAI_ERROR_CODES.get(error_status, "server_error"),
+                      "message": error} if status == "failed" else None,
+            "output": [*base["output"], *output], "usage": response_usage(input_tokens,
+                                                                          output_tokens)}
 
 
 class ResponseTurn:
     """A Responses turn, from its reply's start to its end: the response object it becomes
-    (`body`, made by end(), which the reply calls as it ends)."""
+    (`body`, made by end(), which the reply calls as it ends). Its output begins with base's
+    (`leading`: the compaction item of a turn that compacted), the reply's items after them."""
 
     def __init__(self, spec: ResponseSpec, base: dict, key: Any, input_tokens: int,
                  new_conversation: bool) -> None:
         self.spec, self.base, self.key = spec, base, key  # key: its items' ids, msg_<key>
         self.input_tokens, self.new_conversation = input_tokens, new_conversation
+        self.leading: list[dict] = base["output"]
         self.body: dict | None = None
 
     def end(self, reply: Reply) -> ResponseRecord:
@@ -5300,8 +6096,9 @@ class ResponseTurn:
                 text = json_reply(text)  # a fence taken off; the caller hears if it is not JSON
         status = "incomplete" if reply.cut else "completed" if reply.status == "complete" \
             else "failed" if reply.error is not None else "cancelled"
+        error_status, error = reply.error if reply.error is not None else (502, None)
         self.body = ended_response(self.base, status, text, calls, self.key, self.input_tokens,
-                                   reply.error[1] if reply.error else None)
+                                   error, error_status)
         return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
 
     def whole(self) -> JSONResponse:
@@ -5316,24 +6113,29 @@ async def create_response(request: Request) -> Response:
     data = await read_json(request)
     spec = response_spec(data)
     api_key = poe_key(request)
-    target, stored, names = await app.state.db.read(response_start, spec.previous,
-                                                    spec.conversation)
+    target, stored = await app.state.db.read(response_start, spec.previous, spec.conversation)
     claimed = target["conversation_id"] if spec.store and target["append"] else None
     if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
         # A turn is being added after the same response: this one forks (insert_response_turn).
         claimed, target = None, {**target, "append": False}
     with app.state.replies.claim(claimed):
-        query, entries, input_tokens = await response_query(app, api_key, data, spec, stored, names)
+        given = await response_input(app, api_key, data.get("input"), stored.names)
+        if given.trigger:
+            return await compaction_trigger(app, api_key, spec, target, stored, given)
+        query, input_tokens, kept = await response_query(app, api_key, spec, stored, given)
         if spec.store:
             conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(
-                insert_response_turn, target, spec.model, message_rows(entries), spec.base)
+                insert_response_turn, target, spec.model, message_rows(given.entries),
+                spec.base, kept)
             turn = ResponseTurn(spec, base, message_id, input_tokens,
                                 conversation_id != target["conversation_id"])
             reply = Reply(conversation_id, message_id, inserted_ids, updated_at=updated_at,
-                          max_chars=spec.max_chars, ending=turn.end)
+                          max_tokens=spec.max_tokens, ending=turn.end)
         else:
-            turn = ResponseTurn(spec, spec.base, uuid.uuid4().hex[:24], input_tokens, False)
-            reply = Reply(max_chars=spec.max_chars, ending=turn.end)
+            made = [compaction_item(kept.seal, kept.content)] if kept and kept.seal else []
+            turn = ResponseTurn(spec, {**spec.base, "output": made}, uuid.uuid4().hex[:24],
+                                input_tokens, False)
+            reply = Reply(max_tokens=spec.max_tokens, ending=turn.end)
         reply.start(app, spec.model, query, api_key, stream=spec.stream, tools=spec.tools,
                     receive=request.receive)
     return await reply.answer(spec.stream, turn.whole,
@@ -5341,18 +6143,15 @@ async def create_response(request: Request) -> Response:
 
 
 async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> AsyncIterator[bytes]:
-    """OpenAI's events: created, in_progress, the text as it comes; once the reply ends, the calls
-    and every done event (response_output_events), then the terminal event."""
-    text_at = {"item_id": f"msg_{turn.key}", "output_index": 0, "content_index": 0}
-    opened, sent, sequence = False, SentText(), iter(range(2**62))
-
-    def event(kind: str, **fields: Any) -> bytes:
-        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
-        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
-
+    """OpenAI's events: created, in_progress, the leading items (a compaction item), the text as
+    it comes; once the reply ends, the calls and every done event (response_output_events), then
+    the terminal event."""
+    text_at = {"item_id": f"msg_{turn.key}", "output_index": len(turn.leading),
+               "content_index": 0}
+    opened, sent, event = False, SentText(), response_event()
     try:
-        yield event("response.created", response=turn.base)
-        yield event("response.in_progress", response=turn.base)
+        for frame in leading_events(turn.base, event):
+            yield frame
         async for item in reply.listener.events(first):
             if item[0] not in ("text", "replace") or not item[1]:
                 continue
@@ -5361,9 +6160,10 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                     continue
                 if not opened:
                     opened = True
-                    yield event("response.output_item.added", output_index=0, item={
-                        "type": "message", "id": f"msg_{turn.key}", "status": "in_progress",
-                        "role": "assistant", "content": []})
+                    yield event("response.output_item.added",
+                                output_index=text_at["output_index"], item={
+                                    "type": "message", "id": text_at["item_id"],
+                                    "status": "in_progress", "role": "assistant", "content": []})
                     yield event("response.content_part.added", **text_at, part=output_text(""))
                 # Responses' deltas only append: a non-extending replacement goes whole, flagged.
                 yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
@@ -5376,10 +6176,33 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
         reply.drop_if_unstored()
 
 
+def response_event() -> Callable[..., bytes]:
+    """A response stream's event maker: event(type, **fields), numbered from 0."""
+    sequence = iter(range(2**62))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        data = dumps({"type": kind, "sequence_number": next(sequence), **fields})
+        return f"event: {kind}\ndata: ".encode() + data.encode() + b"\n\n"
+    return event
+
+
+def leading_events(base: dict, event: Callable) -> Iterator[bytes]:
+    """created and in_progress (their output empty, as OpenAI's), then an added and a done event
+    for each item the output begins with (a compaction item), in place."""
+    yield event("response.created", response={**base, "output": []})
+    yield event("response.in_progress", response={**base, "output": []})
+    for index, item in enumerate(base["output"]):
+        yield event("response.output_item.added", output_index=index, item=item)
+        yield event("response.output_item.done", output_index=index, item=item)
+
+
 def response_output_events(body: dict, event: Callable, text_at: dict,
                            opened: bool) -> Iterator[bytes]:
-    """The done events of a response's output items, once it has ended."""
+    """The done events of a response's output items, once it has ended (its leading compaction
+    item was sent at the start)."""
     for index, output in enumerate(body["output"]):
+        if output["type"] == "compaction":
+            continue
         if output["type"] == "message":
             if not opened:
                 yield event("response.output_item.added", output_index=index,
@@ -5422,7 +6245,8 @@ async def read_response(request: Request) -> JSONResponse:
         # Ended, its end not stored yet (the database refuses writes): as it will be stored.
         body = await off_loop(len(end.response.body) >= LONG_BYTES, json.loads, end.response.body)
     elif live is not None:  # what has arrived so far
-        body = {**body, "output": output_items(live.text, live.tool_calls, key, "in_progress")}
+        body = {**body, "output": [*body["output"], *output_items(live.text, live.tool_calls,
+                                                                  key, "in_progress")]}
     elif message is not None:
         # In progress when the server stopped (kill -9, power loss): what was saved, failed.
         calls = json.loads(message["tool_calls"]) if message["tool_calls"] else []
@@ -5445,22 +6269,440 @@ async def delete_response(request: Request) -> JSONResponse:
 def input_items_page(db: sqlite3.Connection, response_id: str, page: dict) -> dict:
     row, _ = stored_response(db, response_id)
     return items_page(db, row["conversation_id"], row["first_message_id"],
-                      row["last_message_id"] - 1, page)
+                      row["last_message_id"] - 1, page, summaries=False)
 
 
 async def list_input_items(request: Request) -> JSONResponse:
-    """The response's own input (not what it inherited from earlier turns)."""
+    """The response's own input (not what it inherited from earlier turns, nor a summary it
+    kept: a compaction item is never input)."""
     return await read_answer(request, input_items_page, request.path_params["response_id"],
                              list_query(request))
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses memory: what the Responses API asks of the Memory section. truncation ("auto" leaves
+# out the oldest whole items, "disabled" answers 400 context_length_exceeded), context_management
+# (the Memory section's compaction, its summary returned as a compaction item), compaction items
+# sent back as input (CompactionSeal: the summary itself, sealed with a key kept in the
+# database), compaction_trigger items, and /v1/responses/compact.
+
+COMPACTION_REFUSED = "the compaction item's encrypted_content is not one this server made"
+SEAL_KEY = "compaction_seal"  # its name in server_secrets
+
+
+def server_secret(db: sqlite3.Connection, name: str) -> bytes:
+    """On the writer: the server's secret `name`, made (32 random bytes) the first time."""
+    db.execute("INSERT OR IGNORE INTO server_secrets (name, value) VALUES (?, ?)",
+               (name, secrets.token_bytes(32)))
+    return bytes(db.execute("SELECT value FROM server_secrets WHERE name = ?",
+                            (name,)).fetchone()[0])
+
+
+def base64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class CompactionSeal:
+    """app.state.seal: a compaction item's encrypted_content, opaque to clients, is
+    base64url(JSON {"v": 1, "summary", "conversation"?, "summary_id"?}) "." base64url(its
+    HMAC-SHA256 under a key made once and kept in server_secrets, read once): it carries the
+    summary itself, so a stateless client's item needs nothing stored, and cannot be altered."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.key = db, None
+
+    async def ready(self) -> CompactionSeal:
+        if self.key is None:
+            self.key = await self.db.write(server_secret, SEAL_KEY)
+        return self
+
+    def mac(self, body: str) -> str:
+        return base64url(hmac.new(self.key, body.encode(), "sha256").digest())
+
+    def seal(self, summary: str, conversation_id: str | None = None,
+             summary_id: int | None = None) -> str:
+        stored = {} if summary_id is None else {"conversation": conversation_id,
+                                                "summary_id": summary_id}
+        body = base64url(dumps({"v": 1, "summary": summary, **stored}).encode())
+        return f"{body}.{self.mac(body)}"
+
+    def open(self, token: str) -> str:
+        """The summary a token carries; 400 for one this server did not seal as it is."""
+        body, _, mac = token.partition(".")
+        try:
+            if not hmac.compare_digest(mac.encode(), self.mac(body).encode()):
+                raise ValueError
+            payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            if payload.get("v") != 1 or not isinstance(payload.get("summary"), str):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise HTTPException(400, COMPACTION_REFUSED) from None
+        return payload["summary"]
+
+
+def compaction_item(seal: CompactionSeal, summary: str, conversation_id: str | None = None,
+                    summary_id: int | None = None) -> dict:
+    """A summary as OpenAI's compaction item: cmp_<summary message id> when stored."""
+    key = uuid.uuid4().hex if summary_id is None else summary_id
+    return {"type": "compaction", "id": f"cmp_{key}",
+            "encrypted_content": seal.seal(summary, conversation_id, summary_id)}
+
+
+def truncation_field(data: dict) -> str:
+    value = data.get("truncation")
+    if value not in (None, "auto", "disabled"):
+        raise HTTPException(400, "truncation must be auto or disabled")
+    return value or "disabled"
+
+
+def compact_threshold(data: dict) -> int | None:
+    """context_management's compaction threshold (the smallest, if several); INT64 for an entry
+    without one (compaction then only when the turn is over the window); None: not asked."""
+    thresholds = []
+    for where, entry in objects_at(data.get("context_management"), "context_management"):
+        if entry.get("type") != "compaction":
+            raise HTTPException(400, f"{where}.type must be compaction")
+        value = int_field({f"{where}.compact_threshold": entry.get("compact_threshold")},
+                          f"{where}.compact_threshold", minimum=1)
+        thresholds.append(INT64 if value is None else value)
+    return min(thresholds) if thresholds else None
+
+
+@dataclass
+class ResponseInput:
+    """A turn's input (response_input): its entries (openai_entries, attachments uploaded), each
+    with its "ref" ("input", n); how many of them come before its last compaction item
+    (`before`), whose summary stands for them and for the stored history (`summary`); and
+    whether it holds a compaction_trigger."""
+    entries: list[dict] = field(default_factory=list)
+    before: int = 0
+    summary: str | None = None
+    trigger: bool = False
+
+
+async def response_input(app: Starlette, api_key: str, items: Any,
+                         names: dict[str, str]) -> ResponseInput:
+    """The input as a turn uses it; a compaction item's summary taken from its token (400 for
+    one this server did not make)."""
+    marks: list[tuple[int, dict, str]] = []
+    entries = await off_loop(isinstance(items, list) and len(items) >= LONG_ITEMS, lambda: (
+        openai_entries(input_messages(items, names, "input", marks), "input")))
+    given = ResponseInput(trigger=any(m[1].get("type") == "compaction_trigger" for m in marks))
+    if compactions := [m for m in marks if m[1].get("type") == "compaction"]:
+        given.before, item, where = compactions[-1]
+        token = string_at(item.get("encrypted_content"), f"{where}.encrypted_content")
+        seal = await app.state.seal.ready()
+        given.summary = await off_loop(len(token) >= LONG_BYTES, seal.open, token)
+    entries = await upload_entries(app, api_key, entries)
+    given.entries = [{**entry, "ref": ("input", n)} for n, entry in enumerate(entries)]
+    return given
+
+
+def total_cost(costs: Iterable[Cost]) -> Cost:
+    tokens = chars = 0
+    for cost in costs:
+        tokens, chars = tokens + cost[0], chars + cost[1]
+    return tokens, chars
+
+
+def entry_cost(entry: dict) -> Cost:
+    """What an entry costs a Responses turn, at most: its text, each tool call as JSON, a tool
+    result's header (poe_query counts the last round as JSON, fold_tool_rounds others as text)."""
+    extra = [definitions_json(entry.get("tool_calls") or [])] if entry.get("tool_calls") else []
+    if entry["role"] == "tool":
+        extra.append(f"[tool result {entry['tool_call_id']} ({entry['name']})]\n\n")
+    return total_cost(map(cost_of, [entry["content"] or "", *extra]))
+
+
+def turn_rows(stored: StoredHistory, given: ResponseInput
+              ) -> tuple[list[dict], dict | None, tuple | None, tuple | None]:
+    """What a turn may send, in order: the stored history's entries, then the input's; of those
+    before the input's compaction item, only system (and developer) messages: its summary stands
+    for the rest. Returns them, the summary in effect ({"content", ...}), the ref a summary the
+    turn keeps covers from (the stored summary's first, else the first row's), and the last ref
+    the item's summary stands for (the stored summary's last when no message is before it; None:
+    no item, or nothing stored before it: insert_response_turn stores it first, covering itself)."""
+    everything = stored.entries + given.entries
+    first = ("id", stored.summary["covers_first"]) if stored.summary is not None else \
+        everything[0]["ref"] if everything else None
+    if given.summary is None:
+        return everything, stored.summary, first, None
+    before = len(stored.entries) + given.before
+    rows = [entry for entry in everything[:before] if entry["role"] == "system"]
+    last = everything[before - 1]["ref"] if before else None if stored.summary is None else \
+        ("id", stored.summary["covers_last"])  # it stands for the stored summary's range
+    return rows + everything[before:], {"content": given.summary}, first, last
+
+
+@dataclass
+class ResponsePlan:
+    """A Responses turn before its call (plan_response): the rows it may send (turn_rows) and
+    their costs; rows[fixed:] are the newest input, from its last user message (never left out
+    nor summarised); the summary in effect; what is always sent besides (system prompt,
+    instructions, tools); and rows[:cut] to summarise first (context_management; 0: none).
+    `first` and `last`: what a summary the turn keeps covers (KeptSummary)."""
+    spec: ResponseSpec
+    budget: Budget
+    system_prompt: str
+    rows: list[dict]
+    costs: list[Cost]
+    fixed: int
+    summary: dict | None
+    always: Cost
+    cut: int
+    first: tuple | None
+    last: tuple | None
+
+
+def too_long(budget: Budget, cost: Cost, what: str) -> OpenAIRefusal:
+    return OpenAIRefusal(
+        f"{what} come to about {cost[0]} tokens ({cost[1]} characters): more than "
+        f"{budget.model}'s context window allows (of its {budget.window} tokens {budget.tokens} "
+        f"may be sent, the rest is kept for the reply; MAX_CONTEXT_CHARS is {budget.chars}). "
+        "Send less, or set truncation to auto or context_management to fit it",
+        "context_length_exceeded", "input")
+
+
+def plan_response(spec: ResponseSpec, stored: StoredHistory, given: ResponseInput,
+                  budget: Budget) -> ResponsePlan:
+    """What the turn's context comes to, and what fits: 400 context_length_exceeded when the
+    always-sent parts and the newest input alone do not fit (whatever truncation says), or
+    when all of it does not, with truncation disabled and no context_management; a compaction
+    planned when it passes compact_threshold (or the window), to under half of that."""
+    rows, summary, first, last = turn_rows(stored, given)
+    costs = [entry_cost(row) for row in rows]
+    users = [i for i, row in enumerate(rows) if row["role"] == "user"]
+    fixed = users[-1] if users else next(
+        (i for i, row in enumerate(rows) if row["ref"][0] == "input"), len(rows))
+    system = "\n\n".join(filter(None, [stored.system_prompt, *spec.instructions]))
+    always = total_cost([cost_of(system), cost_of(definitions_json(spec.tools or []))])
+    alone = total_cost([always, *costs[fixed:]])
+    if not budget.fits(alone):
+        raise too_long(budget, alone, "the instructions, tools and the newest input alone")
+    summary_cost = cost_of(summary_system("", (summary or {}).get("content")))
+    whole = total_cost([alone, summary_cost, *costs[:fixed]])
+    cut, threshold = 0, spec.compact_threshold
+    if threshold is not None and (whole[0] > threshold or not budget.fits(whole)):
+        cut = plan_cut(costs, turn_starts(rows, fixed), fixed, total_cost([alone, summary_cost]),
+                       dataclasses.replace(budget, tokens=min(threshold, budget.tokens)))
+    elif threshold is None and spec.truncation == "disabled" and not budget.fits(whole):
+        raise too_long(budget, whole, "the history and the new input")
+    return ResponsePlan(spec, budget, stored.system_prompt, rows, costs, fixed, summary, always,
+                        cut, first, last)
+
+
+def leave_out_oldest(budget: Budget, rows: list[dict], costs: list[Cost], fixed: int,
+                     cost: Cost) -> tuple[list[dict], Cost]:
+    """truncation auto: rows less their oldest whole items till `cost` fits the budget: never a
+    system message nor rows[fixed:], a function call never without its outputs (nor these
+    without it). Returns the rows kept, and their cost."""
+    gone: set[int] = set()
+    start = 0
+    while start < fixed and not budget.fits(cost):
+        end = start + 1
+        if rows[start].get("tool_calls"):
+            while end < len(rows) and rows[end]["role"] == "tool":
+                end += 1
+        if end > fixed:  # its outputs are the newest input's
+            break
+        if rows[start]["role"] != "system":
+            gone.update(range(start, end))
+            cost = tuple(a - b for a, b in zip(cost, total_cost(costs[start:end])))
+        start = end
+    return [row for i, row in enumerate(rows) if i not in gone], cost
+
+
+def fit_response(plan: ResponsePlan, made: str | None, failure: PoeFailure | None
+                 ) -> tuple[list[dict], str | None]:
+    """The rows sent and the summary: after the summary `made` of rows[:cut], if any; then,
+    while over the budget, the oldest items left out (truncation auto), then the summary cut to
+    the room left. Still over: the summary call's failure, if it failed, else 400."""
+    start = plan.cut if made is not None else 0
+    summary = made if made is not None else (plan.summary or {}).get("content")
+    rows, costs, fixed = plan.rows[start:], plan.costs[start:], plan.fixed - start
+    rest = total_cost([plan.always, *costs])
+    if plan.spec.truncation == "auto" and not plan.budget.fits(
+            total_cost([rest, cost_of(summary_system("", summary))])):
+        rows, rest = leave_out_oldest(plan.budget, rows, costs, fixed, rest)
+    if summary and not plan.budget.fits(total_cost([rest, cost_of(summary_system("", summary))])):
+        header = cost_of(summary_system("", " "))
+        summary = prefix_within(summary, plan.budget.tokens - rest[0] - header[0],
+                                plan.budget.chars - rest[1] - header[1])
+    cost = total_cost([rest, cost_of(summary_system("", summary))])
+    if not plan.budget.fits(cost):
+        if failure is not None:
+            raise poe_http_error(failure.status, failure.detail, failure.headers)
+        raise too_long(plan.budget, cost, "the history and the new input")
+    return rows, summary
+
+
+@dataclass
+class KeptSummary:
+    """A summary a stored Responses turn keeps (insert_response_turn): its text, and what it
+    covers, from `first` to `last`, each a row's "ref" (("id", message id), or ("input", n): the
+    turn's n-th input row, its id known once stored). `seal` when the turn made it (context
+    management, compaction_trigger): its compaction item then leads the output."""
+    content: str
+    first: tuple | None
+    last: tuple | None
+    seal: CompactionSeal | None = None
+
+    def covers(self, ids: list[int], copied: tuple[list[int], list[int]] | None
+               ) -> list[int] | None:
+        """[first id, last id] once the turn's rows have `ids` (and its history, forked, the
+        copies `copied`: copied_ids); None when it stands for nothing stored."""
+        if self.first is None or self.last is None:
+            return None
+
+        def resolve(ref: tuple) -> int:
+            kind, key = ref
+            if kind == "input":
+                return ids[key]
+            return key if copied is None else copied[1][bisect.bisect_left(copied[0], key)]
+        return [resolve(self.first), resolve(self.last)]
+
+
+async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
+                         stored: StoredHistory, given: ResponseInput
+                         ) -> tuple[PoeQuery, int, KeptSummary | None]:
+    """The turn's query (plan_response, a summary made if planned, fit_response), the tokens of
+    all it sends (usage's input_tokens), and the summary a stored turn keeps: the one made, else
+    the input compaction item's. The stored history's entries are let go of (let_go)."""
+    budget = await model_budget(app, spec.model, spec.max_tokens)
+    long = len(stored.entries) + len(given.entries) >= LONG_ITEMS
+    plan = await off_loop(long, plan_response, spec, stored, given, budget)
+    made, failure, kept = None, None, None
+    if plan.cut:
+        model = summariser(app, spec.model)
+        try:
+            made, _, seen = await summary_of(app, api_key, model, plan.summary,
+                                             plan.rows[:plan.cut], budget)
+            plan = dataclasses.replace(plan, cut=seen)  # what the summariser read, no more
+            kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
+                               await app.state.seal.ready())
+        except PoeFailure as exc:
+            failure = exc
+            log.warning("compacting a Responses history with %s failed (%s: %s)", model,
+                        exc.status, exc.detail)
+    if kept is None and given.summary is not None:
+        kept = KeptSummary(given.summary, plan.first, plan.last)
+    rows, summary = await off_loop(long, fit_response, plan, made, failure)
+    system = summary_system(plan.system_prompt, summary)
+    history = ([{"role": "system", "content": system, "attachments": []}] if system else []) + rows
+    folded, tool_calls, tool_results = split_tool_round(history, spec.tools is not None)
+    entries_for_poe = await poe_history(app, api_key, folded, spec.instructions)
+    query, tokens = await asyncio.to_thread(poe_query, entries_for_poe, {
+        **spec.params, "tool_calls": tool_calls, "tool_results": tool_results}, spec.tools)
+    await let_go(stored.entries, plan.rows, plan.costs, rows, history, folded, entries_for_poe)
+    return query, tokens, kept
+
+
+async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHistory,
+                      given: ResponseInput) -> tuple[str, list[dict], int, tuple | None]:
+    """One summary of everything a turn would send (turn_rows), by COMPACT_MODEL or `model`:
+    the summary, the rows it covers, the tokens its call was sent, and the ref its range starts
+    at. 400 when there is nothing but system messages; Poe's status when the call fails."""
+    rows, summary, first, _ = turn_rows(stored, given)
+    if all(row["role"] == "system" or not (row["content"] or row["attachments"] or
+                                           row.get("tool_calls")) for row in rows):
+        raise HTTPException(400, "nothing to compact: there is no message (but system and "
+                                 "empty ones) that a summary does not stand for already")
+    try:
+        made, tokens, seen = await summary_of(app, api_key, summariser(app, model), summary,
+                                              rows, await model_budget(app, model),
+                                              COMPACT_PASSES)
+    except PoeFailure as exc:
+        raise poe_http_error(exc.status, exc.detail, exc.headers) from None
+    return made, rows[:seen], tokens, first
+
+
+async def compaction_trigger(app: Starlette, api_key: str, spec: ResponseSpec, target: dict,
+                             stored: StoredHistory, given: ResponseInput) -> Response:
+    """A turn whose input holds a compaction_trigger (Codex's remote compaction): one summary
+    call and no turn call; stored, the input and the summary are kept in its conversation (the
+    chain continues compacted). The response's output is exactly one compaction item."""
+    summary, rows, tokens, first = await compact_all(app, api_key, spec.model, stored, given)
+    seal = await app.state.seal.ready()
+    body = {**spec.base, "status": "completed", "completed_at": int(time.time()),
+            "usage": response_usage(tokens, estimate_tokens(summary)),
+            "output": [compaction_item(seal, summary)]}
+    if spec.store:
+        kept = KeptSummary(summary, first, rows[-1]["ref"], seal)
+        *_, body = await app.state.db.write(insert_response_turn, target, spec.model,
+                                            message_rows(given.entries), body, kept, False)
+    if not spec.stream:
+        return JSONResponse(body)
+
+    async def events() -> AsyncIterator[bytes]:
+        event = response_event()
+        for frame in leading_events({**body, "status": "in_progress", "completed_at": None,
+                                     "usage": None}, event):
+            yield frame
+        yield event("response.completed", response=body)
+    return EventStream(events())
+
+
+def user_item(entry: dict) -> dict:
+    """A user message of what /v1/responses/compact compacted, as an item (msg_<id> stored)."""
+    kind, key = entry["ref"]
+    return plain_items({"id": key if kind == "id" else uuid.uuid4().hex[:24],
+                        "status": "complete", "role": "user", "content": entry["content"],
+                        "attachments": json.dumps(entry["attachments"]) if entry["attachments"]
+                        else None, "tool_calls": None, "tool_call_id": None})[0]
+
+
+async def compact_responses(request: Request) -> JSONResponse:
+    """POST /v1/responses/compact: everything (the chain of previous_response_id, then the
+    input) summarised by one call -> the user messages, then one compaction item. With
+    previous_response_id, the summary is also stored, covering the stored messages, when that
+    response is its conversation's latest turn."""
+    app = request.app
+    data = await read_json(request)
+    model = model_field(data)
+    if not isinstance(model, str):
+        raise HTTPException(400, "model is required: the name of a Poe bot")
+    previous = text_field(data, "previous_response_id", empty_ok=False)
+    previous = previous if isinstance(previous, str) else None
+    text_field(data, "instructions")  # checked; a turn's instructions are not summarised
+    if previous is None and data.get("input") is None:
+        raise HTTPException(400, "input or previous_response_id is required")
+    api_key = poe_key(request)
+    target, stored = await app.state.db.read(response_start, previous, None)
+    given = ResponseInput() if data.get("input") is None else \
+        await response_input(app, api_key, data["input"], stored.names)
+    claimed = target["conversation_id"] if previous is not None and target["append"] else None
+    with app.state.replies.claim(claimed):
+        summary, covered, tokens, first = await compact_all(app, api_key, model, stored, given)
+        seal, summary_id = await app.state.seal.ready(), None
+        last = covered[-1]["ref"]  # the stored part it read: all of it when it reached input
+        if last[0] == "input":
+            last = stored.entries[-1]["ref"] if stored.entries else None
+        covers = KeptSummary(summary, first, last).covers([], None)
+        if claimed is not None and covers is not None:
+            summary_id = await app.state.db.write(store_summary, claimed, summary, covers,
+                                                  None)
+    users = [user_item(entry) for entry in stored.entries + given.entries
+             if entry["role"] == "user"]
+    return JSONResponse({
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response.compaction",
+        "created_at": int(time.time()),
+        "output": [*users, compaction_item(seal, summary, claimed, summary_id)],
+        "usage": response_usage(tokens, estimate_tokens(summary))})
 
 
 # ---------------------------------------------------------------------------------------------
 # OpenAI Conversations: OpenAI's view of the conversations of /v1/chat/conversations, their
 # messages as items (also the input items of a stored response)
 
-def message_items(row: dict) -> list[dict]:
-    """A stored message as OpenAI's items: a tool message is a function_call_output, an
-    assistant's tool calls are function_call items after its message (if it has text)."""
+def message_items(row: dict, covers: SummaryCovers | None = None) -> list[dict]:
+    """A stored message as OpenAI's items, each with its memory_fields: a tool message is a
+    function_call_output, an assistant's tool calls are function_call items after its message
+    (if it has text)."""
+    memory = memory_fields(row, covers)
+    return [item | memory for item in plain_items(row)] if memory else plain_items(row)
+
+
+def plain_items(row: dict) -> list[dict]:
     key, status = row["id"], ITEM_STATUS[row["status"]]
     if row["role"] == "tool":
         return [{"type": "function_call_output", "id": f"msg_{key}",
@@ -5494,17 +6736,20 @@ def list_query(request: Request) -> dict:
 
 
 def items_page(db: sqlite3.Connection, conversation_id: str, low: int, high: int,
-               page: dict) -> dict:
-    """A page of the items of messages low..high, on a reader thread. A message is at least one
-    item, so limit + 2 messages (the cursor's, limit, one more) are enough to say has_more."""
+               page: dict, summaries: bool = True) -> dict:
+    """A page of the items of messages low..high (summaries left out unless `summaries`), on a
+    reader thread. A message is at least one item, so limit + 2 messages (the cursor's, limit,
+    one more) are enough to say has_more."""
     desc, after = page["order"] == "desc", page["after"]
     if after is not None:
         low, high = (low, min(high, after[0])) if desc else (max(low, after[0]), high)
     rows = fetch_all(db, MESSAGE_SQL + " WHERE conversation_id = ? AND id BETWEEN ? AND ? "
+                     f"{'' if summaries else 'AND kind IS NULL '}"
                      f"ORDER BY id {'DESC' if desc else 'ASC'} LIMIT ?",
                      (conversation_id, low, high, page["limit"] + 2))
-    items = [item for row in rows for item in
-             (reversed(message_items(row)) if desc else message_items(row))]
+    covers = conversation_covers(db, conversation_id)
+    items = [item for row in rows for item in (reversed(message_items(row, covers)) if desc
+                                               else message_items(row, covers))]
     if after is not None:
         items = [item for item in items if (item_key(item["id"]) < after) == desc
                  and item_key(item["id"]) != after]
@@ -5599,7 +6844,8 @@ def find_item(db: sqlite3.Connection, conversation_id: str, item_id: str) -> dic
     match = ITEM_ID.fullmatch(item_id)
     row = match and fetch_one(db, MESSAGE_SQL + " WHERE id = ? AND conversation_id = ?",
                               (int(match[2]), conversation_id))
-    item = next((i for i in message_items(row) if i["id"] == item_id), None) if row else None
+    item = next((i for i in message_items(row, conversation_covers(db, conversation_id))
+                 if i["id"] == item_id), None) if row else None
     if item is None:
         raise HTTPException(404, f"Item not found: {item_id}")
     return {"row": row, "item": item}
@@ -5626,7 +6872,8 @@ async def delete_conversation_item(request: Request) -> JSONResponse:
                        (json.dumps(calls) if calls else None, row["id"]))
         else:
             db.execute("DELETE FROM messages WHERE id = ?", (row["id"],))
-        forget_responses(db, [(conversation_id, row["id"])])  # its body holds the call too
+        # A summary or a response may hold the call too.
+        forget_message(db, [(conversation_id, row["id"], row["kind"])])
         touch_conversation(db, conversation_id)
         return conversation_object(db, conversation_id)
     return await write_answer(request, delete)
@@ -5801,8 +7048,16 @@ def markdown_head(conversation: dict, count: int) -> str:
 def message_markdown(number: int, message: dict) -> str:
     """One message under its heading, with its attachments and tool calls."""
     status = "" if message["status"] == "complete" else f" ({message['status']})"
-    heading = f"## {number}. {message['role'].capitalize()} · {message['created_at']}{status}"
+    role = "Summary" if message.get("kind") == "summary" else message["role"].capitalize()
+    heading = f"## {number}. {role} · {message['created_at']}{status}"
     lines = ["", "---", "", heading, ""]
+    if message.get("kind") == "summary":
+        first, last = message["covers"]
+        lines += [f"*Message {message['id']}: the summary of messages {first} to {last}, which "
+                  "stay stored and in this export; later turns send it instead of them.*", ""]
+    if message.get("summarized_by") is not None:
+        lines += [f"*Message {message['id']}, summarized by message "
+                  f"{message['summarized_by']}*", ""]
     if message.get("tool_call_id"):
         lines += [f"*Result of tool call `{message['tool_call_id']}`*", ""]
     lines.append(message["content"])
@@ -5841,10 +7096,11 @@ def export_page(db: sqlite3.Connection, conversation_id: str, fmt: str, after_id
     about EXPORT_PAGE_CHARS, encoded; the last id read (None: the export is complete), and how
     many are sent with them."""
     messages, chars = [], 0
+    covers = conversation_covers(db, conversation_id)
     for row in db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id > ? AND id <= ? "
                           "ORDER BY id LIMIT ?", (conversation_id, after_id, last_id,
                                                   EXPORT_PAGE_ROWS)):
-        messages.append(message_json(row))
+        messages.append(message_json(row, covers))
         chars += len(row["content"])
         if chars >= EXPORT_PAGE_CHARS:
             break
@@ -5966,7 +7222,7 @@ async def health(request: Request) -> JSONResponse:
     except (HTTPException, TimeoutError):
         return JSONResponse({"status": "error", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok",
-                         "replies_in_progress": len(state.replies.by_session),
+                         "replies_in_progress": state.replies.sending(),
                          "unsaved_replies": len(state.replies.unsaved),
                          "longest_loop_stall_ms": round(state.loop_watch.longest_stall * 1000, 1),
                          "poe_budget": state.poe_budget.figures()})
@@ -5989,18 +7245,19 @@ async def login(request: Request) -> JSONResponse:
     return JSONResponse({"name": user, "user": user})
 
 
-def error_response(scope: dict, status: int, detail: str,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(scope: dict, status: int, detail: str, headers: dict | None = None,
+                   fields: dict | None = None) -> JSONResponse:
     """OpenAI's routes answer errors in OpenAI's shape, and so does any /v1/ path not ours."""
     path = scope.get("path", "")
     openai = path.startswith(OPENAI_PREFIXES) or path.startswith("/v1/") and (
         "endpoint" not in scope and all(route.matches(scope)[0] == Match.NONE for route in routes))
-    body = openai_error(status, detail) if openai else {"detail": detail}
+    body = openai_error(status, detail, fields) if openai else {"detail": detail}
     return JSONResponse(body, status, headers=headers)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(request.scope, exc.status_code, exc.detail, exc.headers)
+    return error_response(request.scope, exc.status_code, exc.detail, exc.headers,
+                          getattr(exc, "fields", None))
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -6085,6 +7342,8 @@ ENDPOINTS = {
     "/v1/chat/conversations/{conversation_id}/regenerate": {"POST": regenerate},
     "/v1/chat/stop-stream": {"POST": stop_stream},
     "/v1/chat/messages/delete": {"POST": delete_messages},
+    # Memory
+    "/v1/chat/conversations/{conversation_id}/compact": {"POST": compact_conversation},
     # Projects
     "/v1/projects": {"GET": list_projects, "POST": create_project},
     "/v1/projects/{project_id:id}": {"GET": row_endpoint(get_project), "PUT": update_project,
@@ -6130,6 +7389,7 @@ ENDPOINTS = {
     "/v1/models/{model_id:path}": {"GET": read_model},
     # OpenAI Responses
     "/v1/responses": {"POST": create_response},
+    "/v1/responses/compact": {"POST": compact_responses},
     "/v1/responses/{response_id}": {"GET": read_response, "DELETE": delete_response},
     "/v1/responses/{response_id}/input_items": {"GET": list_input_items},
     # OpenAI Conversations
@@ -6168,6 +7428,7 @@ def lifespan_of(settings: Settings) -> Callable:
         state.settings = settings
         state.db = Database(settings.db_path, settings.db_timeout)
         state.replies = Replies(state.db)
+        state.seal = CompactionSeal(state.db)
         state.poe_budget = PoeBudget(settings.poe_rate_limit, settings.poe_rate_window,
                                      settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
@@ -6392,6 +7653,7 @@ def backup(db_path: str, target: str) -> int:
 # --help's defaults for the settings whose dataclass default (empty) stands for a rule.
 DEFAULT_WORDS = {"poe_api_key": "unset: each caller sends its own Poe key",
                  "access_keys": "unset: no check", "continue_prompts": "continue, 继续, go on, ...",
+                 "compact_model": "unset: the turn's own model",
                  "cors_origins": "pages of this machine (localhost, 127.0.0.1, [::1], any port)",
                  "allowed_hosts": "this machine's names when HOST is one of them, else any",
                  "write_roots": "unset: projects' ai_work_dirs only",
