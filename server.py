@@ -2927,15 +2927,20 @@ def fit_history(history: list[dict], keep: int, new: int, budget: Budget
 
 
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
-              before_id: int | None, budget: Budget) -> TurnPlan:
+              before_id: int | None, budget: Budget, summary_reach: int) -> TurnPlan:
     """On a reader thread: the turn's plan (plan_turn) over the history before `before_id`, then
     `new_message` (this very dict: its attachments are filled in once uploaded). A
-    regeneration, with no new message, keeps the last turn whole instead."""
-    context = stored_context(db, conversation_id, before_id, by_covers=True)
+    regeneration, with no new message, keeps the last turn whole instead. A long history is
+    read from both ends (context_rows: `summary_reach`, what its summariser reads at most)."""
+    context = stored_context(db, conversation_id, before_id, by_covers=True,
+                             reach=(summary_reach, reach_chars(budget)))
     system = system_parts(db, context.system_prompt, turn.system_prompt_append, turn.documents)
     rows = context.rows + ([new_message] if new_message is not None else [])
     fixed = len(context.rows) if new_message is not None else turn_starts(rows, len(rows))[-1]
-    return plan_turn(system, context.summary, rows, fixed, budget)
+    plan = plan_turn(system, context.summary, rows, fixed, budget)
+    if context.head is not None:  # what was not read is summarised from the oldest on
+        plan.cut, plan.skipped = context.head, context.skipped
+    return plan
 
 
 def poe_entries(rows: list[dict], fixed: int) -> tuple[list[dict], int]:
@@ -3024,7 +3029,7 @@ async def post_message(request: Request) -> Response:
     with app.state.replies.claim(conversation_id):
         new_message = {"role": turn.role, "content": turn.content, "attachments": []}
         plan = await db.read(load_turn, conversation_id, turn, new_message, None,
-                             await model_budget(app, model))
+                             *await turn_budgets(app, model))
         new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
         query, answered, summary = await fit_turn(app, api_key, plan)
         summary_id, inserted_ids, message_id, updated_at = await db.write(
@@ -3192,7 +3197,7 @@ async def regenerate(request: Request) -> Response:
         replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
         plan = await db.read(load_turn, conversation_id, turn, None, replaced,
-                             await model_budget(app, model))
+                             *await turn_budgets(app, model))
         query, answered, summary = await fit_turn(app, api_key, plan)
         summary_id, _, message_id, updated_at = await db.write(
             insert_compacted_turn, conversation_id, [], summary)
@@ -3301,6 +3306,10 @@ COMPACT_KEEP_LAST = 4
 COMPACT_PASSES = 8
 CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
                "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
+# The messages between two ids that a conversation turn would send (not tool results, not empty).
+SENDABLE_COUNT_SQL = ("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND id > ? AND "
+                      "id < ? AND kind IS NULL AND role != 'tool' AND (content != '' OR "
+                      "attachments IS NOT NULL)")
 # A message a summariser read was deleted during its call: the summary is not stored.
 CHANGED_WHILE_SUMMARISED = "the conversation changed while it was being summarised: try again"
 # A summary (one made by hand without its range is none).
@@ -3316,14 +3325,20 @@ class StoredContext:
     system_prompt: str
     summary: dict | None
     rows: list[dict]
+    # Read from both ends (stored_context's `reach`): rows[:head] are the oldest, then `skipped`
+    # messages that would be sent were not read; head None: every row was read.
+    head: int | None = None
+    skipped: int = 0
 
 
 def stored_context(db: sqlite3.Connection, conversation_id: str, before_id: int | None = None,
-                   by_covers: bool = False) -> StoredContext:
+                   by_covers: bool = False, reach: tuple[int, int] | None = None
+                   ) -> StoredContext:
     """On a reader thread, the rows before `before_id` that a turn sends: a compacted history of
     100,000 messages costs the few after its summary. Its summary: the newest made before
     `before_id`; `by_covers` (a regeneration), the newest whose range ends before it, made
-    before or after (a /compact after the reply it replaces)."""
+    before or after (a /compact after the reply it replaces). With `reach`, a long history is
+    read from both ends only (context_rows)."""
     before = INT64 - 1 if before_id is None else before_id
     made_before = "covers_last < ?" if by_covers else "id < ?"
     first = fetch_one(db, "SELECT id, role, content, kind FROM messages WHERE conversation_id = ? "
@@ -3335,10 +3350,49 @@ def stored_context(db: sqlite3.Connection, conversation_id: str, before_id: int 
                             "ORDER BY id DESC LIMIT 1", (conversation_id, before))
     after = max(-1 if prompt is None else prompt["id"],
                 -1 if summary is None else summary["covers_last"])
-    rows = fetch_all(db, CONTEXT_SQL, (conversation_id, after, before))
+    rows, head, skipped = context_rows(db, conversation_id, after, before, reach)
     for row in rows:
         row["attachments"] = json.loads(row["attachments"]) if row["attachments"] else None
-    return StoredContext("" if prompt is None else prompt["content"], summary, rows)
+    return StoredContext("" if prompt is None else prompt["content"], summary, rows, head,
+                         skipped)
+
+
+def context_rows(db: sqlite3.Connection, conversation_id: str, after: int, before: int,
+                 reach: tuple[int, int] | None) -> tuple[list[dict], int | None, int]:
+    """The rows between two ids; with `reach` (characters: what one summary call can read, what
+    one turn can send), a history that is longer than both together (one compacted only in
+    part, its summaries reading a window at a time) is read from both ends: its newest rows
+    while they come to `reach[1]` (older ones could not be sent), then its oldest while they
+    come to `reach[0]`, to the end of a turn (what the next summary reads); what lies between
+    is left out of this turn and summarised by later ones. Returns the rows, how many are the
+    oldest (None: all were read) and how many sendable messages were skipped."""
+    if reach is None:
+        return fetch_all(db, CONTEXT_SQL, (conversation_id, after, before)), None, 0
+    newest, chars = [], 0
+    for row in db.execute(CONTEXT_SQL.replace("ORDER BY id", "ORDER BY id DESC"),
+                          (conversation_id, after, before)):
+        newest.append(dict(row))
+        if (chars := chars + len(row["content"])) > reach[1]:
+            break
+    else:
+        return newest[::-1], None, 0
+    newest.reverse()
+    oldest, chars = [], 0
+    for row in db.execute(CONTEXT_SQL, (conversation_id, after, newest[0]["id"])):
+        if chars > reach[0] and row["role"] == "user":
+            break
+        oldest.append(dict(row))
+        chars += len(row["content"])
+    else:
+        return oldest + newest, None, 0
+    (skipped,) = db.execute(SENDABLE_COUNT_SQL, (conversation_id, oldest[-1]["id"] if oldest
+                                                 else after, newest[0]["id"])).fetchone()
+    return oldest + newest, len(oldest), skipped
+
+
+def reach_chars(budget: Budget) -> int:
+    """The most characters of messages that can fit `budget` (at least a token each 4)."""
+    return min(4 * budget.tokens, budget.chars)
 
 
 def summary_words(budget: Budget) -> int:
@@ -3429,6 +3483,12 @@ def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
 def summariser(app: Starlette, model: str) -> str:
     """Who writes a turn's summaries: COMPACT_MODEL, else the turn's own model."""
     return app.state.settings.compact_model or model
+
+
+async def turn_budgets(app: Starlette, model: str) -> tuple[Budget, int]:
+    """A conversation turn's budget, and the most characters its summariser reads at once."""
+    return await model_budget(app, model), \
+        reach_chars(await model_budget(app, summariser(app, model)))
 
 
 async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
@@ -3527,6 +3587,7 @@ class TurnPlan:
     fixed: int
     budget: Budget
     cut: int
+    skipped: int = 0  # messages not read (context_rows), left out of this turn
 
 
 def sent_cost(row: dict) -> Cost:
@@ -3575,6 +3636,7 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
                         "left out instead", model, exc.status, exc.detail)
     # Off the loop, as load_turn was: pydantic's work on a long history takes milliseconds.
     query, trimmed = await asyncio.to_thread(turn_query, plan, summary, start)
+    trimmed += plan.skipped
     await let_go(plan.rows)
     return query, {"context_trimmed": trimmed} if trimmed else {}, made
 

@@ -6672,6 +6672,43 @@ def store_turns(db, conversation_id, count, size=20, start=0) -> list[int]:
                 for i in range(start, start + count) for role in ("user", "assistant")]
 
 
+def test_a_history_past_what_one_summary_reads_is_read_from_both_ends(compacting):
+    """A turn on a history longer than one summary call can read plus what the turn can send
+    reads only those two ends: the summary covers the oldest (whole turns), the turn sends the
+    newest, what lies between is reported left out and summarised by the turns after."""
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 40, size=1000)  # 80 messages of ~1 KB
+    db.close()
+    sent = []
+    for turn in range(2):
+        body = say(api, conversation_id, f"now {turn}").json()
+        transcript = LAST_QUERY["Summarizer"].query[-1].content
+        query = [m.content for m in LAST_QUERY["Small"].query]
+        # The summary: the oldest whole turns (Summarizer reads ~12,000 characters a call).
+        covers = body["compacted"]["covers"]
+        assert covers[0] == ids[0] and ids.index(covers[1]) % 2 == 1
+        assert transcript.count("user: said ") == (ids.index(covers[1]) + 1) // 2 - \
+            (0 if turn == 0 else sent[0][0])
+        # The turn: the summary, then the newest messages that fit Small's 1,500 tokens.
+        assert query[0].startswith(server.SUMMARY_HEADER) and query[-1] == f"now {turn}"
+        assert "said 39 " in query[-2 - turn * 2] and not any("said 20 " in q for q in query)
+        assert sent_tokens(LAST_QUERY["Small"]) <= 1500
+        left_out = 80 + turn * 2 - (ids.index(covers[1]) + 1) - (len(query) - 2)
+        assert body["context_trimmed"] == left_out
+        sent.append(((ids.index(covers[1]) + 1) // 2, covers))
+    # The second summary went on from the first: a chain over a range without holes.
+    assert sent[1][1][0] == ids[0] and sent[1][1][1] > sent[0][1][1]
+    messages = listed(api, conversation_id)
+    assert [m["content"] for m in messages if m["role"] == "user"][:40] == \
+        [f"said {i} " + "y" * 1000 for i in range(40)]
+    newest_summary = max(m["id"] for m in messages if m.get("kind") == "summary")
+    assert [m.get("summarized_by") for m in messages if m["id"] in ids] == \
+        [newest_summary if m["id"] <= sent[1][1][1] else None
+         for m in messages if m["id"] in ids]
+
+
 def test_compact_summarises_all_but_the_last_messages_and_says_what_it_covers(compacting):
     api, db_path = compacting
     db = sqlite3.connect(db_path)
