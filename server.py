@@ -2940,6 +2940,9 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_mess
     plan = plan_turn(system, context.summary, rows, fixed, budget)
     if context.head is not None:  # what was not read is summarised from the oldest on
         plan.cut, plan.skipped = context.head, context.skipped
+    if not plan.cut and not turn.attachments:  # nothing to wait for: the query is built here
+        plan.ready = turn_query(plan, (plan.summary or {}).get("content"), 0)
+        plan.rows = []  # freed on this thread, not the loop
     return plan
 
 
@@ -3588,6 +3591,8 @@ class TurnPlan:
     budget: Budget
     cut: int
     skipped: int = 0  # messages not read (context_rows), left out of this turn
+    # The query and how many were left out, when nothing was left to do but build it.
+    ready: tuple[PoeQuery, int] | None = None
 
 
 def sent_cost(row: dict) -> Cost:
@@ -3622,6 +3627,9 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
     call to COMPACT_MODEL), else, or when that call fails, trimmed. Returns the query, the
     answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made;
     the plan's rows are let go of (let_go)."""
+    if plan.ready is not None:
+        query, trimmed = plan.ready
+        return query, {"context_trimmed": trimmed} if trimmed else {}, None
     summary, start, made = (plan.summary or {}).get("content"), 0, None
     if plan.cut:
         model = summariser(app, plan.budget.model)
