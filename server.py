@@ -45,8 +45,9 @@ order, and what each owns:
                       Poe's list, each model's context window)
   OpenAI Responses    /v1/responses... (ResponseSpec, StoredHistory, ResponseTurn)
   Responses memory    truncation and context_management (plan_response, fit_response,
-                      response_query), compaction items (CompactionSeal: app.state.seal),
-                      compaction_trigger, /v1/responses/compact
+                      response_query; stored_read: what a summariser read of the stored
+                      history, for require_read_intact), compaction items (CompactionSeal:
+                      app.state.seal), compaction_trigger, /v1/responses/compact
   OpenAI Conversations  /v1/conversations..., messages as items
   Search, export, backup  /v1/search, .../export, /v1/backup
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
@@ -3569,9 +3570,9 @@ def require_read_intact(db: sqlite3.Connection, conversation_id: str,
 
 
 def store_summary(db: sqlite3.Connection, conversation_id: str, content: str,
-                  covers: list[int], read: tuple[int, int, int] | None) -> int:
-    """A summary made by /compact: at the end of the conversation, which it touches (409 if
-    what it read changed meanwhile: require_read_intact)."""
+                  covers: list[int], read: tuple[int, int, int, int | None] | None) -> int:
+    """A summary made by /compact or /v1/responses/compact: at the end of the conversation,
+    which it touches (409 if what it read changed meanwhile: require_read_intact)."""
     if read is not None:
         require_read_intact(db, conversation_id, read)
     summary_id = insert_summary(db, conversation_id, content, covers)
@@ -6070,8 +6071,11 @@ def insert_response_turn(db: sqlite3.Connection, target: dict, model: str, rows:
     meanwhile), its rows, then the summary it keeps (if any: KeptSummary, whose compaction item
     a made one puts in the output), then its reply (none for a compaction_trigger: the summary
     ends the turn), and the response's row; returns `base` in that conversation. The ids
-    returned with the rows' include the summary's, which goes with them if the turn fails."""
+    returned with the rows' include the summary's, which goes with them if the turn fails.
+    409 before anything when a stored message its summariser read is gone (require_read_intact)."""
     conversation_id, up_to, copied = target["conversation_id"], target["up_to"], None
+    if kept is not None and kept.read is not None:  # read in the history's own conversation
+        require_read_intact(db, conversation_id, kept.read)
     if conversation_id is None:
         conversation_id = insert_conversation(db, {"model": model})
     elif not target["append"] or db.execute(
@@ -6611,11 +6615,13 @@ class KeptSummary:
     """A summary a stored Responses turn keeps (insert_response_turn): its text, and what it
     covers, from `first` to `last`, each a row's "ref" (("id", message id), or ("input", n): the
     turn's n-th input row, its id known once stored). `seal` when the turn made it (context
-    management, compaction_trigger): its compaction item then leads the output."""
+    management, compaction_trigger): its compaction item then leads the output; `read`, what
+    its summariser read of the stored history (stored_read), checked as it is stored."""
     content: str
     first: tuple | None
     last: tuple | None
     seal: CompactionSeal | None = None
+    read: tuple[int, int, int, int | None] | None = None
 
     def covers(self, ids: list[int], copied: tuple[list[int], list[int]] | None
                ) -> list[int] | None:
@@ -6630,6 +6636,24 @@ class KeptSummary:
                 return ids[key]
             return key if copied is None else copied[1][bisect.bisect_left(copied[0], key)]
         return [resolve(self.first), resolve(self.last)]
+
+
+def stored_read(entries: list[dict], rows: list[dict], seen: int, summary: dict | None
+                ) -> tuple[int, int, int, int | None] | None:
+    """read_range of what a Responses summariser read of the stored history `entries` (a
+    StoredHistory's: every message in its stretch, in id order), for require_read_intact: of
+    rows[:seen] (turn_rows': the stored entries first, each "ref" ("id", message id)) the stored
+    ones, as the stretch of `entries` from the first to the last (after an input compaction item
+    only the system ones are read: a message deleted between them is a change too), and
+    `summary` if stored (an input compaction item's is not). None: it read nothing stored."""
+    read = bisect.bisect_left(rows, True, hi=seen, key=lambda row: row["ref"][0] != "id")
+    summary_id = None if summary is None else summary.get("id")
+    if read == 0:  # the stored summary alone, if any: no message is BETWEEN 0 AND -1
+        return None if summary_id is None else (0, -1, 0, summary_id)
+    first, last = rows[0]["ref"][1], rows[read - 1]["ref"][1]
+    span = bisect.bisect_right(entries, last, key=lambda entry: entry["ref"][1]) - \
+        bisect.bisect_left(entries, first, key=lambda entry: entry["ref"][1])
+    return first, last, span, summary_id
 
 
 async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
@@ -6649,7 +6673,8 @@ async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
                                              plan.rows[:plan.cut], budget)
             plan = dataclasses.replace(plan, cut=seen)  # what the summariser read, no more
             kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
-                               await app.state.seal.ready())
+                               await app.state.seal.ready(),
+                               stored_read(stored.entries, plan.rows, plan.cut, plan.summary))
         except PoeFailure as exc:
             failure = exc
             log.warning("compacting a Responses history with %s failed (%s: %s)", model,
@@ -6668,10 +6693,12 @@ async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
 
 
 async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHistory,
-                      given: ResponseInput) -> tuple[str, list[dict], int, tuple | None]:
+                      given: ResponseInput
+                      ) -> tuple[str, list[dict], int, tuple | None, tuple | None]:
     """One summary of everything a turn would send (turn_rows), by COMPACT_MODEL or `model`:
-    the summary, the rows it covers, the tokens its call was sent, and the ref its range starts
-    at. 400 when there is nothing but system messages; Poe's status when the call fails."""
+    the summary, the rows it covers, the tokens its call was sent, the ref its range starts
+    at, and what it read of the stored history (stored_read). 400 when there is nothing but
+    system messages; Poe's status when the call fails."""
     rows, summary, first, _ = turn_rows(stored, given)
     if all(row["role"] == "system" or not (row["content"] or row["attachments"] or
                                            row.get("tool_calls")) for row in rows):
@@ -6683,7 +6710,7 @@ async def compact_all(app: Starlette, api_key: str, model: str, stored: StoredHi
                                               COMPACT_PASSES)
     except PoeFailure as exc:
         raise poe_http_error(exc.status, exc.detail, exc.headers) from None
-    return made, rows[:seen], tokens, first
+    return made, rows[:seen], tokens, first, stored_read(stored.entries, rows, seen, summary)
 
 
 async def compaction_trigger(app: Starlette, api_key: str, spec: ResponseSpec, target: dict,
@@ -6691,13 +6718,14 @@ async def compaction_trigger(app: Starlette, api_key: str, spec: ResponseSpec, t
     """A turn whose input holds a compaction_trigger (Codex's remote compaction): one summary
     call and no turn call; stored, the input and the summary are kept in its conversation (the
     chain continues compacted). The response's output is exactly one compaction item."""
-    summary, rows, tokens, first = await compact_all(app, api_key, spec.model, stored, given)
+    summary, rows, tokens, first, read = await compact_all(app, api_key, spec.model, stored,
+                                                           given)
     seal = await app.state.seal.ready()
     body = {**spec.base, "status": "completed", "completed_at": int(time.time()),
             "usage": response_usage(tokens, estimate_tokens(summary)),
             "output": [compaction_item(seal, summary)]}
     if spec.store:
-        kept = KeptSummary(summary, first, rows[-1]["ref"], seal)
+        kept = KeptSummary(summary, first, rows[-1]["ref"], seal, read)
         *_, body = await app.state.db.write(insert_response_turn, target, spec.model,
                                             message_rows(given.entries), body, kept, False)
     if not spec.stream:
@@ -6742,7 +6770,8 @@ async def compact_responses(request: Request) -> JSONResponse:
         await response_input(app, api_key, data["input"], stored.names)
     claimed = target["conversation_id"] if previous is not None and target["append"] else None
     with app.state.replies.claim(claimed):
-        summary, covered, tokens, first = await compact_all(app, api_key, model, stored, given)
+        summary, covered, tokens, first, read = await compact_all(app, api_key, model, stored,
+                                                                  given)
         seal, summary_id = await app.state.seal.ready(), None
         last = covered[-1]["ref"]  # the stored part it read: all of it when it reached input
         if last[0] == "input":
@@ -6750,7 +6779,7 @@ async def compact_responses(request: Request) -> JSONResponse:
         covers = KeptSummary(summary, first, last).covers([], None)
         if claimed is not None and covers is not None:
             summary_id = await app.state.db.write(store_summary, claimed, summary, covers,
-                                                  None)
+                                                  read)
     users = [user_item(entry) for entry in stored.entries + given.entries
              if entry["role"] == "user"]
     return JSONResponse({

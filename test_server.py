@@ -7620,6 +7620,113 @@ def test_compaction_trigger_makes_one_summary_call_and_returns_one_item(
         ["system", f"{server.SUMMARY_HEADER}\n{messages[-1]['content']}"], ["user", "four"]]
 
 
+def stored_anywhere(db, text: str) -> bool:
+    """Whether `text` is in a stored message or in a stored response's body."""
+    return db.execute("SELECT (SELECT count(*) FROM messages WHERE content LIKE ?) + (SELECT "
+                      "count(*) FROM responses WHERE body LIKE ?)", (f"%{text}%",) * 2
+                      ).fetchone()[0] > 0
+
+
+def response_ids(db) -> set[str]:
+    return {row[0] for row in db.execute("SELECT id FROM responses")}
+
+
+def message_ids(db, conversation_id) -> list[int]:
+    return [row[0] for row in db.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                         "ORDER BY id", (conversation_id,))]
+
+
+def test_stored_read_is_the_stretch_of_stored_messages_a_summariser_read():
+    entries = [{"role": "system" if n in (11, 13) else "user", "ref": ("id", n)}
+               for n in range(10, 15)]
+    given = [{"role": "user", "ref": ("input", n)} for n in range(2)]
+    summary = {"id": 7, "content": "s", "covers_first": 1, "covers_last": 9}
+    assert server.stored_read(entries, entries + given, 2, summary) == (10, 11, 2, 7)
+    assert server.stored_read(entries, entries + given, 6, None) == (10, 14, 5, None)
+    # After an input compaction item only the stored system messages are read: their stretch.
+    rows = [entries[1], entries[3], *given]
+    assert server.stored_read(entries, rows, 3, {"content": "given"}) == (11, 13, 3, None)
+    assert server.stored_read(entries, given, 2, summary) == (0, -1, 0, 7)
+    assert server.stored_read([], given, 2, {"content": "given"}) is None
+
+
+def test_a_message_deleted_while_responses_compact_summarises_it_is_409(compacting, memory_sdk):
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    secret = "the password is " + os.urandom(8).hex()
+    first = memory_sdk.responses.create(model="Small", input=secret)
+    second = memory_sdk.responses.create(model="Small", input="two",
+                                         previous_response_id=first.id)
+    conversation_id, said = second.conversation.id, \
+        memory_sdk.responses.input_items.list(first.id).data[0].id
+    before, calls = response_ids(db), dict(CALLS)
+
+    def request():
+        return api.post("/v1/responses/compact", headers=KEY,
+                        json={"model": "Small", "previous_response_id": second.id})
+    with held_summary(request) as answer:
+        assert secret in LAST_QUERY["Summarizer"].query[-1].content  # it read the message
+        deleted = api.delete(f"/v1/conversations/{conversation_id}/items/{said}")
+        assert deleted.status_code == 200
+    response = answer.result(10)
+    assert response.status_code == 409
+    assert response.json()["error"]["message"] == server.CHANGED_WHILE_SUMMARISED
+    # Nothing stored: no summary, no response (the first one went with its input).
+    assert summaries_in(db, conversation_id) == [] and not stored_anywhere(db, secret)
+    assert response_ids(db) == before - {first.id}
+    assert CALLS["Small"] == calls["Small"] and CALLS["Summarizer"] == calls["Summarizer"] + 1
+    # Tried again, it is stored, and its summary never read the deleted message.
+    again = api.post("/v1/responses/compact", headers=KEY,
+                     json={"model": "Small", "previous_response_id": second.id})
+    assert again.status_code == 200 and len(summaries_in(db, conversation_id)) == 1
+    assert secret not in LAST_QUERY["Summarizer"].query[-1].content
+    db.close()
+
+
+@pytest.mark.parametrize("how", ["message", "summary", "trigger"])
+def test_a_message_deleted_while_a_responses_turn_summarises_it_is_409_with_no_turn_call(
+        compacting, how):
+    """A turn that compacts (context_management, or a compaction_trigger item) while a stored
+    message its summariser read is deleted (by the batch route, the summary it read by its
+    path, a message as a Conversations item): 409, nothing stored, no turn call."""
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small", system_prompt="S")
+    ids = store_turns(db, conversation_id, 10, size=300)  # ~1,500 tokens, past 1,000
+    secret = "the password is " + os.urandom(8).hex()
+    with db:
+        if how == "summary":  # a summary of the first two turns, which the turn reads
+            ids.append(db.execute(
+                "INSERT INTO messages (conversation_id, role, content, kind, covers_first, "
+                "covers_last) VALUES (?, 'system', ?, 'summary', ?, ?)",
+                (conversation_id, secret, ids[0], ids[3])).lastrowid)
+        else:
+            db.execute("UPDATE messages SET content = ? WHERE id = ?", (secret, ids[0]))
+    gone = ids[-1] if how == "summary" else ids[0]
+    body = {"model": "Small", "conversation": conversation_id, "input": "now",
+            "context_management": [{"type": "compaction", "compact_threshold": 1000}]}
+    if how == "trigger":
+        body = {"model": "Small", "conversation": conversation_id,
+                "input": [{"role": "user", "content": "now"}, {"type": "compaction_trigger"}]}
+    before, calls, stored = response_ids(db), dict(CALLS), message_ids(db, conversation_id)
+    with held_summary(lambda: api.post("/v1/responses", headers=KEY, json=body)) as answer:
+        assert secret in LAST_QUERY["Summarizer"].query[-1].content  # it read the message
+        assert delete_by(api, "item" if how == "trigger" else "batch" if how == "message"
+                         else "path", conversation_id, gone).status_code == 200
+    response = answer.result(10)
+    assert response.status_code == 409
+    assert response.json()["error"]["message"] == server.CHANGED_WHILE_SUMMARISED
+    # Nothing stored but the deletion (no summary, input, reply or response) and no turn call.
+    assert message_ids(db, conversation_id) == [i for i in stored if i != gone]
+    assert summaries_in(db, conversation_id) == [] and not stored_anywhere(db, secret)
+    assert response_ids(db) == before and CALLS["Small"] == calls["Small"]
+    # Tried again, it is stored, and its summary never read what was deleted.
+    assert api.post("/v1/responses", headers=KEY, json=body).status_code == 200
+    assert len(summaries_in(db, conversation_id)) == 1
+    assert secret not in LAST_QUERY["Summarizer"].query[-1].content
+    db.close()
+
+
 def test_a_200_turn_response_chain_compacts_and_keeps_every_message(compacting, memory_sdk):
     """200 Responses turns chained by previous_response_id on the Small bot (a window of 2,000
     tokens), each asking for compaction past 1,000: none fails, every request Poe got (recorded
