@@ -275,6 +275,10 @@ def test_update_or_delete_unknown_conversation_is_404(api):
     response = say(api, "nope", "hello")
     assert response.status_code == 404
     assert response.json() == {"detail": "Conversation not found"}
+    # Without a key too: what is not there is 404 before the key is asked for.
+    keyless = api.post("/v1/chat/conversations/nope/messages", json={"content": "hello"})
+    assert keyless.status_code == 404 and keyless.json() == response.json()
+    assert api.post("/v1/chat/conversations/nope/regenerate").status_code == 404
 
 
 def test_delete_conversation_removes_its_messages(api, db):
