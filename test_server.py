@@ -5232,8 +5232,10 @@ def test_fifty_concurrent_streams_complete_and_are_stored_whole(api, db):
 # ---------------------------------------------------------------------------------------------
 # The benchmark still runs (its numbers belong in docs/BENCHMARK.md, not in assertions here)
 
-@pytest.mark.parametrize("args", [["--quick"], pytest.param([], marks=pytest.mark.slow)],
-                         ids=["quick", "full"])
+# --smoke: every row of --quick at its smallest, in seconds (its header says the figures mean
+# nothing); the full run under the slow marker.
+@pytest.mark.parametrize("args", [["--smoke"], pytest.param([], marks=pytest.mark.slow)],
+                         ids=["smoke", "full"])
 def test_bench_runs_and_prints_its_table(args):
     result = subprocess.run([sys.executable, os.path.join(server.HERE, "bench.py"), *args],
                             capture_output=True, text=True, timeout=120 if args else 900)
@@ -5241,6 +5243,7 @@ def test_bench_runs_and_prints_its_table(args):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) >= 10
     assert "stored whole" in result.stdout and " 0/" not in result.stdout
+    assert ("smoke run:" in rows[0]) == (args == ["--smoke"])
 
 
 def test_stream_lines_look_as_api_md_shows_them(api):
