@@ -431,8 +431,41 @@ async def record(query, request):
     yield event("done", "{}")
 
 
+async def burst(query):
+    """N text events of 1,000 characters (N is the message), and done, in one write."""
+    count = int(query["query"][-1]["content"])
+    yield b"".join(event("text", json.dumps({"text": f"{i % 10}" * 1000}))
+                   for i in range(count)) + event("done", "{}")
+
+
+# What follows some text in the same write (Mixed's message names it).
+MIXED = {"error": event("error", '{"text": "boom", "allow_retry": true}'),
+         "bad": b"event: text\ndata: {oops\n\n",
+         "rate": event("error", '{"text": "You have exceeded rate limit to query bot."}')}
+
+
+async def mixed(query):
+    yield event("text", '{"text": "partial "}') + MIXED[query["query"][-1]["content"]]
+
+
+async def sloppy(query):
+    """A byte order mark first, events without data, then text and done."""
+    yield b"\xef\xbb\xbf" + event("text", '{"text": "first "}')
+    yield b"event: text\n\nevent: text\ndata:\n\n" + event("text", '{"text": "second"}')
+    yield event("done", "{}")
+
+
+async def giant_meta(query):
+    """A meta event of N MiB (N is the message), written a MiB at a time, then text and done."""
+    yield b'event: meta\ndata: {"x": "'
+    for _ in range(int(query["query"][-1]["content"])):
+        yield b"m" * 2**20
+    yield b'"}\n\n' + event("text", '{"text": "after"}') + event("done", "{}")
+
+
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
-            "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record}
+            "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
+            "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 

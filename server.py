@@ -1134,6 +1134,8 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                     timing.poe_output = time.perf_counter()
                 for item in items:
                     yield item
+                if reader.failure is not None:
+                    raise reader.failure
                 if reader.done:
                     break
             if reader.done:
@@ -1347,6 +1349,9 @@ class PoeBudget:
 # several text events (splitting no escape, UTF-8 character or surrogate pair): one event of 50 MB
 # would hold the loop while it is joined and parsed, and be as large in every step after.
 POE_EVENT_BYTES = 1 << 20
+# An event that is not text (cut as it comes) is held whole till its end: past this, the reply
+# fails (502) rather than hold the loop parsing it and the memory of it (a 300 MB meta event).
+MAX_OTHER_EVENT_BYTES = 8 << 20
 TEXT_DATA = re.compile(rb'data: ?\{"text": ?"')
 TEXT_CUT = b'"}\n\nevent: text\ndata: {"text": "'
 EVENTS_END = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a read that ends with an event's end
@@ -1502,32 +1507,46 @@ class PoeEventReader:
     relay_poe's items for the events they complete, one each. Each event means what it meant to
     fastapi_poe's client, which this replaces on the hot path (it parsed each event's JSON twice,
     into pydantic models, on the loop); what that client reported to the bot is kept in
-    `reports`. Malformed data fails the call (502), an error event as error_event_failure says."""
+    `reports`. Malformed data fails the call (502), an error event as error_event_failure says:
+    `failure`, once the items before it in the same read are taken. An event without data is
+    none (the SSE rules), `done` aside."""
 
     def __init__(self, tools: bool, headers: httpx.Headers, server_key: bool) -> None:
         self.tools, self.headers, self.server_key = tools, headers, server_key
         self.cutter = CutLongTextEvents()
         self.rest: list[bytes] = []  # the bytes of an event not yet whole
+        self.rest_bytes = 0
         self.after_cr = False  # the last read ended with CR: a LF first in the next is its pair
-        self.done = False
+        self.started = self.done = False
+        self.failure: PoeFailure | None = None  # what ends the call, after the items fed
         self.texts = 0  # text and replace_response events seen
         self.reports: list[tuple[str, dict]] = []
 
     def feed(self, chunk: bytes) -> list[tuple]:
+        if not self.started:  # the stream may begin with a byte order mark (the SSE rules)
+            self.started, chunk = True, chunk.removeprefix(b"\xef\xbb\xbf")
         items: list[tuple] = []
-        for block in self.blocks(self.cutter.cut(chunk)):
-            kind, data = sse_event(block)
-            try:
-                item = self.item(kind, data)
-            except (ValueError, TypeError, KeyError, IndexError) as exc:
-                self.report(f"Invalid {kind.decode(errors='replace')[:100]!r} event: {exc}",
-                            data=(data or b"")[:500].decode(errors="replace"))
-                raise PoeFailure(502, "Poe's answer could not be read") from None
-            if item is not None:
-                items.append(item)
-            if self.done:
-                break
+        try:
+            for block in self.blocks(self.cutter.cut(chunk)):
+                kind, data = sse_event(block)
+                if not data and kind != b"done":
+                    continue
+                if (item := self.event_item(kind, data)) is not None:
+                    items.append(item)
+                if self.done:
+                    break
+        except PoeFailure as exc:
+            self.failure = exc
         return items
+
+    def event_item(self, kind: bytes, data: bytes | None) -> tuple | None:
+        """item(), a malformed event a PoeFailure (502) reported to the bot."""
+        try:
+            return self.item(kind, data)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            self.report(f"Invalid {kind.decode(errors='replace')[:100]!r} event: {exc}",
+                        data=(data or b"")[:500].decode(errors="replace"))
+            raise PoeFailure(502, "Poe's answer could not be read") from None
 
     def item(self, kind: bytes, data: bytes | None) -> tuple | None:
         """What one event adds to the reply, if anything."""
@@ -1603,10 +1622,12 @@ class PoeEventReader:
         if rest:
             rest.append(chunk)
             if not ends and rest[-2][-1:] + chunk[:1] not in (b"\n\n", b"\r\r", b"\n\r"):
+                self.hold(len(chunk))
                 return []
-            data, self.rest = b"".join(rest), []
+            data, self.rest, self.rest_bytes = b"".join(rest), [], 0
         elif not ends:
             self.rest = [chunk]
+            self.hold(len(chunk))
             return []
         else:
             data = chunk
@@ -1618,7 +1639,18 @@ class PoeEventReader:
         *whole, tail = data.split(b"\n\n")
         if tail:
             self.rest = [tail]
+            self.hold(len(tail))
         return whole
+
+    def hold(self, size: int) -> None:
+        """Counts bytes kept of an event not yet whole: past MAX_OTHER_EVENT_BYTES, 502 (a text
+        event never gets there: CutLongTextEvents cuts it)."""
+        self.rest_bytes += size
+        if self.rest_bytes > MAX_OTHER_EVENT_BYTES:
+            self.rest, self.rest_bytes = [], 0
+            self.report(f"An event longer than {MAX_OTHER_EVENT_BYTES} bytes")
+            raise PoeFailure(502, f"Poe sent an event larger than "
+                                  f"{MAX_OTHER_EVENT_BYTES >> 20} MiB that is not text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2259,7 +2291,9 @@ class Reply:
             first = await self.listener.next()
         if first[0] == "error":
             self.listener.closed = True
-            raise self.failure()
+            # The reply's own failure, or this client's (FELL_BEHIND): the reply goes on.
+            raise self.failure() if self.error is not None else \
+                HTTPException(first[1], first[2], headers=NO_RETRY)
         listener = self.listener
         return EventStream(events(first), ready=lambda: bool(listener.items))
 
@@ -2426,45 +2460,66 @@ class Replies:
 # Reply streams: what a streaming response is told of its reply (Listener, a bounded queue), and
 # how it writes it (EventStream: the events ready at once in one write; SentText, sse()).
 
-# A listener (streaming response) this far behind loses its view; the reply goes on, stored whole.
+# A listener (streaming response) this far behind for BEHIND_SECONDS loses its view (a burst
+# from Poe, read at once, puts a client that keeps up this far behind for an instant); the reply
+# goes on, stored whole.
 LISTENER_BUFFER_BYTES = 2**20
+BEHIND_SECONDS = 1.0
+FELL_BEHIND = (503, "this client fell too far behind the reply; it goes on and is stored "
+                    "whole")
 
 
 class Listener:
     """The reply's events queued for the response that started it: ("wait",) while its Poe call
     waits for the budget, ("text", str), ("replace", str), ("tool_calls", deltas), then ("end",
-    message_id, status) or ("error", status, detail). Past LISTENER_BUFFER_BYTES behind (a
-    client not reading), what waits becomes one error. A deque and one future for the reader
-    waiting, if any: asyncio.Queue's getters and putters cost more than they give here."""
+    message_id, status) or ("error", status, detail). Still past LISTENER_BUFFER_BYTES behind
+    BEHIND_SECONDS after it got there (a client not reading), what waits becomes one error. A
+    deque and one future for the reader waiting, if any: asyncio.Queue's getters and putters
+    cost more than they give here."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.items: collections.deque[tuple] = collections.deque()
         self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
+        self.behind: asyncio.TimerHandle | None = None  # the check, once past the bound
 
     def publish(self, item: tuple) -> None:
         if self.closed:
             return
-        if self.queued_bytes > LISTENER_BUFFER_BYTES and self.items:
-            self.items.clear()
-            item = ("error", 503, "this client fell too far behind the reply; it goes on and is "
-                    "stored whole")
-            self.queued_bytes = 0
-        else:
-            self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
+        self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
+        if self.queued_bytes > LISTENER_BUFFER_BYTES and self.behind is None:
+            self.behind = self.loop.call_later(BEHIND_SECONDS, self.check_behind)
+        self.append(item)
+
+    def append(self, item: tuple) -> None:
         self.items.append(item)
         if self.waiter is not None:
             if not self.waiter.done():
                 self.waiter.set_result(None)
             self.waiter = None
 
+    def check_behind(self) -> None:
+        """Still past the bound: the client is not keeping up; what waits is let go of, it
+        hears FELL_BEHIND, and nothing more is queued."""
+        self.behind = None
+        if self.closed or self.queued_bytes <= LISTENER_BUFFER_BYTES:
+            return
+        self.items.clear()
+        self.queued_bytes, self.closed = 0, True
+        self.append(("error", *FELL_BEHIND))
+
     async def next(self) -> tuple:
         """The next event, once there is one."""
         while not self.items:
             self.waiter = self.loop.create_future()
             await self.waiter
-        return self.items.popleft()
+        return self.take()
+
+    def take(self) -> tuple:
+        item = self.items.popleft()
+        self.queued_bytes -= len(item[1]) if item[0] in ("text", "replace") else 64
+        return item
 
     async def events(self, item: tuple) -> AsyncIterator[tuple]:
         """From `item` (already taken) to the end or error event, inclusive."""
@@ -2472,8 +2527,6 @@ class Listener:
         turn_began = loop.time()
         try:
             while True:
-                if item[0] in ("text", "replace"):
-                    self.queued_bytes -= len(item[1])
                 yield item
                 if item[0] in ("end", "error"):
                     return
@@ -2487,9 +2540,12 @@ class Listener:
                 if loop.time() - turn_began >= TURN_SECONDS:
                     await asyncio.sleep(0)  # a long queue is drained without yielding otherwise
                     turn_began = loop.time()
-                item = self.items.popleft()
+                item = self.take()
         finally:
             self.closed = True
+            if self.behind is not None:
+                self.behind.cancel()
+                self.behind = None
 
     async def next_while_waiting(self) -> tuple:
         """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""

@@ -4207,6 +4207,72 @@ def test_odd_framings_from_poe_are_read_as_the_spec_says(api, db, framing):
     assert [r["message"] for r in REPORTS[reports:]] == ["Unknown event type: novel"]
 
 
+def stream_texts(api, route: str, model: str, content: str) -> tuple[int, str, list]:
+    """A streamed answer on a route family read to its end: (status, its text, its error
+    frames)."""
+    if route == "native":
+        conversation_id = new_conversation(api, model=model)
+        request = stream_turn(api, conversation_id, content)
+    elif route == "chat":
+        request = api.stream("POST", "/v1/chat/completions", headers=KEY, json={
+            "model": model, "stream": True, "messages": [{"role": "user", "content": content}]})
+    else:
+        request = api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": model, "stream": True, "input": content})
+    with request as response:
+        if response.status_code != 200:
+            return response.status_code, response.read().decode(), []
+        events = [e for e in sse_data(response) if isinstance(e, dict)]
+    text = "".join(e.get("content") or e.get("delta") or "" if route != "chat" else
+                   (e["choices"][0]["delta"].get("content") or "") if e.get("choices") else ""
+                   for e in events if e.get("type", "response.output_text.delta")
+                   == "response.output_text.delta")
+    errors = [e for e in events if "error" in e or e.get("type") == "response.failed"]
+    return 200, text, errors
+
+
+@pytest.mark.parametrize("route", ["native", "chat", "responses"])
+def test_a_megabyte_burst_read_at_once_streams_whole_to_a_client_that_keeps_up(api, route):
+    """1.1 MB of text events in one write: the client reading as fast as it can gets all of it
+    (it had a 500, or 'fell too far behind', before its first chunk)."""
+    status, text, errors = stream_texts(api, route, "Burst", "1100")
+    assert status == 200 and errors == []
+    assert text == "".join(f"{i % 10}" * 1000 for i in range(1100))
+
+
+@pytest.mark.parametrize("what", ["error", "bad", "rate"])
+def test_text_in_the_same_read_as_a_failure_is_kept(api, db, what):
+    """Text then an error event (or a malformed one, or Poe's rate limit) in one write: the
+    text is a reply cut off part way, kept 'interrupted', as when they come apart."""
+    conversation_id = new_conversation(api, model="Mixed")
+    response = say(api, conversation_id, what)
+    assert response.status_code == (429 if what == "rate" else 502), response.text
+    assert [(m["role"], m["content"], m["status"]) for m in stored_messages(
+        db, conversation_id)] == [("user", what, "complete"),
+                                  ("assistant", "partial ", "interrupted")]
+    with stream_turn(api, new_conversation(api, model="Mixed"), what) as streamed:
+        events = sse_data(streamed)
+    assert events[0] == {"content": "partial "}
+    assert events[-2]["error"]["status"] == (429 if what == "rate" else 502)
+
+
+def test_events_without_data_are_none_and_a_leading_byte_order_mark_is_dropped(api, db):
+    conversation_id = new_conversation(api, model="Sloppy")
+    body = say(api, conversation_id, "x").json()
+    assert body["reply"] == "first second"
+    assert stored_messages(db, conversation_id)[-1]["status"] == "complete"
+
+
+def test_an_event_other_than_text_past_8_mib_fails_the_reply_and_stores_nothing(api, db):
+    conversation_id = new_conversation(api, model="GiantMeta")
+    assert say(api, conversation_id, "2").json()["reply"] == "after"  # 2 MiB: read as ever
+    before = snapshot(db)
+    response = say(api, conversation_id, "9")
+    assert response.status_code == 502
+    assert response.json()["detail"] == "Poe sent an event larger than 8 MiB that is not text"
+    assert snapshot(db) == before
+
+
 def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
     """The query the relay sends (URL, headers, JSON body, byte for byte) is the one fastapi_poe's
     own stream_request sends for the same request; with tools too."""
