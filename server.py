@@ -3366,10 +3366,10 @@ COMPACT_KEEP_LAST = 4
 COMPACT_PASSES = 8
 CONTEXT_SQL = ("SELECT id, role, content, attachments, tool_calls, tool_call_id FROM messages "
                "WHERE conversation_id = ? AND id > ? AND id < ? AND kind IS NULL ORDER BY id")
-# The messages between two ids that a conversation turn would send (not tool results, not empty).
-SENDABLE_COUNT_SQL = ("SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND id > ? AND "
-                      "id < ? AND kind IS NULL AND role != 'tool' AND (content != '' OR "
-                      "attachments IS NOT NULL)")
+# The messages between two ids, summaries aside: both counts read indexes only.
+BETWEEN_COUNT_SQL = ("SELECT (SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND "
+                     "id > ?2 AND id < ?3) - (SELECT COUNT(*) FROM messages WHERE "
+                     "conversation_id = ?1 AND id > ?2 AND id < ?3 AND kind = 'summary')")
 # A message a summariser read was deleted during its call: the summary is not stored.
 CHANGED_WHILE_SUMMARISED = "the conversation changed while it was being summarised: try again"
 # A summary (one made by hand without its range is none).
@@ -3425,7 +3425,7 @@ def context_rows(db: sqlite3.Connection, conversation_id: str, after: int, befor
     while they come to `reach[1]` (older ones could not be sent), then its oldest while they
     come to `reach[0]`, to the end of a turn (what the next summary reads); what lies between
     is left out of this turn and summarised by later ones. Returns the rows, how many are the
-    oldest (None: all were read) and how many sendable messages were skipped."""
+    oldest (None: all were read) and how many messages were skipped."""
     if reach is None:
         return fetch_all(db, CONTEXT_SQL, (conversation_id, after, before)), None, 0
     newest, chars = [], 0
@@ -3445,8 +3445,8 @@ def context_rows(db: sqlite3.Connection, conversation_id: str, after: int, befor
         chars += len(row["content"])
     else:
         return oldest + newest, None, 0
-    (skipped,) = db.execute(SENDABLE_COUNT_SQL, (conversation_id, oldest[-1]["id"] if oldest
-                                                 else after, newest[0]["id"])).fetchone()
+    (skipped,) = db.execute(BETWEEN_COUNT_SQL, (conversation_id, oldest[-1]["id"] if oldest
+                                                else after, newest[0]["id"])).fetchone()
     return oldest + newest, len(oldest), skipped
 
 
