@@ -2984,11 +2984,13 @@ def fit_history(history: list[dict], keep: int, new: int, budget: Budget
 
 
 def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict | None,
-              before_id: int | None, budget: Budget, summary_reach: int) -> TurnPlan:
-    """On a reader thread: the turn's plan (plan_turn) over the history before `before_id`, then
-    `new_message` (this very dict: its attachments are filled in once uploaded). A
-    regeneration, with no new message, keeps the last turn whole instead. A long history is
-    read from both ends (context_rows: `summary_reach`, what its summariser reads at most)."""
+              before_id: int | None, sizes: Callable[[dict], tuple[Budget, int]]) -> TurnPlan:
+    """On a reader thread: the turn's plan (plan_turn) over the conversation's history (404 if
+    none) before `before_id`, then `new_message` (this very dict: its attachments are filled in
+    once uploaded); its budget from `sizes` (turn_sizes). A regeneration, with no new message,
+    keeps the last turn whole instead. A long history is read from both ends (context_rows:
+    `summary_reach`, what its summariser reads at most)."""
+    budget, summary_reach = sizes(get_conversation(db, conversation_id))
     context = stored_context(db, conversation_id, before_id, by_covers=True,
                              reach=(summary_reach, reach_chars(budget)))
     system = system_parts(db, context.system_prompt, turn.system_prompt_append, turn.documents)
@@ -3081,15 +3083,13 @@ async def post_message(request: Request) -> Response:
     app, db, settings = request.app, request.app.state.db, request.app.state.settings
     conversation_id = request.path_params["conversation_id"]
     turn = turn_fields(await read_json(request))
-    conversation = await db.read(get_conversation, conversation_id)
-    api_key = poe_key(request)
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
-    model = turn_model(settings, turn.model, conversation)
+    sizes = await turn_sizes(app, turn.model)
     with app.state.replies.claim(conversation_id):
         new_message = {"role": turn.role, "content": turn.content, "attachments": []}
-        plan = await db.read(load_turn, conversation_id, turn, new_message, None,
-                             *await turn_budgets(app, model))
+        plan = await db.read(load_turn, conversation_id, turn, new_message, None, sizes)
+        api_key, model = poe_key(request), plan.budget.model  # the key once 404 is ruled out
         new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
         query, answered, summary = await fit_turn(app, api_key, plan)
         summary_id, inserted_ids, message_id, updated_at = await db.write(
@@ -3257,7 +3257,7 @@ async def regenerate(request: Request) -> Response:
         replaced, user_id = await db.read(regeneration, conversation_id)
         turn = Turn("assistant", "", model, stream, [], "", [])
         plan = await db.read(load_turn, conversation_id, turn, None, replaced,
-                             *await turn_budgets(app, model))
+                             await turn_sizes(app, model))
         query, answered, summary = await fit_turn(app, api_key, plan)
         summary_id, _, message_id, updated_at = await db.write(
             insert_compacted_turn, conversation_id, [], summary)
@@ -3329,6 +3329,11 @@ async def model_budget(app: Starlette, model: str, reply_tokens: int | None = No
     room: `reply_tokens` (max_tokens, max_output_tokens) when given, else a quarter of it."""
     settings = app.state.settings
     window = await app.state.models.window(model, settings.context_tokens)
+    return budget_for(settings, model, window, reply_tokens)
+
+
+def budget_for(settings: Settings, model: str, window: int, reply_tokens: int | None = None
+               ) -> Budget:
     room = window // 4 if reply_tokens is None else reply_tokens
     return Budget(model, window, max(window - room, 0), settings.max_context_chars)
 
@@ -3545,10 +3550,20 @@ def summariser(app: Starlette, model: str) -> str:
     return app.state.settings.compact_model or model
 
 
-async def turn_budgets(app: Starlette, model: str) -> tuple[Budget, int]:
-    """A conversation turn's budget, and the most characters its summariser reads at once."""
-    return await model_budget(app, model), \
-        reach_chars(await model_budget(app, summariser(app, model)))
+async def turn_sizes(app: Starlette, requested: str | None
+                     ) -> Callable[[dict], tuple[Budget, int]]:
+    """For load_turn, on its reader, given the conversation: the turn's budget (its model:
+    turn_model) and the most characters its summariser reads at once, from the model list
+    (fetched first, if it is due)."""
+    await app.state.models.get()
+    settings, windows = app.state.settings, app.state.models.windows
+
+    def sizes(conversation: dict) -> tuple[Budget, int]:
+        model = turn_model(settings, requested, conversation)
+        budgets = [budget_for(settings, name, windows.get(name, settings.context_tokens))
+                   for name in (model, settings.compact_model or model)]
+        return budgets[0], reach_chars(budgets[1])
+    return sizes
 
 
 async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | None,
