@@ -1116,6 +1116,7 @@ def after_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str,
 
 async def finish_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str, dict]],
                      response: httpx.Response | None, chunks: AsyncIterator[bytes] | None) -> None:
+    """after_poe's task: the drain first, so that the reports may reuse its connection."""
     if response is not None:
         await drain(response, chunks)
     await report_to_poe(app, model, api_key, reports)
