@@ -485,6 +485,128 @@ async def raw_bot(request: Request):
 
 
 # ---------------------------------------------------------------------------------------------
+# A Poe that misbehaves on the wire, below what an ASGI app can do.
+
+WIRE_EVENTS = event("text", '{"text": "wire"}') + event("done", "{}")
+WIRE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+             b"transfer-encoding: chunked\r\n\r\n")
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class WirePoe:
+    """A Poe of raw HTTP/1.1 on sockets, kept alive, a thread a connection; the bot (the URL's
+    last part) says how it answers:
+      Ok           text "wire" and done, chunked
+      Weird        the same with an event of an unknown type before done (reported to the bot)
+      Second       Ok's answer and, in the same write, a second one nobody asked for (its head
+                   and part of its body), the connection kept
+      KeepOpen     Ok's events, but the body never ends: the connection stays until the service
+                   closes it
+      CutOff       text, then the connection closed part way through a chunk
+      ShortLength  text with a Content-Length 50 bytes longer, then the connection closed
+      Never        nothing, until the service closes the connection
+    A report (report_error) is held unanswered until `release_reports` is set, or the service
+    closes its connection. `requests`: (connection number, bot, the body's type) of each request
+    as it comes; `closed[number]`: set once that connection is closed (by the service, for one
+    left waiting)."""
+
+    def __init__(self):
+        self.requests: list[tuple[int, str, str]] = []
+        self.closed: dict[int, threading.Event] = {}
+        self.release_reports = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            number = len(self.closed)
+            self.closed[number] = threading.Event()
+            threading.Thread(target=self.answer, args=(connection, number), daemon=True).start()
+
+    def answer(self, connection, number):
+        try:
+            with connection:
+                connection.settimeout(30)
+                rest = b""
+                while (request := self.read_request(connection, rest)) is not None:
+                    bot, kind, rest = request
+                    self.requests.append((number, bot, kind))
+                    if kind == "report_error":
+                        if not self.hold(connection):
+                            return
+                        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json"
+                                           b"\r\ncontent-length: 2\r\n\r\n{}")
+                    elif not self.respond(connection, bot):
+                        return
+        except OSError:
+            pass
+        finally:
+            self.closed[number].set()
+
+    @staticmethod
+    def read_request(connection, data):
+        """(bot, the JSON body's type, what came after it), or None at the connection's end."""
+        while b"\r\n\r\n" not in data:
+            if not (more := connection.recv(65536)):
+                return None
+            data += more
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I)[1])
+        while len(data) < length:
+            if not (more := connection.recv(65536)):
+                return None
+            data += more
+        bot = head.split(b" ")[1].decode().rstrip("/").rsplit("/", 1)[-1]
+        return bot, json.loads(data[:length]).get("type"), data[length:]
+
+    def hold(self, connection) -> bool:
+        """Until release_reports (True) or the connection's end (False)."""
+        connection.settimeout(0.02)
+        try:
+            while not self.release_reports.is_set():
+                try:
+                    if not connection.recv(1):
+                        return False
+                except TimeoutError:
+                    pass
+            return True
+        finally:
+            connection.settimeout(30)
+
+    @staticmethod
+    def respond(connection, bot) -> bool:
+        """Answers as the bot says; False: the connection is done with."""
+        if bot in ("Ok", "Weird", "Second"):
+            events = WIRE_EVENTS if bot != "Weird" else \
+                event("novel", "{}") + WIRE_EVENTS
+            connection.sendall(WIRE_HEAD + http_chunk(events) + b"0\r\n\r\n" + (
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000"
+                b"\r\n\r\n" + event("text", '{"text": "BOGUS"}') if bot == "Second" else b""))
+            return True
+        if bot == "CutOff":
+            connection.sendall(WIRE_HEAD + http_chunk(event("text", '{"text": "cut "}')) +
+                               b"100\r\nevent: te")
+        elif bot == "ShortLength":
+            text = event("text", '{"text": "short "}')
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                               b"content-length: %d\r\n\r\n%s" % (len(text) + 50, text))
+        else:  # KeepOpen, Never: until the service closes the connection
+            if bot == "KeepOpen":
+                connection.sendall(WIRE_HEAD + http_chunk(WIRE_EVENTS))
+            while connection.recv(65536):
+                pass
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
 # The servers: the service (or the local Poe) under uvicorn in this process, or `python
 # server.py` in a process of its own
 

@@ -13,7 +13,8 @@ order, and what each owns:
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure and what Poe's statuses and
                       error events mean, PoeQuery, prepare_query and query_body (the body,
-                      built off the loop), open_poe, report_to_poe
+                      built off the loop), open_poe; after_poe (what follows a call's end, in
+                      PoeChores: app.state.poe_chores): drain, report_to_poe
   Poe's budget        PoeBudget (app.state.poe_budget: the shared rate budget every call takes a
                       slot of)
   Poe's events        PoeEventReader (Poe's server-sent events read as they arrive),
@@ -926,6 +927,7 @@ HTTP_STATUS_FAILURE = {
     413: (413, "Poe says the message is too long"),
 }
 POE_RATE_LIMITED = "Poe is rate-limiting requests; try again later"
+POE_BROKE_OFF = "Poe's answer broke off before its end"
 # Poe's error event for a rate limit has no error_type, only its text (fastapi_poe issue 109:
 # "You have exceeded rate limit to query bot using User API Key. Try again later.").
 RATE_LIMIT_TEXT = re.compile(r"\brate[ _-]?limit", re.IGNORECASE)
@@ -971,11 +973,13 @@ def status_failure(status: int, headers: httpx.Headers, model: str,
     return PoeFailure(code, detail)
 
 
-def transport_failure(exc: httpx.HTTPError) -> PoeFailure:
+def transport_failure(exc: httpx.HTTPError, began: bool = False) -> PoeFailure:
+    """The network failed the call: before Poe's answer `began` (Poe is unreachable), or after
+    (its answer broke off: the connection closed, or a Content-Length longer than what came)."""
     if isinstance(exc, httpx.TimeoutException):
         return PoeFailure(504, "Poe did not answer in time")
     if isinstance(exc, httpx.TransportError):
-        return PoeFailure(502, "Poe is unreachable")
+        return PoeFailure(502, POE_BROKE_OFF if began else "Poe is unreachable")
     return PoeFailure(502, "Poe's answer could not be read")  # a broken gzip, say
 
 
@@ -1057,6 +1061,8 @@ def query_body(query: fp.QueryRequest, tools: list | None) -> bytes:
 # connection read to its end goes back to the pool, where one left unread is closed (a new
 # connection to Poe is a TLS handshake, a round trip or two).
 POE_DRAIN_SECONDS = 0.5
+# The longest one report to a bot (report_to_poe) may take.
+POE_REPORT_SECONDS = 5.0
 
 
 async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> httpx.Response:
@@ -1074,26 +1080,73 @@ async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> htt
                          bool(settings.poe_api_key))
 
 
-async def drain(chunks: AsyncIterator[bytes]) -> None:
-    with contextlib.suppress(TimeoutError, httpx.HTTPError):
-        async with asyncio.timeout(POE_DRAIN_SECONDS):
-            async for _ in chunks:
-                pass
+class PoeChores:
+    """app.state.poe_chores: what a Poe call leaves to do once its reply has ended, each in a
+    task of its own (after_poe), so that the reply's end waits for none of it: the rest of the
+    answer read (drain), the bot told what was wrong with it (report_to_poe). Cancelled at
+    shutdown."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    def add(self, chore: Any) -> None:
+        task = asyncio.create_task(chore)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        while self.tasks:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.wait(list(self.tasks))
+
+
+def after_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str, dict]],
+              response: httpx.Response | None = None,
+              chunks: AsyncIterator[bytes] | None = None) -> None:
+    """A call's end: its reports logged now, then, in the background (PoeChores), the rest of
+    its answer drained and closed (if `response` is given: the call ended at 'done'), and the
+    reports sent, on the connection just drained if it was kept."""
+    for message, _ in reports:
+        log.warning("Poe: %s", message[:200])
+    if response is not None or reports:
+        app.state.poe_chores.add(finish_poe(app, model, api_key, list(reports), response, chunks))
+    reports.clear()
+
+
+async def finish_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str, dict]],
+                     response: httpx.Response | None, chunks: AsyncIterator[bytes] | None) -> None:
+    """after_poe's task: the drain first, so that the reports may reuse its connection."""
+    if response is not None:
+        await drain(response, chunks)
+    await report_to_poe(app, model, api_key, reports)
+
+
+async def drain(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
+    """Reads what follows 'done' (for at most POE_DRAIN_SECONDS), then closes the response: its
+    connection goes back to the pool if it was read to its end."""
+    try:
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            async with asyncio.timeout(POE_DRAIN_SECONDS):
+                async for _ in chunks:
+                    pass
+    finally:
+        await response.aclose()
 
 
 async def report_to_poe(app: Starlette, model: str, api_key: str,
                         reports: list[tuple[str, dict]]) -> None:
     """Tells the bot what was wrong with its answer, as fastapi_poe's client did (its
-    report_error), and logs it; a report that fails changes nothing."""
-    while reports:
-        message, metadata = reports.pop(0)
-        log.warning("Poe: %s", message[:200])
-        with contextlib.suppress(httpx.HTTPError):
-            await app.state.poe.post(
-                app.state.settings.poe_base_url + model, timeout=app.state.settings.poe_timeout,
-                headers={"Accept": "application/json", "Authorization": f"Bearer {api_key}"},
-                json={"version": PROTOCOL_VERSION, "type": "report_error", "message": message,
-                      "metadata": metadata})
+    report_error), each report within POE_REPORT_SECONDS; a report that fails changes nothing."""
+    settings = app.state.settings
+    for message, metadata in reports:
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            async with asyncio.timeout(min(settings.poe_timeout, POE_REPORT_SECONDS)):
+                await app.state.poe.post(
+                    settings.poe_base_url + model,
+                    headers={"Accept": "application/json", "Authorization": f"Bearer {api_key}"},
+                    json={"version": PROTOCOL_VERSION, "type": "report_error",
+                          "message": message, "metadata": metadata})
 
 
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
@@ -1105,8 +1158,8 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
     else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
     event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
     timeout + slack: never before `timeout` after the last event, at most `slack` later; first
-    wait exact. Every failure is a PoeFailure. The request's RequestTiming hears of the wait
-    for the budget and of Poe's times."""
+    wait exact. It ends at 'done': what follows is after_poe's. Every failure is a PoeFailure.
+    The request's RequestTiming hears of the wait for the budget and of Poe's times."""
     timing = request_timing.get(None) or RequestTiming()
     await timing.wait_for_budget(app.state.poe_budget, queued)
     settings, loop = app.state.settings, asyncio.get_running_loop()
@@ -1138,31 +1191,30 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                     raise reader.failure
                 if reader.done:
                     break
-            if reader.done:
-                await drain(chunks)
-            else:
-                reader.report("Bot exited without sending 'done' event")
-            await report_to_poe(app, model, api_key, reader.reports)
         if not reader.done:
-            raise PoeFailure(502, "Poe's answer broke off before its end")
+            reader.report("Bot exited without sending 'done' event")
+            raise PoeFailure(502, POE_BROKE_OFF)
+        after_poe(app, model, api_key, reader.reports, response, chunks)
+        response = None  # after_poe's now
     except (TimeoutError, httpx.HTTPError, PoeFailure) as exc:
-        raise await failure_of(app, model, api_key, exc, reader) from None
+        raise failure_of(app, model, api_key, exc, reader) from None
     finally:
         timing.poe_call(began=False)
         if response is not None:
             await response.aclose()
 
 
-async def failure_of(app: Starlette, model: str, api_key: str, exc: Exception,
-                     reader: PoeEventReader | None) -> PoeFailure:
-    """relay_poe's failure: Poe's silence (504), the network's, or Poe's own, told to the bot
-    if fastapi_poe's client would have told it, and logged once if it is the server's key."""
+def failure_of(app: Starlette, model: str, api_key: str, exc: Exception,
+               reader: PoeEventReader | None) -> PoeFailure:
+    """relay_poe's failure: Poe's silence (504), the network's (its answer, once begun, broke
+    off), or Poe's own, told to the bot if fastapi_poe's client would have told it, and logged
+    once if it is the server's key."""
     if isinstance(exc, TimeoutError):
         return PoeFailure(504, f"Poe did not answer within {app.state.settings.poe_timeout:g} s")
     if isinstance(exc, httpx.HTTPError):
-        return transport_failure(exc)
+        return transport_failure(exc, began=reader is not None)
     if reader is not None:
-        await report_to_poe(app, model, api_key, reader.reports)
+        after_poe(app, model, api_key, reader.reports)
     if exc.detail == SERVER_KEY_REJECTED:
         app.state.poe_budget.log_key_rejection()
     return exc
@@ -1687,17 +1739,29 @@ class PoeConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
+    @property
+    def alive(self) -> bool:
+        """Neither end has closed it, nor begun to (bytes it should not have got close it)."""
+        return not self.closed and not self.transport.is_closing()
+
     def data_received(self, data: bytes) -> None:
-        if not self.busy:  # nothing is asked of an idle connection: it is no longer usable
+        if not self.busy or self.complete:
+            # Nothing is asked of it (idle), or its answer has ended: bytes past the end would
+            # leave its parser in a message of their own, no answer to the next request.
             self.transport.close()
             return
         self.started = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
+            if not self.complete:  # (else what came after the end, in the same read)
+                self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
             self.transport.close()
         self.wake()
+
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer after the end, in the same read: never parsed
+            raise httptools.HttpParserError("bytes after the answer's end")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -1884,7 +1948,7 @@ class PoeTransport(httpx.AsyncBaseTransport):
         idle, now = self.idle.get(origin), time.monotonic()
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < \
+            if connection.alive and now - connection.idle_since < \
                     (self.limits.keepalive_expiry or 0):
                 connection.busy = True
                 connection.begin()
@@ -1897,8 +1961,8 @@ class PoeTransport(httpx.AsyncBaseTransport):
         whole and both ends keep it, else closed."""
         if connection not in self.open:
             return
-        if not (connection.complete and connection.keep_alive and not connection.closed
-                and not connection.body):
+        if not (connection.complete and connection.keep_alive and not connection.body
+                and connection.alive):
             self.close(connection)
             return
         idle = self.idle.setdefault(connection.origin, [])
@@ -2100,6 +2164,8 @@ class Reply:
     async def run(self, app: Starlette, model: str, query: PoeQuery | None, api_key: str,
                   tools: list | None) -> None:
         cancelled, self.running, status = False, True, "interrupted"
+        if self.message_id is None:
+            self.keep_watch(True)  # stateless: nobody else would read it
         try:
             if query is not None:
                 async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools,
@@ -2115,6 +2181,7 @@ class Reply:
         except Exception:
             log.exception("reading Poe's answer failed")
             self.error = (502, "Poe's answer could not be read")
+        self.keep_watch(False)  # (before its end is told: the answer's stream watches then)
         try:
             await asyncio.shield(self.end(status))
         except asyncio.CancelledError:
@@ -2129,13 +2196,19 @@ class Reply:
         """relay_poe's word that the call waits for the budget (True), or no longer does: the
         listener is told, and the client watched, so that one who leaves leaves the queue."""
         self.waiting = waiting
-        if waiting:
-            if self.listener is not None:
-                self.listener.publish(("wait",))
-            if self.receive is not None:
-                self.watch = asyncio.create_task(self.watch_client())
-        else:
-            self.receive = None  # the call has its slot or has ended: nothing to watch for
+        if waiting and self.listener is not None:
+            self.listener.publish(("wait",))
+        self.keep_watch(waiting or self.message_id is None)
+
+    def keep_watch(self, on: bool) -> None:
+        """Watches the client (watch_client) while the reply waits for the budget, or, if it is
+        stateless, until its client has some of it: a stream its first output (the stream
+        watches its client then, and drop_if_unstored acts), an answer whole its end. Once
+        off, for good: the client's `receive` is the answer's then."""
+        if on and self.watch is None and self.receive is not None:
+            self.watch = asyncio.create_task(self.watch_client())
+        elif not on:
+            self.receive = None
             if self.watch is not None:
                 self.watch.cancel()
                 self.watch = None
@@ -2145,8 +2218,9 @@ class Reply:
         learns it at once from the closed socket)."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
-        if self.waiting and not self.task.done():
-            self.stop_error = (499, "the client went away while the call waited for the budget")
+        if not self.task.done():
+            self.stop_error = (499, "the client went away while the call waited for the budget"
+                               if self.waiting else "the client went away before any output")
             self.task.cancel()
 
     async def take_all(self, events: AsyncIterator[tuple]) -> None:
@@ -2157,6 +2231,8 @@ class Reply:
                 self.registry.save_later(self)
             if self.listener is not None:
                 self.listener.publish(item)
+                if self.watch is not None and self.has_output:
+                    self.keep_watch(False)  # the stream has begun: it watches its client
             if self.cut:
                 break  # max_tokens: the Poe call ends here
 
@@ -7603,12 +7679,14 @@ def lifespan_of(settings: Settings) -> Callable:
                                      settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
         state.poe = poe_client(settings)
+        state.poe_chores = PoeChores()
         state.models = ModelList(state.poe, settings.poe_models_url)
         try:
             yield
         finally:
             await state.replies.close()
             state.loop_watch.task.cancel()
+            await state.poe_chores.close()
             await state.poe.aclose()
             with contextlib.suppress(HTTPException):
                 await state.db.read(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))

@@ -34,7 +34,7 @@ import server
 from conftest import (ARRIVALS, CALLS, FRAMED, FRAMED_TEXT, HOLD_SUMMARIES, LAST_QUERY,
                       MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, SEEN_REQUESTS,
                       SMALL_QUERIES, SUMMARY_GATE, SUMMARY_HELD, TRICKY, UPLOAD_GATE, UPLOADS,
-                      LiveServer, ServerProcess, history_of, make_poe_app, wait_for)
+                      LiveServer, ServerProcess, WirePoe, history_of, make_poe_app, wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -697,6 +697,7 @@ def test_poe_unreachable_is_502(start_service):
     conversation_id = new_conversation(api, model="Echo")
     response = say(api, conversation_id, "hello")
     assert response.status_code == 502
+    assert response.json()["detail"] == "Poe is unreachable"
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 0
 
 
@@ -4089,7 +4090,7 @@ def test_a_stream_without_events_leaves_no_trace(api, db):
         response = say(api, conversation_id, "x", stream=stream)
         # fastapi_poe's own error report was answered 404: still not "unknown model".
         assert response.status_code == 502, response.text
-    assert len(REPORTS) > reports
+    wait_for(lambda: len(REPORTS) > reports, seconds=2)  # sent after the reply's end
     assert snapshot(db) == before
 
 
@@ -4204,6 +4205,8 @@ def test_odd_framings_from_poe_are_read_as_the_spec_says(api, db, framing):
         events = sse_data(response)
     assert "".join(e.get("content", "") for e in events[:-1]) == FRAMED_TEXT
     assert stored_messages(db, conversation_id)[-1]["content"] == FRAMED_TEXT
+    # Sent after the reply's end, in the background.
+    wait_for(lambda: REPORTS[reports:], seconds=2)
     assert [r["message"] for r in REPORTS[reports:]] == ["Unknown event type: novel"]
 
 
@@ -4403,6 +4406,102 @@ def test_poe_answers_in_other_http_shapes_are_read(start_service):
         assert [say(api, conversation_id, "x").json()["reply"] for _ in range(3)] == ["fine"] * 3
     finally:
         poe.sock.close()
+
+
+@pytest.fixture(scope="module")
+def wire(start_service):
+    """WirePoe, and a service of its own that calls it: (WirePoe, client, db path)."""
+    poe = WirePoe()
+    api, db_path = start_service(poe_base_url=poe.url, poe_timeout=10)
+    yield poe, api, db_path
+    poe.release_reports.set()
+    poe.sock.close()
+
+
+def complete_on(api, model: str, **body) -> httpx.Response:
+    return api.post("/v1/chat/completions", headers=KEY, json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], **body})
+
+
+def test_bytes_after_the_end_of_poe_s_answer_keep_its_connection_out_of_the_pool(wire):
+    """A bot that writes, after its answer's end, a second answer nobody asked for: the
+    connection is closed, not kept for the next call (which would read that answer's body as
+    its own); the next call goes on a new connection and is answered at once."""
+    poe, api, _ = wire
+    start = len(poe.requests)
+    for model in ("Second", "Ok"):
+        answer = complete_on(api, model)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "wire"
+    (second, *_), (ok, *_) = poe.requests[start:]
+    assert ok != second
+    wait_for(poe.closed[second].is_set, seconds=2)
+
+
+def test_a_report_to_the_bot_is_sent_after_the_reply_s_end(wire):
+    """A reply whose bot must be told of an odd event ends (stored whole, its conversation free
+    for the next turn) while the report still waits for the bot's answer: the report is sent in
+    the background, after the end."""
+    poe, api, db_path = wire
+    poe.release_reports.clear()
+    conversation_id = new_conversation(api, model="Weird")
+    start = len(poe.requests)
+    answer = say(api, conversation_id, "one")
+    assert answer.status_code == 200 and answer.json()["reply"] == "wire"
+    report = wait_for(lambda: [r for r in poe.requests[start:] if r[2] == "report_error"])
+    assert not poe.closed[report[0][0]].is_set()  # still waiting for its answer
+    assert say(api, conversation_id, "two").status_code == 200
+    assert [m["status"] for m in stored_messages(sqlite3.connect(db_path), conversation_id)] \
+        == ["complete"] * 4
+    poe.release_reports.set()
+    wait_for(lambda: len([r for r in poe.requests[start:] if r[2] == "report_error"]) == 2)
+
+
+def test_what_follows_done_is_read_after_the_reply_s_end(wire):
+    """A bot whose body stays open after 'done': the reply ends (stored whole, the stream's
+    [DONE]) while the service still reads what follows; it then closes that connection (after
+    POE_DRAIN_SECONDS), its answer not read to its end."""
+    poe, api, db_path = wire
+    conversation_id = new_conversation(api, model="KeepOpen")
+    start = len(poe.requests)
+    with stream_turn(api, conversation_id, "x") as response:
+        events = sse_data(response)
+    connection = poe.requests[start][0]
+    assert not poe.closed[connection].is_set()
+    assert events[0] == {"content": "wire"} and events[-1] == "[DONE]"
+    assert stored_messages(sqlite3.connect(db_path), conversation_id)[-1]["status"] == "complete"
+    wait_for(poe.closed[connection].is_set, seconds=5)
+
+
+@pytest.mark.parametrize("model,text", [("CutOff", "cut "), ("ShortLength", "short ")])
+def test_an_answer_cut_off_part_way_says_it_broke_off(wire, model, text):
+    """The connection closed in the middle of a chunk, or before the Content-Length's end: 502,
+    the answer broke off (not "Poe is unreachable", which is for a Poe never reached), the
+    text so far kept."""
+    poe, api, db_path = wire
+    conversation_id = new_conversation(api, model=model)
+    answer = say(api, conversation_id, "x")
+    assert answer.status_code == 502
+    assert answer.json()["detail"] == "Poe's answer broke off before its end"
+    assert [(m["content"], m["status"]) for m in stored_messages(
+        sqlite3.connect(db_path), conversation_id)] == [("x", "complete"), (text, "interrupted")]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "Never", "stream": True,
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "Never", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"model": "Never", "input": "hi", "store": False, "stream": True})])
+def test_a_stateless_reply_whose_client_leaves_before_any_output_is_stopped(wire, path, body):
+    """Nobody is left to read it: its Poe call ends (the bot sees its connection closed) long
+    before POE_TIMEOUT, and nothing is in progress."""
+    poe, api, _ = wire
+    start = len(poe.requests)
+    sock = raw_post(api, path, body)
+    (connection, *_), = wait_for(lambda: poe.requests[start:])
+    sock.close()
+    wait_for(poe.closed[connection].is_set, seconds=5)
+    wait_for(lambda: api.get("/health").json()["replies_in_progress"] == 0, seconds=2)
 
 
 @pytest.fixture(scope="module")
