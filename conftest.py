@@ -496,7 +496,50 @@ def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class WirePoe:
+class SocketPoe:
+    """A Poe of raw HTTP/1.1 on sockets, a thread a connection (answer(connection, number)): for
+    what a bot server on fastapi_poe will not do on the wire."""
+
+    def __init__(self):
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            number, self.connections = self.connections, self.connections + 1
+            self.opened(number)
+            threading.Thread(target=self.answer, args=(connection, number), daemon=True).start()
+
+    def opened(self, number):
+        pass
+
+    def answer(self, connection, number):
+        raise NotImplementedError
+
+    @staticmethod
+    def read_request(connection, data):
+        """(bot, the JSON body's type, what came after it), or None at the connection's end."""
+        while b"\r\n\r\n" not in data:
+            if not (more := connection.recv(65536)):
+                return None
+            data += more
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I)[1])
+        while len(data) < length:
+            if not (more := connection.recv(65536)):
+                return None
+            data += more
+        bot = head.split(b" ")[1].decode().rstrip("/").rsplit("/", 1)[-1]
+        return bot, json.loads(data[:length]).get("type"), data[length:]
+
+
+class WirePoe(SocketPoe):
     """A Poe of raw HTTP/1.1 on sockets, kept alive, a thread a connection; the bot (the URL's
     last part) says how it answers:
       Ok           text "wire" and done, chunked
@@ -517,19 +560,10 @@ class WirePoe:
         self.requests: list[tuple[int, str, str]] = []
         self.closed: dict[int, threading.Event] = {}
         self.release_reports = threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__()
 
-    def serve(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            number = len(self.closed)
-            self.closed[number] = threading.Event()
-            threading.Thread(target=self.answer, args=(connection, number), daemon=True).start()
+    def opened(self, number):
+        self.closed[number] = threading.Event()
 
     def answer(self, connection, number):
         try:
@@ -550,22 +584,6 @@ class WirePoe:
             pass
         finally:
             self.closed[number].set()
-
-    @staticmethod
-    def read_request(connection, data):
-        """(bot, the JSON body's type, what came after it), or None at the connection's end."""
-        while b"\r\n\r\n" not in data:
-            if not (more := connection.recv(65536)):
-                return None
-            data += more
-        head, _, data = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"content-length: *(\d+)", head, re.I)[1])
-        while len(data) < length:
-            if not (more := connection.recv(65536)):
-                return None
-            data += more
-        bot = head.split(b" ")[1].decode().rstrip("/").rsplit("/", 1)[-1]
-        return bot, json.loads(data[:length]).get("type"), data[length:]
 
     def hold(self, connection) -> bool:
         """Until release_reports (True) or the connection's end (False)."""

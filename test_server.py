@@ -34,7 +34,8 @@ import server
 from conftest import (ARRIVALS, CALLS, FRAMED, FRAMED_TEXT, HOLD_SUMMARIES, LAST_QUERY,
                       MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, SEEN_REQUESTS,
                       SMALL_QUERIES, SUMMARY_GATE, SUMMARY_HELD, TRICKY, UPLOAD_GATE, UPLOADS,
-                      LiveServer, ServerProcess, WirePoe, history_of, make_poe_app, wait_for)
+                      LiveServer, ServerProcess, SocketPoe, WirePoe, history_of, make_poe_app,
+                      wait_for)
 
 # fastapi_poe's bot server uses pydantic calls that pydantic 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -4316,7 +4317,7 @@ def test_the_relay_keeps_its_connection_to_poe_alive(api):
     assert ports[0] == ports[1] and ports[0].startswith("port ")
 
 
-class ForgetfulPoe:
+class ForgetfulPoe(SocketPoe):
     """A Poe that answers one query per connection (keeping it alive, as HTTP/1.1 says it may)
     and closes a connection when a second one comes on it, unanswered: what a server's
     keep-alive timeout does to a connection reused at that moment. Counts the queries."""
@@ -4327,30 +4328,15 @@ class ForgetfulPoe:
 
     def __init__(self):
         self.queries = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__()
 
-    def serve(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
-
-    def answer(self, connection):
+    def answer(self, connection, number):
         with connection:
+            rest = b""
             for answered in (False, True):
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    if not (more := connection.recv(65536)):
-                        return
-                    data += more
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])
-                while len(body) < length:
-                    body += connection.recv(65536)
+                if (request := self.read_request(connection, rest)) is None:
+                    return
+                rest = request[2]
                 self.queries += 1
                 if answered:
                     return  # closed, unanswered
@@ -4380,7 +4366,7 @@ class ScriptedPoe(ForgetfulPoe):
         self.answers = list(answers)
         super().__init__()
 
-    def answer(self, connection):
+    def answer(self, connection, number):
         with connection:
             data = b""
             while b"\r\n\r\n" not in data:
