@@ -28,7 +28,8 @@ order, and what each owns:
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete (forget_message: what a deleted
                       message leaves elsewhere); load_turn, poe_entries, fit_history
-  Memory              estimate_tokens, Budget (model_budget: a model's window), stored_context,
+  Memory              estimate_tokens, Budget (model_budget, turn_sizes: a model's window),
+                      stored_context (context_rows: a long history read from both ends),
                       compaction (plan_turn, fit_turn, summary_transcript, summarise,
                       insert_summary, require_read_intact: nothing deleted meanwhile),
                       SummaryCovers (summarized_by), forget_summaries_covering, .../compact
