@@ -1404,7 +1404,8 @@ class PoeBudget:
 POE_EVENT_BYTES = 1 << 20
 # An event that is not text (cut as it comes) is held whole till its end: past this, the reply
 # fails (502) rather than hold the loop parsing it and the memory of it (a 300 MB meta event).
-MAX_OTHER_EVENT_BYTES = 8 << 20
+# A text event framed so that it cannot be cut (CR line ends alone) may reach MAX_EVENT_BYTES.
+MAX_OTHER_EVENT_BYTES, MAX_EVENT_BYTES = 8 << 20, 64 << 20
 TEXT_DATA = re.compile(rb'data: ?\{"text": ?"')
 TEXT_CUT = b'"}\n\nevent: text\ndata: {"text": "'
 EVENTS_END = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a read that ends with an event's end
@@ -1455,8 +1456,11 @@ class CutLongTextEvents:
             return chunk
         last_newline = chunk.rfind(b"\n")
         if last_newline >= 0:
+            # The line the last read left unfinished ends here: an event line cut in two.
+            if (self.head + chunk[:16]).startswith(b"event:"):
+                self.event = (self.head + chunk[:chunk.find(b"\n")])[6:].strip()
             kind = chunk.rfind(b"event:", 0, last_newline)
-            if kind >= 0 and (kind == 0 or chunk[kind - 1] in b"\r\n"):
+            if kind > 0 and chunk[kind - 1] in b"\r\n":
                 self.event = chunk[kind + 6:chunk.find(b"\n", kind)].strip()
             self.head, self.run, self.cuttable, self.before = b"", 0, True, b""
         start = last_newline + 1
@@ -1696,14 +1700,23 @@ class PoeEventReader:
         return whole
 
     def hold(self, size: int) -> None:
-        """Counts bytes kept of an event not yet whole: past MAX_OTHER_EVENT_BYTES, 502 (a text
-        event never gets there: CutLongTextEvents cuts it)."""
+        """Counts bytes kept of an event not yet whole: past MAX_OTHER_EVENT_BYTES, 502, unless
+        it is text (CutLongTextEvents cuts those as they come, as a rule), then past
+        MAX_EVENT_BYTES."""
         self.rest_bytes += size
-        if self.rest_bytes > MAX_OTHER_EVENT_BYTES:
-            self.rest, self.rest_bytes = [], 0
-            self.report(f"An event longer than {MAX_OTHER_EVENT_BYTES} bytes")
-            raise PoeFailure(502, f"Poe sent an event larger than "
-                                  f"{MAX_OTHER_EVENT_BYTES >> 20} MiB that is not text")
+        if self.rest_bytes <= MAX_OTHER_EVENT_BYTES:
+            return
+        text = self.rest[0].lstrip(b"\r\n").startswith((b"event: text\n", b"event:text\n",
+                                                          b"event: text\r", b"event:text\r"))
+        if text and self.rest_bytes <= MAX_EVENT_BYTES:
+            return
+        self.rest, self.rest_bytes = [], 0
+        self.report(f"An event longer than {MAX_EVENT_BYTES if text else MAX_OTHER_EVENT_BYTES} "
+                    "bytes")
+        raise PoeFailure(502, f"Poe sent an event larger than "
+                              f"{MAX_EVENT_BYTES >> 20} MiB" if text else
+                         f"Poe sent an event larger than {MAX_OTHER_EVENT_BYTES >> 20} MiB "
+                         "that is not text")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2152,7 +2165,7 @@ class Reply:
         """Calls Poe in a task of its own; with `stream`, events are queued for the caller.
         `receive` (the request's) tells when the client leaves while the call waits."""
         self.registry = app.state.replies
-        self.listener = Listener() if stream else None
+        self.listener = Listener(self.message_id is not None) if stream else None
         self.receive = receive
         if self.conversation_id in self.registry.stopping:
             # Stopped while it was prepared: it ends at once, calling no one (with the stop's
@@ -2368,7 +2381,7 @@ class Reply:
             first = await self.listener.next()
         if first[0] == "error":
             self.listener.closed = True
-            # The reply's own failure, or this client's (FELL_BEHIND): the reply goes on.
+            # The reply's own failure, or this client's (fell_behind): the reply goes on.
             raise self.failure() if self.error is not None else \
                 HTTPException(first[1], first[2], headers=NO_RETRY)
         listener = self.listener
@@ -2542,8 +2555,7 @@ class Replies:
 # goes on, stored whole.
 LISTENER_BUFFER_BYTES = 2**20
 BEHIND_SECONDS = 1.0
-FELL_BEHIND = (503, "this client fell too far behind the reply; it goes on and is stored "
-                    "whole")
+FELL_BEHIND = "this client fell too far behind the reply"
 
 
 class Listener:
@@ -2554,8 +2566,8 @@ class Listener:
     deque and one future for the reader waiting, if any: asyncio.Queue's getters and putters
     cost more than they give here."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, stored: bool) -> None:
+        self.loop, self.stored = asyncio.get_running_loop(), stored  # stored: its reply is
         self.items: collections.deque[tuple] = collections.deque()
         self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
@@ -2578,13 +2590,15 @@ class Listener:
 
     def check_behind(self) -> None:
         """Still past the bound: the client is not keeping up; what waits is let go of, it
-        hears FELL_BEHIND, and nothing more is queued."""
+        hears so (503; whether the reply goes on, stored, or is stopped: nobody else reads it),
+        and nothing more is queued."""
         self.behind = None
         if self.closed or self.queued_bytes <= LISTENER_BUFFER_BYTES:
             return
         self.items.clear()
         self.queued_bytes, self.closed = 0, True
-        self.append(("error", *FELL_BEHIND))
+        self.append(("error", 503, f"{FELL_BEHIND}; it goes on and is stored whole"
+                     if self.stored else f"{FELL_BEHIND}, which is stopped: it is not stored"))
 
     async def next(self) -> tuple:
         """The next event, once there is one."""
@@ -6375,6 +6389,9 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
         for frame in leading_events(turn.base, event):
             yield frame
         async for item in reply.listener.events(first):
+            if item[0] == "error" and reply.error is None:  # this client fell behind: it ends
+                yield event("error", code="server_error", message=item[2], param=None)
+                return
             if item[0] not in ("text", "replace") or not item[1]:
                 continue
             for delta, replace in sent.deltas(item[0], item[1]):

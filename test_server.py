@@ -4244,6 +4244,45 @@ def test_a_megabyte_burst_read_at_once_streams_whole_to_a_client_that_keeps_up(a
     assert text == "".join(f"{i % 10}" * 1000 for i in range(1100))
 
 
+def read_slowly(port: int, path: str, payload: dict, pause: float) -> str:
+    """A request whose answer is not read for `pause` seconds, then read to its end: the answer's
+    body, chunked encoding and all."""
+    body = json.dumps(payload).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        time.sleep(pause)  # the client that does not read: nothing to wait on but the clock
+        answer = b""
+        while data := sock.recv(1 << 20):
+            answer += data
+    return answer.decode(errors="replace")
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_a_responses_stream_that_falls_behind_ends_with_an_error_event(service, db, store):
+    """20 MB sent at once (more than the sockets' buffers hold) to a client that reads nothing for
+    1.5 s: past a second 1 MB behind, its
+    stream ends with OpenAI's error event, never response.completed over deltas it lost; the
+    reply goes on and is stored whole (store) or is stopped (not stored)."""
+    url, port = service[0].base_url, int(str(service[0].base_url).rsplit(":", 1)[1])
+    answer = read_slowly(port, "/v1/responses", {"model": "Burst", "input": "20000",
+                                                 "stream": True, "store": store}, 1.5)
+    assert "event: error" in answer and "response.completed" not in answer
+    error = json.loads(answer.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])
+    assert error["code"] == "server_error" and error["message"].startswith(
+        "this client fell too far behind the reply")
+    response_id = re.search(r'"id": ?"(resp_[0-9a-f]+)"', answer)[1]
+    if store:
+        assert error["message"].endswith("it goes on and is stored whole")
+        stored = wait_for(lambda: (r := httpx.get(f"{url}/v1/responses/{response_id}",
+                                                  headers=KEY).json())["status"] == "completed"
+                          and r, seconds=20)
+        assert len(stored["output"][0]["content"][0]["text"]) == 20000 * 1000
+    else:
+        assert error["message"].endswith("which is stopped: it is not stored")
+
+
 @pytest.mark.parametrize("what", ["error", "bad", "rate"])
 def test_text_in_the_same_read_as_a_failure_is_kept(api, db, what):
     """Text then an error event (or a malformed one, or Poe's rate limit) in one write: the
@@ -4275,6 +4314,26 @@ def test_an_event_other_than_text_past_8_mib_fails_the_reply_and_stores_nothing(
     assert response.status_code == 502
     assert response.json()["detail"] == "Poe sent an event larger than 8 MiB that is not text"
     assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+def test_a_long_text_event_is_cut_wherever_the_reads_split_its_event_line(line_end):
+    """A read that ends inside `event: text` (after another event) left the reader taking the
+    text for the event before it: the text was not cut and, past 8 MiB, failed the reply."""
+    text = "é" * (3 << 19)  # 3 MiB of UTF-8
+    data = (f"event: meta{line_end}data: {{}}{line_end}{line_end}event: text{line_end}data: "
+            .encode() + json.dumps({"text": text}, ensure_ascii=False).encode() +
+            f"{line_end}{line_end}event: done{line_end}data: {{}}{line_end}{line_end}".encode())
+    start = data.index(b"event: text")
+    for offset in range(len(b"event: text") + len(line_end) + 1):
+        reader = server.PoeEventReader(False, httpx.Headers(), True)
+        cut = start + offset
+        items = []
+        for read in [data[:cut]] + [data[at:at + 65536] for at in range(cut, len(data), 65536)]:
+            items += reader.feed(read)
+        assert reader.failure is None and reader.done, offset
+        assert "".join(value for _, value in items) == text, offset
+        assert max(len(value.encode()) for _, value in items) < 2 * server.POE_EVENT_BYTES, offset
 
 
 def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
