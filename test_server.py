@@ -4259,13 +4259,20 @@ def read_slowly(port: int, path: str, payload: dict, pause: float) -> str:
     return answer.decode(errors="replace")
 
 
+@pytest.fixture(scope="module")
+def spare(start_service):
+    """A service of its own, for tests that store tens of MB (the shared one's backups would
+    copy them in every later test)."""
+    return start_service()
+
+
 @pytest.mark.parametrize("store", [True, False])
-def test_a_responses_stream_that_falls_behind_ends_with_an_error_event(service, db, store):
+def test_a_responses_stream_that_falls_behind_ends_with_an_error_event(spare, store):
     """20 MB sent at once (more than the sockets' buffers hold) to a client that reads nothing for
     1.5 s: past a second 1 MB behind, its
     stream ends with OpenAI's error event, never response.completed over deltas it lost; the
     reply goes on and is stored whole (store) or is stopped (not stored)."""
-    url, port = service[0].base_url, int(str(service[0].base_url).rsplit(":", 1)[1])
+    url, port = spare[0].base_url, int(str(spare[0].base_url).rsplit(":", 1)[1])
     answer = read_slowly(port, "/v1/responses", {"model": "Burst", "input": "20000",
                                                  "stream": True, "store": store}, 1.5)
     assert "event: error" in answer and "response.completed" not in answer
