@@ -12,15 +12,16 @@ order, and what each owns:
                       text_field, int_field, id_list_field, ..., given, query_limit, the
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe), PoeFailure and what Poe's statuses and
-                      error events mean, PoeQuery, prepare_query and query_body (the body,
-                      built off the loop), open_poe; after_poe (what follows a call's end, in
-                      PoeChores: app.state.poe_chores): drain, report_to_poe
+                      error events mean, PoeQuery (its JSON, built off the loop by
+                      prepare_query or plain_query), query_body, open_poe; after_poe (what
+                      follows a call's end, in PoeChores: app.state.poe_chores): drain,
+                      report_to_poe
   Poe's budget        PoeBudget (app.state.poe_budget: the shared rate budget every call takes a
                       slot of)
   Poe's events        PoeEventReader (Poe's server-sent events read as they arrive),
                       CutLongTextEvents
-  Poe's connections   PoeTransport, PoeConnection, PoeBody (httpx's transport of poe_client:
-                      app.state.poe)
+  Poe's connections   PoeClient (app.state.poe: httpx's client, and open(), the relay's way
+                      straight to its transport), PoeTransport, PoeConnection, PoeBody
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the flushes, the
                       unsaved ends), ReplyEnd
@@ -1018,18 +1019,22 @@ def poe_headers(api_key: str) -> dict[str, str]:
             "Cache-Control": "no-store", "Content-Type": "application/json"}
 
 
-class PoeQuery(fp.QueryRequest):
-    """A query built off the event loop, by prepare_query(), with the JSON it is sent as: both
-    walk the whole history (milliseconds to tens of milliseconds on a long chat)."""
+@dataclass(frozen=True)
+class PoeQuery:
+    """A query as it is sent: its JSON, in three parts (before the value of "tools", that
+    value, and after it: query_body puts the call's tools in), built off the event loop (a long
+    history's is milliseconds to tens of milliseconds); and how many messages it holds."""
+    head: bytes
+    tools: bytes
+    tail: bytes
+    messages: int
 
     def __repr__(self) -> str:
-        return f"PoeQuery({len(self.query)} messages)"
+        return f"PoeQuery({self.messages} messages)"
 
 
-def query_json(query: fp.QueryRequest) -> tuple[bytes, bytes, bytes]:
-    """The JSON of the query's payload (fastapi_poe's model_dump) in three parts: before the
-    value of "tools", that value, and after it."""
-    payload = fp.QueryRequest.model_dump(query)
+def query_json(payload: dict) -> tuple[bytes, bytes, bytes]:
+    """A query's payload (fastapi_poe's model_dump) as JSON in PoeQuery's three parts."""
     keys = list(payload)
     at = keys.index("tools")
     head = POE_JSON({key: payload[key] for key in keys[:at]})[:-1] + ',"tools":'
@@ -1039,23 +1044,50 @@ def query_json(query: fp.QueryRequest) -> tuple[bytes, bytes, bytes]:
 
 
 def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQuery:
-    """Runs on a worker thread: the pydantic work and the JSON of a long history stay off the
-    loop (query_json's parts are kept with the query, for query_body)."""
-    query = PoeQuery(version=PROTOCOL_VERSION, type="query", query=poe_messages,
-                     user_id=params.pop("user_id", ""), conversation_id="", message_id="", **params)
-    object.__setattr__(query, "__pydantic_private__", {"json": query_json(query)})
-    return query
+    """Runs on a worker thread: a query with options (an OpenAI route's), checked and dumped by
+    fastapi_poe's own model."""
+    query = fp.QueryRequest(version=PROTOCOL_VERSION, type="query", query=poe_messages,
+                            user_id=params.pop("user_id", ""), conversation_id="", message_id="",
+                            **params)
+    return PoeQuery(*query_json(fp.QueryRequest.model_dump(query)), len(poe_messages))
 
 
-def query_body(query: fp.QueryRequest, tools: list | None) -> bytes:
+# A query without options, and a message and an attachment in it, as fastapi_poe's model_dump
+# gives them (a query's JSON is its "query" between PLAIN_QUERY's two parts): plain_query builds
+# the JSON of a conversation's turn from these, as model_dump would (tested), with none of
+# pydantic's work per message, which was most of a turn's preparation.
+PLAIN_QUERY = query_json(fp.QueryRequest(
+    version=PROTOCOL_VERSION, type="query", query=[], user_id="", conversation_id="",
+    message_id="").model_dump())
+PLAIN_QUERY = (*PLAIN_QUERY[0].split(b'"query":[]', 1), *PLAIN_QUERY[1:])
+PLAIN_MESSAGE = fp.ProtocolMessage(role="user", content="").model_dump()
+PLAIN_ATTACHMENT = fp.Attachment(url="", name="", content_type="").model_dump()
+
+
+def plain_query(entries: list[dict]) -> PoeQuery:
+    """The query of `entries` (role, content, attachments: stored rows) with no options."""
+    messages = POE_JSON([{**PLAIN_MESSAGE, "role": "bot" if e["role"] == "assistant"
+                          else e["role"], "content": e["content"],
+                          "attachments": [attachment_json(a) for a in e["attachments"] or ()]}
+                         for e in entries]).encode()
+    before, after, tools, tail = PLAIN_QUERY
+    return PoeQuery(before + b'"query":' + messages + after, tools, tail, len(entries))
+
+
+def attachment_json(attachment: dict) -> dict:
+    """A stored attachment as a query's (poe_message's fp.Attachment, dumped)."""
+    return {**PLAIN_ATTACHMENT, "url": attachment["url"],
+            "content_type": attachment.get("content_type") or "application/octet-stream",
+            "name": attachment.get("name") or "file"}
+
+
+def query_body(query: PoeQuery, tools: list | None) -> bytes:
     """The body fastapi_poe's stream_request would send for the query with these tools
-    (ToolDefinitions, or their dicts), byte for byte: the payload's JSON is prepare_query's (a
-    query built otherwise is encoded now), the tools' put in at their key."""
-    head, own_tools, tail = (query.__pydantic_private__ or {}).get("json") or query_json(query)
+    (ToolDefinitions, or their dicts), byte for byte: the tools' JSON put in at their key."""
     if tools is None:
-        return head + own_tools + tail
-    return head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition) else tool
-                            for tool in tools]).encode() + tail
+        return query.head + query.tools + query.tail
+    return query.head + POE_JSON([tool.model_dump() if isinstance(tool, fp.ToolDefinition)
+                                  else tool for tool in tools]).encode() + query.tail
 
 
 # After 'done', how long what follows (the end of the HTTP body, as a rule at once) is read: a
@@ -1069,10 +1101,8 @@ POE_REPORT_SECONDS = 5.0
 async def open_poe(app: Starlette, model: str, body: bytes, api_key: str) -> httpx.Response:
     """Sends the query as fastapi_poe's stream_request would (its URL, headers and JSON); Poe's
     answer once it is known to be an event stream, else the PoeFailure its status means."""
-    client, settings = app.state.poe, app.state.settings
-    response = await client.send(client.build_request(
-        "POST", settings.poe_base_url + model, content=body, headers=poe_headers(api_key)),
-        stream=True)
+    settings = app.state.settings
+    response = await app.state.poe.open(settings.poe_base_url + model, body, api_key)
     if response.status_code < 300 and "text/event-stream" in \
             response.headers.get("content-type", "").partition(";")[0]:
         return response
@@ -2018,14 +2048,41 @@ def proxy_mounts() -> dict[str, httpx.AsyncBaseTransport | None]:
     return mounts
 
 
-def poe_client(settings: Settings) -> httpx.AsyncClient:
-    """app.state.poe: httpx's client over PoeTransport. No read timeout: relay_poe's deadline
-    bounds each wait for Poe (a timer per read costs)."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    return httpx.AsyncClient(
-        transport=PoeTransport(limits), mounts=proxy_mounts(),
-        timeout=httpx.Timeout(settings.poe_timeout, connect=min(settings.poe_timeout, 30.0),
-                              read=None))
+class PoeClient(httpx.AsyncClient):
+    """app.state.poe: httpx's client over PoeTransport (uploads, reports and the model list use
+    it as such), and open(), the relay's way in: a query's request made from the headers the
+    client would give it (worked out once per URL), handed to PoeTransport itself, not through
+    the client's layers (cookies, redirects, auth, hooks: some 80 us a call), unless a proxy
+    (HTTP(S)_PROXY) is httpx's affair. No read timeout: relay_poe's deadline bounds each wait
+    for Poe (a timer per read costs)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.transport, mounts = PoeTransport(httpx.Limits(max_connections=1000,
+                                                           max_keepalive_connections=100)), \
+            proxy_mounts()
+        super().__init__(transport=self.transport, mounts=mounts, timeout=httpx.Timeout(
+            settings.poe_timeout, connect=min(settings.poe_timeout, 30.0), read=None))
+        self.proxied = bool(mounts)
+        # URL -> (the parsed URL, the headers but the key's and the body's length, the key's at)
+        self.heads: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]], int]] = {}
+
+    async def open(self, url: str, body: bytes, api_key: str) -> httpx.Response:
+        """POSTs a query (its JSON) as fastapi_poe's stream_request would; the answer's head."""
+        if url not in self.heads:
+            if len(self.heads) >= 1000:  # model names are the caller's: no unbounded growth
+                self.heads.clear()
+            request = self.build_request("POST", url, headers=poe_headers("-"))
+            raw = [pair for pair in request.headers.raw if pair[0].lower() != b"content-length"]
+            self.heads[url] = request.url, raw, [name.lower() for name, _ in raw].index(
+                b"authorization")
+        parsed, raw, at = self.heads[url]
+        headers = raw.copy()
+        headers[at] = (headers[at][0], b"Bearer " + api_key.encode("ascii"))
+        request = httpx.Request("POST", parsed, headers=headers, content=body,
+                                extensions={"timeout": self.timeout.as_dict()})
+        if self.proxied:
+            return await self.send(request, stream=True)
+        return await self.transport.handle_async_request(request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3096,6 +3153,19 @@ def load_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_mess
     return plan
 
 
+def begin_turn(db: sqlite3.Connection, conversation_id: str, turn: Turn, new_message: dict,
+               sizes: Callable[[dict], tuple[Budget, int]], rows: list[tuple] | None
+               ) -> tuple[TurnPlan, tuple | None]:
+    """On the writer: load_turn, and, when its query is ready (nothing to summarise or upload),
+    `rows` inserted in the same transaction (insert_compacted_turn's ids; None: not inserted):
+    a plain turn makes one trip to a worker thread before Poe is called, not two (each is
+    ~0.15 ms on two busy cores), and extends exactly the history it read."""
+    plan = load_turn(db, conversation_id, turn, new_message, None, sizes)
+    if plan.ready is None or rows is None:
+        return plan, None
+    return plan, insert_compacted_turn(db, conversation_id, rows, None)
+
+
 def poe_entries(rows: list[dict], fixed: int) -> tuple[list[dict], int]:
     """Stored rows as a conversation turn sends them: tool messages left out (their calls and
     results are the Responses API's), empty ones too (a reply stopped before any text),
@@ -3177,15 +3247,21 @@ async def post_message(request: Request) -> Response:
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
     sizes = await turn_sizes(app, turn.model)
+    with contextlib.suppress(HTTPException):
+        api_key = None
+        api_key = poe_key(request)  # said only once 404 is ruled out
     with app.state.replies.claim(conversation_id):
         new_message = {"role": turn.role, "content": turn.content, "attachments": []}
-        plan = await db.read(load_turn, conversation_id, turn, new_message, None, sizes)
-        api_key, model = poe_key(request), plan.budget.model  # the key once 404 is ruled out
-        new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
+        rows = [] if continues else message_rows([new_message])
+        plan, inserted = await db.write(begin_turn, conversation_id, turn, new_message, sizes,
+                                        rows if api_key is not None else None)
+        api_key, model = poe_key(request) if api_key is None else api_key, plan.budget.model
+        if inserted is None:
+            new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
+            rows = [] if continues else message_rows([new_message])
         query, answered, summary = await fit_turn(app, api_key, plan)
-        summary_id, inserted_ids, message_id, updated_at = await db.write(
-            insert_compacted_turn, conversation_id,
-            [] if continues else message_rows([new_message]), summary)
+        summary_id, inserted_ids, message_id, updated_at = inserted or await db.write(
+            insert_compacted_turn, conversation_id, rows, summary)
         reply = Reply(conversation_id, message_id, ([] if summary_id is None else [summary_id])
                       + inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
@@ -3682,8 +3758,9 @@ async def summarise(app: Starlette, api_key: str, model: str, prompt: str,
                     transcript: str) -> str:
     """One Poe call to `model` (relay_poe: num_tries=1, POE_TIMEOUT): the prompt (summary_prompt),
     then the transcript; its whole text. PoeFailure when it fails or says nothing."""
-    query = await off_loop(len(transcript) >= LONG_BYTES, prepare_query, [
-        poe_message("system", prompt, None), poe_message("user", transcript, None)], {})
+    query = await off_loop(len(transcript) >= LONG_BYTES, plain_query, [
+        {"role": "system", "content": prompt, "attachments": None},
+        {"role": "user", "content": transcript, "attachments": None}])
     chunks: list[str] = []
     async with contextlib.aclosing(relay_poe(app, model, query, api_key)) as events:
         async for kind, value in events:
@@ -3835,8 +3912,7 @@ def turn_query(plan: TurnPlan, summary: str | None, start: int) -> tuple[PoeQuer
             cut = prefix_within(summary, plan.budget.tokens - rest[0],
                                 plan.budget.chars - rest[1])
             kept[0] = {**kept[0], "content": summary_system(plan.system, cut)}
-    return prepare_query([poe_message(e["role"], e["content"], e["attachments"])
-                          for e in kept if e["content"] or e["attachments"]], {}), left_out
+    return plain_query([e for e in kept if e["content"] or e["attachments"]]), left_out
 
 
 class SummaryCovers:
@@ -7696,7 +7772,7 @@ def lifespan_of(settings: Settings) -> Callable:
         state.poe_budget = PoeBudget(settings.poe_rate_limit, settings.poe_rate_window,
                                      settings.poe_queue_seconds)
         state.loop_watch = LoopWatch()
-        state.poe = poe_client(settings)
+        state.poe = PoeClient(settings)
         state.poe_chores = PoeChores()
         state.models = ModelList(state.poe, settings.poe_models_url)
         try:

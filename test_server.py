@@ -4349,6 +4349,12 @@ def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
     import fastapi_poe as fp
     SEEN_REQUESTS.clear()
     assert say(api, new_conversation(api, model="Record"), 'héllo 😀 "quoted"').status_code == 200
+    # A conversation's turns (their JSON is built without fastapi_poe's models): a system
+    # prompt, a history with the bot's replies, an attachment stored with a message.
+    conversation_id = new_conversation(api, model="Record", system_prompt="Be\nterse ✓")
+    assert say(api, conversation_id, "look", attachments=[
+        {"url": "https://example.com/pic.png"}]).status_code == 200
+    assert say(api, conversation_id, "tab\there \\ \u2028").status_code == 200
     tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather.",
                                              "parameters": {"type": "object", "properties": {
                                                  "city": {"type": "string"}}}}}
@@ -4373,6 +4379,35 @@ def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
     for (our_headers, _), (their_headers, _) in zip(ours, theirs):
         assert our_headers == their_headers
         assert our_headers["authorization"] == KEY["Authorization"]
+
+
+def test_a_turns_query_is_the_json_fastapi_poes_models_give():
+    """A conversation turn's query is built without fastapi_poe's models (plain_query): its
+    body is, byte for byte, what stream_request sends for the same messages."""
+    import fastapi_poe as fp
+    from fastapi_poe.client import PROTOCOL_VERSION
+    entries = [
+        {"role": "system", "content": "Be\nterse ✓ \u2028", "attachments": None},
+        {"role": "user", "content": 'look "here" \\ \t😀', "attachments": [
+            {"url": "https://example.com/pic.png", "name": "pic.png", "content_type": "image/png"},
+            {"url": "https://poe.test/file/1"}]},
+        {"role": "assistant", "content": "I see</script>", "attachments": []},
+        {"role": "user", "content": "日本語", "attachments": None}]
+    messages = [fp.ProtocolMessage(
+        role="bot" if e["role"] == "assistant" else e["role"], content=e["content"],
+        attachments=[fp.Attachment(url=a["url"], name=a.get("name") or "file",
+                                   content_type=a.get("content_type") or
+                                   "application/octet-stream") for a in e["attachments"] or []])
+        for e in entries]
+    query = fp.QueryRequest(version=PROTOCOL_VERSION, type="query", query=messages, user_id="",
+                            conversation_id="", message_id="")
+    theirs = httpx.Request("POST", "http://poe.test/", json=query.model_dump()).content
+    assert server.query_body(server.plain_query(entries), None) == theirs
+    tools = [fp.ToolDefinition(type="function", function={
+        "name": "f", "description": "F.", "parameters": {"type": "object", "properties": {}}})]
+    theirs = httpx.Request("POST", "http://poe.test/", json=query.model_copy(
+        update={"tools": tools}).model_dump()).content
+    assert server.query_body(server.plain_query(entries), tools) == theirs
 
 
 def test_the_relay_keeps_its_connection_to_poe_alive(api):
@@ -8024,3 +8059,15 @@ wire_api = "responses"
         assert prompt in result.stdout  # Say answers with the last message: the prompt
         said.append(result.stdout + result.stderr)
     assert CALLS["Say"] > calls + 4 and any("context compacted" in out for out in said)
+
+
+def test_poe_through_a_proxy_set_in_the_environment(start_service, poe_url, monkeypatch):
+    """HTTP_PROXY is honoured (httpx's own transport, as with every httpx client): the test's
+    Poe is the proxy, and the service's Poe a host that does not exist."""
+    monkeypatch.setenv("HTTP_PROXY", poe_url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the test's own calls to the service
+    api, _ = start_service(poe_base_url="http://poe.invalid/",
+                           poe_models_url="http://poe.invalid/v1/models")
+    conversation_id = new_conversation(api, model="Echo")
+    body = say(api, conversation_id, "through the proxy").json()
+    assert "through the proxy" in body["reply"]
