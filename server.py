@@ -1052,26 +1052,31 @@ def prepare_query(poe_messages: list[fp.ProtocolMessage], params: dict) -> PoeQu
     return PoeQuery(*query_json(fp.QueryRequest.model_dump(query)), len(poe_messages))
 
 
-# A query without options, and a message and an attachment in it, as fastapi_poe's model_dump
-# gives them (a query's JSON is its "query" between PLAIN_QUERY's two parts): plain_query builds
-# the JSON of a conversation's turn from these, as model_dump would (tested), with none of
-# pydantic's work per message, which was most of a turn's preparation.
+# A query without options, a message and an attachment, as fastapi_poe's model_dump gives them:
+# the query's JSON in PoeQuery's parts, its first cut where "query" goes; a message's in four
+# parts, around its role, content and attachments. plain_query builds a conversation turn's JSON
+# from these, byte for byte as model_dump would (tested), with none of pydantic's work per
+# message, which was most of a turn's preparation.
 PLAIN_QUERY = query_json(fp.QueryRequest(
     version=PROTOCOL_VERSION, type="query", query=[], user_id="", conversation_id="",
     message_id="").model_dump())
 PLAIN_QUERY = (*PLAIN_QUERY[0].split(b'"query":[]', 1), *PLAIN_QUERY[1:])
-PLAIN_MESSAGE = fp.ProtocolMessage(role="user", content="").model_dump()
+PLAIN_MESSAGE = POE_JSON({**fp.ProtocolMessage(role="user", content="").model_dump(),
+                          "role": "\0", "content": "\0", "attachments": "\0"}).split('"\\u0000"')
 PLAIN_ATTACHMENT = fp.Attachment(url="", name="", content_type="").model_dump()
 
 
 def plain_query(entries: list[dict]) -> PoeQuery:
     """The query of `entries` (role, content, attachments: stored rows) with no options."""
-    messages = POE_JSON([{**PLAIN_MESSAGE, "role": "bot" if e["role"] == "assistant"
-                          else e["role"], "content": e["content"],
-                          "attachments": [attachment_json(a) for a in e["attachments"] or ()]}
-                         for e in entries]).encode()
+    start, after_role, after_content, end = PLAIN_MESSAGE
+    messages = ",".join(
+        start + json_string("bot" if e["role"] == "assistant" else e["role"]) + after_role
+        + json_string(e["content"]) + after_content
+        + (POE_JSON([attachment_json(a) for a in e["attachments"]]) if e["attachments"]
+           else "[]") + end for e in entries)
     before, after, tools, tail = PLAIN_QUERY
-    return PoeQuery(before + b'"query":' + messages + after, tools, tail, len(entries))
+    return PoeQuery(before + b'"query":[' + messages.encode() + b"]" + after, tools, tail,
+                    len(entries))
 
 
 def attachment_json(attachment: dict) -> dict:
