@@ -28,7 +28,8 @@ order, and what each owns:
   Reply streams       Listener, EventStream, SentText (what a streaming client has), sse()
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete (forget_message: what a deleted
-                      message leaves elsewhere); load_turn, poe_entries, fit_history
+                      message leaves elsewhere); load_turn (begin_turn: a plain turn read and
+                      stored in one write), poe_entries, fit_history
   Memory              estimate_tokens, Budget (model_budget, turn_sizes: a model's window),
                       stored_context (context_rows: a long history read from both ends),
                       compaction (plan_turn, fit_turn, summary_transcript, summarise,
@@ -3252,9 +3253,10 @@ async def post_message(request: Request) -> Response:
     # A user message equal to a continue prompt asks for more of the last reply: sent, not kept.
     continues = turn.role == "user" and turn.content.strip().casefold() in settings.continue_prompts
     sizes = await turn_sizes(app, turn.model)
-    with contextlib.suppress(HTTPException):
-        api_key = None
-        api_key = poe_key(request)  # said only once 404 is ruled out
+    try:
+        api_key = poe_key(request)
+    except HTTPException:
+        api_key = None  # its 401 is said once 404 is ruled out
     with app.state.replies.claim(conversation_id):
         new_message = {"role": turn.role, "content": turn.content, "attachments": []}
         rows = [] if continues else message_rows([new_message])
@@ -3265,8 +3267,9 @@ async def post_message(request: Request) -> Response:
             new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
             rows = [] if continues else message_rows([new_message])
         query, answered, summary = await fit_turn(app, api_key, plan)
-        summary_id, inserted_ids, message_id, updated_at = inserted or await db.write(
-            insert_compacted_turn, conversation_id, rows, summary)
+        if inserted is None:
+            inserted = await db.write(insert_compacted_turn, conversation_id, rows, summary)
+        summary_id, inserted_ids, message_id, updated_at = inserted
         reply = Reply(conversation_id, message_id, ([] if summary_id is None else [summary_id])
                       + inserted_ids, updated_at=updated_at,
                       user_message_id=inserted_ids[-1] if inserted_ids else None)
