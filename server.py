@@ -895,6 +895,8 @@ def poe_key(request: Request) -> str:
     if token is None:
         raise HTTPException(401, "no Poe API key: send 'Authorization: Bearer <poe api key>' "
                                  "or set POE_API_KEY on the server")
+    if not token.isascii():  # no Poe key is; an HTTP header could not carry it to Poe
+        raise HTTPException(401, "the Poe API key in Authorization is not ASCII: no Poe key is")
     return token
 
 

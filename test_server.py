@@ -8071,3 +8071,14 @@ def test_poe_through_a_proxy_set_in_the_environment(start_service, poe_url, monk
     conversation_id = new_conversation(api, model="Echo")
     body = say(api, conversation_id, "through the proxy").json()
     assert "through the proxy" in body["reply"]
+
+
+def test_a_key_that_is_not_ascii_is_401_and_calls_no_one(api, db):
+    conversation_id = new_conversation(api, model="Echo")
+    before, calls = snapshot(db), dict(CALLS)
+    response = api.post(f"/v1/chat/conversations/{conversation_id}/messages",
+                        json={"content": "hi"},
+                        headers={"Authorization": "Bearer cl\u00e9".encode("latin-1")})
+    assert response.status_code == 401 and "not ASCII" in response.json()["detail"]
+    assert "cl\u00e9" not in response.text
+    assert snapshot(db) == before and CALLS == calls
