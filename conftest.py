@@ -321,7 +321,9 @@ def make_poe_app():
     # Poe's public model list (POE_MODELS_URL = this server + /v1/models), and one that is down.
     async def model_list():
         MODEL_LISTS["/v1/models"] += 1
-        return JSONResponse({"object": "list", "data": POE_MODEL_LIST})
+        # A cookie, as Cloudflare in front of Poe sets: the relay's queries carry none.
+        return JSONResponse({"object": "list", "data": POE_MODEL_LIST},
+                            headers={"set-cookie": "__cf_bm=test; Path=/; HttpOnly"})
 
     async def broken_model_list():
         MODEL_LISTS["/v1/broken-models"] += 1

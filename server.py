@@ -58,7 +58,8 @@ order, and what each owns:
                       the middleware guarding Host, access keys and JSON bodies
   The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
                       App and RequestTiming (the Server-Timing header), create_app()
-  Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown
+  Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown,
+                      LogsAside (log lines written by a thread of their own)
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ import logging
 import math
 import mimetypes
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -303,9 +305,10 @@ def touch_conversation(db: sqlite3.Connection, conversation_id: str,
 
 
 @contextlib.contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back when the block raises (anything at all)."""
-    db.execute("BEGIN IMMEDIATE")
+def transaction(db: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """BEGIN IMMEDIATE (or `begin`) ... COMMIT, rolled back when the block raises (anything at
+    all)."""
+    db.execute(begin)
     try:
         yield
         db.execute("COMMIT")
@@ -329,7 +332,8 @@ def database_failure(exc: sqlite3.Error) -> HTTPException:
 class Database:
     """The SQLite file, reached only via worker threads: read(fn, *args) runs fn(connection, *args)
     on a reader (long=True: on a long reader, so that long reads never take every reader),
-    write() on the writer in a transaction(). SQLite's refusals (locked past DB_TIMEOUT, disk
+    write() on the writer in a transaction(), read_then_write() there too, in a transaction that
+    takes the write lock at its first write only. SQLite's refusals (locked past DB_TIMEOUT, disk
     full...) are 503s, never the caller's fault; fn's HTTPExceptions pass."""
 
     def __init__(self, db_path: str, timeout: float, readers: int = 3):
@@ -344,26 +348,35 @@ class Database:
         self.local.db = connect(self.path, self.timeout)
         self.connections.append(self.local.db)
 
-    def _run(self, fn: Callable, args: tuple, write: bool, repaired: bool = False) -> Any:
+    def _run(self, fn: Callable, args: tuple, begin: str | None,
+             repaired: bool = False) -> Any:
+        """fn in a transaction begun by `begin` (None: a read, none)."""
         try:
-            with transaction(self.local.db) if write else contextlib.nullcontext():
+            with transaction(self.local.db, begin) if begin else contextlib.nullcontext():
                 return fn(self.local.db, *args)
         except sqlite3.Error as exc:
-            if write and not repaired and search_index_broke(exc):
+            if begin and not repaired and search_index_broke(exc):
                 # Only the index is damaged: remade from the text, the write goes through.
-                self._run(repair_search_index, (), True, True)
-                return self._run(fn, args, write, True)
+                self._run(repair_search_index, (), "BEGIN IMMEDIATE", True)
+                return self._run(fn, args, begin, True)
             raise database_failure(exc) from None
 
     async def read(self, fn: Callable, *args: Any, long: bool = False) -> Any:
         pool = self.long_readers if long else self.readers
-        return await asyncio.get_running_loop().run_in_executor(pool, self._run, fn, args, False)
+        return await asyncio.get_running_loop().run_in_executor(pool, self._run, fn, args, None)
 
-    def submit_write(self, fn: Callable, *args: Any) -> asyncio.Future:
+    def submit_write(self, fn: Callable, *args: Any, begin: str = "BEGIN IMMEDIATE"
+                     ) -> asyncio.Future:
         """Queues a write; the returned future may be left unawaited (a reply's text)."""
-        future = asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args, True)
+        future = asyncio.get_running_loop().run_in_executor(self.writer, self._run, fn, args,
+                                                            begin)
         future.add_done_callback(self.written)
         return future
+
+    async def read_then_write(self, fn: Callable, *args: Any) -> Any:
+        """write(), in a deferred transaction: what fn reads before it writes (or if it never
+        does) waits for no other program's write lock."""
+        return await self.submit_write(fn, *args, begin="BEGIN")
 
     def written(self, future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -2061,7 +2074,8 @@ class PoeClient(httpx.AsyncClient):
     it as such), and open(), the relay's way in: a query's request made from the headers the
     client would give it (worked out once per URL), handed to PoeTransport itself, not through
     the client's layers (cookies, redirects, auth, hooks: some 80 us a call), unless a proxy
-    (HTTP(S)_PROXY) is httpx's affair. No read timeout: relay_poe's deadline bounds each wait
+    (HTTP(S)_PROXY) is httpx's affair. A query carries no cookies, as fastapi_poe's own client
+    (a new one each call) sends none. No read timeout: relay_poe's deadline bounds each wait
     for Poe (a timer per read costs)."""
 
     def __init__(self, settings: Settings) -> None:
@@ -2070,17 +2084,20 @@ class PoeClient(httpx.AsyncClient):
             proxy_mounts()
         super().__init__(transport=self.transport, mounts=mounts, timeout=httpx.Timeout(
             settings.poe_timeout, connect=min(settings.poe_timeout, 30.0), read=None))
-        self.proxied = bool(mounts)
+        self.proxied = any(mount is not None for mount in mounts.values())
         # URL -> (the parsed URL, the headers but the key's and the body's length, the key's at)
         self.heads: dict[str, tuple[httpx.URL, list[tuple[bytes, bytes]], int]] = {}
 
     async def open(self, url: str, body: bytes, api_key: str) -> httpx.Response:
         """POSTs a query (its JSON) as fastapi_poe's stream_request would; the answer's head."""
+        if self.is_closed:  # (as the client's own send says it)
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
         if url not in self.heads:
             if len(self.heads) >= 1000:  # model names are the caller's: no unbounded growth
                 self.heads.clear()
             request = self.build_request("POST", url, headers=poe_headers("-"))
-            raw = [pair for pair in request.headers.raw if pair[0].lower() != b"content-length"]
+            raw = [pair for pair in request.headers.raw
+                   if pair[0].lower() not in (b"content-length", b"cookie")]
             self.heads[url] = request.url, raw, [name.lower() for name, _ in raw].index(
                 b"authorization")
         parsed, raw, at = self.heads[url]
@@ -3262,8 +3279,9 @@ async def post_message(request: Request) -> Response:
     with app.state.replies.claim(conversation_id):
         new_message = {"role": turn.role, "content": turn.content, "attachments": []}
         rows = [] if continues else message_rows([new_message])
-        plan, inserted = await db.write(begin_turn, conversation_id, turn, new_message, sizes,
-                                        rows if api_key is not None else None)
+        plan, inserted = await db.read_then_write(begin_turn, conversation_id, turn,
+                                                  new_message, sizes,
+                                                  rows if api_key is not None else None)
         api_key, model = poe_key(request) if api_key is None else api_key, plan.budget.model
         if inserted is None:
             new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
@@ -8020,6 +8038,49 @@ def settings_help() -> str:
             + "\n".join(lines))
 
 
+class LogsAside:
+    """While the server runs, log lines are formatted and written by a thread of their own:
+    uvicorn logs each request as its answer starts, and a line's formatting and write (~40 us
+    here, more to a slow terminal) held every answer up. Each logger keeps its handlers, behind
+    one queue (QueuedLog); what is queued is written at the end."""
+
+    LOGGERS = ("", "uvicorn", "uvicorn.access", "uvicorn.error")
+
+    def __enter__(self) -> LogsAside:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.moved = [(logger, logger.handlers) for logger in
+                      {logging.getLogger(name) for name in self.LOGGERS} if logger.handlers]
+        for logger, handlers in self.moved:
+            logger.handlers = [QueuedLog(self.queue, handlers)]
+        self.thread = threading.Thread(target=self.write, name="log-writer", daemon=True)
+        self.thread.start()
+        return self
+
+    def write(self) -> None:
+        while (item := self.queue.get()) is not None:
+            handlers, record = item
+            for handler in handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.queue.put(None)
+        self.thread.join(5)
+        for logger, handlers in self.moved:
+            logger.handlers = handlers
+
+
+class QueuedLog(logging.Handler):
+    """A logger's one handler under LogsAside: the record, as it is, queued for its handlers."""
+
+    def __init__(self, records: queue.SimpleQueue, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self.records, self.handlers = records, handlers
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.put((self.handlers, record))
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """The service's socket, bound before the database is touched: a taken port is one line."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -8098,12 +8159,14 @@ def main() -> None:
                 await service.state.replies.stop_all(503, "the server is shutting down")
             await super().shutdown(sockets)
 
-    log.info("%s", start_line(settings, sock.getsockname()[1]))
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has stopped
-        Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
-                              http=partial(GuardedHttpProtocol,
-                                           header_seconds=settings.header_seconds),
-                              timeout_graceful_shutdown=3)).run([sock])
+    config = uvicorn.Config(service, host=settings.host, port=settings.port, log_level="info",
+                            http=partial(GuardedHttpProtocol,
+                                         header_seconds=settings.header_seconds),
+                            timeout_graceful_shutdown=3)  # (it sets uvicorn's log handlers up)
+    with LogsAside():
+        log.info("%s", start_line(settings, sock.getsockname()[1]))
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once stopped
+            Server(config).run([sock])
 
 
 if __name__ == "__main__":

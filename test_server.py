@@ -8082,3 +8082,23 @@ def test_a_key_that_is_not_ascii_is_401_and_calls_no_one(api, db):
     assert response.status_code == 401 and "not ASCII" in response.json()["detail"]
     assert "cl\u00e9" not in response.text
     assert snapshot(db) == before and CALLS == calls
+
+
+def test_a_turn_that_is_404_or_401_waits_for_no_other_programs_write_lock(start_service):
+    """A turn's history is read on the writer, in a transaction that takes the write lock at
+    its first write only: a conversation not found (with a key or not) is 404, a turn without
+    a key 401, while another program holds the lock (DB_TIMEOUT is past the client's wait)."""
+    api, db_path = start_service(db_timeout=120)
+    conversation_id = new_conversation(api, model="Echo")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+    try:
+        for target, headers, status in [("nope", KEY, 404), ("nope", {}, 404),
+                                        (conversation_id, {}, 401)]:
+            response = api.post(f"/v1/chat/conversations/{target}/messages",
+                                json={"content": "hi"}, headers=headers)
+            assert response.status_code == status, response.text
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert say(api, conversation_id, "hi").status_code == 200
