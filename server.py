@@ -58,8 +58,8 @@ order, and what each owns:
                       the middleware guarding Host, access keys and JSON bodies
   The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
                       App and RequestTiming (the Server-Timing header), create_app()
-  Main                GuardedHttpProtocol, the backup command, uvicorn with an orderly shutdown,
-                      LogsAside (log lines written by a thread of their own)
+  Main                GuardedHttpProtocol, the backup command, serve(): uvicorn with an orderly
+                      shutdown, LogsAside (log lines written by a thread of their own)
 """
 from __future__ import annotations
 
@@ -355,6 +355,11 @@ class Database:
             with transaction(self.local.db, begin) if begin else contextlib.nullcontext():
                 return fn(self.local.db, *args)
         except sqlite3.Error as exc:
+            if begin == "BEGIN" and getattr(exc, "sqlite_errorcode", 0) & 0xFF == \
+                    sqlite3.SQLITE_BUSY:
+                # Its first write met another program's lock, which SQLite does not wait for
+                # once a transaction has read: once more, waiting for the lock from the start.
+                return self._run(fn, args, "BEGIN IMMEDIATE", repaired)
             if begin and not repaired and search_index_broke(exc):
                 # Only the index is damaged: remade from the text, the write goes through.
                 self._run(repair_search_index, (), "BEGIN IMMEDIATE", True)
@@ -375,7 +380,8 @@ class Database:
 
     async def read_then_write(self, fn: Callable, *args: Any) -> Any:
         """write(), in a deferred transaction: what fn reads before it writes (or if it never
-        does) waits for no other program's write lock."""
+        does) waits for no other program's write lock; if its first write meets one, fn runs
+        again in a write() that waits for it (fn must do nothing but SQL)."""
         return await self.submit_write(fn, *args, begin="BEGIN")
 
     def written(self, future: asyncio.Future) -> None:
@@ -8064,10 +8070,16 @@ class LogsAside:
                     handler.handle(record)
 
     def __exit__(self, *exc: Any) -> None:
-        self.queue.put(None)
-        self.thread.join(5)
+        self.close()
+
+    def close(self) -> None:
+        """The handlers back in place, then what was queued written (once: later calls pass)."""
         for logger, handlers in self.moved:
             logger.handlers = handlers
+        self.moved = []
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join(5)
 
 
 class QueuedLog(logging.Handler):
@@ -8109,8 +8121,6 @@ def start_line(settings: Settings, port: int) -> str:
 
 
 def main() -> None:
-    import uvicorn
-
     parser = argparse.ArgumentParser(
         description="Poe proxy with memory", epilog=settings_help(),
         usage="%(prog)s [-h] [--host HOST] [--port PORT] [--db DB] [backup FILE]",
@@ -8149,9 +8159,22 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    service = create_app(settings)
+    serve(create_app(settings), settings, sock)
+
+
+def serve(service: Starlette, settings: Settings, sock: socket.socket) -> None:
+    """uvicorn on `sock`, its log lines written aside (LogsAside), until Ctrl-C or SIGTERM."""
+    import uvicorn
 
     class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # before uvicorn raises the signal it caught again (SIGTERM kills)
+                    logs.close()
+
         async def shutdown(self, sockets: Any = None) -> None:
             # Before uvicorn waits for open responses: each reply in flight is ended, its
             # caller told (503 or an error event), its text stored 'interrupted'.
@@ -8163,7 +8186,7 @@ def main() -> None:
                             http=partial(GuardedHttpProtocol,
                                          header_seconds=settings.header_seconds),
                             timeout_graceful_shutdown=3)  # (it sets uvicorn's log handlers up)
-    with LogsAside():
+    with LogsAside() as logs:
         log.info("%s", start_line(settings, sock.getsockname()[1]))
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once stopped
             Server(config).run([sock])

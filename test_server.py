@@ -4019,7 +4019,8 @@ def flushed_text(db, sql: str, key: str) -> str:
 def read_then_signal(tmp_path, poe_url, sig):
     """Streams a long reply and reads it until the database holds part of it (a flush) and the
     client has more than that; sends `sig` to the server. Returns what the client received, what
-    was flushed by then, and the database's rows after a restart on the same file."""
+    was flushed by then, the database's rows after a restart on the same file, and what the
+    server printed."""
     first = ServerProcess(tmp_path, poe_url)
     db = sqlite3.connect(tmp_path / "chat.db")
     with httpx.Client(base_url=first.url, timeout=30) as api:
@@ -4039,11 +4040,11 @@ def read_then_signal(tmp_path, poe_url, sig):
     with httpx.Client(base_url=second.url) as api:
         messages = api.get(f"/v1/chat/conversations/{conversation_id}/messages").json()
     second.stop(signal.SIGTERM)
-    return received, flushed, messages["messages"]
+    return received, flushed, messages["messages"], first.output()
 
 
 def test_kill_9_keeps_user_message_and_saved_text(tmp_path, poe_url):
-    received, flushed, messages = read_then_signal(tmp_path, poe_url, signal.SIGKILL)
+    received, flushed, messages, _ = read_then_signal(tmp_path, poe_url, signal.SIGKILL)
     assert [(m["role"], m["status"]) for m in messages] == [
         ("user", "complete"), ("assistant", "interrupted")]
     assert messages[0]["content"] == "400 0.02"
@@ -4054,10 +4055,13 @@ def test_kill_9_keeps_user_message_and_saved_text(tmp_path, poe_url):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_in_flight_text(tmp_path, poe_url, sig):
-    received, flushed, messages = read_then_signal(tmp_path, poe_url, sig)
+    received, flushed, messages, output = read_then_signal(tmp_path, poe_url, sig)
     assert [(m["role"], m["status"]) for m in messages] == [
         ("user", "complete"), ("assistant", "interrupted")]
     assert len(received) > len(flushed) and messages[1]["content"].startswith(received)
+    # Every log line is written, the last ones too (they are written by a thread of their own).
+    assert output.rstrip().splitlines()[-1].startswith("INFO:     Finished server process")
+    assert '"POST /v1/chat/conversations HTTP/1.1" 200' in output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -8102,3 +8106,22 @@ def test_a_turn_that_is_404_or_401_waits_for_no_other_programs_write_lock(start_
         other.execute("ROLLBACK")
         other.close()
     assert say(api, conversation_id, "hi").status_code == 200
+
+
+def test_a_turn_waits_for_another_programs_write_lock(start_service):
+    """A turn reads its history in a transaction that writes late: when its first write meets
+    another program's lock, it waits for it (DB_TIMEOUT), as every write does, then goes on."""
+    api, db_path = start_service(db_timeout=30)
+    conversation_id = new_conversation(api, model="Echo")
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another program takes the write lock
+    other.execute("CREATE TABLE another_programs (a)")
+    with ThreadPoolExecutor(1) as pool:
+        turn = pool.submit(say, api, conversation_id, "wait for it")
+        # Had the turn not waited, it would be answered (503) before this deadline.
+        with contextlib.suppress(AssertionError):
+            wait_for(turn.done, seconds=1)
+        other.execute("COMMIT")
+        other.close()
+        response = turn.result(timeout=30)
+    assert response.status_code == 200 and "wait for it" in response.json()["reply"]
