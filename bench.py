@@ -449,7 +449,12 @@ async def bench_service(mode: str, workdir: str, bot: Process,
                          f"ratio {relayed_cpu / direct_cpu:.2f}"))
 
         # 3. A non-streamed turn with a short reply, by history size. 4. GET .../messages.
+        # Timed with clients of their own, holding one connection each: the shared ones hold the
+        # streams' and those of the conversations just created at once, and httpx's pool looks
+        # at every connection it holds for each request.
         repeats = sized(mode, 25, 5, 2)
+        timed_session = httpx.AsyncClient(timeout=600)
+        timed_client = httpx.AsyncClient(base_url=service.url, timeout=600)
         for size in sized(mode, (10, 100, 1000), (10, 100), (10, 100)):
             # Each turn on a conversation of its own, holding `size` messages: none grows.
             turns = sized(mode, 200, 20, 3) if size == 10 else repeats
@@ -461,11 +466,11 @@ async def bench_service(mode: str, workdir: str, bot: Process,
             direct, proxied, proxy_own = [], [], []
             for conversation_id in conversation_ids:
                 started = time.perf_counter()
-                await direct_reply(session, bot_url, query("short", poe_history))
+                await direct_reply(timed_session, bot_url, query("short", poe_history))
                 direct.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                response = await client.post(f"/v1/chat/conversations/{conversation_id}/messages",
-                                             json={"content": "short"})
+                response = await timed_client.post(
+                    f"/v1/chat/conversations/{conversation_id}/messages", json={"content": "short"})
                 proxied.append(time.perf_counter() - started)
                 assert response.status_code == 200, response.text
                 proxy_own.append(server_timing(response)["proxy"])
@@ -484,17 +489,17 @@ async def bench_service(mode: str, workdir: str, bot: Process,
             chat, stateless, stored = [], [], []
             for _ in range(repeats):
                 started = time.perf_counter()
-                response = await client.post("/v1/chat/completions", json={
+                response = await timed_client.post("/v1/chat/completions", json={
                     "model": "Bench", "messages": given})
                 chat.append(time.perf_counter() - started)
                 assert response.status_code == 200, response.text
                 started = time.perf_counter()
-                response = await client.post("/v1/responses", json={
+                response = await timed_client.post("/v1/responses", json={
                     "model": "Bench", "input": given, "store": False})
                 stateless.append(time.perf_counter() - started)
                 assert response.json().get("status") == "completed", response.text
                 started = time.perf_counter()
-                response = await client.post("/v1/responses", json={
+                response = await timed_client.post("/v1/responses", json={
                     "model": "Bench", "input": "short", "conversation": conversation_id})
                 stored.append(time.perf_counter() - started)
                 assert response.json().get("status") == "completed", response.text
@@ -510,11 +515,14 @@ async def bench_service(mode: str, workdir: str, bot: Process,
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                response = await client.get(f"/v1/chat/conversations/{conversation_id}/messages")
+                response = await timed_client.get(
+                    f"/v1/chat/conversations/{conversation_id}/messages")
                 times.append(time.perf_counter() - started)
                 assert len(response.json()["messages"]) == size
             rows.append((f"GET messages, {size} messages: median", ms(statistics.median(times)),
                          ""))
+        await timed_session.aclose()
+        await timed_client.aclose()
         seconds = sized(mode, 3.0, 0.25, 0.05)
         service_rate = await requests_per_second(service.url, seconds)
         bare_rate = await requests_per_second(bare.url, seconds)
