@@ -1102,7 +1102,7 @@ def plain_query(entries: list[dict]) -> PoeQuery:
 
 
 def attachment_json(attachment: dict) -> dict:
-    """A stored attachment as a query's (poe_message's fp.Attachment, dumped)."""
+    """A stored attachment as a query sends it (fp.Attachment's fields, its defaults filled)."""
     return {**PLAIN_ATTACHMENT, "url": attachment["url"],
             "content_type": attachment.get("content_type") or "application/octet-stream",
             "name": attachment.get("name") or "file"}
@@ -1279,9 +1279,7 @@ def failure_of(app: Starlette, model: str, api_key: str, exc: Exception,
 
 
 def poe_message(role: str, content: str, attachments: list[dict] | None) -> fp.ProtocolMessage:
-    files = [fp.Attachment(url=a["url"], name=a.get("name") or "file",
-                           content_type=a.get("content_type") or "application/octet-stream")
-             for a in attachments or []]
+    files = [fp.Attachment(**attachment_json(a)) for a in attachments or []]
     return fp.ProtocolMessage(role="bot" if role == "assistant" else role, content=content,
                               attachments=files)
 
