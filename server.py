@@ -11,17 +11,18 @@ order, and what each owns:
   Request helpers     read_json (read_body, body_coding, BodyDecoder: compressed bodies),
                       text_field, int_field, id_list_field, ..., given, query_limit, the
                       {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
-  Poe relay           relay_poe (the one call to Poe), PoeFailure and what Poe's statuses and
-                      error events mean, PoeQuery (its JSON, built off the loop by
-                      prepare_query or plain_query), query_body, open_poe; after_poe (what
-                      follows a call's end, in PoeChores: app.state.poe_chores): drain,
-                      report_to_poe
+  Poe relay           relay_poe (the one call to Poe; RelayFeed: its items handed on as each
+                      read arrives), PoeFailure and what Poe's statuses and error events mean,
+                      PoeQuery (its JSON, built off the loop by prepare_query or
+                      plain_query), query_body, open_poe; after_poe (what follows a call's end,
+                      in PoeChores: app.state.poe_chores): drain, report_to_poe
   Poe's budget        PoeBudget (app.state.poe_budget: the shared rate budget every call takes a
                       slot of)
   Poe's events        PoeEventReader (Poe's server-sent events read as they arrive),
                       CutLongTextEvents
   Poe's connections   PoeClient (app.state.poe: httpx's client, and open(), the relay's way
-                      straight to its transport), PoeTransport, PoeConnection, PoeBody
+                      straight to its transport), PoeTransport, PoeConnection, PoeBody (push:
+                      the body fed to the relay in the connection's own read)
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the flushes, the
                       unsaved ends), ReplyEnd
@@ -1208,58 +1209,97 @@ async def report_to_poe(app: Starlette, model: str, api_key: str,
 
 
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
-                    tools: list | None = None,
-                    queued: Callable[[bool], None] | None = None) -> AsyncIterator[tuple]:
-    """Yields ("text", chunk), ("replace", whole_text), ("file", attachment dict) and
-    ("tool_calls", [delta dicts]) from one Poe call, once the call has a slot of the budget
-    (PoeBudget.take: `queued` hears when it waits for one). Its consumer must not await anything
-    else between chunks: one deadline on the task (not one per chunk) bounds the wait for each
-    event; moving it is a chunk's dearest step, so it moves at most every `slack` s, to now +
-    timeout + slack: never before `timeout` after the last event, at most `slack` later; first
-    wait exact. It ends at 'done': what follows is after_poe's. Every failure is a PoeFailure.
-    The request's RequestTiming hears of the wait for the budget and of Poe's times."""
+                    take: Callable[[str, Any], bool], tools: list | None = None,
+                    queued: Callable[[bool], None] | None = None) -> None:
+    """One Poe call, once it has a slot of the budget (PoeBudget.take: `queued` hears when it
+    waits for one): take(kind, value) is given ("text", chunk), ("replace", whole_text),
+    ("file", attachment dict) and ("tool_calls", [delta dicts]) as their bytes arrive (RelayFeed:
+    in the connection's own read, no task woken a chunk); take returning True ends the call
+    there, as if stopped. It ends at 'done': what follows is after_poe's. Every failure, and
+    take's own, is raised as a PoeFailure. The request's RequestTiming hears of the wait for
+    the budget and of Poe's times."""
     timing = request_timing.get(None) or RequestTiming()
     await timing.wait_for_budget(app.state.poe_budget, queued)
-    settings, loop = app.state.settings, asyncio.get_running_loop()
-    timeout, slack = settings.poe_timeout, min(1.0, settings.poe_timeout / 10)
-    moved = -math.inf  # the first event always moves the deadline
-    response = reader = None
+    settings = app.state.settings
+    response = feed = None
     timing.poe_call(began=True)
     try:
-        async with asyncio.timeout(timeout) as deadline:
+        async with asyncio.timeout(settings.poe_timeout) as deadline:
             response = await open_poe(app, model, query_body(query, tools), api_key)
-            reader = PoeEventReader(tools is not None, response.headers,
-                                    bool(settings.poe_api_key))
-            # The body as it comes: PoeTransport's own stream, under none of httpx's layers
-            # (response.aclose() closes it), unless it must be decoded (gzip, say).
-            chunks = aiter(response.aiter_bytes() if "content-encoding" in response.headers
-                           else response.extensions.get("poe_body") or response.aiter_raw())
-            async for chunk in chunks:
-                if (now := loop.time()) - moved >= slack:
-                    if moved < 0:
-                        timing.poe_event()
-                    deadline.reschedule(now + timeout + slack)
-                    moved = now
-                items = reader.feed(chunk)
-                if items and timing.poe_output is None:
-                    timing.poe_output = time.perf_counter()
-                for item in items:
-                    yield item
-                if reader.failure is not None:
-                    raise reader.failure
-                if reader.done:
-                    break
-        if not reader.done:
-            reader.report("Bot exited without sending 'done' event")
+            feed = RelayFeed(PoeEventReader(tools is not None, response.headers,
+                                            bool(settings.poe_api_key)), take, deadline,
+                             settings.poe_timeout, timing)
+            # The body as it comes: PoeTransport's own (PoeBody.push: fed as it is read),
+            # unless it must be decoded (gzip, say) or is a proxy's (httpx's own transport).
+            body = None if "content-encoding" in response.headers else \
+                response.extensions.get("poe_body")
+            if body is not None:
+                await body.push(feed.feed)
+                chunks = aiter(body)
+            else:
+                chunks = aiter(response.aiter_bytes() if "content-encoding" in response.headers
+                               else response.aiter_raw())
+                async for chunk in chunks:
+                    if feed.feed(chunk):
+                        break
+        feed.raise_failure()
+        if feed.stopped:
+            return  # (its response closed below: the connection is not kept)
+        if not feed.reader.done:
+            feed.reader.report("Bot exited without sending 'done' event")
             raise PoeFailure(502, POE_BROKE_OFF)
-        after_poe(app, model, api_key, reader.reports, response, chunks)
+        after_poe(app, model, api_key, feed.reader.reports, response, chunks)
         response = None  # after_poe's now
     except (TimeoutError, httpx.HTTPError, PoeFailure) as exc:
-        raise failure_of(app, model, api_key, exc, reader) from None
+        raise failure_of(app, model, api_key, exc, feed and feed.reader) from None
     finally:
         timing.poe_call(began=False)
         if response is not None:
             await response.aclose()
+
+
+class RelayFeed:
+    """relay_poe's reading of one answer: feed() takes each read's bytes (PoeEventReader) and
+    hands their items to `take`; it says True once the call has had enough: 'done', a failure
+    (Poe's, or `take`'s: `failure`, raised by raise_failure), or `take` saying so (`stopped`).
+    It moves the call's deadline, the chunk's dearest step, at most every `slack` s, to now +
+    timeout + slack: never before `timeout` after the last event, at most `slack` later."""
+
+    def __init__(self, reader: PoeEventReader, take: Callable[[str, Any], bool],
+                 deadline: asyncio.Timeout, timeout: float, timing: RequestTiming) -> None:
+        self.reader, self.take, self.deadline, self.timing = reader, take, deadline, timing
+        self.loop, self.timeout, self.slack = asyncio.get_running_loop(), timeout, \
+            min(1.0, timeout / 10)
+        self.moved = -math.inf  # the first read always moves the deadline
+        self.stopped, self.failure = False, None
+
+    def feed(self, chunk: bytes) -> bool:
+        reader = self.reader
+        try:
+            if (now := self.loop.time()) - self.moved >= self.slack:
+                if self.moved < 0:
+                    self.timing.poe_event()
+                # (RuntimeError once the deadline has passed: the call ends as timed out)
+                self.deadline.reschedule(now + self.timeout + self.slack)
+                self.moved = now
+            items = reader.feed(chunk)
+            if items and self.timing.poe_output is None:
+                self.timing.poe_output = time.perf_counter()
+            for kind, value in items:
+                if self.take(kind, value):
+                    self.stopped = True
+                    return True
+        except Exception as exc:  # take's: PoeFailure, or a fault, which its caller logs
+            self.failure = exc
+            return True
+        if reader.failure is not None:
+            self.failure = reader.failure
+        return reader.done or self.failure is not None
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
 
 
 def failure_of(app: Starlette, model: str, api_key: str, exc: Exception,
@@ -1784,8 +1824,9 @@ POE_READ_BUFFER_BYTES = 1 << 20
 
 class PoeConnection(asyncio.Protocol):
     """One HTTP/1.1 connection to Poe (PoeTransport's): httptools, uvicorn's C parser, reads what
-    arrives as it arrives; the body waits in `body` for the response's reader, which a future
-    wakes. Reading pauses past POE_READ_BUFFER_BYTES unread."""
+    arrives as it arrives; the body goes to the `sink` (PoeBody.push's) as it is parsed, or
+    waits in `body` for the response's reader, which a future wakes. Reading pauses past
+    POE_READ_BUFFER_BYTES unread."""
 
     def __init__(self, origin: tuple) -> None:
         self.origin, self.loop = origin, asyncio.get_running_loop()
@@ -1804,6 +1845,7 @@ class PoeConnection(asyncio.Protocol):
         self.keep_alive = False
         self.sized = self.started = False  # the body has a length (or chunks); a byte came
         self.body: collections.deque[bytes] = collections.deque()
+        self.sink: Callable[[bytes], bool] | None = None  # says True once it has had enough
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -1826,7 +1868,8 @@ class PoeConnection(asyncio.Protocol):
             if not self.complete:  # (else what came after the end, in the same read)
                 self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
             self.transport.close()
-        self.wake()
+        if self.sink is None or self.complete or self.error is not None:
+            self.wake()
 
     def on_message_begin(self) -> None:
         if self.complete:  # a second answer after the end, in the same read: never parsed
@@ -1843,6 +1886,11 @@ class PoeConnection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()  # (llhttp forgets it at the end)
 
     def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            if self.sink(body):
+                self.sink = None  # had enough: the rest waits in `body` (for drain)
+                self.wake()
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > POE_READ_BUFFER_BYTES and not self.paused:
@@ -1949,6 +1997,22 @@ class PoeBody(httpx.AsyncByteStream):
             else:
                 await connection.wait(self.timeout)
                 turn_began = loop.time()
+
+    async def push(self, sink: Callable[[bytes], bool]) -> None:
+        """Hands the body to `sink` as it is read, in the connection's own data_received (no
+        task woken for each read), until sink says it has had enough (True) or the body ends;
+        the connection's failure is raised. A sink must not raise."""
+        connection = self.connection
+        if connection.body and sink(connection.take()):
+            return
+        connection.sink = sink
+        try:
+            while connection.sink is not None and not connection.complete:
+                if connection.error is not None:
+                    raise connection.error
+                await connection.wait(self.timeout)
+        finally:
+            connection.sink = None
 
     async def aclose(self) -> None:
         self.pool.release(self.connection)
@@ -2268,9 +2332,7 @@ class Reply:
             self.keep_watch(True)  # stateless: nobody else would read it
         try:
             if query is not None:
-                async with contextlib.aclosing(relay_poe(app, model, query, api_key, tools,
-                                                         self.queued)) as events:
-                    await self.take_all(events)
+                await relay_poe(app, model, query, api_key, self.take_item, tools, self.queued)
                 # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
                 status = "interrupted" if self.cut else "complete"
         except PoeFailure as exc:
@@ -2323,18 +2385,17 @@ class Reply:
                                if self.waiting else "the client went away before any output")
             self.task.cancel()
 
-    async def take_all(self, events: AsyncIterator[tuple]) -> None:
-        """Takes relay_poe's events (which yields the loop in a burst: PoeBody)."""
-        async for kind, value in events:
-            item = self.take(kind, value)
-            if self.message_id is not None and not self.pending:
-                self.registry.save_later(self)
-            if self.listener is not None:
-                self.listener.publish(item)
-                if self.watch is not None and self.has_output:
-                    self.keep_watch(False)  # the stream has begun: it watches its client
-            if self.cut:
-                break  # max_tokens: the Poe call ends here
+    def take_item(self, kind: str, value: Any) -> bool:
+        """relay_poe's `take`: one of its items kept, saved later, told to the listener; True
+        at max_tokens (the Poe call ends there)."""
+        item = self.take(kind, value)
+        if self.message_id is not None and not self.pending:
+            self.registry.save_later(self)
+        if self.listener is not None:
+            self.listener.publish(item)
+            if self.watch is not None and self.has_output:
+                self.keep_watch(False)  # the stream has begun: it watches its client
+        return self.cut
 
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
@@ -3794,12 +3855,14 @@ async def summarise(app: Starlette, api_key: str, model: str, prompt: str,
         {"role": "system", "content": prompt, "attachments": None},
         {"role": "user", "content": transcript, "attachments": None}])
     chunks: list[str] = []
-    async with contextlib.aclosing(relay_poe(app, model, query, api_key)) as events:
-        async for kind, value in events:
-            if kind == "text":
-                chunks.append(value)
-            elif kind == "replace":
-                chunks = [value]
+
+    def take(kind: str, value: Any) -> bool:
+        if kind == "replace":
+            chunks.clear()
+        if kind in ("text", "replace"):
+            chunks.append(value)
+        return False
+    await relay_poe(app, model, query, api_key, take)
     if not (text := "".join(chunks).strip()):
         raise PoeFailure(502, f"the summary from {model} was empty")
     return text
