@@ -128,6 +128,18 @@ async def replace(request):
     yield fp.PartialResponse(text=" and more")
 
 
+REVISE_STEPS = [("one ", False), ("two ", False), ("one two three", True), (" four", False),
+                ("fresh", True), (" end", False)]
+
+
+async def revise(request):
+    """Texts and replacements (one extending the text, one not), each in a read of its own, so
+    that the stream relaying them waits for each."""
+    for text, replace_ in REVISE_STEPS:
+        yield fp.PartialResponse(text=text, is_replace_response=replace_)
+        await asyncio.sleep(0.02)
+
+
 async def extend(request):
     yield fp.PartialResponse(text="Think")
     yield fp.PartialResponse(text="Thinking done", is_replace_response=True)
@@ -274,7 +286,7 @@ def make_poe_app():
             ScriptBot("TooLong", error_type_bot("user_message_too_long")),
             ScriptBot("Fussy", error_type_bot("user_caused_error")),
             ScriptBot("Private", error_type_bot("privacy_authorization_error")),
-            ScriptBot("Replace", replace), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
+            ScriptBot("Replace", replace), ScriptBot("Revise", revise), ScriptBot("Silent", silent), ScriptBot("Stall", stall),
             ScriptBot("Locked", locked, access_key=RIGHT_KEY), ScriptBot("Sketcher", painter),
             ScriptBot("Flood", flood), ScriptBot("Count", count), ScriptBot("Extend", extend),
             ScriptBot("Say", say_back), ScriptBot("ToolBot", call_tools),

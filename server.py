@@ -26,7 +26,8 @@ order, and what each owns:
   Replies             Reply (one Poe reply in progress: its text, its saving, its Listener),
                       Replies (app.state.replies: the registry, claim(), the flushes, the
                       unsaved ends), ReplyEnd
-  Reply streams       Listener, EventStream, SentText (what a streaming client has), sse()
+  Reply streams       Listener (its fast lane: RawBody), EventStream, SentText (what a
+                      streaming client has), sse()
   Conversations       /v1/chat/conversations...
   Messages and turns  .../messages, stop, regenerate, delete (forget_message: what a deleted
                       message leaves elsewhere); load_turn (begin_turn: a plain turn read and
@@ -120,7 +121,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.datastructures import Headers
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match, Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger("poe_proxy")
 
@@ -2531,8 +2532,7 @@ class Reply:
             # The reply's own failure, or this client's (fell_behind): the reply goes on.
             raise self.failure() if self.error is not None else \
                 HTTPException(first[1], first[2], headers=NO_RETRY)
-        listener = self.listener
-        return EventStream(events(first), ready=lambda: bool(listener.items))
+        return EventStream(events(first), listener=self.listener)
 
 
 class Replies:
@@ -2695,7 +2695,8 @@ class Replies:
 
 # ---------------------------------------------------------------------------------------------
 # Reply streams: what a streaming response is told of its reply (Listener, a bounded queue), and
-# how it writes it (EventStream: the events ready at once in one write; SentText, sse()).
+# how it writes it (EventStream: the events ready at once in one write; a text while it waits,
+# at once, by the listener's fast lane, RawBody; SentText, sse()).
 
 # A listener (streaming response) this far behind for BEHIND_SECONDS loses its view (a burst
 # from Poe, read at once, puts a client that keeps up this far behind for an instant); the reply
@@ -2711,7 +2712,10 @@ class Listener:
     message_id, status) or ("error", status, detail). Still past LISTENER_BUFFER_BYTES behind
     BEHIND_SECONDS after it got there (a client not reading), what waits becomes one error. A
     deque and one future for the reader waiting, if any: asyncio.Queue's getters and putters
-    cost more than they give here."""
+    cost more than they give here.
+    Its fast lane: while the reader waits (it has written all it took), a text is written to
+    the client at once, as the reader would write it (`lane`, its stream's), if the socket takes
+    it now (`raw`: RawBody): no task woken for it."""
 
     def __init__(self, stored: bool) -> None:
         self.loop, self.stored = asyncio.get_running_loop(), stored  # stored: its reply is
@@ -2719,9 +2723,16 @@ class Listener:
         self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
         self.behind: asyncio.TimerHandle | None = None  # the check, once past the bound
+        self.lane: Callable[[str], bytes] | None = None  # a text as its stream's bytes
+        self.raw: RawBody | None = None
 
     def publish(self, item: tuple) -> None:
         if self.closed:
+            return
+        if item[0] == "text" and self.lane is not None and self.raw is not None and \
+                self.waiter is not None and not self.waiter.done() and \
+                len(item[1]) <= SSE_PIECE_CHARS and self.raw.ready():
+            self.raw.write(self.lane(item[1]))
             return
         self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
         if self.queued_bytes > LISTENER_BUFFER_BYTES and self.behind is None:
@@ -2798,28 +2809,61 @@ class Listener:
 # middlewares' wrappers of send (Starlette's error and exception handlers', CORS', the timing's)
 # act on the response's start only, and cost a call each for every event past it.
 RAW_SEND = "poe_proxy.send"
+
+
+class RawBody:
+    """A streamed response's body written at once, from a callback (Listener.publish), as
+    uvicorn's send would write it (its httptools cycle, whose send is the scope's RAW_SEND), when
+    that send would not wait: the response begun in chunks, not ended, the client there, the
+    socket not full. of() is None under any other server."""
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+
+    @classmethod
+    def of(cls, send: Callable) -> RawBody | None:
+        cycle = getattr(send, "__self__", None)
+        return cls(cycle) if type(cycle) is RequestResponseCycle else None
+
+    def ready(self) -> bool:
+        cycle = self.cycle
+        return cycle.response_started and cycle.chunked_encoding is True and not (
+            cycle.response_complete or cycle.disconnected or cycle.flow.write_paused
+            or cycle.transport.is_closing())
+
+    def write(self, data: bytes) -> None:
+        if data:  # (an empty chunk would end the body)
+            self.cycle.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
 # EventStream writes the events ready at once together, up to this many bytes a write.
 STREAM_WRITE_BYTES = 1 << 18
 
 
 class EventStream(Response):
     """Server-sent events: the bytes of `content` written as they come, those ready together in
-    one write (`ready()` says whether more are: the events queued for it), until it ends or the
-    client goes (then `content` is closed). Headers as sse-starlette's, whose response this
-    replaced: it ran four tasks a stream and a lock and two calls an event."""
+    one write (while its `listener` has more queued), until it ends or the client goes (then
+    `content` is closed); the listener's texts may also go by its fast lane (RawBody). Headers
+    as sse-starlette's, whose response this replaced: it ran four tasks a stream and a lock and
+    two calls an event."""
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[bytes], headers: dict | None = None,
-                 ready: Callable[[], bool] | None = None) -> None:
-        self.body_iterator, self.ready = content, ready
+                 listener: Listener | None = None) -> None:
+        self.body_iterator, self.listener = content, listener
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-store", "Connection": "keep-alive",
                            "X-Accel-Buffering": "no", **(headers or {})})
 
+    def ready(self) -> bool:
+        return self.listener is not None and bool(self.listener.items)
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
+        if self.listener is not None:
+            self.listener.raw = RawBody.of(scope.get(RAW_SEND))
         writing = asyncio.ensure_future(self.write(scope.get(RAW_SEND, send)))
         leaving = asyncio.ensure_future(client_leaves(receive))
         try:
@@ -2835,7 +2879,7 @@ class EventStream(Response):
         waiting, size = [], 0
         async with contextlib.aclosing(self.body_iterator) as events:
             async for data in events:
-                if self.ready is not None and self.ready() and size < STREAM_WRITE_BYTES:
+                if self.ready() and size < STREAM_WRITE_BYTES:
                     waiting.append(data)
                     size += len(data)
                     continue
@@ -3388,14 +3432,17 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
                               memory: dict) -> AsyncIterator[bytes]:
     yield sse(seed_dumps(ids))
     sent = SentText()
+
+    def texts(kind: str, text: str) -> bytes:
+        return b"".join(sse(seed_dumps({"content": piece, "replace": True})) if replace
+                        else content_event(piece) for piece, replace in sent.deltas(kind, text))
+    reply.listener.lane = partial(texts, "text")
     async for item in reply.listener.events(first):
         kind = item[0]
         if kind == "wait":  # for the budget: at once, then every BUDGET_COMMENT_SECONDS
             yield BUDGET_COMMENT
         elif kind in ("text", "replace"):
-            for text, replace in sent.deltas(kind, item[1]):
-                yield sse(seed_dumps({"content": text, "replace": True})) if replace \
-                    else content_event(text)
+            yield texts(kind, item[1])
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
@@ -5989,15 +6036,19 @@ class Completion:
         text_tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
         sent = SentText()
+
+        def texts(kind: str, text: str) -> bytes:
+            # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
+            return b"".join(chunk({"content": piece, "replace": True}) if replace else
+                            text_head + json_string(piece).encode() + text_tail
+                            for piece, replace in sent.deltas(kind, text))
         try:
             yield chunk({"role": "assistant", "content": ""})
+            self.reply.listener.lane = partial(texts, "text")
             async for item in self.reply.listener.events(first):
                 kind = item[0]
                 if kind in ("text", "replace"):
-                    # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
-                    for text, replace in sent.deltas(kind, item[1]):
-                        yield chunk({"content": text, "replace": True}) if replace \
-                            else text_head + json_string(text).encode() + text_tail
+                    yield texts(kind, item[1])
                 elif kind in ("tool_calls", "end"):
                     for delta in self.tool_calls.deltas(ended=kind == "end"):
                         yield chunk({"tool_calls": [delta]})  # at the end, '{}' for no arguments
@@ -6556,6 +6607,12 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
     text_at = {"item_id": f"msg_{turn.key}", "output_index": len(turn.leading),
                "content_index": 0}
     opened, sent, event = False, SentText(), response_event()
+
+    def texts(pieces: list[tuple[str, bool]]) -> bytes:
+        # Responses' deltas only append: a non-extending replacement goes whole, flagged.
+        return b"".join(event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
+                              **({"replace": True} if replace else {}))
+                        for delta, replace in pieces)
     try:
         for frame in leading_events(turn.base, event):
             yield frame
@@ -6565,19 +6622,18 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                 return
             if item[0] not in ("text", "replace") or not item[1]:
                 continue
-            for delta, replace in sent.deltas(item[0], item[1]):
-                if not delta:
-                    continue
-                if not opened:
-                    opened = True
-                    yield event("response.output_item.added",
-                                output_index=text_at["output_index"], item={
-                                    "type": "message", "id": text_at["item_id"],
-                                    "status": "in_progress", "role": "assistant", "content": []})
-                    yield event("response.content_part.added", **text_at, part=output_text(""))
-                # Responses' deltas only append: a non-extending replacement goes whole, flagged.
-                yield event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
-                            **({"replace": True} if replace else {}))
+            if not (pieces := [piece for piece in sent.deltas(item[0], item[1]) if piece[0]]):
+                continue
+            if not opened:
+                opened = True
+                yield event("response.output_item.added",
+                            output_index=text_at["output_index"], item={
+                                "type": "message", "id": text_at["item_id"],
+                                "status": "in_progress", "role": "assistant", "content": []})
+                yield event("response.content_part.added", **text_at, part=output_text(""))
+                reply.listener.lane = lambda text: texts([piece for piece in sent.deltas(
+                    "text", text) if piece[0]])
+            yield texts(pieces)
         await reply.done.wait()  # at once, but for a listener that fell behind
         for frame in response_output_events(turn.body, event, text_at, opened):
             yield frame

@@ -430,6 +430,35 @@ def test_replace_response_replaces_the_text(api, db):
     assert stored_messages(db, conversation_id)[-1]["content"] == "final answer and more"
 
 
+def test_texts_and_replacements_each_in_a_read_of_their_own_stream_in_order(api, db):
+    """Each event comes while the stream waits for the next: a text goes out at once (the
+    listener's fast lane), a replacement by the stream's own writer; each route's deltas, in
+    order, make the text stored."""
+    expected = [("one ", False), ("two ", False), ("three", False), (" four", False),
+                ("fresh", True), (" end", False)]
+    conversation_id = new_conversation(api, model="Revise")
+    with stream_turn(api, conversation_id, "x") as response:
+        events = sse_data(response)
+    assert [(e["content"], e.get("replace", False)) for e in events[:6]] == expected
+    assert events[6]["finish_reason"] == "stop" and events[7:] == ["[DONE]"]
+    assert stored_messages(db, conversation_id)[-1]["content"] == "fresh end"
+    with api.stream("POST", "/v1/chat/completions", headers=KEY, json={
+            "model": "Revise", "stream": True,
+            "messages": [{"role": "user", "content": "x"}]}) as response:
+        chunks = [e for e in sse_data(response) if e != "[DONE]"]
+    deltas = [(c["choices"][0]["delta"]["content"], c["choices"][0]["delta"].get("replace", False))
+              for c in chunks[1:] if c["choices"][0]["delta"].get("content")]
+    assert deltas == expected and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "Revise", "stream": True, "input": "x"}) as response:
+        frames = sse_data(response)
+    assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
+    assert [(f["delta"], f.get("replace", False)) for f in frames
+            if f["type"] == "response.output_text.delta"] == expected
+    assert frames[-1]["type"] == "response.completed"
+    assert frames[-1]["response"]["output"][0]["content"][0]["text"] == "fresh end"
+
+
 def test_only_text_events_are_reply_text(api):
     conversation_id = new_conversation(api, model="Echo")
     reply = say(api, conversation_id, "plain").json()["reply"]
