@@ -1846,7 +1846,10 @@ class PoeConnection(asyncio.Protocol):
         self.keep_alive = False
         self.sized = self.started = False  # the body has a length (or chunks); a byte came
         self.body: collections.deque[bytes] = collections.deque()
-        self.sink: Callable[[bytes], bool] | None = None  # says True once it has had enough
+        # PoeBody.push's: it says True once it has had enough; it is set aside (the body
+        # waits in `body` for push) after TURN_SECONDS of its work, so a burst gives way.
+        self.sink: Callable[[bytes], bool] | None = None
+        self.sink_work, self.enough = 0.0, False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -1863,12 +1866,17 @@ class PoeConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.started = True
+        began = time.perf_counter()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if not self.complete:  # (else what came after the end, in the same read)
                 self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
             self.transport.close()
+        if self.sink is not None:
+            self.sink_work += time.perf_counter() - began
+            if self.sink_work >= TURN_SECONDS:
+                self.sink = None  # (libuv makes up to 32 reads in a row: a burst is fed by push)
         if self.sink is None or self.complete or self.error is not None:
             self.wake()
 
@@ -1889,8 +1897,7 @@ class PoeConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
             if self.sink(body):
-                self.sink = None  # had enough: the rest waits in `body` (for drain)
-                self.wake()
+                self.sink, self.enough = None, True  # the rest waits in `body` (for drain)
             return
         self.body.append(body)
         self.buffered += len(body)
@@ -1953,6 +1960,15 @@ class PoeConnection(asyncio.Protocol):
             self.paused = False
         return data
 
+    def take_first(self) -> bytes:
+        """The first of the body's pieces that have come (a read's, as a rule)."""
+        data = self.body.popleft()
+        self.buffered -= len(data)
+        if self.paused and self.buffered <= POE_READ_BUFFER_BYTES // 4:
+            self.transport.resume_reading()
+            self.paused = False
+        return data
+
     async def send(self, request: httpx.Request, timeout: float | None) -> None:
         """The request's head and body (chunked if its headers say so)."""
         if self.closed:
@@ -2002,18 +2018,29 @@ class PoeBody(httpx.AsyncByteStream):
     async def push(self, sink: Callable[[bytes], bool]) -> None:
         """Hands the body to `sink` as it is read, in the connection's own data_received (no
         task woken for each read), until sink says it has had enough (True) or the body ends;
-        the connection's failure is raised. A sink must not raise."""
+        the connection's failure is raised. A sink must not raise. After TURN_SECONDS of its
+        work the connection sets it aside: what waits is fed here, a piece at a time, yielding
+        the loop every TURN_SECONDS, and the sink goes back."""
         connection = self.connection
-        if connection.body and sink(connection.take()):
-            return
-        connection.sink = sink
-        try:
-            while connection.sink is not None and not connection.complete:
-                if connection.error is not None:
-                    raise connection.error
+        while True:
+            began = time.perf_counter()
+            while connection.body:
+                if time.perf_counter() - began >= TURN_SECONDS:
+                    await asyncio.sleep(0)
+                    began = time.perf_counter()
+                if sink(connection.take_first()):
+                    return
+            if connection.complete:
+                return
+            if connection.error is not None:
+                raise connection.error
+            connection.sink, connection.sink_work = sink, 0.0
+            try:
                 await connection.wait(self.timeout)
-        finally:
-            connection.sink = None
+            finally:
+                connection.sink = None
+            if connection.enough:
+                return
 
     async def aclose(self) -> None:
         self.pool.release(self.connection)
@@ -2190,6 +2217,8 @@ TURN_SECONDS = 0.005
 # What a bot may make a reply hold, past its text: past these, the reply fails (502).
 MAX_TOOL_CALLS = 128  # OpenAI's limit on a request's tools
 MAX_REPLY_FILES = 100
+# A reply's text is joined, and handed to SQLite, in pieces of about this many characters.
+TEXT_PIECE_CHARS = 1 << 24
 # A failure after some output is 502 (the reply cut off), but for these, which say more: Poe's
 # rate limit (429: waiting is the cure, API.md says never 502) and Poe's silence (504).
 CUT_OFF_KEPT = (429, 504)
@@ -2215,21 +2244,51 @@ class ReplyEnd:
     replaces: int | None
     status: str
     discard: bool  # failed before any output: the turn leaves no trace (its caller may resend it)
-    rewrite: bool  # `text` replaces the stored content instead of extending it
-    text: str
+    rewrite: bool  # `parts` replace the stored content instead of extending it
+    parts: list[str]  # the text not yet stored, as it came
     attachments: str | None
     tool_calls: str | None
     response: ResponseRecord | None
 
 
-def save_reply_text(db: sqlite3.Connection, message_id: int, text: str, rewrite: bool) -> None:
-    if rewrite or text:
-        content_sql = "?" if rewrite else "content || ?"
+def text_pieces(parts: list[str], limit: int = TEXT_PIECE_CHARS) -> Iterator[str]:
+    """`parts` joined into pieces of at most `limit` characters (a longer part is one), one by
+    one; at least one."""
+    piece, size = [], 0
+    for part in parts:
+        if size and size + len(part) > limit:
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(part)
+        size += len(part)
+    yield "".join(piece)
+
+
+def store_all_but_last(db: sqlite3.Connection, message_id: int, parts: list[str],
+                       rewrite: bool, limit: int = TEXT_PIECE_CHARS) -> tuple[str, str]:
+    """Stores the reply text `parts` in its message but their last piece (text_pieces); returns
+    the SQL and the text that store that piece, for its caller's UPDATE. A long text is joined,
+    and handed to SQLite, a piece at a time: one join of tens of MB would hold the GIL, and the
+    event loop with it, for tens of ms; SQLite's own work runs without it."""
+    content_sql, last = ("?" if rewrite else "content || ?"), None
+    for piece in text_pieces(parts, limit):
+        if last is not None:
+            db.execute(f"UPDATE messages SET content = {content_sql} WHERE id = ?",
+                       (last, message_id))
+            content_sql = "content || ?"
+        last = piece
+    return content_sql, last
+
+
+def save_reply_text(db: sqlite3.Connection, message_id: int, parts: list[str],
+                    rewrite: bool) -> None:
+    if rewrite or any(parts):
+        content_sql, text = store_all_but_last(db, message_id, parts, rewrite)
         db.execute(f"UPDATE messages SET content = {content_sql}, updated_at = {NOW_SQL} "
                    "WHERE id = ?", (text, message_id))
 
 
-def save_reply_texts(db: sqlite3.Connection, texts: list[tuple[int, str, bool]]) -> None:
+def save_reply_texts(db: sqlite3.Connection, texts: list[tuple[int, list[str], bool]]) -> None:
     for message_id, text, rewrite in texts:
         save_reply_text(db, message_id, text, rewrite)
 
@@ -2248,10 +2307,10 @@ def save_reply_end(db: sqlite3.Connection, end: ReplyEnd) -> None:
     if response is not None:
         db.execute("UPDATE responses SET body = ? WHERE id = ?",
                    (response.body, response.response_id))
-    content_sql = "?" if end.rewrite else "content || ?"
+    content_sql, text = store_all_but_last(db, end.message_id, end.parts, end.rewrite)
     db.execute(f"UPDATE messages SET content = {content_sql}, status = ?, attachments = ?, "
                f"tool_calls = ?, updated_at = {NOW_SQL} WHERE id = ?",
-               (end.text, end.status, end.attachments, end.tool_calls, end.message_id))
+               (text, end.status, end.attachments, end.tool_calls, end.message_id))
     if end.replaces is not None and end.status == "complete":
         # Only a whole reply replaces the old; a failed or stopped one is kept too: nothing is lost.
         db.execute("DELETE FROM messages WHERE id = ?", (end.replaces,))
@@ -2442,12 +2501,12 @@ class Reply:
         self.chunks.append(value)
         self.counted = total
 
-    def unsaved(self) -> tuple[int, str, bool, int, int]:
-        """(message_id, text, rewrite) for the next flush, and (count, generation) to tell
-        written() what that write held."""
+    def unsaved(self) -> tuple[int, list[str], bool, int, int]:
+        """(message_id, text parts, rewrite) for the next flush (joined by its writer), and
+        (count, generation) to tell written() what that write held."""
         count, rewrite = len(self.chunks), self.rewrite
-        text = "".join(self.chunks[0 if rewrite else self.saved_chunks:count])
-        return self.message_id, text, rewrite, count, self.generation
+        parts = self.chunks[0 if rewrite else self.saved_chunks:count]
+        return self.message_id, parts, rewrite, count, self.generation
 
     def written(self, failed: bool, rewrite: bool, count: int, generation: int) -> None:
         """A flush of this reply's text is done: what it held is stored, unless it failed or a
@@ -2488,8 +2547,7 @@ class Reply:
             conversation_id=self.conversation_id, message_id=self.message_id,
             updated_at=self.updated_at, inserted_ids=self.inserted_ids, replaces=self.replaces,
             status=self.status, discard=self.error is not None and not self.has_output,
-            rewrite=self.rewrite, text="".join(self.chunks[0 if self.rewrite
-                                                           else self.saved_chunks:]),
+            rewrite=self.rewrite, parts=self.chunks[0 if self.rewrite else self.saved_chunks:],
             attachments=json.dumps(self.files) if self.files else None,
             tool_calls=json.dumps(calls) if calls else None, response=record)
 
@@ -2723,7 +2781,7 @@ class Listener:
         self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
         self.behind: asyncio.TimerHandle | None = None  # the check, once past the bound
-        self.lane: Callable[[str], bytes] | None = None  # a text as its stream's bytes
+        self.lane: Callable[[str], list[bytes]] | None = None  # a text as its stream's events
         self.raw: RawBody | None = None
 
     def publish(self, item: tuple) -> None:
@@ -2732,7 +2790,7 @@ class Listener:
         if item[0] == "text" and self.lane is not None and self.raw is not None and \
                 self.waiter is not None and not self.waiter.done() and \
                 len(item[1]) <= SSE_PIECE_CHARS and self.raw.ready():
-            self.raw.write(self.lane(item[1]))
+            self.raw.write(b"".join(self.lane(item[1])))
             return
         self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
         if self.queued_bytes > LISTENER_BUFFER_BYTES and self.behind is None:
@@ -3101,7 +3159,8 @@ def with_unsaved_ends(messages: list[dict], unsaved: dict[int, ReplyEnd]) -> lis
     shown = [message for message in messages if message["id"] not in gone]
     for message in shown:
         if (end := unsaved.get(message["id"])) is not None:
-            message["content"] = end.text if end.rewrite else message["content"] + end.text
+            text = "".join(end.parts)
+            message["content"] = text if end.rewrite else message["content"] + text
             message["status"] = end.status
             message |= {name: json.loads(value) for name, value in
                         (("attachments", end.attachments), ("tool_calls", end.tool_calls)) if value}
@@ -3433,16 +3492,17 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
     yield sse(seed_dumps(ids))
     sent = SentText()
 
-    def texts(kind: str, text: str) -> bytes:
-        return b"".join(sse(seed_dumps({"content": piece, "replace": True})) if replace
-                        else content_event(piece) for piece, replace in sent.deltas(kind, text))
-    reply.listener.lane = partial(texts, "text")
+    def texts(kind: str, text: str) -> list[bytes]:
+        return [sse(seed_dumps({"content": piece, "replace": True})) if replace
+                else content_event(piece) for piece, replace in sent.deltas(kind, text)]
+    reply.listener.lane = lambda text: texts("text", text)
     async for item in reply.listener.events(first):
         kind = item[0]
         if kind == "wait":  # for the budget: at once, then every BUDGET_COMMENT_SECONDS
             yield BUDGET_COMMENT
         elif kind in ("text", "replace"):
-            yield texts(kind, item[1])
+            for data in texts(kind, item[1]):
+                yield data
         elif kind == "end":
             end = {"content": "", "finish_reason": "stop", "message_id": item[1]}
             if item[2] != "complete":
@@ -6037,18 +6097,19 @@ class Completion:
 
         sent = SentText()
 
-        def texts(kind: str, text: str) -> bytes:
+        def texts(kind: str, text: str) -> list[bytes]:
             # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
-            return b"".join(chunk({"content": piece, "replace": True}) if replace else
-                            text_head + json_string(piece).encode() + text_tail
-                            for piece, replace in sent.deltas(kind, text))
+            return [chunk({"content": piece, "replace": True}) if replace else
+                    text_head + json_string(piece).encode() + text_tail
+                    for piece, replace in sent.deltas(kind, text)]
         try:
             yield chunk({"role": "assistant", "content": ""})
-            self.reply.listener.lane = partial(texts, "text")
+            self.reply.listener.lane = lambda text: texts("text", text)
             async for item in self.reply.listener.events(first):
                 kind = item[0]
                 if kind in ("text", "replace"):
-                    yield texts(kind, item[1])
+                    for data in texts(kind, item[1]):
+                        yield data
                 elif kind in ("tool_calls", "end"):
                     for delta in self.tool_calls.deltas(ended=kind == "end"):
                         yield chunk({"tool_calls": [delta]})  # at the end, '{}' for no arguments
@@ -6608,11 +6669,10 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                "content_index": 0}
     opened, sent, event = False, SentText(), response_event()
 
-    def texts(pieces: list[tuple[str, bool]]) -> bytes:
+    def texts(pieces: list[tuple[str, bool]]) -> list[bytes]:
         # Responses' deltas only append: a non-extending replacement goes whole, flagged.
-        return b"".join(event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
-                              **({"replace": True} if replace else {}))
-                        for delta, replace in pieces)
+        return [event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
+                      **({"replace": True} if replace else {})) for delta, replace in pieces]
     try:
         for frame in leading_events(turn.base, event):
             yield frame
@@ -6633,7 +6693,8 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                 yield event("response.content_part.added", **text_at, part=output_text(""))
                 reply.listener.lane = lambda text: texts([piece for piece in sent.deltas(
                     "text", text) if piece[0]])
-            yield texts(pieces)
+            for data in texts(pieces):
+                yield data
         await reply.done.wait()  # at once, but for a listener that fell behind
         for frame in response_output_events(turn.body, event, text_at, opened):
             yield frame

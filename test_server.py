@@ -4414,6 +4414,29 @@ def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
         assert our_headers["authorization"] == KEY["Authorization"]
 
 
+def test_a_long_reply_text_is_stored_a_piece_at_a_time_and_whole(tmp_path):
+    """A reply's unsaved text is joined and handed to SQLite in pieces (TEXT_PIECE_CHARS: a
+    join of tens of MB at once would hold the GIL, and the loop with it): appended, or, after a
+    replacement, rewritten, it is stored exactly."""
+    parts = ["ab", "c", "defg", "", "h", "ijklmnop", "q"]
+    assert list(server.text_pieces(parts, 4)) == ["abc", "defg", "h", "ijklmnop", "q"]
+    assert list(server.text_pieces([], 4)) == [""]
+    db_path = str(tmp_path / "pieces.db")
+    server.prepare_database(db_path)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("INSERT INTO conversations (id) VALUES ('c')")
+    message_id = db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                            "('c', 'assistant', 'old ')").lastrowid
+    for rewrite, expected in ((False, "old " + "".join(parts)), (True, "".join(parts))):
+        sql, last = server.store_all_but_last(db, message_id, parts, rewrite, limit=4)
+        db.execute(f"UPDATE messages SET content = {sql} WHERE id = ?", (last, message_id))
+        assert db.execute("SELECT content FROM messages WHERE id = ?",
+                          (message_id,)).fetchone()[0] == expected
+    sql, last = server.store_all_but_last(db, message_id, [], True, limit=4)
+    db.execute(f"UPDATE messages SET content = {sql} WHERE id = ?", (last, message_id))
+    assert db.execute("SELECT content FROM messages WHERE id = ?", (message_id,)).fetchone()[0] == ""
+
+
 def test_a_turns_query_is_the_json_fastapi_poes_models_give():
     """A conversation turn's query is built without fastapi_poe's models (plain_query): its
     body is, byte for byte, what stream_request sends for the same messages."""
