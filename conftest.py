@@ -477,9 +477,32 @@ async def giant_meta(query):
     yield b'"}\n\n' + event("text", '{"text": "after"}') + event("done", "{}")
 
 
+async def reorder(query):
+    """A read whose last event gives a Responses stream no event (a replacement repeating the
+    text), so the stream may hold the events before it for the next; then a text of its own."""
+    yield (event("replace_response", '{"text": "Hello"}') + event("text", '{"text": " there"}')
+           + event("replace_response", '{"text": "Hello there"}'))
+    await asyncio.sleep(0.2)
+    yield event("text", '{"text": "!"}')
+    yield event("done", "{}")
+
+
+async def reorder_tools(query):
+    """The same for chat completions: a tool call's delta with nothing to send yet, last."""
+    call = {"choices": [{"index": 0, "delta": {"tool_calls": [{
+        "index": 0, "id": "c1", "type": "function", "function": {"arguments": ""}}]},
+        "finish_reason": None}]}
+    yield (event("replace_response", '{"text": "Hi"}') + event("text", '{"text": " a"}')
+           + event("json", json.dumps(call)))
+    await asyncio.sleep(0.2)
+    yield event("text", '{"text": "!"}')
+    yield event("done", "{}")
+
+
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
             "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
-            "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta}
+            "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta,
+            "Reorder": reorder, "ReorderTools": reorder_tools}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 

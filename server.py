@@ -2771,9 +2771,9 @@ class Listener:
     BEHIND_SECONDS after it got there (a client not reading), what waits becomes one error. A
     deque and one future for the reader waiting, if any: asyncio.Queue's getters and putters
     cost more than they give here.
-    Its fast lane: while the reader waits (it has written all it took), a text is written to
-    the client at once, as the reader would write it (`lane`, its stream's), if the socket takes
-    it now (`raw`: RawBody): no task woken for it."""
+    Its fast lane (lane_open): while the reader waits, having written all it took, a text is
+    written to the client at once, as the reader would write it (`lane`, its stream's), if the
+    socket takes it now (`raw`: RawBody): no task woken for it."""
 
     def __init__(self, stored: bool) -> None:
         self.loop, self.stored = asyncio.get_running_loop(), stored  # stored: its reply is
@@ -2783,13 +2783,13 @@ class Listener:
         self.behind: asyncio.TimerHandle | None = None  # the check, once past the bound
         self.lane: Callable[[str], list[bytes]] | None = None  # a text as its stream's events
         self.raw: RawBody | None = None
+        self.held = False  # its stream holds events back, to write them with the next
+        self.budget_wait = False  # its stream waits between comments on the budget
 
     def publish(self, item: tuple) -> None:
         if self.closed:
             return
-        if item[0] == "text" and self.lane is not None and self.raw is not None and \
-                self.waiter is not None and not self.waiter.done() and \
-                len(item[1]) <= SSE_PIECE_CHARS and self.raw.ready():
+        if item[0] == "text" and self.lane_open(item[1]):
             self.raw.write(b"".join(self.lane(item[1])))
             return
         self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
@@ -2803,6 +2803,14 @@ class Listener:
             if not self.waiter.done():
                 self.waiter.set_result(None)
             self.waiter = None
+
+    def lane_open(self, text: str) -> bool:
+        """Whether `text` may take the fast lane: its stream waits for its next event with none
+        held back, and not for the budget (that wait ends with an event), and its client's
+        socket takes the text now."""
+        return self.lane is not None and self.raw is not None and not self.held and \
+            not self.budget_wait and self.waiter is not None and not self.waiter.done() and \
+            len(text) <= SSE_PIECE_CHARS and self.raw.ready()
 
     def check_behind(self) -> None:
         """Still past the bound: the client is not keeping up; what waits is let go of, it
@@ -2856,11 +2864,14 @@ class Listener:
 
     async def next_while_waiting(self) -> tuple:
         """The next event, or ("wait",) again when none comes within BUDGET_COMMENT_SECONDS."""
+        self.budget_wait = True
         try:
             async with asyncio.timeout(BUDGET_COMMENT_SECONDS):
                 return await self.next()
         except TimeoutError:
             return ("wait",)
+        finally:
+            self.budget_wait = False
 
 
 # The ASGI scope's key for the server's own send, which EventStream writes its events with: the
@@ -2934,17 +2945,20 @@ class EventStream(Response):
             writing.result()  # its failure, if any
 
     async def write(self, send: Callable) -> None:
-        waiting, size = [], 0
+        waiting, size, listener = [], 0, self.listener
         async with contextlib.aclosing(self.body_iterator) as events:
             async for data in events:
                 if self.ready() and size < STREAM_WRITE_BYTES:
                     waiting.append(data)
                     size += len(data)
+                    listener.held = True  # (no text may pass them by the listener's lane)
                     continue
                 if waiting:
                     waiting.append(data)
                     data, waiting, size = b"".join(waiting), [], 0
                 await send({"type": "http.response.body", "body": data, "more_body": True})
+                if listener is not None:
+                    listener.held = False
         if waiting:
             await send({"type": "http.response.body", "body": b"".join(waiting),
                         "more_body": True})

@@ -459,6 +459,39 @@ def test_texts_and_replacements_each_in_a_read_of_their_own_stream_in_order(api,
     assert frames[-1]["response"]["output"][0]["content"][0]["text"] == "fresh end"
 
 
+def test_events_held_back_for_the_next_are_not_passed_by_a_later_text(api):
+    """A stream holds the events of a read back while more are queued; when the last queued
+    gives it nothing to write, it waits for the next with them held: a text arriving then goes
+    after them, not by the fast lane ahead of them (Responses: sequence numbers in order)."""
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "Reorder", "stream": True, "input": "x"}) as response:
+        frames = sse_data(response)
+    assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
+    assert [f["delta"] for f in frames if f["type"] == "response.output_text.delta"] == \
+        ["Hello", " there", "!"]
+    with api.stream("POST", "/v1/chat/completions", headers=KEY, json={
+            "model": "ReorderTools", "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}) as r:
+        deltas = [c["choices"][0]["delta"] for c in sse_data(r) if c != "[DONE]" and c["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert [d["content"] for d in deltas if d.get("content")] == ["Hi", " a", "!"]
+
+
+def test_no_budget_comment_once_the_text_flows(start_service):
+    """A stream that waited for the budget leaves its wait with its first text: no comment
+    (every BUDGET_COMMENT_SECONDS while it waits) comes among the text that follows."""
+    api, _ = start_service(poe_rate_limit=1, poe_rate_window=1.0)
+    conversation_id = new_conversation(api, model="Slow")
+    assert say(api, conversation_id, "1 0").status_code == 200  # the window's one call
+    with stream_turn(api, conversation_id, "30 0.15") as response:
+        lines = [line for line in response.iter_lines() if line]
+    comments = [i for i, line in enumerate(lines) if line.startswith(":")]
+    first_text = next(i for i, line in enumerate(lines) if '"content": "c0 "' in line)
+    assert comments and max(comments) < first_text
+    assert "".join(json.loads(line[6:])["content"] for line in lines[first_text:first_text + 30]) \
+        == "".join(f"c{i} " for i in range(30))
+
+
 def test_only_text_events_are_reply_text(api):
     conversation_id = new_conversation(api, model="Echo")
     reply = say(api, conversation_id, "plain").json()["reply"]
