@@ -499,10 +499,20 @@ async def reorder_tools(query):
     yield event("done", "{}")
 
 
+async def empty_replace(query):
+    """Some text, then a replacement that empties it, then more text."""
+    yield event("text", '{"text": "abc"}')
+    await asyncio.sleep(0.05)
+    yield event("replace_response", '{"text": ""}')
+    await asyncio.sleep(0.05)
+    yield event("text", '{"text": "d"}')
+    yield event("done", "{}")
+
+
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
             "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
             "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta,
-            "Reorder": reorder, "ReorderTools": reorder_tools}
+            "Reorder": reorder, "ReorderTools": reorder_tools, "EmptyReplace": empty_replace}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 

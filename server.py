@@ -6694,9 +6694,11 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
             if item[0] == "error" and reply.error is None:  # this client fell behind: it ends
                 yield event("error", code="server_error", message=item[2], param=None)
                 return
-            if item[0] not in ("text", "replace") or not item[1]:
+            if item[0] not in ("text", "replace") or not (item[1] or opened):
                 continue
-            if not (pieces := [piece for piece in sent.deltas(item[0], item[1]) if piece[0]]):
+            # (an empty replacement of text sent goes as an empty delta, flagged)
+            if not (pieces := [piece for piece in sent.deltas(item[0], item[1])
+                               if piece[0] or piece[1]]):
                 continue
             if not opened:
                 opened = True

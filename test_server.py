@@ -477,6 +477,19 @@ def test_events_held_back_for_the_next_are_not_passed_by_a_later_text(api):
     assert [d["content"] for d in deltas if d.get("content")] == ["Hi", " a", "!"]
 
 
+def test_a_replacement_that_empties_the_text_reaches_a_responses_stream(api):
+    """Poe empties its answer (replace_response ""), then sends "d": the Responses deltas make
+    "d", as the done event and the stored text say (an empty delta, flagged replace)."""
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "EmptyReplace", "stream": True, "input": "x"}) as response:
+        frames = sse_data(response)
+    assert [(f["delta"], f.get("replace", False)) for f in frames
+            if f["type"] == "response.output_text.delta"] == [("abc", False), ("", True),
+                                                             ("d", False)]
+    assert next(f["text"] for f in frames if f["type"] == "response.output_text.done") == "d"
+    assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
+
+
 def test_no_budget_comment_once_the_text_flows(start_service):
     """A stream that waited for the budget leaves its wait with its first text: no comment
     (every BUDGET_COMMENT_SECONDS while it waits) comes among the text that follows."""
