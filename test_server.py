@@ -4274,6 +4274,38 @@ def test_the_event_reader_reads_any_framing_cut_anywhere():
         assert seen == expected or (raw.endswith(b"\r") and seen == expected[:-1])
 
 
+def test_a_read_that_is_one_text_event_is_read_as_any_other():
+    """The reader's shortcut for a read that is one text event whole (one_text, most of Poe's
+    reads) against its loop over a read's events: the same items, texts counted, reports and
+    failure, for each shape a text event takes, each event a read of its own, and all of them
+    in reads cut anywhere else."""
+    shapes = [b'event: text\ndata: {"text": "a\\u00e9 \\"b\\" \\\\"}', b'event:text\ndata:{"text": "x"}',
+              b"event: text\ndata: ", b'event: text\ndata: {"text": ""}', b"event: text\ndata:  {}",
+              b'event: text\ndata: {"text": "y", "extra": 1}', b'event: text\ndata: {"text": 3}',
+              b"event: text\ndata: [1]", b'event: text\ndata: {"text": "\\u0000z\\ud800"}',
+              b'event: replace_response\ndata: {"text": "r"}', b"event: text\ndata: not json",
+              b'event: text\ndata: {"text": "\xc3\xa9\xff"}']
+
+    def read(reads: list[bytes]) -> tuple:
+        reader, items = server.PoeEventReader(False, httpx.Headers(), False), []
+        for data in reads:
+            items += reader.feed(data)
+            if reader.failure is not None:
+                break
+        failure = reader.failure and (reader.failure.status, reader.failure.detail)
+        return items, reader.texts, reader.reports, failure
+
+    rng, shortcuts = random.Random(24), 0
+    for trial in range(300):
+        events = [rng.choice(shapes).replace(b"\n", line_end) + line_end * 2 for line_end in
+                  rng.choices([b"\n", b"\r\n"], k=rng.randint(1, 6))]
+        shortcuts += sum(bool(server.ONE_TEXT_EVENT.fullmatch(event)) for event in events)
+        raw, cuts = b"".join(events), sorted(rng.sample(range(1, 400), 12))
+        cut_elsewhere = [raw[at:end] for at, end in zip([0] + cuts, cuts + [len(raw)]) if at < end]
+        assert read([b": hi\n\n"] + events) == read([b": hi\n\n"] + cut_elsewhere), events
+    assert shortcuts > 500
+
+
 @pytest.mark.parametrize("framing", sorted(FRAMED))
 def test_odd_framings_from_poe_are_read_as_the_spec_says(api, db, framing):
     """CR LF or CR line ends, comments, an id and a retry time, an event over two data lines, a
