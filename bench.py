@@ -294,8 +294,8 @@ def percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # The measurements
 
-async def bench_paced(session: httpx.AsyncClient, client: httpx.AsyncClient, bot: Process,
-                      service: Process, db_path: str, streams: int,
+async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.AsyncClient,
+                      bot: Process, service: Process, db_path: str, streams: int,
                       chunks: int) -> list[tuple[str, str, str]]:
     """`streams` paced replies of `chunks` chunks: with fastapi_poe's client (its CPU a chunk;
     its latency, after its parsing of each chunk), then read as they arrive (sse_reply)
@@ -321,16 +321,21 @@ async def bench_paced(session: httpx.AsyncClient, client: httpx.AsyncClient, bot
     texts = [text for text, _ in proxied]
     stored = check_stored(db_path, dict(zip(conversation_ids, texts)))
     complete = sum(len(t.split()) == chunks for t in texts)
-    direct_late = [late for _, delays in direct for late in delays]
-    proxied_late = [late for _, delays in proxied for late in delays]
+    lates = [[delays for _, delays in direct], [delays for _, delays in proxied]]
+    how = ""
+    if streams == 1:
+        pairs = sized(mode, 3, 1, 1)
+        lates = await side_by_side(bot_port, port, client, chunks, pairs)
+        how = f", the two at once, {pairs} × {chunks} chunks each"
+    direct_late, proxied_late = ([late for delays in side for late in delays] for side in lates)
     d50, d99 = statistics.median(direct_late), percentile(direct_late, 0.99)
     p50, p99 = statistics.median(proxied_late), percentile(proxied_late, 0.99)
     # The streams begin and end together: their turns' start and end hold the loop a moment.
-    inner = [percentile([late for _, delays in side for late in delays[1:-1]], 0.99)
-             for side in (direct, proxied)]
+    inner = [percentile([late for delays in side for late in delays[1:-1]], 0.99)
+             for side in lates]
     server_cpu = cpu[1] / (streams * chunks)
     return [(f"paced, {streams} stream(s): latency per chunk, as read, median / p99",
-             f"direct {ms(d50)} / {ms(d99)}; service {ms(p50)} / {ms(p99)} (fastapi_poe's "
+             f"direct {ms(d50)} / {ms(d99)}; service {ms(p50)} / {ms(p99)}{how} (fastapi_poe's "
              f"client, after its parsing: {ms(statistics.median(fastapi_poe))} / "
              f"{ms(percentile(fastapi_poe, 0.99))})",
              f"adds {ms(p50 - d50)} / {ms(p99 - d99)} (p99 without each stream's first and "
@@ -380,6 +385,26 @@ async def bench(mode: str, workdir: str) -> list[tuple[str, str, str]]:
     return [row for part in parts for row in part]
 
 
+async def side_by_side(bot_port: int, port: int, client: httpx.AsyncClient, chunks: int,
+                       pairs: int) -> list[list[list[float]]]:
+    """One stream's latencies, [direct, through the service], `pairs` times: a stream straight
+    from the bot and one through the service at once, the second begun half a chunk's interval
+    after the first, so that each chunk is alone on the machine and both streams meet the same
+    moments of a shared host. One after the other, they met different ones: the bot's own CPU a
+    chunk differed by up to 2.5x between two such 4 s streams, and a p99 over 200 chunks (their
+    second latest) with it."""
+    lates: list[list[list[float]]] = [[], []]
+    for _ in range(pairs):
+        [conversation_id] = await new_conversations(client, 1)
+        straight = asyncio.ensure_future(sse_reply(bot_port, "/Bench", query(
+            f"paced {chunks}").model_dump(), "text"))
+        await asyncio.sleep(0.5 / PACE)
+        _, late = await raw_stream_reply(port, conversation_id, f"paced {chunks}")
+        lates[0].append((await straight)[1])
+        lates[1].append(late)
+    return lates
+
+
 async def bench_service(mode: str, workdir: str, bot: Process,
                         bare: Process) -> list[tuple[str, str, str]]:
     """In the service every other section leaves alone: paced streams, flat-out relay,
@@ -405,7 +430,7 @@ async def bench_service(mode: str, workdir: str, bot: Process,
         # 1. Paced streams. 5. Peak RSS at the largest, writes per reply.
         paced_chunks = sized(mode, 200, 10, 3)
         for streams in sized(mode, (1, 50, 200), (1, 5), (1, 2)):
-            rows += await bench_paced(session, client, bot, service, db_path, streams,
+            rows += await bench_paced(mode, session, client, bot, service, db_path, streams,
                                       paced_chunks)
             if streams == 50:
                 stall = (await client.get("/health")).json()["longest_loop_stall_ms"]
