@@ -324,7 +324,7 @@ async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.Async
     lates = [[delays for _, delays in direct], [delays for _, delays in proxied]]
     how = ""
     if streams == 1:
-        pairs = sized(mode, 3, 1, 1)
+        pairs = sized(mode, 5, 1, 1)
         lates = await side_by_side(bot_port, port, client, chunks, pairs)
         how = f", the two at once, {pairs} × {chunks} chunks each"
     direct_late, proxied_late = ([late for delays in side for late in delays] for side in lates)
