@@ -307,7 +307,8 @@ async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.Async
                                         latency_recorder(fastapi_poe)) for _ in range(streams)))
     direct_cpu = (time.process_time() - direct_cpu) / (streams * chunks)
     bot_port = int(bot.url.rsplit(":", 1)[1])
-    direct = await asyncio.gather(*(sse_reply(bot_port, "/Bench", query(
+    # (One stream's latency is measured side by side, below.)
+    direct = [] if streams == 1 else await asyncio.gather(*(sse_reply(bot_port, "/Bench", query(
         f"paced {chunks}").model_dump(), "text") for _ in range(streams)))
     conversation_ids = await new_conversations(client, streams)
     port = int(service.url.rsplit(":", 1)[1])
