@@ -1702,15 +1702,22 @@ class PoeEventReader:
 
     def one_text(self, data: bytes) -> list[tuple]:
         """feed() of the most common read, one text event whole (a paced chunk of Poe's): its
-        item, as the loop over the read's events would make it, in one match where cut(),
-        blocks() and sse_event() take a pass each."""
-        self.cutter.clear()  # (as its cut() would: the read ends with an event's end)
-        try:
-            item = self.event_item(b"text", data) if data else None
-        except PoeFailure as exc:
-            self.failure = exc
+        item, as the loop over the read's events would make it (item()), in one match where
+        cut(), blocks() and sse_event() take a pass each."""
+        if self.cutter.run or self.cutter.event:
+            self.cutter.clear()  # (as its cut() would: the read ends with an event's end)
+        if not data:
             return []
-        return [item] if item is not None else []
+        try:
+            text = event_text(data)
+        except (ValueError, TypeError, KeyError, IndexError):  # event_item's report and 502
+            try:
+                return [item] if (item := self.event_item(b"text", data)) is not None else []
+            except PoeFailure as exc:
+                self.failure = exc
+                return []
+        self.texts += 1
+        return [("text", clean_text(text))] if text else []
 
     def event_item(self, kind: bytes, data: bytes | None) -> tuple | None:
         """item(), a malformed event a PoeFailure (502) reported to the bot."""
@@ -2801,7 +2808,8 @@ class Listener:
         self.waiter: asyncio.Future | None = None  # the reader's, while nothing is queued
         self.queued_bytes, self.closed = 0, False  # closed: its response has ended
         self.behind: asyncio.TimerHandle | None = None  # the check, once past the bound
-        self.lane: Callable[[str], list[bytes]] | None = None  # a text as its stream's events
+        # A text (one SSE piece at most) as its stream's events, as the stream would send it.
+        self.lane: Callable[[str], bytes] | None = None
         self.raw: RawBody | None = None
         self.held = False  # its stream holds events back, to write them with the next
         self.budget_wait = False  # its stream waits between comments on the budget
@@ -2810,7 +2818,7 @@ class Listener:
         if self.closed:
             return
         if item[0] == "text" and self.lane_open(item[1]):
-            self.raw.write(b"".join(self.lane(item[1])))
+            self.raw.write(self.lane(item[1]))
             return
         self.queued_bytes += len(item[1]) if item[0] in ("text", "replace") else 64
         if self.queued_bytes > LISTENER_BUFFER_BYTES and self.behind is None:
@@ -3529,7 +3537,10 @@ async def conversation_events(reply: Reply, first: tuple, ids: dict,
     def texts(kind: str, text: str) -> list[bytes]:
         return [sse(seed_dumps({"content": piece, "replace": True})) if replace
                 else content_event(piece) for piece, replace in sent.deltas(kind, text)]
-    reply.listener.lane = lambda text: texts("text", text)
+    def lane(text: str) -> bytes:  # texts("text", text), joined, for a text of one piece
+        sent.add(text)
+        return content_event(text)
+    reply.listener.lane = lane
     async for item in reply.listener.events(first):
         kind = item[0]
         if kind == "wait":  # for the budget: at once, then every BUDGET_COMMENT_SECONDS
@@ -6131,14 +6142,20 @@ class Completion:
 
         sent = SentText()
 
+        def text_chunk(text: str) -> bytes:
+            return text_head + json_string(text).encode() + text_tail
+
         def texts(kind: str, text: str) -> list[bytes]:
             # OpenAI's deltas only append: a non-extending replacement goes whole, flagged.
-            return [chunk({"content": piece, "replace": True}) if replace else
-                    text_head + json_string(piece).encode() + text_tail
+            return [chunk({"content": piece, "replace": True}) if replace else text_chunk(piece)
                     for piece, replace in sent.deltas(kind, text)]
+
+        def lane(text: str) -> bytes:  # texts("text", text), joined, for a text of one piece
+            sent.add(text)
+            return text_chunk(text)
         try:
             yield chunk({"role": "assistant", "content": ""})
-            self.reply.listener.lane = lambda text: texts("text", text)
+            self.reply.listener.lane = lane
             async for item in self.reply.listener.events(first):
                 kind = item[0]
                 if kind in ("text", "replace"):
@@ -6703,10 +6720,17 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                "content_index": 0}
     opened, sent, event = False, SentText(), response_event()
 
+    def delta_event(delta: str, replace: bool = False) -> bytes:
+        return event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
+                     **({"replace": True} if replace else {}))
+
     def texts(pieces: list[tuple[str, bool]]) -> list[bytes]:
         # Responses' deltas only append: a non-extending replacement goes whole, flagged.
-        return [event("response.output_text.delta", **text_at, delta=delta, logprobs=[],
-                      **({"replace": True} if replace else {})) for delta, replace in pieces]
+        return [delta_event(delta, replace) for delta, replace in pieces]
+
+    def lane(text: str) -> bytes:  # texts() of a text of one piece, joined; nothing if empty
+        sent.add(text)
+        return delta_event(text) if text else b""
     try:
         for frame in leading_events(turn.base, event):
             yield frame
@@ -6727,8 +6751,7 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
                                 "type": "message", "id": text_at["item_id"],
                                 "status": "in_progress", "role": "assistant", "content": []})
                 yield event("response.content_part.added", **text_at, part=output_text(""))
-                reply.listener.lane = lambda text: texts([piece for piece in sent.deltas(
-                    "text", text) if piece[0]])
+                reply.listener.lane = lane
             for data in texts(pieces):
                 yield data
         await reply.done.wait()  # at once, but for a listener that fell behind
