@@ -1848,6 +1848,8 @@ class PoeEventReader:
 
 # A connection to Poe stops reading past this many bytes unread (and reads again below a fourth).
 POE_READ_BUFFER_BYTES = 1 << 20
+# Reads of Poe's answer this far apart are not one burst: its sink's work in a row begins again.
+SINK_GAP_SECONDS = 0.001
 
 
 class PoeConnection(asyncio.Protocol):
@@ -1874,9 +1876,10 @@ class PoeConnection(asyncio.Protocol):
         self.sized = self.started = False  # the body has a length (or chunks); a byte came
         self.body: collections.deque[bytes] = collections.deque()
         # PoeBody.push's: it says True once it has had enough; it is set aside (the body
-        # waits in `body` for push) after TURN_SECONDS of its work, so a burst gives way.
+        # waits in `body` for push) after TURN_SECONDS of its work in a row (reads less than
+        # SINK_GAP_SECONDS apart), so a burst gives way; a paced answer's reads never add up.
         self.sink: Callable[[bytes], bool] | None = None
-        self.sink_work, self.enough = 0.0, False
+        self.sink_work, self.sink_last, self.enough = 0.0, 0.0, False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -1893,15 +1896,18 @@ class PoeConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.started = True
-        began = time.perf_counter()
+        began = time.perf_counter() if self.sink is not None else None
+        if began is not None and began - self.sink_last >= SINK_GAP_SECONDS:
+            self.sink_work = 0.0  # the loop was free meanwhile: a new run of reads
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if not self.complete:  # (else what came after the end, in the same read)
                 self.error = httpx.RemoteProtocolError(f"Poe's answer is not HTTP: {exc}")
             self.transport.close()
-        if self.sink is not None:
-            self.sink_work += time.perf_counter() - began
+        if self.sink is not None and began is not None:
+            self.sink_last = time.perf_counter()
+            self.sink_work += self.sink_last - began
             if self.sink_work >= TURN_SECONDS:
                 self.sink = None  # (libuv makes up to 32 reads in a row: a burst is fed by push)
         if self.sink is None or self.complete or self.error is not None:
@@ -2046,8 +2052,8 @@ class PoeBody(httpx.AsyncByteStream):
         """Hands the body to `sink` as it is read, in the connection's own data_received (no
         task woken for each read), until sink says it has had enough (True) or the body ends;
         the connection's failure is raised. A sink must not raise. After TURN_SECONDS of its
-        work the connection sets it aside: what waits is fed here, a piece at a time, yielding
-        the loop every TURN_SECONDS, and the sink goes back."""
+        work in a row, the connection sets it aside: what waits is fed here, a piece at a
+        time, yielding the loop every TURN_SECONDS, and the sink goes back."""
         connection = self.connection
         while True:
             began = time.perf_counter()

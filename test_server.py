@@ -4454,6 +4454,41 @@ def test_a_long_text_event_is_cut_wherever_the_reads_split_its_event_line(line_e
         assert max(len(value.encode()) for _, value in items) < 2 * server.POE_EVENT_BYTES, offset
 
 
+def test_poes_reads_are_set_aside_after_5_ms_of_work_in_a_row_not_over_a_paced_answer():
+    """A connection to Poe hands each read to its sink until TURN_SECONDS of the sink's work in
+    a row (a burst: libuv makes up to 32 reads at once); reads that come apart never add up, so
+    a paced answer is never set aside (it was, once every ~45 chunks: a task woken for one)."""
+    class Transport:
+        def is_closing(self) -> bool:
+            return False
+
+        close = pause_reading = resume_reading = write = lambda self, *args: None
+
+    def spin(seconds: float) -> None:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+    async def main() -> tuple[int, bool, int, int]:
+        connection = server.PoeConnection(("http", b"127.0.0.1", 80))
+        connection.connection_made(Transport())
+        connection.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        fed = []
+        connection.sink = lambda body: fed.append(body) or spin(0.002)
+        for _ in range(5):  # 10 ms of work, 2 ms at a time, 3 ms apart
+            time.sleep(0.003)
+            connection.data_received(b"5\r\nhello\r\n")
+        spaced, kept = len(fed), connection.sink is not None
+        time.sleep(0.003)
+        for _ in range(20):  # back to back
+            connection.data_received(b"5\r\nhello\r\n")
+        return spaced, kept, len(fed) - spaced, len(connection.body)
+
+    spaced, kept, in_a_row, waiting = asyncio.run(main())
+    assert (spaced, kept) == (5, True)
+    assert 3 <= in_a_row < 20 and in_a_row + waiting == 20
+
+
 def test_the_relay_sends_poe_what_fastapi_poe_sends(api, poe_url):
     """The query the relay sends (URL, headers, JSON body, byte for byte) is the one fastapi_poe's
     own stream_request sends for the same request; with tools too."""
