@@ -326,8 +326,9 @@ async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.Async
     how = ""
     if streams == 1:
         pairs = sized(mode, 5, 1, 1)
-        lates = await side_by_side(bot_port, port, client, chunks, pairs)
-        how = f", the two at once, {pairs} × {chunks} chunks each"
+        lates, apart = await side_by_side(bot_port, port, client, chunks, pairs)
+        how = (f", the two at once, {pairs} × {chunks} chunks each, "
+               f"{min(apart) * 1000:.0f}-{max(apart) * 1000:.0f} ms apart")
     direct_late, proxied_late = ([late for delays in side for late in delays] for side in lates)
     d50, d99 = statistics.median(direct_late), percentile(direct_late, 0.99)
     p50, p99 = statistics.median(proxied_late), percentile(proxied_late, 0.99)
@@ -387,23 +388,29 @@ async def bench(mode: str, workdir: str) -> list[tuple[str, str, str]]:
 
 
 async def side_by_side(bot_port: int, port: int, client: httpx.AsyncClient, chunks: int,
-                       pairs: int) -> list[list[list[float]]]:
+                       pairs: int) -> tuple[list[list[list[float]]], list[float]]:
     """One stream's latencies, [direct, through the service], `pairs` times: a stream straight
     from the bot and one through the service at once, the second begun half a chunk's interval
     after the first, so that each chunk is alone on the machine and both streams meet the same
     moments of a shared host. One after the other, they met different ones: the bot's own CPU a
     chunk differed by up to 2.5x between two such 4 s streams, and a p99 over 200 chunks (their
-    second latest) with it."""
+    second latest) with it. Also how far apart (s) the two streams' chunks were sent, each
+    pair; both streams must be whole."""
     lates: list[list[list[float]]] = [[], []]
+    apart = []
     for _ in range(pairs):
         [conversation_id] = await new_conversations(client, 1)
         straight = asyncio.ensure_future(sse_reply(bot_port, "/Bench", query(
             f"paced {chunks}").model_dump(), "text"))
         await asyncio.sleep(0.5 / PACE)
-        _, late = await raw_stream_reply(port, conversation_id, f"paced {chunks}")
-        lates[0].append((await straight)[1])
+        text, late = await raw_stream_reply(port, conversation_id, f"paced {chunks}")
+        direct_text, direct_late = await straight
+        sent = [[float(stamp) for stamp in t.split()] for t in (direct_text, text)]
+        assert all(len(stamps) == chunks for stamps in sent), "a stream side by side broke off"
+        apart.append((sent[1][0] - sent[0][0]) % (1 / PACE))
+        lates[0].append(direct_late)
         lates[1].append(late)
-    return lates
+    return lates, apart
 
 
 async def bench_service(mode: str, workdir: str, bot: Process,
