@@ -1987,15 +1987,14 @@ class PoeConnection(asyncio.Protocol):
         """All of the body that has come."""
         data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body.clear()
-        self.buffered = 0
-        if self.paused:
-            self.transport.resume_reading()
-            self.paused = False
-        return data
+        return self.taken(data)
 
     def take_first(self) -> bytes:
         """The first of the body's pieces that have come (a read's, as a rule)."""
-        data = self.body.popleft()
+        return self.taken(self.body.popleft())
+
+    def taken(self, data: bytes) -> bytes:
+        """`data`, taken from the body: reading goes on once a fourth of the bound is left."""
         self.buffered -= len(data)
         if self.paused and self.buffered <= POE_READ_BUFFER_BYTES // 4:
             self.transport.resume_reading()

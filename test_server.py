@@ -4279,30 +4279,39 @@ def test_a_read_that_is_one_text_event_is_read_as_any_other():
     reads) against its loop over a read's events: the same items, texts counted, reports and
     failure, for each shape a text event takes, each event a read of its own, and all of them
     in reads cut anywhere else."""
-    shapes = [b'event: text\ndata: {"text": "a\\u00e9 \\"b\\" \\\\"}', b'event:text\ndata:{"text": "x"}',
+    shapes = [b'event: text\ndata: {"text": "a\\u00e9 \\"b\\" \\\\"}',
+              b'event:text\ndata:{"text": "x"}',
               b"event: text\ndata: ", b'event: text\ndata: {"text": ""}', b"event: text\ndata:  {}",
               b'event: text\ndata: {"text": "y", "extra": 1}', b'event: text\ndata: {"text": 3}',
               b"event: text\ndata: [1]", b'event: text\ndata: {"text": "\\u0000z\\ud800"}',
               b'event: replace_response\ndata: {"text": "r"}', b"event: text\ndata: not json",
               b'event: text\ndata: {"text": "\xc3\xa9\xff"}']
 
-    def read(reads: list[bytes]) -> tuple:
-        reader, items = server.PoeEventReader(False, httpx.Headers(), False), []
-        for data in reads:
+    def read(reads: list[bytes], after_each: bool = False) -> list[tuple]:
+        """What the reader made of the reads: after each read, or at the end only."""
+        reader, items, seen = server.PoeEventReader(False, httpx.Headers(), False), [], []
+        for data in [b": hi\n\n"] + reads:
             items += reader.feed(data)
+            cutter = reader.cutter
+            seen.append((list(items), reader.texts, list(reader.reports), reader.failure and (
+                reader.failure.status, reader.failure.detail), list(reader.rest),
+                reader.rest_bytes, reader.after_cr, cutter.event, cutter.head, cutter.run,
+                cutter.cuttable, cutter.before))
             if reader.failure is not None:
                 break
-        failure = reader.failure and (reader.failure.status, reader.failure.detail)
-        return items, reader.texts, reader.reports, failure
+        return seen if after_each else seen[-1][:4]
 
     rng, shortcuts = random.Random(24), 0
     for trial in range(300):
         events = [rng.choice(shapes).replace(b"\n", line_end) + line_end * 2 for line_end in
                   rng.choices([b"\n", b"\r\n"], k=rng.randint(1, 6))]
         shortcuts += sum(bool(server.ONE_TEXT_EVENT.fullmatch(event)) for event in events)
+        # The same events, each a read of its own that the shortcut does not take (a comment
+        # line first): the reader's whole state after each read, the same.
+        assert read(events, True) == read([b":\n" + event for event in events], True), events
         raw, cuts = b"".join(events), sorted(rng.sample(range(1, 400), 12))
         cut_elsewhere = [raw[at:end] for at, end in zip([0] + cuts, cuts + [len(raw)]) if at < end]
-        assert read([b": hi\n\n"] + events) == read([b": hi\n\n"] + cut_elsewhere), events
+        assert read(events) == read(cut_elsewhere), events
     assert shortcuts > 500
 
 
