@@ -1657,8 +1657,11 @@ def tool_call_delta(call: Any) -> dict:
 
 
 IGNORED_EVENTS = (b"meta", b"suggested_reply", b"ping")
-# A read that is one text event, whole, its one data line in group 1 (feed's one_text).
-ONE_TEXT_EVENT = re.compile(rb"event: ?text\r?\ndata: ?([^\r\n]*)(?:\r\n\r\n|\n\n)")
+# A read that is one text event, whole (feed's one_text): its one data line in group 1; in group
+# 2, when that is {"text": "..."} with no escape and no control character in the string (most of
+# Poe's chunks), the string's bytes, which are its text once decoded.
+ONE_TEXT_EVENT = re.compile(
+    rb'event: ?text\r?\ndata: ?(\{"text": ?"([^"\\\x00-\x1f]*)"\}|[^\r\n]*)(?:\r\n\r\n|\n\n)')
 
 
 class PoeEventReader:
@@ -1685,7 +1688,7 @@ class PoeEventReader:
         if not self.started:  # the stream may begin with a byte order mark (the SSE rules)
             self.started, chunk = True, chunk.removeprefix(b"\xef\xbb\xbf")
         elif not self.rest and not self.after_cr and (one := ONE_TEXT_EVENT.fullmatch(chunk)):
-            return self.one_text(one[1])
+            return self.one_text(one)
         items: list[tuple] = []
         try:
             for block in self.blocks(self.cutter.cut(chunk)):
@@ -1700,12 +1703,21 @@ class PoeEventReader:
             self.failure = exc
         return items
 
-    def one_text(self, data: bytes) -> list[tuple]:
+    def one_text(self, one: re.Match) -> list[tuple]:
         """feed() of the most common read, one text event whole (a paced chunk of Poe's): its
         item, as the loop over the read's events would make it (item()), in one match where
-        cut(), blocks() and sse_event() take a pass each."""
+        cut(), blocks() and sse_event() take a pass each; a plain string, decoded at once."""
         if self.cutter.run or self.cutter.event:
             self.cutter.clear()  # (as its cut() would: the read ends with an event's end)
+        if one[2] is not None:
+            try:
+                text = one[2].decode()  # (no NUL, no surrogate: nothing for clean_text)
+            except UnicodeDecodeError:  # (event_text's fallback replaces what is not UTF-8)
+                pass
+            else:
+                self.texts += 1
+                return [("text", text)] if text else []
+        data = one[1]
         if not data:
             return []
         try:
@@ -2522,6 +2534,9 @@ class Reply:
     def append_text(self, value: str) -> None:
         """Appends text; at max_tokens (estimate_tokens of the whole reply), only the part that
         fits, and the reply is cut."""
+        if self.max_tokens is None:  # (the count is for max_tokens alone)
+            self.chunks.append(value)
+            return
         ascii_chars, other_chars = char_counts(value)
         total = (self.counted[0] + ascii_chars, self.counted[1] + other_chars)
         # Full: over it, or at it with no room for one more character.

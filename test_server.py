@@ -4285,7 +4285,11 @@ def test_a_read_that_is_one_text_event_is_read_as_any_other():
               b'event: text\ndata: {"text": "y", "extra": 1}', b'event: text\ndata: {"text": 3}',
               b"event: text\ndata: [1]", b'event: text\ndata: {"text": "\\u0000z\\ud800"}',
               b'event: replace_response\ndata: {"text": "r"}', b"event: text\ndata: not json",
-              b'event: text\ndata: {"text": "\xc3\xa9\xff"}']
+              b'event: text\ndata: {"text": "\xc3\xa9\xff"}',
+              # Plain strings (no escape), which the shortcut decodes at once, and near misses.
+              b'event: text\ndata: {"text": "\xe4\xb8\xad b"}', b'event: text\ndata: {"text":"x y"}',
+              b'event: text\ndata: {"text": "a\tb"}', b'event: text\ndata: {"text": "\xed\xa0\x80"}',
+              b'event: text\ndata: {"text": "z"} ', b'event: text\ndata: {"text": "\x7f"}']
 
     def read(reads: list[bytes], after_each: bool = False) -> list[tuple]:
         """What the reader made of the reads: after each read, or at the end only."""
@@ -4301,18 +4305,20 @@ def test_a_read_that_is_one_text_event_is_read_as_any_other():
                 break
         return seen if after_each else seen[-1][:4]
 
-    rng, shortcuts = random.Random(24), 0
+    rng, shortcuts, plain = random.Random(24), 0, 0
     for trial in range(300):
         events = [rng.choice(shapes).replace(b"\n", line_end) + line_end * 2 for line_end in
                   rng.choices([b"\n", b"\r\n"], k=rng.randint(1, 6))]
-        shortcuts += sum(bool(server.ONE_TEXT_EVENT.fullmatch(event)) for event in events)
+        matches = [server.ONE_TEXT_EVENT.fullmatch(event) for event in events]
+        shortcuts += sum(bool(match) for match in matches)
+        plain += sum(bool(match and match[2] is not None) for match in matches)
         # The same events, each a read of its own that the shortcut does not take (a comment
         # line first): the reader's whole state after each read, the same.
         assert read(events, True) == read([b":\n" + event for event in events], True), events
         raw, cuts = b"".join(events), sorted(rng.sample(range(1, 400), 12))
         cut_elsewhere = [raw[at:end] for at, end in zip([0] + cuts, cuts + [len(raw)]) if at < end]
         assert read(events) == read(cut_elsewhere), events
-    assert shortcuts > 500
+    assert shortcuts > 500 and plain > 200
 
 
 @pytest.mark.parametrize("framing", sorted(FRAMED))
