@@ -2540,8 +2540,8 @@ class Reply:
         ascii_chars, other_chars = char_counts(value)
         total = (self.counted[0] + ascii_chars, self.counted[1] + other_chars)
         # Full: over it, or at it with no room for one more character.
-        if self.max_tokens is not None and (tokens_of(*total) > self.max_tokens or (
-                tokens_of(*total) == self.max_tokens and total[0] % 4 == 0)):
+        if tokens_of(*total) > self.max_tokens or (
+                tokens_of(*total) == self.max_tokens and total[0] % 4 == 0):
             self.cut = True
             value = prefix_within(value, self.max_tokens, counted=self.counted)
             total = tuple(map(sum, zip(self.counted, char_counts(value))))
