@@ -2832,6 +2832,7 @@ class Listener:
         self.lane: Callable[[str], bytes] | None = None
         self.raw: RawBody | None = None
         self.held = False  # its stream holds events back, to write them with the next
+        self.begun = False  # its stream has had the first event (events())
         self.budget_wait = False  # its stream waits between comments on the budget
 
     def publish(self, item: tuple) -> None:
@@ -2888,6 +2889,7 @@ class Listener:
         """From `item` (already taken) to the end or error event, inclusive."""
         loop = asyncio.get_running_loop()
         turn_began = loop.time()
+        self.begun = True
         try:
             while True:
                 yield item
@@ -2974,7 +2976,11 @@ class EventStream(Response):
                            "X-Accel-Buffering": "no", **(headers or {})})
 
     def ready(self) -> bool:
-        return self.listener is not None and bool(self.listener.items)
+        """More is ready at once: the listener's queue, or, before the stream has had the
+        listener's first event (the reply's first output, in hand), that event and what the
+        stream sends before it."""
+        return self.listener is not None and (bool(self.listener.items)
+                                              or not self.listener.begun)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
@@ -6764,16 +6770,18 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
             if not (pieces := [piece for piece in sent.deltas(item[0], item[1])
                                if piece[0] or piece[1]]):
                 continue
+            opening = b""  # the message's start, with its first delta (one write)
             if not opened:
                 opened = True
-                yield event("response.output_item.added",
-                            output_index=text_at["output_index"], item={
-                                "type": "message", "id": text_at["item_id"],
-                                "status": "in_progress", "role": "assistant", "content": []})
-                yield event("response.content_part.added", **text_at, part=output_text(""))
+                opening = event("response.output_item.added",
+                                output_index=text_at["output_index"], item={
+                                    "type": "message", "id": text_at["item_id"],
+                                    "status": "in_progress", "role": "assistant", "content": []})
+                opening += event("response.content_part.added", **text_at, part=output_text(""))
                 reply.listener.lane = lane
             for data in texts(pieces):
-                yield data
+                yield opening + data
+                opening = b""
         await reply.done.wait()  # at once, but for a listener that fell behind
         for frame in response_output_events(turn.body, event, text_at, opened):
             yield frame

@@ -4370,6 +4370,29 @@ def test_a_megabyte_burst_read_at_once_streams_whole_to_a_client_that_keeps_up(a
     assert text == "".join(f"{i % 10}" * 1000 for i in range(1100))
 
 
+@pytest.mark.parametrize("route", ["native", "chat", "responses"])
+def test_a_streams_first_frames_go_out_in_one_write_with_the_first_text(api, route):
+    """What a stream sends before its first text (the ids frame; the role chunk; created,
+    in_progress and the item's start) goes out with that text in one write (one chunk of the
+    HTTP body), not a write each; the next text, 0.2 s later, in one of its own."""
+    path, payload = {
+        "native": (f"/v1/chat/conversations/{new_conversation(api, model='Slow')}/messages",
+                   {"content": "2 0.2", "stream": True}),
+        "chat": ("/v1/chat/completions", {"model": "Slow", "stream": True,
+                                           "messages": [{"role": "user", "content": "2 0.2"}]}),
+        "responses": ("/v1/responses", {"model": "Slow", "stream": True, "input": "2 0.2"})}[route]
+    answer = read_slowly(api.base_url.port, path, payload, 0)
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while (end := body.find("\r\n")) > 0 and (size := int(body[:end], 16)):
+        chunks.append(body[end + 2:end + 2 + size])
+        body = body[end + 4 + size:]
+    assert "c0 " in chunks[0] and "c1 " not in chunks[0], chunks[:2]
+    assert chunks[0].count("data: ") == {"native": 2, "chat": 2, "responses": 5}[route], chunks[0]
+    assert "c1 " in chunks[1] and "c0 " not in chunks[1], chunks[:2]
+
+
 def read_slowly(port: int, path: str, payload: dict, pause: float) -> str:
     """A request whose answer is not read for `pause` seconds, then read to its end: the answer's
     body, chunked encoding and all."""
