@@ -325,9 +325,9 @@ async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.Async
     lates = [[delays for _, delays in direct], [delays for _, delays in proxied]]
     how = ""
     if streams == 1:
-        # 2,000 chunks a side: a p99 over 1,000 (their 10th latest) moved 0.21-0.35 ms added
-        # over 12 sets of one run; the same chunks 2,000 at a time, 0.22-0.27 (6,000: 0.25-0.26).
-        pairs = sized(mode, 10, 1, 1)
+        # 4,000 chunks a side: a p99 over 1,000 (their 10th latest) moved 0.21-0.35 ms added
+        # over 12 sets of one run, and over 2,000 it moved 0.21-0.33 in 8 full runs.
+        pairs = sized(mode, 20, 1, 1)
         lates, apart = await side_by_side(bot_port, port, client, chunks, pairs)
         how = (f", the two at once, {pairs} × {chunks} chunks each, "
                f"{min(apart) * 1000:.0f}-{max(apart) * 1000:.0f} ms apart")
