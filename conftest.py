@@ -500,6 +500,27 @@ async def reorder_tools(query):
     yield event("done", "{}")
 
 
+# A tool-call bot's first delta, then (once the test has seen the stream begin, or after 10 s) the
+# rest: TOOL_GATE lets it go on, TOOL_GATE_PASSED says it did.
+TOOL_GATE, TOOL_GATE_PASSED = threading.Event(), threading.Event()
+
+
+def gated_tool_call(named: bool):
+    """A tool call's first delta (with its name, or without: the name comes later), no text."""
+    async def script(query):
+        function = {"name": "f", "arguments": ""} if named else {"arguments": ""}
+        yield event("json", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "id": "c1", "type": "function", "function": function}]},
+            "finish_reason": None}]}))
+        await asyncio.to_thread(TOOL_GATE.wait, 10)
+        TOOL_GATE_PASSED.set()
+        rest = {"arguments": "{}"} if named else {"name": "f", "arguments": "{}"}
+        yield event("json", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "function": rest}]}, "finish_reason": None}]}))
+        yield event("done", "{}")
+    return script
+
+
 async def empty_replace(query):
     """Some text, then a replacement that empties it, then more text."""
     yield event("text", '{"text": "abc"}')
@@ -513,7 +534,8 @@ async def empty_replace(query):
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
             "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
             "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta,
-            "Reorder": reorder, "ReorderTools": reorder_tools, "EmptyReplace": empty_replace}
+            "Reorder": reorder, "ReorderTools": reorder_tools, "EmptyReplace": empty_replace,
+            "ToolFirst": gated_tool_call(True), "NamelessFirst": gated_tool_call(False)}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 

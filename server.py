@@ -2637,6 +2637,8 @@ class Reply:
             # The reply's own failure, or this client's (fell_behind): the reply goes on.
             raise self.failure() if self.error is not None else \
                 HTTPException(first[1], first[2], headers=NO_RETRY)
+        # (A tool call's delta may write nothing yet: what comes before it goes at once.)
+        self.listener.opening = first[0] == "text" and bool(first[1])
         return EventStream(events(first), listener=self.listener)
 
 
@@ -2832,7 +2834,9 @@ class Listener:
         self.lane: Callable[[str], bytes] | None = None
         self.raw: RawBody | None = None
         self.held = False  # its stream holds events back, to write them with the next
-        self.begun = False  # its stream has had the first event (events())
+        # Its stream holds what it writes before its first event, to write it with that
+        # event's, when that is a text (each stream writes one): Reply.answer sets it.
+        self.opening = False
         self.budget_wait = False  # its stream waits between comments on the budget
 
     def publish(self, item: tuple) -> None:
@@ -2889,7 +2893,7 @@ class Listener:
         """From `item` (already taken) to the end or error event, inclusive."""
         loop = asyncio.get_running_loop()
         turn_began = loop.time()
-        self.begun = True
+        self.opening = False
         try:
             while True:
                 yield item
@@ -2976,11 +2980,10 @@ class EventStream(Response):
                            "X-Accel-Buffering": "no", **(headers or {})})
 
     def ready(self) -> bool:
-        """More is ready at once: the listener's queue, or, before the stream has had the
-        listener's first event (the reply's first output, in hand), that event and what the
-        stream sends before it."""
+        """More is ready at once: the listener's queue, or, while the stream's opening frames
+        wait for its first event (a text, in hand), that event's."""
         return self.listener is not None and (bool(self.listener.items)
-                                              or not self.listener.begun)
+                                              or self.listener.opening)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         await send({"type": "http.response.start", "status": self.status_code,

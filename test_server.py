@@ -33,7 +33,8 @@ import zstandard
 import server
 from conftest import (ARRIVALS, CALLS, FRAMED, FRAMED_TEXT, HOLD_SUMMARIES, LAST_QUERY,
                       MODEL_LISTS, POE_MODEL_LIST, REPORTS, RIGHT_KEY, SEEN_REQUESTS,
-                      SMALL_QUERIES, SUMMARY_GATE, SUMMARY_HELD, TRICKY, UPLOAD_GATE, UPLOADS,
+                      SMALL_QUERIES, SUMMARY_GATE, SUMMARY_HELD, TOOL_GATE, TOOL_GATE_PASSED,
+                      TRICKY, UPLOAD_GATE, UPLOADS,
                       LiveServer, ServerProcess, SocketPoe, WirePoe, history_of, make_poe_app,
                       wait_for)
 
@@ -4391,6 +4392,40 @@ def test_a_streams_first_frames_go_out_in_one_write_with_the_first_text(api, rou
     assert "c0 " in chunks[0] and "c1 " not in chunks[0], chunks[:2]
     assert chunks[0].count("data: ") == {"native": 2, "chat": 2, "responses": 5}[route], chunks[0]
     assert "c1 " in chunks[1] and "c0 " not in chunks[1], chunks[:2]
+
+
+@pytest.mark.parametrize("model, route", [("ToolFirst", "responses"), ("NamelessFirst", "chat")])
+def test_a_stream_whose_first_output_is_a_tool_call_begins_at_once(api, model, route):
+    """A reply whose first output is a tool call's delta that writes nothing yet (Responses sends
+    the calls at the end; chat a call once its name has come): what its stream sends before
+    (created and in_progress; the role chunk) goes out at once, not once the bot sends more."""
+    TOOL_GATE.clear()
+    TOOL_GATE_PASSED.clear()
+    path, payload = ("/v1/responses", {"model": model, "stream": True, "input": "x", "tools": [
+        {"type": "function", "name": "f", "parameters": {}}]}) if route == "responses" else (
+        "/v1/chat/completions", {"model": model, "stream": True, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "messages": [{"role": "user", "content": "x"}]})
+    try:
+        with api.stream("POST", path, headers=KEY, json=payload) as response:
+            lines = response.iter_lines()
+            first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            went_on = TOOL_GATE_PASSED.is_set()  # the bot had sent more before the stream began
+            TOOL_GATE.set()
+            rest = [line[6:] for line in lines if line.startswith("data: {")]
+    finally:
+        TOOL_GATE.set()
+    assert not went_on
+    if route == "responses":
+        assert first["type"] == "response.created"
+        call = json.loads(rest[-1])["response"]["output"][-1]
+        assert (call["type"], call["name"], call["arguments"]) == ("function_call", "f", "{}")
+    else:
+        assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        calls = [c for chunk in rest for c in json.loads(chunk)["choices"][0]["delta"].get(
+            "tool_calls", []) if json.loads(chunk)["choices"]]
+        assert calls[0]["function"]["name"] == "f"
+        assert "".join(c["function"].get("arguments", "") for c in calls) == "{}"
 
 
 def read_slowly(port: int, path: str, payload: dict, pause: float) -> str:
