@@ -326,7 +326,7 @@ async def bench_paced(mode: str, session: httpx.AsyncClient, client: httpx.Async
     how = ""
     if streams == 1:
         # 4,000 chunks a side: a p99 over 1,000 (their 10th latest) moved 0.21-0.35 ms added
-        # over 12 sets of one run, and over 2,000 it moved 0.21-0.33 in 8 full runs.
+        # over 12 sets of one run; over 2,000, 0.21-0.33 in 8 full runs; over 4,000, 0.22-0.32 in 6.
         pairs = sized(mode, 20, 1, 1)
         lates, apart = await side_by_side(bot_port, port, client, chunks, pairs)
         how = (f", the two at once, {pairs} × {chunks} chunks each, "
