@@ -6773,18 +6773,20 @@ async def response_events(turn: ResponseTurn, reply: Reply, first: tuple) -> Asy
             if not (pieces := [piece for piece in sent.deltas(item[0], item[1])
                                if piece[0] or piece[1]]):
                 continue
-            opening = b""  # the message's start, with its first delta (one write)
+            message_start = b""  # (goes with the message's first delta: one write)
             if not opened:
                 opened = True
-                opening = event("response.output_item.added",
-                                output_index=text_at["output_index"], item={
-                                    "type": "message", "id": text_at["item_id"],
-                                    "status": "in_progress", "role": "assistant", "content": []})
-                opening += event("response.content_part.added", **text_at, part=output_text(""))
+                message_start = event("response.output_item.added",
+                                      output_index=text_at["output_index"], item={
+                                          "type": "message", "id": text_at["item_id"],
+                                          "status": "in_progress", "role": "assistant",
+                                          "content": []})
+                message_start += event("response.content_part.added", **text_at,
+                                       part=output_text(""))
                 reply.listener.lane = lane
             for data in texts(pieces):
-                yield opening + data
-                opening = b""
+                yield message_start + data
+                message_start = b""
         await reply.done.wait()  # at once, but for a listener that fell behind
         for frame in response_output_events(turn.body, event, text_at, opened):
             yield frame

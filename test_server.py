@@ -4422,8 +4422,8 @@ def test_a_stream_whose_first_output_is_a_tool_call_begins_at_once(api, model, r
         assert (call["type"], call["name"], call["arguments"]) == ("function_call", "f", "{}")
     else:
         assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        calls = [c for chunk in rest for c in json.loads(chunk)["choices"][0]["delta"].get(
-            "tool_calls", []) if json.loads(chunk)["choices"]]
+        choices = [json.loads(chunk)["choices"] for chunk in rest]
+        calls = [c for each in choices if each for c in each[0]["delta"].get("tool_calls", [])]
         assert calls[0]["function"]["name"] == "f"
         assert "".join(c["function"].get("arguments", "") for c in calls) == "{}"
 
