@@ -1163,29 +1163,36 @@ class PoeChores:
 
 def after_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str, dict]],
               response: httpx.Response | None = None,
-              chunks: AsyncIterator[bytes] | None = None) -> None:
+              chunks: AsyncIterator[bytes] | None = None,
+              ended: asyncio.Event | None = None) -> None:
     """A call's end: its reports logged now, then, in the background (PoeChores), the rest of
-    its answer drained and closed (if `response` is given: the call ended at 'done'), and the
-    reports sent, on the connection just drained if it was kept."""
+    its answer drained and closed (if `response` is given: the call ended at 'done') once
+    `ended` is set (the reply's end, stored and told, goes first), and the reports sent, on
+    the connection just drained if it was kept."""
     for message, _ in reports:
         log.warning("Poe: %s", message[:200])
     if response is not None or reports:
-        app.state.poe_chores.add(finish_poe(app, model, api_key, list(reports), response, chunks))
+        app.state.poe_chores.add(finish_poe(app, model, api_key, list(reports), response, chunks,
+                                            ended))
     reports.clear()
 
 
 async def finish_poe(app: Starlette, model: str, api_key: str, reports: list[tuple[str, dict]],
-                     response: httpx.Response | None, chunks: AsyncIterator[bytes] | None) -> None:
+                     response: httpx.Response | None, chunks: AsyncIterator[bytes] | None,
+                     ended: asyncio.Event | None = None) -> None:
     """after_poe's task: the drain first, so that the reports may reuse its connection."""
     if response is not None:
-        await drain(response, chunks)
+        await drain(response, chunks, ended)
     await report_to_poe(app, model, api_key, reports)
 
 
-async def drain(response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
-    """Reads what follows 'done' (for at most POE_DRAIN_SECONDS), then closes the response: its
-    connection goes back to the pool if it was read to its end."""
+async def drain(response: httpx.Response, chunks: AsyncIterator[bytes],
+                ended: asyncio.Event | None = None) -> None:
+    """Reads what follows 'done' (for at most POE_DRAIN_SECONDS), once `ended` is set, then
+    closes the response: its connection goes back to the pool if it was read to its end."""
     try:
+        if ended is not None:
+            await ended.wait()
         with contextlib.suppress(TimeoutError, httpx.HTTPError):
             async with asyncio.timeout(POE_DRAIN_SECONDS):
                 async for _ in chunks:
@@ -1211,12 +1218,14 @@ async def report_to_poe(app: Starlette, model: str, api_key: str,
 
 async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
                     take: Callable[[str, Any], bool], tools: list | None = None,
-                    queued: Callable[[bool], None] | None = None) -> None:
+                    queued: Callable[[bool], None] | None = None,
+                    ended: asyncio.Event | None = None) -> None:
     """One Poe call, once it has a slot of the budget (PoeBudget.take: `queued` hears when it
     waits for one): take(kind, value) is given ("text", chunk), ("replace", whole_text),
     ("file", attachment dict) and ("tool_calls", [delta dicts]) as their bytes arrive (RelayFeed:
     in the connection's own read, no task woken a chunk); take returning True ends the call
-    there, as if stopped. It ends at 'done': what follows is after_poe's. Every failure, and
+    there, as if stopped. It ends at 'done': what follows is after_poe's, begun once `ended` is
+    set (the reply's end comes first: its text stored and told). Every failure, and
     take's own, is raised as a PoeFailure. The request's RequestTiming hears of the wait for
     the budget and of Poe's times."""
     timing = request_timing.get(None) or RequestTiming()
@@ -1249,7 +1258,7 @@ async def relay_poe(app: Starlette, model: str, query: PoeQuery, api_key: str,
         if not feed.reader.done:
             feed.reader.report("Bot exited without sending 'done' event")
             raise PoeFailure(502, POE_BROKE_OFF)
-        after_poe(app, model, api_key, feed.reader.reports, response, chunks)
+        after_poe(app, model, api_key, feed.reader.reports, response, chunks, ended)
         response = None  # after_poe's now
     except (TimeoutError, httpx.HTTPError, PoeFailure) as exc:
         raise failure_of(app, model, api_key, exc, feed and feed.reader) from None
@@ -2436,7 +2445,8 @@ class Reply:
             self.keep_watch(True)  # stateless: nobody else would read it
         try:
             if query is not None:
-                await relay_poe(app, model, query, api_key, self.take_item, tools, self.queued)
+                await relay_poe(app, model, query, api_key, self.take_item, tools, self.queued,
+                                self.done)
                 # A reply cut at max_tokens is cut off part way, as API.md's 'interrupted' says.
                 status = "interrupted" if self.cut else "complete"
         except PoeFailure as exc:
