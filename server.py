@@ -2996,8 +2996,15 @@ class EventStream(Response):
                                               or self.listener.opening)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        # The frames ready at once (the opening ones with a first text in hand) go right after
+        # the head, from this task, not a turn of the loop later from the writing one.
+        opening = await self.opening_frames() if self.ready() else b""
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
+        if opening:
+            await scope.get(RAW_SEND, send)({"type": "http.response.body", "body": opening,
+                                             "more_body": True})
+            self.listener.held = False
         if self.listener is not None:
             self.listener.raw = RawBody.of(scope.get(RAW_SEND))
         writing = asyncio.ensure_future(self.write(scope.get(RAW_SEND, send)))
@@ -3010,6 +3017,16 @@ class EventStream(Response):
             await asyncio.wait([writing, leaving])
         if not writing.cancelled():
             writing.result()  # its failure, if any
+
+    async def opening_frames(self) -> bytes:
+        """The frames ready at once, joined, as write() would join them."""
+        frames, size = [], 0
+        with contextlib.suppress(StopAsyncIteration):
+            while not frames or self.ready() and size < STREAM_WRITE_BYTES:
+                frames.append(await anext(self.body_iterator))
+                size += len(frames[-1])
+                self.listener.held = True  # (no text may pass them by the listener's lane)
+        return b"".join(frames)
 
     async def write(self, send: Callable) -> None:
         waiting, size, listener = [], 0, self.listener
