@@ -8233,6 +8233,19 @@ MAX_HEADER_BYTES = 65536
 GC_THRESHOLDS = (5000, 20, 20)
 
 
+class LaterLog:
+    """uvicorn's access logger (its one call: info), each line made a turn of the loop later:
+    uvicorn makes it before it writes an answer's head, and making it (the record, and the
+    queue to LogsAside's thread: ~90 us, cold) held up the head, and a stream's first text
+    with it. The line is the same."""
+
+    def __init__(self, logger: logging.Logger, loop: asyncio.AbstractEventLoop) -> None:
+        self.logger, self.loop = logger, loop
+
+    def info(self, *args: Any) -> None:
+        self.loop.call_soon(self.logger.info, *args)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits uvicorn cannot set (headers are unbounded but in
     h11 mode; its keep-alive timeout is armed only after a first response, so a silent socket
@@ -8243,6 +8256,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, header_seconds: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_seconds = header_seconds
+        self.access_logger = LaterLog(self.access_logger, self.loop)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
