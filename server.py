@@ -2500,15 +2500,15 @@ class Reply:
             self.task.cancel()
 
     def take_item(self, kind: str, value: Any) -> bool:
-        """relay_poe's `take`: one of its items kept, saved later, told to the listener; True
+        """relay_poe's `take`: one of its items kept, told to the listener, saved later; True
         at max_tokens (the Poe call ends there)."""
         item = self.take(kind, value)
-        if self.message_id is not None and not self.pending:
-            self.registry.save_later(self)
         if self.listener is not None:
-            self.listener.publish(item)
+            self.listener.publish(item)  # (first: its text may go to the client at once)
             if self.watch is not None and self.has_output:
                 self.keep_watch(False)  # the stream has begun: it watches its client
+        if self.message_id is not None and not self.pending:
+            self.registry.save_later(self)
         return self.cut
 
     def take(self, kind: str, value: Any) -> tuple:
