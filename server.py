@@ -60,8 +60,9 @@ order, and what each owns:
                       the middleware guarding Host, access keys and JSON bodies
   The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
                       App and RequestTiming (the Server-Timing header), create_app()
-  Main                GuardedHttpProtocol, the backup command, serve(): uvicorn with an orderly
-                      shutdown, LogsAside (log lines written by a thread of their own)
+  Main                GuardedHttpProtocol (LaterLog: its access line made after the head), the
+                      backup command, serve(): uvicorn with an orderly shutdown, LogsAside (log
+                      lines written by a thread of their own)
 """
 from __future__ import annotations
 
