@@ -505,16 +505,21 @@ async def reorder_tools(query):
 TOOL_GATE, TOOL_GATE_PASSED = threading.Event(), threading.Event()
 
 
-def gated_tool_call(named: bool):
-    """A tool call's first delta (with its name, or without: the name comes later), no text."""
+def gated_tool_call(named: bool, pair: bool = False):
+    """A tool call's first delta (with its name, or without: the name comes later), no text;
+    with `pair`, in the same write, a second delta with the arguments' first half."""
     async def script(query):
         function = {"name": "f", "arguments": ""} if named else {"arguments": ""}
-        yield event("json", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{
+        first = event("json", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{
             "index": 0, "id": "c1", "type": "function", "function": function}]},
             "finish_reason": None}]}))
+        yield first + (event("json", json.dumps({"choices": [{"index": 0, "delta": {
+            "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]},
+            "finish_reason": None}]})) if pair else b"")
         await asyncio.to_thread(TOOL_GATE.wait, 10)
         TOOL_GATE_PASSED.set()
-        rest = {"arguments": "{}"} if named else {"name": "f", "arguments": "{}"}
+        arguments = "}" if pair else "{}"
+        rest = {"arguments": arguments} if named else {"name": "f", "arguments": arguments}
         yield event("json", json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [{
             "index": 0, "function": rest}]}, "finish_reason": None}]}))
         yield event("done", "{}")
@@ -535,7 +540,9 @@ RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": h
             "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
             "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta,
             "Reorder": reorder, "ReorderTools": reorder_tools, "EmptyReplace": empty_replace,
-            "ToolFirst": gated_tool_call(True), "NamelessFirst": gated_tool_call(False)}
+            "ToolFirst": gated_tool_call(True), "NamelessFirst": gated_tool_call(False),
+            "ToolPairFirst": gated_tool_call(True, pair=True),
+            "NamelessPairFirst": gated_tool_call(False, pair=True)}
 REPORTS: list[dict] = []  # fastapi_poe's error reports the raw bots received
 
 

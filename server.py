@@ -104,7 +104,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import fastapi_poe as fp
 from fastapi_poe.client import PROTOCOL_VERSION
@@ -2845,6 +2845,7 @@ class Listener:
         self.lane: Callable[[str], bytes] | None = None
         self.raw: RawBody | None = None
         self.held = False  # its stream holds events back, to write them with the next
+        self.release: Callable[[], Awaitable[None]] | None = None  # writes those: its stream's
         # Its stream holds what it writes before its first event, to write it with that
         # event's, when that is a text (each stream writes one): Reply.answer sets it.
         self.opening = False
@@ -2889,8 +2890,12 @@ class Listener:
                      if self.stored else f"{FELL_BEHIND}, which is stopped: it is not stored"))
 
     async def next(self) -> tuple:
-        """The next event, once there is one."""
+        """The next event, once there is one; what its stream holds back is written before it
+        waits (the events it was held for gave nothing to write)."""
         while not self.items:
+            if self.held and self.release is not None:
+                await self.release()
+                continue
             self.waiter = self.loop.create_future()
             await self.waiter
         return self.take()
@@ -2997,9 +3002,10 @@ class EventStream(Response):
                                               or self.listener.opening)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        # The frames ready at once (the opening ones with a first text in hand) go right after
-        # the head, from this task, not a turn of the loop later from the writing one.
-        opening = await self.opening_frames() if self.ready() else b""
+        # The opening frames, with a first text in hand, go right after the head, from this
+        # task, not a turn of the loop later from the writing one.
+        opening = await self.opening_frames() if self.listener is not None and \
+            self.listener.opening else b""
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         if opening:
@@ -3020,34 +3026,39 @@ class EventStream(Response):
             writing.result()  # its failure, if any
 
     async def opening_frames(self) -> bytes:
-        """The frames ready at once, joined, as write() would join them."""
-        frames, size = [], 0
+        """The frames up to the first text's (Listener.opening: in hand, so none waits for Poe),
+        joined; what else is queued goes from write()."""
+        frames = []
         with contextlib.suppress(StopAsyncIteration):
-            while not frames or self.ready() and size < STREAM_WRITE_BYTES:
+            while not frames or self.listener.opening:
                 frames.append(await anext(self.body_iterator))
-                size += len(frames[-1])
                 self.listener.held = True  # (no text may pass them by the listener's lane)
         return b"".join(frames)
 
     async def write(self, send: Callable) -> None:
-        waiting, size, listener = [], 0, self.listener
+        """The events' frames as they come, those ready at once in one write: held back while
+        more are (`waiting`), and written once none is, or once the listener must wait for Poe
+        (Listener.release: what was queued gave nothing to write)."""
+        self.send_body, self.waiting, self.waiting_bytes = send, [], 0
+        if self.listener is not None:
+            self.listener.release = self.write_waiting
         async with contextlib.aclosing(self.body_iterator) as events:
             async for data in events:
-                if self.ready() and size < STREAM_WRITE_BYTES:
-                    waiting.append(data)
-                    size += len(data)
-                    listener.held = True  # (no text may pass them by the listener's lane)
-                    continue
-                if waiting:
-                    waiting.append(data)
-                    data, waiting, size = b"".join(waiting), [], 0
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-                if listener is not None:
-                    listener.held = False
-        if waiting:
-            await send({"type": "http.response.body", "body": b"".join(waiting),
-                        "more_body": True})
+                self.waiting.append(data)
+                self.waiting_bytes += len(data)
+                if self.ready() and self.waiting_bytes < STREAM_WRITE_BYTES:
+                    self.listener.held = True  # (no text may pass them by the listener's lane)
+                else:
+                    await self.write_waiting()
+        await self.write_waiting()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def write_waiting(self) -> None:
+        if self.waiting:
+            data, self.waiting, self.waiting_bytes = b"".join(self.waiting), [], 0
+            await self.send_body({"type": "http.response.body", "body": data, "more_body": True})
+        if self.listener is not None:
+            self.listener.held = False
 
 
 async def client_leaves(receive: Callable) -> None:

@@ -4394,11 +4394,14 @@ def test_a_streams_first_frames_go_out_in_one_write_with_the_first_text(api, rou
     assert "c1 " in chunks[1] and "c0 " not in chunks[1], chunks[:2]
 
 
-@pytest.mark.parametrize("model, route", [("ToolFirst", "responses"), ("NamelessFirst", "chat")])
+@pytest.mark.parametrize("model, route", [
+    ("ToolFirst", "responses"), ("NamelessFirst", "chat"), ("ToolPairFirst", "responses"),
+    ("NamelessPairFirst", "chat")])
 def test_a_stream_whose_first_output_is_a_tool_call_begins_at_once(api, model, route):
     """A reply whose first output is a tool call's delta that writes nothing yet (Responses sends
-    the calls at the end; chat a call once its name has come): what its stream sends before
-    (created and in_progress; the role chunk) goes out at once, not once the bot sends more."""
+    the calls at the end; chat a call once its name has come), alone or with another such delta
+    in the same read: what its stream sends before (created and in_progress; the role chunk)
+    goes out at once, not once the bot sends more."""
     TOOL_GATE.clear()
     TOOL_GATE_PASSED.clear()
     path, payload = ("/v1/responses", {"model": model, "stream": True, "input": "x", "tools": [
