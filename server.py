@@ -8257,6 +8257,9 @@ class LaterLog:
     def info(self, *args: Any) -> None:
         self.loop.call_soon(self.logger.info, *args)
 
+    def __getattr__(self, name: str) -> Any:  # anything else uvicorn may call: the logger's own
+        return getattr(self.logger, name)
+
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits uvicorn cannot set (headers are unbounded but in
