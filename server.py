@@ -3054,9 +3054,12 @@ class EventStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def write_waiting(self) -> None:
+        """What waits, written; forgotten only once sent (a send cancelled while the client's
+        socket is full, by a budget comment's timeout, wrote nothing: it goes with the next)."""
         if self.waiting:
-            data, self.waiting, self.waiting_bytes = b"".join(self.waiting), [], 0
-            await self.send_body({"type": "http.response.body", "body": data, "more_body": True})
+            await self.send_body({"type": "http.response.body",
+                                  "body": b"".join(self.waiting), "more_body": True})
+            self.waiting, self.waiting_bytes = [], 0
         if self.listener is not None:
             self.listener.held = False
 
