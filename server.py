@@ -3042,14 +3042,18 @@ class EventStream(Response):
         self.send_body, self.waiting, self.waiting_bytes = send, [], 0
         if self.listener is not None:
             self.listener.release = self.write_waiting
-        async with contextlib.aclosing(self.body_iterator) as events:
-            async for data in events:
-                self.waiting.append(data)
-                self.waiting_bytes += len(data)
-                if self.ready() and self.waiting_bytes < STREAM_WRITE_BYTES:
-                    self.listener.held = True  # (no text may pass them by the listener's lane)
-                else:
-                    await self.write_waiting()
+        try:
+            async with contextlib.aclosing(self.body_iterator) as events:
+                async for data in events:
+                    self.waiting.append(data)
+                    self.waiting_bytes += len(data)
+                    if self.ready() and self.waiting_bytes < STREAM_WRITE_BYTES:
+                        self.listener.held = True  # (no text may pass them by the lane)
+                    else:
+                        await self.write_waiting()
+        finally:
+            if self.listener is not None:
+                self.listener.release = None  # (no cycle left for the collector)
         await self.write_waiting()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

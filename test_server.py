@@ -4421,6 +4421,9 @@ def test_a_stream_whose_first_output_is_a_tool_call_begins_at_once(api, model, r
     assert not went_on
     if route == "responses":
         assert first["type"] == "response.created"
+        numbers = [first["sequence_number"]] + [json.loads(frame)["sequence_number"]
+                                                for frame in rest]
+        assert numbers == list(range(len(numbers)))  # none written twice, none out of order
         call = json.loads(rest[-1])["response"]["output"][-1]
         assert (call["type"], call["name"], call["arguments"]) == ("function_call", "f", "{}")
     else:
