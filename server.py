@@ -2846,8 +2846,9 @@ class Listener:
         self.raw: RawBody | None = None
         self.held = False  # its stream holds events back, to write them with the next
         self.release: Callable[[], Awaitable[None]] | None = None  # writes those: its stream's
-        # Its stream holds what it writes before its first event, to write it with that
-        # event's, when that is a text (each stream writes one): Reply.answer sets it.
+        # Its stream writes what comes before its first event with that event's, right after
+        # its head, when that is a text (EventStream.opening_frames): Reply.answer sets it,
+        # events() clears it.
         self.opening = False
         self.budget_wait = False  # its stream waits between comments on the budget
 
@@ -2996,10 +2997,9 @@ class EventStream(Response):
                            "X-Accel-Buffering": "no", **(headers or {})})
 
     def ready(self) -> bool:
-        """More is ready at once: the listener's queue, or, while the stream's opening frames
-        wait for its first event (a text, in hand), that event's."""
-        return self.listener is not None and (bool(self.listener.items)
-                                              or self.listener.opening)
+        """More is ready at once: the listener's queue (the opening frames, with a first text
+        in hand, have gone before: opening_frames)."""
+        return self.listener is not None and bool(self.listener.items)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         # The opening frames, with a first text in hand, go right after the head, from this
