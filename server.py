@@ -3781,6 +3781,8 @@ Cost = tuple[int, int]  # what a text costs a turn: (estimated tokens, character
 
 
 def cost_of(text: str) -> Cost:
+    if text.isascii():  # estimate_tokens' common case, at once
+        return (len(text) + 3) // 4, len(text)
     return estimate_tokens(text), len(text)
 
 
@@ -6068,7 +6070,10 @@ def max_reply_tokens(data: dict) -> int | None:
 
 
 async def upload_entries(app: Starlette, api_key: str, entries: list[dict]) -> list[dict]:
-    """Attachments uploaded to Poe (upload_attachments), so stored messages keep Poe's URLs."""
+    """Attachments uploaded to Poe (upload_attachments), so stored messages keep Poe's URLs;
+    `entries` themselves when none has any."""
+    if not any(entry["attachments"] for entry in entries):
+        return entries
     uploaded = iter(await upload_attachments(
         app, api_key, [a for entry in entries for a in entry["attachments"]]))
     return [{**entry, "attachments": [next(uploaded) for _ in entry["attachments"]]}
@@ -6561,6 +6566,15 @@ def call_id_of(call: dict, key: Any, n: int) -> str:
     return call.get("id") or f"call_{key}_{n}"
 
 
+async def response_target(app: Starlette, previous: str | None, conversation_id: str | None
+                          ) -> tuple[dict, StoredHistory]:
+    """response_start, read on a reader thread when the turn names something stored."""
+    if previous is None and conversation_id is None:  # a new conversation, no history
+        return {"conversation_id": None, "up_to": 0, "fork": False, "append": False}, \
+            StoredHistory()
+    return await app.state.db.read(response_start, previous, conversation_id)
+
+
 def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
                    ) -> tuple[dict, StoredHistory]:
     """On a reader thread: where a turn goes, and its history (response_history). After the
@@ -6758,7 +6772,7 @@ async def create_response(request: Request) -> Response:
     data = await read_json(request)
     spec = response_spec(data)
     api_key = poe_key(request)
-    target, stored = await app.state.db.read(response_start, spec.previous, spec.conversation)
+    target, stored = await response_target(app, spec.previous, spec.conversation)
     claimed = target["conversation_id"] if spec.store and target["append"] else None
     if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
         # A turn is being added after the same response: this one forks (insert_response_turn).
@@ -7058,8 +7072,9 @@ async def response_input(app: Starlette, api_key: str, items: Any,
         token = string_at(item.get("encrypted_content"), f"{where}.encrypted_content")
         seal = await app.state.seal.ready()
         given.summary = await off_loop(len(token) >= LONG_BYTES, seal.open, token)
-    entries = await upload_entries(app, api_key, entries)
-    given.entries = [{**entry, "ref": ("input", n)} for n, entry in enumerate(entries)]
+    given.entries = await upload_entries(app, api_key, entries)
+    for n, entry in enumerate(given.entries):  # the request's own dicts, or upload's copies
+        entry["ref"] = ("input", n)
     return given
 
 
@@ -7073,6 +7088,8 @@ def total_cost(costs: Iterable[Cost]) -> Cost:
 def entry_cost(entry: dict) -> Cost:
     """What an entry costs a Responses turn, at most: its text, each tool call as JSON, a tool
     result's header (poe_query counts the last round as JSON, fold_tool_rounds others as text)."""
+    if not entry.get("tool_calls") and entry["role"] != "tool":
+        return cost_of(entry["content"] or "")
     extra = [definitions_json(entry.get("tool_calls") or [])] if entry.get("tool_calls") else []
     if entry["role"] == "tool":
         extra.append(f"[tool result {entry['tool_call_id']} ({entry['name']})]\n\n")
@@ -7356,7 +7373,7 @@ async def compact_responses(request: Request) -> JSONResponse:
     if previous is None and data.get("input") is None:
         raise HTTPException(400, "input or previous_response_id is required")
     api_key = poe_key(request)
-    target, stored = await app.state.db.read(response_start, previous, None)
+    target, stored = await response_target(app, previous, None)
     given = ResponseInput() if data.get("input") is None else \
         await response_input(app, api_key, data["input"], stored.names)
     claimed = target["conversation_id"] if previous is not None and target["append"] else None
