@@ -536,10 +536,24 @@ async def empty_replace(query):
     yield event("done", "{}")
 
 
+async def emptied_then_fails(query):
+    """A text that comes to nothing ("nul": a NUL alone; else "abc", then a replacement that
+    empties it), then an error event."""
+    if query["query"][-1]["content"] == "nul":
+        yield event("text", '{"text": "\\u0000"}')
+    else:
+        yield event("text", '{"text": "abc"}')
+        await asyncio.sleep(0.05)
+        yield event("replace_response", '{"text": ""}')
+    await asyncio.sleep(0.05)
+    yield event("error", '{"text": "boom", "allow_retry": true}')
+
+
 RAW_BOTS = {"Odd": odd_text, "NoDone": no_done, "NoEvents": no_events, "Huge": huge,
             "Tricky": tricky, "Framed": framed, "Port": peer_port, "Record": record,
             "Burst": burst, "Mixed": mixed, "Sloppy": sloppy, "GiantMeta": giant_meta,
             "Reorder": reorder, "ReorderTools": reorder_tools, "EmptyReplace": empty_replace,
+            "EmptiedThenFails": emptied_then_fails,
             "ToolFirst": gated_tool_call(True), "NamelessFirst": gated_tool_call(False),
             "ToolPairFirst": gated_tool_call(True, pair=True),
             "NamelessPairFirst": gated_tool_call(False, pair=True)}

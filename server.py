@@ -1739,7 +1739,7 @@ class PoeEventReader:
                 self.failure = exc
                 return []
         self.texts += 1
-        return [("text", clean_text(text))] if text else []
+        return [("text", text)] if text and (text := clean_text(text)) else []
 
     def event_item(self, kind: bytes, data: bytes | None) -> tuple | None:
         """item(), a malformed event a PoeFailure (502) reported to the bot."""
@@ -1754,8 +1754,8 @@ class PoeEventReader:
         """What one event adds to the reply, if anything."""
         if kind == b"text":
             self.texts += 1
-            text = event_text(data)
-            return ("text", clean_text(text)) if text else None
+            text = event_text(data)  # (a text that is nothing once cleaned, a NUL, is none)
+            return ("text", text) if text and (text := clean_text(text)) else None
         if kind == b"replace_response":
             self.texts += 1
             return ("replace", clean_text(event_text(data)))
@@ -1797,7 +1797,7 @@ class PoeEventReader:
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
             raise ValueError("content is not a string")
-        return ("text", clean_text(content)) if content else None
+        return ("text", content) if content and (content := clean_text(content)) else None
 
     def report(self, message: str, **metadata: str) -> None:
         self.reports.append((message, {**metadata, "message_id": ""}))
@@ -2392,6 +2392,8 @@ class Reply:
     files: list[dict] = field(default_factory=list, init=False)
     tool_calls: list[dict] = field(default_factory=list, init=False)  # merged OpenAI calls
     cut: bool = field(default=False, init=False)  # at max_tokens
+    # Poe sent output (a stream has begun); a replacement that empties the text leaves it so.
+    has_output: bool = field(default=False, init=False)
     counted: tuple[int, int] = field(default=(0, 0), init=False)  # the text's char_counts
     # Saving: chunks[:saved_chunks] are stored, unless `rewrite` (after a replace_response) asks
     # for the stored text whole; `generation` counts replacements, so a late write undoes none.
@@ -2419,10 +2421,6 @@ class Reply:
     @property
     def text(self) -> str:
         return "".join(self.chunks)
-
-    @property
-    def has_output(self) -> bool:
-        return bool(self.saved_chunks or any(self.chunks) or self.files or self.tool_calls)
 
     def start(self, app: Starlette, model: str, query: PoeQuery, api_key: str, *,
               stream: bool, tools: list | None = None, receive: Callable | None = None) -> None:
@@ -2514,6 +2512,7 @@ class Reply:
 
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
+        self.has_output = self.has_output or bool(value)
         if kind == "replace":
             self.chunks, self.saved_chunks = [value], 0
             self.rewrite, self.generation = True, self.generation + 1

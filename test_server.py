@@ -491,6 +491,51 @@ def test_a_replacement_that_empties_the_text_reaches_a_responses_stream(api):
     assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
 
 
+def test_a_text_of_nul_alone_is_no_output(api, db):
+    """A text event that is nothing once cleaned (a NUL) begins no stream: the error after it
+    is the caller's plain 502, and the turn leaves no trace, as a failure before any output."""
+    conversation_id = new_conversation(api, model="EmptiedThenFails")
+    with stream_turn(api, conversation_id, "nul") as response:
+        assert response.status_code == 502 and response.headers["content-type"].startswith(
+            "application/json"), response.read()
+    assert stored_messages(db, conversation_id) == []
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "EmptiedThenFails", "stream": True, "input": "nul"}) as response:
+        assert response.status_code == 502 and response.headers["content-type"].startswith(
+            "application/json")
+        assert response.read() and response.json()["error"]["message"]
+
+
+def test_a_reply_emptied_then_failed_keeps_its_turn_and_ends_its_stream(api, db):
+    """Text, a replacement that empties it, then Poe's error: the stream had begun, so it ends
+    with its error event (Responses: response.failed, in sequence), and the turn is kept, its
+    reply empty and interrupted: the ids the client was given still name it."""
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "EmptiedThenFails", "stream": True, "input": "replaced"}) as response:
+        frames = sse_data(response)
+    assert [f["sequence_number"] for f in frames] == list(range(len(frames)))
+    assert [(f["delta"], f.get("replace", False)) for f in frames
+            if f["type"] == "response.output_text.delta"] == [("abc", False), ("", True)]
+    failed = frames[-1]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    conversation_id = failed["response"]["conversation"]["id"]
+    assert [(m["role"], m["content"], m["status"]) for m in
+            stored_messages(db, conversation_id)] == [("user", "replaced", "complete"),
+                                                      ("assistant", "", "interrupted")]
+    assert api.get(f"/v1/responses/{failed['response']['id']}", headers=KEY).json()[
+        "status"] == "failed"
+    conversation_id = new_conversation(api, model="EmptiedThenFails")
+    ids: list = []
+    with stream_turn(api, conversation_id, "replaced") as response:
+        events = sse_data(response, ids)
+    assert events[-2]["error"]["status"] == 502 and events[-1] == "[DONE]"
+    stored = stored_messages(db, conversation_id)
+    assert [(m["role"], m["content"], m["status"]) for m in stored] == [
+        ("user", "replaced", "complete"), ("assistant", "", "interrupted")]
+    assert [m["id"] for m in stored] == [ids[0]["user_message_id"],
+                                         ids[0]["assistant_message_id"]]
+
+
 def test_no_budget_comment_once_the_text_flows(start_service):
     """A stream that waited for the budget leaves its wait with its first text: no comment
     (every BUDGET_COMMENT_SECONDS while it waits) comes among the text that follows."""
