@@ -5995,6 +5995,9 @@ def openai_tools(tools: Any, choice: Any) -> tuple[list[fp.ToolDefinition] | Non
         mode = "auto"  # a custom tool named: those are left out, so the bot may choose
     if mode not in ("none", "auto", "required"):
         raise HTTPException(400, "tool_choice must be none, auto, required or a function")
+    if mode == "required" and not tools:  # (as OpenAI: nothing to call is no reply to give)
+        raise HTTPException(400, "tool_choice required asks for a tool call, but no tools are "
+                                 "given")
     if names is not None:
         definitions = [d for d in definitions if d.function.name in names]
         if not definitions:

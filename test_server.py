@@ -3326,6 +3326,7 @@ def test_sdk_wrong_or_missing_key_is_authentication_error(service):
      "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "no tools"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
@@ -3350,6 +3351,14 @@ def test_unsupported_inputs_are_clear_400s(service, body, needle):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and needle in error["message"]
     assert sum(CALLS.values()) == calls and len(UPLOADS) == uploads
+
+
+def test_tool_choice_required_without_tools_is_400_on_responses_too(service):
+    calls = sum(CALLS.values())
+    response = service[0].post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": "x", "tool_choice": "required"})
+    assert response.status_code == 400 and "no tools" in response.json()["error"]["message"]
+    assert sum(CALLS.values()) == calls
 
 
 def test_error_after_stream_began_is_an_event_then_done(service):
