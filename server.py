@@ -6775,6 +6775,11 @@ async def create_response(request: Request) -> Response:
     spec = response_spec(data)
     api_key = poe_key(request)
     target, stored = await response_target(app, spec.previous, spec.conversation)
+    live = app.state.replies.by_conversation.get(target["conversation_id"])
+    if spec.previous is not None and live is not None and live.message_id == target["up_to"]:
+        # Its reply is still arriving: a fork would copy it unfinished (OpenAI refuses too).
+        raise HTTPException(409, f"response {spec.previous} is still in progress: continue from "
+                                 "it once it has ended")
     claimed = target["conversation_id"] if spec.store and target["append"] else None
     if claimed is not None and target["fork"] and app.state.replies.busy(claimed):
         # A turn is being added after the same response: this one forks (insert_response_turn).

@@ -6245,6 +6245,39 @@ def test_empty_replacement_then_error_is_an_error_not_a_broken_stream(api, db):
     assert snapshot(db) == before and responses_count(db) == count  # no output: no trace
 
 
+def test_a_response_still_arriving_cannot_be_continued_yet(api, db):
+    """previous_response_id naming a response whose reply is still arriving: 409 (stored or
+    not), nothing stored and Poe not called (a fork would copy the reply unfinished); once it
+    has ended, the turn goes on after its whole reply, in its conversation."""
+    def counts():
+        return [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("conversations", "messages", "responses")]
+
+    with api.stream("POST", "/v1/responses", headers=KEY, json={
+            "model": "Slow", "input": "20 0.05", "stream": True}) as response:
+        lines = response.iter_lines()
+        response_id = json.loads(next(line for line in lines if line.startswith("data: "))[6:]
+                                 )["response"]["id"]
+        next(line for line in lines if "output_text.delta" in line)
+        before, calls = counts(), CALLS["Echo"]
+        for store in (True, False):
+            busy = api.post("/v1/responses", headers=KEY, json={
+                "model": "Echo", "input": "next", "previous_response_id": response_id,
+                "store": store})
+            assert busy.status_code == 409 and busy.json()["error"]["type"] == "conflict_error"
+            assert response_id in busy.json()["error"]["message"]
+        assert counts() == before and CALLS["Echo"] == calls
+        last = [json.loads(line[6:]) for line in lines if line.startswith("data: ")][-1]
+        assert last["type"] == "response.completed"
+    after = api.post("/v1/responses", headers=KEY, json={
+        "model": "Echo", "input": "next", "previous_response_id": response_id}).json()
+    conversation_id = conversation_of(db, response_id)
+    assert after["conversation"]["id"] == conversation_id
+    assert [(m["role"], m["content"]) for m in stored_messages(db, conversation_id)][:3] == [
+        ("user", "20 0.05"), ("assistant", "".join(f"c{i} " for i in range(20))),
+        ("user", "next")]
+
+
 def test_parallel_forks_from_one_response_all_succeed_each_in_its_own_conversation(api, db):
     root = api.post("/v1/responses", headers=KEY, json={"model": "Echo", "input": "root"}).json()
     image = "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
