@@ -95,6 +95,7 @@ import shutil
 import socket
 import sqlite3
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -200,9 +201,10 @@ def setting(name: str, kind: str, raw: Any) -> Any:
     try:
         value = (int if kind == "int" else float)(raw)
     except (TypeError, ValueError):
-        raise SystemExit(f"{name.upper()} must be a number, got {raw!r}") from None
+        raise SystemExit(f"error: {name.upper()} must be a number, got {raw!r}") from None
     if value < SETTING_MINIMUMS[name]:
-        raise SystemExit(f"{name.upper()} must be at least {SETTING_MINIMUMS[name]}, got {value}")
+        raise SystemExit(f"error: {name.upper()} must be at least {SETTING_MINIMUMS[name]}, "
+                         f"got {value}")
     return value
 
 
@@ -8490,6 +8492,12 @@ def main() -> None:
         each.add_argument("--host", default=default, help="bind address (HOST, default 127.0.0.1)")
         each.add_argument("--port", type=int, default=default, help="port (PORT, default 8000)")
         each.add_argument("--db", default=default, help="SQLite file (DB_PATH, default chat.db)")
+    # A flag nobody knows would otherwise be read as a wrong COMMAND (its value taken for one).
+    unknown = [arg for arg in sys.argv[1:] if arg.startswith("-") and not re.fullmatch(
+        r"-\d+(\.\d*)?", arg) and arg.split("=")[0] not in ("-h", "--help", "--host", "--port",
+                                                             "--db")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Poe call is noise

@@ -680,6 +680,19 @@ def test_start_line_says_address_database_key_mode_and_poe(tmp_path, poe_url):
         assert "Uvicorn running" not in process.output()
 
 
+@pytest.mark.parametrize("args,env,needle", [
+    (["--database", "x.db"], {}, "server.py: error: unrecognized arguments: --database"),
+    (["--log-level=debug"], {}, "server.py: error: unrecognized arguments: --log-level=debug"),
+    ([], {"POE_TIMEOUT": "abc"}, "error: POE_TIMEOUT must be a number, got 'abc'"),
+    (["--port", "-5"], {}, "error: PORT must be at least 0, got -5"),
+])
+def test_a_wrong_flag_or_setting_is_named_in_one_error_line(tmp_path, args, env, needle):
+    result = run_server(tmp_path, *args, **env)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == needle, \
+        result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_taken_port_is_one_line_before_the_database_is_touched(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
