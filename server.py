@@ -6278,6 +6278,10 @@ async def chat_completions(request: Request) -> Response:
     format_instruction = json_instruction(data.get("response_format"))
     stream = bool_field(data, "stream", False)
     options = data.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or type(
+            options.get("include_usage")) not in (bool, type(None))):
+        raise HTTPException(400, "stream_options must be an object whose include_usage is true "
+                                 "or false")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     reply = Reply(max_tokens=max_reply_tokens(data))
     parallel = bool_field(data, "parallel_tool_calls", True)

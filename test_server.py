@@ -3340,6 +3340,8 @@ def test_sdk_wrong_or_missing_key_is_authentication_error(service):
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "no tools"),
+    ({"stream_options": "x"}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
