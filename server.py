@@ -6326,18 +6326,22 @@ class ModelList:
         now = time.monotonic()
         return now - self.fetched < MODELS_TTL or now - self.failed < MODELS_RETRY
 
-    async def get(self) -> list[dict]:
+    async def refresh(self) -> None:
+        """Fetches the list when it is stale, once for every request that finds it so."""
         if not self.fresh():
             async with self.lock:
                 if not self.fresh():
                     await self.fetch()
+
+    async def get(self) -> list[dict]:
+        await self.refresh()
         return self.models or [{"id": model, "object": "model", "created": MODELS_CREATED,
                                 "owned_by": "poe"} for model in MODELS]
 
     async def window(self, model: str, default: int) -> int:
         """The model's context window in tokens, from the list (fetched as get() does), else
         `default` (CONTEXT_TOKENS)."""
-        await self.get()
+        await self.refresh()
         return self.windows.get(model, default)
 
     async def fetch(self) -> None:
@@ -6751,6 +6755,7 @@ class ResponseTurn:
         self.input_tokens, self.new_conversation = input_tokens, new_conversation
         self.leading: list[dict] = base["output"]
         self.body: dict | None = None
+        self.body_json: str | None = None  # as stored (a stored turn's), and answered
 
     def end(self, reply: Reply) -> ResponseRecord:
         """The response object (None if the reply left no trace) and what save_reply_end stores."""
@@ -6766,13 +6771,16 @@ class ResponseTurn:
         error_status, error = reply.error if reply.error is not None else (502, None)
         self.body = ended_response(self.base, status, text, calls, self.key, self.input_tokens,
                                    error, error_status)
-        return ResponseRecord(self.base["id"], dumps(self.body), self.new_conversation, calls)
+        # (Without store, the record goes nowhere: whole() encodes the body.)
+        self.body_json = dumps(self.body) if self.spec.store else None
+        return ResponseRecord(self.base["id"], self.body_json, self.new_conversation, calls)
 
-    def whole(self) -> JSONResponse:
+    def whole(self) -> Response:
         if self.spec.json and self.body["status"] == "completed" and \
                 (last := self.body["output"][-1])["type"] == "message":
             json_reply(last["content"][0]["text"])  # 502 when it is not JSON
-        return JSONResponse(self.body)
+        return Response(self.body_json if self.body_json is not None else dumps(self.body),
+                        media_type="application/json")
 
 
 async def create_response(request: Request) -> Response:
