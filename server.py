@@ -58,8 +58,9 @@ order, and what each owns:
   Search, export, backup  /v1/search, .../export, /v1/backup
   Health, login, errors, access  LoopWatch, /health, /v1/auth/login, the error handlers and
                       the middleware guarding Host, access keys and JSON bodies
-  The app             ENDPOINTS and routes (in this order), the lifespan (all of app.state),
-                      App and RequestTiming (the Server-Timing header), create_app()
+  The app             ENDPOINTS and routes (in this order; MethodRoute: a 405's Allow), the
+                      lifespan (all of app.state), App and RequestTiming (the Server-Timing
+                      header), create_app()
   Main                GuardedHttpProtocol (LaterLog: its access line made after the head), the
                       backup command, serve(): uvicorn with an orderly shutdown, LogsAside (log
                       lines written by a thread of their own)
@@ -8053,7 +8054,7 @@ def access_guard(app: Any, settings: Settings) -> Any:
 # The app: the routes in the order of the sections above, the lifespan, create_app()
 
 # Each path's endpoint by method. Paths are matched in this order; a method a path lacks is 405
-# with the Allow of the path's first method.
+# with the Allow of every method it has (MethodRoute).
 ENDPOINTS = {
     # Conversations
     "/v1/chat/conversations": {"GET": list_conversations, "POST": create_conversation},
@@ -8137,7 +8138,24 @@ ENDPOINTS = {
     "/health": {"GET": health},
     "/v1/auth/login": {"POST": login},
 }
-routes = [Route(path, endpoint, methods=[method])
+
+
+class MethodRoute(Route):
+    """One method of a path (a Route of its own, HEAD with GET); a method the path lacks is 405
+    naming every method it has (Starlette's Route would name only its own)."""
+
+    def __init__(self, path: str, endpoint: Callable, method: str, methods: Iterable[str]):
+        super().__init__(path, endpoint, methods=[method])
+        has = {*methods, *(["HEAD"] if "GET" in methods else [])}
+        self.allow = ", ".join(sorted(has))
+
+    async def handle(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["method"] not in self.methods:
+            raise HTTPException(405, headers={"Allow": self.allow})
+        await self.app(scope, receive, send)
+
+
+routes = [MethodRoute(path, endpoint, method, by_method)
           for path, by_method in ENDPOINTS.items() for method, endpoint in by_method.items()]
 
 ACCESS_WITHOUT_KEY = ("ACCESS_KEYS is set but POE_API_KEY is not: callers' tokens are access "

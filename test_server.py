@@ -3673,6 +3673,18 @@ def test_unknown_v1_paths_and_methods_answer_in_openai_shape(api):
         assert set(response.json()["error"]) == {"message", "type", "code"}
 
 
+@pytest.mark.parametrize("method,path,allow", [
+    ("POST", "/v1/models", "GET, HEAD"),
+    ("PATCH", "/v1/projects", "GET, HEAD, POST"),
+    ("PATCH", "/v1/projects/1", "DELETE, GET, HEAD, PUT"),
+    ("PUT", "/v1/conversations/x", "DELETE, GET, HEAD, POST"),
+    ("GET", "/v1/auth/login", "POST"),
+])
+def test_a_405_names_every_method_the_path_has(api, method, path, allow):
+    response = api.request(method, path, headers=KEY)
+    assert response.status_code == 405 and response.headers["allow"] == allow
+
+
 # ---------------------------------------------------------------------------------------------
 # OpenAI Responses and Conversations, driven by the official openai SDK (strict validation)
 
