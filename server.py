@@ -868,7 +868,7 @@ def query_int(request: Request, name: str, default: int | None = None) -> int | 
     if not (raw := request.query_params.get(name)):
         return default
     if not is_number(raw):
-        raise HTTPException(400, f"{name} must be a positive integer")
+        raise HTTPException(400, f"{name} must be a whole number, 0 or more")
     return int(raw)
 
 
@@ -6397,6 +6397,8 @@ def metadata_field(data: dict) -> dict | None:
     if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
             isinstance(v, str) for v in metadata.values())):
         raise HTTPException(400, "metadata must be an object of at most 16 string values")
+    if any("\x00" in text for pair in (metadata or {}).items() for text in pair):
+        raise HTTPException(400, "metadata must not contain NUL characters")  # (as all text)
     return metadata
 
 
@@ -7749,8 +7751,10 @@ async def search(request: Request) -> Response:
     q = request.query_params.get("q", "")
     if not q.strip():
         raise HTTPException(400, "q must be a non-empty string")
-    if len(q) > SEARCH_QUERY_CHARS or "\x00" in q:
-        raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters of text")
+    if len(q) > SEARCH_QUERY_CHARS:
+        raise HTTPException(400, f"q must be at most {SEARCH_QUERY_CHARS} characters")
+    if "\x00" in q:
+        raise HTTPException(400, "q must not contain NUL characters")
     limit = query_limit(request, SEARCH_LIMIT_MAX, SEARCH_LIMIT)
     body = await request.app.state.db.read(search_index, q, query_int(request, "project_id"),
                                            limit, long=True)

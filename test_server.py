@@ -3004,8 +3004,8 @@ def test_search_input_is_never_query_syntax(search_service, q):
 
 
 @pytest.mark.parametrize("params,detail", [
-    ({}, "q"), ({"q": ""}, "q"), ({"q": "   "}, "q"), ({"q": "x" * 501}, "q"),
-    ({"q": "a\x00b"}, "q"), ({"q": "abc", "limit": "0"}, "limit"),
+    ({}, "q"), ({"q": ""}, "q"), ({"q": "   "}, "q"), ({"q": "x" * 501}, "at most 500"),
+    ({"q": "a\x00b"}, "NUL"), ({"q": "abc", "limit": "0"}, "limit"),
     ({"q": "abc", "limit": "101"}, "limit"), ({"q": "abc", "limit": "x"}, "limit"),
     ({"q": "abc", "project_id": "-1"}, "project_id"),
 ])
@@ -3890,6 +3890,14 @@ def test_responses_input_items_and_delete(oai, db):
     assert stored_messages(db, conversation_of(db, asked.id))[-1]["role"] == "assistant"
 
 
+@pytest.mark.parametrize("metadata", [{"k": "a\x00"}, {"k\x00": "a"}, {"k": 1}])
+def test_conversation_metadata_with_nul_or_not_text_is_400(api, db, metadata):
+    before = snapshot(db)
+    response = api.post("/v1/conversations", json={"metadata": metadata}, headers=KEY)
+    assert response.status_code == 400 and "metadata" in response.json()["error"]["message"]
+    assert snapshot(db) == before
+
+
 def test_conversations_api_is_the_same_conversations(oai, api, db):
     conversation = oai.conversations.create(metadata={"topic": "demo"}, items=[
         {"type": "message", "role": "user", "content": "hi"}])
@@ -3995,6 +4003,7 @@ def test_responses_text_format_asks_for_json(oai):
     ({"model": "Echo", "input": "x", "text": {"format": {"type": "yaml"}}}, 400, "text.format"),
     ({"model": "Echo", "input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"model": "Echo", "input": "x", "metadata": {"n": 1}}, 400, "metadata"),
+    ({"model": "Echo", "input": "x", "metadata": {"k": "a\x00"}}, 400, "metadata"),
     ({"model": "Echo", "input": "x", "previous_response_id": "resp_1",
       "conversation": "c"}, 400, "together"),
     ({"model": "Echo", "input": "x", "previous_response_id": "resp_none"}, 404, "resp_none"),
@@ -5620,7 +5629,7 @@ def test_pathological_json_is_400(api, db, raw):
     # Not ASCII digits: a path id that names no project, a query parameter of the wrong type.
     ("/v1/projects/１２", 404, "Project not found"),
     ("/v1/projects/²", 404, "Project not found"),
-    ("/v1/plan/documents?project_id=²", 400, "project_id must be a positive integer"),
+    ("/v1/plan/documents?project_id=²", 400, "project_id must be a whole number, 0 or more"),
 ])
 def test_odd_digits_are_not_500(api, path, status, detail):
     response = api.get(path)
