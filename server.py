@@ -3292,11 +3292,12 @@ def messages_page(db: sqlite3.Connection, conversation_id: str, limit: int | Non
     get_conversation(db, conversation_id)
     body: dict[str, Any] = {"conversation_id": conversation_id}
     covers = conversation_covers(db, conversation_id)
+    before = INT64 - 1 if before_id is None else before_id
     if limit is None:
         body["messages"] = [message_json(row, covers) for row in db.execute(
-            MESSAGE_SQL + " WHERE conversation_id = ? ORDER BY id", (conversation_id,))]
+            MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? ORDER BY id",
+            (conversation_id, before))]
     else:
-        before = INT64 - 1 if before_id is None else before_id
         rows = db.execute(MESSAGE_SQL + " WHERE conversation_id = ? AND id < ? ORDER BY id DESC "
                           "LIMIT ?", (conversation_id, before, limit + 1)).fetchall()
         body["messages"] = [message_json(row, covers) for row in reversed(rows[:limit])]

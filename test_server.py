@@ -986,6 +986,12 @@ def test_messages_pagination(api, db):
                     params={"limit": 10, "before_id": page["messages"][0]["id"]}).json()
     assert [m["id"] for m in older["messages"]] == [m["id"] for m in every[:4]]
     assert older["has_more"] is False
+    # before_id alone: every message older than it.
+    before = api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                     params={"before_id": every[3]["id"]}).json()
+    assert [m["id"] for m in before["messages"]] == [m["id"] for m in every[:3]]
+    assert api.get(f"/v1/chat/conversations/{conversation_id}/messages",
+                   params={"before_id": 0}).json()["messages"] == []
     assert api.get(f"/v1/chat/conversations/{conversation_id}/messages",
                    params={"limit": 0}).status_code == 400
 
