@@ -6124,6 +6124,17 @@ def usage(prompt_tokens: int, reply_text: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def metadata_field(data: dict) -> dict | None:
+    """OpenAI's metadata: at most 16 string values (None when absent or null)."""
+    metadata = data.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise HTTPException(400, "metadata must be an object of at most 16 string values")
+    if any("\x00" in text for pair in (metadata or {}).items() for text in pair):
+        raise HTTPException(400, "metadata must not contain NUL characters")  # (as all text)
+    return metadata
+
+
 # ---------------------------------------------------------------------------------------------
 # Chat completions and models: stateless, for any client that speaks OpenAI's Chat Completions
 
@@ -6390,17 +6401,6 @@ ITEM_STATUS = {"complete": "completed", "streaming": "in_progress", "interrupted
 TERMINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete"}
 RESPONSE_SQL = ("SELECT id, conversation_id, first_message_id, last_message_id, body "
                 "FROM responses WHERE id = ?")
-
-
-def metadata_field(data: dict) -> dict | None:
-    """OpenAI's metadata: at most 16 string values (None when absent or null)."""
-    metadata = data.get("metadata")
-    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-            isinstance(v, str) for v in metadata.values())):
-        raise HTTPException(400, "metadata must be an object of at most 16 string values")
-    if any("\x00" in text for pair in (metadata or {}).items() for text in pair):
-        raise HTTPException(400, "metadata must not contain NUL characters")  # (as all text)
-    return metadata
 
 
 def input_part(part: Any, where: str) -> dict:
