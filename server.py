@@ -3668,6 +3668,16 @@ def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) ->
                    "first_message_id AND last_message_id", messages)
 
 
+def deleted_ids(db: sqlite3.Connection, ids: list[int]) -> set[int]:
+    """Which of `ids` (messages) are no longer stored."""
+    stored: set[int] = set()
+    for at in range(0, len(ids), 500):
+        part = ids[at:at + 500]
+        stored.update(row[0] for row in db.execute(
+            f"SELECT id FROM messages WHERE id IN ({','.join('?' * len(part))})", part))
+    return set(ids) - stored
+
+
 def forget_message(db: sqlite3.Connection, deleted: list[tuple[str, int, str | None]]) -> None:
     """What a deleted (or cut) message leaves elsewhere, given (conversation id, message id,
     kind): the summaries covering it (forget_summaries_covering; a summary deleted is only
@@ -3787,19 +3797,6 @@ def cost_of(text: str) -> Cost:
     if text.isascii():  # estimate_tokens' common case, at once
         return (len(text) + 3) // 4, len(text)
     return estimate_tokens(text), len(text)
-
-
-def context_window(entry: dict) -> int | None:
-    """A model's window in tokens, from its entry in Poe's list: `context_window` (an integer,
-    or Poe's object holding `context_length`), `context_length`, or `top_provider`'s."""
-    provider = entry.get("top_provider")
-    for value in (entry.get("context_window"), entry.get("context_length"),
-                  provider.get("context_length") if isinstance(provider, dict) else None):
-        if isinstance(value, dict):
-            value = value.get("context_length")
-        if type(value) is int and 0 < value < INT64:
-            return value
-    return None
 
 
 @dataclass(frozen=True)
@@ -4209,6 +4206,13 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
         except PoeFailure as exc:
             log.warning("compacting a history with %s failed (%s: %s): its oldest messages are "
                         "left out instead", model, exc.status, exc.detail)
+        # A message deleted during the call (after what it read) is gone from the turn too.
+        kept = plan.rows[start:plan.fixed]
+        if gone := await app.state.db.read(deleted_ids, [row["id"] for row in kept]):
+            kept = [row for row in kept if row["id"] not in gone]
+            plan = dataclasses.replace(plan, rows=[*plan.rows[:start], *kept,
+                                                   *plan.rows[plan.fixed:]],
+                                       fixed=start + len(kept))
     # Off the loop, as load_turn was: pydantic's work on a long history takes milliseconds.
     query, trimmed = await asyncio.to_thread(turn_query, plan, summary, start)
     trimmed += plan.skipped
@@ -6307,6 +6311,19 @@ async def chat_completions(request: Request) -> Response:
     reply.start(request.app, model, query, api_key, stream=stream, tools=tools,
                 receive=request.receive)
     return await reply.answer(stream, completion.whole, completion.events)
+
+
+def context_window(entry: dict) -> int | None:
+    """A model's window in tokens, from its entry in Poe's list: `context_window` (an integer,
+    or Poe's object holding `context_length`), `context_length`, or `top_provider`'s."""
+    provider = entry.get("top_provider")
+    for value in (entry.get("context_window"), entry.get("context_length"),
+                  provider.get("context_length") if isinstance(provider, dict) else None):
+        if isinstance(value, dict):
+            value = value.get("context_length")
+        if type(value) is int and 0 < value < INT64:
+            return value
+    return None
 
 
 def model_entries(body: Any) -> list[dict] | None:

@@ -7626,6 +7626,25 @@ def held_summary(request):
             HOLD_SUMMARIES.clear(), SUMMARY_GATE.set()
 
 
+def test_a_message_deleted_while_a_turn_summarises_is_not_sent(compacting):
+    """A message after the summarised range, deleted while the turn's summary call runs, is gone
+    from the turn's own call too (the summary stands, it did not read that message)."""
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    ids = store_turns(db, conversation_id, 12, size=600)
+    with held_summary(lambda: say(api, conversation_id, "next")) as answer:
+        assert "said 11 " not in LAST_QUERY["Summarizer"].query[-1].content  # kept, not read
+        deleted = api.delete(f"/v1/chat/conversations/{conversation_id}/messages/{ids[-2]}")
+        assert deleted.status_code == 200
+    response = answer.result(10)
+    assert response.status_code == 200 and response.json()["compacted"]["covers"][0] == ids[0]
+    sent = history_of(LAST_QUERY["Small"])
+    assert ["user", "next"] in sent and ["user", "said 11 " + "y" * 600] not in sent
+    assert any("said 11 " in content for _, content in sent)  # its reply, kept
+    db.close()
+
+
 def summaries_in(db, conversation_id) -> list[str]:
     return [row[0] for row in db.execute("SELECT content FROM messages WHERE conversation_id = ? "
                                          "AND kind = 'summary'", (conversation_id,))]
