@@ -8,9 +8,10 @@ order, and what each owns:
   Database            Database (a writer, readers, long readers: the loop never calls SQLite),
                       transaction, fetch_or_404, insert_row, update_row, touch_conversation;
                       the schema's upgrade steps (MIGRATIONS, prepare_database)
-  Request helpers     read_json (read_body, body_coding, BodyDecoder: compressed bodies),
-                      text_field, int_field, id_list_field, ..., given, query_limit, the
-                      {name:id} path convertor, read_answer/write_answer, row_endpoint, poe_key
+  Request helpers     off_loop and let_go (long work on a worker thread), read_json (read_body,
+                      body_coding, BodyDecoder: compressed bodies), text_field, int_field,
+                      id_list_field, ..., given, query_limit, the {name:id} path convertor,
+                      read_answer/write_answer, row_endpoint, poe_key
   Poe relay           relay_poe (the one call to Poe; RelayFeed: its items handed on as each
                       read arrives), PoeFailure and what Poe's statuses and error events mean,
                       PoeQuery (its JSON, built off the loop by prepare_query or
@@ -622,6 +623,13 @@ MAX_BODY_FRAMES = 4096
 
 async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args) if long else fn(*args)
+
+
+async def let_go(*lists: list) -> None:
+    """Empties lists that are all that holds a long history's rows, on a worker thread: the rows
+    are freed there, not on the loop (100,000 of them take ~50 ms to free)."""
+    if sum(map(len, lists)) >= LONG_ITEMS:
+        await asyncio.to_thread(lambda: [held.clear() for held in lists])
 
 
 async def read_json(request: Request, empty_ok: bool = False) -> dict:
@@ -4006,12 +4014,14 @@ def transcript_block(row: dict) -> str:
     return f"{role}: " + "\n".join(filter(None, lines))
 
 
-def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
-                       ) -> tuple[str, int]:
-    """The summariser's user message, and how many of `rows` it holds (all a summary of it may
-    cover): the previous summary (its beginning: at most half the room), then a block a
-    message, oldest first, whole turns while they fit the summariser's budget (less its
-    prompt); the first turn always, its blocks cut to their beginnings if it is over."""
+def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget, offset: int = 0
+                       ) -> tuple[str, int, int]:
+    """The summariser's user message, how many of `rows` it holds (all a summary of it may
+    cover), and where in the first turn's text the next call goes on (0: nowhere): the previous
+    summary (its beginning: at most half the room), then a block a message, oldest first, whole
+    turns while they fit the summariser's budget (less its prompt). The first turn always: when
+    it is over alone, its text from `offset` as far as it fits, '…' marking where it is cut;
+    the rows held then, until a call reads it to its end, are none."""
     prompt = cost_of(SUMMARY_PROMPT)  # its number aside: 8 characters spare for it
     room = [budget.tokens - prompt[0] - 2, budget.chars - prompt[1] - 8]
     head = []
@@ -4023,15 +4033,19 @@ def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget
     for start, end in zip(starts, starts[1:]):
         turn = [transcript_block(row) for row in rows[start:end]]
         costs = [cost_of(block + "\n\n") for block in turn]
-        if sum(c[0] for c in costs) > room[0] or sum(c[1] for c in costs) > room[1]:
+        if sum(c[0] for c in costs) > room[0] or sum(c[1] for c in costs) > room[1] or offset:
             if start > 0:
-                return "\n\n".join(head + blocks), start
-            turn = [prefix_within(block, room[0] // len(turn) - 1, room[1] // len(turn) - 2)
-                    for block in turn]  # the first turn alone is over: each its beginning
-            costs = [cost_of(block + "\n\n") for block in turn]
+                return "\n\n".join(head + blocks), start, 0
+            text = "\n\n".join(turn)  # the first turn, over alone (or its rest): a part
+            part = prefix_within(text[offset:], room[0] - 4, room[1] - 8)
+            cut_at = offset + len(part)
+            turn = [("…" if offset else "") + part + ("…" if cut_at < len(text) else "")]
+            if cut_at < len(text):
+                return "\n\n".join(head + turn), 0, cut_at
+            offset, costs = 0, [cost_of(turn[0] + "\n\n")]
         blocks += turn
         room = [room[0] - sum(c[0] for c in costs), room[1] - sum(c[1] for c in costs)]
-    return "\n\n".join(head + blocks), len(rows)
+    return "\n\n".join(head + blocks), len(rows), 0
 
 
 def summariser(app: Starlette, model: str) -> str:
@@ -4062,17 +4076,24 @@ async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | 
     turns within `turn` (summary_prompt): the transcript (summary_transcript, within the
     summariser's window), one call (summarise);
     while some of `covered` did not fit it, up to `passes` calls in all, each reading the
-    summary so far and the next part. Returns the summary, the tokens the calls were sent, and
-    how many of `covered` it covers (its first whole turns). PoeFailure when a call fails."""
-    budget, summary, tokens, seen = await model_budget(app, model), "", 0, 0
-    for _ in range(passes):
-        transcript, count = await asyncio.to_thread(summary_transcript, previous,
-                                                    covered[seen:], budget)
+    summary so far and the next part; a turn too long for one call is read to its end, in up to
+    COMPACT_PASSES calls. Returns the summary, the tokens the calls were sent, and how many of
+    `covered` it covers (its first whole turns: none read in part). PoeFailure when a call
+    fails, 413 when the first turn is too long to be read whole."""
+    budget, summary, tokens, seen, offset = await model_budget(app, model), "", 0, 0, 0
+    for call in range(max(passes, COMPACT_PASSES)):
+        transcript, count, cut_at = await asyncio.to_thread(summary_transcript, previous,
+                                                            covered[seen:], budget, offset)
+        if not count and cut_at <= offset:
+            break  # not a character more fits
         summary = await summarise(app, api_key, model, summary_prompt(turn), transcript)
         tokens += estimate_tokens(summary_prompt(turn)) + estimate_tokens(transcript)
-        seen, previous = seen + count, {"content": summary}
-        if seen == len(covered):
+        seen, offset, previous = seen + count, cut_at, {"content": summary}
+        if seen == len(covered) or call + 1 >= passes and not offset:
             break
+    if not seen:
+        raise PoeFailure(413, f"the oldest message is too long for {model} to summarise (in "
+                              f"{COMPACT_PASSES} calls): it is left as it is")
     return summary, tokens, seen
 
 
@@ -4218,13 +4239,6 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
     trimmed += plan.skipped
     await let_go(plan.rows)
     return query, {"context_trimmed": trimmed} if trimmed else {}, made
-
-
-async def let_go(*lists: list) -> None:
-    """Empties lists that are all that holds a long history's rows, on a worker thread: the rows
-    are freed there, not on the loop (100,000 of them take ~50 ms to free)."""
-    if sum(map(len, lists)) >= LONG_ITEMS:
-        await asyncio.to_thread(lambda: [held.clear() for held in lists])
 
 
 def turn_query(plan: TurnPlan, summary: str | None, start: int) -> tuple[PoeQuery, int]:

@@ -1167,22 +1167,23 @@ def test_continue_prompt_is_sent_but_not_stored(api, db):
 
 
 def test_long_history_is_trimmed_oldest_first_when_its_summary_fails(start_service):
-    api, db_path = start_service(max_context_chars=60, compact_model="Fail")
+    # The summariser's room: 1,100 characters less its prompt (~600), for the oldest turn's 300.
+    api, db_path = start_service(max_context_chars=1100, compact_model="Fail")
     fails = CALLS["Fail"]
-    conversation_id = new_conversation(api, model="Echo", system_prompt="S" * 30)
+    conversation_id = new_conversation(api, model="Echo", system_prompt="S" * 600)
     db = sqlite3.connect(db_path)
     db.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
                    [(conversation_id, role, text) for role, text in
-                    (("user", "a" * 10), ("assistant", "b" * 10), ("user", "c" * 10),
-                     ("assistant", "d" * 10))])
+                    (("user", "a" * 150), ("assistant", "b" * 150), ("user", "c" * 150),
+                     ("assistant", "d" * 150))])
     db.commit()
-    body = say(api, conversation_id, "e" * 10).json()
+    body = say(api, conversation_id, "e" * 150).json()
     sent = history_of(LAST_QUERY["Echo"])
-    assert sent[0] == ["system", "S" * 30] and sent[-1] == ["user", "e" * 10]
-    assert [c for _, c in sent[1:-1]] == ["c" * 10, "d" * 10]  # 30 + 3 * 10 fits in 60
+    assert sent[0] == ["system", "S" * 600] and sent[-1] == ["user", "e" * 150]
+    assert [c for _, c in sent[1:-1]] == ["c" * 150, "d" * 150]  # 600 + 3 * 150 fits in 1,100
     assert body["context_trimmed"] == 2 and "compacted" not in body
     assert CALLS["Fail"] == fails + 1  # the summary was asked for, and failed
-    with stream_turn(api, conversation_id, "f" * 10) as response:
+    with stream_turn(api, conversation_id, "f" * 150) as response:
         events = sse_data(response)
     assert events[-2]["context_trimmed"] >= 1
     assert db.execute("SELECT count(*) FROM messages WHERE kind = 'summary'").fetchone()[0] == 0
@@ -7624,6 +7625,34 @@ def held_summary(request):
             yield answer
         finally:
             HOLD_SUMMARIES.clear(), SUMMARY_GATE.set()
+
+
+def test_a_message_too_long_for_one_summary_call_is_read_whole_in_parts(compacting):
+    """The oldest message, longer than the summariser can read at once (Summarizer: ~11,000
+    characters), is read to its end over several calls, each after the summary so far, before
+    the summary covers it: no part of it left unread (each part marked where it is cut)."""
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    long_text = "HEAD " + "a" * 25000 + " TAILMARK"
+    with db:
+        first = db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                           "(?, 'user', ?)", (conversation_id, long_text)).lastrowid
+        db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                   "(?, 'assistant', 'ok')", (conversation_id,))
+    store_turns(db, conversation_id, 3, size=100)
+    since = len(ARRIVALS)
+    response = say(api, conversation_id, "next")
+    assert response.status_code == 200 and response.json()["compacted"]["covers"][0] == first
+    parts = [content for bot, content, _ in ARRIVALS[since:] if bot == "Summarizer"]
+    assert len(parts) == 3 and "HEAD " in parts[0] and parts[0].endswith("…")
+    assert all(part.startswith("summary: SUMMARY of ") for part in parts[1:])
+    assert parts[1].endswith("…") and "TAILMARK" in parts[2] and "HEAD" not in parts[2]
+    pieces = [parts[0].removeprefix("user: ").removesuffix("…"),
+              parts[1].split("\n\n", 1)[1].removeprefix("…").removesuffix("…"),
+              parts[2].split("\n\n", 1)[1].removeprefix("…").split("\n\n")[0]]
+    assert "".join(pieces) == long_text  # every character, once
+    db.close()
 
 
 def test_a_message_deleted_while_a_turn_summarises_is_not_sent(compacting):
