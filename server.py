@@ -625,6 +625,30 @@ async def off_loop(long: bool, fn: Callable, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args) if long else fn(*args)
 
 
+async def while_client_stays(receive: Callable | None, call: Awaitable) -> Any:
+    """`call`'s result; cancelled, and 499 (nobody reads it), once the client is gone (its ASGI
+    `receive` says so): a summary call that waits for the budget asks Poe nothing for nobody."""
+    if receive is None:
+        return await call
+    task = asyncio.ensure_future(call)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise HTTPException(499, "the client went away while its turn was being summarised")
+    return task.result()
+
+
 async def let_go(*lists: list) -> None:
     """Empties lists that are all that holds a long history's rows, on a worker thread: the rows
     are freed there, not on the loop (100,000 of them take ~50 ms to free)."""
@@ -3582,7 +3606,7 @@ async def post_message(request: Request) -> Response:
         if inserted is None:
             new_message["attachments"] = await upload_attachments(app, api_key, turn.attachments)
             rows = [] if continues else message_rows([new_message])
-        query, answered, summary = await fit_turn(app, api_key, plan)
+        query, answered, summary = await fit_turn(app, api_key, plan, request.receive)
         if inserted is None:
             inserted = await db.write(insert_compacted_turn, conversation_id, rows, summary)
         summary_id, inserted_ids, message_id, updated_at = inserted
@@ -3766,7 +3790,7 @@ async def regenerate(request: Request) -> Response:
         turn = Turn("assistant", "", model, stream, [], "", [])
         plan = await db.read(load_turn, conversation_id, turn, None, replaced,
                              await turn_sizes(app, model))
-        query, answered, summary = await fit_turn(app, api_key, plan)
+        query, answered, summary = await fit_turn(app, api_key, plan, request.receive)
         summary_id, _, message_id, updated_at = await db.write(
             insert_compacted_turn, conversation_id, [], summary)
         reply = Reply(conversation_id, message_id, [] if summary_id is None else [summary_id],
@@ -4206,12 +4230,13 @@ def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
     return TurnPlan(system, summary, rows, fixed, budget, cut)
 
 
-async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
+async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan, receive: Callable | None = None
                    ) -> tuple[PoeQuery, dict, dict | None]:
     """The turn's query, its history made to fit: compacted first when planned (one summary
     call to COMPACT_MODEL), else, or when that call fails, trimmed. Returns the query, the
     answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made;
-    the plan's rows are let go of (let_go)."""
+    the plan's rows are let go of (let_go). The client is watched during the summary call
+    (`receive`: while_client_stays)."""
     if plan.ready is not None:
         query, trimmed = plan.ready
         return query, {"context_trimmed": trimmed} if trimmed else {}, None
@@ -4219,8 +4244,8 @@ async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan
     if plan.cut:
         model = summariser(app, plan.budget.model)
         try:
-            summary, _, start = await summary_of(app, api_key, model, plan.summary,
-                                                 plan.rows[:plan.cut], plan.budget)
+            summary, _, start = await while_client_stays(receive, summary_of(
+                app, api_key, model, plan.summary, plan.rows[:plan.cut], plan.budget))
             # It covers what the summariser read; what did not fit goes on (trimmed if over).
             made = {"content": summary, "read": read_range(plan.rows[:start], plan.summary),
                     "covers": summary_covers(plan.summary, plan.rows[:start])}
@@ -6837,7 +6862,8 @@ async def create_response(request: Request) -> Response:
         given = await response_input(app, api_key, data.get("input"), stored.names)
         if given.trigger:
             return await compaction_trigger(app, api_key, spec, target, stored, given)
-        query, input_tokens, kept = await response_query(app, api_key, spec, stored, given)
+        query, input_tokens, kept = await response_query(app, api_key, spec, stored, given,
+                                                         request.receive)
         if spec.store:
             conversation_id, inserted_ids, message_id, updated_at, base = await app.state.db.write(
                 insert_response_turn, target, spec.model, message_rows(given.entries),
@@ -7321,11 +7347,13 @@ def stored_read(entries: list[dict], rows: list[dict], seen: int, summary: dict 
 
 
 async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
-                         stored: StoredHistory, given: ResponseInput
+                         stored: StoredHistory, given: ResponseInput,
+                         receive: Callable | None = None
                          ) -> tuple[PoeQuery, int, KeptSummary | None]:
     """The turn's query (plan_response, a summary made if planned, fit_response), the tokens of
     all it sends (usage's input_tokens), and the summary a stored turn keeps: the one made, else
-    the input compaction item's. The stored history's entries are let go of (let_go)."""
+    the input compaction item's. The stored history's entries are let go of (let_go); the
+    client is watched during a summary call (while_client_stays)."""
     budget = await model_budget(app, spec.model, spec.max_tokens)
     long = len(stored.entries) + len(given.entries) >= LONG_ITEMS
     plan = await off_loop(long, plan_response, spec, stored, given, budget)
@@ -7333,8 +7361,8 @@ async def response_query(app: Starlette, api_key: str, spec: ResponseSpec,
     if plan.cut:
         model = summariser(app, spec.model)
         try:
-            made, _, seen = await summary_of(app, api_key, model, plan.summary,
-                                             plan.rows[:plan.cut], budget)
+            made, _, seen = await while_client_stays(receive, summary_of(
+                app, api_key, model, plan.summary, plan.rows[:plan.cut], budget))
             plan = dataclasses.replace(plan, cut=seen)  # what the summariser read, no more
             kept = KeptSummary(made, plan.first, plan.rows[plan.cut - 1]["ref"],
                                await app.state.seal.ready(),

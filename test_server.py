@@ -7655,6 +7655,35 @@ def test_a_message_too_long_for_one_summary_call_is_read_whole_in_parts(compacti
     db.close()
 
 
+@pytest.mark.parametrize("route", ["turn", "responses"])
+def test_a_summary_waiting_for_the_budget_is_dropped_when_its_client_leaves(start_service,
+                                                                             route):
+    """A turn that must compact first, its summary call queued behind a full budget: its client
+    gives up, and the summary call leaves the queue then, never asking Poe; nothing is stored."""
+    api, db_path = start_service(poe_rate_limit=1, poe_rate_window=2, poe_queue_seconds=10,
+                                 compact_model="Summarizer")
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    store_turns(db, conversation_id, 12, size=600)
+    summaries = CALLS["Summarizer"]
+    fill_budget(api)
+    before = snapshot(db)  # (after the budget's own call, which makes a conversation)
+    path, body = ((f"/v1/chat/conversations/{conversation_id}/messages",
+                   {"content": "next", "stream": True}) if route == "turn" else
+                  ("/v1/responses", {"model": "Small", "input": "next", "stream": True,
+                                     "conversation": conversation_id,
+                                     "context_management": [{"type": "compaction",
+                                                             "compact_threshold": 1000}]}))
+    with httpx.Client(base_url=str(api.base_url), timeout=0.5) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            with impatient.stream("POST", path, json=body, headers=KEY) as response:
+                response.read()
+    assert wait_for(lambda: budget_of(api)["queued"] == 0, seconds=2)
+    assert wait_for(lambda: budget_of(api)["used"] == 0, seconds=5)  # the window went by
+    assert CALLS["Summarizer"] == summaries and snapshot(db) == before
+    db.close()
+
+
 def test_a_message_deleted_while_a_turn_summarises_is_not_sent(compacting):
     """A message after the summarised range, deleted while the turn's summary call runs, is gone
     from the turn's own call too (the summary stands, it did not read that message)."""
