@@ -4232,11 +4232,10 @@ def plan_turn(system: str, summary: dict | None, rows: list[dict], fixed: int,
 
 async def fit_turn(app: Starlette, api_key: str, plan: TurnPlan, receive: Callable | None = None
                    ) -> tuple[PoeQuery, dict, dict | None]:
-    """The turn's query, its history made to fit: compacted first when planned (one summary
-    call to COMPACT_MODEL), else, or when that call fails, trimmed. Returns the query, the
-    answer's fields ({"context_trimmed": N} when N > 0) and the summary to store, if made;
-    the plan's rows are let go of (let_go). The client is watched during the summary call
-    (`receive`: while_client_stays)."""
+    """The turn's query, its history made to fit: compacted first when planned (a summary call
+    to COMPACT_MODEL, its client watched: while_client_stays), else, or when it fails, trimmed.
+    Returns the query, the answer's fields ({"context_trimmed": N} when N > 0) and the summary
+    to store, if made; the plan's rows are let go of (let_go)."""
     if plan.ready is not None:
         query, trimmed = plan.ready
         return query, {"context_trimmed": trimmed} if trimmed else {}, None
