@@ -642,8 +642,7 @@ async def while_client_stays(receive: Callable | None, call: Awaitable) -> Any:
         watch.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})  # its clean-up (a budget slot given back) done
     if task.cancelled():
         raise HTTPException(499, "the client went away while its turn was being summarised")
     return task.result()
@@ -4104,17 +4103,20 @@ async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | 
     COMPACT_PASSES calls. Returns the summary, the tokens the calls were sent, and how many of
     `covered` it covers (its first whole turns: none read in part). PoeFailure when a call
     fails, 413 when the first turn is too long to be read whole."""
-    budget, summary, tokens, seen, offset = await model_budget(app, model), "", 0, 0, 0
+    budget, tokens, seen, offset = await model_budget(app, model), 0, 0, 0
+    summary, whole = "", ("", 0)  # the last summary of whole turns, and how many
     for call in range(max(passes, COMPACT_PASSES)):
         transcript, count, cut_at = await asyncio.to_thread(summary_transcript, previous,
                                                             covered[seen:], budget, offset)
-        if not count and cut_at <= offset:
-            break  # not a character more fits
+        if not count and (cut_at <= offset or seen and not offset):
+            break  # not a character more fits; or a long turn after others: the next reads it
         summary = await summarise(app, api_key, model, summary_prompt(turn), transcript)
         tokens += estimate_tokens(summary_prompt(turn)) + estimate_tokens(transcript)
         seen, offset, previous = seen + count, cut_at, {"content": summary}
+        whole = whole if offset else (summary, seen)
         if seen == len(covered) or call + 1 >= passes and not offset:
             break
+    summary, seen = whole  # (a turn read in part, to no end, is in none)
     if not seen:
         raise PoeFailure(413, f"the oldest message is too long for {model} to summarise (in "
                               f"{COMPACT_PASSES} calls): it is left as it is")
@@ -8576,9 +8578,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="Poe proxy with memory", epilog=settings_help(),
         usage="%(prog)s [-h] [--host HOST] [--port PORT] [--db DB] [backup FILE]",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", prog=parser.prog)
-    backup_command = commands.add_parser("backup", help="copy the database to FILE and exit")
+    backup_command = commands.add_parser("backup", help="copy the database to FILE and exit",
+                                         allow_abbrev=False)
     backup_command.add_argument("file", metavar="FILE", help="the copy (its folder must exist)")
     # Flags go before or after the command; its copies, when absent, undo none given before it.
     for each, default in ((parser, None), (backup_command, argparse.SUPPRESS)):
@@ -8586,7 +8589,8 @@ def main() -> None:
         each.add_argument("--port", type=int, default=default, help="port (PORT, default 8000)")
         each.add_argument("--db", default=default, help="SQLite file (DB_PATH, default chat.db)")
     # A flag nobody knows would otherwise be read as a wrong COMMAND (its value taken for one).
-    unknown = [arg for arg in sys.argv[1:] if arg.startswith("-") and not re.fullmatch(
+    given = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    unknown = [arg for arg in given if arg.startswith("-") and not re.fullmatch(
         r"-\d+(\.\d*)?", arg) and arg.split("=")[0] not in ("-h", "--help", "--host", "--port",
                                                              "--db")]
     if unknown:

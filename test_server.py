@@ -683,6 +683,7 @@ def test_start_line_says_address_database_key_mode_and_poe(tmp_path, poe_url):
 @pytest.mark.parametrize("args,env,needle", [
     (["--database", "x.db"], {}, "server.py: error: unrecognized arguments: --database"),
     (["--log-level=debug"], {}, "server.py: error: unrecognized arguments: --log-level=debug"),
+    (["--po", "8123"], {}, "server.py: error: unrecognized arguments: --po"),  # no abbreviation
     ([], {"POE_TIMEOUT": "abc"}, "error: POE_TIMEOUT must be a number, got 'abc'"),
     (["--port", "-5"], {}, "error: PORT must be at least 0, got -5"),
 ])
@@ -7681,6 +7682,31 @@ def test_a_summary_waiting_for_the_budget_is_dropped_when_its_client_leaves(star
     assert wait_for(lambda: budget_of(api)["queued"] == 0, seconds=2)
     assert wait_for(lambda: budget_of(api)["used"] == 0, seconds=5)  # the window went by
     assert CALLS["Summarizer"] == summaries and snapshot(db) == before
+    db.close()
+
+
+def test_compact_stops_before_a_turn_it_could_only_read_in_part(compacting):
+    """/compact reads whole turns; one too long for a call, after others, is left to the next
+    compaction (which reads it in parts, first): the summary stored is that of the whole turns
+    it covers, never of a part read to no end; one too long for 8 calls is 413, nothing stored."""
+    api, db_path = compacting
+    db = sqlite3.connect(db_path)
+    conversation_id = new_conversation(api, model="Small")
+    with db:
+        ids = [db.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                          "(?, ?, ?)", (conversation_id, role, text)).lastrowid
+               for role, text in [("user", "first question"), ("assistant", "first answer"),
+                                  ("user", "HUGEHEAD " + "z" * 150000), ("assistant", "ok")]]
+    store_turns(db, conversation_id, 2)
+    calls = CALLS["Summarizer"]
+    made = compact(api, conversation_id)
+    assert made.status_code == 200 and made.json()["covers"] == ids[:2]
+    assert CALLS["Summarizer"] == calls + 1 and "HUGEHEAD" not in LAST_QUERY[
+        "Summarizer"].query[-1].content
+    assert made.json()["content"] == summaries_in(db, conversation_id)[0]
+    again = compact(api, conversation_id)
+    assert again.status_code == 413 and "too long" in again.json()["detail"]
+    assert summaries_in(db, conversation_id) == [made.json()["content"]]
     db.close()
 
 
