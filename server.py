@@ -4042,9 +4042,8 @@ def summary_transcript(previous: dict | None, rows: list[dict], budget: Budget, 
     """The summariser's user message, how many of `rows` it holds (all a summary of it may
     cover), and where in the first turn's text the next call goes on (0: nowhere): the previous
     summary (its beginning: at most half the room), then a block a message, oldest first, whole
-    turns while they fit the summariser's budget (less its prompt). The first turn always: when
-    it is over alone, its text from `offset` as far as it fits, '…' marking where it is cut;
-    the rows held then, until a call reads it to its end, are none."""
+    turns while they fit the summariser's budget (less its prompt); the first turn always, over
+    alone as a part: its text from `offset` as far as it fits ('…' at cuts), no row held."""
     prompt = cost_of(SUMMARY_PROMPT)  # its number aside: 8 characters spare for it
     room = [budget.tokens - prompt[0] - 2, budget.chars - prompt[1] - 8]
     head = []
@@ -4096,13 +4095,11 @@ async def summary_of(app: Starlette, api_key: str, model: str, previous: dict | 
                      covered: list[dict], turn: Budget, passes: int = 1
                      ) -> tuple[str, int, int]:
     """The summary of `covered` (after `previous`, the summary they follow) by `model`, for
-    turns within `turn` (summary_prompt): the transcript (summary_transcript, within the
-    summariser's window), one call (summarise);
-    while some of `covered` did not fit it, up to `passes` calls in all, each reading the
-    summary so far and the next part; a turn too long for one call is read to its end, in up to
-    COMPACT_PASSES calls. Returns the summary, the tokens the calls were sent, and how many of
-    `covered` it covers (its first whole turns: none read in part). PoeFailure when a call
-    fails, 413 when the first turn is too long to be read whole."""
+    turns within `turn` (summary_prompt): a call (summarise) on the transcript (summary_transcript);
+    while some of `covered` did not fit it, up to `passes` calls, each reading the summary so far
+    and what is next (a first turn too long for one, in parts, up to COMPACT_PASSES calls).
+    Returns the summary, the tokens the calls were sent, and how many of `covered` it covers
+    (whole turns). PoeFailure when a call fails, 413 when the first turn cannot be read whole."""
     budget, tokens, seen, offset = await model_budget(app, model), 0, 0, 0
     summary, whole = "", ("", 0)  # the last summary of whole turns, and how many
     for call in range(max(passes, COMPACT_PASSES)):
