@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import threading
@@ -5364,9 +5365,11 @@ def test_clients_that_never_read_do_not_grow_the_server(tmp_path, poe_url):
         lengths = db.execute("SELECT length(content) FROM messages WHERE role = 'assistant'"
                              ).fetchall()
         assert lengths == [(reply_chars,)] * len(stuck)  # every reply stored whole
-        # From the third client on (the first ones warm the allocator up): under half a reply each.
-        per_client = (sizes[-1] - sizes[2]) / (len(sizes) - 3)
-        assert per_client < reply_chars / 2, [round(size / 2**20, 1) for size in sizes]
+        # From the third client on (the first ones warm the allocator up): under half a reply
+        # each, as a rule. A reply kept per client would grow every step by ~5 MiB; the median
+        # step is spared the allocator's jump now and then (+17 MiB once, in one full run).
+        steps = [after - before for before, after in zip(sizes[2:], sizes[3:])]
+        assert statistics.median(steps) < reply_chars / 2, [round(s / 2**20, 1) for s in sizes]
         for sock in stuck:
             sock.close()
     finally:
