@@ -630,12 +630,7 @@ async def while_client_stays(receive: Callable | None, call: Awaitable) -> Any:
     `receive` says so): a summary call that waits for the budget asks Poe nothing for nobody."""
     if receive is None:
         return await call
-    task = asyncio.ensure_future(call)
-
-    async def gone() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    watch = asyncio.ensure_future(gone())
+    task, watch = asyncio.ensure_future(call), asyncio.ensure_future(client_leaves(receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -2525,8 +2520,7 @@ class Reply:
     async def watch_client(self) -> None:
         """Ends the reply, as a failure before output, once its client is gone (the server
         learns it at once from the closed socket)."""
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
+        await client_leaves(self.receive)
         if not self.task.done():
             self.stop_error = (499, "the client went away while the call waited for the budget"
                                if self.waiting else "the client went away before any output")
@@ -2546,7 +2540,8 @@ class Reply:
 
     def take(self, kind: str, value: Any) -> tuple:
         """Keeps one of relay_poe's events; returns what the listener is told."""
-        self.has_output = self.has_output or bool(value)
+        if value and not self.has_output:
+            self.has_output = True
         if kind == "replace":
             self.chunks, self.saved_chunks = [value], 0
             self.rewrite, self.generation = True, self.generation + 1
@@ -3701,12 +3696,8 @@ def forget_responses(db: sqlite3.Connection, messages: list[tuple[str, int]]) ->
 
 def deleted_ids(db: sqlite3.Connection, ids: list[int]) -> set[int]:
     """Which of `ids` (messages) are no longer stored."""
-    stored: set[int] = set()
-    for at in range(0, len(ids), 500):
-        part = ids[at:at + 500]
-        stored.update(row[0] for row in db.execute(
-            f"SELECT id FROM messages WHERE id IN ({','.join('?' * len(part))})", part))
-    return set(ids) - stored
+    return set(ids) - {row[0] for row in db.execute(
+        "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),))}
 
 
 def forget_message(db: sqlite3.Connection, deleted: list[tuple[str, int, str | None]]) -> None:
@@ -6639,17 +6630,17 @@ def call_id_of(call: dict, key: Any, n: int) -> str:
 async def response_target(app: Starlette, previous: str | None, conversation_id: str | None
                           ) -> tuple[dict, StoredHistory]:
     """response_start, read on a reader thread when the turn names something stored."""
-    if previous is None and conversation_id is None:  # a new conversation, no history
-        return {"conversation_id": None, "up_to": 0, "fork": False, "append": False}, \
-            StoredHistory()
+    if previous is None and conversation_id is None:
+        return response_start(None, None, None)  # a new conversation: it reads nothing then
     return await app.state.db.read(response_start, previous, conversation_id)
 
 
-def response_start(db: sqlite3.Connection, previous: str | None, conversation_id: str | None
-                   ) -> tuple[dict, StoredHistory]:
+def response_start(db: sqlite3.Connection | None, previous: str | None,
+                   conversation_id: str | None) -> tuple[dict, StoredHistory]:
     """On a reader thread: where a turn goes, and its history (response_history). After the
     previous response (appended if that is the latest message, else in a copy of the history up
-    to it), at a conversation's end, or in a new one; `up_to` is the history's last message."""
+    to it), at a conversation's end, or in a new one (no `db` needed); `up_to` is the history's
+    last message."""
     up_to = None
     if previous is not None:
         row = fetch_or_404(db, RESPONSE_SQL, (previous,), f"Response not found: {previous}")
